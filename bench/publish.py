@@ -1,0 +1,162 @@
+"""Publish bench: events/s into Redis by one process, tickwire's publisher against redis-py baselines.
+
+    tickwire bench publish [--events 500000] [--symbols 100] [--redis URL] [--json FILE]
+
+Every variant publishes the same simulator events (pre-generated, so generation is timed apart)
+into a freshly emptied Redis with `MAXLEN ~` retention; ratios are against the redis-py pipeline
+of 1000 measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+
+import orjson
+
+from tickwire.core.config import PublisherConfig
+from tickwire.core.redis_process import RedisProcess
+from tickwire.core.redis_wire import RedisConnection
+from tickwire.feeds.publisher import Publisher
+from tickwire.feeds.simulator import Chunk, MarketSimulator, make_instruments
+
+
+@dataclass
+class Result:
+    name: str
+    events: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds
+
+
+def make_chunks(events: int, symbols: int, seed: int = 1) -> tuple[MarketSimulator, list[Chunk]]:
+    sim = MarketSimulator(make_instruments(symbols, seed), rate=1_000_000, seed=seed)
+    chunks = []
+    left = events
+    while left > 0:
+        chunks.append(sim.next_chunk(min(4096, left)))
+        left -= len(chunks[-1])
+    return sim, chunks
+
+
+async def run_tickwire(url: str, sim: MarketSimulator, chunks: list[Chunk]) -> Result:
+    t0 = time.perf_counter()
+    async with Publisher(PublisherConfig(redis_url=url)) as pub:
+        for chunk in chunks:
+            await pub.publish(sim.encode(chunk, pub.clock_ns()))
+        await pub.flush()
+    return Result("tickwire publisher", sum(len(c) for c in chunks), time.perf_counter() - t0)
+
+
+async def run_redis_py(
+    url: str, sim: MarketSimulator, chunks: list[Chunk], pipeline: int
+) -> Result:
+    import redis.asyncio as aioredis
+
+    r = aioredis.Redis.from_url(url)
+    n = 0
+    t0 = time.perf_counter()
+    pipe = r.pipeline(transaction=False)
+    for chunk in chunks:
+        for channel, bodies in sim.encode(chunk, time.time_ns()).items():
+            for body in bodies:
+                n += 1
+                if pipeline <= 1:
+                    await r.xadd(
+                        channel.stream_key, {"d": body + b"}"}, maxlen=100_000, approximate=True
+                    )
+                    continue
+                pipe.xadd(channel.stream_key, {"d": body + b"}"}, maxlen=100_000, approximate=True)
+                if len(pipe) >= pipeline:
+                    await pipe.execute()
+    if len(pipe):
+        await pipe.execute()
+    seconds = time.perf_counter() - t0
+    await r.aclose()
+    name = "redis-py await xadd" if pipeline <= 1 else f"redis-py pipeline {pipeline}"
+    return Result(name, n, seconds)
+
+
+def generation_rate(events: int, symbols: int) -> Result:
+    sim = MarketSimulator(make_instruments(symbols, 2), rate=1_000_000, seed=2)
+    t0 = time.perf_counter()
+    n = 0
+    while n < events:
+        n += len(sim.next_chunk(4096))
+    return Result("simulator generation (numpy, no encoding)", n, time.perf_counter() - t0)
+
+
+async def measure(url: str, events: int, symbols: int, baseline_events: int) -> list[Result]:
+    conn = await RedisConnection.open(url)
+
+    async def fresh(run: Callable[[], Awaitable[Result]]) -> Result:
+        await conn.execute("FLUSHDB")
+        return await run()
+
+    sim, chunks = make_chunks(events, symbols)
+    _, small = make_chunks(baseline_events, symbols)
+    _, tiny = make_chunks(max(1000, baseline_events // 10), symbols)
+    results = [
+        await fresh(lambda: run_tickwire(url, sim, chunks)),
+        await fresh(lambda: run_redis_py(url, sim, small, pipeline=1000)),
+        await fresh(lambda: run_redis_py(url, sim, tiny, pipeline=1)),
+    ]
+    await conn.execute("FLUSHDB")
+    conn.close()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="tickwire bench publish", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--events",
+        type=int,
+        default=500_000,
+        help="events for tickwire's publisher (default 500000)",
+    )
+    p.add_argument(
+        "--baseline-events",
+        type=int,
+        default=100_000,
+        help="events for the redis-py pipeline baseline",
+    )
+    p.add_argument("--symbols", type=int, default=100, help="symbols (streams = 2 per symbol)")
+    p.add_argument("--redis", help="use this Redis (it is FLUSHDB'd!) instead of a private one")
+    p.add_argument("--json", help="write the results to this file as JSON")
+    args = p.parse_args(argv)
+
+    gen = generation_rate(max(args.events, 1_000_000), args.symbols)
+    if args.redis:
+        results = asyncio.run(measure(args.redis, args.events, args.symbols, args.baseline_events))
+    else:
+        with RedisProcess() as proc:
+            results = asyncio.run(
+                measure(proc.url, args.events, args.symbols, args.baseline_events)
+            )
+    base = results[1].rate
+    print(f"{'variant':44} {'events':>9} {'seconds':>8} {'events/s':>11} {'vs pipeline':>11}")
+    for r in [*results, gen]:
+        print(f"{r.name:44} {r.events:9d} {r.seconds:8.3f} {r.rate:11,.0f} {r.rate / base:10.2f}x")
+    if args.json:
+        doc = {
+            "results": [
+                {**asdict(r), "rate": r.rate, "ratio_vs_pipeline": r.rate / base}
+                for r in [*results, gen]
+            ],
+            "config": vars(args),
+            "python": sys.version,
+        }
+        with open(args.json, "wb") as fh:
+            fh.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,239 @@
+"""Batches encoded events into Redis Streams: one atomic Lua append per channel, pipelined.
+
+The producer calls `publish()`; a background flusher owns the Redis connection. While Redis is
+reachable the producer is held back once `max_pending_events` are waiting (backpressure). While
+Redis is down the producer is never blocked: the oldest pending events are dropped past the bound,
+counted in `stats.dropped` and logged, never silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from tickwire.core.channels import REGISTRY_KEY, Channel
+from tickwire.core.config import PublisherConfig
+from tickwire.core.errors import RedisUnavailable
+from tickwire.core.redis_wire import Arg, RedisConnection, RedisReplyError
+from tickwire.feeds.store import APPEND_LUA
+
+log = logging.getLogger("tickwire.feeds.publisher")
+APPEND_SHA = hashlib.sha1(APPEND_LUA.encode()).hexdigest()
+
+
+def random_epoch() -> str:
+    return secrets.token_hex(6)
+
+
+@dataclass
+class PublisherStats:
+    published: int = 0
+    dropped: int = 0
+    flushes: int = 0
+    reconnects: int = 0
+    last_error: str | None = None
+
+
+class Publisher:
+    """Appends channel batches to Redis; use `async with Publisher(cfg) as pub:`."""
+
+    def __init__(
+        self,
+        config: PublisherConfig,
+        *,
+        new_epoch: Callable[[], str] = random_epoch,
+        clock_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.config = config
+        self.stats = PublisherStats()
+        self.clock_ns = clock_ns
+        self._new_epoch = new_epoch
+        self._pending: deque[tuple[Channel, list[bytes]]] = deque()
+        self._pending_events = 0
+        self._wakeup = asyncio.Event()
+        self._space = asyncio.Event()
+        self._space.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._conn: RedisConnection | None = None
+        self._registered: set[Channel] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        #: Last (epoch, seq) Redis assigned per channel.
+        self.positions: dict[Channel, tuple[str, int]] = {}
+
+    async def __aenter__(self) -> Publisher:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self, *, require_redis: bool = True) -> None:
+        """Start the flusher; by default fail fast (RedisUnavailable) if Redis is unreachable now.
+
+        Once started, losing Redis is survived: writes are retried with backoff.
+        """
+        if require_redis:
+            self._conn = await RedisConnection.open(self.config.redis_url)
+            self.stats.reconnects += 1
+        self._task = asyncio.create_task(self._run(), name="tickwire-publisher")
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.closed
+
+    async def publish(
+        self, batches: Mapping[Channel, Sequence[bytes]] | Iterable[tuple[Channel, Sequence[bytes]]]
+    ) -> None:
+        """Queue encoded bodies (see `encode_body`) per channel, in order; returns when queued."""
+        items = batches.items() if isinstance(batches, Mapping) else batches
+        for channel, bodies in items:
+            if bodies:
+                self._pending.append((channel, list(bodies)))
+                self._pending_events += len(bodies)
+        self._idle.clear()
+        self._wakeup.set()
+        if self._pending_events > self.config.max_pending_events:
+            if self.connected:
+                self._space.clear()
+                await self._space.wait()
+            else:
+                self._drop_oldest()
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is in Redis."""
+        if self._task is not None and self._task.done():
+            self._task.result()
+        await self._idle.wait()
+
+    async def close(self) -> None:
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(self.flush(), self.config.close_timeout_s)
+        except TimeoutError:
+            log.warning("closing with %d events not yet written", self._pending_events)
+        finally:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            if self._conn is not None:
+                self._conn.close()
+            self._task = None
+
+    def _drop_oldest(self) -> None:
+        over = self._pending_events - self.config.max_pending_events
+        dropped = 0
+        while over > 0 and self._pending:
+            _channel, bodies = self._pending[0]
+            if len(bodies) <= over:
+                self._pending.popleft()
+                n = len(bodies)
+            else:
+                del bodies[:over]
+                n = over
+            over -= n
+            dropped += n
+        self._pending_events -= dropped
+        self.stats.dropped += dropped
+        log.warning(
+            "Redis unreachable: dropped %d oldest pending events (%d dropped in total)",
+            dropped,
+            self.stats.dropped,
+        )
+
+    async def _run(self) -> None:
+        delay = self.config.backoff_initial_s
+        while True:
+            if not self._pending:
+                self._idle.set()
+                self._space.set()
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            try:
+                if not self.connected:
+                    self._conn = await RedisConnection.open(self.config.redis_url)
+                    self._registered.clear()
+                    self.stats.reconnects += 1
+                    if self.stats.reconnects > 1:
+                        log.info("reconnected to Redis")
+                await self._flush_some(self._conn)  # type: ignore[arg-type]
+                delay = self.config.backoff_initial_s
+            except RedisUnavailable as exc:
+                if self._conn is not None:
+                    self._conn.close()
+                self._space.set()  # never hold the producer back while Redis is away
+                if self.stats.last_error != str(exc):
+                    log.warning(
+                        "%s; retrying with backoff (up to %.1f s)", exc, self.config.backoff_max_s
+                    )
+                self.stats.last_error = str(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.config.backoff_max_s)
+            if self._pending_events <= self.config.max_pending_events:
+                self._space.set()
+
+    async def _flush_some(self, conn: RedisConnection) -> None:
+        taken: list[tuple[Channel, list[bytes]]] = []
+        n = 0
+        limit = self.config.max_events_per_flush
+        while self._pending and n < limit:
+            item = self._pending.popleft()
+            taken.append(item)
+            n += len(item[1])
+        # Merge consecutive batches of one channel into one Lua call, keeping order.
+        merged: dict[Channel, list[bytes]] = {}
+        for channel, bodies in taken:
+            merged.setdefault(channel, []).extend(bodies)
+        retention = self.config.retention
+        commands: list[list[Arg]] = []
+        order: list[Channel] = []
+        for channel, bodies in merged.items():
+            cmd: list[Arg] = [
+                "EVALSHA",
+                APPEND_SHA,
+                2,
+                channel.stream_key,
+                channel.meta_key,
+                self._new_epoch(),
+                retention.maxlen(channel.kind),
+            ]
+            cmd.extend(bodies)
+            commands.append(cmd)
+            order.append(channel)
+        new = [c for c in merged if c not in self._registered]
+        if new:
+            commands.append(["SADD", REGISTRY_KEY, *(c.name for c in new)])
+        try:
+            replies = await conn.pipeline(commands, timeout=10.0)
+        except BaseException:
+            # Not known to be written: put it back in front, in order. A reply lost after Redis
+            # applied it would write those events twice (at-least-once towards Redis).
+            self._pending.extendleft(reversed(taken))
+            raise
+        retry: list[tuple[Channel, list[bytes]]] = []
+        for channel, reply in zip(order, replies, strict=False):
+            if isinstance(reply, RedisReplyError):
+                if "NOSCRIPT" not in str(reply):
+                    raise RedisUnavailable(f"append to {channel} failed: {reply}")
+                retry.append((channel, merged[channel]))
+                continue
+            epoch, seq = reply
+            self.positions[channel] = (epoch.decode(), int(seq))
+            self.stats.published += len(merged[channel])
+        self._pending_events -= n - sum(len(b) for _, b in retry)
+        if new and not isinstance(replies[-1], RedisReplyError):
+            self._registered.update(new)
+        if retry:
+            await conn.execute("SCRIPT", "LOAD", APPEND_LUA)
+            self._pending.extendleft(reversed(retry))
+        self.stats.flushes += 1

@@ -1,0 +1,283 @@
+"""Simulated market: numpy-vectorised GBM mid prices, quotes and trades at random times.
+
+Events come in fixed-size chunks drawn from one seeded generator, so the event sequence under a
+seed does not depend on timing; pacing only decides *when* each chunk is handed out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+from tickwire.core.channels import Channel, validate_symbol
+from tickwire.core.events import SCHEMA_VERSION, tick_decimals
+
+# Well-known names with believable price levels and ticks; further symbols are generated.
+KNOWN_SYMBOLS: dict[str, tuple[float, float]] = {
+    "BTC-USD": (64000.0, 0.5),
+    "ETH-USD": (3100.0, 0.05),
+    "SOL-USD": (145.0, 0.01),
+    "AAPL": (190.0, 0.01),
+    "MSFT": (420.0, 0.01),
+    "NVDA": (880.0, 0.01),
+    "EUR-USD": (1.085, 0.00001),
+    "ES-FUT": (5200.0, 0.25),
+    "XRP-USD": (0.52, 0.0001),
+    "TSLA": (175.0, 0.01),
+}
+SECONDS_PER_YEAR = 365.25 * 24 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class Instrument:
+    symbol: str
+    price: float
+    tick: float
+    lot: float
+    volatility: float  # annualised
+
+    @property
+    def decimals(self) -> int:
+        return tick_decimals(self.tick)
+
+
+def make_instruments(symbols: int | Sequence[str], seed: int) -> list[Instrument]:
+    names = default_symbols(symbols) if isinstance(symbols, int) else list(symbols)
+    out = []
+    for name in names:
+        validate_symbol(name)
+        # Per-symbol draws keyed by (seed, name) so adding a symbol does not move the others.
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        if name in KNOWN_SYMBOLS:
+            price, tick = KNOWN_SYMBOLS[name]
+        else:
+            price = float(10 ** rng.uniform(0.5, 3.5))
+            tick = 0.01 if price >= 1 else 0.0001
+            price = round(price, tick_decimals(tick))
+        lot = 0.0001 if name.endswith("-USD") else 1.0
+        out.append(Instrument(name, price, tick, lot, float(rng.uniform(0.2, 0.9))))
+    return out
+
+
+def default_symbols(n: int) -> list[str]:
+    if n < 1:
+        raise ValueError("need at least one symbol")
+    known = list(KNOWN_SYMBOLS)
+    return known[:n] + [f"SIM{i:04d}" for i in range(max(0, n - len(known)))]
+
+
+@dataclass
+class Chunk:
+    """One chunk of simulated events as columns; `kind` 0 = quote, 1 = trade."""
+
+    ts: npt.NDArray[np.int64]
+    sym: npt.NDArray[np.int64]
+    kind: npt.NDArray[np.int8]
+    bid: npt.NDArray[np.float64]
+    ask: npt.NDArray[np.float64]
+    bid_size: npt.NDArray[np.float64]
+    ask_size: npt.NDArray[np.float64]
+    price: npt.NDArray[np.float64]
+    size: npt.NDArray[np.float64]
+    buy: npt.NDArray[np.bool_]
+    trade_id: npt.NDArray[np.int64]
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+
+@dataclass
+class MarketSimulator:
+    """Generates chunks of events at a nominal `rate` (events per simulated second)."""
+
+    instruments: list[Instrument]
+    rate: float
+    seed: int = 0
+    start_ns: int = 0
+    trade_ratio: float = 0.25
+    spread_ticks_mean: float = 2.0
+    _rng: np.random.Generator = field(init=False)
+    _logp: npt.NDArray[np.float64] = field(init=False)
+    _trade_ids: npt.NDArray[np.int64] = field(init=False)
+    _t: float = field(init=False, default=0.0)
+
+    def __post_init__(self) -> None:
+        if self.rate <= 0:
+            raise ValueError("rate must be positive")
+        self._rng = np.random.default_rng(self.seed)
+        self._logp = np.log([i.price for i in self.instruments])
+        self._trade_ids = np.zeros(len(self.instruments), dtype=np.int64)
+        self._ticks = np.array([i.tick for i in self.instruments])
+        self._lots = np.array([i.lot for i in self.instruments])
+        self._decimals = np.array([i.decimals for i in self.instruments])
+        self._vol = np.array([i.volatility for i in self.instruments])
+        # Busier symbols first: Zipf-like weights, as on real venues.
+        w = 1.0 / np.arange(1, len(self.instruments) + 1) ** 0.6
+        self._weights = w / w.sum()
+
+    @property
+    def chunk_size(self) -> int:
+        # About 5 ms of events per chunk, fixed by the rate alone (determinism).
+        return int(max(1, min(4096, self.rate // 200)))
+
+    def next_chunk(self, n: int | None = None) -> Chunk:
+        n = n or self.chunk_size
+        rng = self._rng
+        nsym = len(self.instruments)
+        gaps = rng.exponential(1.0 / self.rate, n)
+        times = self._t + np.cumsum(gaps)
+        self._t = float(times[-1])
+        sym = rng.choice(nsym, size=n, p=self._weights)
+        kind = (rng.random(n) < self.trade_ratio).astype(np.int8)
+        # GBM: per-event log-return with variance proportional to the time since the last
+        # event of *the same symbol*; approximated by the symbol's share of the rate.
+        dt = gaps / np.maximum(self._weights[sym], 1e-9) / SECONDS_PER_YEAR
+        sigma = self._vol[sym]
+        inc = -0.5 * sigma**2 * dt + sigma * np.sqrt(dt) * rng.standard_normal(n)
+        order = np.argsort(sym, kind="stable")
+        inc_sorted = inc[order]
+        csum = np.cumsum(inc_sorted)
+        counts = np.bincount(sym, minlength=nsym)
+        ends = np.cumsum(counts)
+        starts = ends - counts
+        before = np.where(starts > 0, csum[np.maximum(starts - 1, 0)], 0.0)
+        within = csum - np.repeat(before, counts)
+        logp_sorted = self._logp[sym[order]] + within
+        logp = np.empty(n)
+        logp[order] = logp_sorted
+        has = counts > 0
+        self._logp[has] = logp_sorted[ends[has] - 1]
+        mid = np.exp(logp)
+        tick = self._ticks[sym]
+        spread = 1 + rng.poisson(self.spread_ticks_mean - 1, n)
+        bid_ticks = np.floor(mid / tick - spread / 2)
+        bid_ticks = np.maximum(bid_ticks, 1)
+        ask_ticks = bid_ticks + spread
+        dec = self._decimals[sym]
+        lot = self._lots[sym]
+        bid = round_to_decimals(bid_ticks * tick, dec)
+        ask = round_to_decimals(ask_ticks * tick, dec)
+        notional = rng.lognormal(mean=8.0, sigma=1.2, size=(3, n))  # ~3 k USD typical
+        lot_dec = np.where(lot < 1, 4, 0)
+        bid_size = round_to_decimals(
+            np.maximum(np.round(notional[0] / mid / lot), 1) * lot, lot_dec
+        )
+        ask_size = round_to_decimals(
+            np.maximum(np.round(notional[1] / mid / lot), 1) * lot, lot_dec
+        )
+        size = round_to_decimals(np.maximum(np.round(notional[2] / mid / lot), 1) * lot, lot_dec)
+        buy = rng.random(n) < 0.5
+        price = np.where(buy, ask, bid)
+        trade_id = np.zeros(n, dtype=np.int64)
+        is_trade = kind == 1
+        if is_trade.any():
+            tsym = sym[is_trade]
+            # Per-symbol running trade ids without a Python loop.
+            t_order = np.argsort(tsym, kind="stable")
+            tcounts = np.bincount(tsym, minlength=nsym)
+            rank = np.arange(len(tsym)) - np.repeat(np.cumsum(tcounts) - tcounts, tcounts)
+            ids = np.empty(len(tsym), dtype=np.int64)
+            ids[t_order] = self._trade_ids[tsym[t_order]] + rank + 1
+            trade_id[is_trade] = ids
+            self._trade_ids += tcounts
+        ts = self.start_ns + (times * 1e9).astype(np.int64)
+        return Chunk(ts, sym, kind, bid, ask, bid_size, ask_size, price, size, buy, trade_id)
+
+    def encode(self, chunk: Chunk, pt: int) -> dict[Channel, list[bytes]]:
+        """Bodies per channel, in event order, stamped with publish time `pt`."""
+        out: dict[Channel, list[bytes]] = {}
+        names = [i.symbol for i in self.instruments]
+        quote_ch = [Channel("quotes", s) for s in names]
+        trade_ch = [Channel("trades", s) for s in names]
+        cols = [
+            chunk.ts.tolist(),
+            chunk.sym.tolist(),
+            chunk.kind.tolist(),
+            chunk.bid.tolist(),
+            chunk.ask.tolist(),
+            chunk.bid_size.tolist(),
+            chunk.ask_size.tolist(),
+            chunk.price.tolist(),
+            chunk.size.tolist(),
+            chunk.buy.tolist(),
+            chunk.trade_id.tolist(),
+        ]
+        # The dicts below are `encode_body` inlined: this loop is the feed's hot path, and the
+        # call plus dict.update cost a third of it.
+        dumps = orjson.dumps
+        for ts, s, k, bid, ask, bsz, asz, px, sz, buy, tid in zip(*cols, strict=True):
+            if k == 0:
+                doc = {
+                    "v": SCHEMA_VERSION,
+                    "type": "quote",
+                    "sym": names[s],
+                    "ts": ts,
+                    "pt": pt,
+                    "bid": bid,
+                    "bid_size": bsz,
+                    "ask": ask,
+                    "ask_size": asz,
+                }
+                ch = quote_ch[s]
+            else:
+                doc = {
+                    "v": SCHEMA_VERSION,
+                    "type": "trade",
+                    "sym": names[s],
+                    "ts": ts,
+                    "pt": pt,
+                    "price": px,
+                    "size": sz,
+                    "side": "buy" if buy else "sell",
+                    "trade_id": tid,
+                }
+                ch = trade_ch[s]
+            body = dumps(doc)[:-1]
+            lst = out.get(ch)
+            if lst is None:
+                out[ch] = [body]
+            else:
+                lst.append(body)
+        return out
+
+
+def round_to_decimals(
+    values: npt.NDArray[np.float64], decimals: npt.NDArray[np.int64]
+) -> npt.NDArray[np.float64]:
+    # Scale to an integer, then divide by a power of ten: IEEE division is correctly rounded, so
+    # the result is the double nearest the decimal and prints without noise.
+    scale = 10.0 ** decimals.astype(np.float64)
+    return np.rint(values * scale) / scale
+
+
+async def paced_chunks(
+    sim: MarketSimulator,
+    *,
+    count: int | None = None,
+    duration: float | None = None,
+    throttle: bool = True,
+    monotonic: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> AsyncIterator[Chunk]:
+    """Yield chunks no earlier than their simulated time (sleeps, never spins) until done."""
+    t0 = monotonic()
+    sent = 0
+    while count is None or sent < count:
+        n = sim.chunk_size if count is None else min(sim.chunk_size, count - sent)
+        chunk = sim.next_chunk(n)
+        if throttle:
+            due = t0 + sim._t
+            wait = due - monotonic()
+            # Sleep at least 1 ms: shorter sleeps make uvloop spin (FACTS.md).
+            await sleep(wait if wait > 0.001 else 0)
+        if duration is not None and monotonic() - t0 >= duration:
+            return
+        sent += len(chunk)
+        yield chunk

@@ -1,0 +1,59 @@
+"""Shared fixtures: one private redis-server per test session, emptied before each test."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from tickwire.core.redis_process import RedisProcess
+from tickwire.core.redis_wire import RedisConnection
+
+#: Multiply test timeouts on slow machines: TICKWIRE_TIMEOUT_FACTOR=3 make test
+TIMEOUT_FACTOR = float(os.environ.get("TICKWIRE_TIMEOUT_FACTOR", "1"))
+
+
+def timeout(seconds: float) -> float:
+    return seconds * TIMEOUT_FACTOR
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisProcess]:
+    with RedisProcess() as proc:
+        yield proc
+
+
+@pytest.fixture
+async def redis(redis_server: RedisProcess) -> AsyncIterator[RedisConnection]:
+    """A connection to the session's private Redis, emptied first (it is ours alone)."""
+    if redis_server.proc is None or redis_server.proc.poll() is not None:
+        redis_server.start()
+    conn = await RedisConnection.open(redis_server.url)
+    await conn.execute("FLUSHALL")
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def fresh_redis() -> Iterator[RedisProcess]:
+    """A redis-server of the test's own, for tests that kill, pause or wipe it."""
+    with RedisProcess(appendonly=True) as proc:
+        yield proc
+
+
+@pytest.fixture(autouse=True)
+async def _fail_on_loop_errors(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Fail a test when the event loop logged an unhandled exception (as asyncpg's harness does)."""
+    errors: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        errors.append(context)
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+    yield
+    if not request.node.get_closest_marker("allow_loop_errors"):
+        assert not errors, f"event loop reported unhandled errors: {errors}"

@@ -1,0 +1,165 @@
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tickwire.core.channels import REGISTRY_KEY, Channel
+from tickwire.core.config import PublisherConfig, RetentionConfig
+from tickwire.core.errors import RedisUnavailable
+from tickwire.core.events import encode_body
+from tickwire.core.redis_process import RedisProcess
+from tickwire.core.redis_wire import RedisConnection
+from tickwire.feeds.publisher import Publisher
+
+from .conftest import stored_events
+
+CH = Channel.parse("trades:BTC-USD")
+
+
+def bodies(tag: str, n: int) -> list[bytes]:
+    return [
+        encode_body(
+            "trade",
+            CH.symbol,
+            i,
+            0,
+            {"price": 1.5, "size": 1, "side": "buy", "trade_id": i, "tag": tag},
+        )
+        for i in range(n)
+    ]
+
+
+async def test_two_concurrent_publishers_keep_seq_dense_and_epoch_shared(
+    redis: RedisConnection, redis_server: RedisProcess
+) -> None:
+    cfg = PublisherConfig(redis_url=redis_server.url, max_events_per_flush=50)
+    async with Publisher(cfg) as a, Publisher(cfg) as b:
+
+        async def feed(pub: Publisher, tag: str) -> None:
+            for _ in range(20):
+                await pub.publish({CH: bodies(tag, 37)})
+                await asyncio.sleep(0)
+
+        await asyncio.gather(feed(a, "a"), feed(b, "b"))
+        await a.flush()
+        await b.flush()
+    events = await stored_events(redis, CH)
+    assert [e["seq"] for e in events] == list(range(1, 2 * 20 * 37 + 1))
+    assert len({e["epoch"] for e in events}) == 1
+    # Each publisher's own events stay in the order it published them.
+    for tag in "ab":
+        ids = [e["trade_id"] for e in events if e["tag"] == tag]
+        assert ids == list(range(37)) * 20
+    assert await redis.execute("SMEMBERS", REGISTRY_KEY) == [b"trades:BTC-USD"]
+
+
+async def test_seq_continues_after_publisher_restart(
+    redis: RedisConnection, redis_server: RedisProcess
+) -> None:
+    cfg = PublisherConfig(redis_url=redis_server.url)
+    async with Publisher(cfg) as pub:
+        await pub.publish({CH: bodies("x", 5)})
+    async with Publisher(cfg) as pub:
+        await pub.publish({CH: bodies("y", 5)})
+        await pub.flush()
+        assert pub.positions[CH][1] == 10
+    events = await stored_events(redis, CH)
+    assert [e["seq"] for e in events] == list(range(1, 11))
+    assert len({e["epoch"] for e in events}) == 1
+
+
+async def test_epoch_changes_when_stream_deleted(
+    redis: RedisConnection, redis_server: RedisProcess
+) -> None:
+    epochs = iter(["first", "second", "third", "fourth"])
+    async with Publisher(
+        PublisherConfig(redis_url=redis_server.url), new_epoch=lambda: next(epochs)
+    ) as pub:
+        await pub.publish({CH: bodies("x", 3)})
+        await pub.flush()
+        assert pub.positions[CH] == ("first", 3)
+        await redis.execute("DEL", CH.stream_key)
+        await pub.publish({CH: bodies("x", 2)})
+        await pub.flush()
+    events = await stored_events(redis, CH)
+    assert [(e["epoch"], e["seq"]) for e in events] == [("second", 1), ("second", 2)]
+
+
+async def test_epoch_changes_after_redis_restart_without_persistence(
+    fresh_redis: RedisProcess,
+) -> None:
+    async with Publisher(PublisherConfig(redis_url=fresh_redis.url, backoff_initial_s=0.01)) as pub:
+        await pub.publish({CH: bodies("x", 3)})
+        await pub.flush()
+        before = pub.positions[CH]
+        fresh_redis.kill()
+        fresh_redis.wipe()
+        fresh_redis.start()
+        await pub.publish({CH: bodies("x", 2)})
+        await pub.flush()
+        after = pub.positions[CH]
+    assert before[1] == 3 and after[1] == 2
+    assert before[0] != after[0]
+
+
+async def test_retention_keeps_at_least_maxlen_entries(
+    redis: RedisConnection, redis_server: RedisProcess
+) -> None:
+    cfg = PublisherConfig(redis_url=redis_server.url, retention=RetentionConfig(trades=500))
+    async with Publisher(cfg) as pub:
+        for _ in range(20):
+            await pub.publish({CH: bodies("x", 250)})
+    length = await redis.execute("XLEN", CH.stream_key)
+    assert 500 <= length < 5000
+    first = await redis.execute("XRANGE", CH.stream_key, "-", "+", "COUNT", 1)
+    assert first[0][0] == b"%d-0" % (5000 - length + 1)
+
+
+async def test_publisher_reconnects_after_redis_killed_and_seq_stays_dense(
+    fresh_redis: RedisProcess,
+) -> None:
+    cfg = PublisherConfig(redis_url=fresh_redis.url, backoff_initial_s=0.01, backoff_max_s=0.1)
+    async with Publisher(cfg) as pub:
+        await pub.publish({CH: bodies("x", 100)})
+        await pub.flush()
+        # AOF everysec may lose the last second on a crash; make it durable first.
+        conn = await RedisConnection.open(fresh_redis.url)
+        await conn.execute("BGREWRITEAOF")
+        conn.close()
+        await asyncio.sleep(0.5)
+        fresh_redis.kill()
+        for _ in range(5):  # published while Redis is down: held, not lost
+            await pub.publish({CH: bodies("y", 10)})
+        fresh_redis.start()
+        await asyncio.wait_for(pub.flush(), 10)
+        assert pub.stats.dropped == 0
+        assert pub.stats.reconnects >= 2
+    conn = await RedisConnection.open(fresh_redis.url)
+    events = await stored_events(conn, CH)
+    conn.close()
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert sum(e["tag"] == "y" for e in events) == 50
+
+
+async def test_publisher_drops_oldest_and_counts_when_redis_down_and_buffer_full() -> None:
+    port = RedisProcess().port  # nothing listens there
+    cfg = PublisherConfig(
+        redis_url=f"redis://127.0.0.1:{port}/0",
+        max_pending_events=100,
+        backoff_initial_s=0.01,
+        close_timeout_s=0.1,
+    )
+    pub = Publisher(cfg)
+    with pytest.raises(RedisUnavailable, match="cannot connect"):
+        await pub.start()
+    await pub.start(require_redis=False)
+    try:
+        for _ in range(5):
+            await pub.publish({CH: bodies("x", 50)})
+        assert pub.stats.dropped == 150
+        assert pub.stats.published == 0
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(pub.flush(), 0.2)
+    finally:
+        await pub.close()

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import numpy as np
+import orjson
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tickwire.core.events import tick_decimals
+from tickwire.feeds.simulator import (
+    MarketSimulator,
+    make_instruments,
+    paced_chunks,
+    round_to_decimals,
+)
+
+
+@given(st.integers(min_value=1, max_value=10**9), st.sampled_from([0.01, 0.5, 0.25, 0.0001]))
+def test_prices_rounded_to_tick_print_without_float_noise(ticks: int, tick: float) -> None:
+    price = round_to_decimals(np.array([ticks * tick]), np.array([tick_decimals(tick)]))[0]
+    text = orjson.dumps(float(price)).decode()
+    assert len(text.split(".")[-1]) <= max(tick_decimals(tick), 1), text
+    assert abs(price - ticks * tick) < tick / 2
+
+
+def make_sim(seed: int = 7, rate: float = 20_000) -> MarketSimulator:
+    return MarketSimulator(make_instruments(5, seed), rate=rate, seed=seed, start_ns=1_000)
+
+
+def test_simulator_is_deterministic_under_a_seed() -> None:
+    a, b, c = make_sim(), make_sim(), make_sim(seed=8)
+    ea = [a.encode(a.next_chunk(), pt=0) for _ in range(3)]
+    eb = [b.encode(b.next_chunk(), pt=0) for _ in range(3)]
+    ec = [c.encode(c.next_chunk(), pt=0) for _ in range(3)]
+    assert ea == eb
+    assert ea != ec
+
+
+def test_simulator_events_are_well_formed_quotes_and_trades() -> None:
+    sim = make_sim()
+    chunk = sim.next_chunk(5000)
+    assert (chunk.ask > chunk.bid).all()
+    assert (np.diff(chunk.ts) >= 0).all()
+    assert 0.15 < chunk.kind.mean() < 0.35
+    ticks = np.array([sim.instruments[s].tick for s in chunk.sym])
+    assert np.allclose(np.round(chunk.bid / ticks), chunk.bid / ticks)
+    encoded = sim.encode(chunk, pt=5)
+    assert sum(len(v) for v in encoded.values()) == 5000
+    for channel, bodies in encoded.items():
+        trade_ids = []
+        for body in bodies:
+            doc = orjson.loads(body + b"}")
+            assert doc["sym"] == channel.symbol and doc["pt"] == 5 and doc["v"] == 1
+            if channel.kind == "trades":
+                assert doc["side"] in ("buy", "sell") and doc["size"] > 0
+                trade_ids.append(doc["trade_id"])
+            else:
+                assert doc["ask"] > doc["bid"]
+        assert trade_ids == list(range(1, len(trade_ids) + 1))
+
+
+def test_simulator_prices_move_and_persist_across_chunks() -> None:
+    sim = make_sim()
+    first = sim.next_chunk(2000)
+    later = [sim.next_chunk(2000) for _ in range(20)][-1]
+    btc = 0
+    assert first.bid[first.sym == btc][0] != later.bid[later.sym == btc][-1]
+    # A random walk, not a jump: the relative move between consecutive quotes is small.
+    mids = (later.bid + later.ask)[later.sym == btc] / 2
+    assert np.abs(np.diff(np.log(mids))).max() < 0.01
+
+
+async def test_paced_chunks_keep_the_target_rate_within_5_percent() -> None:
+    now = [0.0]
+
+    async def fake_sleep(seconds: float) -> None:
+        now[0] += max(seconds, 1e-6)
+
+    sim = make_sim(rate=10_000)
+    sent = 0
+    async for chunk in paced_chunks(sim, duration=3.0, monotonic=lambda: now[0], sleep=fake_sleep):
+        sent += len(chunk)
+    assert abs(sent / 3.0 - 10_000) / 10_000 < 0.05
+
+
+async def test_paced_chunks_stop_at_count() -> None:
+    sim = make_sim()
+    sizes = [len(c) async for c in paced_chunks(sim, count=1234, throttle=False)]
+    assert sum(sizes) == 1234

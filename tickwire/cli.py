@@ -1,0 +1,227 @@
+"""The `tickwire` command line: feeds, recording, the server, the demo, the bench and the watcher."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from tickwire import __version__
+from tickwire.core.config import (
+    DEFAULT_REDIS_URL,
+    PublisherConfig,
+    RetentionConfig,
+    redis_url_from_env,
+)
+from tickwire.core.errors import TickwireError
+
+log = logging.getLogger("tickwire.cli")
+
+
+def _redis_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--redis",
+        default=None,
+        metavar="URL",
+        help=f"Redis URL (default: $REDIS_URL or {DEFAULT_REDIS_URL})",
+    )
+
+
+def _symbols(value: str) -> int | list[str]:
+    if value.isdigit():
+        return int(value)
+    return [s.strip() for s in value.split(",") if s.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tickwire",
+        description="Real-time market data streaming: feeds into Redis Streams, WebSocket fan-out out.",
+    )
+    p.add_argument("--version", action="version", version=f"tickwire {__version__}")
+    p.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)"
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    feed = sub.add_parser("feed", help="run a feed adapter that publishes into Redis")
+    feed_sub = feed.add_subparsers(dest="feed", required=True, metavar="FEED")
+    sim = feed_sub.add_parser(
+        "sim",
+        help="simulated market (GBM prices, quotes and trades)",
+        description="Publish a simulated market: numpy GBM price paths, quotes and trades at random "
+        "times, deterministic under --seed.",
+    )
+    _redis_arg(sim)
+    sim.add_argument(
+        "--rate", type=float, default=1000.0, help="total events per second (default 1000)"
+    )
+    sim.add_argument(
+        "--max", action="store_true", help="ignore --rate pacing: publish as fast as possible"
+    )
+    sim.add_argument(
+        "--symbols",
+        type=_symbols,
+        default=10,
+        help="a count, or a comma-separated list (default 10)",
+    )
+    sim.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    sim.add_argument("--duration", type=float, help="stop after this many seconds")
+    sim.add_argument("--count", type=int, help="stop after this many events")
+    sim.add_argument(
+        "--trade-maxlen",
+        type=int,
+        default=RetentionConfig().trades,
+        help="trades kept per stream (MAXLEN ~)",
+    )
+    sim.add_argument(
+        "--quote-maxlen",
+        type=int,
+        default=RetentionConfig().quotes,
+        help="quotes kept per stream (MAXLEN ~)",
+    )
+
+    rep = feed_sub.add_parser(
+        "replay",
+        help="republish recorded NDJSON events",
+        description="Republish recorded NDJSON events with their original spacing scaled by --speed.",
+    )
+    _redis_arg(rep)
+    rep.add_argument(
+        "file", help="NDJSON file, one event per line (as written by `tickwire record`)"
+    )
+    rep.add_argument("--speed", default="1", help="1, 10, ... or max (default 1)")
+    rep.add_argument(
+        "--skip-bad", action="store_true", help="skip malformed lines (counted) instead of stopping"
+    )
+
+    rec = sub.add_parser(
+        "record",
+        help="write stored events of channels to an NDJSON file",
+        description="Write every event Redis holds for CHANNELS (patterns like trades:* allowed) as NDJSON.",
+    )
+    _redis_arg(rec)
+    rec.add_argument("channels", nargs="+", metavar="CHANNEL")
+    rec.add_argument("-o", "--output", required=True, help="output file ('-' for stdout)")
+
+    bench = sub.add_parser("bench", help="measure publish or end-to-end speed", add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    return p
+
+
+def run(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+
+        return int(uvloop.run(coro))
+    except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
+        return asyncio.run(coro)
+
+
+async def cmd_feed_sim(args: argparse.Namespace) -> int:
+    from tickwire.feeds.publisher import Publisher
+    from tickwire.feeds.runner import run_simulator
+    from tickwire.feeds.simulator import MarketSimulator, make_instruments
+
+    url = args.redis or redis_url_from_env()
+    retention = RetentionConfig(trades=args.trade_maxlen, quotes=args.quote_maxlen)
+    sim = MarketSimulator(
+        make_instruments(args.symbols, args.seed),
+        rate=args.rate,
+        seed=args.seed,
+        start_ns=time.time_ns(),
+    )
+    print(
+        f"simulating {len(sim.instruments)} symbols at {'max' if args.max else f'{args.rate:,.0f}'} events/s into {url}",
+        file=sys.stderr,
+    )
+
+    def progress(sent: int, seconds: float) -> None:
+        print(f"\r{sent:,} events, {sent / seconds:,.0f}/s", end="", file=sys.stderr, flush=True)
+
+    async with Publisher(PublisherConfig(redis_url=url, retention=retention)) as pub:
+        report = await run_simulator(
+            pub,
+            sim,
+            count=args.count,
+            duration=args.duration,
+            throttle=not args.max,
+            progress=progress,
+        )
+        dropped = pub.stats.dropped
+    print(
+        f"\npublished {report.events:,} events in {report.seconds:.2f} s: {report.rate:,.0f} events/s"
+        + (f", {dropped:,} dropped while Redis was down" if dropped else ""),
+        file=sys.stderr,
+    )
+    return 0
+
+
+async def cmd_feed_replay(args: argparse.Namespace) -> int:
+    from tickwire.feeds.publisher import Publisher
+    from tickwire.feeds.replay import replay
+
+    speed = None if args.speed == "max" else float(args.speed)
+    if speed is not None and speed <= 0:
+        raise TickwireError("--speed must be positive or 'max'")
+    async with Publisher(PublisherConfig(redis_url=args.redis or redis_url_from_env())) as pub:
+        sent = await replay(pub, args.file, speed=speed, skip_bad=args.skip_bad)
+    print(f"replayed {sent:,} events from {args.file}", file=sys.stderr)
+    return 0
+
+
+async def cmd_record(args: argparse.Namespace) -> int:
+    from tickwire.core.redis_wire import RedisConnection
+    from tickwire.feeds.replay import record, resolve_channels
+
+    conn = await RedisConnection.open(args.redis or redis_url_from_env())
+    try:
+        channels = await resolve_channels(conn, args.channels)
+        if args.output == "-":
+            n = await record(conn, channels, sys.stdout.buffer)
+        else:
+            with open(args.output, "wb") as fh:
+                n = await record(conn, channels, fh)
+    finally:
+        conn.close()
+    print(f"recorded {n:,} events from {len(channels)} channels", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    rest = list(args.bench_args)
+    if rest and rest[0] == "publish":
+        from tickwire.bench.publish import main as publish_main
+
+        return publish_main(rest[1:])
+    print("usage: tickwire bench publish [--help]", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "feed" and args.feed == "sim":
+            return run(cmd_feed_sim(args))
+        if args.command == "feed" and args.feed == "replay":
+            return run(cmd_feed_replay(args))
+        if args.command == "record":
+            return run(cmd_record(args))
+        if args.command == "bench":
+            return cmd_bench(args)
+    except TickwireError as exc:
+        print(f"tickwire: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Ground floor every tickwire part shares: events, channels, config, errors."""

@@ -1,0 +1,151 @@
+"""A lean asyncio Redis connection: hiredis packs and parses, one owner, pipelining.
+
+Why not redis-py on the hot paths: its asyncio client packs commands in Python (publish tops out
+near 100 k events/s), and a cancelled or timed-out command can leave a pooled connection one reply
+behind (redis-py #2624/#2665). A `RedisConnection` has exactly one user; any failure, timeout or
+cancellation while a reply is outstanding closes it, so a late reply can never reach another
+request. Callers reconnect with `RedisConnection.open`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import hiredis
+
+from tickwire.core.errors import ConfigError, RedisUnavailable
+
+Arg = bytes | str | int | float
+
+
+class RedisReplyError(Exception):
+    """Redis answered a command with an error reply (the connection stays usable)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RedisAddress:
+    host: str
+    port: int
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> RedisAddress:
+        u = urlparse(url)
+        if u.scheme not in ("redis", ""):
+            raise ConfigError(f"unsupported Redis URL scheme in {url!r} (use redis://host:port/db)")
+        try:
+            db = int(u.path.lstrip("/") or 0)
+            port = u.port or 6379
+        except ValueError:
+            raise ConfigError(f"invalid Redis URL {url!r}") from None
+        return cls(
+            host=u.hostname or "127.0.0.1",
+            port=port,
+            db=db,
+            username=unquote(u.username) if u.username else None,
+            password=unquote(u.password) if u.password else None,
+        )
+
+    def __str__(self) -> str:
+        # Never shows the password.
+        return f"redis://{self.host}:{self.port}/{self.db}"
+
+
+class RedisConnection:
+    """One TCP connection to Redis, used by one task at a time."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._parser = hiredis.Reader()
+        self._closed = False
+
+    @classmethod
+    async def open(cls, url: str | RedisAddress, timeout: float = 2.0) -> RedisConnection:
+        addr = url if isinstance(url, RedisAddress) else RedisAddress.parse(url)
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(addr.host, addr.port, limit=1 << 22), timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            raise RedisUnavailable(f"cannot connect to {addr}: {exc or 'timeout'}") from None
+        conn = cls(reader, writer)
+        try:
+            if addr.password is not None:
+                auth: list[Arg] = ["AUTH", addr.password]
+                if addr.username:
+                    auth.insert(1, addr.username)
+                await conn.execute(*auth, timeout=timeout)
+            if addr.db:
+                await conn.execute("SELECT", addr.db, timeout=timeout)
+        except RedisReplyError as exc:
+            conn.close()
+            raise RedisUnavailable(f"{addr} refused the connection set-up: {exc}") from None
+        return conn
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._writer.close()
+
+    async def execute(self, *args: Arg, timeout: float | None = None) -> Any:
+        """One command; raises RedisReplyError on an error reply."""
+        (reply,) = await self.pipeline([args], timeout=timeout)
+        if isinstance(reply, RedisReplyError):
+            raise reply
+        return reply
+
+    async def pipeline(
+        self, commands: Sequence[Sequence[Arg]], timeout: float | None = None
+    ) -> list[Any]:
+        """Send all commands in one write, return their replies in order.
+
+        An error reply comes back as a RedisReplyError value in its place. Connection loss,
+        timeout or cancellation close the connection and raise (RedisUnavailable or the
+        cancellation), because the replies still owed would desynchronise it.
+        """
+        if self._closed:
+            raise RedisUnavailable("connection is closed")
+        pack = hiredis.pack_command
+        self._writer.write(b"".join([pack(tuple(c)) for c in commands]))  # type: ignore[arg-type]
+        try:
+            if timeout is None:
+                return await self._read_replies(len(commands))
+            return await asyncio.wait_for(self._read_replies(len(commands)), timeout)
+        except TimeoutError:
+            self.close()
+            raise RedisUnavailable(f"no reply from Redis within {timeout} s") from None
+        except (OSError, EOFError, hiredis.ProtocolError) as exc:
+            self.close()
+            raise RedisUnavailable(
+                f"lost connection to Redis: {exc or type(exc).__name__}"
+            ) from None
+        except BaseException:
+            self.close()
+            raise
+
+    async def _read_replies(self, n: int) -> list[Any]:
+        parser = self._parser
+        replies: list[Any] = []
+        while len(replies) < n:
+            reply = parser.gets()
+            if reply is False:
+                data = await self._reader.read(1 << 20)
+                if not data:
+                    raise EOFError("Redis closed the connection")
+                parser.feed(data)
+                continue
+            if isinstance(reply, hiredis.ReplyError):
+                reply = RedisReplyError(str(reply))
+            replies.append(reply)
+        return replies
