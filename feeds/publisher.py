@@ -198,6 +198,7 @@ class Publisher:
         commands: list[list[Arg]] = []
         order: list[Channel] = []
         for channel, bodies in merged.items():
+            seen_epoch, seen_seq = self.positions.get(channel, ("", 0))
             cmd: list[Arg] = [
                 "EVALSHA",
                 APPEND_SHA,
@@ -206,6 +207,8 @@ class Publisher:
                 channel.meta_key,
                 self._new_epoch(),
                 retention.maxlen(channel.kind),
+                seen_epoch,
+                seen_seq,
             ]
             cmd.extend(bodies)
             commands.append(cmd)
@@ -227,7 +230,7 @@ class Publisher:
                     raise RedisUnavailable(f"append to {channel} failed: {reply}")
                 retry.append((channel, merged[channel]))
                 continue
-            epoch, seq = reply
+            epoch, seq, _start = reply
             self.positions[channel] = (epoch.decode(), int(seq))
             self.stats.published += len(merged[channel])
         self._pending_events -= n - sum(len(b) for _, b in retry)

@@ -5,9 +5,16 @@ publishers on one channel can never produce a duplicate or a hole. The entry ID 
 stream ID *is* the sequence number, so resuming from a seq is a plain XRANGE and a trimmed head is
 visible from the first ID alone.
 
-The epoch is created when the channel's meta hash is missing (first publish, or Redis lost its
-data) or when the meta survives but the stream is gone (someone deleted it); the new epoch starts
-again at seq 1.
+A new epoch begins (meta hash fields `epoch`, `start` = its first seq) when:
+- the meta hash is missing: first publish, or Redis lost its data;
+- the meta survives but the stream is gone (someone deleted it): seq starts again at 1;
+- the publisher saw a higher seq in this epoch than Redis now has: Redis rolled back (a crash lost
+  the AOF tail). Seqs already handed out must never be reused under the same epoch, so the epoch
+  changes and seq continues from what Redis kept (stream IDs must keep increasing).
+
+KEYS: stream, meta.  ARGV: candidate epoch, maxlen, epoch the caller last saw ('' if none), highest
+seq the caller saw in it, then the encoded bodies (see `tickwire.core.events.encode_body`).
+Returns {epoch, last seq, epoch start}.
 """
 
 from __future__ import annotations
@@ -16,17 +23,24 @@ APPEND_LUA = """
 local stream, meta = KEYS[1], KEYS[2]
 local epoch = redis.call('HGET', meta, 'epoch')
 local seq = tonumber(redis.call('HGET', meta, 'seq') or '0')
-if (not epoch) or (seq > 0 and redis.call('EXISTS', stream) == 0) then
-  epoch = ARGV[1]
+local fresh = not epoch
+if epoch and seq > 0 and redis.call('EXISTS', stream) == 0 then
+  fresh = true
   seq = 0
-  redis.call('HSET', meta, 'epoch', epoch)
+end
+if epoch and ARGV[3] == epoch and seq < tonumber(ARGV[4]) then
+  fresh = true
+end
+if fresh then
+  epoch = ARGV[1]
+  redis.call('HSET', meta, 'epoch', epoch, 'start', seq + 1)
 end
 local maxlen = ARGV[2]
 local tail = ',"epoch":"' .. epoch .. '","seq":'
-for i = 3, #ARGV do
+for i = 5, #ARGV do
   seq = seq + 1
   redis.call('XADD', stream, 'MAXLEN', '~', maxlen, seq .. '-0', 'd', ARGV[i] .. tail .. seq .. '}')
 end
 redis.call('HSET', meta, 'seq', seq)
-return {epoch, seq}
+return {epoch, seq, tonumber(redis.call('HGET', meta, 'start') or '1')}
 """

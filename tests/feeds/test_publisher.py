@@ -163,3 +163,25 @@ async def test_publisher_drops_oldest_and_counts_when_redis_down_and_buffer_full
             await asyncio.wait_for(pub.flush(), 0.2)
     finally:
         await pub.close()
+
+
+async def test_redis_rollback_starts_a_new_epoch_and_never_reuses_seqs(
+    redis: RedisConnection, redis_server: RedisProcess
+) -> None:
+    async with Publisher(PublisherConfig(redis_url=redis_server.url)) as pub:
+        await pub.publish({CH: bodies("x", 50)})
+        await pub.flush()
+        saved = [await redis.execute("DUMP", k) for k in (CH.stream_key, CH.meta_key)]
+        await pub.publish({CH: bodies("y", 50)})
+        await pub.flush()
+        old_epoch = pub.positions[CH][0]
+        # As if Redis crashed and its AOF kept only the first 50 events.
+        for key, dump in zip((CH.stream_key, CH.meta_key), saved, strict=True):
+            await redis.execute("RESTORE", key, 0, dump, "REPLACE")
+        await pub.publish({CH: bodies("z", 5)})
+        await pub.flush()
+    events = await stored_events(redis, CH)
+    assert [e["seq"] for e in events] == list(range(1, 56))
+    assert {e["epoch"] for e in events[:50]} == {old_epoch}
+    assert len({e["epoch"] for e in events[50:]} - {old_epoch}) == 1
+    assert await redis.execute("HGET", CH.meta_key, "start") == b"51"

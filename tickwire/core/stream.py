@@ -13,3 +13,24 @@ def entry_id(seq: int) -> bytes:
 def seq_of(entry_id: bytes) -> int:
     """The event's seq from its stream entry ID (`1041-0` → 1041)."""
     return int(entry_id.partition(b"-")[0])
+
+
+def epoch_of(event: bytes) -> str:
+    """The epoch the store wrote into an event's tail (`…,"epoch":"E","seq":N}`), without decoding."""
+    i = event.rfind(b',"epoch":"')
+    if i < 0:
+        return ""
+    j = event.find(b'"', i + 10)
+    return event[i + 10 : j].decode()
+
+
+def publish_ns_of(event: bytes) -> int:
+    """The publish timestamp `pt` of an encoded event, without decoding it (0 if absent)."""
+    i = event.find(b'"pt":')
+    if i < 0:
+        return 0
+    j = event.find(b",", i)
+    try:
+        return int(event[i + 5 : j])
+    except ValueError:
+        return 0
