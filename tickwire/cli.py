@@ -108,6 +108,34 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("channels", nargs="+", metavar="CHANNEL")
     rec.add_argument("-o", "--output", required=True, help="output file ('-' for stdout)")
 
+    srv = sub.add_parser(
+        "serve",
+        help="run the WebSocket fan-out server",
+        description="Serve Redis Streams to WebSocket clients: ws://HOST:PORT/ws, the web page on /, "
+        "/healthz and /metrics.",
+    )
+    _redis_arg(srv)
+    srv.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=None, help="port (default 8765)")
+    srv.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes sharing the port with SO_REUSEPORT (default: one per core)",
+    )
+    srv.add_argument("--config", help="TOML file with server settings and a [limits] table")
+
+    demo = sub.add_parser(
+        "demo",
+        help="Redis + simulator + server in one command (what `make demo` runs)",
+        description="Start a private Redis (or use $REDIS_URL), the simulator feed and the server.",
+    )
+    demo.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    demo.add_argument(
+        "--rate", type=float, default=2000.0, help="simulated events/s (default 2000)"
+    )
+    demo.add_argument("--symbols", type=int, default=20, help="simulated symbols (default 20)")
+
     bench = sub.add_parser("bench", help="measure publish or end-to-end speed", add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     return p
@@ -202,6 +230,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 2
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from tickwire.core.config import load_server_config
+    from tickwire.server.app import serve_forever
+    from tickwire.server.workers import run_workers
+
+    cfg = load_server_config(
+        args.config,
+        redis_url=args.redis or redis_url_from_env()
+        if args.redis or os.environ.get("REDIS_URL")
+        else None,
+        host=args.host,
+        port=args.port,
+        workers=args.workers if args.workers is not None else (os.cpu_count() or 1),
+    )
+    if cfg.workers > 1:
+        return run_workers(cfg)
+    return run(serve_forever(cfg))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
@@ -215,6 +264,12 @@ def main(argv: list[str] | None = None) -> int:
             return run(cmd_record(args))
         if args.command == "bench":
             return cmd_bench(args)
+        if args.command == "serve":
+            return cmd_serve(args)
+        if args.command == "demo":
+            from tickwire.demo import run_demo
+
+            return run(run_demo(args.port, args.rate, args.symbols))
     except TickwireError as exc:
         print(f"tickwire: error: {exc}", file=sys.stderr)
         return 1

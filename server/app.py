@@ -1,0 +1,390 @@
+"""The WebSocket + HTTP server: one port for `/ws`, `/`, `/healthz`, `/metrics` and static files."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import mimetypes
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+import orjson
+from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from tickwire import __version__
+from tickwire.core.channels import Channel
+from tickwire.core.config import ServerConfig
+from tickwire.server.catchup import catch_up
+from tickwire.server.hub import Hub, Subscriber
+from tickwire.server.metrics import Metrics
+from tickwire.server.outbox import Outbox
+from tickwire.server.reader import History, StreamReader, status_message
+from tickwire.server.session import (
+    ClientSession,
+    Close,
+    ListChannels,
+    Subscribe,
+    Unsubscribe,
+    reply,
+    welcome_message,
+)
+
+log = logging.getLogger("tickwire.server")
+
+# Socket write buffer per client: above HIGH the outbox holds data back (and sheds it per policy);
+# writing resumes below LOW.
+WRITE_HIGH = 64 * 1024
+WRITE_LOW = 16 * 1024
+DRAIN_POLL_S = 0.005
+WEB_DIR = Path(__file__).resolve().parent.parent / "clients" / "web"
+DOCS_DIR = Path(__file__).resolve().parent.parent / "docs"
+
+FALLBACK_PAGE = b"""<!doctype html><meta charset=utf-8><title>tickwire</title>
+<h1>tickwire</h1><p>WebSocket endpoint: <code>/ws</code>. See docs/protocol.md.</p>"""
+
+
+class Connection:
+    """One client: its protocol session, outbox and the writes to its socket."""
+
+    def __init__(self, server: TickwireServer, ws: ServerConnection) -> None:
+        self.server = server
+        self.ws = ws
+        limits = server.config.limits
+        self.session = ClientSession(limits)
+        self.outbox = Outbox(limits.outbox_bytes, server.metrics.outbox)
+        self.sub = Subscriber(self.outbox, self.flush, hold_limit=limits.max_resume_events)
+        self.last_write = time.monotonic()
+        self._drain: asyncio.Task[None] | None = None
+        self._catchups: set[asyncio.Task[None]] = set()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self.closing = False
+
+    # -- writing -------------------------------------------------------------------------------
+    def flush(self) -> None:
+        if self._drain is not None or self.closing:
+            return  # the drain task writes once the socket takes data again
+        transport = self.ws.transport
+        if transport is None or transport.get_write_buffer_size() > WRITE_HIGH:
+            self._writable.clear()
+            self._drain = asyncio.create_task(self._drain_when_writable())
+            return
+        self._write()
+
+    def _write(self) -> None:
+        message = self.outbox.take()
+        if message is None:
+            return
+        broadcast((self.ws,), message, text=True)
+        self.last_write = time.monotonic()
+        m = self.server.metrics
+        m.frames_sent += 1
+        m.bytes_sent += len(message)
+
+    async def _drain_when_writable(self) -> None:
+        limits = self.server.config.limits
+        stuck_since = time.monotonic()
+        try:
+            while True:
+                await asyncio.sleep(DRAIN_POLL_S)
+                transport = self.ws.transport
+                if transport is None or transport.is_closing():
+                    return
+                if transport.get_write_buffer_size() <= WRITE_LOW:
+                    self._write()
+                    stuck_since = time.monotonic()
+                    if not self.outbox and transport.get_write_buffer_size() <= WRITE_LOW:
+                        return
+                elif time.monotonic() - stuck_since > limits.slow_grace_s:
+                    self.server.metrics.slow_disconnects += 1
+                    log.info("closing slow consumer %s", self.ws.remote_address)
+                    self.closing = True
+                    await self.ws.close(4008, "slow consumer")
+                    return
+        finally:
+            self._drain = None
+            self._writable.set()
+
+    async def wait_writable(self) -> None:
+        await self._writable.wait()
+
+    def send_control(self, message: bytes) -> None:
+        self.outbox.control(message)
+        self.flush()
+
+    # -- requests ------------------------------------------------------------------------------
+    async def serve(self) -> None:
+        self.send_control(
+            welcome_message(self.server.config.limits, self.server.config.heartbeat_ms)
+        )
+        async for data in self.ws:
+            action = self.session.receive(data, time.monotonic(), time.time_ns())
+            if isinstance(action, bytes):
+                if action.startswith(b'{"type":"error"'):
+                    self.server.metrics.rejected_requests += 1
+                self.send_control(action)
+            elif isinstance(action, Subscribe):
+                self._subscribe(action)
+            elif isinstance(action, Unsubscribe):
+                self._unsubscribe(action)
+            elif isinstance(action, ListChannels):
+                names = sorted(c.name for c in self.server.hub.known)
+                self.send_control(reply("channels", action.id, channels=names))
+            elif isinstance(action, Close):
+                self.closing = True
+                await self.ws.close(action.code, action.reason)
+                return
+
+    def _subscribe(self, req: Subscribe) -> None:
+        hub = self.server.hub
+        for pattern in req.added:
+            hub.subscribe(self.sub, pattern)
+        self.server.metrics.subscriptions += len(req.added)
+        targets: dict[Channel, tuple[str, int] | None] = dict(req.resume)
+        if req.snapshot:
+            for pattern in req.added:
+                for channel in hub.known_matching(pattern):
+                    targets.setdefault(channel, None)
+        # Hold live events of these channels from now on, before any await (see catchup.py).
+        for channel in targets:
+            self.sub.holding[channel] = []
+        self.send_control(reply("subscribed", req.id, channels=list(req.all_channels)))
+        if targets:
+            task = asyncio.create_task(
+                catch_up(
+                    self.sub,
+                    self.server.history,
+                    targets,
+                    max_events=self.server.config.limits.max_resume_events,
+                    wait_writable=self.wait_writable,
+                    read_position=self.server.reader.positions.get,
+                )
+            )
+            self._catchups.add(task)
+            task.add_done_callback(self._catchup_done)
+
+    def _catchup_done(self, task: asyncio.Task[None]) -> None:
+        self._catchups.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("catch-up failed", exc_info=task.exception())
+
+    def _unsubscribe(self, req: Unsubscribe) -> None:
+        hub = self.server.hub
+        for pattern in req.removed:
+            hub.unsubscribe(self.sub, pattern)
+        self.server.metrics.subscriptions -= len(req.removed)
+        for channel in list(self.outbox.positions):
+            if not hub.follows(self.sub, channel):
+                # Forget the position, or a later subscribe would see a hole it never asked for.
+                self.outbox.forget(channel)
+                self.sub.holding.pop(channel, None)
+        self.send_control(reply("unsubscribed", req.id, channels=list(req.all_channels)))
+
+    def heartbeat(self, now: float) -> None:
+        if now - self.last_write >= self.server.config.heartbeat_ms / 1000 and not self.outbox:
+            last = {c.name: seq for c, (_, seq) in self.outbox.positions.items()}
+            self.send_control(
+                orjson.dumps({"type": "heartbeat", "ts": time.time_ns(), "last": last})
+            )
+
+    def cleanup(self) -> None:
+        self.closing = True
+        for task in self._catchups:
+            task.cancel()
+        if self._drain is not None:
+            self._drain.cancel()
+        self.server.metrics.subscriptions -= len(self.session.subscriptions)
+
+
+class TickwireServer:
+    """`async with TickwireServer(config) as srv:` serves until the block ends (or `close()`)."""
+
+    def __init__(self, config: ServerConfig, *, reuse_port: bool = False) -> None:
+        self.config = config
+        self.reuse_port = reuse_port
+        self.metrics = Metrics()
+        self.hub = Hub()
+        self.history = History(config.redis_url)
+        self.reader = StreamReader(
+            config, self.hub, self.metrics, self.history, on_status=self._on_status
+        )
+        self.connections: set[Connection] = set()
+        self._server: Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.port = config.port
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.config.host}:{self.port}/ws"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.config.host}:{self.port}/"
+
+    async def __aenter__(self) -> TickwireServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        cfg = self.config
+        self._server = await serve(
+            self._handle,
+            cfg.host,
+            cfg.port,
+            process_request=self._http,
+            compression="deflate" if cfg.compression else None,
+            max_size=cfg.limits.max_message_bytes,
+            max_queue=16,
+            open_timeout=cfg.open_timeout_s,
+            ping_interval=cfg.ping_interval_s,
+            ping_timeout=cfg.ping_timeout_s,
+            close_timeout=cfg.close_timeout_s,
+            reuse_port=self.reuse_port,
+            server_header=f"tickwire/{__version__}",
+        )
+        sock = next(iter(self._server.sockets))
+        self.port = sock.getsockname()[1]
+        self._tasks = [
+            asyncio.create_task(self.reader.run(), name="tickwire-reader"),
+            asyncio.create_task(self._heartbeats(), name="tickwire-heartbeat"),
+        ]
+        log.info("serving on %s (HTTP %s)", self.url, self.http_url)
+
+    async def close(self) -> None:
+        """Stop accepting, close every connection with 1001, stop reading."""
+        if self._server is None:
+            return
+        self._server.close(close_connections=False)
+        closing = [
+            c.ws.close(1001, "server shutting down")
+            for c in list(self.connections)
+            if not c.closing
+        ]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.gather(*closing, return_exceptions=True), self.config.shutdown_timeout_s
+            )
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._server.wait_closed(), 1.0)
+        self.history.close()
+        self._server = None
+
+    def _on_status(self, up: bool) -> None:
+        if up and self.metrics.redis_reconnects == 0:
+            return  # the first connection is not news
+        self.hub.broadcast_control(status_message(up))
+
+    async def _heartbeats(self) -> None:
+        interval = self.config.heartbeat_ms / 2000
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                conn.heartbeat(now)
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        conn = Connection(self, ws)
+        self.connections.add(conn)
+        self.hub.attach(conn.sub)
+        self.metrics.connections += 1
+        self.metrics.connections_total += 1
+        try:
+            await conn.serve()
+        except ConnectionClosed:
+            pass
+        finally:
+            conn.cleanup()
+            self.hub.detach(conn.sub)
+            self.connections.discard(conn)
+            self.metrics.connections -= 1
+
+    # -- HTTP ----------------------------------------------------------------------------------
+    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path == "/ws":
+            return None
+        if path == "/healthz":
+            return self._respond(
+                HTTPStatus.OK if self.reader.up else HTTPStatus.SERVICE_UNAVAILABLE,
+                orjson.dumps(self.health()),
+                "application/json",
+            )
+        if path == "/metrics":
+            return self._respond(
+                HTTPStatus.OK, self.metrics.render().encode(), "text/plain; version=0.0.4"
+            )
+        if path == "/":
+            page = WEB_DIR / "index.html"
+            body = page.read_bytes() if page.is_file() else FALLBACK_PAGE
+            return self._respond(HTTPStatus.OK, body, "text/html; charset=utf-8")
+        if path.startswith("/web/"):
+            return self._static(WEB_DIR, path[len("/web/") :])
+        if path == "/asyncapi.yaml":
+            return self._static(DOCS_DIR, "asyncapi.yaml")
+        return self._respond(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
+
+    def health(self) -> dict[str, Any]:
+        m = self.metrics
+        return {
+            "status": "ok" if self.reader.up else "degraded",
+            "redis": self.reader.up,
+            "read_lag_ms": round(m.read_lag_seconds * 1000, 3),
+            "connections": m.connections,
+            "channels_read": len(self.reader.positions),
+            "version": __version__,
+        }
+
+    def _static(self, root: Path, name: str) -> Response:
+        target = (root / name).resolve()
+        if root.resolve() not in target.parents or not target.is_file():
+            return self._respond(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
+        ctype = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+        if target.suffix == ".yaml":
+            ctype = "application/yaml"
+        return self._respond(HTTPStatus.OK, target.read_bytes(), ctype)
+
+    @staticmethod
+    def _respond(status: HTTPStatus, body: bytes, ctype: str) -> Response:
+        headers = Headers(
+            [
+                ("Content-Type", ctype),
+                ("Content-Length", str(len(body))),
+                ("Cache-Control", "no-store"),
+            ]
+        )
+        return Response(status.value, status.phrase, headers, body)
+
+
+async def serve_forever(
+    config: ServerConfig,
+    *,
+    reuse_port: bool = False,
+    ready: Callable[[TickwireServer], Awaitable[None] | None] | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT, then shut down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with TickwireServer(config, reuse_port=reuse_port) as srv:
+        if ready is not None:
+            result = ready(srv)
+            if result is not None:
+                await result
+        await stop.wait()
+        log.info("shutting down")
+    return 0

@@ -1,0 +1,69 @@
+"""A run of consecutive events of one channel as read from Redis, and its frame built once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import orjson
+
+from tickwire.core.channels import Channel
+
+
+@dataclass(slots=True)
+class Batch:
+    """Events `first_seq .. first_seq + len(events) - 1` of `channel`, consecutive, in one epoch."""
+
+    channel: Channel
+    epoch: str
+    first_seq: int
+    events: list[bytes]
+    conflated: bool = False
+    _frame: bytes | None = field(default=None, repr=False)
+
+    @property
+    def last_seq(self) -> int:
+        return self.first_seq + len(self.events) - 1
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.frame)
+
+    @property
+    def frame(self) -> bytes:
+        """The `events` message, built once and shared by every subscriber."""
+        if self._frame is None:
+            head = b'{"type":"events","ch":"%s","epoch":"%s",' % (
+                self.channel.name.encode(),
+                self.epoch.encode(),
+            )
+            if self.conflated:
+                head += b'"conflated":true,'
+            self._frame = head + b'"events":[' + b",".join(self.events) + b"]}"
+        return self._frame
+
+    def after(self, seq: int) -> Batch | None:
+        """The part of this batch with seqs above `seq` (None if nothing is left)."""
+        if seq < self.first_seq:
+            return self
+        if seq >= self.last_seq:
+            return None
+        return Batch(self.channel, self.epoch, seq + 1, self.events[seq + 1 - self.first_seq :])
+
+    def latest_only(self) -> Batch:
+        return Batch(self.channel, self.epoch, self.last_seq, self.events[-1:], conflated=True)
+
+
+def gap_message(channel: Channel, from_seq: int, to_seq: int, reason: str) -> bytes:
+    return orjson.dumps(
+        {
+            "type": "gap",
+            "ch": channel.name,
+            "from_seq": from_seq,
+            "to_seq": to_seq,
+            "reason": reason,
+        }
+    )
+
+
+def reset_message(channel: Channel, epoch: str) -> bytes:
+    return orjson.dumps({"type": "reset", "ch": channel.name, "epoch": epoch})

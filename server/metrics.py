@@ -1,0 +1,118 @@
+"""Server counters and a latency histogram, rendered in the Prometheus text format."""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field, fields
+
+from tickwire.server.outbox import OutboxStats
+
+# Publish → server write latency buckets, in seconds (Prometheus convention).
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 1.0,
+)  # fmt: skip
+
+
+@dataclass
+class Histogram:
+    buckets: tuple[float, ...] = LATENCY_BUCKETS
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    total: float = 0.0
+    n: int = 0
+
+    def observe(self, seconds: float, weight: int = 1) -> None:
+        self.counts[bisect.bisect_left(self.buckets, seconds)] += weight
+        self.total += seconds * weight
+        self.n += weight
+
+    def quantile(self, q: float) -> float:
+        """Upper bound of the bucket holding quantile `q` (coarse, for /healthz)."""
+        if not self.n:
+            return 0.0
+        target = q * self.n
+        run = 0
+        for bound, count in zip((*self.buckets, float("inf")), self.counts, strict=True):
+            run += count
+            if run >= target:
+                return bound
+        return float("inf")
+
+
+@dataclass
+class Metrics:
+    connections: int = 0
+    connections_total: int = 0
+    subscriptions: int = 0
+    events_read: int = 0
+    deliveries: int = 0
+    frames_sent: int = 0
+    bytes_sent: int = 0
+    slow_disconnects: int = 0
+    rejected_requests: int = 0
+    redis_up: int = 0
+    redis_reconnects: int = 0
+    read_lag_seconds: float = 0.0
+    outbox: OutboxStats = field(default_factory=OutboxStats)
+    latency: Histogram = field(default_factory=Histogram)
+
+    def render(self) -> str:
+        lines: list[str] = []
+
+        def emit(name: str, kind: str, value: float, help_: str) -> None:
+            lines.append(f"# HELP tickwire_{name} {help_}")
+            lines.append(f"# TYPE tickwire_{name} {kind}")
+            lines.append(f"tickwire_{name} {value}")
+
+        emit("connections", "gauge", self.connections, "Open WebSocket connections.")
+        emit(
+            "connections_total",
+            "counter",
+            self.connections_total,
+            "WebSocket connections accepted.",
+        )
+        emit("subscriptions", "gauge", self.subscriptions, "Active subscriptions (patterns).")
+        emit("events_read_total", "counter", self.events_read, "Events read from Redis.")
+        emit("deliveries_total", "counter", self.deliveries, "Events queued to subscribers.")
+        emit("frames_sent_total", "counter", self.frames_sent, "WebSocket frames written.")
+        emit("bytes_sent_total", "counter", self.bytes_sent, "Payload bytes written.")
+        emit(
+            "slow_disconnects_total",
+            "counter",
+            self.slow_disconnects,
+            "Clients closed as slow consumers.",
+        )
+        emit(
+            "rejected_requests_total",
+            "counter",
+            self.rejected_requests,
+            "Requests answered with an error.",
+        )
+        emit("redis_up", "gauge", self.redis_up, "1 when the stream reader is connected to Redis.")
+        emit("redis_reconnects_total", "counter", self.redis_reconnects, "Reconnections to Redis.")
+        emit(
+            "read_lag_seconds",
+            "gauge",
+            self.read_lag_seconds,
+            "Publish time to read time of the last batch.",
+        )
+        for f in fields(OutboxStats):
+            emit(
+                f"outbox_{f.name}_total",
+                "counter",
+                getattr(self.outbox, f.name),
+                f"Outbox {f.name.replace('_', ' ')}.",
+            )
+        h = self.latency
+        lines.append(
+            "# HELP tickwire_publish_to_write_seconds Publish to server write latency per event."
+        )
+        lines.append("# TYPE tickwire_publish_to_write_seconds histogram")
+        run = 0
+        for bound, count in zip(h.buckets, h.counts, strict=False):
+            run += count
+            lines.append(f'tickwire_publish_to_write_seconds_bucket{{le="{bound}"}} {run}')
+        lines.append(f'tickwire_publish_to_write_seconds_bucket{{le="+Inf"}} {h.n}')
+        lines.append(f"tickwire_publish_to_write_seconds_sum {h.total}")
+        lines.append(f"tickwire_publish_to_write_seconds_count {h.n}")
+        return "\n".join(lines) + "\n"

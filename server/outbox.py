@@ -1,0 +1,200 @@
+"""Per-client queue of outgoing data: keeps the seq invariant and applies the slow-consumer policy.
+
+Sans-I/O: the connection layer decides *when* to `take()` (when the socket can accept more);
+the outbox decides *what* goes, and what to do when a client falls behind:
+
+- per channel, events are queued in seq order; a batch overlapping what was already queued is cut
+  (no duplicates); a hole before it is announced with one `gap`; a new epoch with one `reset`;
+- past `limit_bytes`, quote and bar channels conflate to their latest event (a `gap` with reason
+  `conflated` covers what was skipped, and the frame says `"conflated":true`), trade channels drop
+  what is queued and announce it as one `gap` with reason `slow_consumer`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tickwire.core.channels import Channel
+from tickwire.server.batch import Batch, gap_message, reset_message
+
+
+@dataclass(slots=True)
+class PendingGap:
+    from_seq: int
+    to_seq: int
+    reason: str
+
+    def render(self, channel: Channel) -> bytes:
+        return gap_message(channel, self.from_seq, self.to_seq, self.reason)
+
+
+Item = Batch | PendingGap | bytes  # bytes: a notice already rendered (reset)
+
+
+@dataclass(slots=True)
+class OutboxStats:
+    dropped_events: int = 0
+    conflated_events: int = 0
+    gaps: int = 0
+    resets: int = 0
+
+
+class Outbox:
+    def __init__(self, limit_bytes: int, stats: OutboxStats | None = None) -> None:
+        self.limit_bytes = limit_bytes
+        self.stats = stats or OutboxStats()
+        self.nbytes = 0
+        #: (epoch, last seq queued) per channel: where the client's stream stands.
+        self.positions: dict[Channel, tuple[str, int]] = {}
+        self._control: list[bytes] = []
+        self._queued: dict[Channel, list[Item]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._control or self._queued)
+
+    def control(self, message: bytes) -> None:
+        """Queue a message that belongs to no channel (replies, status, heartbeat)."""
+        self._control.append(message)
+        self.nbytes += len(message)
+
+    def expect(self, channel: Channel, epoch: str, last_seq: int) -> None:
+        """Declare where the client stands on `channel` (from a resume or a snapshot)."""
+        self.positions[channel] = (epoch, last_seq)
+
+    def forget(self, channel: Channel) -> None:
+        """The client no longer follows `channel`: drop what is queued and its position."""
+        self.positions.pop(channel, None)
+        for item in self._queued.pop(channel, ()):
+            self.nbytes -= _size(item)
+
+    def reset(self, channel: Channel, epoch: str, last_seq: int) -> None:
+        """Announce a new epoch; what follows continues after `last_seq` in it."""
+        self._push(channel, reset_message(channel, epoch))
+        self.positions[channel] = (epoch, last_seq)
+        self.stats.resets += 1
+
+    def gap(self, channel: Channel, from_seq: int, to_seq: int, reason: str) -> None:
+        """Announce that `from_seq..to_seq` will not be delivered."""
+        items = self._queued.get(channel)
+        last = items[-1] if items else None
+        if isinstance(last, PendingGap) and last.to_seq + 1 == from_seq and last.reason == reason:
+            last.to_seq = to_seq
+        else:
+            self._push(channel, PendingGap(from_seq, to_seq, reason))
+            self.stats.gaps += 1
+        epoch = self.positions.get(channel, ("", 0))[0]
+        self.positions[channel] = (epoch, to_seq)
+
+    def add(self, batch: Batch) -> bool:
+        """Queue a batch, keeping the invariant; False if it held nothing new for this client."""
+        channel = batch.channel
+        pos = self.positions.get(channel)
+        if pos is None:
+            pass  # first events this client gets on the channel: nothing before them is owed
+        elif pos[0] != batch.epoch:
+            if pos[0]:
+                self.reset(channel, batch.epoch, batch.first_seq - 1)
+        else:
+            cut = batch.after(pos[1])
+            if cut is None:
+                return False
+            batch = cut
+            if batch.first_seq > pos[1] + 1:
+                self.gap(channel, pos[1] + 1, batch.first_seq - 1, "trimmed")
+        self._push(channel, batch)
+        self.positions[channel] = (batch.epoch, batch.last_seq)
+        if self.nbytes > self.limit_bytes:
+            self.shed()
+        return True
+
+    def shed(self) -> None:
+        """Apply the slow-consumer policy to everything queued."""
+        for channel, items in self._queued.items():
+            # A reset splits the queue into epochs; each is shed on its own.
+            out: list[Item] = []
+            segment: list[Item] = []
+            for item in items:
+                if isinstance(item, bytes):
+                    out += self._shed_segment(channel, segment)
+                    out.append(item)
+                    segment = []
+                else:
+                    segment.append(item)
+            out += self._shed_segment(channel, segment)
+            self._queued[channel] = out
+        self.nbytes = sum(len(m) for m in self._control) + sum(
+            _size(i) for items in self._queued.values() for i in items
+        )
+
+    def _shed_segment(self, channel: Channel, items: list[Item]) -> list[Item]:
+        batches = [b for b in items if isinstance(b, Batch)]
+        if not batches:
+            return items
+        conflate = channel.kind != "trades"
+        latest = batches[-1].latest_only() if conflate else None
+        first = batches[0].first_seq
+        last_dropped = latest.first_seq - 1 if latest is not None else batches[-1].last_seq
+        # Gaps before the first dropped batch stay; those between dropped batches are covered
+        # by the one gap announced for everything dropped.
+        kept: list[Item] = [i for i in items if isinstance(i, PendingGap) and i.from_seq < first]
+        if last_dropped >= first:
+            reason = "conflated" if conflate else "slow_consumer"
+            dropped = (
+                last_dropped
+                - first
+                + 1
+                - sum(
+                    i.to_seq - i.from_seq + 1
+                    for i in items
+                    if isinstance(i, PendingGap) and first <= i.from_seq <= last_dropped
+                )
+            )
+            prev = kept[-1] if kept else None
+            if isinstance(prev, PendingGap) and prev.to_seq + 1 >= first and prev.reason == reason:
+                prev.to_seq = max(prev.to_seq, last_dropped)
+            else:
+                kept.append(PendingGap(first, last_dropped, reason))
+                self.stats.gaps += 1
+            if conflate:
+                self.stats.conflated_events += dropped
+            else:
+                self.stats.dropped_events += dropped
+        if latest is not None:
+            kept.append(latest)
+        return kept
+
+    def take(self) -> bytes | None:
+        """Everything queued as one frame (an object, or an array of them); None if empty."""
+        parts = self._control
+        for channel, items in self._queued.items():
+            for item in items:
+                if isinstance(item, Batch):
+                    parts.append(item.frame)
+                elif isinstance(item, PendingGap):
+                    parts.append(item.render(channel))
+                else:
+                    parts.append(item)
+        self._control = []
+        self._queued = {}
+        self.nbytes = 0
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        return b"[" + b",".join(parts) + b"]"
+
+    def _push(self, channel: Channel, item: Item) -> None:
+        items = self._queued.get(channel)
+        if items is None:
+            self._queued[channel] = [item]
+        else:
+            items.append(item)
+        self.nbytes += _size(item)
+
+
+def _size(item: Item) -> int:
+    if isinstance(item, Batch):
+        return item.nbytes
+    if isinstance(item, PendingGap):
+        return 100
+    return len(item)

@@ -1,0 +1,264 @@
+"""Reads every live channel from Redis with one blocking XREAD per turn and hands batches to the hub.
+
+Two connections, each with one user: the reader's own for `XREAD BLOCK` (its reply timeout exceeds
+BLOCK, and any failure throws the connection away: see `tickwire.core.redis_wire`), and a control
+connection, serialised by a lock, for the channel registry, epoch checks and history reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from tickwire.core.channels import REGISTRY_KEY, Channel
+from tickwire.core.config import ServerConfig
+from tickwire.core.errors import ChannelError, RedisUnavailable
+from tickwire.core.redis_wire import Arg, RedisConnection
+from tickwire.core.stream import epoch_of, publish_ns_of, seq_of
+from tickwire.server.batch import Batch
+from tickwire.server.hub import Hub
+from tickwire.server.metrics import Metrics
+
+log = logging.getLogger("tickwire.server.reader")
+
+
+class History:
+    """Registry, meta and history reads on the control connection."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._conn: RedisConnection | None = None
+        self._lock = asyncio.Lock()
+
+    async def call(self, *commands: list[Arg], timeout: float = 5.0) -> list[Any]:
+        async with self._lock:
+            if self._conn is None or self._conn.closed:
+                self._conn = await RedisConnection.open(self.url)
+            return await self._conn.pipeline(commands, timeout=timeout)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+    async def metas(self, channels: list[Channel]) -> dict[Channel, tuple[str, int, int] | None]:
+        """(epoch, last seq, epoch's first seq) per channel; None where the channel has no meta."""
+        if not channels:
+            return {}
+        cmds: list[list[Arg]] = [["HMGET", c.meta_key, "epoch", "seq", "start"] for c in channels]
+        replies = await self.call(*cmds)
+        out: dict[Channel, tuple[str, int, int] | None] = {}
+        for c, (epoch, seq, start) in zip(channels, replies, strict=True):
+            out[c] = None if epoch is None else (epoch.decode(), int(seq or 0), int(start or 1))
+        return out
+
+    async def range(self, channel: Channel, after: int, count: int) -> list[Batch]:
+        """Up to `count` stored events with seq > `after`, as consecutive batches."""
+        (entries,) = await self.call(
+            ["XRANGE", channel.stream_key, f"{after + 1}-0", "+", "COUNT", count]
+        )
+        return to_batches(channel, entries)
+
+    async def registry(self) -> list[Channel]:
+        (members,) = await self.call(["SMEMBERS", REGISTRY_KEY])
+        out = []
+        for m in members:
+            try:
+                out.append(Channel.parse(m.decode()))
+            except (ChannelError, UnicodeDecodeError):
+                log.warning("ignoring malformed registry entry %r", m)
+        return out
+
+
+def to_batches(channel: Channel, entries: list[Any]) -> list[Batch]:
+    """Stream entries → batches of consecutive seqs in one epoch (split at any hole or epoch)."""
+    if not entries:
+        return []
+    first_seq = seq_of(entries[0][0])
+    first_epoch = epoch_of(entries[0][1][1])
+    if (
+        seq_of(entries[-1][0]) - first_seq == len(entries) - 1
+        and epoch_of(entries[-1][1][1]) == first_epoch
+    ):
+        # The usual case: one run. Epochs never come back, so equal ends mean one epoch.
+        return [Batch(channel, first_epoch, first_seq, [fields[1] for _, fields in entries])]
+    batches: list[Batch] = []
+    current: Batch | None = None
+    for entry_id, fields in entries:
+        seq, body = seq_of(entry_id), fields[1]
+        epoch = epoch_of(body)
+        if current is not None and seq == current.last_seq + 1 and epoch == current.epoch:
+            current.events.append(body)
+        else:
+            current = Batch(channel, epoch, seq, [body])
+            batches.append(current)
+    return batches
+
+
+class StreamReader:
+    def __init__(
+        self,
+        config: ServerConfig,
+        hub: Hub,
+        metrics: Metrics,
+        history: History,
+        *,
+        on_status: Callable[[bool], None],
+        clock_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.config = config
+        self.hub = hub
+        self.metrics = metrics
+        self.history = history
+        self.on_status = on_status
+        self.clock_ns = clock_ns
+        #: Last seq read per live channel, and the epoch it belongs to.
+        self.positions: dict[Channel, int] = {}
+        self.epochs: dict[Channel, str] = {}
+        self._keys: dict[bytes, Channel] = {}
+        self._started = False
+        self._recheck = True
+        self._registry_loaded = False
+        #: Channels that appeared while we were running: read from their epoch's start.
+        self._fresh: set[Channel] = set()
+        self.up = False
+
+    async def run(self) -> None:
+        delay = 0.05
+        poller = asyncio.create_task(self._poll_registry(), name="tickwire-registry")
+        try:
+            while True:
+                conn: RedisConnection | None = None
+                try:
+                    conn = await RedisConnection.open(self.config.redis_url)
+                    await self._refresh_registry()
+                    self._recheck = True
+                    self._set_up(True)
+                    delay = 0.05
+                    await self._read_loop(conn)
+                except RedisUnavailable as exc:
+                    if self.up:
+                        log.warning("lost Redis: %s; reconnecting with backoff", exc)
+                    self._set_up(False)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                finally:
+                    if conn is not None:
+                        conn.close()
+        finally:
+            poller.cancel()
+
+    def _set_up(self, up: bool) -> None:
+        if up != self.up:
+            self.up = up
+            self.metrics.redis_up = int(up)
+            if up and self._started:
+                self.metrics.redis_reconnects += 1
+            self._started = True
+            self.on_status(up)
+
+    async def _poll_registry(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.registry_poll_s)
+            try:
+                await self._refresh_registry()
+                self._recheck = True
+                self.hub.changed.set()
+            except RedisUnavailable:
+                pass  # the reader loop reports Redis state
+
+    async def _refresh_registry(self) -> None:
+        new = self.hub.add_known(await self.history.registry())
+        if self._registry_loaded:
+            self._fresh.update(new)
+        self._registry_loaded = True
+
+    async def _sync_channels(self) -> None:
+        """Start reading new live channels, stop reading dropped ones, and notice new epochs."""
+        live = self.hub.live_channels()
+        for c in [c for c in self.positions if c not in live]:
+            del self.positions[c]
+            self.epochs.pop(c, None)
+        added = [c for c in live if c not in self.positions]
+        check = list(live) if self._recheck else added
+        self._recheck = False
+        metas = await self.history.metas(check)
+        for c in check:
+            meta = metas[c]
+            if c in added:
+                if meta is None:
+                    self.positions[c] = 0  # read it from its first event when it appears
+                else:
+                    self.epochs[c] = meta[0]
+                    # A channel born while we run is read whole, so wildcard subscribers get
+                    # its first events; an old one from now on.
+                    self.positions[c] = meta[2] - 1 if c in self._fresh else meta[1]
+                self._fresh.discard(c)
+            elif meta is not None and self.epochs.get(c) != meta[0]:
+                # A new epoch: the stream was recreated or rolled back. Read it from its start;
+                # each outbox announces the reset.
+                self.epochs[c] = meta[0]
+                self.positions[c] = meta[2] - 1
+        self._keys = {c.stream_key.encode(): c for c in self.positions}
+
+    async def _read_loop(self, conn: RedisConnection) -> None:
+        cfg = self.config
+        block_s = cfg.read_block_ms / 1000
+        while True:
+            if self.hub.changed.is_set() or self._recheck:
+                self.hub.changed.clear()
+                await self._sync_channels()
+            if not self.positions:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.hub.changed.wait(), block_s)
+                continue
+            channels = list(self.positions)
+            # Keep each reply near read_count entries in total (large replies cost GC time).
+            count = max(16, cfg.read_count // len(channels))
+            cmd: list[Arg] = ["XREAD", "COUNT", count, "BLOCK", cfg.read_block_ms, "STREAMS"]
+            cmd += [c.stream_key for c in channels]
+            cmd += [f"{self.positions[c]}-0" for c in channels]
+            reply = await conn.execute(*cmd, timeout=block_s + 5.0)
+            if reply:
+                self._deliver(reply)
+
+    def _deliver(self, reply: list[Any]) -> None:
+        batches: list[Batch] = []
+        for key, entries in reply:
+            channel = self._keys.get(key)
+            if channel is None or channel not in self.positions:
+                continue
+            for batch in to_batches(channel, entries):
+                known = self.epochs.get(channel)
+                if known is not None and batch.epoch != known:
+                    # Read into a new epoch before the epoch check saw it: reposition first.
+                    self._recheck = True
+                    break
+                self.epochs[channel] = batch.epoch
+                self.positions[channel] = batch.last_seq
+                batches.append(batch)
+        if not batches:
+            return
+        n = sum(len(b.events) for b in batches)
+        self.metrics.events_read += n
+        deliveries = self.hub.dispatch(batches)
+        self.metrics.deliveries += deliveries
+        now = self.clock_ns()
+        latest = max(publish_ns_of(b.events[-1]) for b in batches)
+        if latest:
+            self.metrics.read_lag_seconds = max(0.0, (now - latest) / 1e9)
+        for b in batches:
+            pt = publish_ns_of(b.events[-1])
+            if pt:
+                self.metrics.latency.observe(
+                    max(0.0, (now - pt) / 1e9), len(self.hub.subscribers_of(b.channel)) or 1
+                )
+
+
+def status_message(up: bool) -> bytes:
+    return orjson.dumps({"type": "status", "redis": "up" if up else "down"})

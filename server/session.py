@@ -1,0 +1,222 @@
+"""Protocol v1 request handling for one connection, sans-I/O: frames in, requests or replies out.
+
+`ClientSession.receive(data, now)` validates one client frame and returns what to do: a typed
+request for the connection layer (`Subscribe`, `Unsubscribe`, `ListChannels`), a reply to send
+(`bytes`), or `Close`. It never raises for anything a client sends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from tickwire import __version__
+from tickwire.core.channels import Channel, ChannelPattern
+from tickwire.core.config import Limits
+from tickwire.core.errors import ChannelError, ProtocolError, UnknownChannelType
+
+PROTOCOL_VERSION = 1
+RequestId = int | str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    id: RequestId
+    added: tuple[ChannelPattern, ...]
+    snapshot: bool
+    resume: Mapping[Channel, tuple[str, int]]
+    all_channels: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    id: RequestId
+    removed: tuple[ChannelPattern, ...]
+    all_channels: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ListChannels:
+    id: RequestId
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    code: int
+    reason: str
+
+
+Action = Subscribe | Unsubscribe | ListChannels | Close | bytes
+
+
+def error_message(code: str, message: str, request_id: RequestId = None) -> bytes:
+    return orjson.dumps({"type": "error", "id": request_id, "code": code, "message": message})
+
+
+def reply(kind: str, request_id: RequestId, **fields: Any) -> bytes:
+    return orjson.dumps({"type": kind, "id": request_id, **fields})
+
+
+def welcome_message(limits: Limits, heartbeat_ms: int) -> bytes:
+    return orjson.dumps(
+        {
+            "type": "welcome",
+            "protocol": PROTOCOL_VERSION,
+            "server": f"tickwire/{__version__}",
+            "heartbeat_ms": heartbeat_ms,
+            "limits": {
+                "max_message_bytes": limits.max_message_bytes,
+                "max_subscriptions": limits.max_subscriptions,
+                "rate_per_s": limits.rate_per_s,
+                "rate_burst": limits.rate_burst,
+                "outbox_bytes": limits.outbox_bytes,
+                "max_resume_events": limits.max_resume_events,
+            },
+        }
+    )
+
+
+@dataclass
+class ClientSession:
+    limits: Limits
+    subscriptions: dict[str, ChannelPattern] = field(default_factory=dict)
+    _tokens: float = field(init=False)
+    _refilled_at: float | None = field(default=None, init=False)
+    _violations: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self._tokens = float(self.limits.rate_burst)
+
+    def receive(self, data: bytes | str, now: float, now_ns: int = 0) -> Action:
+        """Handle one client frame received at monotonic time `now`."""
+        if not self._take_token(now):
+            self._violations += 1
+            if self._violations >= self.limits.rate_violations_before_close:
+                return Close(1008, "rate limit exceeded")
+            return error_message("rate_limited", "too many requests; slow down")
+        size = len(data.encode() if isinstance(data, str) else data)
+        if size > self.limits.max_message_bytes:
+            return error_message(
+                "too_large", f"request of {size} bytes exceeds {self.limits.max_message_bytes}"
+            )
+        request_id: RequestId = None
+        try:
+            try:
+                doc = orjson.loads(data)
+            except orjson.JSONDecodeError as exc:
+                raise ProtocolError("bad_request", f"not valid JSON: {exc}") from None
+            if not isinstance(doc, dict):
+                raise ProtocolError("bad_request", "a request must be a JSON object")
+            request_id = _request_id(doc.get("id"))
+            op = doc.get("op")
+            if not isinstance(op, str):
+                raise ProtocolError("bad_request", "missing 'op'")
+            if op == "subscribe":
+                return self._subscribe(request_id, doc)
+            if op == "unsubscribe":
+                return self._unsubscribe(request_id, doc)
+            if op == "ping":
+                return reply("pong", request_id, ts=now_ns)
+            if op == "list":
+                return ListChannels(request_id)
+            raise ProtocolError(
+                "unknown_op", f"unknown op {op[:40]!r}: use subscribe, unsubscribe, ping or list"
+            )
+        except ProtocolError as exc:
+            return error_message(exc.code, exc.message, request_id)
+
+    def _take_token(self, now: float) -> bool:
+        if self._refilled_at is not None:
+            elapsed = max(0.0, now - self._refilled_at)
+            self._tokens = min(
+                float(self.limits.rate_burst), self._tokens + elapsed * self.limits.rate_per_s
+            )
+        self._refilled_at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+    def _subscribe(self, request_id: RequestId, doc: dict[str, Any]) -> Subscribe:
+        patterns = _patterns(doc.get("channels"), self.limits.max_subscriptions)
+        snapshot = doc.get("snapshot", False)
+        if not isinstance(snapshot, bool):
+            raise ProtocolError("bad_request", "'snapshot' must be true or false")
+        added = tuple(p for p in dict.fromkeys(patterns) if p.name not in self.subscriptions)
+        if len(self.subscriptions) + len(added) > self.limits.max_subscriptions:
+            raise ProtocolError(
+                "too_many_subscriptions",
+                f"at most {self.limits.max_subscriptions} subscriptions per connection",
+            )
+        covering = [*self.subscriptions.values(), *patterns]
+        resume = _resume(doc.get("resume"), covering)
+        for p in added:
+            self.subscriptions[p.name] = p
+        return Subscribe(request_id, added, snapshot, resume, tuple(self.subscriptions))
+
+    def _unsubscribe(self, request_id: RequestId, doc: dict[str, Any]) -> Unsubscribe:
+        patterns = _patterns(doc.get("channels"), self.limits.max_subscriptions)
+        removed = tuple(p for p in dict.fromkeys(patterns) if self.subscriptions.pop(p.name, None))
+        return Unsubscribe(request_id, removed, tuple(self.subscriptions))
+
+    def covers(self, channel: Channel) -> bool:
+        return any(p.matches(channel) for p in self.subscriptions.values())
+
+
+def _request_id(value: Any) -> RequestId:
+    if value is None or (
+        isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**53
+    ):
+        return value
+    if isinstance(value, str) and len(value) <= 64:
+        return value
+    raise ProtocolError(
+        "bad_request", "'id' must be an integer or a string of at most 64 characters"
+    )
+
+
+def _patterns(value: Any, limit: int) -> list[ChannelPattern]:
+    if not isinstance(value, list) or not value:
+        raise ProtocolError("bad_request", "'channels' must be a non-empty list of channel names")
+    if len(value) > limit:
+        raise ProtocolError("too_many_subscriptions", f"at most {limit} channels per request")
+    out = []
+    for name in value:
+        try:
+            out.append(ChannelPattern.parse(name))
+        except UnknownChannelType as exc:
+            raise ProtocolError("unknown_channel", str(exc)) from None
+        except ChannelError as exc:
+            raise ProtocolError("bad_request", str(exc)) from None
+    return out
+
+
+def _resume(value: Any, covering: list[ChannelPattern]) -> dict[Channel, tuple[str, int]]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProtocolError("bad_request", "'resume' must be an object of channel → {epoch, seq}")
+    out: dict[Channel, tuple[str, int]] = {}
+    for name, pos in value.items():
+        try:
+            channel = Channel.parse(name)
+        except ChannelError as exc:
+            raise ProtocolError("bad_request", f"resume: {exc}") from None
+        if not any(p.matches(channel) for p in covering):
+            raise ProtocolError(
+                "bad_request", f"resume: {name} is not among the subscribed channels"
+            )
+        if not isinstance(pos, dict):
+            raise ProtocolError(
+                "bad_request", f'resume[{name}] must be {{"epoch": str, "seq": int}}'
+            )
+        epoch, seq = pos.get("epoch"), pos.get("seq")
+        if not isinstance(epoch, str) or len(epoch) > 64:
+            raise ProtocolError("bad_request", f"resume[{name}].epoch must be a string")
+        if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < 2**63:
+            raise ProtocolError("bad_request", f"resume[{name}].seq must be a non-negative integer")
+        out[channel] = (epoch, seq)
+    return out

@@ -1,0 +1,57 @@
+"""`make demo`: a Redis (private unless REDIS_URL), the simulator feed and the server, until Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from tickwire.core.config import ServerConfig
+from tickwire.core.redis_process import RedisProcess
+from tickwire.server.app import TickwireServer
+
+
+async def run_demo(port: int, rate: float, symbols: int) -> int:
+    redis: RedisProcess | None = None
+    url = os.environ.get("REDIS_URL")
+    if not url:
+        redis = RedisProcess().start()
+        url = redis.url
+        print(f"started a private redis-server on {url} (data in {redis.data_dir})", flush=True)
+    else:
+        print(f"using Redis at {url} (REDIS_URL)", flush=True)
+    exe = Path(sys.executable).parent / "tickwire"
+    # Popen only forks; it does not wait for the child.
+    feed = subprocess.Popen(  # noqa: ASYNC220
+        [str(exe), "feed", "sim", "--redis", url, "--rate", str(rate), "--symbols", str(symbols)],
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with TickwireServer(ServerConfig(redis_url=url, port=port)) as srv:
+            print(
+                f"\n  tickwire demo is live: open {srv.http_url}\n"
+                f"  WebSocket: {srv.url}   health: {srv.http_url}healthz   metrics: {srv.http_url}metrics\n"
+                f"  try: .venv/bin/tickwire watch 'quotes:*'\n  Ctrl-C stops everything.\n",
+                flush=True,
+            )
+            waiter = asyncio.create_task(stop.wait())
+            while not waiter.done():
+                await asyncio.wait([waiter], timeout=1.0)
+                if feed.poll() is not None:
+                    print(f"the simulator feed exited with {feed.returncode}", file=sys.stderr)
+                    return 1
+    finally:
+        if feed.poll() is None:
+            feed.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                feed.wait(5)
+        if redis is not None:
+            redis.stop()
+    return 0
