@@ -8,7 +8,7 @@ import logging
 import mimetypes
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -20,8 +20,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from tickwire import __version__
-from tickwire.core.channels import Channel
+from tickwire.core.channels import Channel, ChannelPattern
 from tickwire.core.config import ServerConfig
+from tickwire.core.errors import RedisUnavailable
 from tickwire.server.catchup import catch_up
 from tickwire.server.hub import Hub, Subscriber
 from tickwire.server.metrics import Metrics
@@ -31,6 +32,7 @@ from tickwire.server.session import (
     ClientSession,
     Close,
     ListChannels,
+    RequestId,
     Subscribe,
     Unsubscribe,
     reply,
@@ -70,14 +72,19 @@ class Connection:
 
     # -- writing -------------------------------------------------------------------------------
     def flush(self) -> None:
-        if self._drain is not None or self.closing:
-            return  # the drain task writes once the socket takes data again
-        transport = self.ws.transport
-        if transport is None or transport.get_write_buffer_size() > WRITE_HIGH:
+        if self.closing:
+            return
+        if self._drain is None:
+            transport = self.ws.transport
+            if transport is not None and transport.get_write_buffer_size() <= WRITE_HIGH:
+                self._write()
+                return
             self._writable.clear()
             self._drain = asyncio.create_task(self._drain_when_writable())
-            return
-        self._write()
+        # The socket is full: the drain task writes once it takes data again. Meanwhile the
+        # outbox is bounded by the slow-consumer policy.
+        if self.outbox.over_limit:
+            self.outbox.shed()
 
     def _write(self) -> None:
         message = self.outbox.take()
@@ -106,7 +113,7 @@ class Connection:
                 elif time.monotonic() - stuck_since > limits.slow_grace_s:
                     self.server.metrics.slow_disconnects += 1
                     log.info("closing slow consumer %s", self.ws.remote_address)
-                    self.closing = True
+                    self.stop_receiving()
                     await self.ws.close(4008, "slow consumer")
                     return
         finally:
@@ -136,10 +143,9 @@ class Connection:
             elif isinstance(action, Unsubscribe):
                 self._unsubscribe(action)
             elif isinstance(action, ListChannels):
-                names = sorted(c.name for c in self.server.hub.known)
-                self.send_control(reply("channels", action.id, channels=names))
+                self._spawn(self._list(action.id))
             elif isinstance(action, Close):
-                self.closing = True
+                self.stop_receiving()
                 await self.ws.close(action.code, action.reason)
                 return
 
@@ -157,19 +163,41 @@ class Connection:
         for channel in targets:
             self.sub.holding[channel] = []
         self.send_control(reply("subscribed", req.id, channels=list(req.all_channels)))
-        if targets:
-            task = asyncio.create_task(
-                catch_up(
-                    self.sub,
-                    self.server.history,
-                    targets,
-                    max_events=self.server.config.limits.max_resume_events,
-                    wait_writable=self.wait_writable,
-                    read_position=self.server.reader.positions.get,
-                )
-            )
-            self._catchups.add(task)
-            task.add_done_callback(self._catchup_done)
+        wildcards = [p for p in req.added if p.is_wildcard] if req.snapshot else []
+        if targets or wildcards:
+            self._spawn(self._catch_up(targets, wildcards))
+
+    async def _catch_up(
+        self, targets: dict[Channel, tuple[str, int] | None], wildcards: list[ChannelPattern]
+    ) -> None:
+        if wildcards:
+            # The registry may know channels the last poll has not brought in yet.
+            with contextlib.suppress(RedisUnavailable):
+                await self.server.reader.refresh_registry()
+            for pattern in wildcards:
+                for channel in self.server.hub.known_matching(pattern):
+                    if channel not in targets:
+                        targets[channel] = None
+                        self.sub.holding.setdefault(channel, [])
+        await catch_up(
+            self.sub,
+            self.server.history,
+            targets,
+            max_events=self.server.config.limits.max_resume_events,
+            wait_writable=self.wait_writable,
+            read_position=self.server.reader.positions.get,
+        )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._catchups.add(task)
+        task.add_done_callback(self._catchup_done)
+
+    async def _list(self, request_id: RequestId) -> None:
+        with contextlib.suppress(RedisUnavailable):
+            await self.server.reader.refresh_registry()
+        names = sorted(c.name for c in self.server.hub.known)
+        self.send_control(reply("channels", request_id, channels=names))
 
     def _catchup_done(self, task: asyncio.Task[None]) -> None:
         self._catchups.discard(task)
@@ -194,6 +222,12 @@ class Connection:
             self.send_control(
                 orjson.dumps({"type": "heartbeat", "ts": time.time_ns(), "last": last})
             )
+
+    def stop_receiving(self) -> None:
+        """Stop queueing data for this client (it is being closed): its memory goes at once."""
+        self.closing = True
+        self.server.hub.detach(self.sub)
+        self.outbox.take()
 
     def cleanup(self) -> None:
         self.closing = True
@@ -259,6 +293,9 @@ class TickwireServer:
             asyncio.create_task(self.reader.run(), name="tickwire-reader"),
             asyncio.create_task(self._heartbeats(), name="tickwire-heartbeat"),
         ]
+        # Serve at once, but give the reader a moment so that the first clients find Redis read.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.reader.ready.wait(), 2.0)
         log.info("serving on %s (HTTP %s)", self.url, self.http_url)
 
     async def close(self) -> None:

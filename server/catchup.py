@@ -69,6 +69,9 @@ def _start(
 ) -> int:
     """Set the client's position on `channel`; return the seq after which to replay."""
     outbox = sub.outbox
+    current = outbox.positions.get(channel)
+    if resume is None and current is not None:
+        return current[1]  # live events already reached this client: a snapshot is moot
     if meta is None:
         # Nothing stored yet. A resume position still lets the outbox announce a reset when the
         # channel comes back in another epoch.

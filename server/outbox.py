@@ -5,7 +5,7 @@ the outbox decides *what* goes, and what to do when a client falls behind:
 
 - per channel, events are queued in seq order; a batch overlapping what was already queued is cut
   (no duplicates); a hole before it is announced with one `gap`; a new epoch with one `reset`;
-- past `limit_bytes`, quote and bar channels conflate to their latest event (a `gap` with reason
+- past `limit_bytes` while the client is not reading (`shed()`), quote and bar channels conflate to their latest event (a `gap` with reason
   `conflated` covers what was skipped, and the frame says `"conflated":true`), trade channels drop
   what is queued and announce it as one `gap` with reason `slow_consumer`.
 """
@@ -103,12 +103,18 @@ class Outbox:
                 self.gap(channel, pos[1] + 1, batch.first_seq - 1, "trimmed")
         self._push(channel, batch)
         self.positions[channel] = (batch.epoch, batch.last_seq)
-        if self.nbytes > self.limit_bytes:
-            self.shed()
         return True
 
+    @property
+    def over_limit(self) -> bool:
+        return self.nbytes > self.limit_bytes
+
     def shed(self) -> None:
-        """Apply the slow-consumer policy to everything queued."""
+        """Apply the slow-consumer policy to everything queued.
+
+        The connection calls this when the client cannot take data and the outbox is over its
+        limit; a client that keeps up never loses anything, however large one turn's data is.
+        """
         for channel, items in self._queued.items():
             # A reset splits the queue into epochs; each is shed on its own.
             out: list[Item] = []

@@ -127,6 +127,8 @@ class StreamReader:
         #: Channels that appeared while we were running: read from their epoch's start.
         self._fresh: set[Channel] = set()
         self.up = False
+        #: Set once the reader has connected and loaded the registry for the first time.
+        self.ready = asyncio.Event()
 
     async def run(self) -> None:
         delay = 0.05
@@ -136,9 +138,10 @@ class StreamReader:
                 conn: RedisConnection | None = None
                 try:
                     conn = await RedisConnection.open(self.config.redis_url)
-                    await self._refresh_registry()
+                    await self.refresh_registry()
                     self._recheck = True
                     self._set_up(True)
+                    self.ready.set()
                     delay = 0.05
                     await self._read_loop(conn)
                 except RedisUnavailable as exc:
@@ -166,13 +169,13 @@ class StreamReader:
         while True:
             await asyncio.sleep(self.config.registry_poll_s)
             try:
-                await self._refresh_registry()
+                await self.refresh_registry()
                 self._recheck = True
                 self.hub.changed.set()
             except RedisUnavailable:
                 pass  # the reader loop reports Redis state
 
-    async def _refresh_registry(self) -> None:
+    async def refresh_registry(self) -> None:
         new = self.hub.add_known(await self.history.registry())
         if self._registry_loaded:
             self._fresh.update(new)

@@ -38,8 +38,11 @@ async def redis(redis_server: RedisProcess) -> AsyncIterator[RedisConnection]:
 
 @pytest.fixture
 def fresh_redis() -> Iterator[RedisProcess]:
-    """A redis-server of the test's own, for tests that kill, pause or wipe it."""
-    with RedisProcess(appendonly=True) as proc:
+    """A redis-server of the test's own, for tests that kill, pause or wipe it.
+
+    Every write is fsynced (`appendfsync always`), so a kill loses nothing it acknowledged.
+    """
+    with RedisProcess(appendonly=True, appendfsync="always") as proc:
         yield proc
 
 

@@ -45,8 +45,10 @@ class RedisProcess:
         port: int | None = None,
         *,
         appendonly: bool = False,
+        appendfsync: str = "everysec",
         data_dir: str | None = None,
     ) -> None:
+        self.appendfsync = appendfsync
         self.port = port or free_port()
         self.appendonly = appendonly
         self._own_dir = data_dir is None

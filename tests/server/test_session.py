@@ -1,0 +1,209 @@
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tickwire.core.channels import Channel
+from tickwire.core.config import Limits
+from tickwire.server.session import ClientSession, Close, ListChannels, Subscribe, Unsubscribe
+
+
+def error_code(action: object) -> str:
+    assert isinstance(action, bytes), action
+    doc = orjson.loads(action)
+    assert doc["type"] == "error"
+    return str(doc["code"])
+
+
+def send(session: ClientSession, doc: Any, now: float = 0.0) -> object:
+    return session.receive(orjson.dumps(doc), now)
+
+
+def test_subscribe_returns_added_patterns_resume_and_full_set() -> None:
+    s = ClientSession(Limits())
+    a = send(
+        s,
+        {
+            "op": "subscribe",
+            "id": 1,
+            "channels": ["trades:BTC-USD", "quotes:*"],
+            "snapshot": True,
+            "resume": {
+                "trades:BTC-USD": {"epoch": "e", "seq": 41},
+                "quotes:AAPL": {"epoch": "f", "seq": 2},
+            },
+        },
+    )
+    assert isinstance(a, Subscribe)
+    assert a.id == 1 and a.snapshot
+    assert [p.name for p in a.added] == ["trades:BTC-USD", "quotes:*"]
+    assert a.resume == {
+        Channel.parse("trades:BTC-USD"): ("e", 41),
+        Channel.parse("quotes:AAPL"): ("f", 2),
+    }
+    b = send(s, {"op": "subscribe", "id": "x", "channels": ["quotes:*", "bars.1s:ETH-USD"]})
+    assert isinstance(b, Subscribe)
+    assert [p.name for p in b.added] == ["bars.1s:ETH-USD"]
+    assert b.all_channels == ("trades:BTC-USD", "quotes:*", "bars.1s:ETH-USD")
+    u = send(s, {"op": "unsubscribe", "id": 2, "channels": ["quotes:*", "trades:ETH-USD"]})
+    assert isinstance(u, Unsubscribe)
+    assert [p.name for p in u.removed] == ["quotes:*"]
+    assert u.all_channels == ("trades:BTC-USD", "bars.1s:ETH-USD")
+    assert isinstance(send(s, {"op": "list", "id": 3}), ListChannels)
+    pong = orjson.loads(s.receive(b'{"op":"ping","id":9}', 0.0, now_ns=77))  # type: ignore[arg-type]
+    assert pong == {"type": "pong", "id": 9, "ts": 77}
+
+
+@pytest.mark.parametrize(
+    "frame, code",
+    [
+        (b"{nope", "bad_request"),
+        (b"[1,2]", "bad_request"),
+        (b'{"id":1}', "bad_request"),
+        (b'{"op":"dance","id":1}', "unknown_op"),
+        (b'{"op":"subscribe","id":1}', "bad_request"),
+        (b'{"op":"subscribe","id":1,"channels":[]}', "bad_request"),
+        (b'{"op":"subscribe","id":1,"channels":["orders:BTC-USD"]}', "unknown_channel"),
+        (b'{"op":"subscribe","id":1,"channels":["trades:btc usd"]}', "bad_request"),
+        (b'{"op":"subscribe","id":1,"channels":[5]}', "bad_request"),
+        (b'{"op":"subscribe","id":1,"channels":["trades:A"],"snapshot":"yes"}', "bad_request"),
+        (
+            b'{"op":"subscribe","id":1,"channels":["trades:A"],"resume":{"trades:B":{"epoch":"e","seq":1}}}',
+            "bad_request",
+        ),
+        (
+            b'{"op":"subscribe","id":1,"channels":["trades:A"],"resume":{"trades:A":{"epoch":"e","seq":-1}}}',
+            "bad_request",
+        ),
+        (
+            b'{"op":"subscribe","id":1,"channels":["trades:A"],"resume":{"trades:A":{"seq":1}}}',
+            "bad_request",
+        ),
+        (b'{"op":"ping","id":{"a":1}}', "bad_request"),
+        (b'{"op":"ping","id":true}', "bad_request"),
+        (b"\xff\xfe", "bad_request"),
+    ],
+)
+def test_malformed_requests_get_typed_errors(frame: bytes, code: str) -> None:
+    s = ClientSession(Limits())
+    assert error_code(s.receive(frame, 0.0)) == code
+    assert s.subscriptions == {}
+
+
+def test_error_echoes_the_request_id() -> None:
+    doc = orjson.loads(ClientSession(Limits()).receive(b'{"op":"dance","id":"abc"}', 0.0))  # type: ignore[arg-type]
+    assert doc["id"] == "abc"
+
+
+def test_subscription_cap() -> None:
+    s = ClientSession(Limits(max_subscriptions=2))
+    assert isinstance(send(s, {"op": "subscribe", "channels": ["trades:A", "trades:B"]}), Subscribe)
+    assert (
+        error_code(send(s, {"op": "subscribe", "channels": ["trades:C"]}))
+        == "too_many_subscriptions"
+    )
+    assert len(s.subscriptions) == 2
+
+
+def test_oversized_request() -> None:
+    s = ClientSession(Limits(max_message_bytes=100))
+    assert error_code(s.receive(b'{"op":"ping","pad":"' + b"x" * 200 + b'"}', 0.0)) == "too_large"
+
+
+def test_rate_limit_errors_then_closes_when_it_persists() -> None:
+    s = ClientSession(Limits(rate_per_s=10, rate_burst=5, rate_violations_before_close=3))
+    results = [send(s, {"op": "ping"}, now=0.0) for _ in range(5)]
+    assert all(isinstance(r, bytes) and b"pong" in r for r in results)
+    assert error_code(send(s, {"op": "ping"}, now=0.0)) == "rate_limited"
+    assert isinstance(send(s, {"op": "ping"}, now=0.15), bytes)  # refilled one token
+    assert error_code(send(s, {"op": "ping"}, now=0.15)) == "rate_limited"
+    closing = send(s, {"op": "ping"}, now=0.15)
+    assert closing == Close(1008, "rate limit exceeded")
+
+
+# Flat strategies: hypothesis spends most of its time generating recursive values, and the
+# session's parser only ever looks one level into the request (deep nesting is tested below).
+scalars = (
+    st.sampled_from(
+        [
+            None,
+            True,
+            False,
+            0,
+            -1,
+            2**53,
+            2**64,
+            1.5,
+            "",
+            "x",
+            "trades:A",
+            "quotes:*",
+            "e",
+            [],
+            {},
+            [1],
+            {"a": 1},
+        ]
+    )
+    | st.integers()
+    | st.text(max_size=8)
+)
+requests = st.fixed_dictionaries(
+    {},
+    optional={
+        "op": st.sampled_from(["subscribe", "unsubscribe", "ping", "list", "x"]) | scalars,
+        "id": scalars,
+        "channels": st.lists(
+            st.sampled_from(
+                ["trades:A", "quotes:*", "bars.1s:B", "x:Y", "trades:", "", "trades:a b"]
+            )
+            | scalars,
+            max_size=3,
+        )
+        | scalars,
+        "snapshot": scalars,
+        "resume": st.dictionaries(
+            st.sampled_from(["trades:A", "quotes:B", "q"]),
+            st.fixed_dictionaries({"epoch": scalars, "seq": scalars}) | scalars,
+            max_size=2,
+        )
+        | scalars,
+    },
+)
+
+
+def test_deeply_nested_and_huge_requests_get_bad_request() -> None:
+    s = ClientSession(Limits(max_message_bytes=1 << 20))
+    deep = b'{"op":"subscribe","channels":' + b"[" * 5000 + b"]" * 5000 + b"}"
+    assert error_code(s.receive(deep, 0.0)) == "bad_request"
+    huge = (
+        b'{"op":"subscribe","channels":["trades:A"],"resume":{"trades:A":{"epoch":"e","seq":'
+        + b"9" * 400
+        + b"}}}"
+    )
+    assert error_code(s.receive(huge, 0.0)) == "bad_request"
+
+
+@settings(max_examples=10_000, deadline=None)
+@given(st.one_of(requests.map(lambda d: json.dumps(d).encode()), st.binary(max_size=200)))
+def test_fuzzed_frames_never_raise_and_always_get_a_typed_answer(frame: bytes) -> None:
+    s = ClientSession(Limits())
+    action = s.receive(frame, 0.0)
+    if isinstance(action, bytes):
+        doc = orjson.loads(action)
+        assert doc["type"] in {"error", "pong"}
+        if doc["type"] == "error":
+            assert doc["code"] in {
+                "bad_request",
+                "unknown_op",
+                "unknown_channel",
+                "too_many_subscriptions",
+                "too_large",
+            }
+    else:
+        assert isinstance(action, Subscribe | Unsubscribe | ListChannels)
