@@ -93,6 +93,11 @@ class Recorder:
                 out.extend(m["events"])
         return out
 
+    def last_seq(self, channel: str) -> int:
+        """Seq of the last event received on `channel` (0 if none)."""
+        events = self.events(channel)
+        return int(events[-1]["seq"]) if events else 0
+
     def of_type(self, kind: str) -> list[Message]:
         return [m for m in self.messages if m.get("type") == kind]
 

@@ -69,7 +69,7 @@ async def test_live_events_in_order_and_list(
         # The channel may not be live in the reader yet; publish until events arrive.
         for i in range(0, 500, 50):
             await publish(pub, T, i, 50)
-        await c.wait_until(lambda: c.events(T.name) and c.events(T.name)[-1]["seq"] == 500)
+        await c.wait_until(lambda: c.last_seq(T.name) == 500)
         assert c.checker.ok, c.checker.violations
         listed = await c.request("list")
         assert listed["channels"] == [T.name]
@@ -130,9 +130,7 @@ async def test_resume_across_disconnect_while_events_flow_has_no_gap_no_duplicat
                     await c.request("subscribe", channels=[T.name], resume={T.name: position})
                 target = (seen[-1] if seen else 0) + 100
                 await c.wait_until(
-                    lambda c=c, t=target: (
-                        bool(c.events(T.name)) and c.events(T.name)[-1]["seq"] >= t
-                    )
+                    lambda c=c, t=target: c.last_seq(T.name) >= t  # type: ignore[misc]
                 )
                 assert c.checker.ok, c.checker.violations
                 got = c.events(T.name)
@@ -156,9 +154,7 @@ async def test_trimmed_history_gives_the_exact_gap(
             await c.request(
                 "subscribe", channels=[T.name], resume={T.name: {"epoch": epoch, "seq": 40}}
             )
-            await c.wait_until(
-                lambda: bool(c.events(T.name)) and c.events(T.name)[-1]["seq"] == 100
-            )
+            await c.wait_until(lambda: c.last_seq(T.name) == 100)
             gaps = c.of_type("gap")
             assert gaps == [
                 {"type": "gap", "ch": T.name, "from_seq": 41, "to_seq": 60, "reason": "trimmed"}
@@ -174,7 +170,7 @@ async def test_flushall_gives_reset_and_the_new_epoch(
         await c.request("subscribe", channels=[T.name])
         for i in range(0, 100, 20):
             await publish(pub, T, i, 20)
-        await c.wait_until(lambda: bool(c.events(T.name)) and c.events(T.name)[-1]["seq"] == 100)
+        await c.wait_until(lambda: c.last_seq(T.name) == 100)
         old = c.events(T.name)[-1]["epoch"]
         await redis.execute("FLUSHALL")
         await publish(pub, T, 0, 5)
@@ -211,7 +207,7 @@ async def test_redis_killed_and_restarted_mid_stream(fresh_redis: RedisProcess) 
         await c.request("subscribe", channels=[T.name])
         for i in range(0, 200, 50):
             await publish(pub, T, i, 50)
-        await c.wait_until(lambda: bool(c.events(T.name)) and c.events(T.name)[-1]["seq"] == 200)
+        await c.wait_until(lambda: c.last_seq(T.name) == 200)
         fresh_redis.kill()
         await c.wait_for(lambda m: m == {"type": "status", "redis": "down"})
         fresh_redis.start()
