@@ -4,6 +4,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -36,13 +37,14 @@ def test_ratio_table_prints_ratios_and_dashes() -> None:
 
 def test_invariant_checker_flags_holes_duplicates_and_accepts_announced_gaps() -> None:
     ok = InvariantChecker()
-    for m in [
+    messages: list[dict[str, Any]] = [
         {"type": "events", "ch": "t:A", "epoch": "e", "events": [ev(1), ev(2)]},
         {"type": "gap", "ch": "t:A", "from_seq": 3, "to_seq": 5, "reason": "trimmed"},
         {"type": "events", "ch": "t:A", "epoch": "e", "events": [ev(6)]},
         {"type": "reset", "ch": "t:A", "epoch": "f"},
         {"type": "events", "ch": "t:A", "epoch": "f", "events": [ev(1, "f")]},
-    ]:
+    ]
+    for m in messages:
         ok.feed(m)
     assert ok.ok and ok.delivered == 4 and ok.gap_events == 3 and ok.resets == 1
     bad = InvariantChecker()
