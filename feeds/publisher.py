@@ -62,6 +62,7 @@ class Publisher:
         self._space.set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._sent = asyncio.Event()
         self._conn: RedisConnection | None = None
         self._registered: set[Channel] = set()
         self._task: asyncio.Task[None] | None = None
@@ -101,6 +102,12 @@ class Publisher:
                 self._pending_events += len(bodies)
         self._idle.clear()
         self._wakeup.set()
+        # Wait until the flusher has written (it writes at once unless a flush is in flight).
+        # uvloop sends queued writes when the loop iteration ends, so a producer that went on
+        # to build its next batch here would hold the write back (~1 ms measured).
+        if self.connected:
+            self._sent.clear()
+            await self._sent.wait()
         if self._pending_events > self.config.max_pending_events:
             if self.connected:
                 self._space.clear()
@@ -172,6 +179,7 @@ class Publisher:
                 if self._conn is not None:
                     self._conn.close()
                 self._space.set()  # never hold the producer back while Redis is away
+                self._sent.set()
                 if self.stats.last_error != str(exc):
                     log.warning(
                         "%s; retrying with backoff (up to %.1f s)", exc, self.config.backoff_max_s
@@ -217,7 +225,9 @@ class Publisher:
         if new:
             commands.append(["SADD", REGISTRY_KEY, *(c.name for c in new)])
         try:
-            replies = await conn.pipeline(commands, timeout=10.0)
+            conn.send(commands)
+            self._sent.set()
+            replies = await conn.replies(len(commands), timeout=10.0)
         except BaseException:
             # Not known to be written: put it back in front, in order. A reply lost after Redis
             # applied it would write those events twice (at-least-once towards Redis).

@@ -114,14 +114,22 @@ class RedisConnection:
         timeout or cancellation close the connection and raise (RedisUnavailable or the
         cancellation), because the replies still owed would desynchronise it.
         """
+        self.send(commands)
+        return await self.replies(len(commands), timeout)
+
+    def send(self, commands: Sequence[Sequence[Arg]]) -> None:
+        """Write commands without waiting; `replies(len(commands))` must follow."""
         if self._closed:
             raise RedisUnavailable("connection is closed")
         pack = hiredis.pack_command
         self._writer.write(b"".join([pack(tuple(c)) for c in commands]))  # type: ignore[arg-type]
+
+    async def replies(self, n: int, timeout: float | None = None) -> list[Any]:
+        """The next `n` replies (see `pipeline` for errors)."""
         try:
             if timeout is None:
-                return await self._read_replies(len(commands))
-            return await asyncio.wait_for(self._read_replies(len(commands)), timeout)
+                return await self._read_replies(n)
+            return await asyncio.wait_for(self._read_replies(n), timeout)
         except TimeoutError:
             self.close()
             raise RedisUnavailable(f"no reply from Redis within {timeout} s") from None
