@@ -1,0 +1,139 @@
+"""`tickwire serve` as real processes: workers sharing a port, signals, heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tickwire.core.channels import Channel
+from tickwire.core.config import PublisherConfig
+from tickwire.core.events import encode_body
+from tickwire.core.redis_process import RedisProcess, free_port
+from tickwire.core.redis_wire import RedisConnection
+from tickwire.feeds.publisher import Publisher
+from tickwire.server.app import TickwireServer
+
+from .conftest import recorder, server_config
+
+T = Channel.parse("trades:BTC-USD")
+TICKWIRE = str(Path(sys.executable).parent / "tickwire")
+
+
+async def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "server exited at start"
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+            w.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.05)
+    raise AssertionError("server did not listen")
+
+
+def worker_pids(parent: int) -> list[int]:
+    text = Path(f"/proc/{parent}/task/{parent}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+async def test_two_workers_share_the_port_and_each_serves_every_event(
+    redis_server: RedisProcess, redis: RedisConnection
+) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [TICKWIRE, "serve", "--redis", redis_server.url, "--port", str(port), "--workers", "2"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        await wait_listening(port, proc)
+        url = f"ws://127.0.0.1:{port}/ws"
+        async with Publisher(PublisherConfig(redis_url=redis_server.url)) as pub:
+            await pub.publish(
+                {T: [encode_body("trade", T.symbol, 0, 0, {"price": 1.5}) for _ in range(10)]}
+            )
+            await pub.flush()
+            clients = [recorder(url) for _ in range(8)]
+            recs = [await c.__aenter__() for c in clients]
+            for r in recs:
+                await r.request("subscribe", channels=[T.name], snapshot=True)
+                await r.wait_until(lambda r=r: r.last_seq(T.name) == 10)  # type: ignore[misc]
+            await pub.publish(
+                {T: [encode_body("trade", T.symbol, 0, 0, {"price": 2.5}) for _ in range(50)]}
+            )
+            await pub.flush()
+            for r in recs:
+                await r.wait_until(lambda r=r: r.last_seq(T.name) == 60)  # type: ignore[misc]
+                assert [e["seq"] for e in r.events(T.name)] == list(range(10, 61))
+            for c in clients:
+                await c.__aexit__(None, None, None)
+        assert len(worker_pids(proc.pid)) == 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+
+
+async def test_killed_worker_is_replaced_and_sigterm_closes_clients_with_1001(
+    redis_server: RedisProcess, redis: RedisConnection
+) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [TICKWIRE, "serve", "--redis", redis_server.url, "--port", str(port), "--workers", "2"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        await wait_listening(port, proc)
+        victim = worker_pids(proc.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            pids = worker_pids(proc.pid)
+            if victim not in pids and len(pids) == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert victim not in worker_pids(proc.pid) and len(worker_pids(proc.pid)) == 2
+        async with recorder(f"ws://127.0.0.1:{port}/ws") as c:
+            await c.request("subscribe", channels=[T.name])
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            await c.wait_until(lambda: c.closed is not None, timeout=6)
+            assert c.closed == (1001, "server shutting down")
+        assert await asyncio.to_thread(proc.wait, 6) == 0
+        assert time.monotonic() - started < 5.5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+async def test_idle_connection_gets_heartbeat_with_last_seqs(
+    redis_server: RedisProcess, redis: RedisConnection
+) -> None:
+    cfg = server_config(redis_server)
+    cfg = type(cfg)(
+        **{**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__}, "heartbeat_ms": 200}
+    )
+    async with (
+        TickwireServer(cfg) as srv,
+        recorder(srv.url) as c,
+        Publisher(PublisherConfig(redis_url=redis_server.url)) as pub,
+    ):
+        await c.request("subscribe", channels=[T.name])
+        for _ in range(20):
+            await pub.publish({T: [encode_body("trade", T.symbol, 0, 0, {"price": 1.5})]})
+            await pub.flush()
+            if c.last_seq(T.name):
+                break
+            await asyncio.sleep(0.05)
+        last = c.last_seq(T.name)
+        assert last > 0
+        hb = await c.wait_for(
+            lambda m: m.get("type") == "heartbeat" and m["last"].get(T.name) == last, timeout=5
+        )
+        assert hb["ts"] > 0
