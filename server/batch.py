@@ -11,35 +11,31 @@ from tickwire.core.channels import Channel
 
 @dataclass(slots=True)
 class Batch:
-    """Events `first_seq .. first_seq + len(events) - 1` of `channel`, consecutive, in one epoch."""
+    """Events `first_seq .. first_seq + len(events) - 1` of `channel`, consecutive, in one epoch.
+
+    A batch is immutable once built: `frame` (the `events` message, shared by every subscriber)
+    and `last_seq` are computed once, because the fan-out reads them per subscriber.
+    """
 
     channel: Channel
     epoch: str
     first_seq: int
     events: list[bytes]
     conflated: bool = False
-    _frame: bytes | None = field(default=None, repr=False)
+    last_seq: int = field(init=False)
+    frame: bytes = field(init=False, repr=False)
+    nbytes: int = field(init=False)
 
-    @property
-    def last_seq(self) -> int:
-        return self.first_seq + len(self.events) - 1
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.frame)
-
-    @property
-    def frame(self) -> bytes:
-        """The `events` message, built once and shared by every subscriber."""
-        if self._frame is None:
-            head = b'{"type":"events","ch":"%s","epoch":"%s",' % (
-                self.channel.name.encode(),
-                self.epoch.encode(),
-            )
-            if self.conflated:
-                head += b'"conflated":true,'
-            self._frame = head + b'"events":[' + b",".join(self.events) + b"]}"
-        return self._frame
+    def __post_init__(self) -> None:
+        self.last_seq = self.first_seq + len(self.events) - 1
+        head = b'{"type":"events","ch":"%s","epoch":"%s",' % (
+            self.channel.name.encode(),
+            self.epoch.encode(),
+        )
+        if self.conflated:
+            head += b'"conflated":true,'
+        self.frame = head + b'"events":[' + b",".join(self.events) + b"]}"
+        self.nbytes = len(self.frame)
 
     def after(self, seq: int) -> Batch | None:
         """The part of this batch with seqs above `seq` (None if nothing is left)."""

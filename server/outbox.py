@@ -89,6 +89,16 @@ class Outbox:
         """Queue a batch, keeping the invariant; False if it held nothing new for this client."""
         channel = batch.channel
         pos = self.positions.get(channel)
+        if pos is not None and pos[1] + 1 == batch.first_seq and pos[0] == batch.epoch:
+            # The common case, inlined: the next events of a channel the client follows.
+            items = self._queued.get(channel)
+            if items is None:
+                self._queued[channel] = [batch]
+            else:
+                items.append(batch)
+            self.nbytes += batch.nbytes
+            self.positions[channel] = (pos[0], batch.last_seq)
+            return True
         if pos is None:
             pass  # first events this client gets on the channel: nothing before them is owed
         elif pos[0] != batch.epoch:

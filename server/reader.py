@@ -87,17 +87,18 @@ def to_batches(channel: Channel, entries: list[Any]) -> list[Batch]:
     ):
         # The usual case: one run. Epochs never come back, so equal ends mean one epoch.
         return [Batch(channel, first_epoch, first_seq, [fields[1] for _, fields in entries])]
-    batches: list[Batch] = []
-    current: Batch | None = None
+    # Runs of (epoch, first seq, bodies), split where a seq skips or the epoch changes.
+    runs: list[tuple[str, int, list[bytes]]] = []
+    last = -1
     for entry_id, fields in entries:
         seq, body = seq_of(entry_id), fields[1]
         epoch = epoch_of(body)
-        if current is not None and seq == current.last_seq + 1 and epoch == current.epoch:
-            current.events.append(body)
+        if runs and seq == last + 1 and epoch == runs[-1][0]:
+            runs[-1][2].append(body)
         else:
-            current = Batch(channel, epoch, seq, [body])
-            batches.append(current)
-    return batches
+            runs.append((epoch, seq, [body]))
+        last = seq
+    return [Batch(channel, epoch, first, bodies) for epoch, first, bodies in runs]
 
 
 class StreamReader:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tickwire.core.errors import ChannelError, UnknownChannelType
 
@@ -50,6 +50,14 @@ class Channel:
 
     kind: str
     symbol: str
+    # Channels are dict keys on the fan-out path: hash once, not per lookup.
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.kind, self.symbol)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @classmethod
     def parse(cls, name: str) -> Channel:
