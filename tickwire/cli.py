@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--symbols", type=int, default=20, help="simulated symbols (default 20)")
 
+    sub.add_parser(
+        "watch", help="live terminal table of channels (--json: one event per line)", add_help=False
+    )
     bench = sub.add_parser(
         "bench",
         help="measure end-to-end latency/throughput against a baseline (`bench publish`: publish rate)",
@@ -257,6 +260,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "watch":
+        from tickwire.clients.watch import main as watch_main
+
+        logging.basicConfig(level=logging.WARNING)
+        return watch_main(argv[1:])
     if argv and argv[0] == "bench":
         # The bench parses its own options (argparse cannot hand `--flags` to a sub-command).
         logging.basicConfig(level=logging.WARNING)

@@ -1,0 +1,710 @@
+"""Sans-I/O client session of protocol v1: request frames out, typed messages in, exactly once.
+
+No sockets, no event loop, no clock: the caller hands in each server frame with the time it was
+received and sends the request frames the session builds. The session remembers, per channel, the
+`(epoch, seq)` it has delivered, drops what it already delivered, and on a new connection builds
+the subscribe request that resumes every channel from there. The application therefore sees every
+event once and in order, or an explicit `Gap` / `Reset` saying what it will not see.
+
+    session = ClientSession()
+    for request in session.connection_made():        # nothing yet on the first connection
+        send(request.frame)
+    send(session.subscribe(["trades:BTC-USD", "quotes:*"], snapshot=True).frame)
+    for message in session.receive(frame, now_ns=time.time_ns()):
+        match message:
+            case EventBatch():
+                for item in message:                    # Received(channel, event, latency_ns)
+                    print(item.channel, item.event.seq, item.latency_ns)
+            case Gap(channel=ch, from_seq=a, to_seq=b, reason=why):
+                print(f"{ch}: {a}..{b} lost ({why})")
+            case ResumeNeeded():
+                reconnect()                              # connection_lost(), then connection_made()
+
+What the session does when the stream it is given is not what protocol v1 promises:
+- an event or gap starting after a hole nobody announced: the channel stops delivering on this
+  connection and `ResumeNeeded` asks the caller to reconnect, which resumes from the last delivered
+  seq. If the same hole is still there after `max_resume_attempts` reconnects, the session announces
+  it itself with a `Gap` of reason `unrecovered` and goes on;
+- a `heartbeat` whose `last` is above what was delivered: events were lost in between;
+  `ResumeNeeded` again;
+- events of another epoch without a `reset` first: the session reports a `Reset` itself;
+- a gap before any event of its channel: held, and delivered just before the first event if it
+  leads up to it (before the first event, nothing was promised, so nothing else needs saying).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from tickwire.clients.errors import InvalidFrame, ServerError
+from tickwire.core.channels import ChannelPattern
+from tickwire.core.errors import ChannelError, CodecError
+from tickwire.core.events import FIELDS_OF, Event, event_from_dict
+
+log = logging.getLogger("tickwire.clients")
+
+PROTOCOL_VERSION = 1
+
+#: Error codes for which a failed resubscription is retried (by reconnecting) rather than dropped.
+RETRYABLE_CODES = frozenset({"rate_limited", "internal"})
+
+#: Reason of a gap the client announces itself (the server left a hole it could not explain).
+UNRECOVERED = "unrecovered"
+
+RequestId = int | str
+
+
+# --- Requests ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a channel's delivery stands: the last delivered `seq` of `epoch`."""
+
+    epoch: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A request frame to send; `frame` is the JSON text, `id` what the reply echoes."""
+
+    id: int
+    op: str
+    frame: str
+    channels: tuple[str, ...] = ()
+    snapshot: bool = False
+    resume: Mapping[str, Position] = field(default_factory=dict)
+    #: Built by `connection_made()` to restore the subscriptions on a new connection.
+    resync: bool = False
+
+
+# --- Messages ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One delivered event, with its channel and how late it arrived (receive time - `pt`)."""
+
+    channel: str
+    event: Event
+    latency_ns: int
+    #: The decoded JSON object, when the session keeps it (`keep_raw=True`).
+    raw: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def seq(self) -> int:
+        return self.event.seq
+
+    @property
+    def epoch(self) -> str:
+        return self.event.epoch
+
+
+@dataclass(frozen=True, slots=True)
+class EventBatch:
+    """Consecutive new events of one channel and epoch, from one server frame.
+
+    Iterating gives `Received` items; `to_numpy()` gives the batch as numpy columns.
+    """
+
+    channel: str
+    epoch: str
+    events: tuple[Event, ...]
+    received_ns: int
+    #: The server dropped older quotes/bars in favour of these (a `conflated` Gap came first).
+    conflated: bool = False
+    raw: tuple[dict[str, Any], ...] | None = field(default=None, compare=False, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def __iter__(self) -> Iterator[Received]:
+        now, ch = self.received_ns, self.channel
+        if self.raw is None:
+            for e in self.events:
+                yield Received(ch, e, now - e.pt)
+        else:
+            for e, raw in zip(self.events, self.raw, strict=True):
+                yield Received(ch, e, now - e.pt, raw)
+
+    def latencies_ns(self) -> list[int]:
+        """Publish → receive latency of each event, in nanoseconds."""
+        now = self.received_ns
+        return [now - e.pt for e in self.events]
+
+    def to_numpy(self) -> dict[str, Any]:
+        """The events as numpy columns (see `tickwire.clients.columns.events_to_numpy`)."""
+        from tickwire.clients.columns import events_to_numpy
+
+        return events_to_numpy(self.events)
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Seqs `from_seq..to_seq` (inclusive) of `channel` will not be delivered, and why."""
+
+    channel: str
+    from_seq: int
+    to_seq: int
+    reason: str
+
+    @property
+    def count(self) -> int:
+        return self.to_seq - self.from_seq + 1
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    """The channel's stream was lost and recreated: what follows is `epoch`, seqs start anew."""
+
+    channel: str
+    epoch: str
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """The server lost (`"down"`) or regained (`"up"`) Redis; live events pause meanwhile."""
+
+    redis: str
+
+    @property
+    def redis_up(self) -> bool:
+        return self.redis == "up"
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    ts: int
+    last: Mapping[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    protocol: int
+    server: str
+    heartbeat_ms: int
+    limits: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribed:
+    id: RequestId | None
+    channels: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribed:
+    id: RequestId | None
+    channels: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    id: RequestId | None
+    ts: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelList:
+    id: RequestId | None
+    channels: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeNeeded:
+    """Action for the caller: events were lost on this connection; reconnect to resume them."""
+
+    channels: tuple[str, ...]
+    reason: str
+
+
+Message = (
+    EventBatch
+    | Gap
+    | Reset
+    | Status
+    | Heartbeat
+    | Welcome
+    | Subscribed
+    | Unsubscribed
+    | Pong
+    | ChannelList
+    | ServerError
+    | ResumeNeeded
+)
+
+
+def event_to_dict(event: Event) -> dict[str, Any]:
+    """The event's wire form as a dict, keys in wire order (what the server sent, less extras)."""
+    doc: dict[str, Any] = {
+        "v": event.v,
+        "type": event.type,
+        "sym": event.sym,
+        "ts": event.ts,
+        "pt": event.pt,
+    }
+    for name in FIELDS_OF[event.type]:
+        doc[name] = getattr(event, name)
+    doc["epoch"] = event.epoch
+    doc["seq"] = event.seq
+    return doc
+
+
+# --- The session -------------------------------------------------------------------------------
+
+
+@dataclass
+class SessionStats:
+    delivered: int = 0
+    duplicates: int = 0
+    #: Events dropped because their channel is no longer subscribed or is waiting for a resume.
+    discarded: int = 0
+
+
+class ClientSession:
+    """Client side of protocol v1 for one logical feed, across any number of connections."""
+
+    def __init__(self, *, keep_raw: bool = False, max_resume_attempts: int = 3) -> None:
+        self.keep_raw = keep_raw
+        self.max_resume_attempts = max_resume_attempts
+        self.stats = SessionStats()
+        self.welcome: Welcome | None = None
+        self._ids = itertools.count(1)
+        # Subscriptions the application wants: pattern name → snapshot asked.
+        self._subs: dict[str, bool] = {}
+        # Delivered position per concrete channel.
+        self._positions: dict[str, Position] = {}
+        # Channels whose next event may start at any seq (their epoch just changed).
+        self._loose: set[str] = set()
+        # Consecutive resumes that did not fill a channel's hole.
+        self._attempts: dict[str, int] = {}
+        # Per connection:
+        self._open = False
+        self._pending: dict[int, Request] = {}
+        self._added: dict[int, tuple[str, ...]] = {}
+        self._stalled: set[str] = set()
+        # Gaps that came before any event of their channel, held until the first event shows
+        # whether they lead up to it (then they are delivered with it) or not (then they say
+        # nothing about what the application sees).
+        self._floors: dict[str, list[Gap]] = {}
+
+    # -- state ---------------------------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        """A connection is up (between `connection_made()` and `connection_lost()`)."""
+        return self._open
+
+    @property
+    def subscriptions(self) -> tuple[str, ...]:
+        return tuple(self._subs)
+
+    @property
+    def positions(self) -> dict[str, Position]:
+        """Last delivered position per channel (a copy)."""
+        return dict(self._positions)
+
+    @property
+    def resume_needed(self) -> bool:
+        """Events were lost on this connection; it should be replaced."""
+        return bool(self._stalled)
+
+    def covers(self, channel: str) -> bool:
+        """Some current subscription includes the concrete `channel`."""
+        if channel in self._subs:
+            return True
+        kind, _, _ = channel.partition(":")
+        return f"{kind}:*" in self._subs
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def subscribe(self, channels: Iterable[str], *, snapshot: bool = False) -> Request:
+        """Add subscriptions (ChannelError for a malformed name); send the request's frame.
+
+        The wish is kept even while no connection is up: the next `connection_made()` includes it.
+        """
+        names = _pattern_names(channels)
+        added = tuple(n for n in names if n not in self._subs)
+        for n in names:
+            self._subs[n] = self._subs.get(n, False) or snapshot
+        req = self._request("subscribe", channels=names, snapshot=snapshot)
+        if self._open:
+            self._added[req.id] = added
+        return req
+
+    def unsubscribe(self, channels: Iterable[str]) -> Request:
+        """Remove exactly these subscriptions; their channels' events stop being delivered now."""
+        names = _pattern_names(channels)
+        for n in names:
+            self._subs.pop(n, None)
+        self._forget_uncovered()
+        return self._request("unsubscribe", channels=names)
+
+    def ping(self) -> Request:
+        return self._request("ping")
+
+    def list_channels(self) -> Request:
+        return self._request("list")
+
+    def connection_made(self) -> list[Request]:
+        """A new connection is up: the requests that restore every subscription, resuming.
+
+        Every channel delivered so far is resumed from its last seq. A pattern asked with
+        `snapshot` gets a snapshot again only if none of its channels was delivered yet (a snapshot
+        of a channel being resumed would arrive out of order).
+        """
+        self._open = True
+        self.welcome = None
+        self._stalled.clear()
+        seen = {ch: p for ch, p in self._positions.items() if self.covers(ch)}
+        with_snapshot = [
+            n
+            for n, snap in self._subs.items()
+            if snap and not any(_pattern_covers(n, ch) for ch in seen)
+        ]
+        plain = [n for n in self._subs if n not in with_snapshot]
+        requests: list[Request] = []
+        if plain:
+            requests.append(
+                self._request("subscribe", channels=tuple(plain), resume=seen, resync=True)
+            )
+        if with_snapshot:
+            requests.append(
+                self._request(
+                    "subscribe", channels=tuple(with_snapshot), snapshot=True, resync=True
+                )
+            )
+        return requests
+
+    def connection_lost(self) -> list[Request]:
+        """The connection is gone: returns the requests that got no reply on it.
+
+        Subscription changes among them need no resending: the next `connection_made()` carries
+        the whole wish. Pings and lists are simply lost.
+        """
+        lost = list(self._pending.values())
+        self._open = False
+        self._floors.clear()
+        self._pending.clear()
+        self._added.clear()
+        self._stalled.clear()
+        return lost
+
+    def _request(
+        self,
+        op: str,
+        *,
+        channels: tuple[str, ...] = (),
+        snapshot: bool = False,
+        resume: Mapping[str, Position] | None = None,
+        resync: bool = False,
+    ) -> Request:
+        rid = next(self._ids)
+        doc: dict[str, Any] = {"op": op, "id": rid}
+        if channels:
+            doc["channels"] = list(channels)
+        if snapshot:
+            doc["snapshot"] = True
+        if resume:
+            doc["resume"] = {ch: {"epoch": p.epoch, "seq": p.seq} for ch, p in resume.items()}
+        req = Request(
+            id=rid,
+            op=op,
+            frame=orjson.dumps(doc).decode(),
+            channels=channels,
+            snapshot=snapshot,
+            resume=dict(resume or {}),
+            resync=resync,
+        )
+        if self._open:
+            self._pending[rid] = req
+        return req
+
+    def _forget_uncovered(self) -> None:
+        for ch in [ch for ch in self._positions if not self.covers(ch)]:
+            del self._positions[ch]
+            self._loose.discard(ch)
+            self._attempts.pop(ch, None)
+            self._stalled.discard(ch)
+        for ch in [ch for ch in self._floors if not self.covers(ch)]:
+            del self._floors[ch]
+
+    # -- server frames -------------------------------------------------------------------------
+
+    def receive(self, data: bytes | str, now_ns: int) -> list[Message]:
+        """Consume one server frame received at `now_ns`; return what it means, in order.
+
+        Raises InvalidFrame when the frame is not protocol v1 (the connection should be dropped).
+        """
+        try:
+            doc = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidFrame(f"server frame is not JSON: {exc}") from None
+        out: list[Message] = []
+        for item in doc if isinstance(doc, list) else (doc,):
+            if not isinstance(item, dict):
+                raise InvalidFrame(f"server message must be an object, got {type(item).__name__}")
+            self._handle(item, now_ns, out)
+        return out
+
+    def _handle(self, d: dict[str, Any], now_ns: int, out: list[Message]) -> None:
+        kind = d.get("type")
+        if kind == "events":
+            self._on_events(d, now_ns, out)
+        elif kind == "gap":
+            self._on_gap(d, out)
+        elif kind == "reset":
+            self._on_reset(d, out)
+        elif kind == "heartbeat":
+            self._on_heartbeat(d, out)
+        elif kind == "status":
+            out.append(Status(_str(d, "redis")))
+        elif kind == "welcome":
+            protocol = _int(d, "protocol")
+            if protocol != PROTOCOL_VERSION:
+                raise InvalidFrame(
+                    f"server speaks protocol {protocol}, this client {PROTOCOL_VERSION}"
+                )
+            limits = d.get("limits")
+            self.welcome = Welcome(
+                protocol,
+                str(d.get("server", "")),
+                _int(d, "heartbeat_ms"),
+                limits if isinstance(limits, dict) else {},
+            )
+            out.append(self.welcome)
+        elif kind in ("subscribed", "unsubscribed"):
+            rid = d.get("id")
+            self._reply_to(rid)
+            cls = Subscribed if kind == "subscribed" else Unsubscribed
+            out.append(cls(rid, _str_tuple(d, "channels")))
+        elif kind == "pong":
+            rid = d.get("id")
+            self._reply_to(rid)
+            out.append(Pong(rid, _int(d, "ts")))
+        elif kind == "channels":
+            rid = d.get("id")
+            self._reply_to(rid)
+            out.append(ChannelList(rid, _str_tuple(d, "channels")))
+        elif kind == "error":
+            self._on_error(d, out)
+        else:
+            # Newer servers may send more; a v1 client ignores what it does not know.
+            log.debug("ignoring server message of unknown type %r", kind)
+
+    def _reply_to(self, rid: object) -> Request | None:
+        if isinstance(rid, int):
+            self._added.pop(rid, None)
+            return self._pending.pop(rid, None)
+        return None
+
+    def _on_error(self, d: dict[str, Any], out: list[Message]) -> None:
+        rid = d.get("id")
+        code = _str(d, "code")
+        message = str(d.get("message", ""))
+        added = self._added.get(rid, ()) if isinstance(rid, int) else ()
+        req = self._reply_to(rid)
+        if req is not None and req.op == "subscribe":
+            if req.resync and code in RETRYABLE_CODES:
+                # The wish still holds: reconnecting (with backoff) tries again.
+                self._stalled.update(req.resume)
+                out.append(ResumeNeeded(req.channels, f"resubscribe failed: {code}: {message}"))
+                return
+            # The server refused the whole request: none of what it asked for is subscribed.
+            for n in req.channels if req.resync else added:
+                self._subs.pop(n, None)
+            self._forget_uncovered()
+        out.append(ServerError(code, message, rid if isinstance(rid, int | str) else None))
+
+    def _on_events(self, d: dict[str, Any], now_ns: int, out: list[Message]) -> None:
+        ch = _str(d, "ch")
+        docs = d.get("events")
+        if not isinstance(docs, list):
+            raise InvalidFrame("events message without an events list")
+        if ch in self._stalled or not self.covers(ch):
+            self.stats.discarded += len(docs)
+            return
+        conflated = d.get("conflated") is True
+        pos = self._positions.get(ch)
+        loose = ch in self._loose
+        keep_raw = self.keep_raw
+        run: list[Event] = []
+        delivered = 0
+        raws: list[dict[str, Any]] = []
+
+        def flush() -> None:
+            if run:
+                out.append(
+                    EventBatch(
+                        ch,
+                        run[0].epoch,
+                        tuple(run),
+                        now_ns,
+                        conflated,
+                        tuple(raws) if keep_raw else None,
+                    )
+                )
+                self.stats.delivered += len(run)
+                run.clear()
+                raws.clear()
+
+        for i, doc in enumerate(docs):
+            if not isinstance(doc, dict):
+                raise InvalidFrame(f"{ch}: event must be an object")
+            seq, epoch = doc.get("seq"), doc.get("epoch")
+            if not isinstance(seq, int) or not isinstance(epoch, str):
+                raise InvalidFrame(f"{ch}: event without a valid epoch and seq")
+            if pos is None and ch in self._floors:
+                floor = self._floors.pop(ch)
+                if floor[-1].to_seq + 1 == seq:
+                    out.extend(floor)
+            if pos is not None and epoch != pos.epoch:
+                # Another epoch without a `reset` first: say so ourselves, then take it.
+                flush()
+                out.append(Reset(ch, epoch))
+                loose = True
+            elif pos is not None and not loose:
+                if seq <= pos.seq:
+                    self.stats.duplicates += 1
+                    continue
+                if seq > pos.seq + 1:
+                    flush()
+                    if not self._hole(ch, pos.seq + 1, seq - 1, out):
+                        self.stats.discarded += len(docs) - i
+                        break
+            try:
+                event = event_from_dict(doc)
+            except CodecError as exc:
+                raise InvalidFrame(f"{ch}: {exc}") from None
+            run.append(event)
+            delivered += 1
+            if keep_raw:
+                raws.append(doc)
+            pos = Position(epoch, seq)
+            loose = False
+        flush()
+        if pos is not None:
+            self._positions[ch] = pos
+            if not loose:
+                self._loose.discard(ch)
+        if delivered and ch not in self._stalled:
+            self._attempts.pop(ch, None)
+
+    def _hole(self, ch: str, first: int, last: int, out: list[Message]) -> bool:
+        """Seqs first..last are missing with no gap: stall the channel (False) or announce (True)."""
+        attempts = self._attempts.get(ch, 0) + 1
+        if attempts > self.max_resume_attempts:
+            log.warning(
+                "%s: seqs %d..%d still missing after %d resumes", ch, first, last, attempts - 1
+            )
+            self._attempts.pop(ch, None)
+            out.append(Gap(ch, first, last, UNRECOVERED))
+            return True
+        self._attempts[ch] = attempts
+        self._stalled.add(ch)
+        out.append(ResumeNeeded((ch,), f"{ch}: seqs {first}..{last} missing"))
+        return False
+
+    def _on_gap(self, d: dict[str, Any], out: list[Message]) -> None:
+        ch = _str(d, "ch")
+        a, b = _int(d, "from_seq"), _int(d, "to_seq")
+        reason = _str(d, "reason")
+        if a > b:
+            raise InvalidFrame(f"{ch}: gap {a}..{b} is empty")
+        if ch in self._stalled or not self.covers(ch):
+            return
+        pos = self._positions.get(ch)
+        if pos is None:
+            floor = self._floors.setdefault(ch, [])
+            if floor and floor[-1].to_seq + 1 != a:
+                floor.clear()
+            floor.append(Gap(ch, a, b, reason))
+            return
+        if ch not in self._loose:
+            if b <= pos.seq:
+                return  # announced already
+            if a > pos.seq + 1 and not self._hole(ch, pos.seq + 1, a - 1, out):
+                return
+            a = max(a, pos.seq + 1)
+        out.append(Gap(ch, a, b, reason))
+        self._positions[ch] = Position(pos.epoch, b)
+        self._loose.discard(ch)
+        self._attempts.pop(ch, None)
+
+    def _on_reset(self, d: dict[str, Any], out: list[Message]) -> None:
+        ch, epoch = _str(d, "ch"), _str(d, "epoch")
+        if ch in self._stalled or not self.covers(ch):
+            return
+        pos = self._positions.get(ch)
+        if pos is not None and pos.epoch == epoch:
+            return
+        out.append(Reset(ch, epoch))
+        self._floors.pop(ch, None)
+        # Seq 0 of the new epoch: a resume from here asks for all of the epoch's events.
+        self._positions[ch] = Position(epoch, 0)
+        self._loose.add(ch)
+        self._attempts.pop(ch, None)
+
+    def _on_heartbeat(self, d: dict[str, Any], out: list[Message]) -> None:
+        last = d.get("last")
+        if not isinstance(last, dict):
+            last = {}
+        out.append(Heartbeat(_int(d, "ts"), last))
+        behind = []
+        for ch, seq in last.items():
+            pos = self._positions.get(ch)
+            if (
+                pos is not None
+                and isinstance(seq, int)
+                and seq > pos.seq
+                and ch not in self._stalled
+                and ch not in self._loose  # after a reset a server may still count the old epoch
+                and self.covers(ch)
+            ):
+                behind.append(ch)
+        if behind:
+            self._stalled.update(behind)
+            out.append(ResumeNeeded(tuple(behind), "heartbeat shows events sent but not delivered"))
+
+
+def _pattern_covers(pattern: str, channel: str) -> bool:
+    kind, _, symbol = pattern.partition(":")
+    ch_kind, _, ch_symbol = channel.partition(":")
+    return kind == ch_kind and symbol in ("*", ch_symbol)
+
+
+def _pattern_names(channels: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(channels, str):
+        channels = (channels,)
+    names = tuple(dict.fromkeys(ChannelPattern.parse(c).name for c in channels))
+    if not names:
+        raise ChannelError("name at least one channel")
+    return names
+
+
+def _str(d: dict[str, Any], key: str) -> str:
+    value = d.get(key)
+    if not isinstance(value, str):
+        raise InvalidFrame(f"{d.get('type')} message: {key!r} must be a string")
+    return value
+
+
+def _int(d: dict[str, Any], key: str) -> int:
+    value = d.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidFrame(f"{d.get('type')} message: {key!r} must be an integer")
+    return value
+
+
+def _str_tuple(d: dict[str, Any], key: str) -> tuple[str, ...]:
+    value = d.get(key)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidFrame(f"{d.get('type')} message: {key!r} must be a list of strings")
+    return tuple(value)
