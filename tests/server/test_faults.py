@@ -31,6 +31,10 @@ def trades(start: int, n: int) -> list[bytes]:
     ]
 
 
+async def reach(c: Recorder, seq: int, timeout: float = 20) -> None:
+    await c.wait_until(lambda: c.last_seq(T.name) >= seq, timeout)
+
+
 class Proxy:
     """A TCP proxy that can black-hole traffic (packets vanish, connections stay open)."""
 
@@ -170,9 +174,7 @@ async def test_reconnect_storm_a_third_of_clients_resume_without_loss(
         for c in clients:
             await c.request("subscribe", channels=[T.name], snapshot=True)
         feeder = asyncio.create_task(flow())
-        await asyncio.gather(
-            *(c.wait_until(lambda c=c: c.last_seq(T.name) > 50, timeout=20) for c in clients)
-        )  # type: ignore[misc]
+        await asyncio.gather(*(reach(c, 51) for c in clients))
         # A third drop at once, then come back resuming from what each had.
         positions = []
         for m in managers[:n_drop]:
@@ -191,9 +193,7 @@ async def test_reconnect_storm_a_third_of_clients_resume_without_loss(
         await pub.flush()
         final = pub.positions[T][1]
         everyone = clients[n_drop:] + resumed
-        await asyncio.gather(
-            *(c.wait_until(lambda c=c: c.last_seq(T.name) == final, timeout=20) for c in everyone)
-        )  # type: ignore[misc]
+        await asyncio.gather(*(reach(c, final) for c in everyone))
         for c in everyone:
             assert c.checker.ok, c.checker.violations
         for rec, pos in zip(resumed, positions, strict=True):
