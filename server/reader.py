@@ -218,8 +218,11 @@ class StreamReader:
                 self.hub.changed.clear()
                 await self._sync_channels()
             if not self.positions:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+                # that arrives as the event fires, and the reader would never stop.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.hub.changed.wait(), block_s)
+                    async with asyncio.timeout(block_s):
+                        await self.hub.changed.wait()
                 continue
             channels = list(self.positions)
             # Keep each reply near read_count entries in total (large replies cost GC time).

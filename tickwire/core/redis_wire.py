@@ -127,9 +127,10 @@ class RedisConnection:
     async def replies(self, n: int, timeout: float | None = None) -> list[Any]:
         """The next `n` replies (see `pipeline` for errors)."""
         try:
-            if timeout is None:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives with the reply, leaving the caller running after it was cancelled.
+            async with asyncio.timeout(timeout):
                 return await self._read_replies(n)
-            return await asyncio.wait_for(self._read_replies(n), timeout)
         except TimeoutError:
             self.close()
             raise RedisUnavailable(f"no reply from Redis within {timeout} s") from None
