@@ -8,6 +8,7 @@ import logging
 import mimetypes
 import signal
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from http import HTTPStatus
 from pathlib import Path
@@ -22,13 +23,17 @@ from websockets.http11 import Request, Response
 from tickwire import __version__
 from tickwire.core.channels import Channel, ChannelPattern
 from tickwire.core.config import ServerConfig
-from tickwire.core.errors import RedisUnavailable
+from tickwire.core.errors import ConfigError, RedisUnavailable
+from tickwire.server.admission import Admission, Refused
+from tickwire.server.auth import Authenticator, Grant
 from tickwire.server.catchup import catch_up
 from tickwire.server.hub import Hub, Subscriber
 from tickwire.server.metrics import Metrics
 from tickwire.server.outbox import Outbox
 from tickwire.server.reader import History, StreamReader, status_message
 from tickwire.server.session import (
+    UNAUTHORIZED,
+    Authenticated,
     ClientSession,
     Close,
     ListChannels,
@@ -53,14 +58,24 @@ FALLBACK_PAGE = b"""<!doctype html><meta charset=utf-8><title>tickwire</title>
 <h1>tickwire</h1><p>WebSocket endpoint: <code>/ws</code>. See docs/protocol.md.</p>"""
 
 
+class _NoWireDebug(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """websockets' logger without its DEBUG dumps of requests and frames: with auth on they
+    would hold `Authorization` headers, `?token=` URLs and `auth` messages."""
+
+    def isEnabledFor(self, level: int) -> bool:
+        return level > logging.DEBUG and self.logger.isEnabledFor(level)
+
+
 class Connection:
     """One client: its protocol session, outbox and the writes to its socket."""
 
-    def __init__(self, server: TickwireServer, ws: ServerConnection) -> None:
+    def __init__(
+        self, server: TickwireServer, ws: ServerConnection, grant: Grant | None = None
+    ) -> None:
         self.server = server
         self.ws = ws
         limits = server.config.limits
-        self.session = ClientSession(limits)
+        self.session = ClientSession(limits, server.authenticator, grant)
         self.outbox = Outbox(limits.outbox_bytes, server.metrics.outbox)
         self.sub = Subscriber(self.outbox, self.flush, hold_limit=limits.max_resume_events)
         self.last_write = time.monotonic()
@@ -69,6 +84,8 @@ class Connection:
         self._writable = asyncio.Event()
         self._writable.set()
         self.closing = False
+        #: Deadlines of this connection: "auth" (first auth message), "lifetime", "expiry".
+        self._timers: dict[str, asyncio.TimerHandle] = {}
 
     # -- writing -------------------------------------------------------------------------------
     def flush(self) -> None:
@@ -127,17 +144,84 @@ class Connection:
         self.outbox.control(message)
         self.flush()
 
+    # -- deadlines -----------------------------------------------------------------------------
+    def _later(self, name: str, delay: float, callback: Callable[..., None], *args: Any) -> None:
+        old = self._timers.pop(name, None)
+        if old is not None:
+            old.cancel()
+        self._timers[name] = asyncio.get_running_loop().call_later(max(0.0, delay), callback, *args)
+
+    def _close_in(self, name: str, delay: float, notice: str, code: int, reason: str) -> None:
+        """Close with (code, reason) after `delay`, with a `notice` `lifetime_notice_s` before."""
+        lead = min(self.server.config.limits.lifetime_notice_s, max(0.0, delay))
+        self._later(name, delay - lead, self._notice, name, notice, lead, code, reason)
+
+    def _notice(self, name: str, notice: str, close_in: float, code: int, reason: str) -> None:
+        self.send_control(
+            orjson.dumps({"type": "notice", "code": notice, "close_in_ms": round(close_in * 1000)})
+        )
+        self._later(name, close_in, self.close_soon, code, reason)
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """Stop sending data and close the WebSocket with (code, reason) from a task."""
+        if self.closing:
+            return
+        log.info("closing %s: %d %s", self.ws.remote_address, code, reason)
+        self.stop_receiving()
+        self._spawn(self.ws.close(code, reason))
+
+    def _auth_deadline(self) -> None:
+        if self.session.awaiting_auth:
+            self.server.metrics.auth_failures += 1
+            self.close_soon(UNAUTHORIZED, "auth timeout")
+
+    def _authorized(self, grant: Grant) -> None:
+        """The client has a grant (from the handshake or an `auth` message): data may flow."""
+        log.info("%s authenticated as %s", self.ws.remote_address, grant.subject)
+        timer = self._timers.pop("auth", None)
+        if timer is not None:
+            timer.cancel()
+        self.server.hub.attach(self.sub)
+        expiry = self._timers.pop("expiry", None)  # a refresh replaces the old deadline
+        if expiry is not None:
+            expiry.cancel()
+        if grant.expires_at is not None:
+            delay = grant.expires_at - time.time()
+            self._close_in("expiry", delay, "token_expiring", UNAUTHORIZED, "token expired")
+
     # -- requests ------------------------------------------------------------------------------
     async def serve(self) -> None:
+        cfg = self.server.config
+        session = self.session
         self.send_control(
-            welcome_message(self.server.config.limits, self.server.config.heartbeat_ms)
+            welcome_message(
+                cfg.limits,
+                cfg.heartbeat_ms,
+                auth_required=session.awaiting_auth,
+                grant=session.grant,
+            )
         )
+        if cfg.limits.max_lifetime_s > 0:
+            self._close_in(
+                "lifetime", cfg.limits.max_lifetime_s, "max_lifetime", 1001, "max lifetime"
+            )
+        if session.awaiting_auth:
+            self._later("auth", cfg.auth.timeout_s, self._auth_deadline)
+        elif session.grant is not None:
+            self._authorized(session.grant)
+        else:
+            self.server.hub.attach(self.sub)
         async for data in self.ws:
+            if self.closing:
+                continue  # close_soon() is under way: read until it completes, act on nothing
             action = self.session.receive(data, time.monotonic(), time.time_ns())
             if isinstance(action, bytes):
                 if action.startswith(b'{"type":"error"'):
                     self.server.metrics.rejected_requests += 1
                 self.send_control(action)
+            elif isinstance(action, Authenticated):
+                self._authorized(action.grant)
+                self.send_control(action.reply)
             elif isinstance(action, Subscribe):
                 self._subscribe(action)
             elif isinstance(action, Unsubscribe):
@@ -145,6 +229,9 @@ class Connection:
             elif isinstance(action, ListChannels):
                 self._spawn(self._list(action.id))
             elif isinstance(action, Close):
+                if action.code == UNAUTHORIZED:
+                    self.server.metrics.auth_failures += 1
+                log.info("closing %s: %d %s", self.ws.remote_address, action.code, action.reason)
                 self.stop_receiving()
                 await self.ws.close(action.code, action.reason)
                 return
@@ -162,13 +249,20 @@ class Connection:
         # Hold live events of these channels from now on, before any await (see catchup.py).
         for channel in targets:
             self.sub.holding[channel] = []
-        self.send_control(reply("subscribed", req.id, channels=list(req.all_channels)))
+        ack = reply("subscribed", req.id, channels=list(req.all_channels))
         wildcards = [p for p in req.added if p.is_wildcard] if req.snapshot else []
         if targets or wildcards:
-            self._spawn(self._catch_up(targets, wildcards))
+            # Acknowledged once the starting points are read from Redis, so that everything
+            # published after the client sees the ack comes after its snapshot or resume point.
+            self._spawn(self._catch_up(targets, wildcards, ack))
+        else:
+            self.send_control(ack)
 
     async def _catch_up(
-        self, targets: dict[Channel, tuple[str, int] | None], wildcards: list[ChannelPattern]
+        self,
+        targets: dict[Channel, tuple[str, int] | None],
+        wildcards: list[ChannelPattern],
+        ack: bytes,
     ) -> None:
         if wildcards:
             # The registry may know channels the last poll has not brought in yet.
@@ -186,6 +280,7 @@ class Connection:
             max_events=self.server.config.limits.max_resume_events,
             wait_writable=self.wait_writable,
             read_position=self.server.reader.positions.get,
+            on_positioned=lambda: self.send_control(ack),
         )
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -196,7 +291,10 @@ class Connection:
     async def _list(self, request_id: RequestId) -> None:
         with contextlib.suppress(RedisUnavailable):
             await self.server.reader.refresh_registry()
-        names = sorted(c.name for c in self.server.hub.known)
+        grant = self.session.grant
+        names = sorted(
+            c.name for c in self.server.hub.known if grant is None or grant.allows_channel(c)
+        )
         self.send_control(reply("channels", request_id, channels=names))
 
     def _catchup_done(self, task: asyncio.Task[None]) -> None:
@@ -217,6 +315,8 @@ class Connection:
         self.send_control(reply("unsubscribed", req.id, channels=list(req.all_channels)))
 
     def heartbeat(self, now: float) -> None:
+        if self.session.awaiting_auth:
+            return
         if now - self.last_write >= self.server.config.heartbeat_ms / 1000 and not self.outbox:
             last = {c.name: seq for c, (_, seq) in self.outbox.positions.items()}
             self.send_control(
@@ -231,6 +331,9 @@ class Connection:
 
     def cleanup(self) -> None:
         self.closing = True
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
         for task in self._catchups:
             task.cancel()
         if self._drain is not None:
@@ -245,6 +348,13 @@ class TickwireServer:
         self.config = config
         self.reuse_port = reuse_port
         self.metrics = Metrics()
+        #: None when auth is off; raises ConfigError for unreadable keys or a missing secret.
+        self.authenticator = Authenticator(config.auth) if config.auth.enabled else None
+        self.admission = Admission(config, self.authenticator)
+        # Grants of handshake tokens, from process_request to the connection handler.
+        self._grants: weakref.WeakKeyDictionary[ServerConnection, Grant] = (
+            weakref.WeakKeyDictionary()
+        )
         self.hub = Hub()
         self.history = History(config.redis_url)
         self.reader = StreamReader(
@@ -286,6 +396,9 @@ class TickwireServer:
             close_timeout=cfg.close_timeout_s,
             reuse_port=self.reuse_port,
             server_header=f"tickwire/{__version__}",
+            logger=_NoWireDebug(logging.getLogger("websockets.server"))
+            if self.authenticator is not None
+            else None,
         )
         sock = next(iter(self._server.sockets))
         self.port = sock.getsockname()[1]
@@ -333,10 +446,30 @@ class TickwireServer:
             for conn in list(self.connections):
                 conn.heartbeat(now)
 
+    def reload_credentials(self) -> bool:
+        """Re-read the API key file and JWT key files (SIGHUP), then check every connection's
+        grant again: a removed key closes with 4001, narrowed entitlements that no longer cover
+        a connection's subscriptions close it with 4003. False (and the old keys kept) when the
+        files cannot be read or are malformed."""
+        if self.authenticator is None:
+            log.info("reload: authentication is off, nothing to reload")
+            return True
+        try:
+            self.authenticator.reload()
+        except ConfigError as exc:
+            log.error("reload failed, keeping the previous credentials: %s", exc)
+            return False
+        for conn in list(self.connections):
+            if conn.closing:
+                continue
+            close = conn.session.revalidate()
+            if close is not None:
+                conn.close_soon(close.code, close.reason)
+        return True
+
     async def _handle(self, ws: ServerConnection) -> None:
-        conn = Connection(self, ws)
+        conn = Connection(self, ws, self._grants.pop(ws, None))
         self.connections.add(conn)
-        self.hub.attach(conn.sub)
         self.metrics.connections += 1
         self.metrics.connections_total += 1
         try:
@@ -353,7 +486,7 @@ class TickwireServer:
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == "/ws":
-            return None
+            return self._admit(connection, request)
         if path == "/healthz":
             return self._respond(
                 HTTPStatus.OK if self.reader.up else HTTPStatus.SERVICE_UNAVAILABLE,
@@ -373,6 +506,32 @@ class TickwireServer:
         if path == "/asyncapi.yaml":
             return self._static(DOCS_DIR, "asyncapi.yaml")
         return self._respond(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
+
+    def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
+        remote = connection.remote_address
+        peer = str(remote[0]) if isinstance(remote, tuple) and remote else "unix"
+        decision = self.admission.admit(request.headers, request.path, peer, time.time())
+        if isinstance(decision, Refused):
+            status = decision.status
+            refused = self.metrics.handshakes_refused
+            refused[status.value] = refused.get(status.value, 0) + 1
+            log.log(
+                logging.DEBUG if status.value in (429, 503) else logging.INFO,
+                "refused a connection from %s: %d %s",
+                peer,
+                status.value,
+                decision.reason,
+            )
+            return self._respond(
+                status, f"{decision.reason}\n".encode(), "text/plain", decision.headers
+            )
+        ip = decision.ip
+        # The slot is given back when the TCP connection goes, whether or not the handshake
+        # completes (a client may drop it half-way; the handler would never run).
+        connection.connection_lost_waiter.add_done_callback(lambda _: self.admission.release(ip))
+        if decision.grant is not None:
+            self._grants[connection] = decision.grant
+        return None
 
     def health(self) -> dict[str, Any]:
         m = self.metrics
@@ -395,12 +554,15 @@ class TickwireServer:
         return self._respond(HTTPStatus.OK, target.read_bytes(), ctype)
 
     @staticmethod
-    def _respond(status: HTTPStatus, body: bytes, ctype: str) -> Response:
+    def _respond(
+        status: HTTPStatus, body: bytes, ctype: str, extra: tuple[tuple[str, str], ...] = ()
+    ) -> Response:
         headers = Headers(
             [
                 ("Content-Type", ctype),
                 ("Content-Length", str(len(body))),
                 ("Cache-Control", "no-store"),
+                *extra,
             ]
         )
         return Response(status.value, status.phrase, headers, body)
@@ -412,12 +574,14 @@ async def serve_forever(
     reuse_port: bool = False,
     ready: Callable[[TickwireServer], Awaitable[None] | None] | None = None,
 ) -> int:
-    """Run until SIGTERM/SIGINT, then shut down gracefully."""
+    """Run until SIGTERM/SIGINT, then shut down gracefully; SIGHUP reloads credentials."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with TickwireServer(config, reuse_port=reuse_port) as srv:
+    srv = TickwireServer(config, reuse_port=reuse_port)
+    loop.add_signal_handler(signal.SIGHUP, srv.reload_credentials)
+    async with srv:
         if ready is not None:
             result = ready(srv)
             if result is not None:

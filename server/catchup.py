@@ -42,16 +42,22 @@ async def catch_up(
     max_events: int,
     wait_writable: Callable[[], Awaitable[None]],
     read_position: Callable[[Channel], int | None],
+    on_positioned: Callable[[], None] | None = None,
 ) -> None:
     """Replay for each channel: after `(epoch, seq)` for a resume, or the latest event (None).
 
     The caller has already put an empty hold list in `sub.holding` for every channel.
+    `on_positioned` runs once the starting point of every channel is read from Redis (the
+    server acknowledges the subscribe then, so a snapshot is the latest event as of the ack).
     """
     pending = set(targets)
     try:
         metas = await _retrying(lambda: history.metas(list(targets)))
-        for channel, resume in targets.items():
-            after = _start(sub, channel, resume, metas[channel], max_events)
+        starts = {c: _start(sub, c, resume, metas[c], max_events) for c, resume in targets.items()}
+        if on_positioned is not None:
+            # Positions are fixed: what is published from now on follows the snapshot/resume.
+            on_positioned()
+        for channel, after in starts.items():
             await _read_until_live(sub, history, channel, after, wait_writable, read_position)
             _join_live(sub, channel)
             pending.discard(channel)

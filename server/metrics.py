@@ -50,6 +50,10 @@ class Metrics:
     bytes_sent: int = 0
     slow_disconnects: int = 0
     rejected_requests: int = 0
+    #: WebSocket upgrades answered with an HTTP error, by status (401, 403, 429, 503).
+    handshakes_refused: dict[int, int] = field(default_factory=dict)
+    #: Connections closed with 4001: a bad or missing `auth` message, or none in time.
+    auth_failures: int = 0
     redis_up: int = 0
     redis_reconnects: int = 0
     read_lag_seconds: float = 0.0
@@ -87,6 +91,21 @@ class Metrics:
             "counter",
             self.rejected_requests,
             "Requests answered with an error.",
+        )
+        lines.append(
+            "# HELP tickwire_handshakes_refused_total WebSocket upgrades refused, by HTTP status."
+        )
+        lines.append("# TYPE tickwire_handshakes_refused_total counter")
+        for status in sorted(self.handshakes_refused):
+            lines.append(
+                f'tickwire_handshakes_refused_total{{status="{status}"}} '
+                f"{self.handshakes_refused[status]}"
+            )
+        emit(
+            "auth_failures_total",
+            "counter",
+            self.auth_failures,
+            "Connections closed with 4001 (bad, missing or late auth message).",
         )
         emit("redis_up", "gauge", self.redis_up, "1 when the stream reader is connected to Redis.")
         emit("redis_reconnects_total", "counter", self.redis_reconnects, "Reconnections to Redis.")

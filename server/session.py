@@ -1,8 +1,11 @@
 """Protocol v1 request handling for one connection, sans-I/O: frames in, requests or replies out.
 
 `ClientSession.receive(data, now)` validates one client frame and returns what to do: a typed
-request for the connection layer (`Subscribe`, `Unsubscribe`, `ListChannels`), a reply to send
-(`bytes`), or `Close`. It never raises for anything a client sends.
+request for the connection layer (`Subscribe`, `Unsubscribe`, `ListChannels`, `Authenticated`),
+a reply to send (`bytes`), or `Close`. It never raises for anything a client sends.
+
+With an authenticator and no grant yet, the session is waiting for `{"op":"auth"}`: anything else
+closes with 4001. Once it has a grant, subscriptions must lie inside the grant's entitlements.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import orjson
 from tickwire import __version__
 from tickwire.core.channels import Channel, ChannelPattern
 from tickwire.core.config import Limits
-from tickwire.core.errors import ChannelError, ProtocolError, UnknownChannelType
+from tickwire.core.errors import AuthError, ChannelError, ProtocolError, UnknownChannelType
+from tickwire.server.auth import Authenticator, Grant
 
 PROTOCOL_VERSION = 1
 RequestId = int | str | None
@@ -44,12 +48,25 @@ class ListChannels:
 
 
 @dataclass(frozen=True, slots=True)
+class Authenticated:
+    """An `auth` request succeeded (the first one, or a refresh): `reply` goes to the client."""
+
+    id: RequestId
+    grant: Grant
+    reply: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Close:
     code: int
     reason: str
 
 
-Action = Subscribe | Unsubscribe | ListChannels | Close | bytes
+Action = Subscribe | Unsubscribe | ListChannels | Authenticated | Close | bytes
+
+#: Close codes of the auth layer (4000-4999 are the application's).
+UNAUTHORIZED = 4001
+FORBIDDEN = 4003
 
 
 def error_message(code: str, message: str, request_id: RequestId = None) -> bytes:
@@ -60,28 +77,40 @@ def reply(kind: str, request_id: RequestId, **fields: Any) -> bytes:
     return orjson.dumps({"type": kind, "id": request_id, **fields})
 
 
-def welcome_message(limits: Limits, heartbeat_ms: int) -> bytes:
-    return orjson.dumps(
-        {
-            "type": "welcome",
-            "protocol": PROTOCOL_VERSION,
-            "server": f"tickwire/{__version__}",
-            "heartbeat_ms": heartbeat_ms,
-            "limits": {
-                "max_message_bytes": limits.max_message_bytes,
-                "max_subscriptions": limits.max_subscriptions,
-                "rate_per_s": limits.rate_per_s,
-                "rate_burst": limits.rate_burst,
-                "outbox_bytes": limits.outbox_bytes,
-                "max_resume_events": limits.max_resume_events,
-            },
-        }
-    )
+def welcome_message(
+    limits: Limits, heartbeat_ms: int, *, auth_required: bool = False, grant: Grant | None = None
+) -> bytes:
+    """The first message. With auth on it says `"auth":"required"` (send `auth` now) or
+    `"auth":"ok"` plus the entitlements (the handshake carried a valid token)."""
+    doc: dict[str, Any] = {
+        "type": "welcome",
+        "protocol": PROTOCOL_VERSION,
+        "server": f"tickwire/{__version__}",
+        "heartbeat_ms": heartbeat_ms,
+        "limits": {
+            "max_message_bytes": limits.max_message_bytes,
+            "max_subscriptions": limits.max_subscriptions,
+            "rate_per_s": limits.rate_per_s,
+            "rate_burst": limits.rate_burst,
+            "outbox_bytes": limits.outbox_bytes,
+            "slow_grace_s": limits.slow_grace_s,
+            "max_resume_events": limits.max_resume_events,
+        },
+    }
+    if grant is not None:
+        doc["auth"] = "ok"
+        doc["entitlements"] = grant.names
+    elif auth_required:
+        doc["auth"] = "required"
+    return orjson.dumps(doc)
 
 
 @dataclass
 class ClientSession:
     limits: Limits
+    #: Set when the server requires credentials; `grant` then says what this client may read.
+    authenticator: Authenticator | None = None
+    grant: Grant | None = None
     subscriptions: dict[str, ChannelPattern] = field(default_factory=dict)
     _tokens: float = field(init=False)
     _refilled_at: float | None = field(default=None, init=False)
@@ -89,6 +118,10 @@ class ClientSession:
 
     def __post_init__(self) -> None:
         self._tokens = float(self.limits.rate_burst)
+
+    @property
+    def awaiting_auth(self) -> bool:
+        return self.authenticator is not None and self.grant is None
 
     def receive(self, data: bytes | str, now: float, now_ns: int = 0) -> Action:
         """Handle one client frame received at monotonic time `now`."""
@@ -114,6 +147,10 @@ class ClientSession:
             op = doc.get("op")
             if not isinstance(op, str):
                 raise ProtocolError("bad_request", "missing 'op'")
+            if op == "auth":
+                return self._auth(request_id, doc, now_ns)
+            if self.awaiting_auth:
+                return Close(UNAUTHORIZED, "unauthorized")
             if op == "subscribe":
                 return self._subscribe(request_id, doc)
             if op == "unsubscribe":
@@ -123,10 +160,47 @@ class ClientSession:
             if op == "list":
                 return ListChannels(request_id)
             raise ProtocolError(
-                "unknown_op", f"unknown op {op[:40]!r}: use subscribe, unsubscribe, ping or list"
+                "unknown_op",
+                f"unknown op {op[:40]!r}: use subscribe, unsubscribe, ping, list or auth",
             )
         except ProtocolError as exc:
+            if self.awaiting_auth:
+                return Close(UNAUTHORIZED, "unauthorized")
             return error_message(exc.code, exc.message, request_id)
+
+    def _auth(self, request_id: RequestId, doc: dict[str, Any], now_ns: int) -> Action:
+        if self.authenticator is None:
+            raise ProtocolError("bad_request", "this server does not require authentication")
+        token = doc.get("token")
+        if not isinstance(token, str):
+            raise ProtocolError("bad_request", "'token' must be a string")
+        try:
+            grant = self.authenticator.authenticate(token, now_ns / 1e9)
+        except AuthError as exc:
+            # While waiting for the first auth this closes the connection (see receive).
+            raise ProtocolError("unauthorized", str(exc)) from None
+        denied = [n for n, p in self.subscriptions.items() if not grant.allows(p)]
+        if denied:
+            raise ProtocolError(
+                "forbidden", f"the new token does not cover {', '.join(denied[:5])}"
+            )
+        self.grant = grant
+        return Authenticated(
+            request_id, grant, reply("authenticated", request_id, entitlements=grant.names)
+        )
+
+    def revalidate(self) -> Close | None:
+        """Check the grant again after the credentials were reloaded; Close if it no longer
+        holds (key removed: 4001, subscriptions no longer covered: 4003)."""
+        if self.authenticator is None or self.grant is None:
+            return None
+        current = self.authenticator.current(self.grant)
+        if current is None:
+            return Close(UNAUTHORIZED, "credentials revoked")
+        if not all(current.allows(p) for p in self.subscriptions.values()):
+            return Close(FORBIDDEN, "forbidden")
+        self.grant = current
+        return None
 
     def _take_token(self, now: float) -> bool:
         if self._refilled_at is not None:
@@ -142,6 +216,14 @@ class ClientSession:
 
     def _subscribe(self, request_id: RequestId, doc: dict[str, Any]) -> Subscribe:
         patterns = _patterns(doc.get("channels"), self.limits.max_subscriptions)
+        if self.grant is not None:
+            # All of a pattern must be entitled: `quotes:*` with only `quotes:BTC-*` is refused,
+            # so no event of a channel outside the grant can ever be queued for this client.
+            denied = [p.name for p in patterns if not self.grant.allows(p)]
+            if denied:
+                raise ProtocolError(
+                    "forbidden", f"not entitled to {', '.join(dict.fromkeys(denied[:5]))}"
+                )
         snapshot = doc.get("snapshot", False)
         if not isinstance(snapshot, bool):
             raise ProtocolError("bad_request", "'snapshot' must be true or false")

@@ -123,7 +123,62 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="processes sharing the port with SO_REUSEPORT (default: one per core)",
     )
-    srv.add_argument("--config", help="TOML file with server settings and a [limits] table")
+    srv.add_argument(
+        "--config", help="TOML file with server settings and [limits] and [auth] tables"
+    )
+    sec = srv.add_argument_group(
+        "security (all off by default; see docs/operations.md)",
+        "Secrets are read from an environment variable or a file, never from a flag.",
+    )
+    sec.add_argument(
+        "--api-keys",
+        metavar="FILE",
+        default=None,
+        help="require credentials; API keys, one `sha256:<hex> <name> <patterns>` per line "
+        "(re-read on SIGHUP)",
+    )
+    sec.add_argument(
+        "--jwt-secret-env",
+        metavar="VAR",
+        default=None,
+        help="require credentials; accept HS256 JWTs signed with the secret in this "
+        "environment variable",
+    )
+    sec.add_argument(
+        "--jwt-secret-file",
+        metavar="FILE",
+        default=None,
+        help="like --jwt-secret-env, with the secret in a file",
+    )
+    sec.add_argument(
+        "--jwt-public-key",
+        metavar="FILE",
+        default=None,
+        help="require credentials; accept RS256 JWTs verified with this PEM public key",
+    )
+    sec.add_argument(
+        "--allow-origin",
+        metavar="ORIGIN",
+        action="append",
+        default=None,
+        help="browser Origin allowed to open /ws, e.g. https://app.example.com (repeatable; "
+        "default: any)",
+    )
+    sec.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        metavar="N",
+        help="open connections per worker process; more get HTTP 503 (default: no cap)",
+    )
+    sec.add_argument(
+        "--max-connections-per-ip",
+        type=int,
+        default=None,
+        metavar="N",
+        help="open connections per client IP and worker process; more get HTTP 429 "
+        "(default: no cap)",
+    )
 
     demo = sub.add_parser(
         "demo",
@@ -242,6 +297,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from tickwire.core.config import load_server_config
     from tickwire.server.app import serve_forever
+    from tickwire.server.auth import Authenticator
     from tickwire.server.workers import run_workers
 
     cfg = load_server_config(
@@ -252,7 +308,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         workers=args.workers if args.workers is not None else (os.cpu_count() or 1),
+        allowed_origins=tuple(args.allow_origin) if args.allow_origin else None,
+        max_connections=args.max_connections,
+        max_connections_per_ip=args.max_connections_per_ip,
+        auth={
+            "api_keys_file": args.api_keys,
+            "jwt_secret_env": args.jwt_secret_env,
+            "jwt_secret_file": args.jwt_secret_file,
+            "jwt_public_key_file": args.jwt_public_key,
+        },
     )
+    if cfg.auth.enabled:
+        # Fail here, once, on a missing secret or a malformed key file: not in every worker.
+        Authenticator(cfg.auth)
+    elif cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("authentication is off on %s: any client may read every channel", cfg.host)
     if cfg.workers > 1:
         return run_workers(cfg)
     return run(serve_forever(cfg))

@@ -63,6 +63,41 @@ class Limits:
     # How long a client may stay over the limit before it is closed with 4008.
     slow_grace_s: float = 5.0
     max_resume_events: int = 100_000
+    # Connection lifetime (0 = unlimited): a `notice` goes `lifetime_notice_s` before the
+    # close (1001 "max lifetime"), so that clients reconnect and resume at a time they choose.
+    max_lifetime_s: float = 0.0
+    lifetime_notice_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """Where credentials come from. Authentication is on when any source is set; secrets are
+    named here (an environment variable, a file), never written into the configuration."""
+
+    # API keys: one line per key, `sha256:<hex> <name> <pattern>[,<pattern>...]`; re-read on SIGHUP.
+    api_keys_file: str = ""
+    # JWT HS256: the shared secret from this environment variable or file (at least 32 bytes).
+    jwt_secret_env: str = ""
+    jwt_secret_file: str = ""
+    # JWT RS256: the issuer's public key (PEM); re-read on SIGHUP.
+    jwt_public_key_file: str = ""
+    # When set, tokens must carry this `aud` / `iss`.
+    jwt_audience: str = ""
+    jwt_issuer: str = ""
+    jwt_leeway_s: float = 0.0
+    # The claim holding the token's channel patterns (a list, or one space-separated string).
+    jwt_channels_claim: str = "channels"
+    # A connection without a token in the handshake must send `{"op":"auth"}` within this time.
+    timeout_s: float = 5.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(
+            self.api_keys_file
+            or self.jwt_secret_env
+            or self.jwt_secret_file
+            or self.jwt_public_key_file
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,10 +119,25 @@ class ServerConfig:
     close_timeout_s: float = 2.0
     shutdown_timeout_s: float = 4.0
     compression: bool = False
+    # Security (all off by default)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    # Browser `Origin`s allowed to open /ws, exact match (empty: any). Clients that send no
+    # Origin (not browsers) are let in unless `allow_missing_origin` is false.
+    allowed_origins: tuple[str, ...] = ()
+    allow_missing_origin: bool = True
+    # Open WebSocket connections in this process, in total and per client IP (0 = no cap).
+    max_connections: int = 0
+    max_connections_per_ip: int = 0
+    # Behind a proxy: the header carrying the client IP (`X-Forwarded-For`: its last entry,
+    # `X-Real-IP`). Set it only when the proxy overwrites that header, or clients can forge it.
+    client_ip_header: str = ""
 
 
-def load_server_config(path: str | None, **overrides: Any) -> ServerConfig:
-    """ServerConfig from an optional TOML file, then non-None overrides (command-line flags)."""
+def load_server_config(
+    path: str | None, *, auth: dict[str, Any] | None = None, **overrides: Any
+) -> ServerConfig:
+    """ServerConfig from an optional TOML file, then non-None overrides (command-line flags);
+    `auth` holds overrides of the `[auth]` table."""
     cfg = ServerConfig()
     if path:
         try:
@@ -95,30 +145,69 @@ def load_server_config(path: str | None, **overrides: Any) -> ServerConfig:
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config {path}: {exc}") from None
         limits = data.pop("limits", {})
+        auth_table = data.pop("auth", {})
+        for name, table in (("limits", limits), ("auth", auth_table)):
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: {name} must be a table ([{name}])")
         cfg = _apply(cfg, data, path)
-        cfg = replace(cfg, limits=_apply(cfg.limits, limits, f"{path} [limits]"))
+        cfg = replace(
+            cfg,
+            limits=_apply(cfg.limits, limits, f"{path} [limits]"),
+            auth=_apply(cfg.auth, auth_table, f"{path} [auth]"),
+        )
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    if auth:
+        cfg = replace(
+            cfg, auth=replace(cfg.auth, **{k: v for k, v in auth.items() if v is not None})
+        )
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: ServerConfig) -> None:
     if cfg.workers < 1:
         raise ConfigError("workers must be at least 1")
-    return cfg
+    for name in ("max_connections", "max_connections_per_ip"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must be 0 (no cap) or positive")
+    if cfg.limits.max_lifetime_s < 0 or cfg.limits.lifetime_notice_s < 0:
+        raise ConfigError("max_lifetime_s and lifetime_notice_s must not be negative")
+    if cfg.auth.timeout_s <= 0:
+        raise ConfigError("[auth] timeout_s must be positive")
+    if cfg.auth.jwt_secret_env and cfg.auth.jwt_secret_file:
+        raise ConfigError("set one of jwt_secret_env and jwt_secret_file, not both")
+    for origin in cfg.allowed_origins:
+        if not origin or origin != origin.strip() or origin.endswith("/"):
+            raise ConfigError(
+                f"allowed origin {origin!r}: write it as the browser sends it, "
+                "scheme://host[:port] without a trailing slash"
+            )
 
 
 def _apply(obj: _T, data: dict[str, Any], where: str) -> _T:
     known = {f.name: f for f in fields(obj)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
     for key, value in data.items():
         if key not in known:
             raise ConfigError(f"{where}: unknown key {key!r}; known: {', '.join(sorted(known))}")
         default = getattr(obj, key)
+        if isinstance(default, tuple):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{where}: {key} must be a list of strings")
+            values[key] = tuple(value)
+            continue
         if not isinstance(value, type(default)) and not (
             isinstance(default, float) and isinstance(value, int)
         ):
             raise ConfigError(f"{where}: {key} must be {type(default).__name__}")
-    return replace(obj, **data)  # type: ignore[type-var]
+        values[key] = value
+    return replace(obj, **values)  # type: ignore[type-var]
 
 
 __all__ = [
     "CHANNEL_TYPES",
     "DEFAULT_REDIS_URL",
+    "AuthConfig",
     "Limits",
     "PublisherConfig",
     "RetentionConfig",

@@ -7,6 +7,7 @@ TickwireError
  ├── CodecError             bytes that are not a valid event
  ├── ReplayError            a malformed line in a recorded file (names file and line)
  ├── RedisUnavailable       Redis cannot be reached (translated at the edge)
+ ├── AuthError              a credential that does not authenticate (says why, never the secret)
  └── ProtocolError          a client request that breaks protocol v1 (carries a wire code)
 """
 
@@ -45,6 +46,13 @@ class ReplayError(TickwireError):
 
 class RedisUnavailable(TickwireError):
     """Redis could not be reached."""
+
+
+class AuthError(TickwireError):
+    """A token or API key that is unknown, malformed, expired or not yet valid.
+
+    The message says why in a few words for logs and close reasons; it never holds the token.
+    """
 
 
 class ProtocolError(TickwireError):

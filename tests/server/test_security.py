@@ -1,0 +1,766 @@
+"""Authentication, entitlements, origin allowlist and connection limits: real server, real
+WebSockets, real Redis (plus the sans-I/O parts on their own)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import hmac
+import logging
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import orjson
+import pytest
+import websockets
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from websockets.exceptions import InvalidStatus
+from websockets.typing import Origin
+
+from tickwire.core.channels import Channel, ChannelPattern
+from tickwire.core.config import AuthConfig, PublisherConfig, ServerConfig, load_server_config
+from tickwire.core.errors import AuthError, ChannelError, ConfigError
+from tickwire.core.events import encode_body
+from tickwire.core.redis_process import RedisProcess, free_port
+from tickwire.core.redis_wire import RedisConnection
+from tickwire.feeds.publisher import Publisher
+from tickwire.server.admission import client_ip, handshake_token
+from tickwire.server.app import TickwireServer
+from tickwire.server.auth import ApiKeys, Authenticator, Entitlement
+from tickwire.server.session import Authenticated, ClientSession, Close, welcome_message
+
+from .conftest import Recorder, server_config
+
+SECRET_ENV = "TICKWIRE_TEST_JWT_SECRET"
+SECRET = secrets.token_urlsafe(48)
+KEY_ALL = "tw_all_" + secrets.token_urlsafe(24)
+KEY_BTC = "tw_btc_" + secrets.token_urlsafe(24)
+KEY_QUOTES = "tw_quotes_" + secrets.token_urlsafe(24)
+KEY_NEW = "tw_new_" + secrets.token_urlsafe(24)
+TICKWIRE = str(Path(sys.executable).parent / "tickwire")
+
+BTC_Q = Channel.parse("quotes:BTC-USD")
+ETH_Q = Channel.parse("quotes:ETH-USD")
+BTCX_Q = Channel.parse("quotes:BTCX")
+BTC_T = Channel.parse("trades:BTC-USD")
+
+
+def key_line(key: str, name: str, patterns: str) -> str:
+    return f"sha256:{hashlib.sha256(key.encode()).hexdigest()} {name} {patterns}\n"
+
+
+KEYS = (
+    "# test keys\n"
+    + key_line(KEY_ALL, "all", "*")
+    + key_line(KEY_BTC, "btc", "quotes:BTC-*")
+    + key_line(KEY_QUOTES, "quotes", "quotes:*  # every quote")
+)
+
+
+@pytest.fixture(scope="module")
+def rsa_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[rsa.RSAPrivateKey, Path]:
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path = tmp_path_factory.mktemp("jwt") / "public.pem"
+    path.write_bytes(
+        private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return private, path
+
+
+def write(path: Path, text: str) -> None:
+    path.write_text(text)
+
+
+@pytest.fixture
+def keys_file(tmp_path: Path) -> Path:
+    path = tmp_path / "keys"
+    path.write_text(KEYS)
+    return path
+
+
+@pytest.fixture
+def auth(
+    keys_file: Path, rsa_keys: tuple[rsa.RSAPrivateKey, Path], monkeypatch: pytest.MonkeyPatch
+) -> AuthConfig:
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    return AuthConfig(
+        api_keys_file=str(keys_file),
+        jwt_secret_env=SECRET_ENV,
+        jwt_public_key_file=str(rsa_keys[1]),
+        timeout_s=5.0,
+    )
+
+
+def hs256(channels: Any, *, exp_in: float = 300.0, **claims: Any) -> str:
+    return jwt.encode(
+        {"sub": "alice", "exp": time.time() + exp_in, "channels": channels, **claims},
+        SECRET,
+        algorithm="HS256",
+    )
+
+
+def rs256(private: rsa.RSAPrivateKey, channels: Any, *, exp_in: float = 300.0) -> str:
+    return jwt.encode(
+        {"sub": "bob", "exp": time.time() + exp_in, "channels": channels},
+        private,
+        algorithm="RS256",
+    )
+
+
+def forge_hs256(claims: dict[str, Any], key: bytes) -> str:
+    """An HS256 token made by hand (PyJWT refuses a PEM key as an HMAC secret)."""
+    b64 = jwt.utils.base64url_encode
+    signing = b64(orjson.dumps({"alg": "HS256", "typ": "JWT"})) + b"." + b64(orjson.dumps(claims))
+    return (signing + b"." + b64(hmac.new(key, signing, hashlib.sha256).digest())).decode()
+
+
+async def eventually(cond: Any, timeout: float = 5.0, what: str = "condition") -> None:
+    """Poll `cond()` until true, failing after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def config(redis: RedisProcess, auth: AuthConfig | None = None, **fields: Any) -> ServerConfig:
+    base = server_config(redis)
+    limits = {k: fields.pop(k) for k in list(fields) if hasattr(base.limits, k)}
+    return dataclasses.replace(
+        base,
+        auth=auth or AuthConfig(),
+        limits=dataclasses.replace(base.limits, **limits),
+        **fields,
+    )
+
+
+@contextlib.asynccontextmanager
+async def client(
+    url: str, *, token: str | None = None, origin: str | None = None
+) -> AsyncIterator[Recorder]:
+    """A recording client that sends `token` as `Authorization: Bearer`, waits for welcome."""
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    ws = await websockets.connect(
+        url,
+        compression=None,
+        max_size=None,
+        additional_headers=headers,
+        origin=Origin(origin) if origin is not None else None,
+    )
+    rec = Recorder(ws)
+    try:
+        await rec.wait_for(lambda m: m.get("type") == "welcome")
+        yield rec
+    finally:
+        await rec.close()
+
+
+async def refused(url: str, *, token: str | None = None, origin: str | None = None) -> int:
+    """The HTTP status of a refused upgrade (fails the test if the upgrade succeeds)."""
+    with pytest.raises(InvalidStatus) as info:
+        async with client(url, token=token, origin=origin):
+            pass
+    return info.value.response.status_code
+
+
+async def wait_closed(rec: Recorder, timeout: float = 10.0) -> tuple[int | None, str | None]:
+    async def closed() -> None:
+        with contextlib.suppress(AssertionError):
+            await rec.wait_for(lambda m: False, timeout=timeout)
+
+    await asyncio.wait_for(closed(), timeout + 1)
+    assert rec.closed is not None
+    return rec.closed
+
+
+def quote(ch: Channel, i: int) -> bytes:
+    return encode_body(
+        "quote", ch.symbol, i, 0, {"bid": 1.25, "bid_size": 1, "ask": 1.5, "ask_size": 2}
+    )
+
+
+def trade(ch: Channel, i: int) -> bytes:
+    return encode_body(
+        "trade", ch.symbol, i, 0, {"price": 1.5, "size": 1, "side": "buy", "trade_id": i}
+    )
+
+
+async def publish(pub: Publisher, channels: list[Channel], n: int = 5) -> None:
+    await pub.publish(
+        {
+            ch: [(quote if ch.kind == "quotes" else trade)(ch, i) for i in range(n)]
+            for ch in channels
+        }
+    )
+    await pub.flush()
+
+
+@contextlib.asynccontextmanager
+async def publisher(redis: RedisProcess) -> AsyncIterator[Publisher]:
+    async with Publisher(PublisherConfig(redis_url=redis.url)) as pub:
+        yield pub
+
+
+async def publish_until(
+    pub: Publisher, channels: list[Channel], done: Any, timeout: float = 10.0
+) -> None:
+    """Publish to `channels` until `done()`: a channel is read once the reader has polled it."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "events did not arrive"
+        await publish(pub, channels)
+        await asyncio.sleep(0.02)
+
+
+# -- sans-I/O ------------------------------------------------------------------------------------
+def test_entitlement_patterns_cover_only_what_lies_inside() -> None:
+    btc = Entitlement.parse("quotes:BTC-*")
+    assert btc.covers(ChannelPattern.parse("quotes:BTC-USD"))
+    assert not btc.covers(ChannelPattern.parse("quotes:BTCX"))
+    assert not btc.covers(ChannelPattern.parse("trades:BTC-USD"))
+    # A wildcard subscription is wider than any prefix entitlement: refused, never filtered.
+    assert not btc.covers(ChannelPattern.parse("quotes:*"))
+    assert Entitlement.parse("quotes:*").covers(ChannelPattern.parse("quotes:*"))
+    assert not Entitlement.parse("quotes:*").covers(ChannelPattern.parse("trades:*"))
+    assert Entitlement.parse("*").covers(ChannelPattern.parse("bars.1m:*"))
+    exact = Entitlement.parse("trades:AAPL")
+    assert exact.covers(ChannelPattern.parse("trades:AAPL"))
+    assert not exact.covers(ChannelPattern.parse("trades:AAPLX"))
+    assert [Entitlement.parse(t).name for t in ("*", "quotes:*", "quotes:BTC-*", "trades:A")] == [
+        "*",
+        "quotes:*",
+        "quotes:BTC-*",
+        "trades:A",
+    ]
+    for bad in ("orders:*", "quotes", "quotes:btc-*", "quotes:-*", "*:BTC", "quotes:A B"):
+        with pytest.raises(ChannelError):
+            Entitlement.parse(bad)
+
+
+def test_api_key_file_errors_name_the_line() -> None:
+    good = key_line(KEY_ALL, "all", "*")
+    cases = {
+        "sha256:abc all *": "64 hex",
+        "md5:" + "a" * 64 + " all *": "64 hex",
+        good.strip() + " extra": "expected",
+        good + good: "twice",
+        key_line(KEY_BTC, "btc", "orders:*"): "unknown channel type",
+        key_line(KEY_BTC, "btc", ","): "at least one",
+    }
+    for text, message in cases.items():
+        with pytest.raises(ConfigError, match=message) as info:
+            ApiKeys.parse("# header\n" + text, "keys.txt")
+        assert "keys.txt:" in str(info.value)
+        assert KEY_ALL not in str(info.value) and KEY_BTC not in str(info.value)
+    parsed = ApiKeys.parse(KEYS, "k")
+    assert sorted(g.subject for g in parsed.grants.values()) == ["all", "btc", "quotes"]
+
+
+def test_jwt_checks(auth: AuthConfig, rsa_keys: tuple[rsa.RSAPrivateKey, Path]) -> None:
+    private, public_path = rsa_keys
+    authn = Authenticator(auth)
+    now = time.time()
+    grant = authn.authenticate(hs256(["trades:*", "quotes:BTC-*"]), now)
+    assert grant.subject == "alice" and grant.names == ["trades:*", "quotes:BTC-*"]
+    assert grant.expires_at is not None and now < grant.expires_at <= now + 301
+    assert authn.authenticate(rs256(private, "trades:* quotes:AAPL"), now).names == [
+        "trades:*",
+        "quotes:AAPL",
+    ]
+    assert authn.authenticate(KEY_BTC, now).names == ["quotes:BTC-*"]
+    expired = hs256(["*"], exp_in=-1)
+    not_yet = hs256(["*"], nbf=now + 60)
+    wrong_secret = jwt.encode({"exp": now + 60}, "x" * 40, algorithm="HS256")
+    no_exp = jwt.encode({"channels": ["*"]}, SECRET, algorithm="HS256")
+    unsigned = jwt.encode({"exp": now + 60, "channels": ["*"]}, "", algorithm="none")
+    hs512 = jwt.encode({"exp": now + 60}, SECRET + "x" * 40, algorithm="HS512")
+    # Algorithm confusion: HS256 "signed" with the RSA public key (which is no secret).
+    forged = forge_hs256({"exp": now + 60, "channels": ["*"]}, public_path.read_bytes())
+    bad_claim = hs256("quotes:not valid")
+    for token, why in [
+        (expired, "token expired"),
+        (not_yet, "not yet valid"),
+        (wrong_secret, "invalid token"),
+        (no_exp, "'exp'"),
+        (unsigned, "algorithm not accepted"),
+        (hs512, "algorithm not accepted"),
+        (forged, "invalid token"),
+        (bad_claim, "bad pattern"),
+        ("tw_unknown_key", "invalid credentials"),
+        ("", "invalid credentials"),
+        ("x" * 9000, "invalid credentials"),
+    ]:
+        with pytest.raises(AuthError, match=why) as info:
+            authn.authenticate(token, now)
+        assert token[:40] not in str(info.value) or not token
+    # The injected clock decides expiry, not the machine's.
+    assert authn.authenticate(expired, now - 10).subject == "alice"
+    aud = Authenticator(dataclasses.replace(auth, jwt_audience="tw", jwt_issuer="idp"))
+    assert aud.authenticate(hs256(["*"], aud="tw", iss="idp"), now).subject == "alice"
+    with pytest.raises(AuthError, match="audience or issuer"):
+        aud.authenticate(hs256(["*"], aud="other", iss="idp"), now)
+
+
+def test_secrets_are_checked_at_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(SECRET_ENV, raising=False)
+    with pytest.raises(ConfigError, match=f"{SECRET_ENV} is not set"):
+        Authenticator(AuthConfig(jwt_secret_env=SECRET_ENV))
+    monkeypatch.setenv(SECRET_ENV, "short")
+    with pytest.raises(ConfigError, match="at least 32"):
+        Authenticator(AuthConfig(jwt_secret_env=SECRET_ENV))
+    with pytest.raises(ConfigError, match="cannot read API key file"):
+        Authenticator(AuthConfig(api_keys_file=str(tmp_path / "missing")))
+    (tmp_path / "k.pem").write_text("not a key")
+    with pytest.raises(ConfigError, match="not a PEM public key"):
+        Authenticator(AuthConfig(jwt_public_key_file=str(tmp_path / "k.pem")))
+
+
+def test_session_waits_for_auth_then_checks_entitlements(auth: AuthConfig) -> None:
+    from tickwire.core.config import Limits
+
+    authn = Authenticator(auth)
+    session = ClientSession(Limits(), authn)
+    assert session.awaiting_auth
+    # Anything but auth first closes with 4001; so does a bad token.
+    assert ClientSession(Limits(), authn).receive('{"op":"ping"}', 0.0, 0) == Close(
+        4001, "unauthorized"
+    )
+    assert ClientSession(Limits(), authn).receive("{nope", 0.0, 0) == Close(4001, "unauthorized")
+    bad = ClientSession(Limits(), authn).receive('{"op":"auth","token":"nope"}', 0.0, 0)
+    assert bad == Close(4001, "unauthorized")
+    now_ns = time.time_ns()
+    ok = session.receive(orjson.dumps({"op": "auth", "id": 1, "token": KEY_BTC}), 0.0, now_ns)
+    assert isinstance(ok, Authenticated)
+    assert orjson.loads(ok.reply) == {
+        "type": "authenticated",
+        "id": 1,
+        "entitlements": ["quotes:BTC-*"],
+    }
+    forbidden = session.receive('{"op":"subscribe","id":2,"channels":["quotes:*"]}', 0.1, now_ns)
+    assert isinstance(forbidden, bytes) and orjson.loads(forbidden)["code"] == "forbidden"
+    assert session.subscriptions == {}
+    sub = session.receive('{"op":"subscribe","id":3,"channels":["quotes:BTC-USD"]}', 0.2, now_ns)
+    assert not isinstance(sub, bytes)
+    # A refresh must cover what is subscribed; a failed one keeps the connection and grant.
+    narrower = orjson.dumps({"op": "auth", "id": 4, "token": hs256(["trades:*"])})
+    err = session.receive(narrower, 0.3, now_ns)
+    assert isinstance(err, bytes) and orjson.loads(err)["code"] == "forbidden"
+    err = session.receive('{"op":"auth","id":5,"token":"nope"}', 0.4, now_ns)
+    assert isinstance(err, bytes) and orjson.loads(err)["code"] == "unauthorized"
+    assert session.grant is not None and session.grant.names == ["quotes:BTC-*"]
+    # Without auth configured, auth is a bad request and the welcome says nothing of it.
+    plain = ClientSession(Limits())
+    err = plain.receive(orjson.dumps({"op": "auth", "token": KEY_ALL}), 0.0, 0)
+    assert isinstance(err, bytes) and orjson.loads(err)["code"] == "bad_request"
+    assert "auth" not in orjson.loads(welcome_message(Limits(), 5000))
+
+
+def test_handshake_token_and_client_ip() -> None:
+    assert handshake_token({"Authorization": "Bearer abc"}, "/ws?token=def") == "abc"
+    assert handshake_token({"Authorization": "bearer  abc "}, "/ws") == "abc"
+    assert handshake_token({"Authorization": "Basic xyz"}, "/ws?token=def") == "def"
+    assert handshake_token({}, "/ws?a=1&token=a%2Bb") == "a+b"
+    assert handshake_token({}, "/ws") is None
+    assert handshake_token({}, "/ws?" + "&".join(f"k{i}=1" for i in range(40))) is None
+    headers = {"X-Forwarded-For": "6.6.6.6, 10.0.0.9"}
+    assert client_ip("127.0.0.1", headers, "X-Forwarded-For") == "10.0.0.9"
+    assert client_ip("127.0.0.1", headers, "") == "127.0.0.1"
+    assert client_ip("127.0.0.1", {}, "X-Real-IP") == "127.0.0.1"
+
+
+def test_config_from_toml_and_flags(tmp_path: Path) -> None:
+    path = tmp_path / "tw.toml"
+    path.write_text(
+        'allowed_origins = ["https://a.example", "https://b.example"]\n'
+        "allow_missing_origin = false\nmax_connections = 100\nmax_connections_per_ip = 5\n"
+        "[limits]\nmax_lifetime_s = 86400\nlifetime_notice_s = 30\n"
+        '[auth]\napi_keys_file = "/etc/tw/keys"\njwt_audience = "tw"\ntimeout_s = 3\n'
+    )
+    cfg = load_server_config(str(path), max_connections=50, auth={"jwt_secret_env": "S"})
+    assert cfg.allowed_origins == ("https://a.example", "https://b.example")
+    assert not cfg.allow_missing_origin and cfg.max_connections == 50
+    assert cfg.max_connections_per_ip == 5 and cfg.limits.max_lifetime_s == 86400.0
+    assert cfg.auth == AuthConfig(
+        api_keys_file="/etc/tw/keys", jwt_secret_env="S", jwt_audience="tw", timeout_s=3.0
+    )
+    defaults = load_server_config(None)
+    assert not defaults.auth.enabled and defaults.allowed_origins == ()
+    assert defaults.max_connections == 0 and defaults.limits.max_lifetime_s == 0
+    for text, message in [
+        ('allowed_origins = "https://a"', "list of strings"),
+        ('allowed_origins = ["https://a/"]', "trailing slash"),
+        ("[auth]\nsecret = 'x'", "unknown key"),
+        ("[auth]\njwt_secret_env = 'A'\njwt_secret_file = 'B'", "not both"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_server_config(str(path))
+
+
+# -- authentication over real sockets ------------------------------------------------------------
+async def test_header_query_and_message_tokens_each_authenticate(
+    redis_server: RedisProcess,
+    redis: RedisConnection,
+    auth: AuthConfig,
+    rsa_keys: tuple[rsa.RSAPrivateKey, Path],
+) -> None:
+    async with TickwireServer(config(redis_server, auth)) as srv, publisher(redis_server) as pub:
+        # Authorization header (API key).
+        async with client(srv.url, token=KEY_BTC) as c:
+            welcome = c.of_type("welcome")[0]
+            assert welcome["auth"] == "ok" and welcome["entitlements"] == ["quotes:BTC-*"]
+            assert (await c.request("subscribe", channels=[BTC_Q.name]))["type"] == "subscribed"
+            await publish_until(pub, [BTC_Q], lambda: bool(c.events(BTC_Q.name)))
+        # ?token= query parameter (HS256 JWT).
+        async with client(srv.url + "?token=" + hs256(["quotes:*"])) as c:
+            assert c.of_type("welcome")[0]["auth"] == "ok"
+            assert (await c.request("subscribe", channels=["quotes:*"]))["type"] == "subscribed"
+        # {"op":"auth"} message (RS256 JWT): nothing but welcome comes before it.
+        async with client(srv.url) as c:
+            welcome = c.of_type("welcome")[0]
+            assert welcome["auth"] == "required" and "entitlements" not in welcome
+            await publish(pub, [BTC_Q])
+            ack = await c.request("auth", token=rs256(rsa_keys[0], ["quotes:BTC-*"]))
+            assert ack["type"] == "authenticated" and ack["entitlements"] == ["quotes:BTC-*"]
+            assert [m["type"] for m in c.messages] == ["welcome", "authenticated"]
+            await c.request("subscribe", channels=[BTC_Q.name], snapshot=True)
+            await c.wait_until(lambda: bool(c.events(BTC_Q.name)))
+            assert c.checker.ok, c.checker.violations
+
+
+async def test_data_before_auth_or_a_bad_auth_message_closes_4001(
+    redis_server: RedisProcess, redis: RedisConnection, auth: AuthConfig
+) -> None:
+    async with TickwireServer(config(redis_server, auth)) as srv:
+        async with client(srv.url) as c:
+            await c.send_raw(orjson.dumps({"op": "subscribe", "channels": ["quotes:*"]}))
+            assert await wait_closed(c) == (4001, "unauthorized")
+            assert [m["type"] for m in c.messages] == ["welcome"]
+        async with client(srv.url) as c:
+            await c.send_raw(orjson.dumps({"op": "auth", "token": KEY_BTC + "x"}))
+            assert await wait_closed(c) == (4001, "unauthorized")
+        async with client(srv.url) as c:
+            await c.send_raw(orjson.dumps({"op": "auth", "token": hs256(["*"], exp_in=-5)}))
+            assert await wait_closed(c) == (4001, "unauthorized")
+        assert srv.metrics.auth_failures == 3
+
+
+async def test_auth_deadline_missed_closes_4001(
+    redis_server: RedisProcess, redis: RedisConnection, auth: AuthConfig
+) -> None:
+    cfg = config(redis_server, dataclasses.replace(auth, timeout_s=0.3))
+    async with TickwireServer(cfg) as srv, client(srv.url) as c:
+        opened = time.monotonic()
+        assert await wait_closed(c, timeout=5) == (4001, "auth timeout")
+        assert time.monotonic() - opened >= 0.25
+        assert [m["type"] for m in c.messages] == ["welcome"]
+
+
+async def test_bad_handshake_tokens_get_401_and_never_reach_the_log(
+    redis_server: RedisProcess,
+    redis: RedisConnection,
+    auth: AuthConfig,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    good_jwt = hs256(["*"])
+    bad = [KEY_ALL + "x", hs256(["*"], exp_in=-1), good_jwt[:-4] + "AAAA", "not.a.jwt"]
+    async with TickwireServer(config(redis_server, auth)) as srv:
+        for token in bad:
+            assert await refused(srv.url, token=token) == 401
+            assert await refused(srv.url + "?token=" + token) == 401
+        with pytest.raises(InvalidStatus) as info:
+            async with client(srv.url, token=bad[1]):
+                pass
+        assert info.value.response.headers["WWW-Authenticate"].startswith("Bearer")
+        assert info.value.response.body == b"token expired\n"
+        # Good tokens in each of the three places, and a message that closes the connection.
+        async with client(srv.url, token=KEY_ALL) as c:
+            await c.request("ping")
+        async with client(srv.url + "?token=" + good_jwt):
+            pass
+        async with client(srv.url) as c:
+            await c.request("auth", token=good_jwt)
+        assert srv.metrics.handshakes_refused == {401: 2 * len(bad) + 1}
+    server_side = [
+        r for r in caplog.records if r.name.startswith(("tickwire", "websockets.server"))
+    ]
+    assert any("authenticated as" in r.getMessage() for r in server_side)
+    text = "\n".join(r.getMessage() for r in server_side)
+    for secret in [*bad, good_jwt, KEY_ALL, SECRET]:
+        assert secret not in text
+
+
+async def test_expired_jwt_gets_a_notice_then_4001_token_expired(
+    redis_server: RedisProcess, redis: RedisConnection, auth: AuthConfig
+) -> None:
+    cfg = config(redis_server, auth, lifetime_notice_s=0.4)
+    async with TickwireServer(cfg) as srv, client(srv.url, token=hs256(["*"], exp_in=1.2)) as c:
+        await c.request("subscribe", channels=["quotes:*"])
+        notice = await c.wait_for(lambda m: m.get("type") == "notice", timeout=5)
+        assert notice["code"] == "token_expiring" and 0 < notice["close_in_ms"] <= 400
+        assert await wait_closed(c, timeout=5) == (4001, "token expired")
+
+
+async def test_refresh_with_a_new_token_moves_the_expiry(
+    redis_server: RedisProcess, redis: RedisConnection, auth: AuthConfig
+) -> None:
+    cfg = config(redis_server, auth, lifetime_notice_s=0.2)
+    async with TickwireServer(cfg) as srv, client(srv.url, token=hs256(["*"], exp_in=0.8)) as c:
+        ack = await c.request("auth", token=KEY_ALL)  # an API key does not expire
+        assert ack["type"] == "authenticated"
+        # Past the first token's expiry (and its notice) the connection still answers.
+        await asyncio.sleep(1.2)
+        assert (await c.request("ping"))["type"] == "pong"
+        assert c.of_type("notice") == [] and c.closed is None
+
+
+# -- entitlements --------------------------------------------------------------------------------
+async def test_no_event_of_a_forbidden_channel_ever_reaches_the_connection(
+    redis_server: RedisProcess, redis: RedisConnection, auth: AuthConfig
+) -> None:
+    async with (
+        TickwireServer(config(redis_server, auth)) as srv,
+        publisher(redis_server) as pub,
+        client(srv.url, token=KEY_ALL) as admin,
+        client(srv.url, token=KEY_BTC) as btc,
+    ):
+        await admin.request("subscribe", channels=["quotes:*", "trades:*"])
+        for channels in (
+            ["quotes:*"],
+            ["trades:*"],
+            [ETH_Q.name],
+            [BTCX_Q.name],
+            [BTC_T.name],
+            [BTC_Q.name, ETH_Q.name],  # all or nothing
+        ):
+            err = await btc.request("subscribe", channels=channels)
+            assert err["type"] == "error" and err["code"] == "forbidden", channels
+        err = await btc.request(
+            "subscribe", channels=[BTC_Q.name], resume={ETH_Q.name: {"epoch": "e", "seq": 1}}
+        )
+        assert err["code"] == "bad_request"
+        ack = await btc.request("subscribe", channels=[BTC_Q.name], snapshot=True)
+        assert ack["channels"] == [BTC_Q.name]
+        everything = [ETH_Q, BTCX_Q, BTC_T, BTC_Q]
+        await publish_until(
+            pub,
+            everything,
+            lambda: all(admin.events(c.name) for c in everything) and bool(btc.events(BTC_Q.name)),
+        )
+        # Once more: forbidden channels first (seen by admin), then the allowed one as a barrier.
+        await publish(pub, [ETH_Q, BTCX_Q, BTC_T])
+        target = {c.name: pub.positions[c][1] for c in (ETH_Q, BTCX_Q, BTC_T)}
+        await admin.wait_until(lambda: all(admin.last_seq(n) == s for n, s in target.items()))
+        await publish(pub, [BTC_Q])
+        await btc.wait_until(lambda: btc.last_seq(BTC_Q.name) == pub.positions[BTC_Q][1])
+        assert {m["ch"] for m in btc.messages if "ch" in m} == {BTC_Q.name}
+        assert btc.checker.ok, btc.checker.violations
+        assert (await btc.request("list"))["channels"] == [BTC_Q.name]
+        assert (await admin.request("list"))["channels"] == sorted(c.name for c in everything)
+
+
+async def test_reload_revokes_keys_narrows_grants_and_adds_keys(
+    redis_server: RedisProcess, redis: RedisConnection, auth: AuthConfig, keys_file: Path
+) -> None:
+    async with (
+        TickwireServer(config(redis_server, auth)) as srv,
+        client(srv.url, token=KEY_ALL) as revoked,
+        client(srv.url, token=KEY_QUOTES) as narrowed,
+        client(srv.url, token=KEY_BTC) as kept,
+        client(srv.url, token=hs256(["quotes:*"])) as by_jwt,
+    ):
+        await narrowed.request("subscribe", channels=["quotes:*"])
+        await kept.request("subscribe", channels=[BTC_Q.name])
+        await by_jwt.request("subscribe", channels=["quotes:*"])
+        assert await refused(srv.url, token=KEY_NEW) == 401
+        # A malformed file changes nothing.
+        write(keys_file, "garbage\n")
+        assert srv.reload_credentials() is False
+        assert (await kept.request("ping"))["type"] == "pong"
+        write(
+            keys_file,
+            key_line(KEY_BTC, "btc", "quotes:BTC-*")
+            + key_line(KEY_QUOTES, "quotes", "quotes:BTC-*")
+            + key_line(KEY_NEW, "new", "trades:*"),
+        )
+        assert srv.reload_credentials() is True
+        assert await wait_closed(revoked) == (4001, "credentials revoked")
+        assert await wait_closed(narrowed) == (4003, "forbidden")
+        assert (await kept.request("ping"))["type"] == "pong"
+        assert (await by_jwt.request("ping"))["type"] == "pong"  # JWTs carry their own grant
+        async with client(srv.url, token=KEY_NEW) as new:
+            assert new.of_type("welcome")[0]["entitlements"] == ["trades:*"]
+        assert await refused(srv.url, token=KEY_ALL) == 401
+
+
+async def test_sighup_reloads_the_key_file_of_a_server_process(
+    redis_server: RedisProcess, redis: RedisConnection, keys_file: Path
+) -> None:
+    port = free_port()
+    args = ["serve", "--redis", redis_server.url, "--port", str(port), "--workers", "1"]
+    proc = subprocess.Popen(
+        [TICKWIRE, *args, "--api-keys", str(keys_file)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"ws://127.0.0.1:{port}/ws"
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            assert proc.poll() is None, "server exited at start"
+            assert time.monotonic() < deadline, "server did not listen"
+            try:
+                status = await refused(url, token=KEY_NEW)
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        assert status == 401
+        async with client(url, token=KEY_ALL):
+            pass
+        write(keys_file, key_line(KEY_NEW, "new", "*"))
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while True:  # the reload happens on the server's loop, soon after the signal
+            try:
+                async with client(url, token=KEY_NEW) as c:
+                    assert c.of_type("welcome")[0]["entitlements"] == ["*"]
+                break
+            except InvalidStatus:
+                assert time.monotonic() < deadline, "SIGHUP did not reload the keys"
+                await asyncio.sleep(0.05)
+        assert await refused(url, token=KEY_ALL) == 401
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 10) == 0
+
+
+async def test_serve_refuses_to_start_without_its_secret(tmp_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        TICKWIRE,
+        "serve",
+        "--port",
+        "0",
+        "--jwt-secret-env",
+        "TICKWIRE_SURELY_UNSET_VAR",
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1
+    assert b"TICKWIRE_SURELY_UNSET_VAR is not set" in err
+
+
+# -- origin and connection caps ------------------------------------------------------------------
+async def test_origin_allowlist(redis_server: RedisProcess, redis: RedisConnection) -> None:
+    cfg = config(redis_server, allowed_origins=("https://app.example",))
+    async with TickwireServer(cfg) as srv:
+        async with client(srv.url, origin="https://app.example"):
+            pass
+        async with client(srv.url):  # no Origin: not a browser, allowed by default
+            pass
+        assert await refused(srv.url, origin="https://evil.example") == 403
+        assert await refused(srv.url, origin="https://app.example.evil") == 403
+    strict = dataclasses.replace(cfg, allow_missing_origin=False)
+    async with TickwireServer(strict) as srv:
+        assert await refused(srv.url) == 403
+        async with client(srv.url, origin="https://app.example"):
+            pass
+        assert srv.metrics.handshakes_refused == {403: 1}
+
+
+async def test_connection_caps_429_per_ip_503_in_total_and_slots_come_back(
+    redis_server: RedisProcess, redis: RedisConnection
+) -> None:
+    cfg = config(redis_server, max_connections_per_ip=2)
+    async with TickwireServer(cfg) as srv, client(srv.url), client(srv.url) as second:
+        assert await refused(srv.url) == 429
+        await second.close()
+        await eventually(lambda: srv.admission.open == 1, what="the slot to come back")
+        async with client(srv.url):
+            pass
+    cfg = config(redis_server, max_connections=1)
+    async with TickwireServer(cfg) as srv:
+        async with client(srv.url):
+            assert await refused(srv.url) == 503
+        # A client that sends the upgrade request and vanishes gives its slot back too.
+        _, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writer.write(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        await writer.drain()
+        writer.transport.abort()
+        await eventually(
+            lambda: srv.admission.open == 0 and not srv.admission.per_ip, what="slot release"
+        )
+        async with client(srv.url) as c:
+            assert (await c.request("ping"))["type"] == "pong"
+        assert srv.metrics.handshakes_refused == {503: 1}
+
+
+# -- per-connection limits -----------------------------------------------------------------------
+async def test_max_lifetime_sends_a_notice_then_closes_1001(
+    redis_server: RedisProcess, redis: RedisConnection
+) -> None:
+    cfg = config(redis_server, max_lifetime_s=0.8, lifetime_notice_s=0.3)
+    async with TickwireServer(cfg) as srv, client(srv.url) as c:
+        opened = time.monotonic()
+        notice = await c.wait_for(lambda m: m.get("type") == "notice", timeout=5)
+        assert notice == {"type": "notice", "code": "max_lifetime", "close_in_ms": 300}
+        assert await wait_closed(c, timeout=5) == (1001, "max lifetime")
+        assert time.monotonic() - opened >= 0.7
+
+
+async def test_persistent_rate_limit_violation_closes_1008(
+    redis_server: RedisProcess, redis: RedisConnection
+) -> None:
+    cfg = config(redis_server, rate_per_s=0.5, rate_burst=3, rate_violations_before_close=4)
+    async with TickwireServer(cfg) as srv, client(srv.url) as c:
+        for i in range(10):
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await c.send_raw(orjson.dumps({"op": "ping", "id": i}))
+        assert await wait_closed(c) == (1008, "rate limit exceeded")
+        assert len(c.of_type("pong")) == 3
+        assert [m["code"] for m in c.of_type("error")] == ["rate_limited"] * 3
+
+
+async def test_subscription_cap_open_timeout_and_ping_timeout(
+    redis_server: RedisProcess, redis: RedisConnection
+) -> None:
+    cfg = config(
+        redis_server,
+        max_subscriptions=2,
+        open_timeout_s=0.3,
+        ping_interval_s=0.2,
+        ping_timeout_s=0.2,
+        close_timeout_s=0.2,
+    )
+    async with TickwireServer(cfg) as srv:
+        async with client(srv.url) as c:
+            await c.request("subscribe", channels=[BTC_Q.name, ETH_Q.name])
+            err = await c.request("subscribe", channels=[BTC_T.name])
+            assert err["code"] == "too_many_subscriptions"
+        # A TCP connection that never sends its handshake is dropped after open_timeout_s.
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        started = time.monotonic()
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert 0.2 <= time.monotonic() - started < 3
+        writer.close()
+        # A client that stops answering pings is closed by the server.
+        ws = await websockets.connect(srv.url, compression=None, ping_interval=None)
+        ws.transport.pause_reading()
+        await eventually(lambda: not srv.connections, what="the unresponsive client to go")
+        ws.transport.abort()
