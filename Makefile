@@ -20,12 +20,14 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
+	scripts/validate-asyncapi.sh
 
 typecheck: $(STAMP)
 	$(BIN)/mypy -p tickwire
 	$(BIN)/mypy tests
 
 unit: $(STAMP)
+	scripts/ensure-chromium.sh
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test: lint typecheck unit

@@ -45,6 +45,13 @@ def test_decode_rejects_bad_events_with_clear_errors(raw: bytes, message: str) -
         decode_event(raw)
 
 
+def test_encode_body_requires_every_field_of_the_type() -> None:
+    with pytest.raises(CodecError, match="trade event lacks size, side, trade_id"):
+        encode_body("trade", "A", 0, 0, {"price": 1.5})
+    with pytest.raises(CodecError, match="unknown event type"):
+        encode_body("order", "A", 0, 0, {})
+
+
 @pytest.mark.parametrize("tick, decimals", [(0.5, 1), (0.25, 2), (0.01, 2), (1.0, 0), (0.00001, 5)])
 def test_tick_decimals(tick: float, decimals: int) -> None:
     assert tick_decimals(tick) == decimals

@@ -12,6 +12,7 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from tests.contract.schemas import validate_client_message, validate_server_message
 from tickwire.bench.invariant import InvariantChecker
 from tickwire.core.config import Limits, ServerConfig
 from tickwire.core.redis_process import RedisProcess
@@ -30,6 +31,8 @@ class Recorder:
         self._new = asyncio.Condition()
         self._task = asyncio.create_task(self._read())
         self.closed: tuple[int | None, str | None] | None = None
+        self.contract_errors: list[str] = []
+        self._events_checked = 0
         self._id = 0
 
     async def _read(self) -> None:
@@ -38,6 +41,7 @@ class Recorder:
                 doc = orjson.loads(frame)
                 async with self._new:
                     for m in doc if isinstance(doc, list) else [doc]:
+                        self._check_contract(m)
                         self.messages.append(m)
                         self.checker.feed(m)
                     self._new.notify_all()
@@ -48,10 +52,25 @@ class Recorder:
             async with self._new:
                 self._new.notify_all()
 
+    def _check_contract(self, message: Message) -> None:
+        """Check server messages against docs/asyncapi.yaml: every message but `events`, and
+        the first `events` messages of each connection (jsonschema over every event of the
+        load tests would make them 40 times slower; the invariant checker sees every event)."""
+        if message.get("type") == "events":
+            self._events_checked += 1
+            if self._events_checked > 2:
+                return
+        try:
+            validate_server_message(message)
+        except AssertionError as exc:
+            self.contract_errors.append(str(exc))
+
     async def request(self, op: str, **fields: Any) -> Message:
         self._id += 1
         rid = self._id
-        await self.ws.send(orjson.dumps({"op": op, "id": rid, **fields}).decode())
+        request = {"op": op, "id": rid, **fields}
+        validate_client_message(request)
+        await self.ws.send(orjson.dumps(request).decode())
         return await self.wait_for(lambda m: m.get("id") == rid and m.get("type") != "events")
 
     async def send_raw(self, data: str | bytes) -> None:
@@ -116,6 +135,7 @@ async def recorder(url: str) -> AsyncIterator[Recorder]:
         yield rec
     finally:
         await rec.close()
+    assert not rec.contract_errors, rec.contract_errors[:3]
 
 
 def server_config(redis: RedisProcess, **limits: Any) -> ServerConfig:

@@ -10,13 +10,21 @@ from tickwire.core.events import complete_body, encode_body
 from tickwire.server.batch import Batch
 from tickwire.server.outbox import Outbox
 
+FIELDS: dict[str, dict[str, object]] = {
+    "trades": {"price": 1.5, "size": 1, "side": "buy", "trade_id": 1},
+    "quotes": {"bid": 1.5, "bid_size": 1, "ask": 1.75, "ask_size": 1},
+}
 T = Channel.parse("trades:BTC-USD")
 Q = Channel.parse("quotes:BTC-USD")
 
 
 def batch(ch: Channel, first: int, n: int, epoch: str = "e1") -> Batch:
     events = [
-        complete_body(encode_body(ch.event_type, ch.symbol, 0, 0, {"x": i}), epoch, first + i)
+        complete_body(
+            encode_body(ch.event_type, ch.symbol, 0, 0, {**FIELDS[ch.kind], "x": i}),
+            epoch,
+            first + i,
+        )
         for i in range(n)
     ]
     return Batch(ch, epoch, first, events)

@@ -21,6 +21,14 @@ from tickwire.server.app import TickwireServer
 from .conftest import recorder, server_config
 
 T = Channel.parse("trades:BTC-USD")
+
+
+def trade_body(price: float) -> bytes:
+    return encode_body(
+        "trade", T.symbol, 0, 0, {"price": price, "size": 1, "side": "buy", "trade_id": 1}
+    )
+
+
 TICKWIRE = str(Path(sys.executable).parent / "tickwire")
 
 
@@ -55,18 +63,14 @@ async def test_two_workers_share_the_port_and_each_serves_every_event(
         await wait_listening(port, proc)
         url = f"ws://127.0.0.1:{port}/ws"
         async with Publisher(PublisherConfig(redis_url=redis_server.url)) as pub:
-            await pub.publish(
-                {T: [encode_body("trade", T.symbol, 0, 0, {"price": 1.5}) for _ in range(10)]}
-            )
+            await pub.publish({T: [trade_body(1.5) for _ in range(10)]})
             await pub.flush()
             clients = [recorder(url) for _ in range(8)]
             recs = [await c.__aenter__() for c in clients]
             for r in recs:
                 await r.request("subscribe", channels=[T.name], snapshot=True)
                 await r.wait_until(lambda r=r: r.last_seq(T.name) == 10)  # type: ignore[misc]
-            await pub.publish(
-                {T: [encode_body("trade", T.symbol, 0, 0, {"price": 2.5}) for _ in range(50)]}
-            )
+            await pub.publish({T: [trade_body(2.5) for _ in range(50)]})
             await pub.flush()
             for r in recs:
                 await r.wait_until(lambda r=r: r.last_seq(T.name) == 60)  # type: ignore[misc]
@@ -126,7 +130,7 @@ async def test_idle_connection_gets_heartbeat_with_last_seqs(
     ):
         await c.request("subscribe", channels=[T.name])
         for _ in range(20):
-            await pub.publish({T: [encode_body("trade", T.symbol, 0, 0, {"price": 1.5})]})
+            await pub.publish({T: [trade_body(1.5)]})
             await pub.flush()
             if c.last_seq(T.name):
                 break

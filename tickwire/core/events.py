@@ -106,8 +106,16 @@ EVENT_CLASSES: dict[str, type[Event]] = {"quote": Quote, "trade": Trade, "bar": 
 def encode_body(event_type: str, sym: str, ts: int, pt: int, fields: dict[str, Any]) -> bytes:
     """Encode an event without `epoch`/`seq` and without its closing brace.
 
-    The store appends `,"epoch":"…","seq":N}` when it assigns the sequence number.
+    The store appends `,"epoch":"…","seq":N}` when it assigns the sequence number. Every field
+    of the type is required (CodecError names the missing ones); extra fields are allowed, since
+    fields are only ever added within a schema version.
     """
+    required = FIELDS_OF.get(event_type)
+    if required is None:
+        raise CodecError(f"unknown event type {event_type!r}: expected quote, trade or bar")
+    missing = [f for f in required if f not in fields]
+    if missing:
+        raise CodecError(f"{event_type} event lacks {', '.join(missing)}")
     doc: dict[str, Any] = {"v": SCHEMA_VERSION, "type": event_type, "sym": sym, "ts": ts, "pt": pt}
     doc.update(fields)
     return orjson.dumps(doc)[:-1]
