@@ -76,8 +76,11 @@ def _start(
     """Set the client's position on `channel`; return the seq after which to replay."""
     outbox = sub.outbox
     current = outbox.positions.get(channel)
-    if resume is None and current is not None:
-        return current[1]  # live events already reached this client: a snapshot is moot
+    if current is not None:
+        # This connection already follows the channel and has events queued or sent: they
+        # reach it in order, so a snapshot is moot and a resume must not rewind (it would
+        # duplicate them, or announce a gap over events it got).
+        return current[1]
     if meta is None:
         # Nothing stored yet. A resume position still lets the outbox announce a reset when the
         # channel comes back in another epoch.

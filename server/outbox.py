@@ -147,7 +147,12 @@ class Outbox:
         if not batches:
             return items
         conflate = channel.kind != "trades"
-        latest = batches[-1].latest_only() if conflate else None
+        latest: Batch | None = None
+        if conflate:
+            # The latest event stays, flagged as conflated; a lone event supersedes nothing and
+            # goes as it is (a conflated frame always follows the gap of what it superseded).
+            alone = len(batches) == 1 and len(batches[0].events) == 1
+            latest = batches[0] if alone else batches[-1].latest_only()
         first = batches[0].first_seq
         last_dropped = latest.first_seq - 1 if latest is not None else batches[-1].last_seq
         # Gaps before the first dropped batch stay; those between dropped batches are covered

@@ -119,3 +119,18 @@ def test_forget_drops_queued_data_and_position() -> None:
     assert box.take() is None
     box.add(batch(T, 50, 1))  # no gap: the client no longer had a position
     assert [m["type"] for m in drain(box)] == ["events"]
+
+
+def test_resume_of_a_channel_already_followed_does_not_rewind() -> None:
+    from tickwire.server.catchup import _start
+    from tickwire.server.hub import Subscriber
+
+    box = Outbox(1 << 20)
+    box.add(batch(T, 1, 3))
+    drain(box)
+    box.add(batch(T, 4, 2))
+    sub = Subscriber(box, lambda: None)
+    after = _start(sub, T, ("e1", 3), ("e1", 20, 1), max_events=10)
+    assert after == 5
+    out = drain(box)
+    assert seqs(out) == [4, 5] and [m for m in out if m["type"] == "gap"] == []
