@@ -14,24 +14,30 @@ class Subscriber:
     """The hub's view of one connection: its outbox, the channels held back during catch-up,
     and a callback that writes what the outbox holds."""
 
-    __slots__ = ("flush", "hold_limit", "holding", "outbox")
+    __slots__ = ("_held_events", "flush", "hold_limit", "holding", "outbox")
 
     def __init__(
         self, outbox: Outbox, flush: Callable[[], None], hold_limit: int = 100_000
     ) -> None:
         self.outbox = outbox
         self.flush = flush
-        #: Live batches of channels being caught up from history; None marks an overflow.
+        #: Live batches of channels being caught up from history.
         self.holding: dict[Channel, list[Batch]] = {}
         self.hold_limit = hold_limit
+        # Events in each hold list, kept as it grows (an empty list starts the count again).
+        self._held_events: dict[Channel, int] = {}
 
     def hold(self, batch: Batch) -> None:
-        held = self.holding[batch.channel]
+        channel = batch.channel
+        held = self.holding[channel]
+        count = (self._held_events.get(channel, 0) if held else 0) + len(batch.events)
         held.append(batch)
-        if sum(len(b.events) for b in held) > self.hold_limit:
+        if count > self.hold_limit:
             # The catch-up reads history up to the stream's end before joining live, so what is
             # dropped here is read again from Redis; holding it all would be unbounded.
             held.clear()
+            count = 0
+        self._held_events[channel] = count
 
 
 class Hub:

@@ -256,15 +256,16 @@ class StreamReader:
         deliveries = self.hub.dispatch(batches)
         self.metrics.deliveries += deliveries
         now = self.clock_ns()
-        latest = max(publish_ns_of(b.events[-1]) for b in batches)
-        if latest:
-            self.metrics.read_lag_seconds = max(0.0, (now - latest) / 1e9)
+        latest = 0
         for b in batches:
             pt = publish_ns_of(b.events[-1])
             if pt:
+                latest = max(latest, pt)
                 self.metrics.latency.observe(
                     max(0.0, (now - pt) / 1e9), len(self.hub.subscribers_of(b.channel)) or 1
                 )
+        if latest:
+            self.metrics.read_lag_seconds = max(0.0, (now - latest) / 1e9)
 
 
 def status_message(up: bool) -> bytes:

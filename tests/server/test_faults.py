@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 
@@ -122,9 +123,7 @@ async def test_blackholed_redis_connection_recovers_without_crossed_replies(
     async with proxy_to(redis_server) as proxy:
         url = f"redis://127.0.0.1:{proxy.port}/0"
         cfg = server_config(redis_server)
-        cfg = type(cfg)(
-            **{**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__}, "redis_url": url}
-        )
+        cfg = dataclasses.replace(cfg, redis_url=url)
         async with (
             TickwireServer(cfg) as srv,
             recorder(srv.url) as c,

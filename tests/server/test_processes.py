@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -45,6 +46,18 @@ async def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: floa
     raise AssertionError("server did not listen")
 
 
+async def serve_two_workers(redis: RedisProcess) -> tuple[int, subprocess.Popen[bytes]]:
+    """`tickwire serve --workers 2` on a free port, once it listens."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [TICKWIRE, "serve", "--redis", redis.url, "--port", str(port), "--workers", "2"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    await wait_listening(port, proc)
+    return port, proc
+
+
 def worker_pids(parent: int) -> list[int]:
     text = Path(f"/proc/{parent}/task/{parent}/children").read_text()
     return [int(p) for p in text.split()]
@@ -53,14 +66,8 @@ def worker_pids(parent: int) -> list[int]:
 async def test_two_workers_share_the_port_and_each_serves_every_event(
     redis_server: RedisProcess, redis: RedisConnection
 ) -> None:
-    port = free_port()
-    proc = subprocess.Popen(
-        [TICKWIRE, "serve", "--redis", redis_server.url, "--port", str(port), "--workers", "2"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    port, proc = await serve_two_workers(redis_server)
     try:
-        await wait_listening(port, proc)
         url = f"ws://127.0.0.1:{port}/ws"
         async with Publisher(PublisherConfig(redis_url=redis_server.url)) as pub:
             await pub.publish({T: [trade_body(1.5) for _ in range(10)]})
@@ -86,14 +93,8 @@ async def test_two_workers_share_the_port_and_each_serves_every_event(
 async def test_killed_worker_is_replaced_and_sigterm_closes_clients_with_1001(
     redis_server: RedisProcess, redis: RedisConnection
 ) -> None:
-    port = free_port()
-    proc = subprocess.Popen(
-        [TICKWIRE, "serve", "--redis", redis_server.url, "--port", str(port), "--workers", "2"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    port, proc = await serve_two_workers(redis_server)
     try:
-        await wait_listening(port, proc)
         victim = worker_pids(proc.pid)[0]
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 10
@@ -120,9 +121,7 @@ async def test_idle_connection_gets_heartbeat_with_last_seqs(
     redis_server: RedisProcess, redis: RedisConnection
 ) -> None:
     cfg = server_config(redis_server)
-    cfg = type(cfg)(
-        **{**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__}, "heartbeat_ms": 200}
-    )
+    cfg = dataclasses.replace(cfg, heartbeat_ms=200)
     async with (
         TickwireServer(cfg) as srv,
         recorder(srv.url) as c,
