@@ -1,27 +1,35 @@
 """End-to-end bench: publish → client receive latency and fan-out throughput, against a baseline.
 
     tickwire bench [--rate 10000] [--symbols 100] [--clients 100] [--channels-per-client 10]
-                   [--duration 30] [--warmup 5] [--workers 1] [--target both] [--json FILE]
+                   [--duration 30] [--warmup 5] [--workers 1] [--target both] [--saturate]
+                   [--json FILE] [--plot FILE.png]
 
 Starts a private Redis, the server under test (tickwire, then the naive baseline of
 `tickwire.bench.baseline`), client load in separate processes and the simulator as publisher;
 runs the same scenario against each, then prints one table with the ratios tickwire/baseline.
-A run in which any sampled connection saw a duplicate or an unannounced hole is FAILED.
+`--saturate` raises the rate step by step until p99, loss or the publisher gives out, and reports
+the highest sustained step. A run in which any sampled connection saw a duplicate or an
+unannounced hole is FAILED.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import math
 import os
 import platform
+import queue
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from dataclasses import dataclass, field
+import urllib.request
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,8 +37,8 @@ import numpy as np
 import orjson
 
 from tickwire import __version__
-from tickwire.bench.stats import latency_summary, ratio, table
-from tickwire.core.channels import Channel
+from tickwire.bench.stats import latency_summary, ratio, server_share, table
+from tickwire.core.channels import REGISTRY_KEY, Channel
 from tickwire.core.redis_process import RedisProcess, free_port
 from tickwire.core.redis_wire import RedisConnection
 from tickwire.feeds.simulator import default_symbols
@@ -50,22 +58,30 @@ class Scenario:
     load_processes: int
     sample_every: int
     url: str | None = None
+    saturate: bool = False
+    max_rate: float = 1e7
+    step_factor: float = 1.5
+    max_p99_ms: float = 50.0
 
 
 @dataclass
 class Run:
     target: str
     scenario: Scenario
-    latency: dict[str, float] = field(default_factory=dict)
-    figures: dict[str, float] = field(default_factory=dict)
-    correctness: dict[str, Any] = field(default_factory=dict)
+    steps: list[Step] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        c = self.correctness
-        return not (
-            c.get("lost") or c.get("duplicates") or c.get("tail_lost") or c.get("violations")
-        )
+        return all(s.passed for s in self.steps)
+
+    @property
+    def result(self) -> Step:
+        """The step the run is judged by: the highest sustained one when saturating."""
+        if self.scenario.saturate:
+            good = [s for s in self.steps if breach(s, self.scenario) is None]
+            if good:
+                return good[-1]
+        return self.steps[-1]
 
 
 def plan_channels(s: Scenario) -> list[list[str]]:
@@ -148,132 +164,183 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def progress(label: str, elapsed: float, total: float) -> None:
-    if not sys.stderr.isatty():
-        return
-    width = 30
-    done = int(width * min(1.0, elapsed / total))
-    print(
-        f"\r  {label:9} [{'#' * done}{'.' * (width - done)}] {elapsed:5.1f}/{total:.0f} s",
-        end="",
-        file=sys.stderr,
-        flush=True,
-    )
+@dataclass
+class Step:
+    """One measured window at one publish rate."""
+
+    rate: float
+    latency: dict[str, float] = field(default_factory=dict)
+    figures: dict[str, float] = field(default_factory=dict)
+    correctness: dict[str, Any] = field(default_factory=dict)
+    #: The server's own view over the window (tickwire only): read→write and publish→write.
+    server: dict[str, float] = field(default_factory=dict)
+    latency_file: str = ""
+
+    @property
+    def passed(self) -> bool:
+        c = self.correctness
+        return not (
+            c.get("lost") or c.get("duplicates") or c.get("tail_lost") or c.get("violations")
+        )
 
 
-def run_target(target: str, s: Scenario, redis_url: str, workdir: Path) -> Run:
-    run = Run(target, s)
-    port = free_port()
-    log = open(workdir / f"{target}.log", "wb")  # noqa: SIM115 - kept open for the child's life
-    server = None
-    if s.url is None:
-        server = start_server(target, redis_url, port, s.workers, log)
-        url = f"ws://127.0.0.1:{port}/ws"
-    else:
-        url = s.url
-    plan = plan_channels(s)
-    loads = []
-    try:
-        chunks = [plan[i :: s.load_processes] for i in range(s.load_processes)]
-        for i, chunk in enumerate(chunks):
-            if not chunk:
-                continue
-            cmd = [
-                sys.executable,
-                "-m",
-                "tickwire.bench.load",
-                "--url",
-                url,
-                "--plan",
-                orjson.dumps(chunk).decode(),
-                "--sample-every",
-                str(s.sample_every),
-                "--latency-file",
-                str(workdir / f"{target}-{i}.npy"),
-            ]
-            loads.append(
-                subprocess.Popen(
-                    cmd,
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=log,
-                    cwd=tempfile.gettempdir(),
-                )
-            )
-        for p in loads:
-            assert p.stdout is not None
-            line = p.stdout.readline()
-            if line.strip() != b"ready":
-                raise RuntimeError(
-                    f"load process failed to start: {line!r}; see {workdir / (target + '.log')}"
-                )
-        measure_from = time.time_ns() + int(s.warmup * 1e9)
-        for p in loads:
-            assert p.stdin is not None
-            p.stdin.write(f"go {measure_from}\n".encode())
-            p.stdin.flush()
+class LoadProcess:
+    """One client-load process (`tickwire.bench.load`), its commands and its output lines."""
+
+    def __init__(self, cmd: list[str], log: IO[bytes]) -> None:
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+            cwd=tempfile.gettempdir(),
+        )  # fmt: skip
+        self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
+
+    def wait_ready(self, logname: Path) -> None:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if line.strip() != b"ready":
+            raise RuntimeError(f"load process failed to start: {line!r}; see {logname}")
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with contextlib.suppress(orjson.JSONDecodeError):
+                self.lines.put(orjson.loads(line))
+
+    def send(self, command: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{command}\n".encode())
+        self.proc.stdin.flush()
+
+    def report(self, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            msg = self.lines.get(timeout=left)
+            if "report" in msg:
+                return dict(msg["report"])
+        raise RuntimeError("load process did not report")
+
+
+class Target:
+    """A server under test (started here unless `--url`) with its client load, measured in steps."""
+
+    def __init__(self, name: str, s: Scenario, redis_url: str, workdir: Path) -> None:
+        self.name, self.s, self.redis_url, self.workdir = name, s, redis_url, workdir
+        self.plan = plan_channels(s)
+        self.server: subprocess.Popen[bytes] | None = None
+        self.loads: list[LoadProcess] = []
+        self.port = free_port()
+        self.logname = workdir / f"{name}.log"
+        self.log = open(self.logname, "wb")  # noqa: SIM115 - kept open for the children's life
+
+    def __enter__(self) -> Target:
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _start(self) -> None:
+        s = self.s
+        if s.url is None:
+            self.server = start_server(self.name, self.redis_url, self.port, s.workers, self.log)
+            url = f"ws://127.0.0.1:{self.port}/ws"
+        else:
+            url = s.url
+        for chunk in (self.plan[i :: s.load_processes] for i in range(s.load_processes)):
+            if chunk:
+                cmd = [
+                    sys.executable, "-m", "tickwire.bench.load", "--url", url,
+                    "--plan", orjson.dumps(chunk).decode(), "--sample-every", str(s.sample_every),
+                ]  # fmt: skip
+                self.loads.append(LoadProcess(cmd, self.log))
+        for p in self.loads:
+            p.wait_ready(self.logname)
+
+    def __exit__(self, *_: object) -> None:
+        for p in self.loads:
+            with contextlib.suppress(OSError):
+                p.send("stop")
+        for p in self.loads:
+            try:
+                p.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                p.proc.kill()
+        if self.server is not None:
+            stop(self.server)
+        self.log.close()
+
+    def step(self, rate: float, index: int = 0) -> Step:
+        s, step = self.s, Step(rate)
         total = s.warmup + s.duration
+        start_count = published(self.redis_url)
         pub = subprocess.Popen(
             [
-                str(BIN / "tickwire"),
-                "feed",
-                "sim",
-                "--redis",
-                redis_url,
-                "--rate",
-                str(s.rate),
-                "--symbols",
-                str(s.symbols),
-                "--duration",
-                str(total),
-                "--seed",
-                "1",
+                str(BIN / "tickwire"), "feed", "sim", "--redis", self.redis_url,
+                "--rate", str(rate), "--symbols", str(s.symbols), "--duration", str(total),
+                "--seed", str(1 + index),
             ],
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-            cwd=tempfile.gettempdir(),
-        )
+            stdout=subprocess.DEVNULL, stderr=self.log, cwd=tempfile.gettempdir(),
+        )  # fmt: skip
+        # The clock starts at the first event published, not at the feed's (slow) start-up.
+        while published(self.redis_url) == start_count:
+            if pub.poll() is not None:
+                raise RuntimeError(f"publisher failed ({pub.returncode}); see {self.logname}")
+            time.sleep(0.02)
+        measure_from = time.time_ns() + int(s.warmup * 1e9)
+        for p in self.loads:
+            p.send(f"go {measure_from}")
         t0 = time.monotonic()
-        pids = [server.pid] if server else []
-        cpu0 = None
+        pids = [self.server.pid] if self.server else []
+        before: tuple[float, float, int, str] | None = None
+        live = Live(len(self.loads))
+        label = f"{self.name} {rate:,.0f}/s" if s.saturate else self.name
+        after: tuple[float, float, int, str] | None = None
         while pub.poll() is None:
             elapsed = time.monotonic() - t0
-            if cpu0 is None and elapsed >= s.warmup:
-                cpu0, cpu_t0 = cpu_seconds(pids), time.monotonic()
-            progress(target, elapsed, total)
-            time.sleep(0.25)
-        cpu1, cpu_t1 = cpu_seconds(pids), time.monotonic()
-        progress(target, total, total)
-        print(file=sys.stderr)
+            if before is None and elapsed >= s.warmup:
+                before = self._sample(pids)
+            if after is None and elapsed >= total:
+                # The feed's schedule is over; its exit (flush, interpreter shutdown) is not
+                # part of the window.
+                after = self._sample(pids)
+            for i, p in enumerate(self.loads):
+                while not p.lines.empty():
+                    live.update(i, p.lines.get_nowait())
+            progress(label, elapsed, total, live)
+            # Wake at the window's edges: the loads start counting at the first.
+            edge = s.warmup if before is None else total
+            time.sleep(min(0.25, max(0.005, edge - elapsed)))
+        after = after or self._sample(pids)
+        progress(label, total, total, live)
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
         if pub.returncode != 0:
-            raise RuntimeError(
-                f"publisher failed ({pub.returncode}); see {workdir / (target + '.log')}"
-            )
-        time.sleep(1.0)  # let the last events arrive before the clients stop
-        results = []
-        for p in loads:
-            assert p.stdin is not None and p.stdout is not None
-            p.stdin.write(b"stop\n")
-            p.stdin.flush()
-        for p in loads:
-            assert p.stdout is not None
-            out, _ = p.communicate(timeout=60)
-            results.append(orjson.loads(out.strip().splitlines()[-1]))
-        lat = np.concatenate([np.load(workdir / f"{target}-{i}.npy") for i in range(len(loads))])
-        run.latency = latency_summary(lat)
-        finals = asyncio.run(final_seqs(redis_url, plan))
+            raise RuntimeError(f"publisher failed ({pub.returncode}); see {self.logname}")
+        if before is None:
+            raise RuntimeError(f"publisher stopped within the warm-up; see {self.logname}")
+        time.sleep(1.0)  # let the last events arrive before the clients report
+        step.latency_file = str(self.workdir / f"{self.name}-{index}-%d.npy")
+        for i, p in enumerate(self.loads):
+            p.send(f"report {step.latency_file % i}")
+        results = [p.report() for p in self.loads]
+        lat = np.concatenate([np.load(step.latency_file % i) for i in range(len(self.loads))])
+        step.latency = latency_summary(lat)
+        np.save(step.latency_file % 0, lat)
+        step.latency_file %= 0
+        window = after[0] - before[0]
+        finals = asyncio.run(final_seqs(self.redis_url, self.plan))
         tail = sum(max(0, finals.get(ch, 0) - last) for r in results for ch, last in r["last_seqs"])
-        published = sum(finals.values())
-        run.figures = {
-            "events_published_per_s": published / total,
-            "deliveries_per_s": sum(r["events"] for r in results) / total,
-            "frames_per_s": sum(r["frames"] for r in results) / total,
-            "egress_MB_per_s": sum(r["bytes"] for r in results) / total / 1e6,
-            "server_cpu_percent": 100 * (cpu1 - (cpu0 or 0)) / max(1e-9, cpu_t1 - cpu_t0)
-            if cpu0 is not None
-            else float("nan"),
+        step.figures = {
+            "events_published_per_s": (after[2] - before[2]) / window,
+            "deliveries_per_s": sum(r["events"] for r in results) / window,
+            "frames_per_s": sum(r["frames"] for r in results) / window,
+            "egress_MB_per_s": sum(r["bytes"] for r in results) / window / 1e6,
+            "server_cpu_percent": 100 * (after[1] - before[1]) / window,
         }
-        run.correctness = {
+        step.server = server_share(before[3], after[3])
+        step.correctness = {
             "sampled_connections": sum(r["sampled"] for r in results),
             "sampled_events": sum(r["sampled_events"] for r in results),
             "lost": sum(r["lost"] for r in results),
@@ -286,14 +353,112 @@ def run_target(target: str, s: Scenario, redis_url: str, workdir: Path) -> Run:
             "client_errors": [e for r in results for e in r["errors"]][:5],
             "closed": [c for r in results for c in r["closed"]][:5],
         }
-    finally:
-        for p in loads:
-            if p.poll() is None:
-                p.kill()
-        if server is not None:
-            stop(server)
-        log.close()
+        return step
+
+    def _sample(self, pids: list[int]) -> tuple[float, float, int, str]:
+        return time.monotonic(), cpu_seconds(pids), published(self.redis_url), self._scrape()
+
+    def _scrape(self) -> str:
+        if self.name != "tickwire" or self.server is None:
+            return ""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as r:
+                return str(r.read().decode())
+        except OSError:
+            return ""
+
+
+class Live:
+    """The latest `live` line of each load process, summed for the progress bar."""
+
+    def __init__(self, n: int) -> None:
+        self.events = [0.0] * n
+        self.rate = [0.0] * n
+        self.p99 = [float("nan")] * n
+        self._at = [time.monotonic()] * n
+
+    def update(self, i: int, msg: dict[str, Any]) -> None:
+        if "live" not in msg:
+            return
+        now, ev = time.monotonic(), float(msg["live"]["events"])
+        if ev >= self.events[i] and now > self._at[i]:
+            self.rate[i] = (ev - self.events[i]) / (now - self._at[i])
+        p99 = msg["live"]["p99_us"]  # null (NaN) when no sample arrived in that second
+        self.events[i], self._at[i] = ev, now
+        self.p99[i] = float("nan") if p99 is None else float(p99)
+
+    def text(self) -> str:
+        p99 = [x for x in self.p99 if not math.isnan(x)]
+        worst = f"{max(p99) / 1000:.2f} ms" if p99 else "-"
+        return f"{sum(self.rate):>11,.0f} deliveries/s  p99 {worst}"
+
+
+def progress(label: str, elapsed: float, total: float, live: Live) -> None:
+    if not sys.stderr.isatty():
+        return
+    width = 24
+    done = int(width * min(1.0, elapsed / total))
+    print(
+        f"\r  {label:18} [{'#' * done}{'.' * (width - done)}] {elapsed:5.1f}/{total:.0f} s"
+        f"  {live.text()}",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def run_target(target: str, s: Scenario, redis_url: str, workdir: Path) -> Run:
+    run = Run(target, s)
+    with Target(target, s, redis_url, workdir) as t:
+        if not s.saturate:
+            run.steps.append(t.step(s.rate))
+            return run
+        rate, index = s.rate, 0
+        while rate <= s.max_rate:
+            step = t.step(rate, index)
+            run.steps.append(step)
+            why = breach(step, s)
+            print(
+                f"  {target} at {rate:,.0f} events/s: "
+                + (f"limit reached ({why})" if why else "sustained"),
+                file=sys.stderr,
+            )
+            if why:
+                break
+            rate, index = rate * s.step_factor, index + 1
     return run
+
+
+def breach(step: Step, s: Scenario) -> str | None:
+    """Why a saturation step is not sustainable, or None."""
+    if not step.passed:
+        return "silent loss or duplicates"
+    if step.correctness.get("closed") or step.correctness.get("client_errors"):
+        return "clients closed or failed"
+    if step.latency.get("p99_us", math.inf) > s.max_p99_ms * 1000:
+        return f"p99 {step.latency.get('p99_us', math.nan) / 1000:.1f} ms > {s.max_p99_ms:g} ms"
+    if step.figures["events_published_per_s"] < 0.9 * step.rate:
+        return "the publisher fell more than 10% short of the rate"
+    return None
+
+
+def published(url: str) -> int:
+    """Events published so far over every channel in the registry."""
+
+    async def go() -> int:
+        conn = await RedisConnection.open(url)
+        try:
+            names = [m.decode() for m in await conn.execute("SMEMBERS", REGISTRY_KEY)]
+            if not names:
+                return 0
+            replies = await conn.pipeline(
+                [["HGET", Channel.parse(n).meta_key, "seq"] for n in names]
+            )
+        finally:
+            conn.close()
+        return sum(int(r) for r in replies if r is not None)
+
+    return asyncio.run(go())
 
 
 async def final_seqs(url: str, plan: list[list[str]]) -> dict[str, int]:
@@ -307,9 +472,29 @@ async def final_seqs(url: str, plan: list[list[str]]) -> dict[str, int]:
 
 
 def report(runs: list[Run]) -> str:
-    tw = next((r for r in runs if r.target == "tickwire"), None)
-    base = next((r for r in runs if r.target == "baseline"), None)
+    tw = next((r.result for r in runs if r.target == "tickwire" and r.steps), None)
+    base = next((r.result for r in runs if r.target == "baseline" and r.steps), None)
+    out: list[str] = []
+    saturate = any(r.scenario.saturate for r in runs)
+    if saturate:
+        for r in runs:
+            out.append(f"{r.target}: saturation steps")
+            out.append(
+                f"  {'rate':>10} {'published/s':>12} {'deliveries/s':>13} {'MB/s':>7} "
+                f"{'p99 ms':>8} {'cpu %':>6}  verdict"
+            )
+            for st in r.steps:
+                f = st.figures
+                out.append(
+                    f"  {st.rate:>10,.0f} {f['events_published_per_s']:>12,.0f} "
+                    f"{f['deliveries_per_s']:>13,.0f} {f['egress_MB_per_s']:>7.1f} "
+                    f"{st.latency.get('p99_us', math.nan) / 1000:>8.2f} "
+                    f"{f['server_cpu_percent']:>6.0f}  {breach(st, r.scenario) or 'sustained'}"
+                )
+        out.append("highest sustained step:")
     rows: list[tuple[str, float | None, float | None]] = []
+    if saturate:
+        rows.append(("rate", tw.rate if tw else None, base.rate if base else None))
     for key in ("p50_us", "p90_us", "p99_us", "p99.9_us", "max_us", "samples"):
         rows.append(
             (
@@ -328,6 +513,9 @@ def report(runs: list[Run]) -> str:
         rows.append(
             (key, tw.figures.get(key) if tw else None, base.figures.get(key) if base else None)
         )
+    if tw is not None and tw.server:
+        for key, value in tw.server.items():
+            rows.append((f"server {key}", value, None))
     for key in ("sampled_events", "lost", "duplicates", "tail_lost", "gaps_announced"):
         rows.append(
             (
@@ -336,14 +524,56 @@ def report(runs: list[Run]) -> str:
                 base.correctness.get(key) if base else None,
             )
         )
-    out = [table(rows, ("tickwire", "baseline"))]
+    out.append(table(rows, ("tickwire", "baseline")))
     for r in runs:
         verdict = "PASSED" if r.passed else "FAILED (silent loss or duplicates)"
         out.append(f"{r.target}: {verdict}")
-        for key in ("violations", "client_errors", "closed"):
-            if r.correctness.get(key):
-                out.append(f"  {key}: {r.correctness[key]}")
+        for st in r.steps:
+            for key in ("violations", "client_errors", "closed"):
+                if st.correctness.get(key):
+                    out.append(f"  at {st.rate:,.0f}/s {key}: {st.correctness[key]}")
     return "\n".join(out)
+
+
+def plot(runs: list[Run], path: str) -> None:
+    """The latency percentile curve of each target's judged step, log-log, as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise SystemExit(
+            "--plot needs matplotlib: pip install 'tickwire[bench]' (or matplotlib)"
+        ) from exc
+    fig, ax = plt.subplots(figsize=(8, 5))
+    # x = 1/(1-q): equal room for 90, 99, 99.9, 99.99 %, the way HdrHistogram plots tails.
+    q = 1 - np.logspace(0, -5, 400)
+    q = q[q < 1 - 1e-9]
+    for r in runs:
+        if not r.steps:
+            continue
+        lat = np.load(r.result.latency_file)
+        if lat.size == 0:
+            continue
+        ms = np.percentile(lat / 1e6, q * 100)
+        ax.plot(1 / (1 - q), ms, label=f"{r.target} ({r.result.rate:,.0f} events/s)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ticks = [2, 10, 100, 1000, 10000, 100000]
+    ax.set_xticks(ticks, ["50%", "90%", "99%", "99.9%", "99.99%", "99.999%"])
+    ax.set_xlabel("percentile")
+    ax.set_ylabel("publish → client receive (ms)")
+    s = runs[0].scenario
+    ax.set_title(
+        f"tickwire bench: {s.symbols} symbols, {s.clients} clients x {s.channels_per_client} "
+        "channels"
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -381,6 +611,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--url", help="measure an already running server (ws://…/ws) instead of starting one"
     )
     p.add_argument("--json", help="write every figure, the configuration and versions to this file")
+    p.add_argument(
+        "--plot", metavar="FILE.png", help="draw the latency percentile curve of both targets"
+    )
+    sat = p.add_argument_group("saturation")
+    sat.add_argument(
+        "--saturate",
+        action="store_true",
+        help="step the rate up from --rate (each step --warmup + --duration s) until a limit "
+        "breaks; report the highest sustained step",
+    )
+    sat.add_argument(
+        "--step-factor", type=float, default=1.5, help="rate multiplier per step (default 1.5)"
+    )
+    sat.add_argument(
+        "--max-rate", type=float, default=1e7, help="stop stepping above this rate (default 1e7)"
+    )
+    sat.add_argument(
+        "--max-p99-ms",
+        type=float,
+        default=50.0,
+        help="a step whose p99 exceeds this is not sustained (default 50 ms)",
+    )
     return p
 
 
@@ -397,13 +649,20 @@ def main(argv: list[str] | None = None) -> int:
         args.load_processes,
         args.sample_every,
         args.url,
+        args.saturate,
+        args.max_rate,
+        args.step_factor,
+        args.max_p99_ms,
     )
+    if s.step_factor <= 1:
+        raise SystemExit("--step-factor must be above 1")
     targets = ["tickwire", "baseline"] if args.target == "both" else [args.target]
     if args.url:
         targets = targets[:1]
     print(
-        f"bench: {s.rate:,.0f} events/s, {s.symbols} symbols, {s.clients} clients x {s.channels_per_client} channels, "
-        f"{s.warmup:g}+{s.duration:g} s per target",
+        f"bench: {'from ' if s.saturate else ''}{s.rate:,.0f} events/s, {s.symbols} symbols, "
+        f"{s.clients} clients x {s.channels_per_client} channels, "
+        f"{s.warmup:g}+{s.duration:g} s per {'step' if s.saturate else 'target'}",
         file=sys.stderr,
     )
     runs: list[Run] = []
@@ -417,7 +676,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if redis is not None:
                 redis.stop()
-    print(report(runs))
+        print(report(runs))
+        if args.plot:
+            plot(runs, args.plot)
+            print(f"plot: {args.plot}", file=sys.stderr)
     if args.json:
         doc = {
             "config": vars(args),
@@ -425,11 +687,17 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "target": r.target,
                     "passed": r.passed,
-                    "latency": r.latency,
-                    "figures": r.figures,
-                    "correctness": r.correctness,
+                    "latency": r.result.latency,
+                    "figures": r.result.figures,
+                    "server": r.result.server,
+                    "correctness": r.result.correctness,
+                    "steps": [
+                        {k: v for k, v in asdict(st).items() if k != "latency_file"}
+                        for st in r.steps
+                    ],
                 }
                 for r in runs
+                if r.steps
             ],
             "ratios": _ratios(runs),
             "versions": {
@@ -446,12 +714,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _ratios(runs: list[Run]) -> dict[str, float | None]:
-    tw = next((r for r in runs if r.target == "tickwire"), None)
-    base = next((r for r in runs if r.target == "baseline"), None)
+    tw = next((r.result for r in runs if r.target == "tickwire" and r.steps), None)
+    base = next((r.result for r in runs if r.target == "baseline" and r.steps), None)
     if tw is None or base is None:
         return {}
     out = {k: ratio(v, base.latency.get(k, float("nan"))) for k, v in tw.latency.items()}
     out.update({k: ratio(v, base.figures.get(k, float("nan"))) for k, v in tw.figures.items()})
+    if tw.rate != base.rate:
+        out["rate"] = ratio(tw.rate, base.rate)
     return out
 
 

@@ -2,9 +2,8 @@
 
 Run by `tickwire bench` as a separate process (so the load generator does not share the server's
 event loop). Sampled connections parse every event: latency (receive time minus publish time `pt`)
-and the seq invariant. The others are light sinks counting frames, bytes and events.
-Reads one line `go <unix ns>` on stdin, then runs until `stop` or its deadline, and prints one
-JSON object with everything it measured.
+and the seq invariant. The others are light sinks (`sink.py`) counting frames, bytes and events.
+Driven by commands on stdin (see `main_async`); prints one JSON line per report.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import orjson
 import websockets
 
 from tickwire.bench.invariant import InvariantChecker
+from tickwire.bench.sink import SinkProtocol, connect_sink
 
 
 @dataclass
@@ -32,6 +32,7 @@ class ClientStats:
     checker: InvariantChecker = field(default_factory=InvariantChecker)
     error: str | None = None
     close_code: int | None = None
+    live_from: int = 0
 
 
 async def run_client(
@@ -78,55 +79,146 @@ async def run_client(
         connected.set()
 
 
-async def main_async(args: argparse.Namespace) -> dict[str, object]:
-    plan: list[list[str]] = orjson.loads(args.plan)
-    stats = [ClientStats(sampled=i % args.sample_every == 0) for i in range(len(plan))]
-    stop = asyncio.Event()
-    measure_from = [2**62]
-    connected = [asyncio.Event() for _ in plan]
-    tasks = []
-    for i, channels in enumerate(plan):
-        tasks.append(
-            asyncio.create_task(
-                run_client(args.url, channels, stats[i], measure_from, stop, connected[i])
-            )
-        )
-        if i % 50 == 49:
-            await asyncio.sleep(0.01)  # don't SYN-flood the accept queue
-    await asyncio.gather(*(c.wait() for c in connected))
+class Load:
+    """Every client of this process, and the counters a step reports."""
+
+    def __init__(self, url: str, plan: list[list[str]], sample_every: int) -> None:
+        self.url = url
+        self.plan = plan
+        self.stats = [ClientStats(sampled=i % sample_every == 0) for i in range(len(plan))]
+        self.sinks: list[SinkProtocol | None] = [None] * len(plan)
+        self.stop = asyncio.Event()
+        self.measure_from = [2**62]
+        self.tasks: list[asyncio.Task[None]] = []
+        self._mark: dict[str, int] = {}
+
+    async def open(self) -> None:
+        connected = [asyncio.Event() for _ in self.plan]
+        for i, channels in enumerate(self.plan):
+            if self.stats[i].sampled:
+                self.tasks.append(
+                    asyncio.create_task(
+                        run_client(
+                            self.url,
+                            channels,
+                            self.stats[i],
+                            self.measure_from,
+                            self.stop,
+                            connected[i],
+                        )
+                    )
+                )
+            else:
+                self.tasks.append(asyncio.create_task(self._sink(i, channels, connected[i])))
+            if i % 50 == 49:
+                await asyncio.sleep(0.01)  # don't SYN-flood the accept queue
+        await asyncio.gather(*(c.wait() for c in connected))
+
+    async def _sink(self, i: int, channels: list[str], connected: asyncio.Event) -> None:
+        msg = orjson.dumps({"op": "subscribe", "id": 1, "channels": channels})
+        try:
+            sink = await connect_sink(self.url, msg)
+        except (OSError, TimeoutError) as exc:
+            self.stats[i].error = f"{type(exc).__name__}: {exc}"
+            return
+        finally:
+            connected.set()
+        self.sinks[i] = sink
+        await sink.closed
+        self.stats[i].close_code = sink.close_code
+
+    def totals(self) -> dict[str, int]:
+        out = {"frames": 0, "bytes": 0, "events": 0}
+        for s, sink in zip(self.stats, self.sinks, strict=True):
+            src = sink if sink is not None else s
+            out["frames"] += src.frames
+            out["bytes"] += src.bytes
+            out["events"] += src.events
+        return out
+
+    def go(self, measure_from: int) -> None:
+        self.measure_from[0] = measure_from
+        for s in self.stats:
+            s.latencies.clear()
+            s.live_from = 0
+        self._mark = self.totals()
+
+    def live(self) -> dict[str, float]:
+        """Events so far this step, and p99 (µs) over the samples since the last call."""
+        fresh: list[int] = []
+        for s in self.stats:
+            if s.sampled:
+                fresh.extend(s.latencies[s.live_from :])
+                s.live_from = len(s.latencies)
+        p99 = float(np.percentile(fresh, 99)) / 1000 if fresh else float("nan")
+        return {"events": self.totals()["events"] - self._mark.get("events", 0), "p99_us": p99}
+
+    def report(self, latency_file: str) -> dict[str, object]:
+        lat = np.array([x for s in self.stats for x in s.latencies], dtype=np.int64)
+        np.save(latency_file, lat)
+        now = self.totals()
+        sampled = [s for s in self.stats if s.sampled]
+        # Per sampled (client, channel): the last seq seen, to count a lost tail against Redis.
+        last_seqs = [
+            [ch, t.last] for s in sampled for ch, t in s.checker.channels.items() if t.last
+        ]
+        return {
+            "clients": len(self.stats),
+            "sampled": len(sampled),
+            "errors": [s.error for s in self.stats if s.error][:5],
+            "closed": [s.close_code for s in self.stats if s.close_code is not None][:5],
+            **{k: now[k] - self._mark.get(k, 0) for k in now},
+            "sampled_events": sum(s.checker.delivered for s in sampled),
+            "lost": sum(s.checker.lost for s in sampled),
+            "duplicates": sum(s.checker.duplicates for s in sampled),
+            "gaps": sum(s.checker.gaps_announced for s in sampled),
+            "gap_events": sum(s.checker.gap_events for s in sampled),
+            "resets": sum(s.checker.resets for s in sampled),
+            "violations": [v for s in sampled for v in s.checker.violations][:5],
+            "last_seqs": last_seqs,
+        }
+
+    async def close(self) -> None:
+        self.stop.set()
+        for sink in self.sinks:
+            if sink is not None:
+                sink.close()
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    """Commands on stdin, one per line: `go <unix ns>` starts a step (latency counted from then),
+    `report <file.npy>` ends it (prints its figures as one JSON line), `stop` exits. While a step
+    runs, a `{"live": …}` line each second feeds the bench's progress bar."""
+    load = Load(args.url, orjson.loads(args.plan), args.sample_every)
+    await load.open()
     print("ready", flush=True)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    go = (await reader.readline()).decode().split()
-    measure_from[0] = int(go[1]) if len(go) > 1 else time.time_ns()
-    await reader.readline()  # "stop"
-    stop.set()
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    lat = np.array([x for s in stats for x in s.latencies], dtype=np.int64)
-    np.save(args.latency_file, lat)
-    sampled = [s for s in stats if s.sampled]
-    # Per sampled (client, channel): the last seq seen, to count a lost tail against Redis.
-    last_seqs = [[ch, t.last] for s in sampled for ch, t in s.checker.channels.items() if t.last]
-    return {
-        "clients": len(stats),
-        "sampled": len(sampled),
-        "errors": [s.error for s in stats if s.error][:5],
-        "closed": [s.close_code for s in stats if s.close_code is not None][:5],
-        "frames": sum(s.frames for s in stats),
-        "bytes": sum(s.bytes for s in stats),
-        "events": sum(s.events for s in stats),
-        "sampled_events": sum(s.checker.delivered for s in sampled),
-        "lost": sum(s.checker.lost for s in sampled),
-        "duplicates": sum(s.checker.duplicates for s in sampled),
-        "gaps": sum(s.checker.gaps_announced for s in sampled),
-        "gap_events": sum(s.checker.gap_events for s in sampled),
-        "resets": sum(s.checker.resets for s in sampled),
-        "violations": [v for s in sampled for v in s.checker.violations][:5],
-        "last_seqs": last_seqs,
-    }
+    ticker: asyncio.Task[None] | None = None
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            print(orjson.dumps({"live": load.live()}).decode(), flush=True)
+
+    try:
+        while line := (await reader.readline()).decode().split():
+            if line[0] == "go":
+                load.go(int(line[1]) if len(line) > 1 else time.time_ns())
+                ticker = ticker or asyncio.create_task(tick())
+            elif line[0] == "report":
+                if ticker is not None:
+                    ticker.cancel()
+                    ticker = None
+                print(orjson.dumps({"report": load.report(line[1])}).decode(), flush=True)
+            elif line[0] == "stop":
+                break
+    finally:
+        await load.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,12 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", required=True)
     p.add_argument("--plan", required=True, help="JSON list: channels per client")
     p.add_argument("--sample-every", type=int, default=1)
-    p.add_argument("--latency-file", required=True)
     args = p.parse_args(argv)
     import uvloop
 
-    result = uvloop.run(main_async(args))
-    print(orjson.dumps(result).decode(), flush=True)
+    uvloop.run(main_async(args))
     return 0
 
 

@@ -50,3 +50,46 @@ def _fmt(v: float | None) -> str:
     if abs(v) >= 1000:
         return f"{v:,.0f}"
     return f"{v:.1f}" if v != int(v) else f"{int(v)}"
+
+
+def histogram(text: str, name: str) -> tuple[list[float], list[int]]:
+    """Bucket upper bounds and cumulative counts of one Prometheus histogram in `text`."""
+    prefix = f'{name}_bucket{{le="'
+    bounds: list[float] = []
+    counts: list[int] = []
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            le, _, value = line[len(prefix) :].partition('"} ')
+            bounds.append(float(le))
+            counts.append(int(float(value)))
+    return bounds, counts
+
+
+def histogram_quantile(bounds: list[float], cumulative: list[int], q: float) -> float:
+    """Upper bound of the bucket holding quantile `q` (as Prometheus would, without interpolation)."""
+    if not cumulative or cumulative[-1] <= 0:
+        return float("nan")
+    target = q * cumulative[-1]
+    for bound, run in zip(bounds, cumulative, strict=True):
+        if run >= target:
+            return bound
+    return float("inf")
+
+
+def server_share(before: str, after: str) -> dict[str, float]:
+    """The server's own latency over a window, from two `/metrics` scrapes (empty if none)."""
+    out: dict[str, float] = {}
+    for name, label, qs in (
+        ("tickwire_read_to_write_seconds", "read→write", (0.5, 0.99)),
+        ("tickwire_publish_to_write_seconds", "publish→write", (0.5, 0.99)),
+    ):
+        b1, c1 = histogram(after, name)
+        b0, c0 = histogram(before, name)
+        if not b1:
+            continue
+        if b0 != b1:
+            c0 = [0] * len(c1)
+        delta = [x - y for x, y in zip(c1, c0, strict=True)]
+        for q in qs:
+            out[f"{label} p{q * 100:g}_us"] = histogram_quantile(b1, delta, q) * 1e6
+    return out

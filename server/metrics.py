@@ -12,6 +12,10 @@ LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1,
     0.25, 1.0,
 )  # fmt: skip
+# Read → write inside the server: finer, as it is meant to be well under a millisecond.
+SERVER_BUCKETS = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
+)  # fmt: skip
 
 
 @dataclass
@@ -59,6 +63,10 @@ class Metrics:
     read_lag_seconds: float = 0.0
     outbox: OutboxStats = field(default_factory=OutboxStats)
     latency: Histogram = field(default_factory=Histogram)
+    #: From the XREAD reply's arrival to its events written to every subscriber's socket.
+    read_to_write: Histogram = field(
+        default_factory=lambda: Histogram(SERVER_BUCKETS, [0] * (len(SERVER_BUCKETS) + 1))
+    )
 
     def render(self) -> str:
         lines: list[str] = []
@@ -122,16 +130,28 @@ class Metrics:
                 getattr(self.outbox, f.name),
                 f"Outbox {f.name.replace('_', ' ')}.",
             )
-        h = self.latency
-        lines.append(
-            "# HELP tickwire_publish_to_write_seconds Publish to server write latency per event."
+        _histogram(
+            lines,
+            "publish_to_write_seconds",
+            "Publish to server write latency per event.",
+            self.latency,
         )
-        lines.append("# TYPE tickwire_publish_to_write_seconds histogram")
-        run = 0
-        for bound, count in zip(h.buckets, h.counts, strict=False):
-            run += count
-            lines.append(f'tickwire_publish_to_write_seconds_bucket{{le="{bound}"}} {run}')
-        lines.append(f'tickwire_publish_to_write_seconds_bucket{{le="+Inf"}} {h.n}')
-        lines.append(f"tickwire_publish_to_write_seconds_sum {h.total}")
-        lines.append(f"tickwire_publish_to_write_seconds_count {h.n}")
+        _histogram(
+            lines,
+            "read_to_write_seconds",
+            "Redis reply read to socket write, per event delivery (the server's own share).",
+            self.read_to_write,
+        )
         return "\n".join(lines) + "\n"
+
+
+def _histogram(lines: list[str], name: str, help_: str, h: Histogram) -> None:
+    lines.append(f"# HELP tickwire_{name} {help_}")
+    lines.append(f"# TYPE tickwire_{name} histogram")
+    run = 0
+    for bound, count in zip(h.buckets, h.counts, strict=False):
+        run += count
+        lines.append(f'tickwire_{name}_bucket{{le="{bound}"}} {run}')
+    lines.append(f'tickwire_{name}_bucket{{le="+Inf"}} {h.n}')
+    lines.append(f"tickwire_{name}_sum {h.total}")
+    lines.append(f"tickwire_{name}_count {h.n}")

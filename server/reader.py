@@ -232,9 +232,9 @@ class StreamReader:
             cmd += [f"{self.positions[c]}-0" for c in channels]
             reply = await conn.execute(*cmd, timeout=block_s + 5.0)
             if reply:
-                self._deliver(reply)
+                self._deliver(reply, self.clock_ns())
 
-    def _deliver(self, reply: list[Any]) -> None:
+    def _deliver(self, reply: list[Any], read_ns: int) -> None:
         batches: list[Batch] = []
         for key, entries in reply:
             channel = self._keys.get(key)
@@ -256,6 +256,8 @@ class StreamReader:
         deliveries = self.hub.dispatch(batches)
         self.metrics.deliveries += deliveries
         now = self.clock_ns()
+        if deliveries:
+            self.metrics.read_to_write.observe((now - read_ns) / 1e9, deliveries)
         latest = 0
         for b in batches:
             pt = publish_ns_of(b.events[-1])

@@ -10,7 +10,9 @@ import numpy as np
 import orjson
 
 from tickwire.bench.invariant import InvariantChecker
-from tickwire.bench.stats import latency_summary, ratio, table
+from tickwire.bench.sink import SinkProtocol
+from tickwire.bench.stats import histogram_quantile, latency_summary, ratio, server_share, table
+from tickwire.server.metrics import Metrics
 
 
 def ev(seq: int, epoch: str = "e") -> dict[str, object]:
@@ -53,38 +55,30 @@ def test_invariant_checker_flags_holes_duplicates_and_accepts_announced_gaps() -
     assert bad.lost == 1 and bad.duplicates == 1 and len(bad.violations) == 3
 
 
+def run_bench(tmp: str, options: str) -> tuple[subprocess.CompletedProcess[str], Any]:
+    """`tickwire bench` with `options` and `--json`; its output and the JSON it wrote."""
+    out = Path(tmp) / "bench.json"
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "tickwire"), "bench", *options.split(), "--json", out],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc, orjson.loads(out.read_bytes())
+
+
 def test_short_end_to_end_run_reports_correctness_for_both_targets() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "bench.json"
-        proc = subprocess.run(
-            [
-                str(Path(sys.executable).parent / "tickwire"),
-                "bench",
-                "--rate",
-                "500",
-                "--symbols",
-                "5",
-                "--clients",
-                "6",
-                "--channels-per-client",
-                "3",
-                "--duration",
-                "2",
-                "--warmup",
-                "0.5",
-                "--sample-every",
-                "2",
-                "--json",
-                str(out),
-            ],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=tmp,
+        png = Path(tmp) / "bench.png"
+        proc, doc = run_bench(
+            tmp,
+            "--rate 500 --symbols 5 --clients 6 --channels-per-client 3 --duration 2 "
+            f"--warmup 0.5 --sample-every 2 --plot {png}",
         )
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        doc = orjson.loads(out.read_bytes())
+        assert png.read_bytes().startswith(b"\x89PNG")
     assert "tickwire: PASSED" in proc.stdout and "baseline: PASSED" in proc.stdout
     assert [r["target"] for r in doc["runs"]] == ["tickwire", "baseline"]
     for run in doc["runs"]:
@@ -95,3 +89,96 @@ def test_short_end_to_end_run_reports_correctness_for_both_targets() -> None:
         assert run["latency"]["samples"] > 0
         assert set(run["figures"]) >= {"deliveries_per_s", "egress_MB_per_s", "frames_per_s"}
     assert "p99_us" in doc["ratios"] and doc["config"]["rate"] == 500
+    tw = doc["runs"][0]
+    # The server's own share comes from its /metrics; the baseline has none.
+    assert tw["server"]["read→write p99_us"] > 0 and doc["runs"][1]["server"] == {}
+    # Light sinks counted what the sampled connections parsed, give or take the window edges.
+    assert tw["figures"]["deliveries_per_s"] > 0
+
+
+def test_saturation_steps_up_until_a_limit_and_reports_the_highest_sustained_step() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, doc = run_bench(
+            tmp,
+            "--saturate --target tickwire --rate 2000 --step-factor 2 --max-rate 5000 "
+            "--symbols 4 --clients 4 --channels-per-client 2 --duration 1.5 --warmup 0.5 "
+            "--sample-every 2 --max-p99-ms 10000",
+        )
+    (run,) = doc["runs"]
+    # 2000 → 4000 sustained; 8000 is above --max-rate, so stepping stops there.
+    assert [st["rate"] for st in run["steps"]] == [2000, 4000]
+    assert all(st["correctness"]["lost"] == 0 for st in run["steps"])
+    assert "highest sustained step" in proc.stdout and run["figures"] == run["steps"][1]["figures"]
+
+
+def test_server_share_reads_histogram_deltas_from_two_scrapes() -> None:
+    m = Metrics()
+    m.read_to_write.observe(0.00002, 10)
+    before = m.render()
+    m.read_to_write.observe(0.0003, 98)
+    m.read_to_write.observe(0.004, 2)
+    share = server_share(before, m.render())
+    # Only the 100 observations between the scrapes count: p50 in (250 µs, 500 µs], p99 ≤ 5 ms.
+    assert share["read→write p50_us"] == 500
+    assert share["read→write p99_us"] == 5000
+    assert histogram_quantile([1.0], [0], 0.5) != histogram_quantile([1.0], [0], 0.5)  # NaN
+
+
+def server_frame(opcode: int, payload: bytes) -> bytes:
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x80 | opcode, n))
+    elif n < 65536:
+        head = bytes((0x80 | opcode, 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 127)) + n.to_bytes(8, "big")
+    return head + payload
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+def unmask(frame: bytes) -> tuple[int, bytes]:
+    n = frame[1] & 0x7F
+    mask, payload = frame[2:6], frame[6 : 6 + n]
+    return frame[0] & 0x0F, bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def test_sink_counts_frames_bytes_and_events_across_any_split_and_answers_pings() -> None:
+    events = [b'{"type":"events","ch":"t:A","events":[%s]}' % b",".join(
+        b'{"seq":%d,"p":"1.5"}' % i for i in range(k)) for k in (1, 3, 40, 700)]  # fmt: skip
+    stream = b"".join(
+        [
+            server_frame(0x1, events[0]),
+            server_frame(0x9, b"hi"),  # ping between data frames
+            server_frame(0x1, events[1]),
+            server_frame(0x1, events[2]),  # 126-length form
+            server_frame(0x1, events[3]),  # > 64 KiB? no: 16-bit form unless larger
+            server_frame(0x1, b"x" * 70_000),  # 64-bit length form, no events
+        ]
+    )
+    for split in (1, 2, 7, 100, 4096, len(stream)):
+        sink = SinkProtocol("h", "/ws", b'{"op":"subscribe"}')
+        t = FakeTransport()
+        sink.connection_made(t)  # type: ignore[arg-type]
+        sink.data_received(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
+        await sink.opened
+        for i in range(0, len(stream), split):
+            sink.data_received(stream[i : i + split])
+        assert (sink.frames, sink.bytes, sink.events) == (5, len(stream), 744), split
+        assert unmask(t.written[1]) == (0x1, b'{"op":"subscribe"}')
+        assert unmask(t.written[2]) == (0xA, b"hi")
+        sink.data_received(server_frame(0x8, (4008).to_bytes(2, "big") + b"slow"))
+        assert sink.close_code == 4008 and t.closed

@@ -309,6 +309,7 @@ async def test_http_routes(server: TickwireServer) -> None:
         status == 200
         and b"tickwire_connections " in body
         and b"tickwire_publish_to_write_seconds_bucket" in body
+        and b"tickwire_read_to_write_seconds_count" in body
     )
     status, body = await get("/")
     assert status == 200

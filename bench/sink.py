@@ -1,0 +1,162 @@
+"""A light WebSocket client for the bench that counts frames, bytes and events without parsing them.
+
+Saturation runs hold many connections in one load process; parsing every frame with a full
+WebSocket library and JSON decoder would make the load generator the bottleneck. This client
+walks only the frame headers (server frames are unmasked), answers pings and closes, and counts
+events by the `"seq":` marker every event carries. Sampled connections still verify every event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+from typing import cast
+from urllib.parse import urlsplit
+
+MARKER = b'"seq":'
+_CARRY = len(MARKER) - 1
+
+
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    """One masked, final client frame (RFC 6455 requires clients to mask)."""
+    mask = os.urandom(4)
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x80 | opcode, 0x80 | n))
+    elif n < 65536:
+        head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
+    key = (mask * (n // 4 + 1))[:n]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+    return head + mask + masked
+
+
+class SinkProtocol(asyncio.Protocol):
+    def __init__(self, host: str, path: str, first_message: bytes) -> None:
+        self._request = (
+            f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+        self._first = first_message
+        self._transport: asyncio.Transport | None = None
+        self._head = b""  # the HTTP response until it is complete
+        self._open = False
+        self._pending = b""  # an incomplete frame header or control frame
+        self._skip = 0  # payload bytes of the current data frame not yet received
+        self._tail = b""
+        self.frames = 0
+        self.bytes = 0
+        self.events = 0
+        self.close_code: int | None = None
+        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self._transport = cast(asyncio.Transport, transport)
+        self._transport.write(self._request)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(exc or ConnectionError("closed during the handshake"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._open:
+            self._head += data
+            end = self._head.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status = self._head.split(b"\r\n", 1)[0]
+            data, self._head = self._head[end + 4 :], b""
+            if b" 101 " not in status + b" ":
+                self.opened.set_exception(ConnectionError(f"handshake refused: {status!r}"))
+                assert self._transport is not None
+                self._transport.close()
+                return
+            self._open = True
+            self.opened.set_result(None)
+            assert self._transport is not None
+            self._transport.write(client_frame(0x1, self._first))
+            if not data:
+                return
+        self.bytes += len(data)
+        joined = self._tail + data
+        self.events += joined.count(MARKER)
+        self._tail = joined[-_CARRY:]
+        self._frames(data)
+
+    def _frames(self, data: bytes) -> None:
+        i = 0
+        if self._skip:
+            if self._skip >= len(data):
+                self._skip -= len(data)
+                return
+            i, self._skip = self._skip, 0
+        buf = self._pending + data[i:] if self._pending else data[i:] if i else data
+        self._pending = b""
+        i, n = 0, len(buf)
+        while i < n:
+            if n - i < 2:
+                self._pending = buf[i:]
+                return
+            b0, b1 = buf[i], buf[i + 1]
+            size, h = b1 & 0x7F, 2
+            if size == 126:
+                h = 4
+                if n - i < h:
+                    self._pending = buf[i:]
+                    return
+                size = int.from_bytes(buf[i + 2 : i + 4], "big")
+            elif size == 127:
+                h = 10
+                if n - i < h:
+                    self._pending = buf[i:]
+                    return
+                size = int.from_bytes(buf[i + 2 : i + 10], "big")
+            opcode = b0 & 0x0F
+            if opcode >= 0x8:
+                if n - i < h + size:
+                    self._pending = buf[i:]
+                    return
+                self._control(opcode, buf[i + h : i + h + size])
+                i += h + size
+                continue
+            if opcode:  # a continuation frame belongs to the message already counted
+                self.frames += 1
+            if n - i - h >= size:
+                i += h + size
+            else:
+                self._skip = size - (n - i - h)
+                return
+
+    def _control(self, opcode: int, payload: bytes) -> None:
+        assert self._transport is not None
+        if opcode == 0x9:  # ping: the server closes connections that do not answer
+            self._transport.write(client_frame(0xA, payload))
+        elif opcode == 0x8:
+            self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+            self._transport.write(client_frame(0x8, payload[:2]))
+            self._transport.close()
+
+    def close(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(client_frame(0x8, (1000).to_bytes(2, "big")))
+            self._transport.close()
+
+
+async def connect_sink(url: str, first_message: bytes) -> SinkProtocol:
+    """Open a sink on `url` (ws://host:port/path) and send `first_message` once it is open."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(30):
+        _, proto = await loop.create_connection(
+            lambda: SinkProtocol(f"{host}:{port}", parts.path or "/", first_message), host, port
+        )
+        await proto.opened
+    return proto
