@@ -484,6 +484,13 @@ class TickwireServer:
 
     # -- HTTP ----------------------------------------------------------------------------------
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.method != "GET":
+            # websockets hands every method to us. Every route is read-only, and a response to
+            # HEAD must carry no body.
+            body = b"" if request.method == "HEAD" else b"method not allowed\n"
+            return self._respond(
+                HTTPStatus.METHOD_NOT_ALLOWED, body, "text/plain", (("Allow", "GET"),)
+            )
         path = request.path.split("?", 1)[0]
         if path == "/ws":
             return self._admit(connection, request)
