@@ -101,6 +101,19 @@ def to_batches(channel: Channel, entries: list[Any]) -> list[Batch]:
     return [Batch(channel, epoch, first, bodies) for epoch, first, bodies in runs]
 
 
+def next_count(previous: int, full: bool, streams: int, read_count: int) -> int:
+    """XREAD COUNT per stream for the next read.
+
+    Replies stay near `read_count` entries in all (large replies cost GC time), so the floor is
+    read_count/streams; but while some stream fills its COUNT the count doubles (up to
+    read_count), so one hot stream among many is not held to a trickle per round trip.
+    """
+    floor = max(16, read_count // streams)
+    if full:
+        return min(max(previous, floor) * 2, max(read_count, floor))
+    return max(floor, previous // 2)
+
+
 class StreamReader:
     def __init__(
         self,
@@ -128,6 +141,9 @@ class StreamReader:
         #: Channels that appeared while we were running: read from their epoch's start.
         self._fresh: set[Channel] = set()
         self.up = False
+        #: XREAD COUNT of the next read, and whether the last reply filled it for some stream.
+        self._read_count = 0
+        self._full = False
         #: Set once the reader has connected and loaded the registry for the first time.
         self.ready = asyncio.Event()
 
@@ -225,14 +241,18 @@ class StreamReader:
                         await self.hub.changed.wait()
                 continue
             channels = list(self.positions)
-            # Keep each reply near read_count entries in total (large replies cost GC time).
-            count = max(16, cfg.read_count // len(channels))
+            self._read_count = count = next_count(
+                self._read_count, self._full, len(channels), cfg.read_count
+            )
             cmd: list[Arg] = ["XREAD", "COUNT", count, "BLOCK", cfg.read_block_ms, "STREAMS"]
             cmd += [c.stream_key for c in channels]
             cmd += [f"{self.positions[c]}-0" for c in channels]
             reply = await conn.execute(*cmd, timeout=block_s + 5.0)
             if reply:
+                self._full = any(len(entries) >= count for _, entries in reply)
                 self._deliver(reply, self.clock_ns())
+            else:
+                self._full = False
 
     def _deliver(self, reply: list[Any], read_ns: int) -> None:
         batches: list[Batch] = []
