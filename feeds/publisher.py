@@ -50,12 +50,19 @@ class Publisher:
         *,
         new_epoch: Callable[[], str] = random_epoch,
         clock_ns: Callable[[], int] = time.time_ns,
+        publisher_id: str | None = None,
     ) -> None:
         self.config = config
         self.stats = PublisherStats()
         self.clock_ns = clock_ns
         self._new_epoch = new_epoch
-        self._pending: deque[tuple[Channel, list[bytes]]] = deque()
+        #: (channel, this publisher's index of the first event, bodies), in publish order.
+        self._pending: deque[tuple[Channel, int, list[bytes]]] = deque()
+        #: Events of each channel queued so far: the index the next one gets (from 1). Redis keeps
+        #: the last index it applied per publisher, so a batch written twice (its reply lost,
+        #: then retried) is appended once.
+        self._queued: dict[Channel, int] = {}
+        self.id = publisher_id or secrets.token_hex(6)
         self._pending_events = 0
         self._wakeup = asyncio.Event()
         self._space = asyncio.Event()
@@ -99,7 +106,9 @@ class Publisher:
         items = batches.items() if isinstance(batches, Mapping) else batches
         for channel, bodies in items:
             if bodies:
-                self._pending.append((channel, list(bodies)))
+                first = self._queued.get(channel, 0) + 1
+                self._queued[channel] = first + len(bodies) - 1
+                self._pending.append((channel, first, list(bodies)))
                 self._pending_events += len(bodies)
         self._idle.clear()
         self._wakeup.set()
@@ -142,12 +151,12 @@ class Publisher:
         over = self._pending_events - self.config.max_pending_events
         dropped = 0
         while over > 0 and self._pending:
-            _channel, bodies = self._pending[0]
+            channel, first, bodies = self._pending[0]
             if len(bodies) <= over:
                 self._pending.popleft()
                 n = len(bodies)
             else:
-                del bodies[:over]
+                self._pending[0] = (channel, first + over, bodies[over:])
                 n = over
             over -= n
             dropped += n
@@ -193,21 +202,25 @@ class Publisher:
                 self._space.set()
 
     async def _flush_some(self, conn: RedisConnection) -> None:
-        taken: list[tuple[Channel, list[bytes]]] = []
+        taken: list[tuple[Channel, int, list[bytes]]] = []
         n = 0
         limit = self.config.max_events_per_flush
         while self._pending and n < limit:
             item = self._pending.popleft()
             taken.append(item)
-            n += len(item[1])
-        # Merge consecutive batches of one channel into one Lua call, keeping order.
-        merged: dict[Channel, list[bytes]] = {}
-        for channel, bodies in taken:
-            merged.setdefault(channel, []).extend(bodies)
+            n += len(item[2])
+        # Merge the batches of one channel into one Lua call, keeping order. A channel's indices
+        # run on without a break: its events leave the queue in order (drops take the oldest).
+        merged: dict[Channel, tuple[int, list[bytes]]] = {}
+        for channel, first, bodies in taken:
+            if channel in merged:
+                merged[channel][1].extend(bodies)
+            else:
+                merged[channel] = (first, list(bodies))
         retention = self.config.retention
         commands: list[list[Arg]] = []
         order: list[Channel] = []
-        for channel, bodies in merged.items():
+        for channel, (first, bodies) in merged.items():
             seen_epoch, seen_seq = self.positions.get(channel, ("", 0))
             cmd: list[Arg] = [
                 "EVALSHA",
@@ -219,6 +232,8 @@ class Publisher:
                 retention.maxlen(channel.kind),
                 seen_epoch,
                 seen_seq,
+                self.id,
+                first,
             ]
             cmd.extend(bodies)
             commands.append(cmd)
@@ -230,25 +245,25 @@ class Publisher:
             conn.send(commands)
             self._sent.set()
             self._in_flight = True
-            replies = await conn.replies(len(commands), timeout=10.0)
+            replies = await conn.replies(len(commands), timeout=self.config.reply_timeout_s)
         except BaseException:
-            # Not known to be written: put it back in front, in order. A reply lost after Redis
-            # applied it would write those events twice (at-least-once towards Redis).
+            # Not known to be written: put it back in front, in order. If Redis did apply it and
+            # only the reply was lost, the append skips it by its indices (store.py).
             self._pending.extendleft(reversed(taken))
             raise
         finally:
             self._in_flight = False
-        retry: list[tuple[Channel, list[bytes]]] = []
+        retry: list[tuple[Channel, int, list[bytes]]] = []
         for channel, reply in zip(order, replies, strict=False):
             if isinstance(reply, RedisReplyError):
                 if "NOSCRIPT" not in str(reply):
                     raise RedisUnavailable(f"append to {channel} failed: {reply}")
-                retry.append((channel, merged[channel]))
+                retry.append((channel, *merged[channel]))
                 continue
             epoch, seq, _start = reply
             self.positions[channel] = (epoch.decode(), int(seq))
-            self.stats.published += len(merged[channel])
-        self._pending_events -= n - sum(len(b) for _, b in retry)
+            self.stats.published += len(merged[channel][1])
+        self._pending_events -= n - sum(len(b) for _, _, b in retry)
         if new and not isinstance(replies[-1], RedisReplyError):
             self._registered.update(new)
         if retry:

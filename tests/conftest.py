@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
@@ -17,6 +18,14 @@ TIMEOUT_FACTOR = float(os.environ.get("TICKWIRE_TIMEOUT_FACTOR", "1"))
 
 def timeout(seconds: float) -> float:
     return seconds * TIMEOUT_FACTOR
+
+
+async def eventually(cond: Callable[[], bool], what: str, limit: float = 5.0) -> None:
+    """Poll `cond()` until it holds (for state that has no event to wait on); fail after `limit`."""
+    deadline = time.monotonic() + timeout(limit)
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ import asyncio
 
 import pytest
 
+from tests.conftest import eventually
 from tickwire.core.channels import REGISTRY_KEY, Channel
 from tickwire.core.config import PublisherConfig, RetentionConfig
 from tickwire.core.errors import RedisUnavailable
@@ -180,3 +181,43 @@ async def test_redis_rollback_starts_a_new_epoch_and_never_reuses_seqs(
     assert {e["epoch"] for e in events[:50]} == {old_epoch}
     assert len({e["epoch"] for e in events[50:]} - {old_epoch}) == 1
     assert await redis.execute("HGET", CH.meta_key, "start") == b"51"
+
+
+async def test_a_batch_written_again_after_its_reply_was_lost_is_stored_once(
+    fresh_redis: RedisProcess,
+) -> None:
+    cfg = PublisherConfig(
+        redis_url=fresh_redis.url, reply_timeout_s=0.3, backoff_initial_s=0.05, backoff_max_s=0.1
+    )
+    async with Publisher(cfg) as pub:
+        await pub.publish({CH: bodies("a", 10)})
+        await pub.flush()
+        fresh_redis.pause()
+        try:
+            # The kernel still accepts the writes (and new connections) of a stopped Redis: each
+            # unanswered flush is written again on a new connection, and Redis later runs them all.
+            await pub.publish({CH: bodies("b", 20)})
+            await eventually(lambda: pub.stats.reconnects >= 3, "two flushes to time out")
+        finally:
+            fresh_redis.resume()
+        await pub.publish({CH: bodies("c", 5)})
+        await asyncio.wait_for(pub.flush(), 10)
+    conn = await RedisConnection.open(fresh_redis.url)
+    events = await stored_events(conn, CH)
+    conn.close()
+    assert [e["tag"] for e in events] == ["a"] * 10 + ["b"] * 20 + ["c"] * 5
+    assert [e["seq"] for e in events] == list(range(1, 36))
+    assert [e["trade_id"] for e in events[10:30]] == list(range(20))
+
+
+async def test_two_publishers_numbering_their_own_batches_do_not_skip_each_other(
+    redis: RedisConnection, redis_server: RedisProcess
+) -> None:
+    cfg = PublisherConfig(redis_url=redis_server.url)
+    async with Publisher(cfg) as p1, Publisher(cfg) as p2:
+        assert p1.id != p2.id
+        await p1.publish({CH: bodies("one", 3)})
+        await p1.flush()
+        await p2.publish({CH: bodies("two", 3)})  # same indices 1..3, another publisher
+        await p2.flush()
+    assert [e["tag"] for e in await stored_events(redis, CH)] == ["one"] * 3 + ["two"] * 3

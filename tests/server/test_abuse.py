@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.conftest import timeout
+from tests.conftest import eventually, timeout
 from tickwire.core.channels import Channel
 from tickwire.core.config import PublisherConfig
 from tickwire.core.events import encode_body
@@ -229,14 +229,6 @@ async def healthz(port: int) -> dict[str, Any]:
     assert status_of(response) == 200, response[:200]
     doc: dict[str, Any] = orjson.loads(response.partition(b"\r\n\r\n")[2])
     return doc
-
-
-async def eventually(cond: Callable[[], bool], what: str, limit: float = 5.0) -> None:
-    """Wait until `cond()` holds (the server's bookkeeping runs after the socket closed)."""
-    deadline = time.monotonic() + timeout(limit)
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 async def settled(srv: TickwireServer, port: int, connections: int = 1) -> None:

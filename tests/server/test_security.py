@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Origin
 
+from tests.conftest import eventually
 from tickwire.core.channels import Channel, ChannelPattern
 from tickwire.core.config import AuthConfig, PublisherConfig, ServerConfig, load_server_config
 from tickwire.core.errors import AuthError, ChannelError, ConfigError
@@ -124,14 +125,6 @@ def forge_hs256(claims: dict[str, Any], key: bytes) -> str:
     b64 = jwt.utils.base64url_encode
     signing = b64(orjson.dumps({"alg": "HS256", "typ": "JWT"})) + b"." + b64(orjson.dumps(claims))
     return (signing + b"." + b64(hmac.new(key, signing, hashlib.sha256).digest())).decode()
-
-
-async def eventually(cond: Any, timeout: float = 5.0, what: str = "condition") -> None:
-    """Poll `cond()` until true, failing after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 def config(redis: RedisProcess, auth: AuthConfig | None = None, **fields: Any) -> ServerConfig:
@@ -687,7 +680,7 @@ async def test_connection_caps_429_per_ip_503_in_total_and_slots_come_back(
     async with TickwireServer(cfg) as srv, client(srv.url), client(srv.url) as second:
         assert await refused(srv.url) == 429
         await second.close()
-        await eventually(lambda: srv.admission.open == 1, what="the slot to come back")
+        await eventually(lambda: srv.admission.open == 1, "the slot to come back")
         async with client(srv.url):
             pass
     cfg = config(redis_server, max_connections=1)
@@ -762,5 +755,5 @@ async def test_subscription_cap_open_timeout_and_ping_timeout(
         # A client that stops answering pings is closed by the server.
         ws = await websockets.connect(srv.url, compression=None, ping_interval=None)
         ws.transport.pause_reading()
-        await eventually(lambda: not srv.connections, what="the unresponsive client to go")
+        await eventually(lambda: not srv.connections, "the unresponsive client to go")
         ws.transport.abort()

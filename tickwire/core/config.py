@@ -44,6 +44,9 @@ class PublisherConfig:
     max_events_per_flush: int = 20_000
     backoff_initial_s: float = 0.05
     backoff_max_s: float = 2.0
+    # A flush unanswered this long is written again on a new connection (appended once: see
+    # feeds/store.py).
+    reply_timeout_s: float = 10.0
     # On close, how long to keep trying to write what is still pending.
     close_timeout_s: float = 5.0
 
