@@ -19,6 +19,7 @@ from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from tickwire import __version__
 from tickwire.core.channels import Channel, ChannelPattern
@@ -27,6 +28,7 @@ from tickwire.core.errors import ConfigError, RedisUnavailable
 from tickwire.server.admission import Admission, Refused
 from tickwire.server.auth import Authenticator, Grant
 from tickwire.server.catchup import catch_up
+from tickwire.server.frames import text_frame
 from tickwire.server.hub import Hub, Subscriber
 from tickwire.server.metrics import Metrics
 from tickwire.server.outbox import Outbox
@@ -84,6 +86,9 @@ class Connection:
         self._writable = asyncio.Event()
         self._writable.set()
         self.closing = False
+        #: Frames can be written without the library's framing: no extension (compression)
+        #: was negotiated, and tickwire never sends fragmented messages.
+        self._raw = not ws.protocol.extensions
         #: Deadlines of this connection: "auth" (first auth message), "lifetime", "expiry".
         self._timers: dict[str, asyncio.TimerHandle] = {}
 
@@ -107,7 +112,11 @@ class Connection:
         message = self.outbox.take()
         if message is None:
             return
-        broadcast((self.ws,), message, text=True)
+        ws = self.ws
+        if self._raw and ws.protocol.state is State.OPEN:
+            ws.transport.write(text_frame(message))
+        else:
+            broadcast((ws,), message, text=True)
         self.last_write = time.monotonic()
         m = self.server.metrics
         m.frames_sent += 1
