@@ -1,8 +1,9 @@
 """Client load for the bench: one process holding many WebSocket clients.
 
 Run by `tickwire bench` as a separate process (so the load generator does not share the server's
-event loop). Sampled connections parse every event: latency (receive time minus publish time `pt`)
-and the seq invariant. The others are light sinks (`sink.py`) counting frames, bytes and events.
+event loop). Every client is a light `sink.py` connection counting frames, bytes and events;
+sampled ones also parse every message: latency (receive time minus publish time `pt`) and the
+seq invariant.
 Driven by commands on stdin (see `main_async`); prints one JSON line per report.
 """
 
@@ -12,11 +13,11 @@ import argparse
 import asyncio
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import orjson
-import websockets
 
 from tickwire.bench.invariant import InvariantChecker
 from tickwire.bench.sink import SinkProtocol, connect_sink
@@ -25,9 +26,6 @@ from tickwire.bench.sink import SinkProtocol, connect_sink
 @dataclass
 class ClientStats:
     sampled: bool
-    frames: int = 0
-    bytes: int = 0
-    events: int = 0
     latencies: list[int] = field(default_factory=list)
     checker: InvariantChecker = field(default_factory=InvariantChecker)
     error: str | None = None
@@ -35,48 +33,23 @@ class ClientStats:
     live_from: int = 0
 
 
-async def run_client(
-    url: str,
-    channels: list[str],
-    stats: ClientStats,
-    measure_from: list[int],
-    stop: asyncio.Event,
-    connected: asyncio.Event,
-) -> None:
-    try:
-        async with websockets.connect(
-            url, compression=None, max_size=None, max_queue=None, open_timeout=30
-        ) as ws:
-            await ws.send(orjson.dumps({"op": "subscribe", "id": 1, "channels": channels}).decode())
-            connected.set()
-            recv = ws.recv
-            count_marker = b'"seq":'
-            while not stop.is_set():
-                try:
-                    frame = await recv(decode=False)
-                except websockets.ConnectionClosed as exc:
-                    stats.close_code = exc.rcvd.code if exc.rcvd else None
-                    return
-                now = time.time_ns()
-                stats.frames += 1
-                stats.bytes += len(frame)
-                if not stats.sampled:
-                    stats.events += frame.count(count_marker)
-                    continue
-                doc = orjson.loads(frame)
-                for m in doc if isinstance(doc, list) else (doc,):
-                    if m.get("type") == "events":
-                        events = m["events"]
-                        stats.events += len(events)
-                        start = measure_from[0]
-                        for ev in events:
-                            pt = ev["pt"]
-                            if pt >= start:
-                                stats.latencies.append(now - pt)
-                    stats.checker.feed(m)
-    except (OSError, websockets.WebSocketException, TimeoutError) as exc:
-        stats.error = f"{type(exc).__name__}: {exc}"
-        connected.set()
+def checking(stats: ClientStats, measure_from: list[int]) -> Callable[[bytes, int], None]:
+    """The message handler of a sampled connection: latency of every event, and the invariant."""
+    feed = stats.checker.feed
+    latencies = stats.latencies
+
+    def on_message(payload: bytes, now: int) -> None:
+        doc = orjson.loads(payload)
+        start = measure_from[0]
+        for m in doc if isinstance(doc, list) else (doc,):
+            if m.get("type") == "events":
+                for ev in m["events"]:
+                    pt = ev["pt"]
+                    if pt >= start:
+                        latencies.append(now - pt)
+            feed(m)
+
+    return on_message
 
 
 class Load:
@@ -87,7 +60,6 @@ class Load:
         self.plan = plan
         self.stats = [ClientStats(sampled=i % sample_every == 0) for i in range(len(plan))]
         self.sinks: list[SinkProtocol | None] = [None] * len(plan)
-        self.stop = asyncio.Event()
         self.measure_from = [2**62]
         self.tasks: list[asyncio.Task[None]] = []
         self._mark: dict[str, int] = {}
@@ -95,45 +67,33 @@ class Load:
     async def open(self) -> None:
         connected = [asyncio.Event() for _ in self.plan]
         for i, channels in enumerate(self.plan):
-            if self.stats[i].sampled:
-                self.tasks.append(
-                    asyncio.create_task(
-                        run_client(
-                            self.url,
-                            channels,
-                            self.stats[i],
-                            self.measure_from,
-                            self.stop,
-                            connected[i],
-                        )
-                    )
-                )
-            else:
-                self.tasks.append(asyncio.create_task(self._sink(i, channels, connected[i])))
+            self.tasks.append(asyncio.create_task(self._client(i, channels, connected[i])))
             if i % 50 == 49:
                 await asyncio.sleep(0.01)  # don't SYN-flood the accept queue
         await asyncio.gather(*(c.wait() for c in connected))
 
-    async def _sink(self, i: int, channels: list[str], connected: asyncio.Event) -> None:
+    async def _client(self, i: int, channels: list[str], connected: asyncio.Event) -> None:
         msg = orjson.dumps({"op": "subscribe", "id": 1, "channels": channels})
+        stats = self.stats[i]
+        handler = checking(stats, self.measure_from) if stats.sampled else None
         try:
-            sink = await connect_sink(self.url, msg)
+            sink = await connect_sink(self.url, msg, handler)
         except (OSError, TimeoutError) as exc:
-            self.stats[i].error = f"{type(exc).__name__}: {exc}"
+            stats.error = f"{type(exc).__name__}: {exc}"
             return
         finally:
             connected.set()
         self.sinks[i] = sink
         await sink.closed
-        self.stats[i].close_code = sink.close_code
+        stats.close_code = sink.close_code
 
     def totals(self) -> dict[str, int]:
         out = {"frames": 0, "bytes": 0, "events": 0}
-        for s, sink in zip(self.stats, self.sinks, strict=True):
-            src = sink if sink is not None else s
-            out["frames"] += src.frames
-            out["bytes"] += src.bytes
-            out["events"] += src.events
+        for sink in self.sinks:
+            if sink is not None:
+                out["frames"] += sink.frames
+                out["bytes"] += sink.bytes
+                out["events"] += sink.events
         return out
 
     def go(self, measure_from: int) -> None:
@@ -179,7 +139,6 @@ class Load:
         }
 
     async def close(self) -> None:
-        self.stop.set()
         for sink in self.sinks:
             if sink is not None:
                 sink.close()

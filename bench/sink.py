@@ -1,9 +1,10 @@
-"""A light WebSocket client for the bench that counts frames, bytes and events without parsing them.
+"""A light WebSocket client for the bench: counts frames, bytes and events, hands over payloads.
 
-Saturation runs hold many connections in one load process; parsing every frame with a full
-WebSocket library and JSON decoder would make the load generator the bottleneck. This client
-walks only the frame headers (server frames are unmasked), answers pings and closes, and counts
-events by the `"seq":` marker every event carries. Sampled connections still verify every event.
+The load generator must not be the bottleneck, nor cost the server it shares the machine with
+more CPU than it must. This client walks only the frame headers (server frames are unmasked),
+answers pings and closes, and counts events by the `"seq":` marker every event carries. Sampled
+connections pass `on_message` to get each complete message's payload (to parse and check);
+the others never look inside.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import time
+from collections.abc import Callable
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -34,7 +37,13 @@ def client_frame(opcode: int, payload: bytes) -> bytes:
 
 
 class SinkProtocol(asyncio.Protocol):
-    def __init__(self, host: str, path: str, first_message: bytes) -> None:
+    def __init__(
+        self,
+        host: str,
+        path: str,
+        first_message: bytes,
+        on_message: Callable[[bytes, int], None] | None = None,
+    ) -> None:
         self._request = (
             f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
@@ -47,6 +56,11 @@ class SinkProtocol(asyncio.Protocol):
         self._pending = b""  # an incomplete frame header or control frame
         self._skip = 0  # payload bytes of the current data frame not yet received
         self._tail = b""
+        #: With on_message: the message being assembled, and whether its last frame is final.
+        self.on_message = on_message
+        self._message: bytearray | None = None
+        self._fin = False
+        self._now = 0
         self.frames = 0
         self.bytes = 0
         self.events = 0
@@ -85,6 +99,8 @@ class SinkProtocol(asyncio.Protocol):
             if not data:
                 return
         self.bytes += len(data)
+        if self.on_message is not None:
+            self._now = time.time_ns()
         joined = self._tail + data
         self.events += joined.count(MARKER)
         self._tail = joined[-_CARRY:]
@@ -93,10 +109,15 @@ class SinkProtocol(asyncio.Protocol):
     def _frames(self, data: bytes) -> None:
         i = 0
         if self._skip:
-            if self._skip >= len(data):
-                self._skip -= len(data)
+            take = min(self._skip, len(data))
+            self._skip -= take
+            if self._message is not None:
+                self._message += data[:take]
+                if not self._skip and self._fin:
+                    self._deliver(bytes(self._message))
+            if self._skip:
                 return
-            i, self._skip = self._skip, 0
+            i = take
         buf = self._pending + data[i:] if self._pending else data[i:] if i else data
         self._pending = b""
         i, n = 0, len(buf)
@@ -128,11 +149,30 @@ class SinkProtocol(asyncio.Protocol):
                 continue
             if opcode:  # a continuation frame belongs to the message already counted
                 self.frames += 1
-            if n - i - h >= size:
-                i += h + size
-            else:
-                self._skip = size - (n - i - h)
+            end = i + h + size
+            if self.on_message is not None:
+                self._payload(opcode, bool(b0 & 0x80), buf[i + h : end], end <= n)
+            if end > n:
+                self._skip = end - n
                 return
+            i = end
+
+    def _payload(self, opcode: int, fin: bool, part: bytes, whole: bool) -> None:
+        if opcode and fin and whole:
+            self._deliver(part)  # the usual case: one frame, all here
+            return
+        if opcode:
+            self._message = bytearray(part)
+        elif self._message is not None:
+            self._message += part
+        self._fin = fin
+        if whole and fin and self._message is not None:
+            self._deliver(bytes(self._message))
+
+    def _deliver(self, payload: bytes) -> None:
+        self._message = None
+        assert self.on_message is not None
+        self.on_message(payload, self._now)
 
     def _control(self, opcode: int, payload: bytes) -> None:
         assert self._transport is not None
@@ -149,14 +189,19 @@ class SinkProtocol(asyncio.Protocol):
             self._transport.close()
 
 
-async def connect_sink(url: str, first_message: bytes) -> SinkProtocol:
-    """Open a sink on `url` (ws://host:port/path) and send `first_message` once it is open."""
+async def connect_sink(
+    url: str, first_message: bytes, on_message: Callable[[bytes, int], None] | None = None
+) -> SinkProtocol:
+    """Open a sink on `url` (ws://host:port/path) and send `first_message` once it is open;
+    `on_message(payload, receive time ns)` gets every message if given."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(30):
         _, proto = await loop.create_connection(
-            lambda: SinkProtocol(f"{host}:{port}", parts.path or "/", first_message), host, port
+            lambda: SinkProtocol(f"{host}:{port}", parts.path or "/", first_message, on_message),
+            host,
+            port,
         )
         await proto.opened
     return proto

@@ -3,6 +3,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,10 @@ def unmask(frame: bytes) -> tuple[int, bytes]:
     return frame[0] & 0x0F, bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
+def keeper(into: list[bytes]) -> Callable[[bytes, int], None]:
+    return lambda payload, _now: into.append(payload)
+
+
 async def test_sink_counts_frames_bytes_and_events_across_any_split_and_answers_pings() -> None:
     events = [b'{"type":"events","ch":"t:A","events":[%s]}' % b",".join(
         b'{"seq":%d,"p":"1.5"}' % i for i in range(k)) for k in (1, 3, 40, 700)]  # fmt: skip
@@ -169,8 +174,10 @@ async def test_sink_counts_frames_bytes_and_events_across_any_split_and_answers_
             server_frame(0x1, b"x" * 70_000),  # 64-bit length form, no events
         ]
     )
+    payloads = [*events, b"x" * 70_000]
     for split in (1, 2, 7, 100, 4096, len(stream)):
-        sink = SinkProtocol("h", "/ws", b'{"op":"subscribe"}')
+        got: list[bytes] = []
+        sink = SinkProtocol("h", "/ws", b'{"op":"subscribe"}', keeper(got))
         t = FakeTransport()
         sink.connection_made(t)  # type: ignore[arg-type]
         sink.data_received(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
@@ -178,6 +185,7 @@ async def test_sink_counts_frames_bytes_and_events_across_any_split_and_answers_
         for i in range(0, len(stream), split):
             sink.data_received(stream[i : i + split])
         assert (sink.frames, sink.bytes, sink.events) == (5, len(stream), 744), split
+        assert got == payloads, split
         assert unmask(t.written[1]) == (0x1, b'{"op":"subscribe"}')
         assert unmask(t.written[2]) == (0xA, b"hi")
         sink.data_received(server_frame(0x8, (4008).to_bytes(2, "big") + b"slow"))
