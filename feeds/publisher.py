@@ -220,6 +220,9 @@ class Publisher:
         retention = self.config.retention
         commands: list[list[Arg]] = []
         order: list[Channel] = []
+        # The epoch a channel takes if this flush starts a new one. One candidate serves every
+        # channel of the flush: epochs identify a channel's history, not a flush.
+        candidate = self._new_epoch()
         for channel, (first, bodies) in merged.items():
             seen_epoch, seen_seq = self.positions.get(channel, ("", 0))
             cmd: list[Arg] = [
@@ -228,7 +231,7 @@ class Publisher:
                 2,
                 channel.stream_key,
                 channel.meta_key,
-                self._new_epoch(),
+                candidate,
                 retention.maxlen(channel.kind),
                 seen_epoch,
                 seen_seq,
