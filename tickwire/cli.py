@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench = sub.add_parser(
         "bench",
-        help="measure end-to-end latency/throughput against a baseline (`bench publish`: publish rate)",
+        help="measure end-to-end latency/throughput against a baseline (`bench publish`: publish "
+        "rate; `bench faults`: fault scenarios)",
         add_help=False,
     )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
@@ -287,6 +288,10 @@ def cmd_bench(rest: list[str]) -> int:
         from tickwire.bench.publish import main as publish_main
 
         return publish_main(rest[1:])
+    if rest and rest[0] == "faults":
+        from tickwire.bench.faults import main as faults_main
+
+        return faults_main(rest[1:])
     from tickwire.bench.e2e import main as e2e_main
 
     return e2e_main(rest)

@@ -6,12 +6,15 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Callable
+from typing import Any
 
 import orjson
+import uvloop
 
+from tickwire.bench.proxy import Proxy
 from tickwire.core.channels import Channel
-from tickwire.core.config import PublisherConfig
+from tickwire.core.config import PublisherConfig, ServerConfig
 from tickwire.core.events import encode_body
 from tickwire.core.redis_process import RedisProcess
 from tickwire.core.redis_wire import RedisConnection
@@ -21,63 +24,55 @@ from tickwire.server.app import TickwireServer
 from .conftest import Recorder, recorder, server_config
 
 T = Channel.parse("trades:BTC-USD")
+E = Channel.parse("trades:ETH-USD")
+Maker = Callable[[int, int], list[bytes]]
 
 
-def trades(start: int, n: int) -> list[bytes]:
+def trades_of(channel: Channel, start: int, n: int) -> list[bytes]:
+    """Trades whose `trade_id` is their index: the i-th event published gets seq i + 1."""
     return [
         encode_body(
-            "trade", T.symbol, i, 0, {"price": 1.5, "size": 1, "side": "buy", "trade_id": i}
+            "trade", channel.symbol, i, 0, {"price": 1.5, "size": 1, "side": "buy", "trade_id": i}
         )
         for i in range(start, start + n)
     ]
+
+
+def trades(start: int, n: int) -> list[bytes]:
+    return trades_of(T, start, n)
+
+
+def eth(start: int, n: int) -> list[bytes]:
+    return trades_of(E, start, n)
+
+
+def assert_own_events(c: Recorder, channel: Channel, first: int, last: int) -> None:
+    """Exactly seqs first..last of `channel`, each carrying its own content (a reply read for
+    another request would show as a wrong symbol or trade id)."""
+    events = c.events(channel.name)
+    assert [e["seq"] for e in events] == list(range(first, last + 1))
+    assert all(e["sym"] == channel.symbol and e["trade_id"] == e["seq"] - 1 for e in events)
 
 
 async def reach(c: Recorder, seq: int, timeout: float = 20) -> None:
     await c.wait_until(lambda: c.last_seq(T.name) >= seq, timeout)
 
 
-class Proxy:
-    """A TCP proxy that can black-hole traffic (packets vanish, connections stay open)."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.blackhole = False
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self._writers += [writer, up_w]
-
-        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError, ConnectionError):
-                while data := await r.read(65536):
-                    if not self.blackhole:
-                        w.write(data)
-            w.close()
-
-        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
-
-    async def close(self) -> None:
-        for w in self._writers:
-            w.close()
-        if self._server is not None:
-            self._server.close()
+def through(proxy: Proxy, redis: RedisProcess) -> ServerConfig:
+    """The test server's config with its Redis connections going through `proxy`."""
+    return dataclasses.replace(server_config(redis), redis_url=f"redis://127.0.0.1:{proxy.port}/0")
 
 
-@contextlib.asynccontextmanager
-async def proxy_to(redis: RedisProcess) -> AsyncIterator[Proxy]:
-    proxy = Proxy(redis.port)
-    await proxy.start()
-    try:
-        yield proxy
-    finally:
-        await proxy.close()
+async def first_events(pub: Publisher, c: Recorder, channel: Channel, make: Maker) -> int:
+    """Publish small batches until the client has events of `channel`; the next index to use."""
+    i = 0
+    while not c.last_seq(channel.name):
+        await pub.publish({channel: make(i, 10)})
+        await pub.flush()
+        i += 10
+        with contextlib.suppress(TimeoutError):
+            await c.wait_until(lambda: c.last_seq(channel.name) > 0, timeout=0.2)
+    return i
 
 
 async def http_get(port: int, path: str) -> tuple[int, bytes, float]:
@@ -120,33 +115,30 @@ async def test_redis_paused_health_and_pings_answer_and_reading_resumes(
 async def test_blackholed_redis_connection_recovers_without_crossed_replies(
     redis_server: RedisProcess, redis: RedisConnection
 ) -> None:
-    async with proxy_to(redis_server) as proxy:
-        url = f"redis://127.0.0.1:{proxy.port}/0"
-        cfg = server_config(redis_server)
-        cfg = dataclasses.replace(cfg, redis_url=url)
-        async with (
-            TickwireServer(cfg) as srv,
-            recorder(srv.url) as c,
-            Publisher(PublisherConfig(redis_url=redis_server.url)) as pub,
-        ):
-            await c.request("subscribe", channels=[T.name])
-            for i in range(0, 100, 10):
-                await pub.publish({T: trades(i, 10)})
-                await pub.flush()
-                if c.last_seq(T.name):
-                    break
-                await asyncio.sleep(0.05)
-            await c.wait_until(lambda: c.last_seq(T.name) > 0)
-            proxy.blackhole = True
-            await pub.publish({T: trades(100, 50)})
+    async with (
+        Proxy(redis_server.port) as proxy,
+        TickwireServer(through(proxy, redis_server)) as srv,
+        recorder(srv.url) as c,
+        Publisher(PublisherConfig(redis_url=redis_server.url)) as pub,
+    ):
+        await c.request("subscribe", channels=[T.name])
+        for i in range(0, 100, 10):
+            await pub.publish({T: trades(i, 10)})
             await pub.flush()
-            await c.wait_for(lambda m: m == {"type": "status", "redis": "down"}, timeout=15)
-            proxy.blackhole = False
-            final = pub.positions[T][1]
-            await c.wait_until(lambda: c.last_seq(T.name) == final, timeout=15)
-            assert c.checker.ok, c.checker.violations
-            # Every event arrived once; the replies of the dropped connection went nowhere.
-            assert c.checker.duplicates == 0 and c.checker.lost == 0
+            if c.last_seq(T.name):
+                break
+            await asyncio.sleep(0.05)
+        await c.wait_until(lambda: c.last_seq(T.name) > 0)
+        proxy.blackhole()
+        await pub.publish({T: trades(100, 50)})
+        await pub.flush()
+        await c.wait_for(lambda m: m == {"type": "status", "redis": "down"}, timeout=15)
+        proxy.pass_through()
+        final = pub.positions[T][1]
+        await c.wait_until(lambda: c.last_seq(T.name) == final, timeout=15)
+        assert c.checker.ok, c.checker.violations
+        # Every event arrived once; the replies of the dropped connection went nowhere.
+        assert c.checker.duplicates == 0 and c.checker.lost == 0
 
 
 async def test_reconnect_storm_a_third_of_clients_resume_without_loss(
@@ -199,3 +191,100 @@ async def test_reconnect_storm_a_third_of_clients_resume_without_loss(
             assert [e["seq"] for e in rec.events(T.name)] == list(range(pos["seq"] + 1, final + 1))
         for m in managers[n_drop:] + back:
             await m.__aexit__(None, None, None)
+
+
+async def test_delayed_redis_connections_deliver_every_event_once_in_order(
+    redis_server: RedisProcess, redis: RedisConnection
+) -> None:
+    async with Proxy(redis_server.port) as proxy:
+        # 50-200 ms each way on every Redis connection: the server's and the publisher's.
+        proxy.delay(0.05, jitter_s=0.15)
+        url = f"redis://127.0.0.1:{proxy.port}/0"
+        async with (
+            TickwireServer(through(proxy, redis_server)) as srv,
+            recorder(srv.url) as c,
+            Publisher(PublisherConfig(redis_url=url)) as pub,
+        ):
+            await c.request("subscribe", channels=[T.name, E.name])
+            i = await first_events(pub, c, T, trades)
+            j = await first_events(pub, c, E, eth)
+            for _ in range(20):
+                await pub.publish({T: trades(i, 7), E: eth(j, 5)})
+                i, j = i + 7, j + 5
+            await pub.flush()
+            await c.wait_until(
+                lambda: c.last_seq(T.name) == i and c.last_seq(E.name) == j, timeout=30
+            )
+            assert c.checker.ok, c.checker.violations
+            assert c.checker.duplicates == 0 and c.checker.lost == 0
+            assert_own_events(c, T, c.events(T.name)[0]["seq"], i)
+            assert_own_events(c, E, c.events(E.name)[0]["seq"], j)
+            assert proxy.stats.bytes_forwarded > 0 and proxy.stats.resets == 0
+
+
+async def test_reset_redis_connections_status_down_up_and_no_reply_crosses_requests(
+    redis_server: RedisProcess, redis: RedisConnection
+) -> None:
+    await reset_mid_stream(redis_server)
+
+
+def test_reset_redis_connections_under_uvloop_as_served(redis_server: RedisProcess) -> None:
+    """`tickwire serve` runs on uvloop, where writing to a connection the peer has reset raises
+    RuntimeError instead of being dropped: the server must still see Redis go and come back."""
+    errors: list[dict[str, Any]] = []
+
+    async def run() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _, ctx: errors.append(ctx))
+        if redis_server.proc is None or redis_server.proc.poll() is not None:
+            redis_server.start()
+        conn = await RedisConnection.open(redis_server.url)
+        await conn.execute("FLUSHALL")
+        conn.close()
+        await reset_mid_stream(redis_server)
+
+    uvloop.run(run())
+    assert not errors, f"event loop reported unhandled errors: {errors}"
+
+
+async def reset_mid_stream(redis_server: RedisProcess) -> None:
+    async with (
+        Proxy(redis_server.port) as proxy,
+        TickwireServer(through(proxy, redis_server)) as srv,
+        recorder(srv.url) as c,
+        Publisher(PublisherConfig(redis_url=redis_server.url)) as pub,
+    ):
+        await c.request("subscribe", channels=[T.name, E.name])
+        i = await first_events(pub, c, T, trades)
+        j = await first_events(pub, c, E, eth)
+        # Mid-stream: every Redis connection of the server is reset, and so are its
+        # reconnection attempts until the proxy lets them through again.
+        assert proxy.reset(refuse_new=True) >= 2  # the reader's and the control connection
+        down = await c.wait_for(lambda m: m == {"type": "status", "redis": "down"}, 15)
+        await pub.publish({T: trades(i, 50), E: eth(j, 30)})
+        await pub.flush()
+        i, j = i + 50, j + 30
+        async with asyncio.timeout(15):
+            await proxy.wait_until(lambda s: s.refused >= 2)
+        proxy.pass_through()
+        await c.wait_for(
+            lambda m: m == {"type": "status", "redis": "up"},
+            15,
+            start=c.messages.index(down),
+        )
+        await c.wait_until(lambda: c.last_seq(T.name) == i and c.last_seq(E.name) == j, timeout=15)
+        # History reads on the new control connection: a resume and the channel list.
+        epoch = c.events(T.name)[-1]["epoch"]
+        async with recorder(srv.url) as late:
+            late.checker.expect_from(T.name, epoch, 3)
+            await late.request(
+                "subscribe", channels=[T.name], resume={T.name: {"epoch": epoch, "seq": 3}}
+            )
+            listed = await late.request("list")
+            await late.wait_until(lambda: late.last_seq(T.name) == i)
+            assert late.checker.ok, late.checker.violations
+            assert_own_events(late, T, 4, i)
+        assert listed["type"] == "channels" and set(listed["channels"]) >= {T.name, E.name}
+        assert c.checker.ok, c.checker.violations
+        assert c.checker.duplicates == 0 and c.checker.lost == 0
+        assert_own_events(c, T, c.events(T.name)[0]["seq"], i)
+        assert_own_events(c, E, c.events(E.name)[0]["seq"], j)

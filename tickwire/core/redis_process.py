@@ -74,7 +74,7 @@ class RedisProcess:
             "--appendonly",
             "yes" if self.appendonly else "no",
             "--appendfsync",
-            "everysec",
+            self.appendfsync,
             "--daemonize",
             "no",
             "--logfile",

@@ -121,8 +121,17 @@ class RedisConnection:
         """Write commands without waiting; `replies(len(commands))` must follow."""
         if self._closed:
             raise RedisUnavailable("connection is closed")
+        if self._writer.transport.is_closing():
+            # The peer went away while we were idle (e.g. a reset). uvloop raises RuntimeError
+            # on a write to such a transport where asyncio drops it: report both alike.
+            self.close()
+            raise RedisUnavailable("lost connection to Redis: closed by the peer")
         pack = hiredis.pack_command
-        self._writer.write(b"".join([pack(tuple(c)) for c in commands]))  # type: ignore[arg-type]
+        try:
+            self._writer.write(b"".join([pack(tuple(c)) for c in commands]))  # type: ignore[arg-type]
+        except (OSError, RuntimeError) as exc:
+            self.close()
+            raise RedisUnavailable(f"lost connection to Redis: {exc}") from None
 
     async def replies(self, n: int, timeout: float | None = None) -> list[Any]:
         """The next `n` replies (see `pipeline` for errors)."""

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import orjson
+
+
+def test_faults_bench_runs_scenarios_and_reports_correctness() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "faults.json"
+        # Tiny: two clients, six storm clients, half-second phases; two cheap scenarios.
+        proc = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "tickwire"),
+                "bench",
+                "faults",
+                "--scale",
+                "0.02",
+                "--rate",
+                "300",
+                "--steady",
+                "0.5",
+                "--hold",
+                "0.5",
+                "--only",
+                "proxy-reset,storm",
+                "--json",
+                str(out),
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            cwd=tmp,
+            timeout=90,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        doc = orjson.loads(out.read_bytes())
+    assert "scenario" in proc.stdout and "lost silently" in proc.stdout
+    assert "[1/2] proxy-reset" in proc.stderr and "[2/2] storm" in proc.stderr
+    rows = {s["scenario"]: s for s in doc["scenarios"]}
+    assert set(rows) == {"proxy-reset", "storm"}
+    for row in rows.values():
+        assert row["correct"] is True, row
+        assert row["lost_silently"] == 0 and row["duplicates"] == 0 and not row["problems"]
+        assert row["published"] > 0 and row["delivered"] > 0
+        assert {"gaps", "resets", "recover_s", "verdict"} <= set(row)
+    # What each fault did, not how fast: the resets happened, every client was told and came back.
+    reset = rows["proxy-reset"]
+    assert reset["notes"]["proxy"]["resets"] >= 2
+    assert reset["notes"]["clients_told_down_up"] == reset["clients"]
+    assert rows["storm"]["notes"]["resumed"] == rows["storm"]["notes"]["dropped"] > 0
+
+
+def test_faults_bench_rejects_an_unknown_scenario() -> None:
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "tickwire"), "bench", "faults", "--only", "nope"],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=tempfile.gettempdir(),
+        timeout=30,
+    )
+    assert proc.returncode == 2 and "unknown scenario" in proc.stderr
