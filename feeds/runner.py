@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
+from tickwire.feeds.bars import BarAggregator, ClosedBar
 from tickwire.feeds.publisher import Publisher
-from tickwire.feeds.simulator import MarketSimulator, paced_chunks
+from tickwire.feeds.simulator import Chunk, Instrument, MarketSimulator, paced_chunks
 
 log = logging.getLogger("tickwire.feeds.sim")
 
 
 @dataclass(frozen=True, slots=True)
 class FeedReport:
-    events: int
+    events: int  # simulated quotes and trades
     seconds: float
+    bars: int = 0  # closed bars published besides
 
     @property
     def rate(self) -> float:
@@ -27,22 +31,93 @@ async def run_simulator(
     publisher: Publisher,
     sim: MarketSimulator,
     *,
+    bar_intervals: Sequence[str] = (),
     count: int | None = None,
     duration: float | None = None,
     throttle: bool = True,
     progress: Callable[[int, float], None] | None = None,
     progress_every_s: float = 1.0,
 ) -> FeedReport:
-    """Publish simulated chunks until `count`/`duration`; returns events sent and time taken."""
+    """Publish simulated chunks until `count`/`duration`; returns events sent and time taken.
+
+    With `bar_intervals` (e.g. `("1s",)`), the bars of the simulated trades go out too, each
+    in the batch of the first chunk past its end. The interval in progress at the end of the
+    run is incomplete and not published.
+    """
+    chunk_bars = ChunkBars(sim.instruments, bar_intervals) if bar_intervals else None
     t0 = time.monotonic()
     sent = 0
+    bars = 0
     next_report = t0 + progress_every_s
     async for chunk in paced_chunks(sim, count=count, duration=duration, throttle=throttle):
-        await publisher.publish(sim.encode(chunk, publisher.clock_ns()))
+        pt = publisher.clock_ns()
+        batch = sim.encode(chunk, pt)
+        if chunk_bars is not None:
+            for bar in chunk_bars.add(chunk):
+                lst = batch.get(bar.channel)
+                if lst is None:
+                    batch[bar.channel] = [bar.encode(pt)]
+                else:
+                    lst.append(bar.encode(pt))
+                bars += 1
+        await publisher.publish(batch)
         sent += len(chunk)
         now = time.monotonic()
         if progress is not None and now >= next_report:
             progress(sent, now - t0)
             next_report = now + progress_every_s
     await publisher.flush()
-    return FeedReport(sent, time.monotonic() - t0)
+    return FeedReport(sent, time.monotonic() - t0, bars)
+
+
+class ChunkBars:
+    """Bars of the simulator's trades, fed to the aggregators a batch of chunks at a time.
+
+    Only a chunk that reaches a bar boundary can close bars, and aggregating costs mostly per
+    call, so chunks wait (up to `max_pending_events`) until one does: the same bars, in the same
+    chunk's batch, at half the cost when chunks are small (measured on the 5-event chunks that
+    `--max` at the default rate makes: 5.8 → 2.7 µs a chunk; 4096-event chunks: 160 → 70 µs).
+    """
+
+    def __init__(
+        self,
+        instruments: Sequence[Instrument],
+        intervals: Sequence[str],
+        *,
+        max_pending_events: int = 16_384,
+    ) -> None:
+        self.aggregators = [BarAggregator(instruments, interval) for interval in intervals]
+        self.max_pending_events = max_pending_events
+        self._pending: list[Chunk] = []
+        self._pending_events = 0
+        self._next_boundary = -(1 << 62)  # feed the first chunk at once
+
+    def add(self, chunk: Chunk) -> list[ClosedBar]:
+        """Take a chunk; returns the bars it closed."""
+        self._pending.append(chunk)
+        self._pending_events += len(chunk)
+        # Quotes move venue time too: a bar closes with the first event past its end, not the
+        # first trade, which on a quiet symbol may come much later.
+        now = int(chunk.ts[-1])
+        if now < self._next_boundary and self._pending_events < self.max_pending_events:
+            return []
+        chunks, self._pending, self._pending_events = self._pending, [], 0
+        if len(chunks) == 1:
+            one = chunks[0]
+            kind, ts, sym, price, size = one.kind, one.ts, one.sym, one.price, one.size
+        else:
+            kind = np.concatenate([c.kind for c in chunks])
+            ts = np.concatenate([c.ts for c in chunks])
+            sym = np.concatenate([c.sym for c in chunks])
+            price = np.concatenate([c.price for c in chunks])
+            size = np.concatenate([c.size for c in chunks])
+        trades = np.flatnonzero(kind)  # kind 1: trade; `take` beats masking 4 times
+        ts, sym = ts.take(trades), sym.take(trades)
+        price, size = price.take(trades), size.take(trades)
+        closed: list[ClosedBar] = []
+        for aggregator in self.aggregators:
+            closed += aggregator.add_trades(ts, sym, price, size, now=now)
+        self._next_boundary = min(
+            (a.watermark // a.interval_ns + 1) * a.interval_ns for a in self.aggregators
+        )
+        return closed

@@ -37,6 +37,21 @@ def _symbols(value: str) -> int | list[str]:
     return [s.strip() for s in value.split(",") if s.strip()]
 
 
+def _bar_intervals(value: str) -> tuple[str, ...]:
+    from tickwire.core.channels import BAR_INTERVALS
+
+    if value in ("off", "none", ""):
+        return ()
+    intervals = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    bad = [v for v in intervals if v not in BAR_INTERVALS]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"no bar channel for {', '.join(bad)}: use {', '.join(BAR_INTERVALS)} "
+            "(comma-separated) or off"
+        )
+    return intervals
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tickwire",
@@ -52,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     feed_sub = feed.add_subparsers(dest="feed", required=True, metavar="FEED")
     sim = feed_sub.add_parser(
         "sim",
-        help="simulated market (GBM prices, quotes and trades)",
+        help="simulated market (GBM prices, quotes, trades and their bars)",
         description="Publish a simulated market: numpy GBM price paths, quotes and trades at random "
-        "times, deterministic under --seed.",
+        "times, deterministic under --seed, and OHLCV bars of the trades.",
     )
     _redis_arg(sim)
     sim.add_argument(
@@ -73,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--duration", type=float, help="stop after this many seconds")
     sim.add_argument("--count", type=int, help="stop after this many events")
     sim.add_argument(
+        "--bars",
+        type=_bar_intervals,
+        default=("1s",),
+        metavar="INTERVALS",
+        help="publish OHLCV bars of the trades on bars.<interval>:<symbol>: 1s, 1m, 1s,1m or off "
+        "(default 1s)",
+    )
+    sim.add_argument(
         "--trade-maxlen",
         type=int,
         default=RetentionConfig().trades,
@@ -83,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=RetentionConfig().quotes,
         help="quotes kept per stream (MAXLEN ~)",
+    )
+    sim.add_argument(
+        "--bar-maxlen",
+        type=int,
+        default=RetentionConfig().bars,
+        help="bars kept per stream (MAXLEN ~)",
     )
 
     rep = feed_sub.add_parser(
@@ -219,15 +248,18 @@ async def cmd_feed_sim(args: argparse.Namespace) -> int:
     from tickwire.feeds.simulator import MarketSimulator, make_instruments
 
     url = args.redis or redis_url_from_env()
-    retention = RetentionConfig(trades=args.trade_maxlen, quotes=args.quote_maxlen)
+    retention = RetentionConfig(
+        trades=args.trade_maxlen, quotes=args.quote_maxlen, bars=args.bar_maxlen
+    )
     sim = MarketSimulator(
         make_instruments(args.symbols, args.seed),
         rate=args.rate,
         seed=args.seed,
         start_ns=time.time_ns(),
     )
+    bars = f", bars {','.join(args.bars)}" if args.bars else ""
     print(
-        f"simulating {len(sim.instruments)} symbols at {'max' if args.max else f'{args.rate:,.0f}'} events/s into {url}",
+        f"simulating {len(sim.instruments)} symbols at {'max' if args.max else f'{args.rate:,.0f}'} events/s{bars} into {url}",
         file=sys.stderr,
     )
 
@@ -238,6 +270,7 @@ async def cmd_feed_sim(args: argparse.Namespace) -> int:
         report = await run_simulator(
             pub,
             sim,
+            bar_intervals=args.bars,
             count=args.count,
             duration=args.duration,
             throttle=not args.max,
@@ -246,6 +279,7 @@ async def cmd_feed_sim(args: argparse.Namespace) -> int:
         dropped = pub.stats.dropped
     print(
         f"\npublished {report.events:,} events in {report.seconds:.2f} s: {report.rate:,.0f} events/s"
+        + (f", and {report.bars:,} bars" if args.bars else "")
         + (f", {dropped:,} dropped while Redis was down" if dropped else ""),
         file=sys.stderr,
     )
