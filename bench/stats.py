@@ -80,6 +80,7 @@ def server_share(before: str, after: str) -> dict[str, float]:
     """The server's own latency over a window, from two `/metrics` scrapes (empty if none)."""
     out: dict[str, float] = {}
     for name, label, qs in (
+        ("tickwire_publish_to_read_seconds", "publish→read", (0.5, 0.99)),
         ("tickwire_read_to_write_seconds", "read→write", (0.5, 0.99)),
         ("tickwire_publish_to_write_seconds", "publish→write", (0.5, 0.99)),
     ):

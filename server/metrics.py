@@ -14,7 +14,8 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 # Read → write inside the server: finer, as it is meant to be well under a millisecond.
 SERVER_BUCKETS = (
-    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003,
+    0.004, 0.005, 0.0075, 0.01, 0.025, 0.1,
 )  # fmt: skip
 
 
@@ -63,6 +64,10 @@ class Metrics:
     read_lag_seconds: float = 0.0
     outbox: OutboxStats = field(default_factory=OutboxStats)
     latency: Histogram = field(default_factory=Histogram)
+    #: From an event's publish time to the arrival of the XREAD reply holding it.
+    publish_to_read: Histogram = field(
+        default_factory=lambda: Histogram(SERVER_BUCKETS, [0] * (len(SERVER_BUCKETS) + 1))
+    )
     #: From the XREAD reply's arrival to its events written to every subscriber's socket.
     read_to_write: Histogram = field(
         default_factory=lambda: Histogram(SERVER_BUCKETS, [0] * (len(SERVER_BUCKETS) + 1))
@@ -135,6 +140,12 @@ class Metrics:
             "publish_to_write_seconds",
             "Publish to server write latency per event.",
             self.latency,
+        )
+        _histogram(
+            lines,
+            "publish_to_read_seconds",
+            "Publish to XREAD reply arrival, per event delivery (feed, Redis and read loop).",
+            self.publish_to_read,
         )
         _histogram(
             lines,

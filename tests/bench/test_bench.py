@@ -117,7 +117,7 @@ def test_server_share_reads_histogram_deltas_from_two_scrapes() -> None:
     m.read_to_write.observe(0.00002, 10)
     before = m.render()
     m.read_to_write.observe(0.0003, 98)
-    m.read_to_write.observe(0.004, 2)
+    m.read_to_write.observe(0.0045, 2)
     share = server_share(before, m.render())
     # Only the 100 observations between the scrapes count: p50 in (250 µs, 500 µs], p99 ≤ 5 ms.
     assert share["read→write p50_us"] == 500

@@ -221,3 +221,17 @@ async def test_two_publishers_numbering_their_own_batches_do_not_skip_each_other
         await p2.publish({CH: bodies("two", 3)})  # same indices 1..3, another publisher
         await p2.flush()
     assert [e["tag"] for e in await stored_events(redis, CH)] == ["one"] * 3 + ["two"] * 3
+
+
+async def test_a_flush_after_redis_lost_its_scripts_loads_them_and_stores_every_event(
+    redis: RedisConnection, redis_server: RedisProcess
+) -> None:
+    other = Channel.parse("trades:ETH-USD")
+    async with Publisher(PublisherConfig(redis_url=redis_server.url)) as pub:
+        await pub.publish({CH: bodies("a", 2), other: bodies("a", 2)})
+        await pub.flush()
+        await redis.execute("SCRIPT", "FLUSH")  # as after a restart: NOSCRIPT inside the EXEC
+        await pub.publish({CH: bodies("b", 3), other: bodies("b", 1)})
+        await pub.flush()
+    assert [e["tag"] for e in await stored_events(redis, CH)] == ["a"] * 2 + ["b"] * 3
+    assert [e["tag"] for e in await stored_events(redis, other)] == ["a"] * 2 + ["b"]

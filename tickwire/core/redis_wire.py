@@ -63,7 +63,8 @@ class RedisConnection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
-        self._parser = hiredis.Reader()
+        # Error replies at any depth (inside an EXEC reply too) come back as RedisReplyError.
+        self._parser = hiredis.Reader(replyError=RedisReplyError)
         self._closed = False
 
     @classmethod
@@ -163,7 +164,5 @@ class RedisConnection:
                     raise EOFError("Redis closed the connection")
                 parser.feed(data)
                 continue
-            if isinstance(reply, hiredis.ReplyError):
-                reply = RedisReplyError(str(reply))
             replies.append(reply)
         return replies
