@@ -97,10 +97,16 @@ class Load:
         return out
 
     def go(self, measure_from: int) -> None:
+        """Start a step: latency and counts from `measure_from` (unix ns, after the warm-up)."""
         self.measure_from[0] = measure_from
         for s in self.stats:
             s.latencies.clear()
             s.live_from = 0
+        self._mark = self.totals()
+        delay = max(0.0, (measure_from - time.time_ns()) / 1e9)
+        asyncio.get_running_loop().call_later(delay, self._start_counting)
+
+    def _start_counting(self) -> None:
         self._mark = self.totals()
 
     def live(self) -> dict[str, float]:

@@ -52,7 +52,6 @@ log = logging.getLogger("tickwire.server")
 # writing resumes below LOW.
 WRITE_HIGH = 64 * 1024
 WRITE_LOW = 16 * 1024
-DRAIN_POLL_S = 0.005
 WEB_DIR = Path(__file__).resolve().parent.parent / "clients" / "web"
 DOCS_DIR = Path(__file__).resolve().parent.parent / "docs"
 
@@ -124,23 +123,25 @@ class Connection:
 
     async def _drain_when_writable(self) -> None:
         limits = self.server.config.limits
-        stuck_since = time.monotonic()
         try:
             while True:
-                await asyncio.sleep(DRAIN_POLL_S)
-                transport = self.ws.transport
-                if transport is None or transport.is_closing():
-                    return
-                if transport.get_write_buffer_size() <= WRITE_LOW:
-                    self._write()
-                    stuck_since = time.monotonic()
-                    if not self.outbox and transport.get_write_buffer_size() <= WRITE_LOW:
-                        return
-                elif time.monotonic() - stuck_since > limits.slow_grace_s:
+                try:
+                    # Woken by the transport's resume_writing (below WRITE_LOW), not by polling:
+                    # with a thousand full sockets, polling each every few ms was most of the
+                    # server's CPU.
+                    async with asyncio.timeout(limits.slow_grace_s):
+                        await self.ws.drain()
+                except TimeoutError:
                     self.server.metrics.slow_disconnects += 1
                     log.info("closing slow consumer %s", self.ws.remote_address)
                     self.stop_receiving()
                     await self.ws.close(4008, "slow consumer")
+                    return
+                transport = self.ws.transport
+                if transport is None or transport.is_closing():
+                    return
+                self._write()
+                if not self.outbox:
                     return
         finally:
             self._drain = None
@@ -398,6 +399,9 @@ class TickwireServer:
             process_request=self._http,
             compression="deflate" if cfg.compression else None,
             max_size=cfg.limits.max_message_bytes,
+            # The transport pauses writing above WRITE_HIGH and resumes below WRITE_LOW: the
+            # drain task waits on that instead of polling each full socket.
+            write_limit=(WRITE_HIGH, WRITE_LOW),
             max_queue=16,
             open_timeout=cfg.open_timeout_s,
             ping_interval=cfg.ping_interval_s,
