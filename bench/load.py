@@ -21,6 +21,7 @@ import orjson
 
 from tickwire.bench.invariant import InvariantChecker
 from tickwire.bench.sink import SinkProtocol, connect_sink
+from tickwire.core.runtime import tune_gc
 
 
 @dataclass
@@ -159,6 +160,7 @@ async def main_async(args: argparse.Namespace) -> None:
     runs, a `{"live": …}` line each second feeds the bench's progress bar."""
     load = Load(args.url, orjson.loads(args.plan), args.sample_every)
     await load.open()
+    tune_gc()  # the same for both targets: collector pauses would show as their latency
     print("ready", flush=True)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()

@@ -25,6 +25,7 @@ from tickwire import __version__
 from tickwire.core.channels import Channel, ChannelPattern
 from tickwire.core.config import ServerConfig
 from tickwire.core.errors import ConfigError, RedisUnavailable
+from tickwire.core.runtime import tune_gc
 from tickwire.server.admission import Admission, Refused
 from tickwire.server.auth import Authenticator, Grant
 from tickwire.server.catchup import catch_up
@@ -602,6 +603,7 @@ async def serve_forever(
     srv = TickwireServer(config, reuse_port=reuse_port)
     loop.add_signal_handler(signal.SIGHUP, srv.reload_credentials)
     async with srv:
+        tune_gc()
         if ready is not None:
             result = ready(srv)
             if result is not None:

