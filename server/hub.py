@@ -110,22 +110,32 @@ class Hub:
 
     # -- fan-out -------------------------------------------------------------------------------
     def dispatch(self, batches: Iterable[Batch]) -> int:
-        """Queue each batch for its subscribers, then write once per touched subscriber.
+        """Queue each batch for its subscribers and write once per touched subscriber.
 
-        Returns the number of (subscriber, event) deliveries queued.
+        Subscriber by subscriber: the first one's frame goes out after its own batches are
+        queued, not after every subscriber's (the writes are most of the cost; the first
+        subscribers should not wait for the queueing of the last). Returns the number of
+        (subscriber, event) deliveries queued.
         """
-        touched: set[Subscriber] = set()
-        deliveries = 0
+        per_sub: dict[Subscriber, list[Batch]] = {}
         for batch in batches:
-            n = len(batch.events)
             for sub in self.subscribers_of(batch.channel):
+                mine = per_sub.get(sub)
+                if mine is None:
+                    per_sub[sub] = [batch]
+                else:
+                    mine.append(batch)
+        deliveries = 0
+        for sub, mine in per_sub.items():
+            touched = False
+            for batch in mine:
                 if sub.holding and batch.channel in sub.holding:
                     sub.hold(batch)
                 elif sub.outbox.add(batch):
-                    touched.add(sub)
-                    deliveries += n
-        for sub in touched:
-            sub.flush()
+                    touched = True
+                    deliveries += len(batch.events)
+            if touched:
+                sub.flush()
         return deliveries
 
     def broadcast_control(self, message: bytes) -> None:
