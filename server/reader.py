@@ -19,7 +19,7 @@ import orjson
 from tickwire.core.channels import REGISTRY_KEY, Channel
 from tickwire.core.config import ServerConfig
 from tickwire.core.errors import ChannelError, RedisUnavailable
-from tickwire.core.redis_wire import Arg, RedisConnection
+from tickwire.core.redis_wire import Arg, RedisConnection, RedisReplyError
 from tickwire.core.stream import epoch_of, publish_ns_of, seq_of
 from tickwire.server.batch import Batch
 from tickwire.server.hub import Hub
@@ -229,11 +229,18 @@ class StreamReader:
     async def _read_loop(self, conn: RedisConnection) -> None:
         cfg = self.config
         block_s = cfg.read_block_ms / 1000
+        #: Batches read but not yet fanned out, and when their reply arrived.
+        pending: list[Batch] = []
+        read_ns = 0
         while True:
             if self.hub.changed.is_set() or self._recheck:
+                self._fanout(pending, read_ns)
+                pending = []
                 self.hub.changed.clear()
                 await self._sync_channels()
             if not self.positions:
+                self._fanout(pending, read_ns)
+                pending = []
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
                 # that arrives as the event fires, and the reader would never stop.
                 with contextlib.suppress(TimeoutError):
@@ -247,14 +254,27 @@ class StreamReader:
             cmd: list[Arg] = ["XREAD", "COUNT", count, "BLOCK", cfg.read_block_ms, "STREAMS"]
             cmd += [c.stream_key for c in channels]
             cmd += [f"{self.positions[c]}-0" for c in channels]
-            reply = await conn.execute(*cmd, timeout=block_s + 5.0)
+            # The next read goes out before the last one's fan-out, so Redis prepares it
+            # meanwhile (Redis 7.0 answers a blocked XREAD with only the stream that woke it:
+            # the rest of that flush comes with this next read).
+            try:
+                conn.send([cmd])
+            finally:
+                self._fanout(pending, read_ns)
+                pending = []
+            (reply,) = await conn.replies(1, timeout=block_s + 5.0)
+            if isinstance(reply, RedisReplyError):
+                # E.g. LOADING while Redis replays its AOF: back off and read again.
+                raise RedisUnavailable(f"XREAD refused: {reply}")
             if reply:
+                read_ns = self.clock_ns()
                 self._full = any(len(entries) >= count for _, entries in reply)
-                self._deliver(reply, self.clock_ns())
+                pending = self._take(reply)
             else:
                 self._full = False
 
-    def _deliver(self, reply: list[Any], read_ns: int) -> None:
+    def _take(self, reply: list[Any]) -> list[Batch]:
+        """The reply's batches, in order; the read positions move past them."""
         batches: list[Batch] = []
         for key, entries in reply:
             channel = self._keys.get(key)
@@ -269,6 +289,9 @@ class StreamReader:
                 self.epochs[channel] = batch.epoch
                 self.positions[channel] = batch.last_seq
                 batches.append(batch)
+        return batches
+
+    def _fanout(self, batches: list[Batch], read_ns: int) -> None:
         if not batches:
             return
         n = sum(len(b.events) for b in batches)
