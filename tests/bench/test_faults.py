@@ -11,7 +11,8 @@ import orjson
 def test_faults_bench_runs_scenarios_and_reports_correctness() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "faults.json"
-        # Tiny: two clients, six storm clients, half-second phases; two cheap scenarios.
+        # Tiny: two clients, six storm clients, half-second phases; the cheap scenarios (the
+        # slow consumer needs volume: tests/server/test_server.py covers it).
         proc = subprocess.run(
             [
                 str(Path(sys.executable).parent / "tickwire"),
@@ -26,7 +27,7 @@ def test_faults_bench_runs_scenarios_and_reports_correctness() -> None:
                 "--hold",
                 "0.5",
                 "--only",
-                "proxy-reset,storm",
+                "proxy-reset,storm,worker-kill,redis-kill-aof",
                 "--json",
                 str(out),
             ],
@@ -34,14 +35,14 @@ def test_faults_bench_runs_scenarios_and_reports_correctness() -> None:
             capture_output=True,
             text=True,
             cwd=tmp,
-            timeout=90,
+            timeout=150,
         )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         doc = orjson.loads(out.read_bytes())
     assert "scenario" in proc.stdout and "lost silently" in proc.stdout
-    assert "[1/2] proxy-reset" in proc.stderr and "[2/2] storm" in proc.stderr
+    assert "[1/4] proxy-reset" in proc.stderr and "[2/4] storm" in proc.stderr
     rows = {s["scenario"]: s for s in doc["scenarios"]}
-    assert set(rows) == {"proxy-reset", "storm"}
+    assert set(rows) == {"proxy-reset", "storm", "worker-kill", "redis-kill-aof"}
     for row in rows.values():
         assert row["correct"] is True, row
         assert row["lost_silently"] == 0 and row["duplicates"] == 0 and not row["problems"]
@@ -52,6 +53,11 @@ def test_faults_bench_runs_scenarios_and_reports_correctness() -> None:
     assert reset["notes"]["proxy"]["resets"] >= 2
     assert reset["notes"]["clients_told_down_up"] == reset["clients"]
     assert rows["storm"]["notes"]["resumed"] == rows["storm"]["notes"]["dropped"] > 0
+    killed = rows["worker-kill"]["notes"]
+    assert killed["clients_reconnected"] == killed["clients_on_killed_worker"] > 0
+    assert killed["workers_after"] == 2
+    aof = rows["redis-kill-aof"]["notes"]
+    assert aof["clients_told_down_up"] == rows["redis-kill-aof"]["clients"]
 
 
 def test_faults_bench_rejects_an_unknown_scenario() -> None:
