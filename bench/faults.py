@@ -62,6 +62,7 @@ STORM_RESUME_S = 10.0
 HEALTHZ_MS = 100.0
 #: Server memory growth we still call bounded while one client does not read.
 RSS_GROWTH_MB = 100.0
+SLOW_MIN_RATE = 2000.0  # events/s the slow-consumer scenario publishes at least
 
 # -- settings and results ---------------------------------------------------------------------
 
@@ -942,7 +943,9 @@ async def storm(st: Settings, workdir: Path) -> Outcome:
 
 async def slow_consumer(st: Settings, workdir: Path) -> Outcome:
     out = Outcome("slow-consumer")
-    async with stage(st, out.scenario, workdir) as s:
+    # The kernel's socket buffers hold megabytes: below ~2 000 events/s the stalled client would
+    # not back up into the server's outbox within the scenario's time, at any --scale.
+    async with stage(st, out.scenario, workdir, rate=max(st.rate, SLOW_MIN_RATE)) as s:
         fast = await s.add_raw(st.slow_clients)
         everything = [c.name for c in s.flow.channels]
         (slow,) = await s.add_raw(1, resume=False, channels=everything, rcvbuf=16384)
