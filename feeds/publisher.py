@@ -137,6 +137,7 @@ class Publisher:
             return
         try:
             await asyncio.wait_for(self.flush(), self.config.close_timeout_s)
+            await self._forget_marks()
         except TimeoutError:
             log.warning("closing with %d events not yet written", self._pending_events)
         finally:
@@ -146,6 +147,18 @@ class Publisher:
             if self._conn is not None:
                 self._conn.close()
             self._task = None
+
+    async def _forget_marks(self) -> None:
+        """Everything is written and nothing will be sent again: drop this publisher's `w:<id>`
+        field from each channel's meta, so restarts do not pile fields up (a crash leaves its
+        own, a few bytes per channel)."""
+        if not self.connected or not self.positions:
+            return
+        assert self._conn is not None
+        with contextlib.suppress(RedisUnavailable):
+            await self._conn.pipeline(
+                [["HDEL", c.meta_key, f"w:{self.id}"] for c in self.positions], timeout=1.0
+            )
 
     def _drop_oldest(self) -> None:
         over = self._pending_events - self.config.max_pending_events

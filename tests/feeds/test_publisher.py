@@ -235,3 +235,15 @@ async def test_a_flush_after_redis_lost_its_scripts_loads_them_and_stores_every_
         await pub.flush()
     assert [e["tag"] for e in await stored_events(redis, CH)] == ["a"] * 2 + ["b"] * 3
     assert [e["tag"] for e in await stored_events(redis, other)] == ["a"] * 2 + ["b"]
+
+
+async def test_a_closed_publisher_leaves_no_mark_behind(
+    redis: RedisConnection, redis_server: RedisProcess
+) -> None:
+    async with Publisher(PublisherConfig(redis_url=redis_server.url)) as pub:
+        await pub.publish({CH: bodies("a", 3)})
+        await pub.flush()
+        mark = f"w:{pub.id}".encode()
+        assert await redis.execute("HGET", CH.meta_key, mark) == b"3"
+    assert await redis.execute("HEXISTS", CH.meta_key, mark) == 0
+    assert await redis.execute("HGET", CH.meta_key, "seq") == b"3"
