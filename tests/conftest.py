@@ -5,15 +5,25 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 
 import pytest
+import uvloop
 
 from tickwire.core.redis_process import RedisProcess
 from tickwire.core.redis_wire import RedisConnection
 
 #: Multiply test timeouts on slow machines: TICKWIRE_TIMEOUT_FACTOR=3 make test
 TIMEOUT_FACTOR = float(os.environ.get("TICKWIRE_TIMEOUT_FACTOR", "1"))
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Every async test runs twice: on asyncio's own loop (what library users may run) and on
+    uvloop (what `tickwire serve`, the feeds and the bench run on; the two differ, e.g. on
+    writes to a reset socket and on timer resolution)."""
+    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 
 def timeout(seconds: float) -> float:
