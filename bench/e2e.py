@@ -321,14 +321,15 @@ class Target:
         if before is None:
             raise RuntimeError(f"publisher stopped within the warm-up; see {self.logname}")
         time.sleep(1.0)  # let the last events arrive before the clients report
-        step.latency_file = str(self.workdir / f"{self.name}-{index}-%d.npy")
-        for i, p in enumerate(self.loads):
-            p.send(f"report {step.latency_file % i}")
+        parts = [self.workdir / f"{self.name}-{index}-{i}.npy" for i in range(len(self.loads))]
+        for p, part in zip(self.loads, parts, strict=True):
+            p.send(f"report {part}")
         results = [p.report() for p in self.loads]
-        lat = np.concatenate([np.load(step.latency_file % i) for i in range(len(self.loads))])
+        lat = np.concatenate([np.load(part) for part in parts])
         step.latency = latency_summary(lat)
-        np.save(step.latency_file % 0, lat)
-        step.latency_file %= 0
+        # All samples of the step in one file, for --plot.
+        step.latency_file = str(self.workdir / f"{self.name}-{index}.npy")
+        np.save(step.latency_file, lat)
         window = after[0] - before[0]
         finals = asyncio.run(final_seqs(self.redis_url, self.plan))
         tail = sum(max(0, finals.get(ch, 0) - last) for r in results for ch, last in r["last_seqs"])
