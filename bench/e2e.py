@@ -581,7 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tickwire bench",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
-        epilog="`tickwire bench publish --help`: the publish-throughput bench.",
+        epilog="`tickwire bench publish --help`: the publish-throughput bench; "
+        "`tickwire bench faults --help`: the fault scenarios.",
     )
     p.add_argument("--rate", type=float, default=10_000, help="events/s published (default 10000)")
     p.add_argument(
@@ -597,7 +598,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=30, help="measured seconds (default 30)")
     p.add_argument("--warmup", type=float, default=5, help="seconds before measuring (default 5)")
     p.add_argument("--workers", type=int, default=1, help="tickwire server processes (default 1)")
-    p.add_argument("--target", choices=("tickwire", "baseline", "both"), default="both")
+    p.add_argument(
+        "--target",
+        choices=("tickwire", "baseline", "both"),
+        default="both",
+        help="what to measure (default both: tickwire, then the naive baseline, same load)",
+    )
     p.add_argument(
         "--load-processes", type=int, default=1, help="client load processes (default 1)"
     )
