@@ -246,11 +246,18 @@ function price(r) {
   return null;
 }
 
+// Seconds in a bar interval ("1s", "1m"): with several intervals subscribed, the row shows the
+// shortest, the freshest close, instead of whichever bar came last.
+const UNIT_S = { s: 1, m: 60, h: 3600 };
+const span = (interval) => parseInt(interval, 10) * (UNIT_S[interval.slice(-1)] ?? 1);
+
 function apply(ev) {
   const r = row(ev.sym);
   if (ev.type === "quote") r.quote = ev;
   else if (ev.type === "trade") r.trade = ev;
-  else if (ev.type === "bar") r.bar = ev;
+  else if (ev.type === "bar") {
+    if (!r.bar || span(ev.interval) <= span(r.bar.interval)) r.bar = ev;
+  }
   r.first ??= price(r);
   r.count += 1;
   r.dirty = true;

@@ -300,10 +300,12 @@ async def test_page_channels_come_from_the_query_string(
     page: Page, page_errors: PageErrors
 ) -> None:
     mock = MockServer()
-    conn = await open_page(page, mock, "?channels=quotes:AAPL,bars.1s:BTC-USD&token=s3cret")
+    conn = await open_page(
+        page, mock, "?channels=quotes:AAPL,bars.1s:BTC-USD,bars.1m:BTC-USD&token=s3cret"
+    )
     assert conn.route.url == "ws://tickwire.test/ws?token=s3cret"
     _, sub = await handshake(conn)
-    assert sub["channels"] == ["quotes:AAPL", "bars.1s:BTC-USD"]
+    assert sub["channels"] == ["quotes:AAPL", "bars.1s:BTC-USD", "bars.1m:BTC-USD"]
     now = time.time_ns()
     bar = {
         "v": 1,
@@ -327,6 +329,20 @@ async def test_page_channels_come_from_the_query_string(
     conn.send(events("bars.1s:BTC-USD", bar))
     await expect(cell(page, "BTC-USD", "last")).to_have_text("64005.5")
     await expect(cell(page, "BTC-USD", "size")).to_have_text("1.25")
+    # A minute bar does not overwrite the second bars the row shows (an AAPL quote in the same
+    # frame, handled after it, says the page has seen it); the next second bar does.
+    minute = {**bar, "interval": "1m", "close": 63000.0, "volume": 80.0}
+    conn.send(
+        events("bars.1m:BTC-USD", minute),
+        events("quotes:AAPL", quote("AAPL", 1, 189.99, 190.01)),
+        array=True,
+    )
+    await expect(cell(page, "AAPL", "bid")).to_have_text("189.99")
+    assert await cell(page, "BTC-USD", "last").text_content() == "64005.5"
+    second = {**bar, "seq": 2, "close": 64007.0, "volume": 0.5}
+    conn.send(events("bars.1s:BTC-USD", second))
+    await expect(cell(page, "BTC-USD", "last")).to_have_text("64007")
+    await expect(cell(page, "BTC-USD", "size")).to_have_text("0.5")
     assert page_errors.unexpected() == []
 
 
