@@ -21,7 +21,6 @@ import math
 import os
 import platform
 import queue
-import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import numpy as np
 import orjson
 
 from tickwire import __version__
+from tickwire.bench.procs import cpu_seconds, start_group, stop_group
 from tickwire.bench.stats import latency_summary, ratio, server_share, table
 from tickwire.core.channels import REGISTRY_KEY, Channel
 from tickwire.core.redis_process import RedisProcess, free_port
@@ -91,26 +91,6 @@ def plan_channels(s: Scenario) -> list[list[str]]:
     return [[channels[(i * per + j) % len(channels)] for j in range(per)] for i in range(s.clients)]
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0.0
-    tick = os.sysconf("SC_CLK_TCK")
-    for pid in pids:
-        for p in [pid, *_children(pid)]:
-            try:
-                fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / tick
-            except (OSError, IndexError, ValueError):
-                pass
-    return total
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
 def wait_port(port: int, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -146,22 +126,9 @@ def start_server(
             "--port",
             str(port),
         ]
-    # cwd elsewhere: from the repo root, `python -m` would import the source folder, not the package.
-    proc = subprocess.Popen(
-        cmd, stdout=log, stderr=log, cwd=tempfile.gettempdir(), start_new_session=True
-    )
+    proc = start_group(cmd, log)
     wait_port(port)
     return proc
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(8)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @dataclass
@@ -268,7 +235,7 @@ class Target:
             except subprocess.TimeoutExpired:
                 p.proc.kill()
         if self.server is not None:
-            stop(self.server)
+            stop_group(self.server, grace_s=8)
         self.log.close()
 
     def step(self, rate: float, index: int = 0) -> Step:

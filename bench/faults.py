@@ -31,7 +31,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import orjson
 import websockets
@@ -39,6 +39,7 @@ from websockets.asyncio.client import ClientConnection
 
 from tickwire import __version__
 from tickwire.bench.invariant import InvariantChecker
+from tickwire.bench.procs import children, rss_mb, start_group, stop_group
 from tickwire.bench.proxy import Proxy
 from tickwire.clients import (
     EventBatch,
@@ -315,44 +316,6 @@ class LibraryClient(Watch):
 # -- processes ----------------------------------------------------------------------------------
 
 
-def children(pid: int) -> list[int]:
-    try:
-        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def rss_mb(pids: Sequence[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except (OSError, ValueError):
-            pass
-    return total / 1024
-
-
-def _popen(cmd: list[str], log: IO[bytes]) -> subprocess.Popen[bytes]:
-    # cwd elsewhere: from the repo root, `python -m` would import the source folder.
-    return subprocess.Popen(
-        cmd, stdout=log, stderr=log, cwd=tempfile.gettempdir(), start_new_session=True
-    )
-
-
-def _stop_group(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 async def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
     async with asyncio.timeout(timeout):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -381,7 +344,7 @@ class ServerProcess:
         cmd = [str(BIN / "tickwire"), "serve", "--redis", self.redis_url]
         cmd += ["--port", str(self.port), "--workers", str(self.workers)]
         with open(self.log_path, "ab") as log:
-            self.proc = await asyncio.to_thread(_popen, cmd, log)
+            self.proc = await asyncio.to_thread(start_group, cmd, log)
         async with asyncio.timeout(30):
             while True:
                 with contextlib.suppress(OSError, TimeoutError, IndexError, ValueError):
@@ -432,7 +395,7 @@ class ServerProcess:
 
     async def stop(self) -> None:
         if self.proc is not None:
-            await asyncio.to_thread(_stop_group, self.proc)
+            await asyncio.to_thread(stop_group, self.proc)
 
 
 class HealthProbe:
@@ -741,6 +704,17 @@ def expect_status(out: Outcome, clients: Sequence[Watch]) -> None:
 # -- scenarios ---------------------------------------------------------------------------------
 
 
+async def restart_redis(s: Stage, out: Outcome, clients: Sequence[Watch]) -> None:
+    """After 2 s without Redis, start it again; time the recovery, stream on, count, and check
+    every client was told `down` then `up`."""
+    await asyncio.sleep(2.0)  # the outage
+    await asyncio.to_thread(s.redis.start)
+    out.recover_s = await s.recovered(s.mark())
+    await s.steady()
+    await s.finish(out)
+    expect_status(out, clients)
+
+
 def aof_tail(data_dir: Path) -> Path | None:
     """The AOF file Redis is appending to (Redis 7: appendonlydir/*.incr.aof)."""
     files = sorted((data_dir / "appendonlydir").glob("*.incr.aof"), key=lambda p: p.stat().st_mtime)
@@ -765,13 +739,7 @@ async def redis_kill_aof(st: Settings, workdir: Path, *, crash: bool = False) ->
             # Redis loads a truncated AOF up to its last whole command (aof-load-truncated).
             out.notes["aof_bytes_dropped"] = tail.stat().st_size - size
             os.truncate(tail, size)
-        await asyncio.sleep(2.0)  # the outage
-        await asyncio.to_thread(s.redis.start)
-        since = s.mark()
-        out.recover_s = await s.recovered(since)
-        await s.steady()
-        await s.finish(out)
-        expect_status(out, clients)
+        await restart_redis(s, out, clients)
         kept, _ = await s.kept()
         lost_by_redis = sum(
             max(0, seq - kept.get((ch.name, epoch), 0)) for ch, (epoch, seq) in acked.items()
@@ -800,13 +768,7 @@ async def redis_kill_nopersist(st: Settings, workdir: Path) -> Outcome:
         say("  kill -9 redis-server (no persistence), restart empty in 2 s")
         await asyncio.to_thread(s.redis.kill)
         await asyncio.to_thread(s.redis.wipe)
-        await asyncio.sleep(2.0)  # the outage
-        await asyncio.to_thread(s.redis.start)
-        since = s.mark()
-        out.recover_s = await s.recovered(since)
-        await s.steady()
-        await s.finish(out)
-        expect_status(out, clients)
+        await restart_redis(s, out, clients)
         unreset = sum(len(set(c.channels) - c.reset_channels) for c in clients)
         out.notes["channel_subscriptions_reset"] = sum(len(c.reset_channels) for c in clients)
         if unreset:

@@ -101,9 +101,10 @@ class SinkProtocol(asyncio.Protocol):
         self.bytes += len(data)
         if self.on_message is not None:
             self._now = time.time_ns()
-        joined = self._tail + data
-        self.events += joined.count(MARKER)
-        self._tail = joined[-_CARRY:]
+        # Markers inside `data`, plus one straddling the previous chunk's end: it can only lie in
+        # the last bytes of that chunk and the first of this one (no copy of the whole chunk).
+        self.events += data.count(MARKER) + (self._tail + data[:_CARRY]).count(MARKER)
+        self._tail = (self._tail + data)[-_CARRY:] if len(data) < _CARRY else data[-_CARRY:]
         self._frames(data)
 
     def _frames(self, data: bytes) -> None:

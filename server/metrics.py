@@ -22,9 +22,13 @@ SERVER_BUCKETS = (
 @dataclass
 class Histogram:
     buckets: tuple[float, ...] = LATENCY_BUCKETS
-    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    #: One count per bucket, and one above the last.
+    counts: list[int] = field(init=False)
     total: float = 0.0
     n: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.buckets) + 1)
 
     def observe(self, seconds: float, weight: int = 1) -> None:
         self.counts[bisect.bisect_left(self.buckets, seconds)] += weight
@@ -65,13 +69,9 @@ class Metrics:
     outbox: OutboxStats = field(default_factory=OutboxStats)
     latency: Histogram = field(default_factory=Histogram)
     #: From an event's publish time to the arrival of the XREAD reply holding it.
-    publish_to_read: Histogram = field(
-        default_factory=lambda: Histogram(SERVER_BUCKETS, [0] * (len(SERVER_BUCKETS) + 1))
-    )
+    publish_to_read: Histogram = field(default_factory=lambda: Histogram(SERVER_BUCKETS))
     #: From the XREAD reply's arrival to its events written to every subscriber's socket.
-    read_to_write: Histogram = field(
-        default_factory=lambda: Histogram(SERVER_BUCKETS, [0] * (len(SERVER_BUCKETS) + 1))
-    )
+    read_to_write: Histogram = field(default_factory=lambda: Histogram(SERVER_BUCKETS))
 
     def render(self) -> str:
         lines: list[str] = []

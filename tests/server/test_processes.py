@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from tickwire.bench.procs import children
 from tickwire.core.channels import Channel
 from tickwire.core.config import PublisherConfig
 from tickwire.core.events import encode_body
@@ -58,11 +59,6 @@ async def serve_two_workers(redis: RedisProcess) -> tuple[int, subprocess.Popen[
     return port, proc
 
 
-def worker_pids(parent: int) -> list[int]:
-    text = Path(f"/proc/{parent}/task/{parent}/children").read_text()
-    return [int(p) for p in text.split()]
-
-
 async def test_two_workers_share_the_port_and_each_serves_every_event(
     redis_server: RedisProcess, redis: RedisConnection
 ) -> None:
@@ -84,7 +80,7 @@ async def test_two_workers_share_the_port_and_each_serves_every_event(
                 assert [e["seq"] for e in r.events(T.name)] == list(range(10, 61))
             for c in clients:
                 await c.__aexit__(None, None, None)
-        assert len(worker_pids(proc.pid)) == 2
+        assert len(children(proc.pid)) == 2
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
@@ -95,15 +91,15 @@ async def test_killed_worker_is_replaced_and_sigterm_closes_clients_with_1001(
 ) -> None:
     port, proc = await serve_two_workers(redis_server)
     try:
-        victim = worker_pids(proc.pid)[0]
+        victim = children(proc.pid)[0]
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            pids = worker_pids(proc.pid)
+            pids = children(proc.pid)
             if victim not in pids and len(pids) == 2:
                 break
             await asyncio.sleep(0.1)
-        assert victim not in worker_pids(proc.pid) and len(worker_pids(proc.pid)) == 2
+        assert victim not in children(proc.pid) and len(children(proc.pid)) == 2
         async with recorder(f"ws://127.0.0.1:{port}/ws") as c:
             await c.request("subscribe", channels=[T.name])
             started = time.monotonic()
