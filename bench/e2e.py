@@ -260,10 +260,10 @@ class Target:
             p.send(f"go {measure_from}")
         t0 = time.monotonic()
         pids = [self.server.pid] if self.server else []
-        before: tuple[float, float, int, str] | None = None
+        before: tuple[float, float, int, str, float] | None = None
         live = Live(len(self.loads))
         label = f"{self.name} {rate:,.0f}/s" if s.saturate else self.name
-        after: tuple[float, float, int, str] | None = None
+        after: tuple[float, float, int, str, float] | None = None
         while pub.poll() is None:
             elapsed = time.monotonic() - t0
             if before is None and elapsed >= s.warmup:
@@ -306,6 +306,8 @@ class Target:
             "frames_per_s": sum(r["frames"] for r in results) / window,
             "egress_MB_per_s": sum(r["bytes"] for r in results) / window / 1e6,
             "server_cpu_percent": 100 * (after[1] - before[1]) / window,
+            # Redis is shared by the feed's appends and the server's reads.
+            "redis_cpu_percent": 100 * (after[4] - before[4]) / window,
         }
         step.server = server_share(before[3], after[3])
         step.correctness = {
@@ -323,8 +325,9 @@ class Target:
         }
         return step
 
-    def _sample(self, pids: list[int]) -> tuple[float, float, int, str]:
-        return time.monotonic(), cpu_seconds(pids), published(self.redis_url), self._scrape()
+    def _sample(self, pids: list[int]) -> tuple[float, float, int, str, float]:
+        events, redis_cpu = redis_counters(self.redis_url)
+        return time.monotonic(), cpu_seconds(pids), events, self._scrape(), redis_cpu
 
     def _scrape(self) -> str:
         if self.name != "tickwire" or self.server is None:
@@ -412,19 +415,25 @@ def breach(step: Step, s: Scenario) -> str | None:
 
 def published(url: str) -> int:
     """Events published so far over every channel in the registry."""
+    return redis_counters(url)[0]
 
-    async def go() -> int:
+
+def redis_counters(url: str) -> tuple[int, float]:
+    """(events published so far over every channel in the registry, Redis's CPU seconds)."""
+
+    async def go() -> tuple[int, float]:
         conn = await RedisConnection.open(url)
         try:
             names = [m.decode() for m in await conn.execute("SMEMBERS", REGISTRY_KEY)]
-            if not names:
-                return 0
+            info = (await conn.execute("INFO", "cpu")).decode()
             replies = await conn.pipeline(
                 [["HGET", Channel.parse(n).meta_key, "seq"] for n in names]
             )
         finally:
             conn.close()
-        return sum(int(r) for r in replies if r is not None)
+        cpu = dict(line.split(":", 1) for line in info.split() if ":" in line)
+        seconds = float(cpu.get("used_cpu_user", 0)) + float(cpu.get("used_cpu_sys", 0))
+        return sum(int(r) for r in replies if r is not None), seconds
 
     return asyncio.run(go())
 
@@ -477,6 +486,7 @@ def report(runs: list[Run]) -> str:
         "frames_per_s",
         "egress_MB_per_s",
         "server_cpu_percent",
+        "redis_cpu_percent",
     ):
         rows.append(
             (key, tw.figures.get(key) if tw else None, base.figures.get(key) if base else None)

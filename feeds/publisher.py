@@ -18,10 +18,10 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from tickwire.core.channels import REGISTRY_KEY, Channel
+from tickwire.core.channels import REGISTRY_KEY, Channel, live_channel
 from tickwire.core.config import PublisherConfig
 from tickwire.core.errors import RedisUnavailable
-from tickwire.core.redis_wire import Arg, RedisConnection, RedisReplyError
+from tickwire.core.redis_wire import Arg, RedisAddress, RedisConnection, RedisReplyError
 from tickwire.feeds.store import APPEND_LUA
 
 log = logging.getLogger("tickwire.feeds.publisher")
@@ -63,6 +63,7 @@ class Publisher:
         #: then retried) is appended once.
         self._queued: dict[Channel, int] = {}
         self.id = publisher_id or secrets.token_hex(6)
+        self._live = live_channel(RedisAddress.parse(config.redis_url).db)
         self._pending_events = 0
         self._wakeup = asyncio.Event()
         self._space = asyncio.Event()
@@ -250,6 +251,7 @@ class Publisher:
                 seen_seq,
                 self.id,
                 first,
+                self._live,
             ]
             cmd.extend(bodies)
             commands.append(cmd)

@@ -28,7 +28,7 @@ from tickwire.core.errors import ConfigError, RedisUnavailable
 from tickwire.core.runtime import tune_gc
 from tickwire.server.admission import Admission, Refused
 from tickwire.server.auth import Authenticator, Grant
-from tickwire.server.catchup import catch_up
+from tickwire.server.catchup import FROM_NOW, catch_up
 from tickwire.server.frames import text_frame
 from tickwire.server.hub import Hub, Subscriber
 from tickwire.server.metrics import Metrics
@@ -257,6 +257,14 @@ class Connection:
             for pattern in req.added:
                 for channel in hub.known_matching(pattern):
                     targets.setdefault(channel, None)
+        elif self.server.reader.up:
+            # The reader starts a channel it did not follow where Redis stands when it gets to
+            # it: what is published after the ack and before then comes from history.
+            following = self.server.reader.positions
+            for pattern in req.added:
+                for channel in hub.known_matching(pattern):
+                    if channel not in following:
+                        targets.setdefault(channel, FROM_NOW)
         # Hold live events of these channels from now on, before any await (see catchup.py).
         for channel in targets:
             self.sub.holding[channel] = []

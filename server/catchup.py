@@ -21,6 +21,10 @@ from tickwire.server.reader import History
 log = logging.getLogger("tickwire.server.catchup")
 T = TypeVar("T")
 PAGE = 1000
+#: A target that wants no snapshot and no resume: the events published from now on. It matters
+#: for a channel the reader does not follow yet: the reader starts it where it stands when it
+#: gets round to it, and what was published in between is replayed from here.
+FROM_NOW: tuple[str, int] = ("", -1)
 
 
 async def _retrying(op: Callable[[], Awaitable[T]]) -> T:
@@ -81,6 +85,11 @@ def _start(
         # reach it in order, so a snapshot is moot and a resume must not rewind (it would
         # duplicate them, or announce a gap over events it got).
         return current[1]
+    if resume is FROM_NOW:
+        if meta is not None:
+            outbox.expect(channel, meta[0], meta[1])
+            return meta[1]
+        return 0
     if meta is None:
         # Nothing stored yet. A resume position still lets the outbox announce a reset when the
         # channel comes back in another epoch.

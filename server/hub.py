@@ -50,6 +50,8 @@ class Hub:
         self.known: set[Channel] = set()
         #: Set whenever the set of live channels may have changed.
         self.changed = asyncio.Event()
+        #: Called then too: the reader's wake-up while it waits for pushes.
+        self.on_change: Callable[[], None] | None = None
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def attach(self, sub: Subscriber) -> None:
@@ -107,6 +109,8 @@ class Hub:
     def _invalidate(self) -> None:
         self._cache.clear()
         self.changed.set()
+        if self.on_change is not None:
+            self.on_change()
 
     # -- fan-out -------------------------------------------------------------------------------
     def dispatch(self, batches: Iterable[Batch]) -> int:

@@ -65,12 +65,16 @@ class Metrics:
     auth_failures: int = 0
     redis_up: int = 0
     redis_reconnects: int = 0
+    #: Stream reads to catch up (start, reconnect, a hole in the pushes, a sweep).
+    catchup_reads: int = 0
+    #: Messages on the live channel that are not an append's push (ignored).
+    bad_pushes: int = 0
     read_lag_seconds: float = 0.0
     outbox: OutboxStats = field(default_factory=OutboxStats)
     latency: Histogram = field(default_factory=Histogram)
-    #: From an event's publish time to the arrival of the XREAD reply holding it.
+    #: From an event's publish time to the arrival of the push (or catch-up read) holding it.
     publish_to_read: Histogram = field(default_factory=lambda: Histogram(SERVER_BUCKETS))
-    #: From the XREAD reply's arrival to its events written to every subscriber's socket.
+    #: From that arrival to its events written to every subscriber's socket.
     read_to_write: Histogram = field(default_factory=lambda: Histogram(SERVER_BUCKETS))
 
     def render(self) -> str:
@@ -122,6 +126,18 @@ class Metrics:
         )
         emit("redis_up", "gauge", self.redis_up, "1 when the stream reader is connected to Redis.")
         emit("redis_reconnects_total", "counter", self.redis_reconnects, "Reconnections to Redis.")
+        emit(
+            "catchup_reads_total",
+            "counter",
+            self.catchup_reads,
+            "Stream reads to catch up (start, reconnect, a hole in the pushes, a sweep).",
+        )
+        emit(
+            "bad_pushes_total",
+            "counter",
+            self.bad_pushes,
+            "Messages on the live channel that are not an append's push (ignored).",
+        )
         emit(
             "read_lag_seconds",
             "gauge",

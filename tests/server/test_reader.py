@@ -1,8 +1,13 @@
-"""The reader's XREAD COUNT policy (sans-I/O)."""
+"""The reader's rules, sans-I/O: its XREAD COUNT policy and what a live push may deliver."""
 
 from __future__ import annotations
 
-from tickwire.server.reader import next_count
+from tickwire.core.channels import Channel
+from tickwire.core.config import ServerConfig
+from tickwire.server.batch import Batch
+from tickwire.server.hub import Hub
+from tickwire.server.metrics import Metrics
+from tickwire.server.reader import History, StreamReader, next_count
 
 
 def test_count_splits_the_reply_budget_over_streams_and_grows_while_a_stream_fills_it() -> None:
@@ -19,3 +24,77 @@ def test_count_splits_the_reply_budget_over_streams_and_grows_while_a_stream_fil
     assert next_count(20, False, 200, 1000) == 16
     # A read_count below the floor: the floor is both the start and the cap.
     assert next_count(0, False, 200, 10) == next_count(16, True, 200, 10) == 16
+
+
+# -- live pushes (sans-I/O: the reader's rules for what a push may deliver) ----------------------
+
+T = Channel.parse("trades:BTC-USD")
+Q = Channel.parse("quotes:BTC-USD")
+
+
+def reader_at(positions: dict[Channel, int], epoch: str = "e1") -> StreamReader:
+    r = StreamReader(
+        ServerConfig(), Hub(), Metrics(), History("redis://127.0.0.1:1"), on_status=lambda up: None
+    )
+    r.positions = dict(positions)
+    r.epochs = {c: epoch for c in positions}
+    r._keys = {c.stream_key.encode(): c for c in positions}
+    r._behind.clear()
+    r._recheck = False
+    return r
+
+
+def push(channel: Channel, first: int, n: int, epoch: str = "e1") -> list[bytes]:
+    events = b"\n".join(b'{"i":%d,"seq":%d}' % (s, s) for s in range(first, first + n))
+    head = b"%s %s %d" % (channel.stream_key.encode(), epoch.encode(), first)
+    return [b"message", b"tw:live:0", head + b"\n" + events]
+
+
+def seqs(batches: list[Batch]) -> list[tuple[str, int, int]]:
+    return [(b.channel.name, b.first_seq, b.last_seq) for b in batches]
+
+
+def test_a_push_that_continues_the_channel_is_delivered_and_moves_it_on() -> None:
+    r = reader_at({T: 10, Q: 0})
+    out = r._take_pushes([push(T, 11, 3), push(Q, 1, 1), push(T, 14, 1)])
+    assert seqs(out) == [
+        ("trades:BTC-USD", 11, 13),
+        ("quotes:BTC-USD", 1, 1),
+        ("trades:BTC-USD", 14, 14),
+    ]
+    assert out[0].events == [b'{"i":11,"seq":11}', b'{"i":12,"seq":12}', b'{"i":13,"seq":13}']
+    assert r.positions == {T: 14, Q: 1}
+    assert not r._behind and not r._recheck
+
+
+def test_what_was_read_already_is_cut_and_a_hole_sends_the_channel_to_its_stream() -> None:
+    r = reader_at({T: 10, Q: 5})
+    out = r._take_pushes([push(T, 8, 2), push(T, 9, 4), push(Q, 7, 2)])
+    # 8-9 read already: dropped; 9-12 overlaps: 11-12 delivered; Q skips 6: nothing from it.
+    assert seqs(out) == [("trades:BTC-USD", 11, 12)]
+    assert out[0].events[0] == b'{"i":11,"seq":11}'
+    assert r.positions == {T: 12, Q: 5}
+    assert r._behind == {Q}
+
+
+def test_another_epoch_asks_for_a_recheck_and_delivers_nothing() -> None:
+    r = reader_at({T: 10})
+    assert r._take_pushes([push(T, 1, 1, epoch="e2")]) == []
+    assert r._recheck and r.positions == {T: 10}
+
+
+def test_pushes_of_channels_not_followed_and_other_replies_are_ignored() -> None:
+    r = reader_at({T: 0})
+    r.epochs.clear()  # a channel with no stream yet: its first push sets the epoch
+    other = push(Channel.parse("trades:ETH-USD"), 1, 1)
+    out = r._take_pushes([[b"pong", b""], other, push(T, 1, 2, epoch="e9")])
+    assert seqs(out) == [("trades:BTC-USD", 1, 2)]
+    assert r.epochs == {T: "e9"}
+
+
+def test_a_message_that_is_not_an_append_is_counted_and_skipped() -> None:
+    r = reader_at({T: 0})
+    garbage = [[b"message", b"tw:live:0", m] for m in (b"hello", b"a b c\n{}", b"", b"\n\n")]
+    out = r._take_pushes([*garbage, push(T, 1, 1)])
+    assert seqs(out) == [("trades:BTC-USD", 1, 1)]
+    assert r.metrics.bad_pushes == 4

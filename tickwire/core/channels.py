@@ -26,6 +26,15 @@ KEY_PREFIX = "tw"
 REGISTRY_KEY = f"{KEY_PREFIX}:channels"
 
 
+def live_channel(db: int) -> str:
+    """The pub/sub channel on which every append is pushed, live, to the servers.
+
+    Pub/sub ignores the database number, so it is in the name: deployments sharing one Redis
+    on different databases never see each other's events.
+    """
+    return f"{KEY_PREFIX}:live:{db}"
+
+
 def validate_symbol(symbol: str) -> str:
     """Return `symbol` if valid, else raise ChannelError saying why."""
     if not isinstance(symbol, str) or not _SYMBOL_RE.match(symbol):

@@ -52,6 +52,12 @@ class RedisAddress:
             password=unquote(u.password) if u.password else None,
         )
 
+    def auth_command(self) -> list[Arg] | None:
+        """The AUTH a new connection sends first (None without a password)."""
+        if self.password is None:
+            return None
+        return ["AUTH", self.username, self.password] if self.username else ["AUTH", self.password]
+
     def __str__(self) -> str:
         # Never shows the password.
         return f"redis://{self.host}:{self.port}/{self.db}"
@@ -78,10 +84,8 @@ class RedisConnection:
             raise RedisUnavailable(f"cannot connect to {addr}: {exc or 'timeout'}") from None
         conn = cls(reader, writer)
         try:
-            if addr.password is not None:
-                auth: list[Arg] = ["AUTH", addr.password]
-                if addr.username:
-                    auth.insert(1, addr.username)
+            auth = addr.auth_command()
+            if auth is not None:
                 await conn.execute(*auth, timeout=timeout)
             if addr.db:
                 await conn.execute("SELECT", addr.db, timeout=timeout)

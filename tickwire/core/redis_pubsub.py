@@ -1,0 +1,174 @@
+"""A Redis connection in pub/sub mode: pushes are parsed as they arrive and taken in bulk.
+
+A protocol, not a stream reader: the subscriber takes every message that has arrived in one call,
+with no await per message, and waits only when there is nothing to take. What it has not taken is
+bounded: past `max_buffer` bytes it stops reading the socket, so Redis holds the rest in its own
+output buffer and, past `client-output-buffer-limit pubsub`, drops the connection. A subscriber
+that falls that far behind is told so (RedisUnavailable) and catches up from the streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import hiredis
+
+from tickwire.core.errors import RedisUnavailable
+from tickwire.core.redis_wire import Arg, RedisAddress, RedisReplyError
+
+
+class _Pushes(asyncio.Protocol):
+    def __init__(self, max_buffer: int) -> None:
+        self.max_buffer = max_buffer
+        self.transport: asyncio.BaseTransport | None = None
+        self.chunks: list[bytes] = []
+        self.buffered = 0
+        self.paused = False
+        self.lost: str | None = None
+        self.waiter: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses: no isinstance check.
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.buffered += len(data)
+        if self.buffered > self.max_buffer and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()  # type: ignore[attr-defined]
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        self.lost = "Redis closed the connection"
+        self._wake()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = self.lost or f"lost connection to Redis: {exc or 'closed'}"
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+
+class RedisSubscription:
+    """One connection subscribed to pub/sub channels; one task takes what arrives."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: _Pushes) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self._parser = hiredis.Reader(replyError=RedisReplyError)
+        #: Messages that came in with the set-up replies, for the first `take`.
+        self._early: list[Any] = []
+
+    @classmethod
+    async def open(
+        cls,
+        url: str | RedisAddress,
+        channels: list[str],
+        *,
+        timeout: float = 2.0,
+        max_buffer: int = 8 << 20,
+    ) -> RedisSubscription:
+        """Connect, authenticate and subscribe; returns once Redis has confirmed every channel,
+        so anything published from then on will arrive."""
+        addr = url if isinstance(url, RedisAddress) else RedisAddress.parse(url)
+        loop = asyncio.get_running_loop()
+        try:
+            transport, protocol = await asyncio.wait_for(
+                loop.create_connection(lambda: _Pushes(max_buffer), addr.host, addr.port),
+                timeout,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise RedisUnavailable(f"cannot connect to {addr}: {exc or 'timeout'}") from None
+        sub = cls(transport, protocol)
+        try:
+            auth = addr.auth_command()
+            if auth is not None:
+                sub._send(auth)
+                (reply,) = await sub._replies(1, timeout)
+                if isinstance(reply, RedisReplyError):
+                    raise RedisUnavailable(f"{addr} refused the connection set-up: {reply}")
+            sub._send(["SUBSCRIBE", *channels])
+            confirmations = await sub._replies(len(channels), timeout)
+            for c in confirmations:
+                if isinstance(c, RedisReplyError) or c[0] != b"subscribe":
+                    raise RedisUnavailable(f"{addr} refused SUBSCRIBE: {c}")
+        except BaseException:
+            sub.close()
+            raise
+        return sub
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def wake(self) -> None:
+        """End a `wait` now, as if something had arrived."""
+        self._protocol._wake()
+
+    def ping(self) -> None:
+        """Ask for a `pong` push: proof, when it comes, that Redis still serves this connection."""
+        self._send(["PING"])
+
+    def take(self) -> list[Any]:
+        """Every message that has arrived, in order ([] if none); raises RedisUnavailable once
+        the connection is gone and everything before that has been taken."""
+        p = self._protocol
+        if p.chunks:
+            parser = self._parser
+            for chunk in p.chunks:
+                parser.feed(chunk)
+            p.chunks.clear()
+            p.buffered = 0
+            if p.paused and p.lost is None:
+                p.paused = False
+                self._transport.resume_reading()
+        out, self._early = self._early, []
+        try:
+            while (reply := self._parser.gets()) is not False:
+                out.append(reply)
+        except hiredis.ProtocolError as exc:
+            self.close()
+            raise RedisUnavailable(f"bad data from Redis: {exc}") from None
+        if not out and p.lost is not None:
+            raise RedisUnavailable(p.lost)
+        return out
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait until something arrives, the connection is lost or `wake` is called; False
+        after `timeout`."""
+        p = self._protocol
+        if p.chunks or p.lost is not None:
+            return True
+        p.waiter = asyncio.get_running_loop().create_future()
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await p.waiter
+            return p.waiter.done() and not p.waiter.cancelled()
+        finally:
+            p.waiter = None
+
+    def _send(self, command: list[Arg]) -> None:
+        if self._transport.is_closing():
+            raise RedisUnavailable(self._protocol.lost or "connection is closed")
+        self._transport.write(hiredis.pack_command(tuple(command)))  # type: ignore[arg-type]
+
+    async def _replies(self, n: int, timeout: float) -> list[Any]:
+        out: list[Any] = []
+        try:
+            async with asyncio.timeout(timeout):
+                while len(out) < n:
+                    got = self.take()
+                    if not got:
+                        await self.wait(timeout)
+                    out += got
+        except TimeoutError:
+            raise RedisUnavailable(f"no reply from Redis within {timeout} s") from None
+        # Messages published right after the subscription may follow in the same read.
+        self._early = out[n:]
+        return out[:n]
