@@ -7,8 +7,9 @@
 Starts a private Redis, the server under test (tickwire, then the naive baseline of
 `tickwire.bench.baseline`), client load in separate processes and the simulator as publisher;
 runs the same scenario against each, then prints one table with the ratios tickwire/baseline.
-`--saturate` raises the rate step by step until p99, loss or the publisher gives out, and reports
-the highest sustained step. A run in which any sampled connection saw a duplicate or an
+`--saturate` raises the rate step by step until p99, loss, the publisher or delivery gives out
+(clients receiving under 90 % of what was published to them: the rest is queueing somewhere), and
+reports the highest sustained step. A run in which any sampled connection saw a duplicate or an
 unannounced hole is FAILED.
 """
 
@@ -260,10 +261,10 @@ class Target:
             p.send(f"go {measure_from}")
         t0 = time.monotonic()
         pids = [self.server.pid] if self.server else []
-        before: tuple[float, float, int, str, float] | None = None
+        before: tuple[float, float, dict[str, int], str, float] | None = None
         live = Live(len(self.loads))
         label = f"{self.name} {rate:,.0f}/s" if s.saturate else self.name
-        after: tuple[float, float, int, str, float] | None = None
+        after: tuple[float, float, dict[str, int], str, float] | None = None
         while pub.poll() is None:
             elapsed = time.monotonic() - t0
             if before is None and elapsed >= s.warmup:
@@ -301,8 +302,12 @@ class Target:
         finals = asyncio.run(final_seqs(self.redis_url, self.plan))
         tail = sum(max(0, finals.get(ch, 0) - last) for r in results for ch, last in r["last_seqs"])
         step.figures = {
-            "events_published_per_s": (after[2] - before[2]) / window,
+            "events_published_per_s": (sum(after[2].values()) - sum(before[2].values())) / window,
             "deliveries_per_s": sum(r["events"] for r in results) / window,
+            # What the clients received in the window, of what was published to them in it.
+            "delivered_percent": 100
+            * sum(r["events"] for r in results)
+            / max(1, self._owed(before[2], after[2])),
             "frames_per_s": sum(r["frames"] for r in results) / window,
             "egress_MB_per_s": sum(r["bytes"] for r in results) / window / 1e6,
             "server_cpu_percent": 100 * (after[1] - before[1]) / window,
@@ -325,9 +330,13 @@ class Target:
         }
         return step
 
-    def _sample(self, pids: list[int]) -> tuple[float, float, int, str, float]:
+    def _sample(self, pids: list[int]) -> tuple[float, float, dict[str, int], str, float]:
         events, redis_cpu = redis_counters(self.redis_url)
         return time.monotonic(), cpu_seconds(pids), events, self._scrape(), redis_cpu
+
+    def _owed(self, before: dict[str, int], after: dict[str, int]) -> int:
+        """Deliveries the clients are owed for what was published between two samples."""
+        return sum(after.get(ch, 0) - before.get(ch, 0) for chans in self.plan for ch in chans)
 
     def _scrape(self) -> str:
         if self.name != "tickwire" or self.server is None:
@@ -410,18 +419,23 @@ def breach(step: Step, s: Scenario) -> str | None:
         return f"p99 {step.latency.get('p99_us', math.nan) / 1000:.1f} ms > {s.max_p99_ms:g} ms"
     if step.figures["events_published_per_s"] < 0.9 * step.rate:
         return "the publisher fell more than 10% short of the rate"
+    if step.figures.get("delivered_percent", 100.0) < 90:
+        return (
+            f"clients received {step.figures['delivered_percent']:.0f}% of what was "
+            "published to them (the rest queued)"
+        )
     return None
 
 
 def published(url: str) -> int:
     """Events published so far over every channel in the registry."""
-    return redis_counters(url)[0]
+    return sum(redis_counters(url)[0].values())
 
 
-def redis_counters(url: str) -> tuple[int, float]:
-    """(events published so far over every channel in the registry, Redis's CPU seconds)."""
+def redis_counters(url: str) -> tuple[dict[str, int], float]:
+    """(events published so far per channel in the registry, Redis's CPU seconds)."""
 
-    async def go() -> tuple[int, float]:
+    async def go() -> tuple[dict[str, int], float]:
         conn = await RedisConnection.open(url)
         try:
             names = [m.decode() for m in await conn.execute("SMEMBERS", REGISTRY_KEY)]
@@ -433,7 +447,8 @@ def redis_counters(url: str) -> tuple[int, float]:
             conn.close()
         cpu = dict(line.split(":", 1) for line in info.split() if ":" in line)
         seconds = float(cpu.get("used_cpu_user", 0)) + float(cpu.get("used_cpu_sys", 0))
-        return sum(int(r) for r in replies if r is not None), seconds
+        seqs = {n: int(r) for n, r in zip(names, replies, strict=True) if r is not None}
+        return seqs, seconds
 
     return asyncio.run(go())
 
@@ -483,6 +498,7 @@ def report(runs: list[Run]) -> str:
     for key in (
         "events_published_per_s",
         "deliveries_per_s",
+        "delivered_percent",
         "frames_per_s",
         "egress_MB_per_s",
         "server_cpu_percent",
@@ -603,7 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--saturate",
         action="store_true",
         help="step the rate up from --rate (each step --warmup + --duration s) until a limit "
-        "breaks; report the highest sustained step",
+        "breaks (p99 over --max-p99-ms, loss, the feed 10%% short, or clients receiving "
+        "under 90%% of what was published to them); report the highest sustained step",
     )
     sat.add_argument(
         "--step-factor", type=float, default=1.5, help="rate multiplier per step (default 1.5)"

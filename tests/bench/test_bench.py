@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from tickwire.bench.e2e import Scenario, Step, breach
 from tickwire.bench.invariant import InvariantChecker
 from tickwire.bench.sink import SinkProtocol
 from tickwire.bench.stats import histogram_quantile, latency_summary, ratio, server_share, table
@@ -95,6 +96,18 @@ def test_short_end_to_end_run_reports_correctness_for_both_targets() -> None:
     assert tw["server"]["read→write p99_us"] > 0 and doc["runs"][1]["server"] == {}
     # Light sinks counted what the sampled connections parsed, give or take the window edges.
     assert tw["figures"]["deliveries_per_s"] > 0
+    # Deliveries against what Redis says was published to the clients' channels in the window.
+    assert 75 <= tw["figures"]["delivered_percent"] <= 125
+
+
+def test_a_step_whose_clients_fall_behind_is_not_sustained() -> None:
+    s = Scenario(1000, 5, 6, 3, 2, 0.5, 1, 1, 2, saturate=True)
+    step = Step(1000)
+    step.latency = {"p99_us": 1000.0}
+    step.figures = {"events_published_per_s": 1000.0, "delivered_percent": 99.0}
+    assert breach(step, s) is None
+    step.figures["delivered_percent"] = 34.0
+    assert breach(step, s) == "clients received 34% of what was published to them (the rest queued)"
 
 
 def test_saturation_steps_up_until_a_limit_and_reports_the_highest_sustained_step() -> None:
