@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from tickwire.core.channels import REGISTRY_KEY, Channel, live_channel
 from tickwire.core.config import PublisherConfig
@@ -56,8 +57,8 @@ class Publisher:
         self.stats = PublisherStats()
         self.clock_ns = clock_ns
         self._new_epoch = new_epoch
-        #: (channel, this publisher's index of the first event, bodies), in publish order.
-        self._pending: deque[tuple[Channel, int, list[bytes]]] = deque()
+        #: Channel batches not yet known to be written, in publish order.
+        self._pending: deque[Pending] = deque()
         #: Events of each channel queued so far: the index the next one gets (from 1). Redis keeps
         #: the last index it applied per publisher, so a batch written twice (its reply lost,
         #: then retried) is appended once.
@@ -109,7 +110,7 @@ class Publisher:
             if bodies:
                 first = self._queued.get(channel, 0) + 1
                 self._queued[channel] = first + len(bodies) - 1
-                self._pending.append((channel, first, list(bodies)))
+                self._pending.append(Pending(channel, first, first - 1, list(bodies)))
                 self._pending_events += len(bodies)
         self._idle.clear()
         self._wakeup.set()
@@ -164,16 +165,25 @@ class Publisher:
     def _drop_oldest(self) -> None:
         over = self._pending_events - self.config.max_pending_events
         dropped = 0
+        cut: set[Channel] = set()
         while over > 0 and self._pending:
-            channel, first, bodies = self._pending[0]
-            if len(bodies) <= over:
+            item = self._pending[0]
+            if len(item.bodies) <= over:
                 self._pending.popleft()
-                n = len(bodies)
+                n = len(item.bodies)
             else:
-                self._pending[0] = (channel, first + over, bodies[over:])
+                self._pending[0] = Pending(item.channel, item.first + over, 0, item.bodies[over:])
                 n = over
+            cut.add(item.channel)
             over -= n
             dropped += n
+        # What now comes first on a channel follows events that will never be written.
+        for i, item in enumerate(self._pending):
+            if item.channel in cut:
+                cut.discard(item.channel)
+                self._pending[i] = Pending(item.channel, item.first, 0, item.bodies)
+                if not cut:
+                    break
         self._pending_events -= dropped
         self.stats.dropped += dropped
         log.warning(
@@ -216,28 +226,64 @@ class Publisher:
                 self._space.set()
 
     async def _flush_some(self, conn: RedisConnection) -> None:
-        taken: list[tuple[Channel, int, list[bytes]]] = []
+        """Write flushes until nothing is pending, up to `max_in_flight` of them unanswered.
+
+        A flush whose replies hold an error is put back whole, in order, with every flush after
+        it (appends are idempotent, so what Redis did apply is skipped when written again; an
+        append behind a failed one is refused with TWBEHIND rather than applied out of order).
+        """
+        flights: deque[Flight] = deque()
+        try:
+            flights.append(self._send_flight(conn))
+            while flights:
+                if self._pending and len(flights) < self.config.max_in_flight:
+                    flights.append(self._send_flight(conn))
+                flight = flights[0]
+                self._in_flight = True
+                try:
+                    replies = await conn.replies(
+                        len(flight.commands), timeout=self.config.reply_timeout_s
+                    )
+                finally:
+                    self._in_flight = False
+                errors = [r for r in replies if isinstance(r, RedisReplyError)]
+                if errors:
+                    # Drain the flushes behind it (their replies are on the way), then retry.
+                    for later in list(flights)[1:]:
+                        await conn.replies(len(later.commands), timeout=self.config.reply_timeout_s)
+                    self._requeue(flights)
+                    flights.clear()
+                    await self._after_errors(conn, errors)
+                    return
+                flights.popleft()
+                self._settle(flight, replies)
+        except BaseException:
+            # Not known to be written: back in front, in order.
+            self._requeue(flights)
+            raise
+
+    def _send_flight(self, conn: RedisConnection) -> Flight:
+        taken: list[Pending] = []
         n = 0
         limit = self.config.max_events_per_flush
         while self._pending and n < limit:
             item = self._pending.popleft()
             taken.append(item)
-            n += len(item[2])
-        # Merge the batches of one channel into one Lua call, keeping order. A channel's indices
-        # run on without a break: its events leave the queue in order (drops take the oldest).
-        merged: dict[Channel, tuple[int, list[bytes]]] = {}
-        for channel, first, bodies in taken:
-            if channel in merged:
-                merged[channel][1].extend(bodies)
+            n += len(item.bodies)
+        # One Lua call per channel, its batches merged in order: a channel's indices run on
+        # without a break (its events leave the queue in order; drops take the oldest).
+        merged: dict[Channel, tuple[int, int, list[bytes]]] = {}
+        for item in taken:
+            if item.channel in merged:
+                merged[item.channel][2].extend(item.bodies)
             else:
-                merged[channel] = (first, list(bodies))
+                merged[item.channel] = (item.first, item.prev, list(item.bodies))
         retention = self.config.retention
         commands: list[list[Arg]] = []
-        order: list[Channel] = []
         # The epoch a channel takes if this flush starts a new one. One candidate serves every
         # channel of the flush: epochs identify a channel's history, not a flush.
         candidate = self._new_epoch()
-        for channel, (first, bodies) in merged.items():
+        for channel, (first, prev, bodies) in merged.items():
             seen_epoch, seen_seq = self.positions.get(channel, ("", 0))
             cmd: list[Arg] = [
                 "EVALSHA",
@@ -252,39 +298,65 @@ class Publisher:
                 self.id,
                 first,
                 self._live,
+                prev,
             ]
             cmd.extend(bodies)
             commands.append(cmd)
-            order.append(channel)
         new = [c for c in merged if c not in self._registered]
         if new:
             commands.append(["SADD", REGISTRY_KEY, *(c.name for c in new)])
+        flight = Flight(taken, list(merged), [len(b) for _, _, b in merged.values()], new, commands)
         try:
             conn.send(commands)
-            self._sent.set()
-            self._in_flight = True
-            replies = await conn.replies(len(commands), timeout=self.config.reply_timeout_s)
         except BaseException:
-            # Not known to be written: put it back in front, in order. If Redis did apply it and
-            # only the reply was lost, the append skips it by its indices (store.py).
             self._pending.extendleft(reversed(taken))
             raise
-        finally:
-            self._in_flight = False
-        retry: list[tuple[Channel, int, list[bytes]]] = []
-        for channel, reply in zip(order, replies, strict=False):
-            if isinstance(reply, RedisReplyError):
-                if "NOSCRIPT" not in str(reply):
-                    raise RedisUnavailable(f"append to {channel} failed: {reply}")
-                retry.append((channel, *merged[channel]))
-                continue
+        self._sent.set()
+        return flight
+
+    def _settle(self, flight: Flight, replies: list[Any]) -> None:
+        for channel, count, reply in zip(flight.order, flight.counts, replies, strict=False):
             epoch, seq, _start = reply
             self.positions[channel] = (epoch.decode(), int(seq))
-            self.stats.published += len(merged[channel][1])
-        self._pending_events -= n - sum(len(b) for _, _, b in retry)
-        if new and not isinstance(replies[-1], RedisReplyError):
-            self._registered.update(new)
-        if retry:
-            await conn.execute("SCRIPT", "LOAD", APPEND_LUA)
-            self._pending.extendleft(reversed(retry))
+            self.stats.published += count
+        self._pending_events -= sum(flight.counts)
+        self._registered.update(flight.new)
         self.stats.flushes += 1
+
+    def _requeue(self, flights: Iterable[Flight]) -> None:
+        items = [item for f in flights for item in f.taken]
+        self._pending.extendleft(reversed(items))
+
+    async def _after_errors(self, conn: RedisConnection, errors: list[RedisReplyError]) -> None:
+        """Redis lost the script (a restart): load it, and the retry goes at once. Anything else
+        (OOM, READONLY after a failover, …) raises, and the retry waits for the backoff."""
+        text = [str(e) for e in errors]
+        if any(t.startswith("NOSCRIPT") for t in text):
+            await conn.execute("SCRIPT", "LOAD", APPEND_LUA)
+            return
+        # TWBEHIND only follows another error in the same round; alone, something removed this
+        # publisher's marks, and the backoff keeps it from spinning.
+        worst = next((t for t in text if not t.startswith("TWBEHIND")), text[0])
+        raise RedisUnavailable(f"append failed: {worst}")
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A channel batch waiting to be written: this publisher's index of its first event, the
+    index it must follow in Redis (0: none), and the encoded bodies."""
+
+    channel: Channel
+    first: int
+    prev: int
+    bodies: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Flight:
+    """A flush written and not yet answered: what it took, and how to read its replies."""
+
+    taken: list[Pending]
+    order: list[Channel]
+    counts: list[int]
+    new: list[Channel]
+    commands: list[list[Arg]]

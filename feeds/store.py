@@ -15,7 +15,12 @@ A new epoch begins (meta hash fields `epoch`, `start` = its first seq) when:
 A batch is appended at most once: the caller numbers its own events per channel (publisher id,
 index of the batch's first event), and the meta hash keeps the last index applied per publisher
 (field `w:<id>`). A batch written again because its reply was lost (a timeout, a cut connection)
-skips what was already applied, instead of storing those events twice under new seqs.
+skips what was already applied, instead of storing those events twice under new seqs. And a batch
+applies only right after the one before it: the caller names the index its batch must follow, and
+a batch whose predecessor is not applied (its append failed while this one was already on its way)
+is refused with `TWBEHIND`, so a publisher can keep several flushes in flight without ever storing
+a channel's events out of order. Index 0 means "follows nothing": a publisher's first batch of a
+channel, and the first after events it had to drop.
 
 Each append is also pushed, in the same atomic step, on the live pub/sub channel (`live_channel`):
 one message `<stream key> <epoch> <first seq>\n<event>\n<event>…` holding the events as stored.
@@ -25,14 +30,11 @@ newline, so the newline separates events safely.
 
 KEYS: stream, meta.  ARGV: candidate epoch, maxlen, epoch the caller last saw ('' if none), highest
 seq the caller saw in it, publisher id, the publisher's index of the first body, the live channel,
-then the encoded bodies (see `tickwire.core.events.encode_body`). Returns {epoch, last seq, epoch
+the index the batch must follow (0: none), then the encoded bodies (see `tickwire.core.events.encode_body`). Returns {epoch, last seq, epoch
 start}.
 """
 
 from __future__ import annotations
-
-#: ARGV index of the first body.
-FIRST_BODY = 8
 
 # Each redis.call costs about a microsecond of Lua overhead on top of the command, and this
 # runs once per channel per flush: one HMGET reads all the meta, one HSET writes it, and the
@@ -56,7 +58,10 @@ if fresh then
 end
 local first = tonumber(ARGV[6])
 local done = fresh and 0 or tonumber(m[4] or '0')
-local from = 8 + math.max(0, done - first + 1)
+if not fresh and done < tonumber(ARGV[8]) then
+  return redis.error_reply('TWBEHIND the batch before this one is not applied')
+end
+local from = 9 + math.max(0, done - first + 1)
 local last = #ARGV
 local tail = ',"epoch":"' .. epoch .. '","seq":'
 local stored = {}
@@ -70,7 +75,7 @@ for i = from, last do
     redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], seq .. '-0', 'd', body)
   end
 end
-local applied = math.max(done, first + last - 8)
+local applied = math.max(done, first + last - 9)
 if fresh then
   redis.call('HSET', meta, 'epoch', epoch, 'start', start, 'seq', seq, mark, applied)
 else

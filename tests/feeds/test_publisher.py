@@ -10,8 +10,9 @@ from tickwire.core.config import PublisherConfig, RetentionConfig
 from tickwire.core.errors import RedisUnavailable
 from tickwire.core.events import encode_body
 from tickwire.core.redis_process import RedisProcess
-from tickwire.core.redis_wire import RedisConnection
-from tickwire.feeds.publisher import Publisher
+from tickwire.core.redis_wire import Arg, RedisConnection, RedisReplyError
+from tickwire.feeds.publisher import APPEND_SHA, Publisher
+from tickwire.feeds.store import APPEND_LUA
 
 from .conftest import stored_events
 
@@ -247,3 +248,55 @@ async def test_a_closed_publisher_leaves_no_mark_behind(
         assert await redis.execute("HGET", CH.meta_key, mark) == b"3"
     assert await redis.execute("HEXISTS", CH.meta_key, mark) == 0
     assert await redis.execute("HGET", CH.meta_key, "seq") == b"3"
+
+
+async def test_an_append_whose_predecessor_is_not_applied_is_refused_not_reordered(
+    redis: RedisConnection,
+) -> None:
+    await redis.execute("SCRIPT", "LOAD", APPEND_LUA)
+
+    def append(first: int, prev: int, tag: str, n: int) -> list[Arg]:
+        return [
+            "EVALSHA", APPEND_SHA, 2, CH.stream_key, CH.meta_key, "ep", 1000, "", 0, "pub",
+            first, "tw:live:0", prev, *bodies(tag, n),
+        ]  # fmt: skip
+
+    await redis.execute(*append(1, 0, "a", 2))  # indices 1-2 applied
+    # Indices 5-6 must follow 4, which never arrived (its flush failed): refused, nothing stored.
+    with pytest.raises(RedisReplyError, match="TWBEHIND"):
+        await redis.execute(*append(5, 4, "c", 2))
+    assert [e["tag"] for e in await stored_events(redis, CH)] == ["a", "a"]
+    # In order, both go in; 0 ("follows nothing", after a drop) is never refused.
+    await redis.execute(*append(3, 2, "b", 2))
+    await redis.execute(*append(5, 4, "c", 2))
+    await redis.execute(*append(9, 0, "d", 1))
+    tags = [e["tag"] for e in await stored_events(redis, CH)]
+    assert tags == ["a", "a", "b", "b", "c", "c", "d"]
+
+
+async def test_error_replies_with_flushes_in_flight_lose_and_reorder_nothing(
+    redis: RedisConnection, redis_server: RedisProcess
+) -> None:
+    other = Channel.parse("trades:ETH-USD")
+    cfg = PublisherConfig(
+        redis_url=redis_server.url, max_events_per_flush=50, backoff_initial_s=0.01,
+        backoff_max_s=0.05, max_in_flight=2,
+    )  # fmt: skip
+    async with Publisher(cfg) as pub:
+        await pub.publish({CH: bodies("a", 40), other: bodies("a", 40)})
+        await pub.flush()
+        # Redis refuses writes (OOM) while many small flushes are on their way.
+        await redis.execute("CONFIG", "SET", "maxmemory", 1)
+        try:
+            for tag in "bcdef":
+                await pub.publish({CH: bodies(tag, 30), other: bodies(tag, 20)})
+            await eventually(lambda: "OOM" in (pub.stats.last_error or ""), "an OOM reply")
+            assert pub.stats.published == 80
+        finally:
+            await redis.execute("CONFIG", "SET", "maxmemory", 0)
+        await asyncio.wait_for(pub.flush(), 10)
+        assert pub.stats.published == 80 + 5 * 50
+    for channel, n in ((CH, 30), (other, 20)):
+        events = await stored_events(redis, channel)
+        assert [e["tag"] for e in events] == ["a"] * 40 + [t for t in "bcdef" for _ in range(n)]
+        assert [e["seq"] for e in events] == list(range(1, 41 + 5 * n))

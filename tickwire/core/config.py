@@ -42,6 +42,9 @@ class PublisherConfig:
     max_pending_events: int = 1_000_000
     # Redis round trip per pipeline: channel batches beyond this go in the next one.
     max_events_per_flush: int = 20_000
+    # Flushes written before the oldest is answered, so Redis has the next one while the
+    # publisher reads a reply and packs more (feeds/store.py keeps them in order).
+    max_in_flight: int = 2
     backoff_initial_s: float = 0.05
     backoff_max_s: float = 2.0
     # A flush unanswered this long is written again on a new connection (appended once: see
