@@ -830,7 +830,7 @@ async def proxy_scenario(
         if name == "proxy-delay" and out.notes["clients_told_down"]:
             out.misses.append("status went down under 50-200 ms of delay")
         if name == "proxy-reset" or (name == "proxy-blackhole" and st.hold_s > 6):
-            # A black hole shows only when the read times out (BLOCK + 5 s).
+            # A black hole shows only when the idle subscription's PING goes unanswered (5 s).
             expect_status(out, clients)
     return out
 

@@ -160,7 +160,7 @@ class Metrics:
         _histogram(
             lines,
             "publish_to_read_seconds",
-            "Publish to XREAD reply arrival, per event delivery (feed, Redis and read loop).",
+            "Publish to the push (or catch-up read) arriving, per event delivery (feed, Redis).",
             self.publish_to_read,
         )
         _histogram(

@@ -114,7 +114,7 @@ class ServerConfig:
     workers: int = 1
     limits: Limits = field(default_factory=Limits)
     heartbeat_ms: int = 5000
-    # Stream reading: one XREAD per turn over all live channels.
+    # Following Redis: live pushes, XREAD COUNT for catching up, PING after this long idle.
     read_count: int = 1000
     read_block_ms: int = 100
     registry_poll_s: float = 0.25
