@@ -38,6 +38,8 @@ from tickwire.server.hub import Hub
 from tickwire.server.metrics import Metrics
 
 log = logging.getLogger("tickwire.server.reader")
+#: At most one reconnect this often goes unannounced (no `status` down/up to clients).
+QUIET_RETRY_EVERY_S = 5.0
 
 
 class History:
@@ -169,6 +171,7 @@ class StreamReader:
         try:
             url = self.config.redis_url
             live = live_channel(RedisAddress.parse(url).db)
+            quiet_at = -QUIET_RETRY_EVERY_S
             while True:
                 conn: RedisConnection | None = None
                 sub: RedisSubscription | None = None
@@ -184,6 +187,14 @@ class StreamReader:
                     delay = 0.05
                     await self._read_loop(conn, sub)
                 except RedisUnavailable as exc:
+                    now = time.monotonic()
+                    if self.up and now - quiet_at > QUIET_RETRY_EVERY_S:
+                        # One connection lost while Redis itself may be fine (Redis dropped a
+                        # subscriber past its pubsub output limit, CLIENT KILL, a proxy reset):
+                        # reconnect at once before telling every client Redis is down.
+                        log.warning("lost a Redis connection: %s; reconnecting", exc)
+                        quiet_at = now
+                        continue
                     if self.up:
                         log.warning("lost Redis: %s; reconnecting with backoff", exc)
                     self._set_up(False)
