@@ -31,7 +31,7 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -261,10 +261,10 @@ class Target:
             p.send(f"go {measure_from}")
         t0 = time.monotonic()
         pids = [self.server.pid] if self.server else []
-        before: tuple[float, float, dict[str, int], str, float] | None = None
+        before: Sample | None = None
         live = Live(len(self.loads))
         label = f"{self.name} {rate:,.0f}/s" if s.saturate else self.name
-        after: tuple[float, float, dict[str, int], str, float] | None = None
+        after: Sample | None = None
         while pub.poll() is None:
             elapsed = time.monotonic() - t0
             if before is None and elapsed >= s.warmup:
@@ -298,23 +298,24 @@ class Target:
         # All samples of the step in one file, for --plot.
         step.latency_file = str(self.workdir / f"{self.name}-{index}.npy")
         np.save(step.latency_file, lat)
-        window = after[0] - before[0]
+        window = after.t - before.t
         finals = asyncio.run(final_seqs(self.redis_url, self.plan))
         tail = sum(max(0, finals.get(ch, 0) - last) for r in results for ch, last in r["last_seqs"])
         step.figures = {
-            "events_published_per_s": (sum(after[2].values()) - sum(before[2].values())) / window,
+            "events_published_per_s": (sum(after.seqs.values()) - sum(before.seqs.values()))
+            / window,
             "deliveries_per_s": sum(r["events"] for r in results) / window,
             # What the clients received in the window, of what was published to them in it.
             "delivered_percent": 100
             * sum(r["events"] for r in results)
-            / max(1, self._owed(before[2], after[2])),
+            / max(1, self._owed(before.seqs, after.seqs)),
             "frames_per_s": sum(r["frames"] for r in results) / window,
             "egress_MB_per_s": sum(r["bytes"] for r in results) / window / 1e6,
-            "server_cpu_percent": 100 * (after[1] - before[1]) / window,
+            "server_cpu_percent": 100 * (after.server_cpu - before.server_cpu) / window,
             # Redis is shared by the feed's appends and the server's reads.
-            "redis_cpu_percent": 100 * (after[4] - before[4]) / window,
+            "redis_cpu_percent": 100 * (after.redis_cpu - before.redis_cpu) / window,
         }
-        step.server = server_share(before[3], after[3])
+        step.server = server_share(before.metrics, after.metrics)
         step.correctness = {
             "sampled_connections": sum(r["sampled"] for r in results),
             "sampled_events": sum(r["sampled_events"] for r in results),
@@ -330,9 +331,9 @@ class Target:
         }
         return step
 
-    def _sample(self, pids: list[int]) -> tuple[float, float, dict[str, int], str, float]:
-        events, redis_cpu = redis_counters(self.redis_url)
-        return time.monotonic(), cpu_seconds(pids), events, self._scrape(), redis_cpu
+    def _sample(self, pids: list[int]) -> Sample:
+        seqs, redis_cpu = redis_counters(self.redis_url)
+        return Sample(time.monotonic(), cpu_seconds(pids), seqs, self._scrape(), redis_cpu)
 
     def _owed(self, before: dict[str, int], after: dict[str, int]) -> int:
         """Deliveries the clients are owed for what was published between two samples."""
@@ -346,6 +347,16 @@ class Target:
                 return str(r.read().decode())
         except OSError:
             return ""
+
+
+class Sample(NamedTuple):
+    """What a step's window is measured between: taken at its start and at its end."""
+
+    t: float  # monotonic seconds
+    server_cpu: float  # seconds
+    seqs: dict[str, int]  # last seq per channel in the registry
+    metrics: str  # the server's /metrics text ("" for the baseline)
+    redis_cpu: float  # seconds
 
 
 class Live:

@@ -234,15 +234,18 @@ class Publisher:
         """
         flights: deque[Flight] = deque()
         try:
-            flights.append(self._send_flight(conn))
-            while flights:
-                if self._pending and len(flights) < self.config.max_in_flight:
-                    flights.append(self._send_flight(conn))
-                flight = flights[0]
+            while True:
+                while self._pending and len(flights) < self.config.max_in_flight:
+                    # In `flights` before it is sent: whatever fails from here puts it back.
+                    flights.append(self._next_flight())
+                    conn.send(flights[-1].commands)
+                    self._sent.set()
+                if not flights:
+                    return
                 self._in_flight = True
                 try:
                     replies = await conn.replies(
-                        len(flight.commands), timeout=self.config.reply_timeout_s
+                        len(flights[0].commands), timeout=self.config.reply_timeout_s
                     )
                 finally:
                     self._in_flight = False
@@ -255,14 +258,14 @@ class Publisher:
                     flights.clear()
                     await self._after_errors(conn, errors)
                     return
-                flights.popleft()
-                self._settle(flight, replies)
+                self._settle(flights.popleft(), replies)
         except BaseException:
             # Not known to be written: back in front, in order.
             self._requeue(flights)
             raise
 
-    def _send_flight(self, conn: RedisConnection) -> Flight:
+    def _next_flight(self) -> Flight:
+        """Take up to `max_events_per_flush` pending events as one flush: a command per channel."""
         taken: list[Pending] = []
         n = 0
         limit = self.config.max_events_per_flush
@@ -305,14 +308,7 @@ class Publisher:
         new = [c for c in merged if c not in self._registered]
         if new:
             commands.append(["SADD", REGISTRY_KEY, *(c.name for c in new)])
-        flight = Flight(taken, list(merged), [len(b) for _, _, b in merged.values()], new, commands)
-        try:
-            conn.send(commands)
-        except BaseException:
-            self._pending.extendleft(reversed(taken))
-            raise
-        self._sent.set()
-        return flight
+        return Flight(taken, list(merged), [len(b) for _, _, b in merged.values()], new, commands)
 
     def _settle(self, flight: Flight, replies: list[Any]) -> None:
         for channel, count, reply in zip(flight.order, flight.counts, replies, strict=False):
@@ -320,6 +316,8 @@ class Publisher:
             self.positions[channel] = (epoch.decode(), int(seq))
             self.stats.published += count
         self._pending_events -= sum(flight.counts)
+        if self._pending_events <= self.config.max_pending_events:
+            self._space.set()
         self._registered.update(flight.new)
         self.stats.flushes += 1
 

@@ -65,7 +65,7 @@ class Metrics:
     auth_failures: int = 0
     redis_up: int = 0
     redis_reconnects: int = 0
-    #: Stream reads to catch up (start, reconnect, a hole in the pushes, a sweep).
+    #: Stream reads to catch up (a new channel, a hole in the pushes, stored past what was read).
     catchup_reads: int = 0
     #: Messages on the live channel that are not an append's push (ignored).
     bad_pushes: int = 0
@@ -130,7 +130,7 @@ class Metrics:
             "catchup_reads_total",
             "counter",
             self.catchup_reads,
-            "Stream reads to catch up (start, reconnect, a hole in the pushes, a sweep).",
+            "Stream reads to catch up (a new channel, a hole in the pushes, stored past what was read).",
         )
         emit(
             "bad_pushes_total",

@@ -3,9 +3,10 @@
 Each append reaches Redis with a push of the same events on the live pub/sub channel (see
 `tickwire.feeds.store`). The reader subscribes to it, and delivers a pushed batch when it
 continues a channel's seq exactly. It reads the streams themselves (XREAD, no BLOCK) only to catch
-up: a channel it starts following, every channel after a (re)connect, a hole in the pushed seqs,
-and a sweep at each registry poll in case some writer does not push. Seqs are dense, so a batch
-is never delivered twice, and a hole is never skipped: it is read from the stream.
+up: a channel it starts following, a hole in the pushed seqs, and any channel whose stored seq
+is past what it read when it compares the two (after a (re)connect and at every registry poll,
+in case some writer does not push). Seqs are dense, so a batch is never delivered twice, and a
+hole is never skipped: it is read from the stream.
 
 Why not one blocking XREAD over every live stream: Redis costs grow with the number of keys per
 read (about 0.5 ms per read of 200 streams on this kind of machine, most of it blocking and
@@ -157,8 +158,6 @@ class StreamReader:
         self.up = False
         #: Channels to catch up from their stream: pushes alone may not continue them.
         self._behind: set[Channel] = set()
-        #: Catch up every live channel at the next turn (connect, registry poll).
-        self._sweep = True
         #: XREAD COUNT of the next read, and whether the last reply filled it for some stream.
         self._read_count = 0
         self._full = False
@@ -181,7 +180,6 @@ class StreamReader:
                     conn = await RedisConnection.open(url)
                     await self.refresh_registry()
                     self._recheck = True
-                    self._sweep = True
                     self._set_up(True)
                     self.ready.set()
                     delay = 0.05
@@ -223,7 +221,6 @@ class StreamReader:
             try:
                 await self.refresh_registry()
                 self._recheck = True
-                self._sweep = True
                 self.hub.changed.set()
             except RedisUnavailable:
                 pass  # the reader loop reports Redis state
@@ -263,6 +260,10 @@ class StreamReader:
                 self.epochs[c] = meta[0]
                 self.positions[c] = meta[2] - 1
                 self._behind.add(c)
+            elif meta is not None and meta[1] > self.positions[c]:
+                # Stored past what was read: its pushes are on the way, or were lost (a
+                # reconnect) or never made. The stream tells; a push that follows is dropped.
+                self._behind.add(c)
         self._keys = {c.stream_key.encode(): c for c in self.positions}
 
     async def _read_loop(self, conn: RedisConnection, sub: RedisSubscription) -> None:
@@ -281,9 +282,6 @@ class StreamReader:
             if self.hub.changed.is_set() or self._recheck:
                 self.hub.changed.clear()
                 await self._sync_channels()
-            if self._sweep:
-                self._sweep = False
-                self._behind.update(self.positions)
             if self._behind:
                 await self._catch_up(conn)
             messages = sub.take()

@@ -62,7 +62,7 @@ async def test_an_append_that_is_not_pushed_still_arrives(
     await pub.publish({T: trades_of(T, 0, 3)})
     await c.wait_until(lambda: c.last_seq(T.name) == 3)
     # A writer that stores the next event the way the append does but pushes nothing (an
-    # older publisher, a hand repair): the reader's sweep finds it in the stream.
+    # older publisher, a hand repair): the reader finds its stored seq past what it read, and reads the stream.
     epoch = pub.positions[T][0]
     body = trades_of(T, 3, 1)[0] + b',"epoch":"%s","seq":4}' % epoch.encode()
     await redis.pipeline([["XADD", T.stream_key, "4-0", "d", body], ["HSET", T.meta_key, "seq", 4]])

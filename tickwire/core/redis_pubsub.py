@@ -39,18 +39,18 @@ class _Pushes(asyncio.Protocol):
         if self.buffered > self.max_buffer and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()  # type: ignore[attr-defined]
-        self._wake()
+        self.wake()
 
     def eof_received(self) -> bool | None:
         self.lost = "Redis closed the connection"
-        self._wake()
+        self.wake()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = self.lost or f"lost connection to Redis: {exc or 'closed'}"
-        self._wake()
+        self.wake()
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
@@ -108,7 +108,7 @@ class RedisSubscription:
 
     def wake(self) -> None:
         """End a `wait` now, as if something had arrived."""
-        self._protocol._wake()
+        self._protocol.wake()
 
     def ping(self) -> None:
         """Ask for a `pong` push: proof, when it comes, that Redis still serves this connection."""
