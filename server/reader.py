@@ -331,46 +331,57 @@ class StreamReader:
     def _take_pushes(self, messages: list[Any]) -> list[Batch]:
         """The pushed batches that continue their channel exactly; a hole sends it to catch up."""
         batches: list[Batch] = []
-        keys, positions, epochs = self._keys, self.positions, self.epochs
         for message in messages:
-            # [b"message", channel, b"<stream key> <epoch> <first seq>\n<event>\n…"]; the other
-            # replies here (pong) only prove the link is alive.
+            # [b"message", channel, b"<stream key> <epoch> <first seq> <count>\n<event>\n…"],
+            # a section per batch (see tickwire.feeds.store); the other replies here (pong)
+            # only prove the link is alive.
             if len(message) != 3 or message[0] != b"message":
                 continue
-            head, _, body = message[2].partition(b"\n")
-            try:
-                key, epoch_b, first_b = head.split(b" ")
-                first = int(first_b)
-                epoch = epoch_b.decode()
-            except ValueError:
-                # Not an append's push (someone else publishing here): the streams are the
-                # truth, and this is not one of them.
-                self.metrics.bad_pushes += 1
-                continue
-            channel = keys.get(key)
-            if channel is None:
-                continue  # nobody here follows it
-            pos = positions.get(channel)
-            if pos is None:
-                continue
-            known = epochs.get(channel)
-            if known is not None and epoch != known:
-                self._recheck = True  # a new epoch: reposition from the meta, then catch up
-                continue
-            if first > pos + 1:
-                self._behind.add(channel)  # a hole: the stream has it
-                continue
-            events = body.split(b"\n")
-            last = first + len(events) - 1
-            if last <= pos:
-                continue  # read already (a catch-up overlapped the push)
-            if first <= pos:
-                events = events[pos + 1 - first :]
-                first = pos + 1
-            epochs[channel] = epoch
-            positions[channel] = last
-            batches.append(Batch(channel, epoch, first, events))
+            lines = message[2].split(b"\n")
+            i = 0
+            while i < len(lines):
+                try:
+                    head = lines[i].split(b" ")
+                    first = int(head[2])
+                    # Three fields: the one-batch format of earlier publishers, to the end.
+                    n = int(head[3]) if len(head) == 4 else len(lines) - i - 1
+                    if len(head) not in (3, 4) or n < 1 or i + 1 + n > len(lines):
+                        raise ValueError
+                    epoch = head[1].decode()
+                except (ValueError, IndexError, UnicodeDecodeError):
+                    # Not an append's push (someone else publishing here): the streams are the
+                    # truth, and this is not one of them.
+                    self.metrics.bad_pushes += 1
+                    break
+                self._take_push(head[0], epoch, first, lines[i + 1 : i + 1 + n], batches)
+                i += 1 + n
         return batches
+
+    def _take_push(
+        self, key: bytes, epoch: str, first: int, events: list[bytes], batches: list[Batch]
+    ) -> None:
+        channel = self._keys.get(key)
+        if channel is None:
+            return  # nobody here follows it
+        pos = self.positions.get(channel)
+        if pos is None:
+            return
+        known = self.epochs.get(channel)
+        if known is not None and epoch != known:
+            self._recheck = True  # a new epoch: reposition from the meta, then catch up
+            return
+        if first > pos + 1:
+            self._behind.add(channel)  # a hole: the stream has it
+            return
+        last = first + len(events) - 1
+        if last <= pos:
+            return  # read already (a catch-up overlapped the push)
+        if first <= pos:
+            events = events[pos + 1 - first :]
+            first = pos + 1
+        self.epochs[channel] = epoch
+        self.positions[channel] = last
+        batches.append(Batch(channel, epoch, first, events))
 
     def _take(self, reply: list[Any]) -> list[Batch]:
         """The reply's batches, in order; the read positions move past them."""

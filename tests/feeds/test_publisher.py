@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -10,6 +11,7 @@ from tickwire.core.config import PublisherConfig, RetentionConfig
 from tickwire.core.errors import RedisUnavailable
 from tickwire.core.events import encode_body
 from tickwire.core.redis_process import RedisProcess
+from tickwire.core.redis_pubsub import RedisSubscription
 from tickwire.core.redis_wire import Arg, RedisConnection, RedisReplyError
 from tickwire.feeds.publisher import APPEND_SHA, Publisher
 from tickwire.feeds.store import APPEND_LUA
@@ -257,8 +259,8 @@ async def test_an_append_whose_predecessor_is_not_applied_is_refused_not_reorder
 
     def append(first: int, prev: int, tag: str, n: int) -> list[Arg]:
         return [
-            "EVALSHA", APPEND_SHA, 2, CH.stream_key, CH.meta_key, "ep", 1000, "", 0, "pub",
-            first, "tw:live:0", prev, *bodies(tag, n),
+            "EVALSHA", APPEND_SHA, 2, CH.stream_key, CH.meta_key, "ep", "pub", "tw:live:0",
+            1000, "", 0, first, prev, n, *bodies(tag, n),
         ]  # fmt: skip
 
     await redis.execute(*append(1, 0, "a", 2))  # indices 1-2 applied
@@ -300,3 +302,66 @@ async def test_error_replies_with_flushes_in_flight_lose_and_reorder_nothing(
         events = await stored_events(redis, channel)
         assert [e["tag"] for e in events] == ["a"] * 40 + [t for t in "bcdef" for _ in range(n)]
         assert [e["seq"] for e in events] == list(range(1, 41 + 5 * n))
+
+
+async def test_a_call_with_one_batch_out_of_order_writes_none_of_its_batches(
+    redis: RedisConnection,
+) -> None:
+    await redis.execute("SCRIPT", "LOAD", APPEND_LUA)
+    other = Channel.parse("quotes:BTC-USD")
+
+    def section(
+        ch: Channel, first: int, prev: int, tag: str, n: int
+    ) -> tuple[list[Arg], list[Arg]]:
+        return [ch.stream_key, ch.meta_key], [1000, "", 0, first, prev, n, *bodies(tag, n)]
+
+    def call(*sections: tuple[list[Arg], list[Arg]]) -> list[Arg]:
+        keys = [k for s in sections for k in s[0]]
+        args = [a for s in sections for a in s[1]]
+        return ["EVALSHA", APPEND_SHA, len(keys), *keys, "ep", "pub", "tw:live:0", *args]
+
+    await redis.execute(*call(section(CH, 1, 0, "a", 2)))
+    # `other` may start (follows nothing), but CH's batch must follow index 4, never applied.
+    with pytest.raises(RedisReplyError, match="TWBEHIND"):
+        await redis.execute(*call(section(other, 1, 0, "x", 1), section(CH, 5, 4, "c", 1)))
+    assert await stored_events(redis, other) == []
+    reply = await redis.execute(*call(section(other, 1, 0, "x", 1), section(CH, 3, 2, "b", 1)))
+    assert [int(x) for x in reply[1::3]] == [1, 3]  # last seq per batch, in call order
+    assert [e["tag"] for e in await stored_events(redis, CH)] == ["a", "a", "b"]
+
+
+async def test_a_flush_is_one_append_and_one_push_or_one_per_symbol_for_cluster(
+    redis: RedisConnection, redis_server: RedisProcess
+) -> None:
+    symbols = ["BTC-USD", "ETH-USD", "AAPL"]
+    channels = [Channel.parse(f"{k}:{s}") for s in symbols for k in ("trades", "quotes")]
+    for per_symbol, calls in ((False, 1), (True, 3)):
+        await redis.execute("FLUSHALL")
+        sub = await RedisSubscription.open(redis_server.url, ["tw:live:0"])
+        try:
+            cfg = PublisherConfig(redis_url=redis_server.url, one_call_per_symbol=per_symbol)
+            async with Publisher(cfg) as pub:
+                await redis.execute("SCRIPT", "LOAD", APPEND_LUA)  # no NOSCRIPT round to count
+                await redis.execute("CONFIG", "RESETSTAT")
+                await pub.publish({c: bodies(c.kind, i + 1) for i, c in enumerate(channels)})
+                await pub.flush()
+            stats = (await redis.execute("INFO", "commandstats")).decode()
+            assert f"cmdstat_evalsha:calls={calls}," in stats
+            messages: list[Any] = []
+            while len(messages) < calls:
+                assert await sub.wait(5.0), "pushes missing"
+                messages += sub.take()
+        finally:
+            sub.close()
+        # Every batch arrived in the pushes, with its seqs, exactly as it was stored.
+        lines = b"\n".join(m[2] for m in messages).split(b"\n")
+        pushed: dict[str, list[bytes]] = {}
+        while lines:
+            key, _epoch, first, n = lines[0].split(b" ")
+            pushed[key.decode()] = lines[1 : 1 + int(n)]
+            assert int(first) == 1
+            del lines[: 1 + int(n)]
+        for i, c in enumerate(channels):
+            stored = await redis.execute("XRANGE", c.stream_key, "-", "+")
+            assert pushed[c.stream_key] == [fields[1] for _, fields in stored]
+            assert len(stored) == i + 1

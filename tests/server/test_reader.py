@@ -46,7 +46,7 @@ def reader_at(positions: dict[Channel, int], epoch: str = "e1") -> StreamReader:
 
 def push(channel: Channel, first: int, n: int, epoch: str = "e1") -> list[bytes]:
     events = b"\n".join(b'{"i":%d,"seq":%d}' % (s, s) for s in range(first, first + n))
-    head = b"%s %s %d" % (channel.stream_key.encode(), epoch.encode(), first)
+    head = b"%s %s %d %d" % (channel.stream_key.encode(), epoch.encode(), first, n)
     return [b"message", b"tw:live:0", head + b"\n" + events]
 
 
@@ -65,6 +65,34 @@ def test_a_push_that_continues_the_channel_is_delivered_and_moves_it_on() -> Non
     assert out[0].events == [b'{"i":11,"seq":11}', b'{"i":12,"seq":12}', b'{"i":13,"seq":13}']
     assert r.positions == {T: 14, Q: 1}
     assert not r._behind and not r._recheck
+
+
+def test_one_push_holding_batches_of_several_channels_delivers_each() -> None:
+    r = reader_at({T: 10, Q: 0})
+    one = b"\n".join(push(c, first, n)[2] for c, first, n in ((T, 11, 2), (Q, 1, 3), (T, 13, 1)))
+    out = r._take_pushes([[b"message", b"tw:live:0", one]])
+    assert seqs(out) == [
+        ("trades:BTC-USD", 11, 12),
+        ("quotes:BTC-USD", 1, 3),
+        ("trades:BTC-USD", 13, 13),
+    ]
+    assert out[1].events == [b'{"i":1,"seq":1}', b'{"i":2,"seq":2}', b'{"i":3,"seq":3}']
+    assert r.positions == {T: 13, Q: 3}
+
+
+def test_a_one_batch_push_of_an_earlier_publisher_is_still_understood() -> None:
+    r = reader_at({T: 10})
+    old = b'%s e1 11\n{"seq":11}\n{"seq":12}' % T.stream_key.encode()
+    out = r._take_pushes([[b"message", b"tw:live:0", old]])
+    assert seqs(out) == [("trades:BTC-USD", 11, 12)]
+
+
+def test_a_section_claiming_more_events_than_the_push_holds_is_refused() -> None:
+    r = reader_at({T: 10})
+    short = push(T, 11, 2)
+    short[2] = short[2].replace(b" 11 2\n", b" 11 3\n")
+    assert r._take_pushes([short]) == []
+    assert r.metrics.bad_pushes == 1 and r.positions == {T: 10}
 
 
 def test_what_was_read_already_is_cut_and_a_hole_sends_the_channel_to_its_stream() -> None:

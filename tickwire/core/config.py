@@ -45,6 +45,9 @@ class PublisherConfig:
     # Flushes written before the oldest is answered, so Redis has the next one while the
     # publisher reads a reply and packs more (feeds/store.py keeps them in order).
     max_in_flight: int = 2
+    # One append call per flush needs every key in one place; Redis Cluster refuses a call whose
+    # keys span slots, so there make one call per symbol (its streams share a hash tag).
+    one_call_per_symbol: bool = False
     backoff_initial_s: float = 0.05
     backoff_max_s: float = 2.0
     # A flush unanswered this long is written again on a new connection (appended once: see
