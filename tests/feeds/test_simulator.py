@@ -82,6 +82,29 @@ async def test_paced_chunks_keep_the_target_rate_within_5_percent() -> None:
     assert abs(sent / 3.0 - 10_000) / 10_000 < 0.05
 
 
+async def test_paced_events_go_out_when_due_never_early_and_at_most_a_tick_late() -> None:
+    now = [0.0]
+
+    async def fake_sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    sim = make_sim(rate=10_000)
+    tick = 0.001
+    released: list[int] = []
+    async for chunk in paced_chunks(
+        sim, duration=0.5, monotonic=lambda: now[0], sleep=fake_sleep, tick_s=tick
+    ):
+        due = (chunk.ts - sim.start_ns) / 1e9
+        assert due.max() <= now[0], "an event went out before its time"
+        assert now[0] - due.min() <= tick + 1e-9, "an event waited more than a tick"
+        released += chunk.ts.tolist()
+    # Every event, once, in order.
+    again = make_sim(rate=10_000)
+    expected = np.concatenate([again.next_chunk().ts for _ in range(len(released) // 50 + 2)])
+    assert released == expected[: len(released)].tolist()
+    assert len(released) > 0.9 * 0.5 * 10_000
+
+
 async def test_paced_chunks_stop_at_count() -> None:
     sim = make_sim()
     sizes = [len(c) async for c in paced_chunks(sim, count=1234, throttle=False)]
