@@ -321,7 +321,7 @@ class Publisher:
         if new:
             commands.append(["SADD", REGISTRY_KEY, *(c.name for c in new)])
         counts = [len(merged[c][2]) for c in order]
-        return Flight(taken, order, counts, new, commands, len(commands) - bool(new))
+        return Flight(taken, order, counts, new, commands)
 
     def _groups(
         self, merged: Mapping[Channel, tuple[int, int, list[bytes]]]
@@ -396,5 +396,8 @@ class Flight:
     counts: list[int]
     new: list[Channel]
     commands: list[list[Arg]]
-    #: How many of `commands` are append calls (the rest: the registry's SADD).
-    calls: int
+
+    @property
+    def calls(self) -> int:
+        """How many of `commands` are append calls (the rest: the registry's SADD)."""
+        return len(self.commands) - bool(self.new)

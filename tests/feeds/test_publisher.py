@@ -21,6 +21,21 @@ from .conftest import stored_events
 CH = Channel.parse("trades:BTC-USD")
 
 
+Section = tuple[list[Arg], list[Arg]]
+
+
+def section(ch: Channel, first: int, prev: int, tag: str, n: int) -> Section:
+    """One channel batch of an append call: its keys, and its head and bodies."""
+    return [ch.stream_key, ch.meta_key], [1000, "", 0, first, prev, n, *bodies(tag, n)]
+
+
+def append_call(*sections: Section) -> list[Arg]:
+    """The append script called directly (publisher id "pub", candidate epoch "ep")."""
+    keys = [k for s in sections for k in s[0]]
+    args = [a for s in sections for a in s[1]]
+    return ["EVALSHA", APPEND_SHA, len(keys), *keys, "ep", "pub", "tw:live:0", *args]
+
+
 def bodies(tag: str, n: int) -> list[bytes]:
     return [
         encode_body(
@@ -258,10 +273,7 @@ async def test_an_append_whose_predecessor_is_not_applied_is_refused_not_reorder
     await redis.execute("SCRIPT", "LOAD", APPEND_LUA)
 
     def append(first: int, prev: int, tag: str, n: int) -> list[Arg]:
-        return [
-            "EVALSHA", APPEND_SHA, 2, CH.stream_key, CH.meta_key, "ep", "pub", "tw:live:0",
-            1000, "", 0, first, prev, n, *bodies(tag, n),
-        ]  # fmt: skip
+        return append_call(section(CH, first, prev, tag, n))
 
     await redis.execute(*append(1, 0, "a", 2))  # indices 1-2 applied
     # Indices 5-6 must follow 4, which never arrived (its flush failed): refused, nothing stored.
@@ -310,22 +322,14 @@ async def test_a_call_with_one_batch_out_of_order_writes_none_of_its_batches(
     await redis.execute("SCRIPT", "LOAD", APPEND_LUA)
     other = Channel.parse("quotes:BTC-USD")
 
-    def section(
-        ch: Channel, first: int, prev: int, tag: str, n: int
-    ) -> tuple[list[Arg], list[Arg]]:
-        return [ch.stream_key, ch.meta_key], [1000, "", 0, first, prev, n, *bodies(tag, n)]
-
-    def call(*sections: tuple[list[Arg], list[Arg]]) -> list[Arg]:
-        keys = [k for s in sections for k in s[0]]
-        args = [a for s in sections for a in s[1]]
-        return ["EVALSHA", APPEND_SHA, len(keys), *keys, "ep", "pub", "tw:live:0", *args]
-
-    await redis.execute(*call(section(CH, 1, 0, "a", 2)))
+    await redis.execute(*append_call(section(CH, 1, 0, "a", 2)))
     # `other` may start (follows nothing), but CH's batch must follow index 4, never applied.
     with pytest.raises(RedisReplyError, match="TWBEHIND"):
-        await redis.execute(*call(section(other, 1, 0, "x", 1), section(CH, 5, 4, "c", 1)))
+        await redis.execute(*append_call(section(other, 1, 0, "x", 1), section(CH, 5, 4, "c", 1)))
     assert await stored_events(redis, other) == []
-    reply = await redis.execute(*call(section(other, 1, 0, "x", 1), section(CH, 3, 2, "b", 1)))
+    reply = await redis.execute(
+        *append_call(section(other, 1, 0, "x", 1), section(CH, 3, 2, "b", 1))
+    )
     assert [int(x) for x in reply[1::3]] == [1, 3]  # last seq per batch, in call order
     assert [e["tag"] for e in await stored_events(redis, CH)] == ["a", "a", "b"]
 
