@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from tickwire.core.errors import ChannelError, UnknownChannelType
 
@@ -53,20 +54,13 @@ def validate_type(kind: str) -> str:
     return kind
 
 
-@dataclass(frozen=True, slots=True)
-class Channel:
+class Channel(NamedTuple):
     """A concrete channel: one event type of one symbol, one Redis stream."""
 
+    # A tuple, not a dataclass: channels are dict keys on the fan-out path (several lookups per
+    # delivery), and a tuple hashes in C; a Python `__hash__` cost 2x per lookup.
     kind: str
     symbol: str
-    # Channels are dict keys on the fan-out path: hash once, not per lookup.
-    _hash: int = field(default=0, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_hash", hash((self.kind, self.symbol)))
-
-    def __hash__(self) -> int:
-        return self._hash
 
     @classmethod
     def parse(cls, name: str) -> Channel:
