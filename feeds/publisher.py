@@ -84,6 +84,9 @@ class Publisher:
         self._closing = False
         #: Last (epoch, seq) Redis assigned per channel.
         self.positions: dict[Channel, tuple[str, int]] = {}
+        #: Where each channel will stand once every flush sent is applied, as far as the replies
+        #: so far tell: the epoch and seqs the next bodies' tails predict (see `store`).
+        self._predicted: dict[Channel, tuple[str, int]] = {}
 
     async def __aenter__(self) -> Publisher:
         await self.start()
@@ -305,6 +308,8 @@ class Publisher:
         candidate = self._new_epoch()
         commands: list[list[Arg]] = []
         order: list[Channel] = []
+        expected: list[tuple[str, int] | None] = []
+        predicted = self._predicted
         for group in self._groups(merged):
             keys: list[Arg] = []
             args: list[Arg] = [candidate, self.id, self._live]
@@ -313,15 +318,29 @@ class Publisher:
                 seen_epoch, seen_seq = self.positions.get(channel, ("", 0))
                 keys += (channel.stream_key, channel.meta_key)
                 maxlen = retention.maxlen(channel.kind)
-                args += (maxlen, seen_epoch, seen_seq, first, prev, len(bodies))
-                args += bodies
+                n = len(bodies)
+                args += (maxlen, seen_epoch, seen_seq, first, prev, n)
+                guess = predicted.get(channel)
+                if guess is None:
+                    # Nothing to go on (a new channel, or one whose replies are still owed):
+                    # bare bodies, the script appends the tails.
+                    args += ("", 0, *bodies)
+                    expected.append(None)
+                    continue
+                epoch, last = guess
+                tail = b',"epoch":"%s","seq":' % epoch.encode()
+                seqs = range(last + 1, last + n + 1)
+                args += (epoch, last + 1)
+                args += [b"%s%s%d}" % (b, tail, q) for b, q in zip(bodies, seqs, strict=True)]
+                predicted[channel] = (epoch, last + n)
+                expected.append(predicted[channel])
             order += group
             commands.append(["EVALSHA", APPEND_SHA, len(keys), *keys, *args])
         new = [c for c in merged if c not in self._registered]
         if new:
             commands.append(["SADD", REGISTRY_KEY, *(c.name for c in new)])
         counts = [len(merged[c][2]) for c in order]
-        return Flight(taken, order, counts, new, commands)
+        return Flight(taken, order, counts, expected, new, commands)
 
     def _groups(
         self, merged: Mapping[Channel, tuple[int, int, list[bytes]]]
@@ -347,10 +366,22 @@ class Publisher:
         # Each append call answers (epoch, seq, start) per channel, in the flush's order; the
         # registry's SADD, if any, answers last.
         triples = [x for reply in replies[: flight.calls] for x in reply]
-        for i, (channel, count) in enumerate(zip(flight.order, flight.counts, strict=True)):
-            epoch, seq = triples[3 * i], triples[3 * i + 1]
-            self.positions[channel] = (epoch.decode(), int(seq))
+        for i, (channel, count, expected) in enumerate(
+            zip(flight.order, flight.counts, flight.expected, strict=True)
+        ):
+            self.positions[channel] = actual = (triples[3 * i].decode(), int(triples[3 * i + 1]))
             self.stats.published += count
+            if actual != expected:
+                # Mispredicted (or not predicted): predict again from this reply and what is
+                # still in flight on the channel. The flushes in flight were stored right, only
+                # slower (the script redid their tails).
+                later = sum(
+                    c
+                    for f in self._flights
+                    for ch, c in zip(f.order, f.counts, strict=True)
+                    if ch == channel
+                )
+                self._predicted[channel] = (actual[0], actual[1] + later)
         self._pending_events -= sum(flight.counts)
         if self._pending_events <= self.config.max_pending_events:
             self._space.set()
@@ -361,6 +392,9 @@ class Publisher:
         """Every unanswered flush back in front of the queue, in order."""
         items = [item for f in self._flights for item in f.taken]
         self._flights.clear()
+        # Nothing in flight now: predict from what Redis has confirmed (a flush that was applied
+        # but not answered is checked by the script, and its retry skips what it applied).
+        self._predicted = dict(self.positions)
         self._pending.extendleft(reversed(items))
 
     async def _after_errors(self, conn: RedisConnection, errors: list[RedisReplyError]) -> None:
@@ -394,6 +428,8 @@ class Flight:
     taken: list[Pending]
     order: list[Channel]
     counts: list[int]
+    #: Per channel of `order`: the (epoch, last seq) its bodies' tails predict, None if bare.
+    expected: list[tuple[str, int] | None]
     new: list[Channel]
     commands: list[list[Arg]]
 

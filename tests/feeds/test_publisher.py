@@ -9,7 +9,7 @@ from tests.conftest import eventually
 from tickwire.core.channels import REGISTRY_KEY, Channel
 from tickwire.core.config import PublisherConfig, RetentionConfig
 from tickwire.core.errors import RedisUnavailable
-from tickwire.core.events import encode_body
+from tickwire.core.events import complete_body, encode_body
 from tickwire.core.redis_process import RedisProcess
 from tickwire.core.redis_pubsub import RedisSubscription
 from tickwire.core.redis_wire import Arg, RedisConnection, RedisReplyError
@@ -24,9 +24,16 @@ CH = Channel.parse("trades:BTC-USD")
 Section = tuple[list[Arg], list[Arg]]
 
 
-def section(ch: Channel, first: int, prev: int, tag: str, n: int) -> Section:
-    """One channel batch of an append call: its keys, and its head and bodies."""
-    return [ch.stream_key, ch.meta_key], [1000, "", 0, first, prev, n, *bodies(tag, n)]
+def section(
+    ch: Channel, first: int, prev: int, tag: str, n: int, tail: tuple[str, int] = ("", 0)
+) -> Section:
+    """One channel batch of an append call: its keys, and its head and bodies; bare, or with
+    the tails of `tail` = (epoch, seq of the first body) as the publisher predicts them."""
+    epoch, seq = tail
+    out = bodies(tag, n)
+    if seq:
+        out = [complete_body(b, epoch, seq + i) for i, b in enumerate(out)]
+    return [ch.stream_key, ch.meta_key], [1000, "", 0, first, prev, n, epoch, seq, *out]
 
 
 def append_call(*sections: Section) -> list[Arg]:
@@ -314,6 +321,30 @@ async def test_error_replies_with_flushes_in_flight_lose_and_reorder_nothing(
         events = await stored_events(redis, channel)
         assert [e["tag"] for e in events] == ["a"] * 40 + [t for t in "bcdef" for _ in range(n)]
         assert [e["seq"] for e in events] == list(range(1, 41 + 5 * n))
+
+
+async def test_predicted_tails_are_stored_when_right_and_rewritten_when_wrong(
+    redis: RedisConnection,
+) -> None:
+    await redis.execute("SCRIPT", "LOAD", APPEND_LUA)
+
+    async def append(first: int, tag: str, n: int, tail: tuple[str, int]) -> None:
+        await redis.execute(*append_call(section(CH, first, first - 1, tag, n, tail)))
+
+    await append(1, "a", 2, ("ep", 1))  # a new epoch ("ep"): 1-2
+    await append(3, "b", 2, ("ep", 3))  # right: 3-4
+    await append(5, "c", 3, ("ep", 98))  # seq wrong, and one digit longer each: 5-7
+    await append(8, "d", 1, ("old", 8))  # epoch wrong: 8
+    # A retry of indices 8-10 (8 was applied, its reply lost): 9-10 go in, once, as predicted...
+    await redis.execute(*append_call(section(CH, 8, 7, "e", 3, ("ep", 8))))
+    # ...or not: a retry of 10-12 predicted from a stale position.
+    await redis.execute(*append_call(section(CH, 10, 9, "f", 3, ("ep", 4))))
+    events = await stored_events(redis, CH)
+    assert [(e["tag"], e["seq"], e["epoch"]) for e in events] == [
+        *((t, i + 1, "ep") for i, t in enumerate("aabbcccdee")),
+        ("f", 11, "ep"),
+        ("f", 12, "ep"),
+    ]
 
 
 async def test_a_call_with_one_batch_out_of_order_writes_none_of_its_batches(
