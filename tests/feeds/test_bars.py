@@ -298,7 +298,7 @@ def test_chunk_bars_are_the_bars_of_each_chunk_fed_at_once(max_pending_events: i
     batched = ChunkBars(sim.instruments, ["1s", "1m"], max_pending_events=max_pending_events)
     closed = 0
     for k in range(14_000):
-        chunk = sim.next_chunk()
+        chunk = sim.next_chunk(5)
         m = chunk.kind == 1
         now = int(chunk.ts[-1])
         expected = [
