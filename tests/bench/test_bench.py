@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from tickwire.bench.e2e import Scenario, Step, breach
+from tickwire.bench.e2e import Scenario, Step, breach, median_step
 from tickwire.bench.invariant import InvariantChecker
 from tickwire.bench.sink import SinkProtocol
 from tickwire.bench.stats import histogram_quantile, latency_summary, ratio, server_share, table
@@ -78,10 +78,14 @@ def test_short_end_to_end_run_reports_correctness_for_both_targets() -> None:
         proc, doc = run_bench(
             tmp,
             "--rate 500 --symbols 5 --clients 6 --channels-per-client 3 --duration 2 "
-            f"--warmup 0.5 --sample-every 2 --plot {png}",
+            f"--warmup 0.5 --sample-every 2 --rounds 2 --plot {png}",
         )
         assert png.read_bytes().startswith(b"\x89PNG")
     assert "tickwire: PASSED" in proc.stdout and "baseline: PASSED" in proc.stdout
+    # Two rounds, the second in the other order; the table holds their medians.
+    assert [r["target"] for r in doc["rounds"]] == ["tickwire", "baseline", "baseline", "tickwire"]
+    assert "round 2: tickwire p50/p99/p99.9" in proc.stdout
+    assert "medians of 2 rounds:" in proc.stdout
     assert [r["target"] for r in doc["runs"]] == ["tickwire", "baseline"]
     for run in doc["runs"]:
         c = run["correctness"]
@@ -98,6 +102,27 @@ def test_short_end_to_end_run_reports_correctness_for_both_targets() -> None:
     assert tw["figures"]["deliveries_per_s"] > 0
     # Deliveries against what Redis says was published to the clients' channels in the window.
     assert 75 <= tw["figures"]["delivered_percent"] <= 125
+
+
+def test_rounds_are_summed_up_by_medians_and_a_round_that_lost_fails_them_all() -> None:
+    def step(p99: float, lost: int, violations: list[str]) -> Step:
+        return Step(
+            1000,
+            latency={"p99_us": p99, "p50_us": p99 / 4},
+            figures={"deliveries_per_s": p99 * 10},
+            correctness={"lost": lost, "violations": violations, "sampled_connections": 3},
+        )
+
+    one = median_step([step(3000, 0, []), step(9000, 0, []), step(4000, 0, [])])
+    assert one.latency == {"p99_us": 4000.0, "p50_us": 1000.0}
+    assert one.figures == {"deliveries_per_s": 40000.0}
+    assert one.passed and one.correctness["sampled_connections"] == 3  # per round, not summed
+    bad = median_step([step(3000, 0, []), step(4000, 2, ["hole at 7", "hole at 9"])])
+    assert not bad.passed
+    assert bad.correctness["lost"] == 2 and bad.correctness["violations"] == [
+        "hole at 7",
+        "hole at 9",
+    ]
 
 
 def test_a_step_whose_clients_fall_behind_is_not_sustained() -> None:
