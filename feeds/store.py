@@ -59,6 +59,8 @@ from __future__ import annotations
 # all of a channel's meta, one HSET writes it, and the last XADD trims (`MAXLEN ~` once per batch
 # instead of per entry: it costs 8-23 % per XADD).
 APPEND_LUA = r"""
+-- Seqs as text: Lua's own number format ("%.14g") would write 1e+14 from there on.
+local function int(x) return string.format('%d', x) end
 local candidate, mark = ARGV[1], 'w:' .. ARGV[2]
 local plans = {}
 local a = 4
@@ -96,7 +98,7 @@ for _, p in ipairs(plans) do
   local stream, meta, epoch, seq, start, fresh, maxlen, from, last, applied, as_is, cut, shift =
     p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10], p[11], p[12], p[13]
   if from <= last then
-    push[#push + 1] = stream .. ' ' .. epoch .. ' ' .. (seq + 1) .. ' ' .. (last - from + 1)
+    push[#push + 1] = stream .. ' ' .. epoch .. ' ' .. int(seq + 1) .. ' ' .. (last - from + 1)
   end
   local tail = ',"epoch":"' .. epoch .. '","seq":'
   for i = from, last do
@@ -105,15 +107,18 @@ for _, p in ipairs(plans) do
     if not as_is then
       if cut > 0 then
         -- The predicted tail: ',"epoch":"<epoch>","seq":<seq>}', 19 bytes besides both.
-        stored = string.sub(stored, 1, #stored - cut - #tostring(shift + i))
+        stored = string.sub(stored, 1, #stored - cut - #int(shift + i))
       end
-      stored = stored .. tail .. seq .. '}'
+      stored = stored .. tail .. int(seq) .. '}'
     end
     push[#push + 1] = stored
+    -- The ID as a number: Redis prints it as plain digits ("%.17g", exact to 2^53; newer
+    -- versions as an integer), and XADD reads "<seq>" as "<seq>-0". Building "<seq>-0" here
+    -- cost 8-17 % of Redis's time per appended event.
     if i < last then
-      redis.call('XADD', stream, seq .. '-0', 'd', stored)
+      redis.call('XADD', stream, seq, 'd', stored)
     else
-      redis.call('XADD', stream, 'MAXLEN', '~', maxlen, seq .. '-0', 'd', stored)
+      redis.call('XADD', stream, 'MAXLEN', '~', maxlen, seq, 'd', stored)
     end
   end
   if fresh then

@@ -347,6 +347,40 @@ async def test_predicted_tails_are_stored_when_right_and_rewritten_when_wrong(
     ]
 
 
+async def test_seqs_past_ten_to_the_fourteen_stay_integers_in_ids_bodies_and_pushes(
+    redis: RedisConnection, redis_server: RedisProcess
+) -> None:
+    # Lua writes numbers with "%.14g": 10**14 would become "1e+14" wherever the script turned a
+    # seq into text itself.
+    await redis.execute("SCRIPT", "LOAD", APPEND_LUA)
+    big = 10**14 - 1
+    first = complete_body(bodies("a", 1)[0], "ep", big)
+    await redis.execute("XADD", CH.stream_key, f"{big}-0", "d", first)
+    await redis.execute("HSET", CH.meta_key, "epoch", "ep", "seq", big, "start", 1)
+    sub = await RedisSubscription.open(redis_server.url, ["tw:live:0"])
+    try:
+        await redis.execute(*append_call(section(CH, 1, 0, "b", 2)))  # tails built in Lua
+        await redis.execute(*append_call(section(CH, 3, 2, "c", 1, ("ep", big + 3))))  # as sent
+        await redis.execute(*append_call(section(CH, 4, 3, "d", 1, ("ep", 5))))  # rewritten
+        messages: list[Any] = []
+        while len(messages) < 3:
+            assert await sub.wait(5.0), "pushes missing"
+            messages += sub.take()
+    finally:
+        sub.close()
+    events = await stored_events(redis, CH)  # checks each entry ID against its body's seq
+    assert [(e["tag"], e["seq"]) for e in events] == [
+        ("a", big),
+        ("b", big + 1),
+        ("b", big + 2),
+        ("c", big + 3),
+        ("d", big + 4),
+    ]
+    assert all(isinstance(e["seq"], int) for e in events)
+    heads = [m[2].split(b"\n")[0].split(b" ")[2] for m in messages]
+    assert heads == [b"%d" % (big + 1), b"%d" % (big + 3), b"%d" % (big + 4)]
+
+
 async def test_a_call_with_one_batch_out_of_order_writes_none_of_its_batches(
     redis: RedisConnection,
 ) -> None:
