@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -154,11 +155,11 @@ class Load:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
-async def main_async(args: argparse.Namespace) -> None:
+async def main_async(args: argparse.Namespace, plan: list[list[str]]) -> None:
     """Commands on stdin, one per line: `go <unix ns>` starts a step (latency counted from then),
     `report <file.npy>` ends it (prints its figures as one JSON line), `stop` exits. While a step
     runs, a `{"live": …}` line each second feeds the bench's progress bar."""
-    load = Load(args.url, orjson.loads(args.plan), args.sample_every)
+    load = Load(args.url, plan, args.sample_every)
     await load.open()
     tune_gc()  # the same for both targets: collector pauses would show as their latency
     print("ready", flush=True)
@@ -191,12 +192,13 @@ async def main_async(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     p.add_argument("--url", required=True)
-    p.add_argument("--plan", required=True, help="JSON list: channels per client")
+    p.add_argument("--plan", required=True, help="JSON file: a list of channels per client")
     p.add_argument("--sample-every", type=int, default=1)
     args = p.parse_args(argv)
+    plan = orjson.loads(Path(args.plan).read_bytes())
     import uvloop
 
-    uvloop.run(main_async(args))
+    uvloop.run(main_async(args, plan))
     return 0
 
 
