@@ -198,11 +198,28 @@ class Outbox:
         self._control = []
         self._queued = {}
         self.nbytes = 0
-        if not parts:
-            return None
-        if len(parts) == 1:
-            return parts[0]
-        return b"[" + b",".join(parts) + b"]"
+        return message_of(parts) if parts else None
+
+    def step(self, batches: list[Batch]) -> bool:
+        """For batches sent past the queue: if each is exactly the next of its channel here
+        (channels distinct), move every position past it; if not, change nothing, return False.
+        """
+        positions = self.positions
+        for batch in batches:
+            pos = positions.get(batch.channel)
+            if pos is None or pos[1] + 1 != batch.first_seq or pos[0] != batch.epoch:
+                self.unstep(batches, until=batch)
+                return False
+            positions[batch.channel] = (pos[0], batch.last_seq)
+        return True
+
+    def unstep(self, batches: list[Batch], until: Batch | None = None) -> None:
+        """Undo `step` (up to the batch `until`): the batches were not sent after all."""
+        positions = self.positions
+        for batch in batches:
+            if batch is until:
+                return
+            positions[batch.channel] = (batch.epoch, batch.first_seq - 1)
 
     def _push(self, channel: Channel, item: Item) -> None:
         items = self._queued.get(channel)
@@ -211,6 +228,13 @@ class Outbox:
         else:
             items.append(item)
         self.nbytes += _size(item)
+
+
+def message_of(parts: list[bytes]) -> bytes:
+    """One frame's payload: a message alone, or several as a JSON array."""
+    if len(parts) == 1:
+        return parts[0]
+    return b"[" + b",".join(parts) + b"]"
 
 
 def _size(item: Item) -> int:

@@ -432,7 +432,7 @@ class StreamReader:
             pt = publish_ns_of(b.events[-1])
             if pt:
                 latest = max(latest, pt)
-                weight = len(self.hub.subscribers_of(b.channel)) or 1
+                weight = self.hub.subscriber_count(b.channel) or 1
                 self.metrics.latency.observe(max(0.0, (now - pt) / 1e9), weight)
                 self.metrics.publish_to_read.observe(max(0.0, (read_ns - pt) / 1e9), weight)
         if latest:

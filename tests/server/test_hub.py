@@ -1,0 +1,153 @@
+"""The hub's groups of subscribers and its shortcut past the outbox, without sockets."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import orjson
+
+from tests.server.test_outbox import Q, T, batch, seqs
+from tickwire.bench.invariant import InvariantChecker
+from tickwire.core.channels import Channel, ChannelPattern
+from tickwire.server.batch import Batch
+from tickwire.server.hub import Hub, Subscriber
+from tickwire.server.outbox import Outbox
+
+E = Channel.parse("trades:ETH-USD")
+
+
+class Client:
+    """A subscriber whose frames are kept: written at once (`fast`, a socket with room) or
+    queued and flushed (the outbox path, as for a socket that is full)."""
+
+    def __init__(self, hub: Hub, *patterns: str, fast: bool = True) -> None:
+        self.frames: list[bytes] = []
+        self.room = True  # whether `write_now` may write
+        self.outbox = Outbox(1 << 20)
+        self.sub = Subscriber(self.outbox, self.flush, write_now=self.write_now if fast else None)
+        hub.attach(self.sub)
+        hub.subscribe(self.sub, *(ChannelPattern.parse(p) for p in patterns))
+
+    def write_now(self, message: bytes) -> bool:
+        if self.room:
+            self.frames.append(message)
+        return self.room
+
+    def flush(self) -> None:
+        if self.room:
+            message = self.outbox.take()
+            if message is not None:
+                self.frames.append(message)
+
+    def messages(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for frame in self.frames:
+            doc = orjson.loads(frame)
+            out += doc if isinstance(doc, list) else [doc]
+        return out
+
+
+def test_subscribers_with_the_same_patterns_share_a_group_and_move_when_theirs_change() -> None:
+    hub = Hub()
+    a, b = Client(hub, "trades:BTC-USD", "quotes:*"), Client(hub, "quotes:*", "trades:BTC-USD")
+    assert len(hub.groups_of(T)) == 1 and hub.subscriber_count(T) == 2
+    hub.unsubscribe(b.sub, ChannelPattern.parse("trades:BTC-USD"))
+    assert hub.subscriber_count(T) == 1 and hub.subscriber_count(Q) == 2
+    assert not hub.follows(b.sub, T) and hub.follows(b.sub, Q) and hub.follows(a.sub, T)
+    hub.known.update({T, Q, E})
+    assert hub.live_channels() == {T, Q}
+    hub.detach(a.sub)
+    hub.detach(b.sub)
+    assert hub.live_channels() == set() and hub.groups_of(Q) == ()
+
+
+def test_a_group_gets_the_same_bytes_by_the_shortcut_as_through_the_outbox() -> None:
+    hub = Hub()
+    fast = Client(hub, "trades:*", "quotes:BTC-USD")
+    slow = Client(hub, "trades:*", "quotes:BTC-USD", fast=False)
+    other = Client(hub, "trades:ETH-USD")  # another group, fed from the same dispatch
+    hub.dispatch([batch(T, 1, 1), batch(Q, 1, 2), batch(E, 1, 1)])  # first events: positions
+    for client in (fast, slow, other):
+        client.frames.clear()
+    deliveries = hub.dispatch([batch(T, 2, 3), batch(Q, 3, 1), batch(E, 2, 2)])
+    assert deliveries == 2 * 6 + 2
+    assert fast.frames == slow.frames and len(fast.frames) == 1
+    assert [(m["ch"], [e["seq"] for e in m["events"]]) for m in fast.messages()] == [
+        (T.name, [2, 3, 4]),
+        (Q.name, [3]),
+        (E.name, [2, 3]),
+    ]
+    assert fast.outbox.positions == slow.outbox.positions
+    assert seqs(other.messages()) == [2, 3]
+
+
+def test_a_client_out_of_step_or_without_room_takes_the_outbox_path() -> None:
+    hub = Hub()
+    a, b, c, d = (Client(hub, "trades:BTC-USD") for _ in range(4))
+    hub.dispatch([batch(T, 1, 2)])
+    for client in (a, b, c, d):
+        client.frames.clear()
+    b.outbox.control(b'{"type":"pong","id":1,"ts":0}')  # something queued already
+    c.room = False  # its socket is full: nothing is written, the outbox keeps it
+    d.outbox.positions[T] = ("e1", 0)  # behind: seqs 1-2 again would be duplicates
+    hub.dispatch([batch(T, 3, 2)])
+    assert seqs(a.messages()) == [3, 4]
+    assert [m["type"] for m in b.messages()] == ["pong", "events"]
+    assert c.frames == [] and c.outbox.positions[T] == ("e1", 4)
+    c.room = True
+    c.flush()
+    assert seqs(c.messages()) == [3, 4]
+    # The outbox saw 3 follow 0 and announced the hole: what the invariant asks for.
+    assert [(m["type"], m.get("from_seq")) for m in d.messages()] == [("gap", 1), ("events", None)]
+
+
+def test_held_channels_and_a_channel_twice_in_one_dispatch_go_through_the_outbox() -> None:
+    hub = Hub()
+    a, b = Client(hub, "trades:BTC-USD"), Client(hub, "trades:BTC-USD")
+    hub.dispatch([batch(T, 1, 1)])
+    a.frames.clear()
+    b.frames.clear()
+    a.sub.holding[T] = []  # a catch-up is reading history for it
+    hub.dispatch([batch(T, 2, 1), batch(T, 3, 2, epoch="e2")])  # split by a new epoch
+    assert a.frames == [] and [len(h.events) for h in a.sub.holding[T]] == [1, 2]
+    assert [m["type"] for m in b.messages()] == ["events", "reset", "events"]
+
+
+def test_random_dispatches_keep_every_client_gapless_on_both_paths() -> None:
+    rng = random.Random(7)
+    channels = [T, Q, E]
+    hub = Hub()
+    clients = [
+        Client(hub, *(c.name for c in rng.sample(channels, rng.randint(1, 3))), fast=i % 3 > 0)
+        for i in range(12)
+    ]
+    next_seq = dict.fromkeys(channels, 1)
+    for _ in range(200):
+        for client in clients:
+            client.room = rng.random() > 0.2
+            if client.room:
+                client.flush()  # a full socket drains later
+        batches: list[Batch] = []
+        for channel in rng.sample(channels, rng.randint(1, 3)):
+            n = rng.randint(1, 4)
+            batches.append(batch(channel, next_seq[channel], n))
+            next_seq[channel] += n
+        hub.dispatch(batches)
+    for client in clients:
+        client.room = True
+        client.flush()
+        checker = InvariantChecker()
+        for message in client.messages():
+            checker.feed(message)
+        assert checker.ok, checker.violations
+        assert checker.gap_events == 0
+        followed = [c for c in channels if hub.follows(client.sub, c)]
+        # Everything from its first event on each channel, and nothing of the others.
+        got = {m["ch"] for m in client.messages()}
+        assert got <= {c.name for c in followed}
+        for c in followed:
+            last = max(
+                e["seq"] for m in client.messages() if m["ch"] == c.name for e in m["events"]
+            )
+            assert last == next_seq[c] - 1
