@@ -184,6 +184,10 @@ class Hub:
         handled, not after every subscriber's (the writes are most of the cost; the first
         subscribers should not wait for the queueing of the last).
         """
+        batches = list(batches)
+        # One channel twice (a hole or a new epoch split it; only catch-up reads do that): the
+        # outboxes sort that out, batch by batch. Checked once, not per group.
+        shared = len({b.channel for b in batches}) == len(batches)
         per_group: dict[Group, list[Batch]] = {}
         for batch in batches:
             for group in self.groups_of(batch.channel):
@@ -194,10 +198,8 @@ class Hub:
                     mine.append(batch)
         deliveries = 0
         for group, mine in per_group.items():
-            events = sum(len(b.events) for b in mine)
-            # One channel twice (a hole or a new epoch split it): the outbox sorts that out.
-            shared = len(mine) == 1 or len({b.channel for b in mine}) == len(mine)
             frame: bytes | None = None
+            events = 0
             for sub in group.members:
                 outbox = sub.outbox
                 if (
@@ -209,6 +211,7 @@ class Hub:
                 ):
                     if frame is None:
                         frame = message_of([b.frame for b in mine])
+                        events = sum([len(b.events) for b in mine])
                     if sub.write_now(frame):
                         deliveries += events
                         continue
