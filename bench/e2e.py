@@ -189,16 +189,18 @@ def rounds_report(runs: list[Run]) -> str:
     """One line per round: each target's p50/p99/p99.9 and the p99 ratio of that round."""
     tw = [r.result for r in runs if r.target == "tickwire" and r.steps]
     base = [r.result for r in runs if r.target == "baseline" and r.steps]
+
+    def ms(st: Step) -> str:
+        return "/".join(
+            f"{st.latency.get(k, math.nan) / 1000:.2f}" for k in ("p50_us", "p99_us", "p99.9_us")
+        )
+
     out = []
     for i, t in enumerate(tw):
-        line = f"round {i + 1}: tickwire p50/p99/p99.9 " + "/".join(
-            f"{t.latency.get(k, math.nan) / 1000:.2f}" for k in ("p50_us", "p99_us", "p99.9_us")
-        )
+        line = f"round {i + 1}: tickwire p50/p99/p99.9 {ms(t)}"
         if i < len(base):
             b = base[i]
-            line += " ms, baseline " + "/".join(
-                f"{b.latency.get(k, math.nan) / 1000:.2f}" for k in ("p50_us", "p99_us", "p99.9_us")
-            )
+            line += f" ms, baseline {ms(b)}"
             r = ratio(t.latency.get("p99_us", math.nan), b.latency.get("p99_us", math.nan))
             line += f" ms, p99 ratio {r:.2f}x" if r is not None else " ms"
         out.append(line)

@@ -22,6 +22,7 @@ from typing import Any
 from tickwire.core.channels import REGISTRY_KEY, Channel, live_channel
 from tickwire.core.config import PublisherConfig
 from tickwire.core.errors import RedisUnavailable
+from tickwire.core.events import complete_bodies
 from tickwire.core.redis_wire import Arg, RedisAddress, RedisConnection, RedisReplyError
 from tickwire.feeds.store import APPEND_LUA
 
@@ -328,10 +329,8 @@ class Publisher:
                     expected.append(None)
                     continue
                 epoch, last = guess
-                tail = b',"epoch":"%s","seq":' % epoch.encode()
-                seqs = range(last + 1, last + n + 1)
                 args += (epoch, last + 1)
-                args += [b"%s%s%d}" % (b, tail, q) for b, q in zip(bodies, seqs, strict=True)]
+                args += complete_bodies(bodies, epoch, last + 1)
                 predicted[channel] = (epoch, last + n)
                 expected.append(predicted[channel])
             order += group

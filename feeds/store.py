@@ -135,6 +135,3 @@ if #push > 0 then
 end
 return out
 """
-
-#: Arguments of each batch before its bodies (see ARGV above).
-BATCH_HEAD_ARGS = 8

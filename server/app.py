@@ -98,11 +98,10 @@ class Connection:
     def flush(self) -> None:
         if self.closing:
             return
+        if self._takes_data_now():
+            self._write()
+            return
         if self._drain is None:
-            transport = self.ws.transport
-            if transport is not None and transport.get_write_buffer_size() <= WRITE_HIGH:
-                self._write()
-                return
             self._writable.clear()
             self._drain = asyncio.create_task(self._drain_when_writable())
         # The socket is full: the drain task writes once it takes data again. Meanwhile the
@@ -110,36 +109,33 @@ class Connection:
         if self.outbox.over_limit:
             self.outbox.shed()
 
+    def write_now(self, message: bytes) -> bool:
+        """Write `message` past the outbox if the socket takes data now (the hub's shortcut for
+        a client in step); False, with nothing written, otherwise."""
+        if self.closing or not self._takes_data_now():
+            return False
+        self._send(message)
+        return True
+
+    def _takes_data_now(self) -> bool:
+        transport = self.ws.transport
+        return (
+            self._drain is None
+            and transport is not None
+            and transport.get_write_buffer_size() <= WRITE_HIGH
+        )
+
     def _write(self) -> None:
         message = self.outbox.take()
-        if message is None:
-            return
+        if message is not None:
+            self._send(message)
+
+    def _send(self, message: bytes) -> None:
         ws = self.ws
         if self._raw and ws.protocol.state is State.OPEN:
             ws.transport.write(text_frame(message))
         else:
             broadcast((ws,), message, text=True)
-        self._sent(message)
-
-    def write_now(self, message: bytes) -> bool:
-        """Write `message` past the outbox if the socket takes data now (the hub's shortcut for
-        a client in step); False, with nothing written, otherwise."""
-        ws = self.ws
-        transport = ws.transport
-        if (
-            self.closing
-            or self._drain is not None
-            or not self._raw
-            or transport is None
-            or transport.get_write_buffer_size() > WRITE_HIGH
-            or ws.protocol.state is not State.OPEN
-        ):
-            return False
-        transport.write(text_frame(message))
-        self._sent(message)
-        return True
-
-    def _sent(self, message: bytes) -> None:
         self.last_write = time.monotonic()
         m = self.server.metrics
         m.frames_sent += 1

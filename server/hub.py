@@ -176,7 +176,7 @@ class Hub:
             self.on_change()
 
     # -- fan-out -------------------------------------------------------------------------------
-    def dispatch(self, batches: Iterable[Batch]) -> int:
+    def dispatch(self, batches: list[Batch]) -> int:
         """Queue or write each batch for its subscribers; returns the (subscriber, event)
         deliveries made.
 
@@ -184,7 +184,6 @@ class Hub:
         handled, not after every subscriber's (the writes are most of the cost; the first
         subscribers should not wait for the queueing of the last).
         """
-        batches = list(batches)
         # One channel twice (a hole or a new epoch split it; only catch-up reads do that): the
         # outboxes sort that out, batch by batch. Checked once, not per group.
         shared = len({b.channel for b in batches}) == len(batches)

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tickwire.core.config import PublisherConfig
+from tickwire.core.events import complete_body
 from tickwire.core.redis_process import RedisProcess
 from tickwire.core.redis_wire import RedisConnection
 from tickwire.feeds.publisher import Publisher
@@ -64,7 +65,7 @@ async def test_an_append_that_is_not_pushed_still_arrives(
     # A writer that stores the next event the way the append does but pushes nothing (an
     # older publisher, a hand repair): the reader finds its stored seq past what it read, and reads the stream.
     epoch = pub.positions[T][0]
-    body = trades_of(T, 3, 1)[0] + b',"epoch":"%s","seq":4}' % epoch.encode()
+    body = complete_body(trades_of(T, 3, 1)[0], epoch, 4)
     await redis.pipeline([["XADD", T.stream_key, "4-0", "d", body], ["HSET", T.meta_key, "seq", 4]])
     await c.wait_until(lambda: c.last_seq(T.name) == 4)
     # Pushed appends carry on after it, with no duplicate.
