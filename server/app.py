@@ -109,12 +109,13 @@ class Connection:
         if self.outbox.over_limit:
             self.outbox.shed()
 
-    def write_now(self, message: bytes) -> bool:
+    def write_now(self, message: bytes, wire: bytes) -> bool:
         """Write `message` past the outbox if the socket takes data now (the hub's shortcut for
-        a client in step); False, with nothing written, otherwise."""
+        a client in step); False, with nothing written, otherwise. `wire` is the same message
+        framed (`text_frame`), shared by every client it goes to."""
         if self.closing or not self._takes_data_now():
             return False
-        self._send(message)
+        self._send(message, wire)
         return True
 
     def _takes_data_now(self) -> bool:
@@ -130,10 +131,10 @@ class Connection:
         if message is not None:
             self._send(message)
 
-    def _send(self, message: bytes) -> None:
+    def _send(self, message: bytes, wire: bytes | None = None) -> None:
         ws = self.ws
         if self._raw and ws.protocol.state is State.OPEN:
-            ws.transport.write(text_frame(message))
+            ws.transport.write(wire if wire is not None else text_frame(message))
         else:
             broadcast((ws,), message, text=True)
         self.last_write = time.monotonic()

@@ -7,7 +7,8 @@ from collections.abc import Callable, Iterable
 
 from tickwire.core.channels import WILDCARD, Channel, ChannelPattern
 from tickwire.server.batch import Batch
-from tickwire.server.outbox import Outbox, message_of
+from tickwire.server.frames import text_frame
+from tickwire.server.outbox import Outbox, message_of, step, unstep
 
 
 class Subscriber:
@@ -22,11 +23,12 @@ class Subscriber:
         outbox: Outbox,
         flush: Callable[[], None],
         hold_limit: int = 100_000,
-        write_now: Callable[[bytes], bool] | None = None,
+        write_now: Callable[[bytes, bytes], bool] | None = None,
     ) -> None:
         self.outbox = outbox
         self.flush = flush
-        #: Writes a message now and returns True, or writes nothing and returns False.
+        #: Writes a message now and returns True, or writes nothing and returns False. It gets
+        #: the message and the same as one final text frame (`text_frame`), built once for all.
         self.write_now = write_now
         #: Live batches of channels being caught up from history.
         self.holding: dict[Channel, list[Batch]] = {}
@@ -49,13 +51,19 @@ class Subscriber:
 
 class Group:
     """The subscribers that follow exactly the same patterns: a batch reaches all or none of
-    them, so the fan-out sorts batches once per group, not once per subscriber."""
+    them, so the fan-out sorts batches once per group, not once per subscriber.
 
-    __slots__ = ("members", "patterns")
+    Members in step with each other share one positions dict (`Outbox.share`), moved once per
+    dispatch for all of them; a member leaves it (`Outbox.own`) before anything else changes
+    its positions.
+    """
+
+    __slots__ = ("members", "patterns", "positions")
 
     def __init__(self, patterns: frozenset[ChannelPattern]) -> None:
         self.patterns = patterns
         self.members: set[Subscriber] = set()
+        self.positions: dict[Channel, tuple[str, int]] | None = None
 
 
 class Hub:
@@ -64,10 +72,12 @@ class Hub:
     Subscribers are kept in groups by their set of patterns. Per dispatch each group gets its
     batches once, and a member that is in step (nothing queued, nothing held back, every batch
     continuing exactly what it was sent) and whose connection can take data now gets one frame
-    built once for the whole group: its cost per batch is two position updates instead of the
-    outbox's queueing and unqueueing. Any other member goes through its outbox, batch by batch.
-    The bytes a member gets are the same either way. When every client follows different
-    channels, each group has one member and only the saving on the frame is lost.
+    built once for the whole group. Members in step share one positions dict, moved once per
+    dispatch for the group, so such a member costs one write and no bookkeeping (a broadcast to
+    1 000 clients: 119 → 2 ns per delivery in the hub, writes aside). Any other member goes
+    through its outbox, batch by batch. The bytes a member gets are the same either way. When
+    every client follows different channels, each group has one member and only the saving on
+    the frame is lost.
     """
 
     def __init__(self) -> None:
@@ -142,6 +152,7 @@ class Hub:
         old = self._group_of.get(sub)
         if old is not None and old.patterns == patterns:
             return
+        sub.outbox.own()
         if old is not None:
             old.members.discard(sub)
             del self._group_of[sub]
@@ -186,7 +197,7 @@ class Hub:
         """
         # One channel twice (a hole or a new epoch split it; only catch-up reads do that): the
         # outboxes sort that out, batch by batch. Checked once, not per group.
-        shared = len({b.channel for b in batches}) == len(batches)
+        distinct = len({b.channel for b in batches}) == len(batches)
         per_group: dict[Group, list[Batch]] = {}
         for batch in batches:
             for group in self.groups_of(batch.channel):
@@ -197,23 +208,50 @@ class Hub:
                     mine.append(batch)
         deliveries = 0
         for group, mine in per_group.items():
-            frame: bytes | None = None
+            frame = wire = b""
             events = 0
+            common = group.positions
+            stepped = common is not None and distinct and step(common, mine)
+            if not stepped:
+                # Whoever shared it leaves it below; a stale dict must not be joined.
+                group.positions = common = None
+            sharing = 0
             for sub in group.members:
                 outbox = sub.outbox
-                if (
-                    shared
-                    and sub.write_now is not None
-                    and not sub.holding
-                    and not outbox
-                    and outbox.step(mine)
-                ):
-                    if frame is None:
+                write_now = sub.write_now
+                was_shared = outbox.shared
+                if was_shared:
+                    # Its positions moved with `common` already: one write and it is done.
+                    fast = stepped and not outbox and not sub.holding
+                else:
+                    fast = (
+                        distinct
+                        and write_now is not None
+                        and not sub.holding
+                        and not outbox
+                        and outbox.step(mine)
+                    )
+                if fast and write_now is not None:
+                    if not frame:
                         frame = message_of([b.frame for b in mine])
+                        wire = text_frame(frame)
                         events = sum([len(b.events) for b in mine])
-                    if sub.write_now(frame):
+                    if write_now(frame, wire):
                         deliveries += events
+                        if not was_shared:
+                            positions = outbox.positions
+                            if common is None:
+                                group.positions = common = positions
+                                outbox.share(common)
+                            elif len(positions) == len(common) and positions == common:
+                                outbox.share(common)
+                        sharing += outbox.shared
                         continue
+                if was_shared:
+                    outbox.own()
+                    if stepped:
+                        unstep(outbox.positions, mine)
+                elif fast:
                     outbox.unstep(mine)
                 touched = False
                 for batch in mine:
@@ -224,6 +262,8 @@ class Hub:
                         deliveries += len(batch.events)
                 if touched:
                     sub.flush()
+            if not sharing:
+                group.positions = None
         return deliveries
 
     def broadcast_control(self, message: bytes) -> None:

@@ -44,13 +44,27 @@ class Outbox:
         self.limit_bytes = limit_bytes
         self.stats = stats or OutboxStats()
         self.nbytes = 0
-        #: (epoch, last seq queued) per channel: where the client's stream stands.
+        #: (epoch, last seq queued) per channel: where the client's stream stands. While
+        #: `shared`, the same dict as the other members of its hub group that are in step with
+        #: it (`Hub.dispatch`): read it freely, but change it only through this class.
         self.positions: dict[Channel, tuple[str, int]] = {}
+        self.shared = False
         self._control: list[bytes] = []
         self._queued: dict[Channel, list[Item]] = {}
 
     def __bool__(self) -> bool:
         return bool(self._control or self._queued)
+
+    def share(self, positions: dict[Channel, tuple[str, int]]) -> None:
+        """Take `positions`, equal to this outbox's own, as shared: it moves with the group."""
+        self.positions = positions
+        self.shared = True
+
+    def own(self) -> None:
+        """Stop sharing positions: from here on they are this outbox's own copy."""
+        if self.shared:
+            self.positions = dict(self.positions)
+            self.shared = False
 
     def control(self, message: bytes) -> None:
         """Queue a message that belongs to no channel (replies, status, heartbeat)."""
@@ -59,22 +73,30 @@ class Outbox:
 
     def expect(self, channel: Channel, epoch: str, last_seq: int) -> None:
         """Declare where the client stands on `channel` (from a resume or a snapshot)."""
+        if self.shared:
+            self.own()
         self.positions[channel] = (epoch, last_seq)
 
     def forget(self, channel: Channel) -> None:
         """The client no longer follows `channel`: drop what is queued and its position."""
+        if self.shared:
+            self.own()
         self.positions.pop(channel, None)
         for item in self._queued.pop(channel, ()):
             self.nbytes -= _size(item)
 
     def reset(self, channel: Channel, epoch: str, last_seq: int) -> None:
         """Announce a new epoch; what follows continues after `last_seq` in it."""
+        if self.shared:
+            self.own()
         self._push(channel, reset_message(channel, epoch))
         self.positions[channel] = (epoch, last_seq)
         self.stats.resets += 1
 
     def gap(self, channel: Channel, from_seq: int, to_seq: int, reason: str) -> None:
         """Announce that `from_seq..to_seq` will not be delivered."""
+        if self.shared:
+            self.own()
         items = self._queued.get(channel)
         last = items[-1] if items else None
         if isinstance(last, PendingGap) and last.to_seq + 1 == from_seq and last.reason == reason:
@@ -87,6 +109,8 @@ class Outbox:
 
     def add(self, batch: Batch) -> bool:
         """Queue a batch, keeping the invariant; False if it held nothing new for this client."""
+        if self.shared:
+            self.own()
         channel = batch.channel
         pos = self.positions.get(channel)
         if pos is not None and pos[1] + 1 == batch.first_seq and pos[0] == batch.epoch:
@@ -201,25 +225,16 @@ class Outbox:
         return message_of(parts) if parts else None
 
     def step(self, batches: list[Batch]) -> bool:
-        """For batches sent past the queue: if each is exactly the next of its channel here
-        (channels distinct), move every position past it; if not, change nothing, return False.
-        """
-        positions = self.positions
-        for batch in batches:
-            pos = positions.get(batch.channel)
-            if pos is None or pos[1] + 1 != batch.first_seq or pos[0] != batch.epoch:
-                self.unstep(batches, until=batch)
-                return False
-            positions[batch.channel] = (pos[0], batch.last_seq)
-        return True
+        """For batches sent past the queue: see `step`."""
+        if self.shared:
+            self.own()
+        return step(self.positions, batches)
 
-    def unstep(self, batches: list[Batch], until: Batch | None = None) -> None:
-        """Undo `step` (up to the batch `until`): the batches were not sent after all."""
-        positions = self.positions
-        for batch in batches:
-            if batch is until:
-                return
-            positions[batch.channel] = (batch.epoch, batch.first_seq - 1)
+    def unstep(self, batches: list[Batch]) -> None:
+        """Undo `step`: the batches were not sent after all."""
+        if self.shared:
+            self.own()
+        unstep(self.positions, batches)
 
     def _push(self, channel: Channel, item: Item) -> None:
         items = self._queued.get(channel)
@@ -228,6 +243,30 @@ class Outbox:
         else:
             items.append(item)
         self.nbytes += _size(item)
+
+
+def step(positions: dict[Channel, tuple[str, int]], batches: list[Batch]) -> bool:
+    """If each batch is exactly the next of its channel in `positions`, or its first events
+    (as `Outbox.add` takes them: nothing before is owed), move every position past it; if not,
+    change nothing that matters and return False. Channels must be distinct."""
+    for batch in batches:
+        pos = positions.get(batch.channel)
+        if pos is not None and (pos[1] + 1 != batch.first_seq or pos[0] != batch.epoch):
+            unstep(positions, batches, until=batch)
+            return False
+        positions[batch.channel] = (batch.epoch, batch.last_seq)
+    return True
+
+
+def unstep(
+    positions: dict[Channel, tuple[str, int]], batches: list[Batch], until: Batch | None = None
+) -> None:
+    """Undo `step` (up to the batch `until`). A channel `step` saw first is left just before
+    its batch, which `Outbox.add` treats as it would no position at all."""
+    for batch in batches:
+        if batch is until:
+            return
+        positions[batch.channel] = (batch.epoch, batch.first_seq - 1)
 
 
 def message_of(parts: list[bytes]) -> bytes:

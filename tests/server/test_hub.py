@@ -11,6 +11,7 @@ from tests.server.test_outbox import Q, T, batch, seqs
 from tickwire.bench.invariant import InvariantChecker
 from tickwire.core.channels import Channel, ChannelPattern
 from tickwire.server.batch import Batch
+from tickwire.server.frames import text_frame
 from tickwire.server.hub import Hub, Subscriber
 from tickwire.server.outbox import Outbox
 
@@ -29,7 +30,8 @@ class Client:
         hub.attach(self.sub)
         hub.subscribe(self.sub, *(ChannelPattern.parse(p) for p in patterns))
 
-    def write_now(self, message: bytes) -> bool:
+    def write_now(self, message: bytes, wire: bytes) -> bool:
+        assert wire == text_frame(message)
         if self.room:
             self.frames.append(message)
         return self.room
@@ -90,7 +92,8 @@ def test_a_client_out_of_step_or_without_room_takes_the_outbox_path() -> None:
         client.frames.clear()
     b.outbox.control(b'{"type":"pong","id":1,"ts":0}')  # something queued already
     c.room = False  # its socket is full: nothing is written, the outbox keeps it
-    d.outbox.positions[T] = ("e1", 0)  # behind: seqs 1-2 again would be duplicates
+    d.outbox.expect(T, "e1", 0)  # behind: seqs 1-2 again would be duplicates
+    assert a.outbox.positions[T] == ("e1", 2)  # d's positions are its own from here on
     hub.dispatch([batch(T, 3, 2)])
     assert seqs(a.messages()) == [3, 4]
     assert [m["type"] for m in b.messages()] == ["pong", "events"]
@@ -100,6 +103,47 @@ def test_a_client_out_of_step_or_without_room_takes_the_outbox_path() -> None:
     assert seqs(c.messages()) == [3, 4]
     # The outbox saw 3 follow 0 and announced the hole: what the invariant asks for.
     assert [(m["type"], m.get("from_seq")) for m in d.messages()] == [("gap", 1), ("events", None)]
+
+
+def test_members_in_step_share_their_positions_until_one_falls_out_of_step() -> None:
+    hub = Hub()
+    a, b, c = (Client(hub, "trades:*") for _ in range(3))
+    hub.dispatch([batch(T, 1, 1), batch(E, 1, 1)])  # first events: nothing before is owed
+    (group,) = hub.groups_of(T)
+    assert all(x.outbox.shared and x.outbox.positions is group.positions for x in (a, b, c))
+    hub.dispatch([batch(T, 2, 2)])
+    assert group.positions == {T: ("e1", 3), E: ("e1", 1)}
+    assert all(len(x.frames) == 2 for x in (a, b, c))
+    c.room = False  # c leaves the shared dict, at where it stood before the batch it missed
+    hub.dispatch([batch(E, 2, 1)])
+    assert not c.outbox.shared and c.outbox.positions[E] == ("e1", 2)
+    assert c.outbox.positions is not group.positions and len(c.frames) == 2
+    c.room = True
+    c.flush()
+    hub.dispatch([batch(T, 4, 1)])  # in step again: c joins the others
+    assert c.outbox.positions is group.positions and a.outbox.positions is group.positions
+    hub.unsubscribe(b.sub, ChannelPattern.parse("trades:*"))
+    hub.subscribe(b.sub, ChannelPattern.parse("trades:BTC-USD"))
+    assert not b.outbox.shared and b.outbox.positions is not group.positions
+    hub.dispatch([batch(T, 5, 1), batch(E, 3, 1)])
+    assert group.positions == {T: ("e1", 5), E: ("e1", 3)}
+    assert b.outbox.positions == {T: ("e1", 5), E: ("e1", 2)}  # E no longer reaches b
+    for x in (a, b, c):
+        checker = InvariantChecker()
+        for message in x.messages():
+            checker.feed(message)
+        assert checker.ok and checker.gap_events == 0
+
+
+def test_a_member_in_step_on_some_channels_only_keeps_its_own_positions() -> None:
+    hub = Hub()
+    a, b = Client(hub, "trades:*"), Client(hub, "trades:*")
+    hub.dispatch([batch(T, 1, 1), batch(E, 1, 1)])
+    b.outbox.expect(E, "e0", 5)  # b resumed E in an older epoch
+    hub.dispatch([batch(T, 2, 1)])  # b is in step on T, but not on E
+    assert a.outbox.shared and not b.outbox.shared
+    hub.dispatch([batch(E, 2, 1)])
+    assert [m["type"] for m in b.messages()][-2:] == ["reset", "events"]
 
 
 def test_held_channels_and_a_channel_twice_in_one_dispatch_go_through_the_outbox() -> None:
@@ -134,6 +178,13 @@ def test_random_dispatches_keep_every_client_gapless_on_both_paths() -> None:
             batches.append(batch(channel, next_seq[channel], n))
             next_seq[channel] += n
         hub.dispatch(batches)
+        for client in clients:
+            outbox = client.outbox
+            if outbox.shared:
+                (group,) = {
+                    g for c in channels for g in hub.groups_of(c) if client.sub in g.members
+                }
+                assert outbox.positions is group.positions
     for client in clients:
         client.room = True
         client.flush()
