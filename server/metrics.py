@@ -69,6 +69,9 @@ class Metrics:
     catchup_reads: int = 0
     #: Messages on the live channel that are not an append's push (ignored).
     bad_pushes: int = 0
+    #: The reader's pauses after costly fan-outs (`ServerConfig.fanout_pause_ratio`).
+    fanout_pauses: int = 0
+    fanout_pause_seconds: float = 0.0
     read_lag_seconds: float = 0.0
     outbox: OutboxStats = field(default_factory=OutboxStats)
     latency: Histogram = field(default_factory=Histogram)
@@ -137,6 +140,18 @@ class Metrics:
             "counter",
             self.bad_pushes,
             "Messages on the live channel that are not an append's push (ignored).",
+        )
+        emit(
+            "fanout_pauses_total",
+            "counter",
+            self.fanout_pauses,
+            "Pauses of the reader after a fan-out that cost more than fanout_pause_after_ms.",
+        )
+        emit(
+            "fanout_pause_seconds_total",
+            "counter",
+            self.fanout_pause_seconds,
+            "Time the reader paused after costly fan-outs, so that frames carry more events.",
         )
         emit(
             "read_lag_seconds",

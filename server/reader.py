@@ -129,6 +129,24 @@ def next_count(previous: int, full: bool, streams: int, read_count: int) -> int:
     return max(floor, previous // 2)
 
 
+def fanout_pause(cost_s: float, idle_s: float, config: ServerConfig) -> float:
+    """Seconds the reader waits after a fan-out that cost `cost_s` of CPU, `idle_s` after the
+    previous one (and its pause) ended.
+
+    A fan-out costs about one socket write per subscriber, whatever the frame carries. When the
+    fan-outs keep the server busy, reading again at once after one makes the next frames small
+    and the writes per event many: the server spends its CPU on writes while its clients (which
+    share the machine in the bench) fall behind. Waiting about as long as the fan-out took lets
+    events gather, so each write carries more, at a latency of about one more fan-out. A
+    server with time to spare (`fanout_pause_busy`) does not wait.
+    """
+    if cost_s * 1000 <= config.fanout_pause_after_ms:
+        return 0.0
+    if cost_s < config.fanout_pause_busy * (cost_s + idle_s):
+        return 0.0
+    return min(cost_s * config.fanout_pause_ratio, config.fanout_pause_max_ms / 1000)
+
+
 class StreamReader:
     def __init__(
         self,
@@ -139,8 +157,18 @@ class StreamReader:
         *,
         on_status: Callable[[bool], None],
         clock_ns: Callable[[], int] = time.time_ns,
+        cpu_clock: Callable[[], float] = time.thread_time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
+        #: CPU seconds used so far (a fan-out's cost is its CPU time, not its wall time: a
+        #: fan-out the scheduler preempted was not costly).
+        self.cpu_clock = cpu_clock
+        self.monotonic = monotonic
+        #: Seconds to wait before the next read (`fanout_pause`), and when the last fan-out
+        #: (or the pause after it) ended.
+        self._pause = 0.0
+        self._ready_at = 0.0
         self.hub = hub
         self.metrics = metrics
         self.history = history
@@ -279,6 +307,12 @@ class StreamReader:
         #: When a PING went out on the idle subscription (0: none owed).
         ping_at = 0.0
         while True:
+            if self._pause:
+                pause, self._pause = self._pause, 0.0
+                self.metrics.fanout_pauses += 1
+                self.metrics.fanout_pause_seconds += pause
+                await asyncio.sleep(pause)
+                self._ready_at = self.monotonic()
             if self.hub.changed.is_set() or self._recheck:
                 self.hub.changed.clear()
                 await self._sync_channels()
@@ -422,7 +456,12 @@ class StreamReader:
             return
         n = sum(len(b.events) for b in batches)
         self.metrics.events_read += n
+        start, cpu = self.monotonic(), self.cpu_clock()
         deliveries = self.hub.dispatch(batches)
+        cost = self.cpu_clock() - cpu
+        pause = fanout_pause(cost, start - self._ready_at, self.config)
+        self._pause = max(self._pause, pause)
+        self._ready_at = self.monotonic()
         self.metrics.deliveries += deliveries
         now = self.clock_ns()
         if deliveries:

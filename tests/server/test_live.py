@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 
@@ -53,6 +54,31 @@ async def test_a_killed_subscription_loses_nothing_the_streams_kept(
     assert c.checker.ok, c.checker.violations
     assert [e["seq"] for e in c.events(T.name)] == list(range(1, 171))
     assert [e["trade_id"] for e in c.events(T.name)] == list(range(170))
+
+
+async def test_pauses_after_every_fan_out_still_deliver_everything_in_order(
+    redis_server: RedisProcess, redis: RedisConnection
+) -> None:
+    # Every fan-out counts as costly: the reader pauses ten times as long after each one.
+    cfg = replace(
+        server_config(redis_server),
+        fanout_pause_after_ms=0,
+        fanout_pause_busy=0,
+        fanout_pause_ratio=10,
+    )
+    async with (
+        TickwireServer(cfg) as srv,
+        recorder(srv.url) as c,
+        Publisher(PublisherConfig(redis_url=redis_server.url)) as pub,
+    ):
+        await c.request("subscribe", channels=[T.name, E.name])
+        for i in range(40):
+            await pub.publish({T: trades_of(T, 5 * i, 5), E: trades_of(E, 3 * i, 3)})
+        await c.wait_until(lambda: c.last_seq(T.name) == 200 and c.last_seq(E.name) == 120)
+        assert [e["seq"] for e in c.events(T.name)] == list(range(1, 201))
+        assert [e["seq"] for e in c.events(E.name)] == list(range(1, 121))
+        assert c.checker.ok, c.checker.violations
+        assert srv.metrics.fanout_pauses > 0 and srv.metrics.fanout_pause_seconds > 0
 
 
 async def test_an_append_that_is_not_pushed_still_arrives(

@@ -7,7 +7,7 @@ from tickwire.core.config import ServerConfig
 from tickwire.server.batch import Batch
 from tickwire.server.hub import Hub
 from tickwire.server.metrics import Metrics
-from tickwire.server.reader import History, StreamReader, next_count
+from tickwire.server.reader import History, StreamReader, fanout_pause, next_count
 
 
 def test_count_splits_the_reply_budget_over_streams_and_grows_while_a_stream_fills_it() -> None:
@@ -24,6 +24,40 @@ def test_count_splits_the_reply_budget_over_streams_and_grows_while_a_stream_fil
     assert next_count(20, False, 200, 1000) == 16
     # A read_count below the floor: the floor is both the start and the cap.
     assert next_count(0, False, 200, 10) == next_count(16, True, 200, 10) == 16
+
+
+def test_a_costly_fan_out_of_a_busy_server_pauses_the_reader_about_as_long_capped() -> None:
+    cfg = ServerConfig()  # ratio 1, after 2 ms, busy half the time or more, at most 100 ms
+    assert fanout_pause(0.004, 0.0, cfg) == 0.004
+    assert fanout_pause(0.004, 0.004, cfg) == 0.004  # busy half the time
+    assert fanout_pause(0.5, 0.0, cfg) == 0.1
+    assert fanout_pause(0.0015, 0.0, cfg) == 0.0  # cheap
+    assert fanout_pause(0.004, 0.005, cfg) == 0.0  # the server had time to spare
+    assert fanout_pause(0.004, 0.0, ServerConfig(fanout_pause_ratio=0.5)) == 0.002
+    assert fanout_pause(0.5, 0.0, ServerConfig(fanout_pause_ratio=0)) == 0.0
+
+
+def test_the_pause_follows_the_fan_outs_cpu_time_and_the_idle_time_before_it() -> None:
+    cpu = iter([1.0, 1.003, 2.0, 2.001, 3.0, 3.003])  # before and after each dispatch
+    wall = iter([10.0, 10.004, 10.004, 10.005, 10.1, 10.104])  # start and end of each
+    r = StreamReader(
+        ServerConfig(),
+        Hub(),
+        Metrics(),
+        History("redis://127.0.0.1:1"),
+        on_status=lambda up: None,
+        cpu_clock=lambda: next(cpu),
+        monotonic=lambda: next(wall),
+    )
+    batch = [Batch(Channel.parse("trades:BTC-USD"), "e1", 1, [b'{"seq":1}'])]
+    r._ready_at = 10.0  # the previous fan-out ended as this one started: busy
+    r._fanout(batch, 0)
+    assert abs(r._pause - 0.003) < 1e-9
+    r._fanout(batch, 0)  # a cheap one before the pause is taken keeps it owed
+    assert abs(r._pause - 0.003) < 1e-9
+    r._pause = 0.0
+    r._fanout(batch, 0)  # 95 ms idle before it: the server had time to spare
+    assert r._pause == 0.0
 
 
 # -- live pushes (sans-I/O: the reader's rules for what a push may deliver) ----------------------

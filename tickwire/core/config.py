@@ -121,6 +121,14 @@ class ServerConfig:
     read_count: int = 1000
     read_block_ms: int = 100
     registry_poll_s: float = 0.25
+    # After a fan-out that cost more than `fanout_pause_after_ms` of CPU and at least
+    # `fanout_pause_busy` of the time since the previous one, the reader waits
+    # `fanout_pause_ratio` times as long (at most `fanout_pause_max_ms`) before the next: frames
+    # then carry more events each, and a write costs the same whatever it carries. 0: no pause.
+    fanout_pause_ratio: float = 1.0
+    fanout_pause_after_ms: float = 2.0
+    fanout_pause_max_ms: float = 100.0
+    fanout_pause_busy: float = 0.5
     # Timeouts
     open_timeout_s: float = 10.0
     ping_interval_s: float = 20.0
@@ -179,6 +187,11 @@ def _check(cfg: ServerConfig) -> None:
     for name in ("max_connections", "max_connections_per_ip"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be 0 (no cap) or positive")
+    for name in ("fanout_pause_ratio", "fanout_pause_after_ms", "fanout_pause_max_ms"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must not be negative")
+    if not 0 <= cfg.fanout_pause_busy <= 1:
+        raise ConfigError("fanout_pause_busy must be between 0 and 1")
     if cfg.limits.max_lifetime_s < 0 or cfg.limits.lifetime_notice_s < 0:
         raise ConfigError("max_lifetime_s and lifetime_notice_s must not be negative")
     if cfg.auth.timeout_s <= 0:
