@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from itertools import pairwise
 from typing import Any
 
 import orjson
@@ -144,6 +145,63 @@ def test_a_member_in_step_on_some_channels_only_keeps_its_own_positions() -> Non
     assert a.outbox.shared and not b.outbox.shared
     hub.dispatch([batch(E, 2, 1)])
     assert [m["type"] for m in b.messages()][-2:] == ["reset", "events"]
+
+
+def test_random_dispatches_with_clients_moving_between_groups_keep_the_invariant() -> None:
+    """Subscribes, unsubscribes, resumes and full sockets between dispatches: a client that
+    leaves a group, or whose positions change, must never move the others' shared positions."""
+    rng = random.Random(11)
+    channels = [T, Q, E]
+    names = [c.name for c in channels]
+    hub = Hub()
+    clients = [Client(hub, *rng.sample(names, rng.randint(1, 3))) for _ in range(10)]
+    followed = {id(c): set(hub.patterns_of(c.sub)) for c in clients}
+    #: Per client and channel: subscriptions to it after the first (each may start a new run).
+    again: dict[tuple[int, str], int] = {}
+    next_seq = dict.fromkeys(channels, 1)
+    for _ in range(300):
+        for client in clients:
+            client.room = rng.random() > 0.15
+            if client.room:
+                client.flush()
+            roll = rng.random()
+            if roll < 0.05:
+                # Subscribe to one more channel: its first events start it, nothing is owed.
+                name = rng.choice(names)
+                if ChannelPattern.parse(name) not in hub.patterns_of(client.sub):
+                    again[id(client), name] = again.get((id(client), name), 0) + 1
+                hub.subscribe(client.sub, ChannelPattern.parse(name))
+            elif roll < 0.08 and len(hub.patterns_of(client.sub)) > 1:
+                gone = rng.choice(sorted(hub.patterns_of(client.sub), key=str))
+                hub.unsubscribe(client.sub, gone)
+                client.outbox.forget(gone.as_channel())
+            followed[id(client)] = set(hub.patterns_of(client.sub))
+        batches: list[Batch] = []
+        for channel in rng.sample(channels, rng.randint(1, 3)):
+            n = rng.randint(1, 3)
+            batches.append(batch(channel, next_seq[channel], n))
+            next_seq[channel] += n
+        hub.dispatch(batches)
+        for client in clients:
+            if client.outbox.shared:
+                groups = {g for c in channels for g in hub.groups_of(c) if client.sub in g.members}
+                assert [g.positions for g in groups] == [client.outbox.positions]
+                assert next(iter(groups)).positions is client.outbox.positions
+    for client in clients:
+        client.room = True
+        client.flush()
+        # Per channel, what it got since it last started following it runs on without a hole.
+        per_channel: dict[str, list[int]] = {}
+        for m in client.messages():
+            assert m["type"] == "events", m
+            per_channel.setdefault(m["ch"], []).extend(e["seq"] for e in m["events"])
+        for name, got in per_channel.items():
+            assert got == sorted(set(got)), f"{name}: out of order or twice"
+            jumps = sum(1 for a, b in pairwise(got) if b != a + 1)
+            assert jumps <= again.get((id(client), name), 0), (name, got)
+        for channel in channels:
+            if ChannelPattern.parse(channel.name) in followed[id(client)]:
+                assert per_channel[channel.name][-1] == next_seq[channel] - 1
 
 
 def test_held_channels_and_a_channel_twice_in_one_dispatch_go_through_the_outbox() -> None:
