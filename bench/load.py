@@ -21,7 +21,7 @@ import numpy as np
 import orjson
 
 from tickwire.bench.invariant import InvariantChecker
-from tickwire.bench.sink import SinkProtocol, connect_sink
+from tickwire.bench.sink import EventCounter, SinkProtocol, connect_sink
 from tickwire.core.runtime import tune_gc
 
 
@@ -65,6 +65,8 @@ class Load:
         self.measure_from = [2**62]
         self.tasks: list[asyncio.Task[None]] = []
         self._mark: dict[str, int] = {}
+        #: One for every sink of the process: in a broadcast they all get the same frames.
+        self.counter = EventCounter()
 
     async def open(self) -> None:
         connected = [asyncio.Event() for _ in self.plan]
@@ -79,7 +81,7 @@ class Load:
         stats = self.stats[i]
         handler = checking(stats, self.measure_from) if stats.sampled else None
         try:
-            sink = await connect_sink(self.url, msg, handler)
+            sink = await connect_sink(self.url, msg, handler, self.counter)
         except (OSError, TimeoutError) as exc:
             stats.error = f"{type(exc).__name__}: {exc}"
             return

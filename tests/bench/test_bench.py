@@ -12,7 +12,7 @@ import orjson
 
 from tickwire.bench.e2e import Scenario, Step, breach, median_step
 from tickwire.bench.invariant import InvariantChecker
-from tickwire.bench.sink import SinkProtocol
+from tickwire.bench.sink import EventCounter, SinkProtocol, count_events
 from tickwire.bench.stats import histogram_quantile, latency_summary, ratio, server_share, table
 from tickwire.server.metrics import Metrics
 
@@ -213,9 +213,12 @@ async def test_sink_counts_frames_bytes_and_events_across_any_split_and_answers_
         ]
     )
     payloads = [*events, b"x" * 70_000]
-    for split in (1, 2, 7, 100, 4096, len(stream)):
+    shared = EventCounter(min_bytes=0)  # remembers whole payloads across the sinks below
+    for split, counter in [(n, shared) for n in (1, 2, 7, 100, 4096, len(stream))] + [
+        (len(stream), count_events)
+    ]:
         got: list[bytes] = []
-        sink = SinkProtocol("h", "/ws", b'{"op":"subscribe"}', keeper(got))
+        sink = SinkProtocol("h", "/ws", b'{"op":"subscribe"}', keeper(got), counter)
         t = FakeTransport()
         sink.connection_made(t)  # type: ignore[arg-type]
         sink.data_received(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
@@ -228,3 +231,19 @@ async def test_sink_counts_frames_bytes_and_events_across_any_split_and_answers_
         assert unmask(t.written[2]) == (0xA, b"hi")
         sink.data_received(server_frame(0x8, (4008).to_bytes(2, "big") + b"slow"))
         assert sink.close_code == 4008 and t.closed
+
+
+def test_the_event_counter_is_exact_whether_payloads_repeat_or_not() -> None:
+    def payload(i: int, k: int) -> bytes:
+        return b'{"type":"events","ch":"t:%d","events":[%s]}' % (
+            i,
+            b",".join(b'{"seq":%d}' % j for j in range(k)),
+        )
+
+    counter = EventCounter(capacity=8, min_bytes=0)
+    # A broadcast: the same frames again and again; then frames that never repeat, past the
+    # point where it stops looking them up; then repeats again.
+    frames = [payload(i % 5, i % 5 + 1) for i in range(3000)]
+    frames += [payload(i, i % 7) for i in range(3000)]
+    frames += [payload(i % 3, 2) for i in range(3000)]
+    assert [counter(f) for f in frames] == [f.count(b'"seq":') for f in frames]
