@@ -35,10 +35,15 @@ class EventCounter:
     repeat (each client on channels of its own) it stops looking them up for a while.
     """
 
-    def __init__(self, capacity: int = 512, min_bytes: int = 2048) -> None:
+    def __init__(
+        self, capacity: int = 512, min_bytes: int = 2048, max_bytes: int = 32 << 20
+    ) -> None:
         self.capacity = capacity
         self.min_bytes = min_bytes  # smaller payloads are scanned: cheaper than a lookup
+        self.max_bytes = max_bytes  # what the remembered payloads may hold in all
         self._seen: dict[bytes, int] = {}
+        self._held = 0
+        self.hits = 0  # payloads counted by a lookup, in all
         self._lookups = 0
         self._hits = 0
         self._skip_lookups = 0
@@ -52,11 +57,14 @@ class EventCounter:
         n = self._seen.get(payload)
         if n is None:
             n = payload.count(MARKER)
-            if len(self._seen) >= self.capacity:
+            if len(self._seen) >= self.capacity or self._held + len(payload) > self.max_bytes:
                 self._seen.clear()
+                self._held = 0
             self._seen[payload] = n
+            self._held += len(payload)
         else:
             self._hits += 1
+            self.hits += 1
         self._lookups += 1
         if self._lookups == 1024:
             if self._hits < 256:  # a lookup that seldom hits costs more than it saves

@@ -240,10 +240,16 @@ def test_the_event_counter_is_exact_whether_payloads_repeat_or_not() -> None:
             b",".join(b'{"seq":%d}' % j for j in range(k)),
         )
 
-    counter = EventCounter(capacity=8, min_bytes=0)
-    # A broadcast: the same frames again and again; then frames that never repeat, past the
-    # point where it stops looking them up; then repeats again.
-    frames = [payload(i % 5, i % 5 + 1) for i in range(3000)]
-    frames += [payload(i, i % 7) for i in range(3000)]
-    frames += [payload(i % 3, 2) for i in range(3000)]
-    assert [counter(f) for f in frames] == [f.count(b'"seq":') for f in frames]
+    counter = EventCounter(capacity=64, min_bytes=0, max_bytes=1000)
+    # A broadcast: the same frames again and again; then frames that never repeat (past the
+    # byte bound, and past the point where it stops looking them up); then repeats again.
+    phases = [
+        [payload(i % 5, i % 5 + 1) for i in range(3000)],
+        [payload(i, i % 7) for i in range(3000)],
+        [payload(i % 3, 2) for i in range(12_000)],
+    ]
+    hits = []
+    for frames in phases:
+        assert [counter(f) for f in frames] == [f.count(b'"seq":') for f in frames]
+        hits.append(counter.hits)
+    assert hits[0] > 2900 and hits[1] - hits[0] < 100 and hits[2] - hits[1] > 2900
