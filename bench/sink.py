@@ -44,8 +44,9 @@ class EventCounter:
         self._seen: dict[bytes, int] = {}
         self._held = 0
         self.hits = 0  # payloads counted by a lookup, in all
-        self._lookups = 0
-        self._hits = 0
+        #: Lookups and hits since the last check of whether lookups pay.
+        self._window_lookups = 0
+        self._window_hits = 0
         self._skip_lookups = 0
 
     def __call__(self, payload: bytes) -> int:
@@ -63,13 +64,13 @@ class EventCounter:
             self._seen[payload] = n
             self._held += len(payload)
         else:
-            self._hits += 1
+            self._window_hits += 1
             self.hits += 1
-        self._lookups += 1
-        if self._lookups == 1024:
-            if self._hits < 256:  # a lookup that seldom hits costs more than it saves
+        self._window_lookups += 1
+        if self._window_lookups == 1024:
+            if self._window_hits < 256:  # a lookup that seldom hits costs more than it saves
                 self._skip_lookups = 8192
-            self._lookups = self._hits = 0
+            self._window_lookups = self._window_hits = 0
         return n
 
 
