@@ -51,6 +51,27 @@ class Client:
         return out
 
 
+def random_batches(
+    rng: random.Random, channels: list[Channel], next_seq: dict[Channel, int], most: int
+) -> list[Batch]:
+    """Batches of 1 to `most` events on some of `channels`, each continuing `next_seq`."""
+    batches: list[Batch] = []
+    for channel in rng.sample(channels, rng.randint(1, len(channels))):
+        n = rng.randint(1, most)
+        batches.append(batch(channel, next_seq[channel], n))
+        next_seq[channel] += n
+    return batches
+
+
+def assert_sharers_hold_their_groups_positions(
+    hub: Hub, clients: list[Client], channels: list[Channel]
+) -> None:
+    for client in clients:
+        if client.outbox.shared:
+            (group,) = {g for c in channels for g in hub.groups_of(c) if client.sub in g.members}
+            assert client.outbox.positions is group.positions
+
+
 def test_subscribers_with_the_same_patterns_share_a_group_and_move_when_theirs_change() -> None:
     hub = Hub()
     a, b = Client(hub, "trades:BTC-USD", "quotes:*"), Client(hub, "quotes:*", "trades:BTC-USD")
@@ -176,17 +197,8 @@ def test_random_dispatches_with_clients_moving_between_groups_keep_the_invariant
                 hub.unsubscribe(client.sub, gone)
                 client.outbox.forget(gone.as_channel())
             followed[id(client)] = set(hub.patterns_of(client.sub))
-        batches: list[Batch] = []
-        for channel in rng.sample(channels, rng.randint(1, 3)):
-            n = rng.randint(1, 3)
-            batches.append(batch(channel, next_seq[channel], n))
-            next_seq[channel] += n
-        hub.dispatch(batches)
-        for client in clients:
-            if client.outbox.shared:
-                groups = {g for c in channels for g in hub.groups_of(c) if client.sub in g.members}
-                assert [g.positions for g in groups] == [client.outbox.positions]
-                assert next(iter(groups)).positions is client.outbox.positions
+        hub.dispatch(random_batches(rng, channels, next_seq, most=3))
+        assert_sharers_hold_their_groups_positions(hub, clients, channels)
     for client in clients:
         client.room = True
         client.flush()
@@ -230,19 +242,8 @@ def test_random_dispatches_keep_every_client_gapless_on_both_paths() -> None:
             client.room = rng.random() > 0.2
             if client.room:
                 client.flush()  # a full socket drains later
-        batches: list[Batch] = []
-        for channel in rng.sample(channels, rng.randint(1, 3)):
-            n = rng.randint(1, 4)
-            batches.append(batch(channel, next_seq[channel], n))
-            next_seq[channel] += n
-        hub.dispatch(batches)
-        for client in clients:
-            outbox = client.outbox
-            if outbox.shared:
-                (group,) = {
-                    g for c in channels for g in hub.groups_of(c) if client.sub in g.members
-                }
-                assert outbox.positions is group.positions
+        hub.dispatch(random_batches(rng, channels, next_seq, most=4))
+        assert_sharers_hold_their_groups_positions(hub, clients, channels)
     for client in clients:
         client.room = True
         client.flush()

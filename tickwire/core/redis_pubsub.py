@@ -51,8 +51,8 @@ class _Pushes(asyncio.Protocol):
         self.wake()
 
     def wake(self) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(True)
+        if self.waiter is not None:
+            _resolve(self.waiter, True)
 
 
 def _resolve(waiter: asyncio.Future[bool], result: bool) -> None:
