@@ -27,7 +27,8 @@ def _redis_arg(p: argparse.ArgumentParser) -> None:
         "--redis",
         default=None,
         metavar="URL",
-        help=f"Redis URL (default: $REDIS_URL or {DEFAULT_REDIS_URL})",
+        help=f"Redis URL: redis://host:port/db or unix:///path/redis.sock?db=N "
+        f"(default: $REDIS_URL or {DEFAULT_REDIS_URL})",
     )
 
 

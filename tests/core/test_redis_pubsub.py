@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import eventually
-from tickwire.core.errors import RedisUnavailable
+from tickwire.core.errors import ConfigError, RedisUnavailable
 from tickwire.core.redis_process import RedisProcess
 from tickwire.core.redis_pubsub import RedisSubscription
-from tickwire.core.redis_wire import RedisConnection
+from tickwire.core.redis_wire import RedisAddress, RedisConnection
 
 CH = "tw:live:test"
 
@@ -136,3 +137,59 @@ async def test_password_and_acl_user_from_the_url(fresh_redis: RedisProcess) -> 
     ):
         with pytest.raises(RedisUnavailable, match="refused"):
             await opener()
+
+
+async def test_a_unix_socket_url_reaches_the_same_redis_with_its_db_and_password(
+    fresh_redis: RedisProcess,
+) -> None:
+    admin = await RedisConnection.open(fresh_redis.url)
+    await admin.execute("CONFIG", "SET", "requirepass", "s3cret")
+    url = f"unix://:s3cret@{fresh_redis.socket_path}?db=3"
+    sub = await RedisSubscription.open(url, [CH])
+    conn = await RedisConnection.open(url)
+    try:
+        await conn.execute("SET", "k", "over the socket")
+        assert await conn.execute("PUBLISH", CH, b"hi") == 1
+        assert await take_until(sub, 1) == [b"hi"]
+        await admin.execute("AUTH", "s3cret")
+        await admin.execute("SELECT", 3)
+        assert await admin.execute("GET", "k") == b"over the socket"
+        with pytest.raises(RedisUnavailable, match="refused"):
+            await RedisConnection.open(f"unix://:wrong@{fresh_redis.socket_path}")
+    finally:
+        sub.close()
+        conn.close()
+        admin.close()
+
+
+async def test_a_missing_unix_socket_is_a_clear_error(tmp_path: Path) -> None:
+    url = f"unix://{tmp_path / 'none.sock'}"
+    with pytest.raises(RedisUnavailable, match=r"cannot connect to unix://.*none\.sock\?db=0"):
+        await RedisConnection.open(url)
+    with pytest.raises(RedisUnavailable, match="cannot connect"):
+        await RedisSubscription.open(url, [CH])
+
+
+@pytest.mark.parametrize(
+    ("url", "address"),
+    [
+        ("redis://127.0.0.1:6380/2", RedisAddress("127.0.0.1", 6380, 2)),
+        ("redis://u:p%40ss@h", RedisAddress("h", 6379, 0, "u", "p@ss")),
+        ("unix:///run/redis.sock", RedisAddress("127.0.0.1", 0, 0, path="/run/redis.sock")),
+        (
+            "unix://:pw@/run/redis.sock?db=4",
+            RedisAddress("127.0.0.1", 0, 4, password="pw", path="/run/redis.sock"),
+        ),
+    ],
+)
+def test_redis_urls_parse(url: str, address: RedisAddress) -> None:
+    assert RedisAddress.parse(url) == address
+    assert "p@ss" not in str(address) and "pw" not in str(address)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://h:1/0", "redis://h:1/x", "unix://", "unix:///run/redis.sock?db=x"]
+)
+def test_bad_redis_urls_are_config_errors(url: str) -> None:
+    with pytest.raises(ConfigError, match="Redis URL"):
+        RedisAddress.parse(url)

@@ -59,6 +59,15 @@ class RedisProcess:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def socket_path(self) -> Path:
+        return self.data_dir / "redis.sock"
+
+    @property
+    def unix_url(self) -> str:
+        """The same Redis over its Unix socket (cheaper per round trip than `url`)."""
+        return f"unix://{self.socket_path}?db=0"
+
     def start(self, timeout: float = 10.0) -> RedisProcess:
         exe = ensure_redis_server()
         args = [
@@ -67,6 +76,10 @@ class RedisProcess:
             str(self.port),
             "--bind",
             "127.0.0.1",
+            "--unixsocket",
+            str(self.socket_path),
+            "--unixsocketperm",
+            "700",
             "--dir",
             str(self.data_dir),
             "--save",

@@ -82,14 +82,7 @@ class RedisSubscription:
         """Connect, authenticate and subscribe; returns once Redis has confirmed every channel,
         so anything published from then on will arrive."""
         addr = url if isinstance(url, RedisAddress) else RedisAddress.parse(url)
-        loop = asyncio.get_running_loop()
-        try:
-            transport, protocol = await asyncio.wait_for(
-                loop.create_connection(lambda: _Pushes(max_buffer), addr.host, addr.port),
-                timeout,
-            )
-        except (OSError, TimeoutError) as exc:
-            raise RedisUnavailable(f"cannot connect to {addr}: {exc or 'timeout'}") from None
+        transport, protocol = await addr.connect(lambda: _Pushes(max_buffer), timeout)
         sub = cls(transport, protocol)
         try:
             auth = addr.auth_command()
