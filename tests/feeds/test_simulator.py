@@ -105,6 +105,68 @@ async def test_paced_events_go_out_when_due_never_early_and_at_most_a_tick_late(
     assert len(released) > 0.9 * 0.5 * 10_000
 
 
+async def test_a_slow_consumer_still_gets_one_slice_per_tick_not_back_to_back() -> None:
+    now = [0.0]
+
+    async def fake_sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    sim = make_sim(rate=10_000)
+    tick, work = 0.001, 0.0007  # each slice takes the consumer 0.7 ms to publish
+    starts: list[float] = []
+    released: list[int] = []
+    async for chunk in paced_chunks(
+        sim, duration=0.5, monotonic=lambda: now[0], sleep=fake_sleep, tick_s=tick
+    ):
+        due = (chunk.ts - sim.start_ns) / 1e9
+        assert due.max() <= now[0], "an event went out before its time"
+        assert now[0] - due.min() <= tick + work + 1e-9, "an event waited past the tick and work"
+        starts.append(now[0])
+        released += chunk.ts.tolist()
+        now[0] += work
+    assert min(np.diff(starts)) >= tick - 1e-9, "slices went out back to back"
+    again = make_sim(rate=10_000)
+    expected = np.concatenate([again.next_chunk().ts for _ in range(len(released) // 50 + 2)])
+    assert released == expected[: len(released)].tolist()
+    assert len(released) > 0.9 * 0.5 * 10_000
+
+
+async def test_a_consumer_slower_than_a_tick_gets_the_next_slice_at_once() -> None:
+    now = [0.0]
+    slept: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    sim = make_sim(rate=10_000)
+    sizes: list[int] = []
+    async for chunk in paced_chunks(
+        sim, duration=0.1, monotonic=lambda: now[0], sleep=fake_sleep, tick_s=0.001
+    ):
+        sizes.append(len(chunk))
+        now[0] += 0.002  # publishing takes two ticks: never wait on top of that
+    assert slept[1:] == [], "waited although the consumer was already late"
+    assert sum(sizes) > 0.9 * 0.1 * 10_000
+
+
+async def test_a_consumer_behind_by_several_chunks_gets_them_all_and_the_feed_goes_on() -> None:
+    now = [0.0]
+
+    async def fake_sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    sim = make_sim(rate=300)  # 15-event chunks
+    sizes: list[int] = []
+    async for chunk in paced_chunks(
+        sim, duration=3.0, monotonic=lambda: now[0], sleep=fake_sleep, tick_s=0.001
+    ):
+        sizes.append(len(chunk))
+        now[0] += 0.2  # 60 events come due while it publishes one slice
+    assert max(sizes) >= 2 * sim.chunk_size
+    assert sum(sizes) > 0.9 * 3.0 * 300
+
+
 async def test_paced_chunks_stop_at_count() -> None:
     sim = make_sim()
     sizes = [len(c) async for c in paced_chunks(sim, count=1234, throttle=False)]
