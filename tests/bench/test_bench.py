@@ -163,14 +163,15 @@ def test_server_share_reads_histogram_deltas_from_two_scrapes() -> None:
     assert histogram_quantile([1.0], [0], 0.5) != histogram_quantile([1.0], [0], 0.5)  # NaN
 
 
-def server_frame(opcode: int, payload: bytes) -> bytes:
+def server_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
     n = len(payload)
+    b0 = 0x80 * fin | opcode
     if n < 126:
-        head = bytes((0x80 | opcode, n))
+        head = bytes((b0, n))
     elif n < 65536:
-        head = bytes((0x80 | opcode, 126)) + n.to_bytes(2, "big")
+        head = bytes((b0, 126)) + n.to_bytes(2, "big")
     else:
-        head = bytes((0x80 | opcode, 127)) + n.to_bytes(8, "big")
+        head = bytes((b0, 127)) + n.to_bytes(8, "big")
     return head + payload
 
 
@@ -210,9 +211,14 @@ async def test_sink_counts_frames_bytes_and_events_across_any_split_and_answers_
             server_frame(0x1, events[2]),  # 126-length form
             server_frame(0x1, events[3]),  # > 64 KiB? no: 16-bit form unless larger
             server_frame(0x1, b"x" * 70_000),  # 64-bit length form, no events
+            # One message in three frames, a ping among them; a marker across a frame border.
+            server_frame(0x1, events[2][:-18], fin=False),
+            server_frame(0x9, b"mid"),
+            server_frame(0x0, events[2][-18:-9], fin=False),
+            server_frame(0x0, events[2][-9:]),
         ]
     )
-    payloads = [*events, b"x" * 70_000]
+    payloads = [*events, b"x" * 70_000, events[2]]
     shared = EventCounter(min_bytes=0)  # remembers whole payloads across the sinks below
     for split, counter in [(n, shared) for n in (1, 2, 7, 100, 4096, len(stream))] + [
         (len(stream), count_events)
@@ -225,10 +231,15 @@ async def test_sink_counts_frames_bytes_and_events_across_any_split_and_answers_
         await sink.opened
         for i in range(0, len(stream), split):
             sink.data_received(stream[i : i + split])
-        assert (sink.frames, sink.bytes, sink.events) == (5, len(stream), 744), split
+        # Frames are counted alone: the marker split over two counts in neither (a server
+        # never splits an event), so 39 of the 40.
+        fragmented = sum(count_events(events[2][a:b]) for a, b in ((0, -18), (-18, -9), (-9, None)))
+        assert fragmented == 39
+        assert (sink.frames, sink.bytes, sink.events) == (6, len(stream), 744 + fragmented), split
         assert got == payloads, split
         assert unmask(t.written[1]) == (0x1, b'{"op":"subscribe"}')
         assert unmask(t.written[2]) == (0xA, b"hi")
+        assert unmask(t.written[3]) == (0xA, b"mid")
         sink.data_received(server_frame(0x8, (4008).to_bytes(2, "big") + b"slow"))
         assert sink.close_code == 4008 and t.closed
 
@@ -253,3 +264,14 @@ def test_the_event_counter_is_exact_whether_payloads_repeat_or_not() -> None:
         assert [counter(f) for f in frames] == [f.count(b'"seq":') for f in frames]
         hits.append(counter.hits)
     assert hits[0] > 2900 and hits[1] - hits[0] < 100 and hits[2] - hits[1] > 2900
+    # Payloads alike in length, head and tail but not within: each counted for itself, also
+    # inside a larger buffer.
+    head, tail = b"h" * 40, b"t" * 40
+    alike = [head + b'"seq":1,' * k + b"x" * (8 * (9 - k)) + tail for k in (1, 5, 9)]
+    assert len({len(a) for a in alike}) == 1
+    buf = b"~~" + b"".join(alike) + b"~~"
+    counter = EventCounter(min_bytes=0)
+    for _ in range(3):
+        assert [counter(a) for a in alike] == [1, 5, 9]
+        at = [2 + i * len(alike[0]) for i in range(3)]
+        assert [counter(buf, s, s + len(alike[0])) for s in at] == [1, 5, 9]
