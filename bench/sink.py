@@ -35,9 +35,9 @@ class EventCounter:
     the marker was half the load's CPU, and the limit of the broadcast bench; hashing each whole
     payload for a dict lookup then took 14 % of it (siphash: 47 us for a 70 KB frame here, the
     scan 100 us). So a payload is looked up by its length and its first and last bytes, and
-    compared whole with the one remembered there: a copy and a memcmp, 2 us each. Exact: a payload only ever
-    matches an equal one. Where frames seldom repeat (each client on channels of its own) it
-    stops looking them up for a while.
+    compared whole with the one remembered there: a copy and a memcmp, 2 us each. Exact: a
+    payload only ever matches an equal one. Where frames seldom repeat (each client on channels
+    of its own) it stops looking them up for a while.
     """
 
     def __init__(

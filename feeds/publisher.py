@@ -333,17 +333,15 @@ class Publisher:
                 keys += (stream, meta)
                 counts.append(n)
                 guess = predicted.get(channel)
+                # No guess (a new channel, or one whose replies are still owed): bare bodies,
+                # tail seq 0, and the script appends the tails.
+                epoch, seq = ("", 0) if guess is None else (guess[0], guess[1] + 1)
+                args += (maxlen, seen_epoch, seen_seq, item.first, item.prev, n, epoch, seq)
                 if guess is None:
-                    # Nothing to go on (a new channel, or one whose replies are still owed):
-                    # bare bodies, the script appends the tails.
-                    args += (maxlen, seen_epoch, seen_seq, item.first, item.prev, n, "", 0)
                     args += bodies
-                    expected.append(None)
-                    continue
-                epoch, last = guess
-                args += (maxlen, seen_epoch, seen_seq, item.first, item.prev, n, epoch, last + 1)
-                args += complete_bodies(bodies, epoch, last + 1)
-                predicted[channel] = guess = (epoch, last + n)
+                else:
+                    args += complete_bodies(bodies, epoch, seq)
+                    predicted[channel] = guess = (epoch, seq + n - 1)
                 expected.append(guess)
             order += group
             commands.append(["EVALSHA", APPEND_SHA, len(keys), *keys, *args])

@@ -332,13 +332,16 @@ async def paced_chunks(
     pending: Chunk | None = None  # generated and not yet released, from `i` on
     due = np.empty(0)  # seconds from the start at which each of `pending` is due
     i = 0
+
+    def seconds_due(chunk: Chunk) -> npt.NDArray[np.float64]:
+        return (chunk.ts - sim.start_ns) / 1e9
+
     while True:
         if pending is None or i == len(pending):
             pending = next(chunks, None)
             if pending is None:
                 return
-            due = (pending.ts - sim.start_ns) / 1e9
-            i = 0
+            due, i = seconds_due(pending), 0
         elapsed = monotonic() - t0
         if duration is not None and elapsed >= duration:
             return
@@ -350,8 +353,7 @@ async def paced_chunks(
             more = next(chunks, None)
             if more is not None:
                 pending = Chunk.concat(pending.slice(i, len(pending)), more)
-                due = (pending.ts - sim.start_ns) / 1e9
-                i = 0
+                due, i = seconds_due(pending), 0
                 continue
         # (0.999: a tick's sleep must count as a tick whatever the clock's rounding.)
         if j <= i or elapsed - released < 0.999 * tick_s:

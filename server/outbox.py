@@ -73,30 +73,26 @@ class Outbox:
 
     def expect(self, channel: Channel, epoch: str, last_seq: int) -> None:
         """Declare where the client stands on `channel` (from a resume or a snapshot)."""
-        if self.shared:
-            self.own()
+        self.own()
         self.positions[channel] = (epoch, last_seq)
 
     def forget(self, channel: Channel) -> None:
         """The client no longer follows `channel`: drop what is queued and its position."""
-        if self.shared:
-            self.own()
+        self.own()
         self.positions.pop(channel, None)
         for item in self._queued.pop(channel, ()):
             self.nbytes -= _size(item)
 
     def reset(self, channel: Channel, epoch: str, last_seq: int) -> None:
         """Announce a new epoch; what follows continues after `last_seq` in it."""
-        if self.shared:
-            self.own()
+        self.own()
         self._push(channel, reset_message(channel, epoch))
         self.positions[channel] = (epoch, last_seq)
         self.stats.resets += 1
 
     def gap(self, channel: Channel, from_seq: int, to_seq: int, reason: str) -> None:
         """Announce that `from_seq..to_seq` will not be delivered."""
-        if self.shared:
-            self.own()
+        self.own()
         items = self._queued.get(channel)
         last = items[-1] if items else None
         if isinstance(last, PendingGap) and last.to_seq + 1 == from_seq and last.reason == reason:
@@ -109,8 +105,7 @@ class Outbox:
 
     def add(self, batch: Batch) -> bool:
         """Queue a batch, keeping the invariant; False if it held nothing new for this client."""
-        if self.shared:
-            self.own()
+        self.own()
         channel = batch.channel
         pos = self.positions.get(channel)
         if pos is not None and pos[1] + 1 == batch.first_seq and pos[0] == batch.epoch:
@@ -226,14 +221,12 @@ class Outbox:
 
     def step(self, batches: list[Batch]) -> bool:
         """For batches sent past the queue: see `step`."""
-        if self.shared:
-            self.own()
+        self.own()
         return step(self.positions, batches)
 
     def unstep(self, batches: list[Batch]) -> None:
         """Undo `step`: the batches were not sent after all."""
-        if self.shared:
-            self.own()
+        self.own()
         unstep(self.positions, batches)
 
     def _push(self, channel: Channel, item: Item) -> None:

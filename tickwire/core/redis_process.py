@@ -63,11 +63,6 @@ class RedisProcess:
     def socket_path(self) -> Path:
         return self.data_dir / "redis.sock"
 
-    @property
-    def unix_url(self) -> str:
-        """The same Redis over its Unix socket (cheaper per round trip than `url`)."""
-        return f"unix://{self.socket_path}?db=0"
-
     def start(self, timeout: float = 10.0) -> RedisProcess:
         exe = ensure_redis_server()
         args = [
