@@ -37,7 +37,7 @@ import numpy as np
 import orjson
 
 from tickwire import __version__
-from tickwire.bench.procs import cpu_seconds, start_group, stop_group
+from tickwire.bench.procs import cpu_seconds, machine_cpu_seconds, start_group, stop_group
 from tickwire.bench.stats import latency_summary, ratio, server_share, table
 from tickwire.core.channels import REGISTRY_KEY, Channel
 from tickwire.core.redis_process import RedisProcess, free_port
@@ -319,8 +319,11 @@ class Target:
         for p in self.loads:
             p.send(f"go {measure_from}")
         t0 = time.monotonic()
-        pids = [self.server.pid] if self.server else []
+        pids = Pids([self.server.pid] if self.server else [], [p.proc.pid for p in self.loads])
         before: Sample | None = None
+        # The feed's CPU seconds at the window's start and as last seen within it: it often
+        # ends (and is gone from /proc) before the window's end is sampled.
+        feed_from = feed_seen = (0.0, 0.0)
         live = Live(len(self.loads))
         label = f"{self.name} {rate:,.0f}/s" if s.saturate else self.name
         after: Sample | None = None
@@ -328,6 +331,9 @@ class Target:
             elapsed = time.monotonic() - t0
             if before is None and elapsed >= s.warmup:
                 before = self._sample(pids)
+                feed_from = (time.monotonic(), cpu_seconds([pub.pid]))
+            elif before is not None and elapsed <= total:
+                feed_seen = (time.monotonic(), cpu_seconds([pub.pid]))
             if after is None and elapsed >= total:
                 # The feed's schedule is over; its exit (flush, interpreter shutdown) is not
                 # part of the window.
@@ -373,6 +379,13 @@ class Target:
             "server_cpu_percent": 100 * (after.server_cpu - before.server_cpu) / window,
             # Redis is shared by the feed's appends and the server's reads.
             "redis_cpu_percent": 100 * (after.redis_cpu - before.redis_cpu) / window,
+            # The load generators share the machine: what they take is what the server could
+            # not have. The machine's figure counts every process, so 200 = two cores busy.
+            "feed_cpu_percent": 100
+            * (feed_seen[1] - feed_from[1])
+            / max(1e-9, feed_seen[0] - feed_from[0]),
+            "load_cpu_percent": 100 * (after.load_cpu - before.load_cpu) / window,
+            "machine_cpu_percent": 100 * (after.machine_cpu - before.machine_cpu) / window,
         }
         step.server = server_share(before.metrics, after.metrics)
         step.correctness = {
@@ -390,9 +403,17 @@ class Target:
         }
         return step
 
-    def _sample(self, pids: list[int]) -> Sample:
+    def _sample(self, pids: Pids) -> Sample:
         seqs, redis_cpu = redis_counters(self.redis_url)
-        return Sample(time.monotonic(), cpu_seconds(pids), seqs, self._scrape(), redis_cpu)
+        return Sample(
+            time.monotonic(),
+            cpu_seconds(pids.server),
+            seqs,
+            self._scrape(),
+            redis_cpu,
+            cpu_seconds(pids.loads),
+            machine_cpu_seconds(),
+        )
 
     def _owed(self, before: dict[str, int], after: dict[str, int]) -> int:
         """Deliveries the clients are owed for what was published between two samples."""
@@ -408,6 +429,13 @@ class Target:
             return ""
 
 
+class Pids(NamedTuple):
+    """The processes of a step whose CPU time the bench reports."""
+
+    server: list[int]
+    loads: list[int]
+
+
 class Sample(NamedTuple):
     """What a step's window is measured between: taken at its start and at its end."""
 
@@ -416,6 +444,8 @@ class Sample(NamedTuple):
     seqs: dict[str, int]  # last seq per channel in the registry
     metrics: str  # the server's /metrics text ("" for the baseline)
     redis_cpu: float  # seconds
+    load_cpu: float  # seconds
+    machine_cpu: float  # seconds, every process on the machine
 
 
 class Live:
@@ -573,6 +603,9 @@ def report(runs: list[Run]) -> str:
         "egress_MB_per_s",
         "server_cpu_percent",
         "redis_cpu_percent",
+        "feed_cpu_percent",
+        "load_cpu_percent",
+        "machine_cpu_percent",
     ):
         rows.append(
             (key, tw.figures.get(key) if tw else None, base.figures.get(key) if base else None)

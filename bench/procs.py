@@ -55,6 +55,14 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return total
 
 
+def machine_cpu_seconds() -> float:
+    """CPU seconds the whole machine has been busy (every core, every process) since boot."""
+    # /proc/stat's first line: user nice system idle iowait irq softirq steal … in clock ticks.
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    busy = sum(fields) - fields[3] - fields[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pids: Sequence[int]) -> float:
     """Resident memory of these processes, in MiB."""
     total = 0

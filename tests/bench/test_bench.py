@@ -3,6 +3,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import orjson
 
 from tickwire.bench.e2e import Scenario, Step, breach, median_step
 from tickwire.bench.invariant import InvariantChecker
+from tickwire.bench.procs import machine_cpu_seconds
 from tickwire.bench.sink import EventCounter, SinkProtocol, count_events
 from tickwire.bench.stats import histogram_quantile, latency_summary, ratio, server_share, table
 from tickwire.server.metrics import Metrics
@@ -30,6 +32,15 @@ def test_latency_summary_is_exact_over_all_samples() -> None:
     assert abs(s["p99.9_us"] - 99_900) < 2
     assert s["max_us"] == 100_000
     assert latency_summary(np.array([], dtype=np.int64))["samples"] == 0
+
+
+def test_the_machine_figure_counts_this_process_working() -> None:
+    before = machine_cpu_seconds()
+    start = time.thread_time()
+    while time.thread_time() - start < 0.3:
+        pass
+    # Other processes only add to it; a clock tick (10 ms) of rounding at each end.
+    assert machine_cpu_seconds() - before >= 0.28
 
 
 def test_ratio_table_prints_ratios_and_dashes() -> None:
@@ -102,6 +113,13 @@ def test_short_end_to_end_run_reports_correctness_for_both_targets() -> None:
     assert tw["figures"]["deliveries_per_s"] > 0
     # Deliveries against what Redis says was published to the clients' channels in the window.
     assert 75 <= tw["figures"]["delivered_percent"] <= 125
+    # Where the machine's time went: each part took some, and the machine (every process, a
+    # core = 100) at least their sum, give or take a clock tick per process and sample.
+    for run in doc["runs"]:
+        f = run["figures"]
+        parts = [f[k] for k in ("server_cpu_percent", "feed_cpu_percent", "load_cpu_percent")]
+        assert min(parts[1:]) > 0
+        assert f["machine_cpu_percent"] >= sum(parts) - 10
 
 
 def test_rounds_are_summed_up_by_medians_and_a_round_that_lost_fails_them_all() -> None:
