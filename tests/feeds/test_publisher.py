@@ -5,7 +5,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import eventually
+from tests.conftest import eventually, timeout
+from tickwire.bench.proxy import Proxy
 from tickwire.core.channels import REGISTRY_KEY, Channel
 from tickwire.core.config import PublisherConfig, RetentionConfig
 from tickwire.core.errors import RedisUnavailable
@@ -246,6 +247,32 @@ async def test_two_publishers_numbering_their_own_batches_do_not_skip_each_other
         await p2.publish({CH: bodies("two", 3)})  # same indices 1..3, another publisher
         await p2.flush()
     assert [e["tag"] for e in await stored_events(redis, CH)] == ["one"] * 3 + ["two"] * 3
+
+
+async def test_a_publisher_idle_when_its_connection_is_reset_writes_on_a_new_one_once(
+    fresh_redis: RedisProcess,
+) -> None:
+    # Idle, the publisher writes a batch itself (no flusher round trip): on a connection reset
+    # in the meantime it must not write there, nor wait for a reply that cannot come.
+    async with Proxy(fresh_redis.port) as proxy:
+        cfg = PublisherConfig(
+            redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+            reply_timeout_s=30,
+            backoff_initial_s=0.01,
+        )
+        async with Publisher(cfg) as pub:
+            await pub.publish({CH: bodies("a", 3)})
+            await pub.flush()
+            assert proxy.reset(refuse_new=False) == 1
+            await eventually(lambda: not pub.connected, "the publisher to see the reset")
+            await pub.publish({CH: bodies("b", 4)})
+            await asyncio.wait_for(pub.flush(), timeout(5))
+            assert pub.stats.reconnects == 2
+    conn = await RedisConnection.open(fresh_redis.url)
+    events = await stored_events(conn, CH)
+    conn.close()
+    assert [e["tag"] for e in events] == ["a"] * 3 + ["b"] * 4
+    assert [e["seq"] for e in events] == list(range(1, 8))
 
 
 async def test_a_flush_after_redis_lost_its_scripts_loads_them_and_stores_every_event(

@@ -127,7 +127,9 @@ class RedisConnection:
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        """Closed here, or reset by the peer (once the loop has seen it); a peer that closed
+        its end in order shows only when a read ends."""
+        return self._closed or self._writer.transport.is_closing()
 
     def close(self) -> None:
         if not self._closed:
