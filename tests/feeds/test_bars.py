@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
@@ -20,7 +21,7 @@ from tickwire.core.redis_process import RedisProcess
 from tickwire.core.redis_wire import RedisConnection
 from tickwire.feeds.bars import BarAggregator, ClosedBar, interval_ns
 from tickwire.feeds.publisher import Publisher
-from tickwire.feeds.runner import ChunkBars, run_simulator
+from tickwire.feeds.runner import BARS_PER_RELEASE, ChunkBars, run_simulator
 from tickwire.feeds.simulator import MarketSimulator, make_instruments
 
 S = 1_000_000_000
@@ -405,3 +406,53 @@ async def test_simulator_bars_in_redis_agree_with_its_trades_and_the_contract(
                 assert (b["volume"], b["trades"]) == (volume, len(ts))
                 assert b["vwap"] == vwap.quantize(places, ROUND_HALF_EVEN)
     assert report.bars == published == 3 * 5 + 3
+
+
+class RecordingPublisher(Publisher):
+    """A publisher that notes the channels and event counts of each `publish` call."""
+
+    calls: list[dict[Channel, int]]
+
+    async def publish(
+        self, batches: Mapping[Channel, Sequence[bytes]] | Iterable[tuple[Channel, Sequence[bytes]]]
+    ) -> None:
+        assert isinstance(batches, Mapping)
+        self.calls.append({ch: len(bodies) for ch, bodies in batches.items()})
+        await super().publish(batches)
+
+
+async def test_bars_follow_their_releases_quotes_and_trades_a_bounded_number_at_a_time(
+    fresh_redis: RedisProcess,
+) -> None:
+    # 60 symbols: each second's 60 bars close at once, more than a release may carry.
+    sim = MarketSimulator(make_instruments(60, 7), rate=20_000, seed=7, start_ns=T + 300 * MS)
+    pub = RecordingPublisher(PublisherConfig(redis_url=fresh_redis.url))
+    pub.calls = []
+    async with pub:
+        report = await run_simulator(pub, sim, bar_intervals=("1s",), count=60_000, throttle=False)
+    is_bar = [[ch.kind == "bars.1s" for ch in call] for call in pub.calls]
+    # Never in one call with quotes or trades, so they never wait for bars.
+    assert all(all(kinds) or not any(kinds) for kinds in is_bar)
+    bar_calls = [call for call, kinds in zip(pub.calls, is_bar, strict=True) if all(kinds)]
+    sizes = [sum(call.values()) for call in bar_calls]
+    assert max(sizes[:-1]) == BARS_PER_RELEASE and report.bars == sum(sizes) >= 2 * 60
+    # Each bar call but the last (the end of the run drains what is left) comes right after a
+    # release of quotes and trades: a second's bars spread over several releases.
+    assert not any(is_bar[0])
+    for i in range(1, len(pub.calls) - 1):
+        if all(is_bar[i]):
+            assert not any(is_bar[i - 1]), f"bar call {i} follows another"
+    assert len(bar_calls) >= 2 * 60 // BARS_PER_RELEASE + 2
+    # All of them stored, in order on each channel.
+    stored = 0
+    for inst in sim.instruments:
+        ch = Channel("bars.1s", inst.symbol)
+        entries = await RedisConnection.open(fresh_redis.url)
+        try:
+            raw = await entries.execute("XRANGE", ch.stream_key, "-", "+")
+        finally:
+            entries.close()
+        starts = [orjson.loads(fields[1])["start"] for _id, fields in raw]
+        assert starts == sorted(starts) and len(set(starts)) == len(starts)
+        stored += len(starts)
+    assert stored == report.bars
