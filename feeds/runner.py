@@ -48,13 +48,14 @@ async def run_simulator(
     throttle: bool = True,
     progress: Callable[[int, float], None] | None = None,
     progress_every_s: float = 1.0,
+    venue_clock_ns: Callable[[], int] | None = None,
 ) -> FeedReport:
     """Publish simulated chunks until `count`/`duration`; returns events sent and time taken.
 
     With `bar_intervals` (e.g. `("1s",)`), the bars of the simulated trades go out too: each
     once a chunk passes its end, after that chunk's quotes and trades, at most
     `BARS_PER_RELEASE` a release. The interval in progress at the end of the run is incomplete
-    and not published.
+    and not published. `venue_clock_ns`: see `paced_chunks`.
     """
     chunk_bars = ChunkBars(sim.instruments, bar_intervals) if bar_intervals else None
     due: deque[ClosedBar] = deque()
@@ -62,7 +63,10 @@ async def run_simulator(
     sent = 0
     bars = 0
     next_report = t0 + progress_every_s
-    async for chunk in paced_chunks(sim, count=count, duration=duration, throttle=throttle):
+    paced = paced_chunks(
+        sim, count=count, duration=duration, throttle=throttle, venue_clock_ns=venue_clock_ns
+    )
+    async for chunk in paced:
         await publisher.publish(sim.encode(chunk, publisher.clock_ns()))
         sent += len(chunk)
         if chunk_bars is not None:

@@ -278,6 +278,8 @@ async def cmd_feed_sim(args: argparse.Namespace) -> int:
             duration=args.duration,
             throttle=not args.max,
             progress=progress,
+            # The simulator's venue time began at its `start_ns`: the set-up since counts.
+            venue_clock_ns=time.time_ns,
         )
         dropped = pub.stats.dropped
     print(

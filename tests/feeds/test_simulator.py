@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 import orjson
 from hypothesis import given
 from hypothesis import strategies as st
@@ -108,6 +109,41 @@ async def test_paced_events_go_out_when_due_never_early_and_at_most_a_tick_late(
         assert now[0] - due.min() <= tick + 1e-9, "an event waited more than a tick"
         released += chunk.ts.tolist()
     assert_every_event_once_in_order(released)
+
+
+async def test_on_a_venue_clock_events_are_due_at_their_ts_however_late_pacing_began() -> None:
+    now = [0.0]  # monotonic seconds
+
+    async def fake_sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    sim = make_sim(rate=10_000)
+    late = 0.25  # between reading `start_ns` and pacing (a connection set-up, say)
+
+    def wall() -> int:
+        return sim.start_ns + round((late + now[0]) * 1e9)
+
+    tick = 0.001
+    slices: list[tuple[float, npt.NDArray[np.int64]]] = []
+    async for chunk in paced_chunks(
+        sim,
+        duration=0.5,
+        monotonic=lambda: now[0],
+        sleep=fake_sleep,
+        tick_s=tick,
+        venue_clock_ns=wall,
+    ):
+        slices.append((wall(), chunk.ts.copy()))
+    first_at, first = slices[0]
+    # Everything due during the set-up goes out at once, then each event within a tick of its
+    # `ts` on that clock, never before it; the run ends at `start_ns` + duration.
+    assert first_at == sim.start_ns + round(late * 1e9)
+    assert first.max() <= first_at
+    assert len(first) == sum(int((ts <= first_at).sum()) for _, ts in slices) > 2000
+    for at, ts in slices[1:]:
+        assert ts.max() <= at and at - ts.min() <= tick * 1e9 + 1
+    assert max(ts.max() for _, ts in slices) <= sim.start_ns + 0.5e9
+    assert_every_event_once_in_order([t for _, ts in slices for t in ts.tolist()])
 
 
 async def test_a_slow_consumer_still_gets_one_slice_per_tick_not_back_to_back() -> None:
