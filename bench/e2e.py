@@ -138,6 +138,9 @@ class Step:
 
     rate: float
     latency: dict[str, float] = field(default_factory=dict)
+    #: The same events' latency from their venue time `ts` instead of `pt`: for the simulator,
+    #: when the event was due, so this adds the feed's own wait before it stamps `pt`.
+    from_event: dict[str, float] = field(default_factory=dict)
     figures: dict[str, float] = field(default_factory=dict)
     correctness: dict[str, Any] = field(default_factory=dict)
     #: The server's own view over the window (tickwire only): read→write and publish→write.
@@ -179,6 +182,7 @@ def median_step(steps: list[Step]) -> Step:
     return Step(
         steps[0].rate,
         latency=medians([st.latency for st in steps]),
+        from_event=medians([st.from_event for st in steps]),
         figures=medians([st.figures for st in steps]),
         correctness=correctness,
         server=medians([st.server for st in steps]) if all(st.server for st in steps) else {},
@@ -358,8 +362,10 @@ class Target:
         for p, part in zip(self.loads, parts, strict=True):
             p.send(f"report {part}")
         results = [p.report() for p in self.loads]
-        lat = np.concatenate([np.load(part) for part in parts])
+        samples = [np.load(part) for part in parts]
+        lat = np.concatenate([s[0] for s in samples])
         step.latency = latency_summary(lat)
+        step.from_event = latency_summary(np.concatenate([s[1] for s in samples]))
         # All samples of the step in one file, for --plot.
         step.latency_file = str(self.workdir / f"{self.name}-{index}.npy")
         np.save(step.latency_file, lat)
@@ -595,6 +601,15 @@ def report(runs: list[Run]) -> str:
                 base.latency.get(key) if base else None,
             )
         )
+    # From the event's venue time: adds the feed's wait for its release (same for both).
+    for key in ("p50_us", "p99_us", "p99.9_us"):
+        rows.append(
+            (
+                f"from event ts {key}",
+                tw.from_event.get(key) if tw else None,
+                base.from_event.get(key) if base else None,
+            )
+        )
     for key in (
         "events_published_per_s",
         "deliveries_per_s",
@@ -816,6 +831,7 @@ def main(argv: list[str] | None = None) -> int:
                     "target": r.target,
                     "passed": r.passed,
                     "latency": r.result.latency,
+                    "from_event": r.result.from_event,
                     "figures": r.result.figures,
                     "server": r.result.server,
                     "correctness": r.result.correctness,

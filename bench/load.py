@@ -2,8 +2,8 @@
 
 Run by `tickwire bench` as a separate process (so the load generator does not share the server's
 event loop). Every client is a light `sink.py` connection counting frames, bytes and events;
-sampled ones also parse every message: latency (receive time minus publish time `pt`) and the
-seq invariant.
+sampled ones also parse every message: latency (receive time minus publish time `pt`, and minus
+the event's own venue time `ts`) and the seq invariant.
 Driven by commands on stdin (see `main_async`); prints one JSON line per report.
 """
 
@@ -29,6 +29,8 @@ from tickwire.core.runtime import tune_gc
 class ClientStats:
     sampled: bool
     latencies: list[int] = field(default_factory=list)
+    #: Receive time minus the event's venue time `ts`, for the same events as `latencies`.
+    since_event: list[int] = field(default_factory=list)
     checker: InvariantChecker = field(default_factory=InvariantChecker)
     error: str | None = None
     close_code: int | None = None
@@ -39,6 +41,7 @@ def checking(stats: ClientStats, measure_from: list[int]) -> Callable[[bytes, in
     """The message handler of a sampled connection: latency of every event, and the invariant."""
     feed = stats.checker.feed
     latencies = stats.latencies
+    since_event = stats.since_event
 
     def on_message(payload: bytes, now: int) -> None:
         doc = orjson.loads(payload)
@@ -49,6 +52,7 @@ def checking(stats: ClientStats, measure_from: list[int]) -> Callable[[bytes, in
                     pt = ev["pt"]
                     if pt >= start:
                         latencies.append(now - pt)
+                        since_event.append(now - ev["ts"])
             feed(m)
 
     return on_message
@@ -105,6 +109,7 @@ class Load:
         self.measure_from[0] = measure_from
         for s in self.stats:
             s.latencies.clear()
+            s.since_event.clear()
             s.live_from = 0
         self._mark = self.totals()
         delay = max(0.0, (measure_from - time.time_ns()) / 1e9)
@@ -124,8 +129,11 @@ class Load:
         return {"events": self.totals()["events"] - self._mark.get("events", 0), "p99_us": p99}
 
     def report(self, latency_file: str) -> dict[str, object]:
-        lat = np.array([x for s in self.stats for x in s.latencies], dtype=np.int64)
-        np.save(latency_file, lat)
+        """The step's figures; its latency samples (ns) go to `latency_file`: one row from
+        `pt`, one from `ts`, of the same events."""
+        lat = [x for s in self.stats for x in s.latencies]
+        since = [x for s in self.stats for x in s.since_event]
+        np.save(latency_file, np.array([lat, since], dtype=np.int64).reshape(2, -1))
         now = self.totals()
         sampled = [s for s in self.stats if s.sampled]
         # Per sampled (client, channel): the last seq seen, to count a lost tail against Redis.

@@ -113,6 +113,13 @@ def test_short_end_to_end_run_reports_correctness_for_both_targets() -> None:
     assert tw["figures"]["deliveries_per_s"] > 0
     # Deliveries against what Redis says was published to the clients' channels in the window.
     assert 75 <= tw["figures"]["delivered_percent"] <= 125
+    # From the event's venue time: the same events, each measured from earlier (the simulator
+    # stamps `pt` once the event is due), so every percentile is at least the one from `pt`.
+    for run in doc["runs"]:
+        lat, since = run["latency"], run["from_event"]
+        assert since["samples"] == lat["samples"] > 0
+        assert all(since[k] >= lat[k] for k in ("p50_us", "p99_us", "p99.9_us"))
+    assert "from event ts p99_us" in proc.stdout
     # Where the machine's time went: each part took some, and the machine (every process, a
     # core = 100) at least their sum, give or take a clock tick per process and sample.
     for run in doc["runs"]:
