@@ -86,6 +86,8 @@ class Hub:
         self._groups: dict[frozenset[ChannelPattern], Group] = {}
         self._group_of: dict[Subscriber, Group] = {}
         self._cache: dict[Channel, tuple[Group, ...]] = {}
+        #: Subscribers per channel, for the latency histogram's weights (once per batch read).
+        self._counts: dict[Channel, int] = {}
         self.subscribers: set[Subscriber] = set()
         #: Channels that exist in Redis, as far as the registry says.
         self.known: set[Channel] = set()
@@ -146,7 +148,10 @@ class Hub:
         return groups
 
     def subscriber_count(self, channel: Channel) -> int:
-        return sum(len(g.members) for g in self.groups_of(channel))
+        n = self._counts.get(channel)
+        if n is None:
+            n = self._counts[channel] = sum(len(g.members) for g in self.groups_of(channel))
+        return n
 
     def _move(self, sub: Subscriber, patterns: frozenset[ChannelPattern]) -> None:
         old = self._group_of.get(sub)
@@ -181,7 +186,9 @@ class Hub:
                 index.add(group)
 
     def _invalidate(self) -> None:
+        # Every change of a group's members or patterns comes through here (`_move`).
         self._cache.clear()
+        self._counts.clear()
         self.changed.set()
         if self.on_change is not None:
             self.on_change()

@@ -82,8 +82,10 @@ def test_subscribers_with_the_same_patterns_share_a_group_and_move_when_theirs_c
     hub.known.update({T, Q, E})
     assert hub.live_channels() == {T, Q}
     hub.detach(a.sub)
+    assert hub.subscriber_count(T) == 0 and hub.subscriber_count(Q) == 1
     hub.detach(b.sub)
     assert hub.live_channels() == set() and hub.groups_of(Q) == ()
+    assert hub.subscriber_count(Q) == 0
 
 
 def test_a_group_gets_the_same_bytes_by_the_shortcut_as_through_the_outbox() -> None:
