@@ -134,11 +134,12 @@ class Publisher:
         # write cost a loop turn per batch (wake it, be woken). The yield also lets the flusher
         # read replies and send more: a producer that never waits would leave Redis idle until
         # it is done (the publish bench ran encode and append one after the other).
-        if self.connected and (self._in_flight or self._parked):
+        conn = self._conn
+        if conn is not None and not conn.closed and (self._in_flight or self._parked):
             # On a lost connection the flusher requeues what this wrote: its read fails, or,
             # parked, it finds the connection closed when it wakes.
             with contextlib.suppress(RedisUnavailable):
-                self._send_flights(self._conn)  # type: ignore[arg-type]
+                self._send_flights(conn)
         self._wakeup.set()
         await asyncio.sleep(0)
         if self._pending_events > self.config.max_pending_events:

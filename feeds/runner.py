@@ -71,8 +71,7 @@ async def run_simulator(
         sent += len(chunk)
         if chunk_bars is not None:
             due.extend(chunk_bars.add(chunk))
-            if due:
-                bars += await publish_bars(publisher, due, BARS_PER_RELEASE)
+            bars += await publish_bars(publisher, due, BARS_PER_RELEASE)
         now = time.monotonic()
         if progress is not None and now >= next_report:
             progress(sent, now - t0)
