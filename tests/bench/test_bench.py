@@ -120,12 +120,13 @@ def test_short_end_to_end_run_reports_correctness_for_both_targets() -> None:
         assert since["samples"] == lat["samples"] > 0
         assert all(since[k] >= lat[k] for k in ("p50_us", "p99_us", "p99.9_us"))
     assert "from event ts p99_us" in proc.stdout
-    # Where the machine's time went: each part took some, and the machine (every process, a
-    # core = 100) at least their sum, give or take a clock tick per process and sample.
+    # Where the machine's time went: the feed took some (the 6 clients' load may take less than
+    # a clock tick), and the machine (every process, a core = 100) at least the parts' sum, give
+    # or take a clock tick per process and sample.
     for run in doc["runs"]:
         f = run["figures"]
         parts = [f[k] for k in ("server_cpu_percent", "feed_cpu_percent", "load_cpu_percent")]
-        assert min(parts[1:]) > 0
+        assert parts[1] > 0
         assert f["machine_cpu_percent"] >= sum(parts) - 10
 
 
