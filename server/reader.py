@@ -21,6 +21,7 @@ lock, for the channel registry, epoch checks and history reads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -50,6 +51,8 @@ class History:
         self.url = url
         self._conn: RedisConnection | None = None
         self._lock = asyncio.Lock()
+        #: Registry entries parsed so far: a registry of thousands is read whole when it grows.
+        self._parsed: dict[bytes, Channel | None] = {}
 
     async def call(self, *commands: list[Arg], timeout: float = 5.0) -> list[Any]:
         async with self._lock:
@@ -61,16 +64,11 @@ class History:
         if self._conn is not None:
             self._conn.close()
 
-    async def metas(self, channels: list[Channel]) -> dict[Channel, tuple[str, int, int] | None]:
+    async def metas(self, channels: list[Channel]) -> dict[Channel, Meta | None]:
         """(epoch, last seq, epoch's first seq) per channel; None where the channel has no meta."""
         if not channels:
             return {}
-        cmds: list[list[Arg]] = [["HMGET", c.meta_key, "epoch", "seq", "start"] for c in channels]
-        replies = await self.call(*cmds)
-        out: dict[Channel, tuple[str, int, int] | None] = {}
-        for c, (epoch, seq, start) in zip(channels, replies, strict=True):
-            out[c] = None if epoch is None else (epoch.decode(), int(seq or 0), int(start or 1))
-        return out
+        return parse_metas(channels, await self.call(*meta_commands(channels)))
 
     async def range(self, channel: Channel, after: int, count: int) -> list[Batch]:
         """Up to `count` stored events with seq > `after`, as consecutive batches."""
@@ -79,15 +77,44 @@ class History:
         )
         return to_batches(channel, entries)
 
+    async def registry_size(self) -> int:
+        (size,) = await self.call(["SCARD", REGISTRY_KEY])
+        return int(size)
+
     async def registry(self) -> list[Channel]:
         (members,) = await self.call(["SMEMBERS", REGISTRY_KEY])
         out = []
+        parsed = self._parsed
         for m in members:
-            try:
-                out.append(Channel.parse(m.decode()))
-            except (ChannelError, UnicodeDecodeError):
-                log.warning("ignoring malformed registry entry %r", m)
+            if m not in parsed:
+                try:
+                    parsed[m] = Channel.parse(m.decode())
+                except (ChannelError, UnicodeDecodeError):
+                    log.warning("ignoring malformed registry entry %r", m)
+                    parsed[m] = None
+            channel = parsed[m]
+            if channel is not None:
+                out.append(channel)
         return out
+
+
+#: A channel's meta: its epoch, last seq, and the epoch's first seq.
+Meta = tuple[str, int, int]
+
+
+def meta_commands(channels: list[Channel]) -> list[list[Arg]]:
+    return [["HMGET", c.meta_key, "epoch", "seq", "start"] for c in channels]
+
+
+def parse_metas(channels: list[Channel], replies: list[Any]) -> dict[Channel, Meta | None]:
+    out: dict[Channel, Meta | None] = {}
+    for reply in replies:
+        if isinstance(reply, RedisReplyError):
+            # E.g. LOADING while Redis replays its AOF: back off and read again.
+            raise RedisUnavailable(f"meta read refused: {reply}")
+    for c, (epoch, seq, start) in zip(channels, replies, strict=True):
+        out[c] = None if epoch is None else (epoch.decode(), int(seq or 0), int(start or 1))
+    return out
 
 
 def to_batches(channel: Channel, entries: list[Any]) -> list[Batch]:
@@ -181,6 +208,8 @@ class StreamReader:
         self._started = False
         self._recheck = True
         self._registry_loaded = False
+        #: The registry's size when last read whole (-1: never).
+        self._registry_size = -1
         #: Channels that appeared while we were running: read from their epoch's start.
         self._fresh: set[Channel] = set()
         self.up = False
@@ -206,7 +235,7 @@ class StreamReader:
                     # Subscribed first: whatever the catch-up reads miss arrives as a push.
                     sub = await RedisSubscription.open(url, [live])
                     conn = await RedisConnection.open(url)
-                    await self.refresh_registry()
+                    await self.refresh_registry(force=True)
                     self._recheck = True
                     self._set_up(True)
                     self.ready.set()
@@ -244,23 +273,42 @@ class StreamReader:
             self.on_status(up)
 
     async def _poll_registry(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.registry_poll_s)
-            try:
-                await self.refresh_registry()
-                self._recheck = True
-                self.hub.changed.set()
-            except RedisUnavailable:
-                pass  # the reader loop reports Redis state
+        """New channels every `registry_poll_s`, and every `meta_recheck_s` a recheck of every
+        followed channel against its meta.
 
-    async def refresh_registry(self) -> None:
+        Both had been done at every poll: at 3 000 symbols (6 000 channels, 1 000 followed)
+        reading and parsing the registry and 1 000 metas four times a second took the server
+        from 27 to 37 % of a core and p99 from 14 to 45 ms, at 10 k events/s.
+        """
+        cfg = self.config
+        recheck_at = self.monotonic() + cfg.meta_recheck_s
+        while True:
+            await asyncio.sleep(cfg.registry_poll_s)
+            with contextlib.suppress(RedisUnavailable):  # the reader loop reports Redis state
+                await self.refresh_registry()  # new channels: the hub says it changed
+            if self.monotonic() >= recheck_at:
+                recheck_at = self.monotonic() + cfg.meta_recheck_s
+                self._recheck = True
+
+    async def refresh_registry(self, *, force: bool = False) -> None:
+        """Bring in channels new to the registry. It only grows (FLUSHALL aside), so unless
+        `force`d it is read whole only when its size changed: one SCARD per poll, not thousands
+        of names."""
+        size = await self.history.registry_size()
+        if size == self._registry_size and not force:
+            return
         new = self.hub.add_known(await self.history.registry())
+        self._registry_size = size
         if self._registry_loaded:
             self._fresh.update(new)
         self._registry_loaded = True
 
-    async def _sync_channels(self) -> None:
-        """Start reading new live channels, stop reading dropped ones, and notice new epochs."""
+    async def _sync_channels(self, conn: RedisConnection) -> None:
+        """Start reading new live channels, stop reading dropped ones, and notice new epochs.
+
+        The metas come over the reader's own connection, like its catch-up reads: on the shared
+        control connection they queued behind the registry polls and clients' history reads,
+        and when Redis stopped answering, the reader waited for those to time out first."""
         live = self.hub.live_channels()
         for c in [c for c in self.positions if c not in live]:
             del self.positions[c]
@@ -269,7 +317,11 @@ class StreamReader:
         added = [c for c in live if c not in self.positions]
         check = list(live) if self._recheck else added
         self._recheck = False
-        metas = await self.history.metas(check)
+        metas = (
+            parse_metas(check, await conn.pipeline(meta_commands(check), timeout=5.0))
+            if check
+            else {}
+        )
         for c in check:
             meta = metas[c]
             if c in added:
@@ -315,7 +367,7 @@ class StreamReader:
                 self._ready_at = self.monotonic()
             if self.hub.changed.is_set() or self._recheck:
                 self.hub.changed.clear()
-                await self._sync_channels()
+                await self._sync_channels(conn)
             if self._behind:
                 await self._catch_up(conn)
             messages = sub.take()

@@ -170,6 +170,7 @@ def server_config(redis: RedisProcess, port: int = 0) -> ServerConfig:
         redis_url=redis.url,
         port=port,
         registry_poll_s=0.05,
+        meta_recheck_s=0.05,
         heartbeat_ms=300,
         # Big enough that the server never sheds for this client: any gap would be a bug.
         limits=Limits(outbox_bytes=256 * 1024 * 1024, slow_grace_s=60.0),

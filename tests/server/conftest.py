@@ -143,6 +143,7 @@ def server_config(redis: RedisProcess, **limits: Any) -> ServerConfig:
         redis_url=redis.url,
         port=0,
         registry_poll_s=0.05,
+        meta_recheck_s=0.05,
         heartbeat_ms=60_000,
         limits=Limits(**limits),
     )

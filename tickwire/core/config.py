@@ -121,6 +121,10 @@ class ServerConfig:
     read_count: int = 1000
     read_block_ms: int = 100
     registry_poll_s: float = 0.25
+    # Every followed channel's stored seq and epoch compared with what was read, this often:
+    # finds appends nobody pushed (another writer, a hand repair). Pushes and reconnects find
+    # everything else at once; a check costs a meta read per channel, so it is not done per poll.
+    meta_recheck_s: float = 5.0
     # After a fan-out that cost more than `fanout_pause_after_ms` of CPU and at least
     # `fanout_pause_busy` of the time since the previous one, the reader waits
     # `fanout_pause_ratio` times as long (at most `fanout_pause_max_ms`) before the next: frames
@@ -187,6 +191,9 @@ def _check(cfg: ServerConfig) -> None:
     for name in ("max_connections", "max_connections_per_ip"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be 0 (no cap) or positive")
+    for name in ("registry_poll_s", "meta_recheck_s"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{name} must be positive")
     for name in ("fanout_pause_ratio", "fanout_pause_after_ms", "fanout_pause_max_ms"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must not be negative")
