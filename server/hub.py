@@ -88,6 +88,7 @@ class Hub:
         self._cache: dict[Channel, tuple[Group, ...]] = {}
         #: Subscribers per channel, for the latency histogram's weights (once per batch read).
         self._counts: dict[Channel, int] = {}
+        self._live: set[Channel] | None = None
         self.subscribers: set[Subscriber] = set()
         #: Channels that exist in Redis, as far as the registry says.
         self.known: set[Channel] = set()
@@ -134,11 +135,15 @@ class Hub:
         return sorted((c for c in self.known if pattern.matches(c)), key=str)
 
     def live_channels(self) -> set[Channel]:
-        live = {c for c, groups in self._exact.items() if groups}
-        kinds = {k for k, groups in self._wild.items() if groups}
-        if kinds:
-            live.update(c for c in self.known if c.kind in kinds)
-        return live
+        """The channels someone follows (do not change the set: it is kept until the next
+        change of subscriptions or known channels)."""
+        if self._live is None:
+            live = {c for c, groups in self._exact.items() if groups}
+            kinds = {k for k, groups in self._wild.items() if groups}
+            if kinds:
+                live.update(c for c in self.known if c.kind in kinds)
+            self._live = live
+        return self._live
 
     def groups_of(self, channel: Channel) -> tuple[Group, ...]:
         groups = self._cache.get(channel)
@@ -189,6 +194,7 @@ class Hub:
         # Every change of a group's members or patterns comes through here (`_move`).
         self._cache.clear()
         self._counts.clear()
+        self._live = None
         self.changed.set()
         if self.on_change is not None:
             self.on_change()

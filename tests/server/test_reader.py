@@ -153,3 +153,32 @@ def test_a_message_that_is_not_an_append_is_counted_and_skipped() -> None:
     out = r._take_pushes([*garbage, push(T, 1, 1)])
     assert seqs(out) == [("trades:BTC-USD", 1, 1)]
     assert r.metrics.bad_pushes == 4
+
+
+def test_the_sweep_compares_every_followed_channel_once_per_period_a_share_per_poll() -> None:
+    channels = [Channel("trades", f"S{i:02d}") for i in range(10)]
+    live = set(channels)
+
+    def following(recheck_s: float) -> StreamReader:
+        r = StreamReader(
+            ServerConfig(registry_poll_s=0.25, meta_recheck_s=recheck_s),
+            Hub(),
+            Metrics(),
+            History("redis://127.0.0.1:1"),
+            on_status=lambda up: None,
+        )
+        r.positions = dict.fromkeys(channels, 0)
+        return r
+
+    r = following(1.0)
+    # Four polls a period, 2.5 channels a poll: shares of 2 and 3, every channel once a round.
+    shares = [r._next_sweep(live) for _ in range(8)]
+    assert [len(s) for s in shares] == [2, 3, 2, 3, 2, 3, 2, 3]
+    for rounds in (shares[:4], shares[4:]):
+        assert sorted(c for s in rounds for c in s) == sorted(channels)
+    # A channel no longer followed is skipped; a period far longer than the poll checks
+    # nothing for many polls.
+    del r.positions[channels[0]]
+    assert all(channels[0] not in r._next_sweep(live) for _ in range(8))
+    slow = following(3600)
+    assert all(slow._next_sweep(live) == [] for _ in range(100))

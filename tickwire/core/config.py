@@ -121,9 +121,9 @@ class ServerConfig:
     read_count: int = 1000
     read_block_ms: int = 100
     registry_poll_s: float = 0.25
-    # Every followed channel's stored seq and epoch compared with what was read, this often:
-    # finds appends nobody pushed (another writer, a hand repair). Pushes and reconnects find
-    # everything else at once; a check costs a meta read per channel, so it is not done per poll.
+    # Every followed channel's stored seq and epoch compared with what was read once this often,
+    # a share at each poll: finds appends nobody pushed (another writer, a hand repair). Pushes
+    # and reconnects find everything else at once; a check costs a meta read per channel.
     meta_recheck_s: float = 5.0
     # After a fan-out that cost more than `fanout_pause_after_ms` of CPU and at least
     # `fanout_pause_busy` of the time since the previous one, the reader waits
