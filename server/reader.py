@@ -108,11 +108,11 @@ def meta_commands(channels: list[Channel]) -> list[list[Arg]]:
 
 def parse_metas(channels: list[Channel], replies: list[Any]) -> dict[Channel, Meta | None]:
     out: dict[Channel, Meta | None] = {}
-    for reply in replies:
+    for c, reply in zip(channels, replies, strict=True):
         if isinstance(reply, RedisReplyError):
             # E.g. LOADING while Redis replays its AOF: back off and read again.
             raise RedisUnavailable(f"meta read refused: {reply}")
-    for c, (epoch, seq, start) in zip(channels, replies, strict=True):
+        epoch, seq, start = reply
         out[c] = None if epoch is None else (epoch.decode(), int(seq or 0), int(start or 1))
     return out
 
