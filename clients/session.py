@@ -197,6 +197,9 @@ class Welcome:
 class Subscribed:
     id: RequestId | None
     channels: tuple[str, ...]
+    #: Where the server started each channel this request placed (see `ClientSession`): the
+    #: resume point of a channel until its first event arrives. Epoch "": nothing stored yet.
+    positions: Mapping[str, Position] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,8 +274,17 @@ class SessionStats:
 class ClientSession:
     """Client side of protocol v1 for one logical feed, across any number of connections."""
 
-    def __init__(self, *, keep_raw: bool = False, max_resume_attempts: int = 3) -> None:
+    def __init__(
+        self,
+        *,
+        keep_raw: bool = False,
+        max_resume_attempts: int = 3,
+        max_request_bytes: int = 16 * 1024,
+    ) -> None:
         self.keep_raw = keep_raw
+        #: Resume requests are split to stay under the server's `max_message_bytes` (the
+        #: welcome's figure once one arrived).
+        self.max_request_bytes = max_request_bytes
         self.max_resume_attempts = max_resume_attempts
         self.stats = SessionStats()
         self.welcome: Welcome | None = None
@@ -361,6 +373,10 @@ class ClientSession:
         of a channel being resumed would arrive out of order).
         """
         self._open = True
+        if self.welcome is not None:
+            limit = self.welcome.limits.get("max_message_bytes")
+            if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+                self.max_request_bytes = limit
         self.welcome = None
         self._stalled.clear()
         seen = {ch: p for ch, p in self._positions.items() if self.covers(ch)}
@@ -372,9 +388,7 @@ class ClientSession:
         plain = [n for n in self._subs if n not in with_snapshot]
         requests: list[Request] = []
         if plain:
-            requests.append(
-                self._request("subscribe", channels=tuple(plain), resume=seen, resync=True)
-            )
+            requests += self._resume_requests(plain, seen)
         if with_snapshot:
             requests.append(
                 self._request(
@@ -382,6 +396,31 @@ class ClientSession:
                 )
             )
         return requests
+
+    def _resume_requests(self, plain: list[str], seen: dict[str, Position]) -> list[Request]:
+        """Subscribe requests for `plain` resuming every channel of `seen`, each one under
+        `max_request_bytes`: further pages name one pattern covering their channels again
+        (already subscribed by then, so they only resume)."""
+        budget = self.max_request_bytes - 64
+        pages: list[tuple[tuple[str, ...], dict[str, Position]]] = []
+        channels: tuple[str, ...] = tuple(plain)
+        resume: dict[str, Position] = {}
+        size = len(orjson.dumps({"op": "subscribe", "id": 2**53, "channels": list(channels)}))
+        for ch, pos in seen.items():
+            entry = len(orjson.dumps({ch: {"epoch": pos.epoch, "seq": pos.seq}}))
+            if resume and size + entry > budget:
+                pages.append((channels, resume))
+                cover = next(n for n in plain if _pattern_covers(n, ch))
+                channels, resume = (cover,), {}
+                size = len(orjson.dumps({"op": "subscribe", "id": 2**53, "channels": [cover]}))
+                size += len(b',"resume":{}')
+            resume[ch] = pos
+            size += entry
+        pages.append((channels, resume))
+        return [
+            self._request("subscribe", channels=names, resume=page, resync=True)
+            for names, page in pages
+        ]
 
     def connection_lost(self) -> list[Request]:
         """The connection is gone: returns the requests that got no reply on it.
@@ -480,11 +519,20 @@ class ClientSession:
                 limits if isinstance(limits, dict) else {},
             )
             out.append(self.welcome)
-        elif kind in ("subscribed", "unsubscribed"):
+        elif kind == "subscribed":
             rid = d.get("id")
             self._reply_to(rid)
-            cls = Subscribed if kind == "subscribed" else Unsubscribed
-            out.append(cls(rid, _str_tuple(d, "channels")))
+            positions = _positions(d)
+            for ch, pos in positions.items():
+                # A channel with no event delivered yet resumes from here; one with events
+                # delivered stands where they left it.
+                if ch not in self._positions and self.covers(ch) and ch not in self._floors:
+                    self._positions[ch] = pos
+            out.append(Subscribed(rid, _str_tuple(d, "channels"), positions))
+        elif kind == "unsubscribed":
+            rid = d.get("id")
+            self._reply_to(rid)
+            out.append(Unsubscribed(rid, _str_tuple(d, "channels")))
         elif kind == "pong":
             rid = d.get("id")
             self._reply_to(rid)
@@ -533,7 +581,9 @@ class ClientSession:
             return
         conflated = d.get("conflated") is True
         pos = self._positions.get(ch)
-        loose = ch in self._loose
+        # A position without an epoch (a `subscribed` ack's for a channel with nothing stored)
+        # takes the channel's first events, whatever their epoch and seq.
+        loose = ch in self._loose or (pos is not None and not pos.epoch)
         keep_raw = self.keep_raw
         run: list[Event] = []
         delivered = 0
@@ -565,7 +615,7 @@ class ClientSession:
                 floor = self._floors.pop(ch)
                 if floor[-1].to_seq + 1 == seq:
                     out.extend(floor)
-            if pos is not None and epoch != pos.epoch:
+            if pos is not None and pos.epoch and epoch != pos.epoch:
                 # Another epoch without a `reset` first: say so ourselves, then take it.
                 flush()
                 out.append(Reset(ch, epoch))
@@ -672,6 +722,21 @@ class ClientSession:
         if behind:
             self._stalled.update(behind)
             out.append(ResumeNeeded(tuple(behind), "heartbeat shows events sent but not delivered"))
+
+
+def _positions(d: dict[str, Any]) -> dict[str, Position]:
+    value = d.get("positions", {})
+    if not isinstance(value, dict):
+        raise InvalidFrame("subscribed message: 'positions' must be an object")
+    out = {}
+    for ch, pos in value.items():
+        if not isinstance(pos, dict):
+            raise InvalidFrame(f"subscribed message: positions[{ch}] must be an object")
+        epoch, seq = pos.get("epoch"), pos.get("seq")
+        if not isinstance(epoch, str) or not isinstance(seq, int) or isinstance(seq, bool):
+            raise InvalidFrame(f"subscribed message: positions[{ch}] needs an epoch and a seq")
+        out[ch] = Position(epoch, seq)
+    return out
 
 
 def _pattern_covers(pattern: str, channel: str) -> bool:

@@ -28,12 +28,13 @@ from tickwire.core.errors import ConfigError, RedisUnavailable
 from tickwire.core.runtime import tune_gc
 from tickwire.server.admission import Admission, Refused
 from tickwire.server.auth import Authenticator, Grant
-from tickwire.server.catchup import FROM_NOW, catch_up
+from tickwire.server.catchup import FROM_NOW, CatchUp, Target
 from tickwire.server.frames import text_frame
+from tickwire.server.history import History
 from tickwire.server.hub import Hub, Subscriber
 from tickwire.server.metrics import Metrics
 from tickwire.server.outbox import Outbox
-from tickwire.server.reader import History, StreamReader, status_message
+from tickwire.server.reader import StreamReader, status_message
 from tickwire.server.session import (
     UNAUTHORIZED,
     Authenticated,
@@ -44,8 +45,10 @@ from tickwire.server.session import (
     Subscribe,
     Unsubscribe,
     reply,
+    subscribed_message,
     welcome_message,
 )
+from tickwire.server.wsconnection import bounded_connection_class
 
 log = logging.getLogger("tickwire.server")
 
@@ -80,11 +83,24 @@ class Connection:
         self.session = ClientSession(limits, server.authenticator, grant)
         self.outbox = Outbox(limits.outbox_bytes, server.metrics.outbox)
         self.sub = Subscriber(
-            self.outbox, self.flush, hold_limit=limits.max_resume_events, write_now=self.write_now
+            self.outbox, self.flush, hold_limit=limits.max_held_bytes, write_now=self.write_now
+        )
+        self.catchup = CatchUp(
+            self.sub,
+            server.history,
+            max_events=limits.max_resume_events,
+            wait_writable=self.wait_writable,
+            read_position=server.reader.positions.get,
+            expand=self._expand,
         )
         self.last_write = time.monotonic()
         self._drain: asyncio.Task[None] | None = None
-        self._catchups: set[asyncio.Task[None]] = set()
+        #: When the data queued for this client (outbox and socket buffer) went over
+        #: `outbox_bytes` and has stayed over since; None while it is not.
+        self._over_since: float | None = None
+        #: Tasks of `list` requests (at most one: later requests wait for its answer).
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._list_waiting: list[RequestId] | None = None
         self._writable = asyncio.Event()
         self._writable.set()
         self.closing = False
@@ -108,6 +124,17 @@ class Connection:
         # outbox is bounded by the slow-consumer policy.
         if self.outbox.over_limit:
             self.outbox.shed()
+        self._note_pressure()
+
+    def _note_pressure(self) -> None:
+        """Start or stop the clock of a client over its limit: what is queued for it in all
+        (control replies, which are never shed, and the socket's buffer included)."""
+        transport = self.ws.transport
+        buffered = transport.get_write_buffer_size() if transport is not None else 0
+        if self.outbox.nbytes + buffered <= self.outbox.limit_bytes:
+            self._over_since = None
+        elif self._over_since is None:
+            self._over_since = time.monotonic()
 
     def write_now(self, message: bytes, wire: bytes) -> bool:
         """Write `message` past the outbox if the socket takes data now (the hub's shortcut for
@@ -146,11 +173,17 @@ class Connection:
         limits = self.server.config.limits
         try:
             while True:
+                # A client that stays over its limit is closed `slow_grace_s` after it went
+                # over, however often it reads a little meanwhile; one whose socket takes
+                # nothing at all, `slow_grace_s` after it filled.
+                grace = limits.slow_grace_s
+                if self._over_since is not None:
+                    grace -= time.monotonic() - self._over_since
                 try:
                     # Woken by the transport's resume_writing (below WRITE_LOW), not by polling:
                     # with a thousand full sockets, polling each every few ms was most of the
                     # server's CPU.
-                    async with asyncio.timeout(limits.slow_grace_s):
+                    async with asyncio.timeout(max(0.0, grace)):
                         await self.ws.drain()
                 except TimeoutError:
                     self.server.metrics.slow_disconnects += 1
@@ -162,6 +195,7 @@ class Connection:
                 if transport is None or transport.is_closing():
                     return
                 self._write()
+                self._note_pressure()
                 if not self.outbox:
                     return
         finally:
@@ -199,7 +233,7 @@ class Connection:
             return
         log.info("closing %s: %d %s", self.ws.remote_address, code, reason)
         self.stop_receiving()
-        self._spawn(self.ws.close(code, reason))
+        self._spawn(self._close(code, reason))
 
     def _auth_deadline(self) -> None:
         if self.session.awaiting_auth:
@@ -258,7 +292,7 @@ class Connection:
             elif isinstance(action, Unsubscribe):
                 self._unsubscribe(action)
             elif isinstance(action, ListChannels):
-                self._spawn(self._list(action.id))
+                self._list(action.id)
             elif isinstance(action, Close):
                 if action.code == UNAUTHORIZED:
                     self.server.metrics.auth_failures += 1
@@ -269,86 +303,103 @@ class Connection:
 
     def _subscribe(self, req: Subscribe) -> None:
         hub = self.server.hub
+        reader = self.server.reader
         hub.subscribe(self.sub, *req.added)
         self.server.metrics.subscriptions += len(req.added)
-        targets: dict[Channel, tuple[str, int] | None] = dict(req.resume)
-        if req.snapshot:
-            for pattern in req.added:
-                for channel in hub.known_matching(pattern):
-                    targets.setdefault(channel, None)
-        elif self.server.reader.up:
-            # The reader starts a channel it did not follow where Redis stands when it gets to
-            # it: what is published after the ack and before then comes from history.
-            following = self.server.reader.positions
-            for pattern in req.added:
-                for channel in hub.known_matching(pattern):
-                    if channel not in following:
-                        targets.setdefault(channel, FROM_NOW)
-        # Hold live events of these channels from now on, before any await (see catchup.py).
-        for channel in targets:
-            self.sub.holding[channel] = []
-        ack = reply("subscribed", req.id, channels=list(req.all_channels))
+        positions = self.outbox.positions
+        targets: dict[Channel, Target] = dict(req.resume)
+        #: Where the client stands on each channel it had no position on: the ack says it, so
+        #: that a client that gets no event before its connection drops can still resume.
+        placed: dict[Channel, tuple[str, int]] = {}
+        following = reader.positions
+        for pattern in req.added:
+            for channel in hub.known_matching(pattern):
+                if channel in targets or channel in positions:
+                    continue
+                if req.snapshot:
+                    targets[channel] = None
+                elif channel in following:
+                    # Live from the reader's next dispatch on: the client stands where the
+                    # reader does.
+                    placed[channel] = (reader.epochs.get(channel, ""), following[channel])
+                    self.outbox.expect(channel, *placed[channel])
+                elif reader.up:
+                    # The reader starts a channel it did not follow where Redis stands when it
+                    # gets to it: what is published after the ack and before then comes from
+                    # history.
+                    targets[channel] = FROM_NOW
+        # Snapshot wildcards: the registry may know channels the last poll has not brought in.
         wildcards = [p for p in req.added if p.is_wildcard] if req.snapshot else []
-        if targets or wildcards:
+        if not targets and not wildcards:
+            self.send_control(subscribed_message(req.id, req.all_channels, placed))
+            return
+
+        def positioned(fresh: list[Channel]) -> None:
             # Acknowledged once the starting points are read from Redis, so that everything
             # published after the client sees the ack comes after its snapshot or resume point.
-            self._spawn(self._catch_up(targets, wildcards, ack))
-        else:
-            self.send_control(ack)
+            for channel in fresh:
+                placed[channel] = self.outbox.positions.get(channel, ("", 0))
+            self.send_control(subscribed_message(req.id, req.all_channels, placed))
 
-    async def _catch_up(
-        self,
-        targets: dict[Channel, tuple[str, int] | None],
-        wildcards: list[ChannelPattern],
-        ack: bytes,
-    ) -> None:
-        if wildcards:
-            # The registry may know channels the last poll has not brought in yet.
-            with contextlib.suppress(RedisUnavailable):
-                await self.server.reader.refresh_registry()
-            for pattern in wildcards:
-                for channel in self.server.hub.known_matching(pattern):
-                    if channel not in targets:
-                        targets[channel] = None
-                        self.sub.holding.setdefault(channel, [])
-        await catch_up(
-            self.sub,
-            self.server.history,
-            targets,
-            max_events=self.server.config.limits.max_resume_events,
-            wait_writable=self.wait_writable,
-            read_position=self.server.reader.positions.get,
-            on_positioned=lambda: self.send_control(ack),
-        )
+        self.catchup.add(targets, positioned, wildcards)
+
+    async def _expand(self, wildcards: list[ChannelPattern]) -> list[Channel]:
+        """The channels of `wildcards` this connection still follows, after a registry read."""
+        with contextlib.suppress(RedisUnavailable):
+            await self.server.reader.refresh_registry()
+        hub = self.server.hub
+        return [
+            channel
+            for pattern in wildcards
+            for channel in hub.known_matching(pattern)
+            if hub.follows(self.sub, channel)
+        ]
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
-        self._catchups.add(task)
-        task.add_done_callback(self._catchup_done)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
 
-    async def _list(self, request_id: RequestId) -> None:
-        with contextlib.suppress(RedisUnavailable):
-            await self.server.reader.refresh_registry()
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("connection task failed", exc_info=task.exception())
+
+    async def _close(self, code: int, reason: str) -> None:
+        await self.ws.close(code, reason)
+
+    def _list(self, request_id: RequestId) -> None:
+        # One registry read at a time per connection; requests meanwhile share its answer.
+        if self._list_waiting is not None:
+            self._list_waiting.append(request_id)
+            return
+        self._list_waiting = [request_id]
+        self._spawn(self._answer_lists())
+
+    async def _answer_lists(self) -> None:
+        try:
+            with contextlib.suppress(RedisUnavailable):
+                await self.server.reader.refresh_registry()
+        finally:
+            waiting, self._list_waiting = self._list_waiting or [], None
         grant = self.session.grant
         names = sorted(
             c.name for c in self.server.hub.known if grant is None or grant.allows_channel(c)
         )
-        self.send_control(reply("channels", request_id, channels=names))
-
-    def _catchup_done(self, task: asyncio.Task[None]) -> None:
-        self._catchups.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("catch-up failed", exc_info=task.exception())
+        for request_id in waiting:
+            self.send_control(reply("channels", request_id, channels=names))
 
     def _unsubscribe(self, req: Unsubscribe) -> None:
         hub = self.server.hub
         hub.unsubscribe(self.sub, *req.removed)
         self.server.metrics.subscriptions -= len(req.removed)
-        for channel in list(self.outbox.positions):
-            if not hub.follows(self.sub, channel):
-                # Forget the position, or a later subscribe would see a hole it never asked for.
-                self.outbox.forget(channel)
-                self.sub.holding.pop(channel, None)
+        concerned = set(self.outbox.positions) | self.catchup.channels | set(self.sub.holding)
+        gone = [c for c in concerned if not hub.follows(self.sub, c)]
+        # No more reads for them, nothing held: from the ack on, no event of theirs is queued.
+        self.catchup.drop(gone)
+        for channel in gone:
+            # Forget the position, or a later subscribe would see a hole it never asked for.
+            self.outbox.forget(channel)
         self.send_control(reply("unsubscribed", req.id, channels=list(req.all_channels)))
 
     def heartbeat(self, now: float) -> None:
@@ -371,7 +422,8 @@ class Connection:
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
-        for task in self._catchups:
+        self.catchup.close()
+        for task in self._tasks:
             task.cancel()
         if self._drain is not None:
             self._drain.cancel()
@@ -424,6 +476,8 @@ class TickwireServer:
             cfg.host,
             cfg.port,
             process_request=self._http,
+            # Past the outbox and the socket's high-water mark, only pongs can pile up.
+            create_connection=bounded_connection_class(cfg.limits.outbox_bytes + WRITE_HIGH),
             compression="deflate" if cfg.compression else None,
             max_size=cfg.limits.max_message_bytes,
             # The transport pauses writing above WRITE_HIGH and resumes below WRITE_LOW: the

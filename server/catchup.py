@@ -4,19 +4,26 @@ While a channel is caught up, live batches for it are held on the subscriber (th
 once `holding[channel]` exists). History is read in bounded pages, each written before the next is
 read (backpressure), up to the stream's end; then the held live batches are added. The outbox cuts
 what overlaps and announces what is missing, so the join has no hole and no duplicate.
+
+One `CatchUp` per connection does all of its catch-up work in one task, whatever the client
+asks: the starting points of every new target are read first (one meta read for all of them, so a
+later subscribe is acknowledged without waiting for an earlier one's long replay), then the
+replays, a page at a time. A channel the client unsubscribes from is dropped at once: from then on
+no Redis command is issued for it, and the other channels of the same subscribe go on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import TypeVar
 
-from tickwire.core.channels import Channel
+from tickwire.core.channels import Channel, ChannelPattern
 from tickwire.core.errors import RedisUnavailable
+from tickwire.server.history import History, Meta
 from tickwire.server.hub import Subscriber
-from tickwire.server.reader import History
 
 log = logging.getLogger("tickwire.server.catchup")
 T = TypeVar("T")
@@ -25,6 +32,12 @@ PAGE = 1000
 #: for a channel the reader does not follow yet: the reader starts it where it stands when it
 #: gets round to it, and what was published in between is replayed from here.
 FROM_NOW: tuple[str, int] = ("", -1)
+#: How often a replay that has reached the stream's end looks again for the reader to follow its
+#: channel (it does once the hub says the channel is live: normally the next turn).
+FOLLOW_POLL_S = 0.005
+
+Target = tuple[str, int] | None
+_DROPPED = object()
 
 
 async def _retrying(op: Callable[[], Awaitable[T]]) -> T:
@@ -38,43 +51,183 @@ async def _retrying(op: Callable[[], Awaitable[T]]) -> T:
             delay = min(delay * 2, 2.0)
 
 
-async def catch_up(
-    sub: Subscriber,
-    history: History,
-    targets: Mapping[Channel, tuple[str, int] | None],
-    *,
-    max_events: int,
-    wait_writable: Callable[[], Awaitable[None]],
-    read_position: Callable[[Channel], int | None],
-    on_positioned: Callable[[], None] | None = None,
-) -> None:
-    """Replay for each channel: after `(epoch, seq)` for a resume, or the latest event (None).
+@dataclass(slots=True)
+class _Request:
+    """One `add`: its channels, the snapshot wildcards still to expand, its callback."""
 
-    The caller has already put an empty hold list in `sub.holding` for every channel.
-    `on_positioned` runs once the starting point of every channel is read from Redis (the
-    server acknowledges the subscribe then, so a snapshot is the latest event as of the ack).
+    channels: set[Channel]
+    wildcards: list[ChannelPattern]
+    on_positioned: Callable[[list[Channel]], None]
+
+
+class CatchUp:
+    """The catch-up work of one connection: at most one task, channels dropped on unsubscribe.
+
+    `add(targets, on_positioned, wildcards)` holds live batches of every target at once (before
+    any await, so none slips past).
+    `wildcards` are patterns whose every channel wants a snapshot: they are expanded (`expand`,
+    which may read the registry) when the request's turn comes. `on_positioned` runs once the
+    starting point of each target is fixed, with the channels it placed that the connection had
+    no position on (the server acknowledges the subscribe then, with their positions, so a
+    snapshot is the latest event as of the ack).
     """
-    pending = set(targets)
-    try:
-        metas = await _retrying(lambda: history.metas(list(targets)))
-        starts = {c: _start(sub, c, resume, metas[c], max_events) for c, resume in targets.items()}
-        if on_positioned is not None:
-            # Positions are fixed: what is published from now on follows the snapshot/resume.
-            on_positioned()
-        for channel, after in starts.items():
-            await _read_until_live(sub, history, channel, after, wait_writable, read_position)
-            _join_live(sub, channel)
-            pending.discard(channel)
-    finally:
-        for channel in pending:  # cancelled (unsubscribe or disconnect): nothing to join
-            sub.holding.pop(channel, None)
+
+    def __init__(
+        self,
+        sub: Subscriber,
+        history: History,
+        *,
+        max_events: int,
+        wait_writable: Callable[[], Awaitable[None]],
+        read_position: Callable[[Channel], int | None],
+        expand: Callable[[list[ChannelPattern]], Awaitable[list[Channel]]],
+    ) -> None:
+        self.sub = sub
+        self.expand = expand
+        self.history = history
+        self.max_events = max_events
+        self.wait_writable = wait_writable
+        self.read_position = read_position
+        #: Targets whose starting point is still to be read, and the callbacks waiting for them.
+        self._unpositioned: dict[Channel, Target] = {}
+        self._waiting: list[_Request] = []
+        #: Positioned channels still to replay, in order, with the seq to replay after.
+        self._replays: dict[Channel, int] = {}
+        #: Replays past their first page: their next pages go on the bulk lane (`History`).
+        self._long: set[Channel] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def channels(self) -> set[Channel]:
+        """The channels with catch-up work left."""
+        return set(self._unpositioned) | set(self._replays)
+
+    def add(
+        self,
+        targets: Mapping[Channel, Target],
+        on_positioned: Callable[[list[Channel]], None],
+        wildcards: Iterable[ChannelPattern] = (),
+    ) -> None:
+        for channel, target in targets.items():
+            self._want(channel, target)
+        self._waiting.append(_Request(set(targets), list(wildcards), on_positioned))
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="tickwire-catchup")
+            self._task.add_done_callback(self._done)
+
+    def _want(self, channel: Channel, target: Target) -> None:
+        # A channel already being replayed keeps its replay: the outbox position it set is
+        # where the client stands (`_start` would not rewind it either).
+        if channel not in self._replays:
+            self.sub.hold_back(channel)
+            self._unpositioned[channel] = target
+
+    def drop(self, channels: Iterable[Channel]) -> None:
+        """The client no longer follows these channels: stop catching them up, hold nothing."""
+        for channel in channels:
+            self._unpositioned.pop(channel, None)
+            self._replays.pop(channel, None)
+            self._long.discard(channel)
+            self.sub.release(channel)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._task = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("catch-up failed", exc_info=task.exception())
+
+    async def _run(self) -> None:
+        try:
+            while self._unpositioned or self._waiting or self._replays:
+                if self._unpositioned or self._waiting:
+                    await self._position()
+                    continue
+                channel, after = next(iter(self._replays.items()))
+                done, after = await self._replay_page(channel, after)
+                if channel not in self._replays:
+                    continue  # dropped while the page was read
+                if done:
+                    del self._replays[channel]
+                    self._long.discard(channel)
+                    self.sub.join_live(channel)
+                else:
+                    self._replays[channel] = after
+        finally:
+            # Cancelled (the connection goes): nothing to join.
+            for channel in self.channels:
+                self.sub.release(channel)
+            self._unpositioned.clear()
+            self._replays.clear()
+            self._long.clear()
+
+    async def _position(self) -> None:
+        """Fix the starting point of every target waiting for one, then run their callbacks."""
+        waiting, self._waiting = self._waiting, []
+        for request in waiting:
+            if request.wildcards:
+                for channel in await self.expand(request.wildcards):
+                    if channel not in request.channels:
+                        request.channels.add(channel)
+                        self._want(channel, None)
+        targets = dict(self._unpositioned)
+        metas = await _retrying(lambda: self.history.metas(list(targets))) if targets else {}
+        positions = self.sub.outbox.positions
+        fresh: set[Channel] = set()
+        for channel, target in targets.items():
+            if self._unpositioned.get(channel, _DROPPED) is not target:
+                continue  # dropped meanwhile (or dropped and asked for again: next round)
+            del self._unpositioned[channel]
+            if channel not in positions:
+                fresh.add(channel)
+            self._replays[channel] = _start(
+                self.sub, channel, target, metas[channel], self.max_events
+            )
+        for request in waiting:
+            # Only channels this connection had sent nothing of: the others' positions move
+            # with what is queued for them.
+            request.on_positioned(sorted(request.channels & fresh, key=str))
+
+    async def _replay_page(self, channel: Channel, after: int) -> tuple[bool, int]:
+        """Replay one page after `after`; (True, _) once the replay reaches the reader's
+        position for the channel.
+
+        Everything the reader dispatches from the moment the hold began is held, so once history
+        covers up to where the reader stands (it may have started a newly live channel past
+        events no one dispatched), the replay and the held batches together leave no hole.
+        """
+        sub = self.sub
+        # A snapshot, or the first page of a resume, comes before any other client's long
+        # replay: only the pages after that share the bulk lane.
+        bulk = channel in self._long
+        batches = await _retrying(lambda: self.history.range(channel, after, PAGE, bulk=bulk))
+        if channel not in self._replays:
+            return False, after
+        for batch in batches:
+            sub.outbox.add(batch)
+        if batches:
+            after = batches[-1].last_seq
+            sub.flush()
+        if sum(len(b.events) for b in batches) >= PAGE:
+            self._long.add(channel)
+            await self.wait_writable()
+            return False, after
+        position = self.read_position(channel)
+        # The reader does not follow the channel yet: wait for it without asking Redis, then
+        # read again (it may have started past events published meanwhile).
+        while position is None and channel in self._replays:
+            await asyncio.sleep(FOLLOW_POLL_S)
+            position = self.read_position(channel)
+        return position is not None and position <= after, after
 
 
 def _start(
     sub: Subscriber,
     channel: Channel,
-    resume: tuple[str, int] | None,
-    meta: tuple[str, int, int] | None,
+    resume: Target,
+    meta: Meta | None,
     max_events: int,
 ) -> int:
     """Set the client's position on `channel`; return the seq after which to replay."""
@@ -103,6 +256,11 @@ def _start(
     elif resume[0] == epoch and resume[1] <= last:
         after = resume[1]
         outbox.expect(channel, epoch, after)
+    elif not resume[0]:
+        # The client was told the channel had no events yet (`subscribed` positions): it is
+        # owed all of them, from the epoch's first; what was trimmed meanwhile is a gap.
+        after = start - 1
+        outbox.expect(channel, epoch, after)
     else:
         # Another epoch, or a seq this epoch never reached (Redis lost it): start over.
         after = start - 1
@@ -112,40 +270,3 @@ def _start(
         outbox.gap(channel, after + 1, skip_to, "resume_limit")
         after = skip_to
     return after
-
-
-async def _read_until_live(
-    sub: Subscriber,
-    history: History,
-    channel: Channel,
-    after: int,
-    wait_writable: Callable[[], Awaitable[None]],
-    read_position: Callable[[Channel], int | None],
-) -> None:
-    """Replay pages until the replay reaches the reader's position for the channel.
-
-    Everything the reader dispatches from now on is held, so once history covers up to where the
-    reader stands (it may have started a newly live channel past events no one dispatched), the
-    replay and the held batches together leave no hole.
-    """
-    while True:
-        batches = await _retrying(lambda a=after: history.range(channel, a, PAGE))  # type: ignore[misc]
-        for batch in batches:
-            sub.outbox.add(batch)
-        if batches:
-            after = batches[-1].last_seq
-            sub.flush()
-        if sum(len(b.events) for b in batches) >= PAGE:
-            await wait_writable()
-            continue
-        position = read_position(channel)
-        if position is not None and position <= after:
-            return
-        if position is None:
-            await asyncio.sleep(0.005)  # the reader has not started this channel yet
-
-
-def _join_live(sub: Subscriber, channel: Channel) -> None:
-    for batch in sub.holding.pop(channel, []):
-        sub.outbox.add(batch)
-    sub.flush()

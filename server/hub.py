@@ -16,13 +16,13 @@ class Subscriber:
     a callback that writes what the outbox holds, and, optionally, one that writes a message
     at once if the connection can take it right now (the fan-out's shortcut, see `Hub`)."""
 
-    __slots__ = ("_held_events", "flush", "hold_limit", "holding", "outbox", "write_now")
+    __slots__ = ("_held_bytes", "flush", "hold_limit", "holding", "outbox", "write_now")
 
     def __init__(
         self,
         outbox: Outbox,
         flush: Callable[[], None],
-        hold_limit: int = 100_000,
+        hold_limit: int = 8 * 1024 * 1024,
         write_now: Callable[[bytes, bytes], bool] | None = None,
     ) -> None:
         self.outbox = outbox
@@ -30,23 +30,41 @@ class Subscriber:
         #: Writes a message now and returns True, or writes nothing and returns False. It gets
         #: the message and the same as one final text frame (`text_frame`), built once for all.
         self.write_now = write_now
-        #: Live batches of channels being caught up from history.
+        #: Live batches of channels being caught up from history (see `tickwire.server.catchup`).
         self.holding: dict[Channel, list[Batch]] = {}
+        #: Bytes held in all of them together, at most `hold_limit` (plus one batch).
         self.hold_limit = hold_limit
-        # Events in each hold list, kept as it grows (an empty list starts the count again).
-        self._held_events: dict[Channel, int] = {}
+        self._held_bytes = 0
+
+    def hold_back(self, channel: Channel) -> None:
+        """Hold live batches of `channel` from now on (a catch-up starts)."""
+        self.holding.setdefault(channel, [])
 
     def hold(self, batch: Batch) -> None:
-        channel = batch.channel
-        held = self.holding[channel]
-        count = (self._held_events.get(channel, 0) if held else 0) + len(batch.events)
-        held.append(batch)
-        if count > self.hold_limit:
-            # The catch-up reads history up to the stream's end before joining live, so what is
-            # dropped here is read again from Redis; holding it all would be unbounded.
-            held.clear()
-            count = 0
-        self._held_events[channel] = count
+        self.holding[batch.channel].append(batch)
+        self._held_bytes += batch.nbytes
+        if self._held_bytes > self.hold_limit:
+            # A catch-up reads history up to where the reader stands before it joins live, so
+            # what is dropped here is read again from Redis: holding it all would let one
+            # connection resuming many channels pin their whole history in memory.
+            for held in self.holding.values():
+                held.clear()
+            self._held_bytes = 0
+
+    def release(self, channel: Channel) -> None:
+        """Stop holding `channel` and drop what was held (its catch-up ended without a join)."""
+        held = self.holding.pop(channel, None)
+        if held:
+            self._held_bytes = max(0, self._held_bytes - sum(b.nbytes for b in held))
+
+    def join_live(self, channel: Channel) -> None:
+        """The catch-up of `channel` is done: queue what was held, and take live batches again."""
+        held = self.holding.pop(channel, [])
+        for batch in held:
+            self._held_bytes -= batch.nbytes
+            self.outbox.add(batch)
+        self._held_bytes = max(0, self._held_bytes)
+        self.flush()
 
 
 class Group:

@@ -13,9 +13,9 @@ read (about 0.5 ms per read of 200 streams on this kind of machine, most of it b
 unblocking each key), Redis 7.0 answers a blocked read with only the stream that woke it (two
 reads per flush), and building and parsing those reads was a fifth of the server's CPU.
 
-Three connections, each with one user: the subscription, the reader's own for catch-up reads (any
-failure throws it away: see `tickwire.core.redis_wire`), and a control connection, serialised by a
-lock, for the channel registry, epoch checks and history reads.
+Two connections of its own, each with one user: the subscription, and the reader's own for metas
+and catch-up reads (any failure throws it away: see `tickwire.core.redis_wire`). The channel
+registry is read through `History` (`tickwire.server.history`).
 """
 
 from __future__ import annotations
@@ -29,118 +29,20 @@ from typing import Any
 
 import orjson
 
-from tickwire.core.channels import REGISTRY_KEY, Channel, live_channel
+from tickwire.core.channels import Channel, live_channel
 from tickwire.core.config import ServerConfig
-from tickwire.core.errors import ChannelError, RedisUnavailable
+from tickwire.core.errors import RedisUnavailable
 from tickwire.core.redis_pubsub import RedisSubscription
 from tickwire.core.redis_wire import Arg, RedisAddress, RedisConnection, RedisReplyError
-from tickwire.core.stream import epoch_of, publish_ns_of, seq_of
+from tickwire.core.stream import publish_ns_of
 from tickwire.server.batch import Batch
+from tickwire.server.history import History, meta_commands, parse_metas, to_batches
 from tickwire.server.hub import Hub
 from tickwire.server.metrics import Metrics
 
 log = logging.getLogger("tickwire.server.reader")
 #: At most one reconnect this often goes unannounced (no `status` down/up to clients).
 QUIET_RETRY_EVERY_S = 5.0
-
-
-class History:
-    """Registry, meta and history reads on the control connection."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self._conn: RedisConnection | None = None
-        self._lock = asyncio.Lock()
-        #: Registry entries parsed so far: a registry of thousands is read whole when it grows.
-        self._parsed: dict[bytes, Channel | None] = {}
-
-    async def call(self, *commands: list[Arg], timeout: float = 5.0) -> list[Any]:
-        async with self._lock:
-            if self._conn is None or self._conn.closed:
-                self._conn = await RedisConnection.open(self.url)
-            return await self._conn.pipeline(commands, timeout=timeout)
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-
-    async def metas(self, channels: list[Channel]) -> dict[Channel, Meta | None]:
-        """(epoch, last seq, epoch's first seq) per channel; None where the channel has no meta."""
-        if not channels:
-            return {}
-        return parse_metas(channels, await self.call(*meta_commands(channels)))
-
-    async def range(self, channel: Channel, after: int, count: int) -> list[Batch]:
-        """Up to `count` stored events with seq > `after`, as consecutive batches."""
-        (entries,) = await self.call(
-            ["XRANGE", channel.stream_key, f"{after + 1}-0", "+", "COUNT", count]
-        )
-        return to_batches(channel, entries)
-
-    async def registry_size(self) -> int:
-        (size,) = await self.call(["SCARD", REGISTRY_KEY])
-        return int(size)
-
-    async def registry(self) -> list[Channel]:
-        (members,) = await self.call(["SMEMBERS", REGISTRY_KEY])
-        out = []
-        parsed = self._parsed
-        for m in members:
-            if m not in parsed:
-                try:
-                    parsed[m] = Channel.parse(m.decode())
-                except (ChannelError, UnicodeDecodeError):
-                    log.warning("ignoring malformed registry entry %r", m)
-                    parsed[m] = None
-            channel = parsed[m]
-            if channel is not None:
-                out.append(channel)
-        return out
-
-
-#: A channel's meta: its epoch, last seq, and the epoch's first seq.
-Meta = tuple[str, int, int]
-
-
-def meta_commands(channels: list[Channel]) -> list[list[Arg]]:
-    return [["HMGET", c.meta_key, "epoch", "seq", "start"] for c in channels]
-
-
-def parse_metas(channels: list[Channel], replies: list[Any]) -> dict[Channel, Meta | None]:
-    out: dict[Channel, Meta | None] = {}
-    for c, reply in zip(channels, replies, strict=True):
-        if isinstance(reply, RedisReplyError):
-            # E.g. LOADING while Redis replays its AOF: back off and read again.
-            raise RedisUnavailable(f"meta read refused: {reply}")
-        epoch, seq, start = reply
-        out[c] = None if epoch is None else (epoch.decode(), int(seq or 0), int(start or 1))
-    return out
-
-
-def to_batches(channel: Channel, entries: list[Any]) -> list[Batch]:
-    """Stream entries → batches of consecutive seqs in one epoch (split at any hole or epoch)."""
-    if not entries:
-        return []
-    first_seq = seq_of(entries[0][0])
-    first_epoch = epoch_of(entries[0][1][1])
-    if (
-        seq_of(entries[-1][0]) - first_seq == len(entries) - 1
-        and epoch_of(entries[-1][1][1]) == first_epoch
-    ):
-        # The usual case: one run. Epochs never come back, so equal ends mean one epoch.
-        return [Batch(channel, first_epoch, first_seq, [fields[1] for _, fields in entries])]
-    # Runs of (epoch, first seq, bodies), split where a seq skips or the epoch changes.
-    runs: list[tuple[str, int, list[bytes]]] = []
-    last = -1
-    for entry_id, fields in entries:
-        seq, body = seq_of(entry_id), fields[1]
-        epoch = epoch_of(body)
-        if runs and seq == last + 1 and epoch == runs[-1][0]:
-            runs[-1][2].append(body)
-        else:
-            runs.append((epoch, seq, [body]))
-        last = seq
-    return [Batch(channel, epoch, first, bodies) for epoch, first, bodies in runs]
 
 
 def next_count(previous: int, full: bool, streams: int, read_count: int) -> int:

@@ -77,6 +77,23 @@ def reply(kind: str, request_id: RequestId, **fields: Any) -> bytes:
     return orjson.dumps({"type": kind, "id": request_id, **fields})
 
 
+def subscribed_message(
+    request_id: RequestId,
+    channels: tuple[str, ...],
+    positions: Mapping[Channel, tuple[str, int]],
+) -> bytes:
+    """The `subscribed` ack: every subscription, and where the client now stands on each
+    channel it had no position on (epoch "" and seq 0: no event stored yet)."""
+    return orjson.dumps(
+        {
+            "type": "subscribed",
+            "id": request_id,
+            "channels": list(channels),
+            "positions": {c.name: {"epoch": e, "seq": n} for c, (e, n) in positions.items()},
+        }
+    )
+
+
 def welcome_message(
     limits: Limits, heartbeat_ms: int, *, auth_required: bool = False, grant: Grant | None = None
 ) -> bytes:

@@ -132,6 +132,8 @@ function handle(msg) {
       return undefined;
     }
     case "subscribed":
+      feed.tracker.placed(msg);
+    // falls through
     case "unsubscribed":
       feed.pending.delete(msg.id);
       feed.subscribed = msg.channels;

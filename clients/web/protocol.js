@@ -129,6 +129,21 @@ export class ChannelTracker {
     return { fresh, notices, stall: false };
   }
 
+  /**
+   * A `subscribed` ack: where the server started each channel it placed. A channel with nothing
+   * delivered yet resumes from there if the connection drops before its first event (epoch "":
+   * nothing was stored; its first events may then start anywhere).
+   */
+  placed(msg) {
+    for (const [ch, pos] of Object.entries(msg.positions ?? {})) {
+      const c = this._channel(ch);
+      if (c.epoch !== null || c.seq !== null) continue;
+      c.epoch = pos.epoch;
+      c.seq = pos.seq;
+      if (pos.epoch === "") this.loose.add(ch);
+    }
+  }
+
   /** A `gap` message → a notice; the channel's position moves past the gap. */
   gap(msg) {
     const { ch, from_seq: from, to_seq: to, reason } = msg;

@@ -462,3 +462,54 @@ def test_keep_raw_keeps_the_decoded_object_and_event_to_dict_matches_it() -> Non
     assert item.raw == extra
     assert event_to_dict(item.event) == trade(1)
     assert list(event_to_dict(item.event)) == list(trade(1))
+
+
+def test_subscribed_positions_are_the_resume_point_of_channels_with_nothing_delivered() -> None:
+    session = ClientSession()
+    session.connection_made()
+    req = session.subscribe(["trades:*"])
+    ack = {
+        "type": "subscribed",
+        "id": req.id,
+        "channels": ["trades:*"],
+        "positions": {
+            "trades:BTC-USD": {"epoch": "e1", "seq": 104},
+            "trades:NEW": {"epoch": "", "seq": 0},
+        },
+    }
+    session.receive(orjson.dumps(ack), 0)
+    # An event of the first channel moves its position; the second stays at the ack's.
+    session.receive(orjson.dumps(events("trades:BTC-USD", [105])), 0)
+    session.connection_lost()
+    (again,) = session.connection_made()
+    assert dict(again.resume) == {
+        "trades:BTC-USD": Position("e1", 105),
+        "trades:NEW": Position("", 0),
+    }
+    # A channel with nothing stored when acked takes its first events whatever their epoch.
+    out = session.receive(orjson.dumps(events("trades:NEW", [1], epoch="e9")), 0)
+    assert [type(m).__name__ for m in out] == ["EventBatch"]
+
+
+def test_resume_requests_are_split_under_the_request_size_limit() -> None:
+    session = ClientSession(max_request_bytes=1024)
+    session.connection_made()
+    req = session.subscribe(["trades:*"])
+    positions: dict[str, dict[str, Any]] = {
+        f"trades:S{i:04d}": {"epoch": "e1", "seq": i + 1} for i in range(200)
+    }
+    session.receive(
+        orjson.dumps(
+            {"type": "subscribed", "id": req.id, "channels": ["trades:*"], "positions": positions}
+        ),
+        0,
+    )
+    session.connection_lost()
+    requests = session.connection_made()
+    assert len(requests) > 1
+    assert all(len(r.frame) <= 1024 for r in requests)
+    resumed: dict[str, Any] = {}
+    for r in requests:
+        assert r.channels == ("trades:*",)
+        resumed.update(r.resume)
+    assert resumed == {ch: Position("e1", p["seq"]) for ch, p in positions.items()}

@@ -5,9 +5,10 @@ from __future__ import annotations
 from tickwire.core.channels import Channel
 from tickwire.core.config import ServerConfig
 from tickwire.server.batch import Batch
+from tickwire.server.history import History
 from tickwire.server.hub import Hub
 from tickwire.server.metrics import Metrics
-from tickwire.server.reader import History, StreamReader, fanout_pause, next_count
+from tickwire.server.reader import StreamReader, fanout_pause, next_count
 
 
 def test_count_splits_the_reply_budget_over_streams_and_grows_while_a_stream_fills_it() -> None:

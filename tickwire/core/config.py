@@ -72,6 +72,9 @@ class Limits:
     # How long a client may stay over the limit before it is closed with 4008.
     slow_grace_s: float = 5.0
     max_resume_events: int = 100_000
+    # Live events held back while a connection's channels catch up from history, in bytes for
+    # all of them together; past it they are dropped and read again from Redis.
+    max_held_bytes: int = 8 * 1024 * 1024
     # Connection lifetime (0 = unlimited): a `notice` goes `lifetime_notice_s` before the
     # close (1001 "max lifetime"), so that clients reconnect and resume at a time they choose.
     max_lifetime_s: float = 0.0

@@ -1,0 +1,140 @@
+"""Reads of stored history on the server's own connections: the registry, metas, event ranges.
+
+Two lanes, each one connection serialised by a lock: `control` for the channel registry, metas,
+`list` and the first page of every snapshot or resume, and `bulk` for the further pages of long
+replays. One client replaying 100 k events then never delays another client's snapshot, a
+`list` or the registry poll by more than one small command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from tickwire.core.channels import REGISTRY_KEY, Channel
+from tickwire.core.errors import ChannelError, RedisUnavailable
+from tickwire.core.redis_wire import Arg, RedisConnection, RedisReplyError
+from tickwire.core.stream import epoch_of, seq_of
+from tickwire.server.batch import Batch
+
+log = logging.getLogger("tickwire.server.history")
+
+#: A channel's meta: its epoch, last seq, and the epoch's first seq.
+Meta = tuple[str, int, int]
+
+
+class _Lane:
+    """One connection, one command (or pipeline) at a time; reopened after any failure."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._conn: RedisConnection | None = None
+        self._lock = asyncio.Lock()
+
+    async def call(self, commands: tuple[list[Arg], ...], timeout: float) -> list[Any]:
+        async with self._lock:
+            if self._conn is None or self._conn.closed:
+                self._conn = await RedisConnection.open(self.url)
+            return await self._conn.pipeline(commands, timeout=timeout)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+
+class History:
+    """Registry, meta and history reads."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._control = _Lane(url)
+        self._bulk = _Lane(url)
+        #: Registry entries parsed so far: a registry of thousands is read whole when it grows.
+        self._parsed: dict[bytes, Channel | None] = {}
+
+    async def call(self, *commands: list[Arg], timeout: float = 5.0) -> list[Any]:
+        return await self._control.call(commands, timeout)
+
+    def close(self) -> None:
+        self._control.close()
+        self._bulk.close()
+
+    async def metas(self, channels: list[Channel]) -> dict[Channel, Meta | None]:
+        """(epoch, last seq, epoch's first seq) per channel; None where the channel has no meta."""
+        if not channels:
+            return {}
+        return parse_metas(channels, await self.call(*meta_commands(channels)))
+
+    async def range(
+        self, channel: Channel, after: int, count: int, *, bulk: bool = False
+    ) -> list[Batch]:
+        """Up to `count` stored events with seq > `after`, as consecutive batches."""
+        lane = self._bulk if bulk else self._control
+        (entries,) = await lane.call(
+            (["XRANGE", channel.stream_key, f"{after + 1}-0", "+", "COUNT", count],), 5.0
+        )
+        if isinstance(entries, RedisReplyError):
+            raise RedisUnavailable(f"XRANGE refused: {entries}")
+        return to_batches(channel, entries)
+
+    async def registry_size(self) -> int:
+        (size,) = await self.call(["SCARD", REGISTRY_KEY])
+        return int(size)
+
+    async def registry(self) -> list[Channel]:
+        (members,) = await self.call(["SMEMBERS", REGISTRY_KEY])
+        out = []
+        parsed = self._parsed
+        for m in members:
+            if m not in parsed:
+                try:
+                    parsed[m] = Channel.parse(m.decode())
+                except (ChannelError, UnicodeDecodeError):
+                    log.warning("ignoring malformed registry entry %r", m)
+                    parsed[m] = None
+            channel = parsed[m]
+            if channel is not None:
+                out.append(channel)
+        return out
+
+
+def meta_commands(channels: list[Channel]) -> list[list[Arg]]:
+    return [["HMGET", c.meta_key, "epoch", "seq", "start"] for c in channels]
+
+
+def parse_metas(channels: list[Channel], replies: list[Any]) -> dict[Channel, Meta | None]:
+    out: dict[Channel, Meta | None] = {}
+    for c, reply in zip(channels, replies, strict=True):
+        if isinstance(reply, RedisReplyError):
+            # E.g. LOADING while Redis replays its AOF: back off and read again.
+            raise RedisUnavailable(f"meta read refused: {reply}")
+        epoch, seq, start = reply
+        out[c] = None if epoch is None else (epoch.decode(), int(seq or 0), int(start or 1))
+    return out
+
+
+def to_batches(channel: Channel, entries: list[Any]) -> list[Batch]:
+    """Stream entries → batches of consecutive seqs in one epoch (split at any hole or epoch)."""
+    if not entries:
+        return []
+    first_seq = seq_of(entries[0][0])
+    first_epoch = epoch_of(entries[0][1][1])
+    if (
+        seq_of(entries[-1][0]) - first_seq == len(entries) - 1
+        and epoch_of(entries[-1][1][1]) == first_epoch
+    ):
+        # The usual case: one run. Epochs never come back, so equal ends mean one epoch.
+        return [Batch(channel, first_epoch, first_seq, [fields[1] for _, fields in entries])]
+    # Runs of (epoch, first seq, bodies), split where a seq skips or the epoch changes.
+    runs: list[tuple[str, int, list[bytes]]] = []
+    last = -1
+    for entry_id, fields in entries:
+        seq, body = seq_of(entry_id), fields[1]
+        epoch = epoch_of(body)
+        if runs and seq == last + 1 and epoch == runs[-1][0]:
+            runs[-1][2].append(body)
+        else:
+            runs.append((epoch, seq, [body]))
+        last = seq
+    return [Batch(channel, epoch, first, bodies) for epoch, first, bodies in runs]

@@ -1,0 +1,207 @@
+"""Catch-up (snapshot and resume) against a real server: unsubscribe ends it, bounds hold."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import jwt
+import orjson
+import pytest
+
+from tests.conftest import eventually
+from tickwire.core.channels import Channel
+from tickwire.core.config import AuthConfig
+from tickwire.core.redis_process import RedisProcess
+from tickwire.core.redis_wire import RedisConnection
+from tickwire.server.app import TickwireServer
+from tickwire.server.batch import Batch
+from tickwire.server.hub import Subscriber
+from tickwire.server.outbox import Outbox
+
+from .conftest import recorder, server_config
+from .test_registry import calls
+from .test_server import Q, T, publish, publisher
+
+ZZZ = Channel.parse("quotes:ZZZ")
+SECRET_ENV = "TICKWIRE_TEST_CATCHUP_SECRET"
+SECRET = "a-test-secret-of-at-least-32-bytes!!"
+
+
+async def test_unsubscribe_of_a_channel_with_no_stream_ends_its_catch_up(
+    server: TickwireServer, redis_server: RedisProcess, redis: RedisConnection
+) -> None:
+    """The reproduction of the issue: in one write, a snapshot subscribe of a concrete channel
+    with no stream and a wildcard, then the unsubscribe of the concrete one."""
+    async with publisher(redis_server) as pub, recorder(server.url) as c:
+        await publish(pub, T, 0, 3)
+        await eventually(lambda: T in server.hub.known, "the registry poll to find T")
+        await c.ws.send(
+            orjson.dumps(
+                {
+                    "op": "subscribe",
+                    "id": 1,
+                    "channels": [ZZZ.name, "trades:*"],
+                    "snapshot": True,
+                }
+            ).decode()
+        )
+        await c.ws.send(orjson.dumps({"op": "unsubscribe", "id": 2, "channels": [ZZZ.name]}))
+        await c.wait_for(lambda m: m.get("type") == "unsubscribed")
+        # The wildcard goes live as if the dropped channel had never been asked for.
+        await c.wait_until(lambda: c.last_seq(T.name) == 3)
+        await publish(pub, T, 3, 2)
+        await c.wait_until(lambda: c.last_seq(T.name) == 5)
+        before = await calls(redis)
+        await publish(pub, ZZZ, 0, 4)  # no event of it may reach the client any more
+        await publish(pub, T, 5, 2)
+        await c.wait_until(lambda: c.last_seq(T.name) == 7)
+        after = await calls(redis)
+        assert after.get("xrange", 0) == before.get("xrange", 0)
+        assert c.events(ZZZ.name) == []
+        assert [e["seq"] for e in c.events(T.name)] == list(range(3, 8))  # snapshot, then live
+        assert c.checker.ok
+
+
+async def test_unsubscribe_racing_a_long_resume_stops_it_and_the_rest_flows(
+    server: TickwireServer, redis_server: RedisProcess, redis: RedisConnection
+) -> None:
+    async with publisher(redis_server) as pub, recorder(server.url) as c:
+        await publish(pub, T, 0, 100_000)
+        epoch = pub.positions[T][0]
+        await publish(pub, Q, 0, 1)
+        c.checker.expect_from(T.name, epoch, 0)
+        await c.request(
+            "subscribe", channels=[T.name, Q.name], resume={T.name: {"epoch": epoch, "seq": 0}}
+        )
+        await c.wait_until(lambda: c.last_seq(T.name) > 0)
+        ack = await c.request("unsubscribe", channels=[T.name])
+        at_ack = c.messages.index(ack)
+        seen = len(c.events(T.name))
+        assert seen < 100_000  # the resume was cut short, not finished
+        await publish(pub, Q, 1, 3)
+        await c.wait_until(lambda: c.last_seq(Q.name) == 4)
+        before = await calls(redis)
+        await publish(pub, T, 100_000, 5)
+        await publish(pub, Q, 4, 1)
+        await c.wait_until(lambda: c.last_seq(Q.name) == 5)
+        assert (await calls(redis)).get("xrange", 0) == before.get("xrange", 0)
+        late = [m for m in c.messages[at_ack:] if m.get("ch") == T.name]
+        assert late == []
+        assert [e["seq"] for e in c.events(Q.name)] == [2, 3, 4, 5]
+
+
+async def test_narrower_token_after_unsubscribe_while_a_resume_runs_gets_nothing_outside_it(
+    redis_server: RedisProcess, redis: RedisConnection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    cfg = dataclasses.replace(
+        server_config(redis_server), auth=AuthConfig(jwt_secret_env=SECRET_ENV)
+    )
+
+    def token(channels: list[str]) -> str:
+        claims = {"sub": "carol", "exp": time.time() + 300, "channels": channels}
+        return jwt.encode(claims, SECRET, algorithm="HS256")
+
+    async with publisher(redis_server) as pub, TickwireServer(cfg) as srv:
+        await publish(pub, T, 0, 50_000)
+        epoch = pub.positions[T][0]
+        async with recorder(srv.url) as c:
+            reply = await c.request("auth", token=token([T.name, Q.name]))
+            assert reply["type"] == "authenticated"
+            await c.request(
+                "subscribe",
+                channels=[T.name, Q.name],
+                resume={T.name: {"epoch": epoch, "seq": 0}},
+            )
+            await c.wait_until(lambda: c.last_seq(T.name) > 0)
+            await c.request("unsubscribe", channels=[T.name])
+            reply = await c.request("auth", token=token([Q.name]))
+            assert reply["type"] == "authenticated", reply
+            at_refresh = c.messages.index(reply)
+            await publish(pub, T, 50_000, 3)
+            await publish(pub, Q, 0, 2)
+            await c.wait_until(lambda: c.last_seq(Q.name) == 2)
+            assert [m for m in c.messages[at_refresh:] if m.get("ch") == T.name] == []
+
+
+async def test_a_snapshot_is_not_held_up_by_other_clients_long_resumes(
+    server: TickwireServer, redis_server: RedisProcess, redis: RedisConnection
+) -> None:
+    """Four clients replay 100 k events each while a fifth asks for a snapshot: the snapshot's
+    reads do not queue behind their pages (they go on another connection), so it arrives while
+    the replays are still under way."""
+    async with publisher(redis_server) as pub:
+        await publish(pub, T, 0, 100_000)
+        await publish(pub, Q, 0, 10)
+        epoch = pub.positions[T][0]
+        resumers = [recorder(server.url) for _ in range(4)]
+        clients = [await r.__aenter__() for r in resumers]
+        try:
+            for c in clients:
+                await c.ws.send(
+                    orjson.dumps(
+                        {
+                            "op": "subscribe",
+                            "id": 1,
+                            "channels": [T.name],
+                            "resume": {T.name: {"epoch": epoch, "seq": 0}},
+                        }
+                    )
+                )
+            await clients[0].wait_until(lambda: clients[0].last_seq(T.name) > 0)
+            async with recorder(server.url) as late:
+                t0 = time.monotonic()
+                await late.request("subscribe", channels=[Q.name], snapshot=True)
+                await late.wait_until(lambda: late.last_seq(Q.name) == 10)
+                waited = time.monotonic() - t0
+            # Behaviour, not speed: the replays had not all finished when the snapshot came.
+            assert any(c.last_seq(T.name) < 100_000 for c in clients), waited
+        finally:
+            for r in resumers:
+                await r.__aexit__(None, None, None)
+
+
+def test_held_batches_are_bounded_per_connection_in_bytes() -> None:
+    """A connection catching up many channels holds at most `hold_limit` bytes of live batches
+    in all (plus one batch); what it drops is read again from history."""
+    sub = Subscriber(Outbox(1 << 20), lambda: None, hold_limit=10_000)
+    channels = [Channel.parse(f"trades:S{i}") for i in range(50)]
+    for ch in channels:
+        sub.hold_back(ch)
+    body = b'{"v":1,"type":"trade","x":"' + b"x" * 80 + b'"}'
+    held_max = 0
+    for seq in range(1, 40):
+        for ch in channels:
+            sub.hold(Batch(ch, "e", seq, [body]))
+            held_max = max(
+                held_max, sum(b.nbytes for batches in sub.holding.values() for b in batches)
+            )
+    batch_size = Batch(channels[0], "e", 1, [body]).nbytes
+    assert held_max <= 10_000 + batch_size
+    # Releasing and joining keep the count right: nothing held means nothing counted.
+    for ch in channels[:25]:
+        sub.release(ch)
+    for ch in channels[25:]:
+        sub.join_live(ch)
+    assert sub.holding == {}
+    sub.hold_back(channels[0])
+    for seq in range(1, 5):
+        sub.hold(Batch(channels[0], "e", seq, [body]))
+    assert len(sub.holding[channels[0]]) == 4  # well under the limit again: nothing dropped
+
+
+async def test_catch_up_tasks_per_connection_stay_bounded(
+    server: TickwireServer, redis_server: RedisProcess, redis: RedisConnection
+) -> None:
+    """Many subscribe/unsubscribe pairs of channels without streams leave no task behind."""
+    async with recorder(server.url) as c:
+        tasks_before = len(asyncio.all_tasks())
+        for i in range(40):
+            name = f"quotes:NONE{i}"
+            await c.request("subscribe", channels=[name, "trades:*"], snapshot=True)
+            await c.request("unsubscribe", channels=[name, "trades:*"])
+        (conn,) = server.connections
+        await eventually(lambda: not conn.catchup.channels, "the catch-up to be idle")
+        assert len(asyncio.all_tasks()) <= tasks_before + 1
