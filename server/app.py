@@ -355,7 +355,7 @@ class Connection:
         if self.session.awaiting_auth:
             return
         if now - self.last_write >= self.server.config.heartbeat_ms / 1000 and not self.outbox:
-            last = {c.name: seq for c, (_, seq) in self.outbox.positions.items()}
+            last = {c.name: seq for c, seq in self.outbox.last_sent().items()}
             self.send_control(
                 orjson.dumps({"type": "heartbeat", "ts": time.time_ns(), "last": last})
             )
