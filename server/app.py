@@ -53,6 +53,10 @@ log = logging.getLogger("tickwire.server")
 # writing resumes below LOW.
 WRITE_HIGH = 64 * 1024
 WRITE_LOW = 16 * 1024
+#: Client frames up to this many times `limits.max_message_bytes` are read and refused with
+#: error `too_large`, so the connection stays and the client can split its request; larger ones
+#: close with 1009 from their header alone (websockets' `max_size`), before any payload is kept.
+FRAME_LIMIT_FACTOR = 2
 WEB_DIR = Path(__file__).resolve().parent.parent / "clients" / "web"
 DOCS_DIR = Path(__file__).resolve().parent.parent / "docs"
 
@@ -425,7 +429,7 @@ class TickwireServer:
             cfg.port,
             process_request=self._http,
             compression="deflate" if cfg.compression else None,
-            max_size=cfg.limits.max_message_bytes,
+            max_size=cfg.limits.max_message_bytes * FRAME_LIMIT_FACTOR,
             # The transport pauses writing above WRITE_HIGH and resumes below WRITE_LOW: the
             # drain task waits on that instead of polling each full socket.
             write_limit=(WRITE_HIGH, WRITE_LOW),
