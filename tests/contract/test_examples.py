@@ -69,6 +69,14 @@ def test_contract_error_codes_gap_reasons_and_close_codes_match_protocol_md(
     assert consts(contract, "CloseCode") == close_codes
 
 
+def test_close_code_tables_of_both_documents_are_the_same(contract: Contract) -> None:
+    row = re.compile(r"^\| \d{4} \|.*$", re.M)
+    in_md = row.findall(section("Close codes"))
+    in_contract = row.findall(contract.document["channels"]["ws"]["description"])
+    assert in_md == in_contract
+    assert [int(r.split("|")[1]) for r in in_md] == sorted(consts(contract, "CloseCode"))
+
+
 def test_every_request_operation_replies_with_its_answer_or_error(contract: Contract) -> None:
     expected = {
         "subscribe": {"subscribed", "error"},
