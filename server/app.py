@@ -56,6 +56,10 @@ log = logging.getLogger("tickwire.server")
 # writing resumes below LOW.
 WRITE_HIGH = 64 * 1024
 WRITE_LOW = 16 * 1024
+#: Client frames up to this many times `limits.max_message_bytes` are read and refused with
+#: error `too_large`, so the connection stays and the client can split its request; larger ones
+#: close with 1009 from their header alone (websockets' `max_size`), before any payload is kept.
+FRAME_LIMIT_FACTOR = 2
 WEB_DIR = Path(__file__).resolve().parent.parent / "clients" / "web"
 DOCS_DIR = Path(__file__).resolve().parent.parent / "docs"
 
@@ -406,7 +410,7 @@ class Connection:
         if self.session.awaiting_auth:
             return
         if now - self.last_write >= self.server.config.heartbeat_ms / 1000 and not self.outbox:
-            last = {c.name: seq for c, (_, seq) in self.outbox.positions.items()}
+            last = {c.name: seq for c, seq in self.outbox.last_sent().items()}
             self.send_control(
                 orjson.dumps({"type": "heartbeat", "ts": time.time_ns(), "last": last})
             )
@@ -479,7 +483,7 @@ class TickwireServer:
             # Past the outbox and the socket's high-water mark, only pongs can pile up.
             create_connection=bounded_connection_class(cfg.limits.outbox_bytes + WRITE_HIGH),
             compression="deflate" if cfg.compression else None,
-            max_size=cfg.limits.max_message_bytes,
+            max_size=cfg.limits.max_message_bytes * FRAME_LIMIT_FACTOR,
             # The transport pauses writing above WRITE_HIGH and resumes below WRITE_LOW: the
             # drain task waits on that instead of polling each full socket.
             write_limit=(WRITE_HIGH, WRITE_LOW),

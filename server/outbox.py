@@ -49,6 +49,11 @@ class Outbox:
         #: it (`Hub.dispatch`): read it freely, but change it only through this class.
         self.positions: dict[Channel, tuple[str, int]] = {}
         self.shared = False
+        #: Positions set by `expect` or `reset` (a resume point, a snapshot's start, a new
+        #: epoch), not by anything sent: while a channel's position still equals its entry here,
+        #: no event or gap of it has gone out. Compared only when a heartbeat is built, so the
+        #: hot path pays nothing for it.
+        self._claimed: dict[Channel, tuple[str, int]] = {}
         self._control: list[bytes] = []
         self._queued: dict[Channel, list[Item]] = {}
 
@@ -74,12 +79,13 @@ class Outbox:
     def expect(self, channel: Channel, epoch: str, last_seq: int) -> None:
         """Declare where the client stands on `channel` (from a resume or a snapshot)."""
         self.own()
-        self.positions[channel] = (epoch, last_seq)
+        self.positions[channel] = self._claimed[channel] = (epoch, last_seq)
 
     def forget(self, channel: Channel) -> None:
         """The client no longer follows `channel`: drop what is queued and its position."""
         self.own()
         self.positions.pop(channel, None)
+        self._claimed.pop(channel, None)
         for item in self._queued.pop(channel, ()):
             self.nbytes -= _size(item)
 
@@ -87,8 +93,21 @@ class Outbox:
         """Announce a new epoch; what follows continues after `last_seq` in it."""
         self.own()
         self._push(channel, reset_message(channel, epoch))
-        self.positions[channel] = (epoch, last_seq)
+        self.positions[channel] = self._claimed[channel] = (epoch, last_seq)
         self.stats.resets += 1
+
+    def last_sent(self) -> dict[Channel, int]:
+        """Per channel, the last seq this client was given (by an event, or as the end of a
+        `gap`), counting what is still queued; channels with none yet are left out. A resume
+        point or a snapshot's start is where the client stands, not something it was sent."""
+        claimed = self._claimed
+        out = {}
+        for channel, pos in self.positions.items():
+            if claimed.get(channel) == pos:
+                continue
+            claimed.pop(channel, None)  # moved on since: the claim is spent
+            out[channel] = pos[1]
+        return out
 
     def gap(self, channel: Channel, from_seq: int, to_seq: int, reason: str) -> None:
         """Announce that `from_seq..to_seq` will not be delivered."""

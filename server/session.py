@@ -10,6 +10,7 @@ closes with 4001. Once it has a grant, subscriptions must lie inside the grant's
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,8 @@ from tickwire.core.channels import Channel, ChannelPattern
 from tickwire.core.config import Limits
 from tickwire.core.errors import AuthError, ChannelError, ProtocolError, UnknownChannelType
 from tickwire.server.auth import Authenticator, Grant
+
+log = logging.getLogger("tickwire.server.session")
 
 PROTOCOL_VERSION = 1
 RequestId = int | str | None
@@ -64,6 +67,8 @@ class Close:
 
 Action = Subscribe | Unsubscribe | ListChannels | Authenticated | Close | bytes
 
+#: The server failed (RFC 6455); used when that happens before the client is authenticated.
+INTERNAL_ERROR = 1011
 #: Close codes of the auth layer (4000-4999 are the application's).
 UNAUTHORIZED = 4001
 FORBIDDEN = 4003
@@ -184,6 +189,14 @@ class ClientSession:
             if self.awaiting_auth:
                 return Close(UNAUTHORIZED, "unauthorized")
             return error_message(exc.code, exc.message, request_id)
+        except Exception:
+            # A bug of ours, not the client's: this request fails (`internal`, retrying may
+            # work) rather than the whole connection with 1011. Before authentication there is
+            # no one to answer, and 4001 would wrongly send the client for new credentials.
+            log.exception("request failed")
+            if self.awaiting_auth:
+                return Close(INTERNAL_ERROR, "internal error")
+            return error_message("internal", "the server failed on this request", request_id)
 
     def _auth(self, request_id: RequestId, doc: dict[str, Any], now_ns: int) -> Action:
         if self.authenticator is None:
@@ -302,6 +315,9 @@ def _resume(value: Any, covering: list[ChannelPattern]) -> dict[Channel, tuple[s
     for name, pos in value.items():
         try:
             channel = Channel.parse(name)
+        except UnknownChannelType as exc:
+            # The same code as in `channels` (see `_patterns`).
+            raise ProtocolError("unknown_channel", f"resume: {exc}") from None
         except ChannelError as exc:
             raise ProtocolError("bad_request", f"resume: {exc}") from None
         if not any(p.matches(channel) for p in covering):

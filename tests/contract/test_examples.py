@@ -57,15 +57,24 @@ def test_contract_error_codes_gap_reasons_and_close_codes_match_protocol_md(
 ) -> None:
     text = protocol_text()
     errors_par = text[text.index("Error codes:") :].split("\n\n")[0]
-    error_codes = set(re.findall(r"`(\w+)`", errors_par))
+    # The codes, not the names in the parentheses that say when each is sent.
+    error_codes = set(re.findall(r"`(\w+)`", re.sub(r"\([^()]*\)", "", errors_par)))
     reasons_cell = text[text.index("Reasons:") :].split("\n")[0]
     reasons = set(re.findall(r"`(\w+)` \(", reasons_cell))
     close_codes = {int(c) for c in re.findall(r"^\| (\d{4}) \|", section("Close codes"), re.M)}
-    assert len(error_codes) == 9 and len(reasons) == 4 and len(close_codes) == 6
+    assert len(error_codes) == 9 and len(reasons) == 4 and len(close_codes) == 9
     assert {"forbidden", "unauthorized"} <= error_codes and {4001, 4003} <= close_codes
     assert consts(contract, "ErrorCode") == error_codes
     assert consts(contract, "GapReason") == reasons
     assert consts(contract, "CloseCode") == close_codes
+
+
+def test_close_code_tables_of_both_documents_are_the_same(contract: Contract) -> None:
+    row = re.compile(r"^\| \d{4} \|.*$", re.M)
+    in_md = row.findall(section("Close codes"))
+    in_contract = row.findall(contract.document["channels"]["ws"]["description"])
+    assert in_md == in_contract
+    assert [int(r.split("|")[1]) for r in in_md] == sorted(consts(contract, "CloseCode"))
 
 
 def test_every_request_operation_replies_with_its_answer_or_error(contract: Contract) -> None:

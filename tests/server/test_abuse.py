@@ -31,7 +31,7 @@ from tickwire.core.events import encode_body
 from tickwire.core.redis_process import RedisProcess
 from tickwire.core.redis_wire import RedisConnection
 from tickwire.feeds.publisher import Publisher
-from tickwire.server.app import TickwireServer
+from tickwire.server.app import FRAME_LIMIT_FACTOR, TickwireServer
 
 from .conftest import Message, Recorder, recorder, server_config
 
@@ -41,7 +41,9 @@ WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 T = Channel.parse("trades:BTC-USD")
 #: Short enough that a slowloris case stays quick, long enough for a loaded 2-core machine.
 OPEN_TIMEOUT_S = 1.0
-MAX = 16 * 1024  # Limits.max_message_bytes, the server's inbound max_size
+MAX = 16 * 1024  # Limits.max_message_bytes: a larger request gets `too_large`
+#: The server's inbound max_size: a larger frame closes 1009.
+MAX_FRAME = MAX * FRAME_LIMIT_FACTOR
 UPGRADE = (
     b"Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
@@ -325,15 +327,21 @@ def _no_errors_logged(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
 async def test_oversized_frame_closes_1009_from_its_header_alone(
     srv: TickwireServer, bystander: Bystander
 ) -> None:
-    # A frame of exactly max_size is a request like any other.
+    # A frame of exactly max_message_bytes is a request like any other.
     async with raw_ws(srv.port) as ws:
         await ws.send(frame(TEXT, ping_request(MAX, 7)))
         assert (await ws.reply_to(7))["type"] == "pong"
-    # One byte more is refused.
-    assert (await abuse_frames(srv.port, frame(TEXT, b"x" * (MAX + 1))))[0] == 1009
+        # Larger, up to max_size: refused with `too_large`, and the connection stays.
+        for size in (MAX + 1, MAX_FRAME):
+            await ws.send(frame(TEXT, b"x" * size))
+            assert (await ws.message())["code"] == "too_large"
+        await ws.send(frame(TEXT, ping_request(MAX, 8)))
+        assert (await ws.reply_to(8))["type"] == "pong"
+    # One byte more than max_size closes the connection.
+    assert (await abuse_frames(srv.port, frame(TEXT, b"x" * (MAX_FRAME + 1))))[0] == 1009
     # The close comes from the header: not one payload byte of the announced 1 GiB (or 2**63 - 1)
     # is ever sent, so a server waiting for (or buffering) the payload would never answer.
-    for announced in (MAX + 1, 1 << 30, (1 << 63) - 1):
+    for announced in (MAX_FRAME + 1, 1 << 30, (1 << 63) - 1):
         assert (await abuse_frames(srv.port, frame(TEXT, length=announced)))[0] == 1009
         assert (await abuse_frames(srv.port, frame(BINARY, length=announced)))[0] == 1009
     await bystander.still_served()
@@ -343,7 +351,7 @@ async def test_oversized_frame_closes_1009_from_its_header_alone(
 async def test_fragmented_message_over_max_size_closes_1009(
     srv: TickwireServer, bystander: Bystander
 ) -> None:
-    # Fragments that add up to exactly max_size make one request.
+    # Fragments that add up to exactly max_message_bytes make one request.
     request = ping_request(MAX, 3)
     third = len(request) // 3
     async with raw_ws(srv.port) as ws:
@@ -355,7 +363,7 @@ async def test_fragmented_message_over_max_size_closes_1009(
         assert (await ws.reply_to(3))["type"] == "pong"
     # One byte past max_size in the last continuation frame: 1009, as soon as its header shows
     # the total is over (its payload is never sent).
-    half = b"x" * (MAX // 2)
+    half = b"x" * (MAX_FRAME // 2)
     code, _ = await abuse_frames(
         srv.port,
         frame(TEXT, half, fin=False),
@@ -366,7 +374,7 @@ async def test_fragmented_message_over_max_size_closes_1009(
     # Many small fragments that pass max_size.
     chunk = b"y" * 100
     fragments = [frame(TEXT, chunk, fin=False)]
-    fragments += [frame(CONT, chunk, fin=False)] * (MAX // len(chunk) + 1)
+    fragments += [frame(CONT, chunk, fin=False)] * (MAX_FRAME // len(chunk) + 1)
     assert (await abuse_frames(srv.port, *fragments))[0] == 1009
     await bystander.still_served()
     await settled(srv, srv.port)
@@ -669,7 +677,9 @@ async def _expect_status(port: int, expected: int | None, request: bytes) -> Non
 
 ABUSES: list[Callable[[int], Awaitable[None]]] = [
     lambda p: _expect_close(p, 1009, frame(TEXT, length=1 << 30)),
-    lambda p: _expect_close(p, 1009, frame(TEXT, b"x" * 4000, fin=False), frame(CONT, length=MAX)),
+    lambda p: _expect_close(
+        p, 1009, frame(TEXT, b"x" * 4000, fin=False), frame(CONT, length=MAX_FRAME)
+    ),
     lambda p: _expect_close(p, 1009, frame(TEXT, b"{", fin=False) + frame(CONT, fin=False) * 5000),
     lambda p: _expect_close(p, 1002, close_frame(1005)),
     lambda p: _expect_close(p, 1002, frame(TEXT, b"{}", masked=False)),

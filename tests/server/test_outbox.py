@@ -134,3 +134,21 @@ def test_resume_of_a_channel_already_followed_does_not_rewind() -> None:
     assert after == 5
     out = drain(box)
     assert seqs(out) == [4, 5] and [m for m in out if m["type"] == "gap"] == []
+
+
+def test_last_sent_leaves_out_positions_that_were_claimed_not_sent() -> None:
+    box = Outbox(1 << 20)
+    box.expect(T, "e1", 41)  # a resume point
+    box.expect(Q, "e1", 0)  # a subscription's start on a channel with nothing yet
+    assert box.last_sent() == {}
+    assert box.add(batch(T, 42, 2))
+    assert box.last_sent() == {T: 43}
+    box.gap(Q, 1, 5, "trimmed")  # the end of a gap is a seq the client was given
+    assert box.last_sent() == {T: 43, Q: 5}
+    box.forget(T)
+    box.expect(T, "e1", 50)  # claimed again after an unsubscribe: not sent on this subscription
+    assert box.last_sent() == {Q: 5}
+    box.reset(Q, "e2", 0)  # a new epoch: nothing of it sent yet
+    assert box.last_sent() == {}
+    assert box.add(batch(Q, 1, 1, epoch="e2"))
+    assert box.last_sent() == {Q: 1}

@@ -274,8 +274,13 @@ async def test_malformed_requests_get_typed_errors_and_the_connection_lives(
 
 
 async def test_oversized_frame_closes_with_1009(server: TickwireServer) -> None:
+    limit = server.config.limits.max_message_bytes
     async with recorder(server.url) as c:
-        await c.send_raw("x" * (server.config.limits.max_message_bytes + 1))
+        # Up to twice the limit, the request is refused and the connection stays.
+        await c.send_raw("x" * (2 * limit))
+        error = await c.wait_for(lambda m: m.get("type") == "error")
+        assert error["code"] == "too_large"
+        await c.send_raw("x" * (2 * limit + 1))
         await c.wait_until(lambda: c.closed is not None) if c.closed is None else None
     assert c.closed is not None and c.closed[0] == 1009
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -9,7 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tickwire.core.channels import Channel
-from tickwire.core.config import Limits
+from tickwire.core.config import AuthConfig, Limits
+from tickwire.server import session as session_module
+from tickwire.server.auth import Authenticator, key_id
 from tickwire.server.session import ClientSession, Close, ListChannels, Subscribe, Unsubscribe
 
 
@@ -81,6 +84,10 @@ def test_subscribe_returns_added_patterns_resume_and_full_set() -> None:
             "bad_request",
         ),
         (
+            b'{"op":"subscribe","id":1,"channels":["trades:A"],"resume":{"candles:A":{"epoch":"e","seq":1}}}',
+            "unknown_channel",
+        ),
+        (
             b'{"op":"subscribe","id":1,"channels":["trades:A"],"resume":{"trades:A":{"seq":1}}}',
             "bad_request",
         ),
@@ -113,6 +120,36 @@ def test_subscription_cap() -> None:
 def test_oversized_request() -> None:
     s = ClientSession(Limits(max_message_bytes=100))
     assert error_code(s.receive(b'{"op":"ping","pad":"' + b"x" * 200 + b'"}', 0.0)) == "too_large"
+
+
+def test_a_failure_of_the_server_is_internal_for_that_request_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(value: Any, limit: int) -> Any:
+        raise RuntimeError("a bug in the server")
+
+    s = ClientSession(Limits())
+    with monkeypatch.context() as patch:
+        patch.setattr(session_module, "_patterns", broken)
+        doc = orjson.loads(send(s, {"op": "subscribe", "id": 4, "channels": ["trades:A"]}))  # type: ignore[arg-type]
+    assert (doc["type"], doc["id"], doc["code"]) == ("error", 4, "internal")
+    assert isinstance(send(s, {"op": "subscribe", "id": 5, "channels": ["trades:A"]}), Subscribe)
+
+
+def test_a_failure_of_the_server_before_auth_closes_1011_not_4001(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(f"sha256:{key_id('k' * 40)} n *\n", encoding="utf-8")
+    authenticator = Authenticator(AuthConfig(api_keys_file=str(keys)))
+
+    def broken(token: str, now: float) -> Any:
+        raise RuntimeError("a bug in the server")
+
+    s = ClientSession(Limits(), authenticator)
+    monkeypatch.setattr(authenticator, "authenticate", broken)
+    # 4001 would send the client for new credentials; its credentials are not the problem.
+    assert send(s, {"op": "auth", "token": "k" * 40}) == Close(1011, "internal error")
 
 
 def test_rate_limit_errors_then_closes_when_it_persists() -> None:
