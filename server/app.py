@@ -102,9 +102,9 @@ class Connection:
         #: When the data queued for this client (outbox and socket buffer) went over
         #: `outbox_bytes` and has stayed over since; None while it is not.
         self._over_since: float | None = None
-        #: Tasks of `list` requests (at most one: later requests wait for its answer).
+        #: Tasks of this connection besides its catch-up: closes, and at most one `list`.
         self._tasks: set[asyncio.Task[None]] = set()
-        self._list_waiting: list[RequestId] | None = None
+        self._listing: asyncio.Task[None] | None = None
         self._writable = asyncio.Event()
         self._writable.set()
         self.closing = False
@@ -198,8 +198,10 @@ class Connection:
                 transport = self.ws.transport
                 if transport is None or transport.is_closing():
                     return
-                self._write()
+                # What piled up while the socket was full, before it moves to the socket (where
+                # the kernel may take much of it at once).
                 self._note_pressure()
+                self._write()
                 if not self.outbox:
                     return
         finally:
@@ -283,6 +285,14 @@ class Connection:
         async for data in self.ws:
             if self.closing:
                 continue  # close_soon() is under way: read until it completes, act on nothing
+            if self._listing is not None:
+                # Requests are answered in order, and a client asking for lists faster than
+                # they are read back makes them queue here, not as replies.
+                await asyncio.wait((self._listing,))
+            if self._over_since is not None and self._drain is not None:
+                # Over its limit and not reading: answer nothing more (replies are never shed)
+                # until it reads; its requests wait in the socket meanwhile.
+                await self.wait_writable()
             action = self.session.receive(data, time.monotonic(), time.time_ns())
             if isinstance(action, bytes):
                 if action.startswith(b'{"type":"error"'):
@@ -373,25 +383,21 @@ class Connection:
         await self.ws.close(code, reason)
 
     def _list(self, request_id: RequestId) -> None:
-        # One registry read at a time per connection; requests meanwhile share its answer.
-        if self._list_waiting is not None:
-            self._list_waiting.append(request_id)
-            return
-        self._list_waiting = [request_id]
-        self._spawn(self._answer_lists())
+        self._listing = asyncio.create_task(self._answer_list(request_id))
+        self._tasks.add(self._listing)
+        self._listing.add_done_callback(self._task_done)
 
-    async def _answer_lists(self) -> None:
+    async def _answer_list(self, request_id: RequestId) -> None:
         try:
             with contextlib.suppress(RedisUnavailable):
                 await self.server.reader.refresh_registry()
         finally:
-            waiting, self._list_waiting = self._list_waiting or [], None
+            self._listing = None
         grant = self.session.grant
         names = sorted(
             c.name for c in self.server.hub.known if grant is None or grant.allows_channel(c)
         )
-        for request_id in waiting:
-            self.send_control(reply("channels", request_id, channels=names))
+        self.send_control(reply("channels", request_id, channels=names))
 
     def _unsubscribe(self, req: Unsubscribe) -> None:
         hub = self.server.hub

@@ -15,6 +15,7 @@ import gc
 import hashlib
 import logging
 import os
+import socket
 import struct
 import time
 import tracemalloc
@@ -171,9 +172,15 @@ class RawClient:
 
 
 @contextlib.asynccontextmanager
-async def raw_ws(port: int) -> AsyncIterator[RawClient]:
-    """A raw connection that completed the opening handshake and read `welcome`."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def raw_ws(port: int, *, rcvbuf: int | None = None) -> AsyncIterator[RawClient]:
+    """A raw connection that completed the opening handshake and read `welcome`; `rcvbuf`
+    shrinks its kernel receive buffer (a client whose reading the server feels at once)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock)
     client = RawClient(reader, writer)
     try:
         key = base64.b64encode(os.urandom(16))
