@@ -35,9 +35,9 @@ from tickwire.core.events import encode_body
 from tickwire.core.redis_process import RedisProcess, free_port
 from tickwire.core.redis_wire import RedisConnection
 from tickwire.feeds.publisher import Publisher
-from tickwire.server.admission import client_ip, handshake_token
+from tickwire.server.admission import client_ip, handshake_token, ip_group, same_origin
 from tickwire.server.app import TickwireServer
-from tickwire.server.auth import ApiKeys, Authenticator, Entitlement
+from tickwire.server.auth import ApiKeys, Authenticator, Entitlement, key_id
 from tickwire.server.session import Authenticated, ClientSession, Close, welcome_message
 
 from .conftest import Recorder, server_config
@@ -140,10 +140,17 @@ def config(redis: RedisProcess, auth: AuthConfig | None = None, **fields: Any) -
 
 @contextlib.asynccontextmanager
 async def client(
-    url: str, *, token: str | None = None, origin: str | None = None
+    url: str,
+    *,
+    token: str | None = None,
+    origin: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> AsyncIterator[Recorder]:
-    """A recording client that sends `token` as `Authorization: Bearer`, waits for welcome."""
-    headers = {"Authorization": f"Bearer {token}"} if token else None
+    """A recording client that sends `token` as `Authorization: Bearer` (and `headers`), waits
+    for welcome."""
+    headers = dict(headers or {})
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     ws = await websockets.connect(
         url,
         compression=None,
@@ -159,12 +166,29 @@ async def client(
         await rec.close()
 
 
-async def refused(url: str, *, token: str | None = None, origin: str | None = None) -> int:
+async def refused(
+    url: str,
+    *,
+    token: str | None = None,
+    origin: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> int:
     """The HTTP status of a refused upgrade (fails the test if the upgrade succeeds)."""
+    return (await refusal(url, token=token, origin=origin, headers=headers))[0]
+
+
+async def refusal(
+    url: str,
+    *,
+    token: str | None = None,
+    origin: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, bytes]:
+    """The HTTP status and body of a refused upgrade (fails the test if it succeeds)."""
     with pytest.raises(InvalidStatus) as info:
-        async with client(url, token=token, origin=origin):
+        async with client(url, token=token, origin=origin, headers=headers):
             pass
-    return info.value.response.status_code
+    return info.value.response.status_code, bytes(info.value.response.body)
 
 
 async def wait_closed(rec: Recorder, timeout: float = 10.0) -> tuple[int | None, str | None]:
@@ -676,12 +700,19 @@ async def test_origin_allowlist(redis_server: RedisProcess, redis: RedisConnecti
 async def test_connection_caps_429_per_ip_503_in_total_and_slots_come_back(
     redis_server: RedisProcess, redis: RedisConnection
 ) -> None:
-    cfg = config(redis_server, max_connections_per_ip=2)
-    async with TickwireServer(cfg) as srv, client(srv.url), client(srv.url) as second:
-        assert await refused(srv.url) == 429
+    # Loopback clients are not counted per IP (see test_per_ip_cap_counts_ipv6_per_64_and_not_
+    # loopback): the clients here say which IP they are through the proxy header.
+    cfg = config(redis_server, max_connections_per_ip=2, client_ip_header="X-Forwarded-For")
+    ip = {"X-Forwarded-For": "192.0.2.7"}
+    async with (
+        TickwireServer(cfg) as srv,
+        client(srv.url, headers=ip),
+        client(srv.url, headers=ip) as second,
+    ):
+        assert await refused(srv.url, headers=ip) == 429
         await second.close()
         await eventually(lambda: srv.admission.open == 1, "the slot to come back")
-        async with client(srv.url):
+        async with client(srv.url, headers=ip):
             pass
     cfg = config(redis_server, max_connections=1)
     async with TickwireServer(cfg) as srv:
@@ -757,3 +788,239 @@ async def test_subscription_cap_open_timeout_and_ping_timeout(
         ws.transport.pause_reading()
         await eventually(lambda: not srv.connections, "the unresponsive client to go")
         ws.transport.abort()
+
+
+# -- issue 22: time claims, audience, caps, origins and exposure ---------------------------------
+#: JWT time claims that are no date: each must be refused with a reason, never crash or be
+#: taken as "never expires" (NaN and Infinity are what Python's JSON reads and writes for them).
+BAD_TIME_CLAIMS: list[tuple[dict[str, Any], str]] = [
+    ({"exp": 10**400}, "'exp' is out of range"),
+    ({"exp": 2**63}, "'exp' is out of range"),
+    ({"exp": float("inf")}, "'exp' must be a finite number"),
+    ({"exp": float("-inf")}, "'exp' must be a finite number"),
+    ({"exp": float("nan")}, "'exp' must be a finite number"),
+    ({"exp": -1}, "'exp' is out of range"),
+    ({"exp": "4102444800"}, "'exp' must be a number"),
+    ({"exp": True}, "'exp' must be a number"),
+    ({"nbf": 10**400}, "'nbf' is out of range"),
+    ({"nbf": float("nan")}, "'nbf' must be a finite number"),
+    ({"nbf": "0"}, "'nbf' must be a number"),
+    ({"iat": 10**400}, "'iat' is out of range"),
+    ({"iat": float("inf")}, "'iat' must be a finite number"),
+    ({"iat": "now"}, "'iat' must be a number"),
+    ({"iat": time.time() + 3600}, "issued in the future"),
+]
+
+
+def test_jwt_time_claims_must_be_dates(auth: AuthConfig) -> None:
+    authn = Authenticator(dataclasses.replace(auth, jwt_leeway_s=30))
+    now = time.time()
+    for claims, why in BAD_TIME_CLAIMS:
+        with pytest.raises(AuthError, match=why):
+            authn.authenticate(hs256(["*"], **claims), now)
+    # RFC 7519 NumericDate may have a fraction: finite floats in range are dates.
+    grant = authn.authenticate(hs256(["*"], exp=now + 60.25, nbf=now - 0.5, iat=now - 1.5), now)
+    assert grant.expires_at == pytest.approx(now + 60.25 + 30)
+    # `iat` a little ahead of the server's clock is within the leeway (clock skew).
+    assert authn.authenticate(hs256(["*"], iat=int(now) + 20), now).subject == "alice"
+
+
+async def test_jwt_time_claims_that_are_no_dates_get_401_and_unauthorized(
+    redis_server: RedisProcess,
+    redis: RedisConnection,
+    auth: AuthConfig,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with TickwireServer(config(redis_server, auth)) as srv:
+        # A refresh on an open connection: the error names the reason, the connection stays.
+        async with client(srv.url, token=KEY_ALL) as kept:
+            for claims, why in BAD_TIME_CLAIMS:
+                # In the handshake: 401 with the reason, never a 500.
+                status, body = await refusal(srv.url, token=hs256(["*"], **claims))
+                assert status == 401 and why in body.decode(), (claims, status, body)
+                err = await kept.request("auth", token=hs256(["*"], **claims))
+                assert err["type"] == "error" and err["code"] == "unauthorized", claims
+                assert why in err["message"], (claims, err)
+            assert (await kept.request("ping"))["type"] == "pong"
+        # As the first message: closed 4001 like any bad credential, not 1011.
+        for claims, _ in BAD_TIME_CLAIMS[:3]:
+            async with client(srv.url) as c:
+                await c.send_raw(orjson.dumps({"op": "auth", "token": hs256(["*"], **claims)}))
+                assert await wait_closed(c) == (4001, "unauthorized")
+        assert srv.metrics.handshakes_refused == {401: len(BAD_TIME_CLAIMS)}
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+
+
+async def test_jwt_for_another_audience_is_refused_when_one_is_configured(
+    redis_server: RedisProcess, redis: RedisConnection, auth: AuthConfig
+) -> None:
+    cfg = config(redis_server, dataclasses.replace(auth, jwt_audience="tickwire"))
+    async with TickwireServer(cfg) as srv:
+        for claims in ({"aud": "other"}, {}, {"aud": ["other", "x"]}, {"aud": 7}):
+            status, body = await refusal(srv.url, token=hs256(["*"], **claims))
+            assert status == 401, (claims, status)
+            assert body in (
+                b"invalid token: no 'aud' claim\n",
+                b"invalid token: wrong audience or issuer\n",
+            ), body
+        async with client(srv.url, token=hs256(["*"], aud="tickwire")):
+            pass
+        async with client(srv.url, token=hs256(["*"], aud=["other", "tickwire"])):
+            pass
+        async with client(srv.url) as c:  # the same rule for an `auth` message
+            await c.send_raw(orjson.dumps({"op": "auth", "token": hs256(["*"], aud="other")}))
+            assert await wait_closed(c) == (4001, "unauthorized")
+
+
+def test_safe_defaults_and_the_exposure_rule(auth: AuthConfig) -> None:
+    defaults = load_server_config(None)
+    assert defaults.allowed_origins == () and not defaults.public
+    assert defaults.max_connections_per_ip == 1000
+    assert defaults.max_connections_per_credential == 100
+    # Anyone on a non-loopback address with auth off: only when asked for.
+    for host in ("0.0.0.0", "", "::", "192.0.2.1", "example.com"):
+        with pytest.raises(ConfigError, match=r"--public.*public = true"):
+            load_server_config(None, host=host)
+        with pytest.raises(ConfigError, match="--public"):
+            TickwireServer(ServerConfig(host=host))
+        assert load_server_config(None, host=host, public=True).public
+        assert load_server_config(None, host=host, auth={"api_keys_file": "k"}).auth.enabled
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert load_server_config(None, host=host).host == host
+    with pytest.raises(ConfigError, match="list nothing else"):
+        load_server_config(None, allowed_origins=("*", "https://a.example"))
+    assert load_server_config(None, allowed_origins=("*",)).allowed_origins == ("*",)
+
+
+async def test_serve_on_a_public_address_without_auth_refuses_and_names_the_flag() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        TICKWIRE,
+        "serve",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "0",
+        "--workers",
+        "1",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 1
+    assert b"--public" in err and b"public = true" in err
+    help_text = subprocess.run(
+        [TICKWIRE, "serve", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for flag in ("--public", "--max-connections-per-credential", "--jwt-audience"):
+        assert flag in help_text
+
+
+async def test_default_origin_policy_is_same_origin_and_star_opens_it(
+    redis_server: RedisProcess, redis: RedisConnection
+) -> None:
+    async with TickwireServer(config(redis_server)) as srv:
+        own = f"http://127.0.0.1:{srv.port}"
+        async with client(srv.url, origin=own):  # the page the server itself serves
+            pass
+        async with client(srv.url):  # no Origin: not a browser
+            pass
+        for origin in (
+            "https://evil.example",
+            f"http://localhost:{srv.port}",  # another host name is another origin
+            "http://127.0.0.1",  # the default port 80, not the server's
+            f"http://127.0.0.1:{srv.port + 1}",
+            "null",  # a sandboxed frame or a local file
+            f"ftp://127.0.0.1:{srv.port}",
+            f"http://127.0.0.1:{srv.port}/path",
+        ):
+            assert await refusal(srv.url, origin=origin) == (403, b"origin not allowed\n"), origin
+    # Behind a TLS proxy the Host has no port: https://host and wss default to 443.
+    assert same_origin("https://app.example", "app.example")
+    assert same_origin("https://app.example:443", "APP.example")
+    assert same_origin("http://[::1]:8765", "[::1]:8765")
+    assert not same_origin("http://app.example", "app.example:8765")
+    assert not same_origin("https://app.example", "app.example:80")
+    assert not same_origin("https://app.example", None)
+    assert not same_origin("https://app.example:99999", "app.example:99999")
+    opened = config(redis_server, allowed_origins=("*",))
+    async with TickwireServer(opened) as srv, client(srv.url, origin="https://evil.example"):
+        pass
+
+
+async def test_per_ip_cap_counts_ipv6_per_64_and_not_loopback(
+    redis_server: RedisProcess, redis: RedisConnection
+) -> None:
+    # Loopback peers (this machine: the bench, the demo, a local proxy) are not counted.
+    cfg = config(redis_server, max_connections_per_ip=1)
+    async with TickwireServer(cfg) as srv, client(srv.url), client(srv.url), client(srv.url):
+        assert srv.admission.open == 3 and srv.admission.per_ip == {}
+    cfg = config(redis_server, max_connections_per_ip=2, client_ip_header="X-Real-IP")
+
+    def ip(addr: str) -> dict[str, str]:
+        return {"X-Real-IP": addr}
+
+    async with (
+        TickwireServer(cfg) as srv,
+        client(srv.url, headers=ip("2001:db8:0:0::1")),
+        client(srv.url, headers=ip("2001:db8::ffff:2")),
+    ):
+        # A third address of the same /64 is the same subscriber.
+        assert await refused(srv.url, headers=ip("2001:db8::abcd:1234:5678:9abc")) == 429
+        async with client(srv.url, headers=ip("2001:db8:0:1::1")):  # the next /64
+            pass
+        async with (
+            client(srv.url, headers=ip("192.0.2.1")),
+            client(srv.url, headers=ip("::ffff:192.0.2.1")),
+        ):
+            assert await refused(srv.url, headers=ip("192.0.2.1")) == 429
+        await eventually(
+            lambda: srv.admission.per_ip == {"2001:db8::/64": 2}, "the other slots to come back"
+        )
+    assert ip_group("::1") is None and ip_group("127.9.9.9") is None
+    assert ip_group("unix") == "unix"
+
+
+async def test_per_credential_cap_on_handshake_auth_message_and_refresh(
+    redis_server: RedisProcess, redis: RedisConnection, auth: AuthConfig
+) -> None:
+    cfg = config(redis_server, auth, max_connections_per_credential=2)
+    async with (
+        TickwireServer(cfg) as srv,
+        client(srv.url, token=KEY_BTC),
+        client(srv.url, token=KEY_BTC) as second,
+    ):
+        assert await refusal(srv.url, token=KEY_BTC) == (
+            429,
+            b"too many connections for this credential\n",
+        )
+        async with client(srv.url) as late:  # the same key in an `auth` message
+            await late.send_raw(orjson.dumps({"op": "auth", "token": KEY_BTC}))
+            assert await wait_closed(late) == (1013, "too many connections for this credential")
+        # Other credentials are not affected; a refresh onto the full one is refused and the
+        # connection keeps its grant.
+        async with client(srv.url, token=KEY_QUOTES) as other:
+            err = await other.request("auth", token=KEY_BTC)
+            assert err["code"] == "forbidden" and "too many connections" in err["message"]
+            assert (await other.request("subscribe", channels=["quotes:*"]))["type"] == (
+                "subscribed"
+            )
+        # One JWT subject is one credential, whichever token it comes with.
+        async with client(srv.url, token=hs256(["*"])), client(srv.url, token=hs256(["*"])):
+            assert await refused(srv.url, token=hs256(["quotes:*"], exp_in=99)) == 429
+        await second.close()
+        await eventually(
+            lambda: srv.admission.per_credential.get("key:" + key_id(KEY_BTC)) == 1,
+            "the credential's slot to come back",
+        )
+        async with client(srv.url, token=KEY_QUOTES) as moved:  # a refresh moves the slot
+            assert (await moved.request("auth", token=KEY_BTC))["type"] == "authenticated"
+            assert srv.admission.per_credential["key:" + key_id(KEY_BTC)] == 2
+            assert "key:" + key_id(KEY_QUOTES) not in srv.admission.per_credential
+    await eventually(lambda: srv.admission.per_credential == {}, "every credential slot back")
+    assert srv.admission.open == 0
