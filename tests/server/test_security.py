@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
+import json
 import logging
 import secrets
 import signal
@@ -17,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import jwt
 import orjson
@@ -24,18 +26,34 @@ import pytest
 import websockets
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from websockets.datastructures import Headers
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Origin
 
 from tests.conftest import eventually
 from tickwire.core.channels import Channel, ChannelPattern
-from tickwire.core.config import AuthConfig, PublisherConfig, ServerConfig, load_server_config
+from tickwire.core.config import (
+    AuthConfig,
+    Limits,
+    PublisherConfig,
+    ServerConfig,
+    load_server_config,
+)
 from tickwire.core.errors import AuthError, ChannelError, ConfigError
 from tickwire.core.events import encode_body
 from tickwire.core.redis_process import RedisProcess, free_port
 from tickwire.core.redis_wire import RedisConnection
 from tickwire.feeds.publisher import Publisher
-from tickwire.server.admission import client_ip, handshake_token, ip_group, same_origin
+from tickwire.server.admission import (
+    Admission,
+    Refused,
+    client_ip,
+    handshake_token,
+    ip_group,
+    same_origin,
+)
 from tickwire.server.app import TickwireServer
 from tickwire.server.auth import ApiKeys, Authenticator, Entitlement, key_id
 from tickwire.server.session import Authenticated, ClientSession, Close, welcome_message
@@ -1024,3 +1042,163 @@ async def test_per_credential_cap_on_handshake_auth_message_and_refresh(
             assert "key:" + key_id(KEY_QUOTES) not in srv.admission.per_credential
     await eventually(lambda: srv.admission.per_credential == {}, "every credential slot back")
     assert srv.admission.open == 0
+
+
+# -- fuzzing the auth path (the session fuzz in test_session.py runs with auth off) --------------
+@pytest.fixture(scope="module")
+def fuzz_authenticator(tmp_path_factory: pytest.TempPathFactory) -> Authenticator:
+    keys = tmp_path_factory.mktemp("fuzz") / "keys"
+    keys.write_text(KEYS)
+    return Authenticator(
+        AuthConfig(api_keys_file=str(keys), jwt_secret_env=SECRET_ENV, jwt_leeway_s=5),
+        environ={SECRET_ENV: SECRET},
+    )
+
+
+FUZZ_NOW = time.time()
+#: What a claim may hold: dates, no dates, and what JSON (as Python writes it) can carry.
+claim_values: st.SearchStrategy[Any] = (
+    st.sampled_from(
+        [
+            FUZZ_NOW - 60,
+            FUZZ_NOW + 60,
+            int(FUZZ_NOW) + 3600,
+            0,
+            -1,
+            2**53,
+            2**63,
+            10**400,
+            -(10**400),
+            float("inf"),
+            float("-inf"),
+            float("nan"),
+            1e308,
+            True,
+            None,
+            "",
+            "1",
+            [],
+            {},
+            ["*"],
+        ]
+    )
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=6)
+)
+jwt_claims = st.fixed_dictionaries(
+    {},
+    optional={
+        "exp": claim_values,
+        "nbf": claim_values,
+        "iat": claim_values,
+        "sub": claim_values,
+        "iss": claim_values,
+        "aud": claim_values,
+        "channels": st.sampled_from([["*"], "quotes:* trades:BTC-USD", ["orders:*"], [1], "*"])
+        | claim_values,
+    },
+)
+
+
+def _signed(claims: dict[str, Any]) -> str:
+    """An HS256 token signed with the server's secret, made by hand: PyJWT refuses to encode
+    some claims (a non-string `iss`), and only `json` writes NaN, the infinities and huge
+    integers as a careless or hostile issuer would."""
+    b64 = jwt.utils.base64url_encode
+    body = json.dumps(claims).encode()
+    signing = b64(b'{"alg":"HS256","typ":"JWT"}') + b"." + b64(body)
+    mac = hmac.new(SECRET.encode(), signing, hashlib.sha256).digest()
+    return (signing + b"." + b64(mac)).decode()
+
+
+def _mangled(claims: dict[str, Any], at: int, char: str) -> str:
+    token = _signed(claims)
+    at %= len(token)
+    return token[:at] + char + token[at + 1 :]
+
+
+tokens = st.one_of(
+    jwt_claims.map(_signed),
+    st.builds(_mangled, jwt_claims, st.integers(0, 10_000), st.sampled_from("A._-=/+ %~")),
+    st.sampled_from([KEY_ALL, KEY_BTC, KEY_ALL + "x", "", "a.b.c", "..", "x" * 9000]),
+    # Printable ASCII: what a header can carry (the query string takes anything, encoded).
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40),
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    token=tokens,
+    place=st.sampled_from(["bearer", "query", "both", "twice", "scheme"]),
+    origin=st.sampled_from([None, "https://evil.example", "http://127.0.0.1:8765", "null"]),
+)
+def test_fuzzed_handshake_tokens_get_an_answer_never_an_exception(
+    fuzz_authenticator: Authenticator, token: str, place: str, origin: str | None
+) -> None:
+    admission = Admission(
+        ServerConfig(auth=fuzz_authenticator.config, max_connections_per_credential=1),
+        fuzz_authenticator,
+    )
+    pairs = [("Host", "127.0.0.1:8765")]
+    if origin is not None:
+        pairs.append(("Origin", origin))
+    path = "/ws"
+    if place in ("bearer", "both", "twice"):
+        pairs.append(("Authorization", f"Bearer {token}"))
+    if place == "twice":
+        pairs.append(("Authorization", f"Bearer {KEY_ALL}"))
+    if place == "scheme":
+        pairs.append(("Authorization", token))
+    if place in ("query", "both"):
+        path += "?" + urlencode({"token": token})
+    for _ in range(2):  # the second one meets a credential at its cap
+        decision = admission.admit(Headers(pairs), path, "192.0.2.1", FUZZ_NOW)
+        if isinstance(decision, Refused):
+            assert decision.status.value in {400, 401, 403, 429}, decision
+            assert decision.reason and (len(token) < 8 or token not in decision.reason)
+        else:
+            assert origin in (None, "http://127.0.0.1:8765") and place != "twice"
+            assert decision.grant is None or decision.grant.credential
+    assert 0 <= admission.open <= 2
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    token=tokens | st.integers() | st.none() | st.lists(st.text(max_size=3), max_size=2),
+    request_id=st.none() | st.integers() | st.text(max_size=3) | st.floats(),
+    refresh=st.booleans(),
+)
+def test_fuzzed_auth_messages_get_a_typed_answer_never_an_exception(
+    fuzz_authenticator: Authenticator, token: object, request_id: object, refresh: bool
+) -> None:
+    full = "key:" + key_id(KEY_BTC)  # a credential at its connection cap
+
+    def claim(grant: Any) -> str | None:
+        return "too many connections for this credential" if grant.credential == full else None
+
+    session = ClientSession(Limits(), fuzz_authenticator, claim=claim)
+    if refresh:  # a connection that has a grant already
+        ok = session.receive(orjson.dumps({"op": "auth", "token": KEY_ALL}), 0.0, 0)
+        assert isinstance(ok, Authenticated)
+    message = json.dumps({"op": "auth", "id": request_id, "token": token})
+    now_ns = int(FUZZ_NOW * 1e9)
+    for _ in range(2):  # the second time it is a refresh if the first one succeeded
+        before = session.grant
+        action = session.receive(message, 0.0, now_ns)
+        if isinstance(action, Authenticated):
+            assert action.grant.credential and action.grant.credential != full
+            assert session.grant is action.grant
+        elif isinstance(action, Close):
+            assert before is None
+            assert action in (
+                Close(4001, "unauthorized"),
+                Close(1013, "too many connections for this credential"),
+            )
+            return
+        else:
+            assert isinstance(action, bytes), action
+            doc = orjson.loads(action)
+            assert before is not None and doc["type"] == "error", doc
+            assert doc["code"] in {"unauthorized", "forbidden", "bad_request"}, doc
+            assert session.grant is before
