@@ -6,6 +6,8 @@ a reply to send (`bytes`), or `Close`. It never raises for anything a client sen
 
 With an authenticator and no grant yet, the session is waiting for `{"op":"auth"}`: anything else
 closes with 4001. Once it has a grant, subscriptions must lie inside the grant's entitlements.
+An `auth` grant is taken only if `claim` agrees (the per-credential connection cap): else the
+first `auth` closes with 1013 and a refresh gets `forbidden`.
 """
 
 from __future__ import annotations
