@@ -44,10 +44,6 @@ class Admitted:
     #: The grant of a valid handshake token; None when auth is off or the token comes later.
     grant: Grant | None
 
-    @property
-    def ip(self) -> str:
-        return self.slot.ip
-
 
 @dataclass(frozen=True, slots=True)
 class Refused:

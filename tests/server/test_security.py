@@ -26,7 +26,7 @@ import pytest
 import websockets
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from websockets.datastructures import Headers
 from websockets.exceptions import InvalidStatus
@@ -1057,39 +1057,37 @@ def fuzz_authenticator(tmp_path_factory: pytest.TempPathFactory) -> Authenticato
 
 FUZZ_NOW = time.time()
 #: What a claim may hold: dates, no dates, and what JSON (as Python writes it) can carry.
-claim_values: st.SearchStrategy[Any] = (
-    st.sampled_from(
-        [
-            FUZZ_NOW - 60,
-            FUZZ_NOW + 60,
-            int(FUZZ_NOW) + 3600,
-            0,
-            -1,
-            2**53,
-            2**63,
-            10**400,
-            -(10**400),
-            float("inf"),
-            float("-inf"),
-            float("nan"),
-            1e308,
-            True,
-            None,
-            "",
-            "1",
-            [],
-            {},
-            ["*"],
-        ]
-    )
-    | st.integers()
-    | st.floats()
-    | st.text(max_size=6)
+#: Time claims at the edges: dates (now, around it), and what is no date (out of range, not
+#: finite, not a number) as a careless or hostile issuer could write it.
+EDGE_TIMES: list[Any] = [
+    FUZZ_NOW - 60,
+    FUZZ_NOW + 60,
+    int(FUZZ_NOW) + 3600,
+    0,
+    -1,
+    2**53,
+    2**63,
+    10**400,
+    -(10**400),
+    float("inf"),
+    float("-inf"),
+    float("nan"),
+    1e308,
+    True,
+    None,
+    "",
+    "1",
+    [],
+    {},
+]
+claim_values: st.SearchStrategy[Any] = st.one_of(
+    st.sampled_from(EDGE_TIMES), st.integers(), st.floats(), st.text(max_size=6)
 )
+# `exp` is there more often than not: without it nothing else is looked at.
 jwt_claims = st.fixed_dictionaries(
     {},
     optional={
-        "exp": claim_values,
+        "exp": st.sampled_from(EDGE_TIMES) | claim_values,
         "nbf": claim_values,
         "iat": claim_values,
         "sub": claim_values,
@@ -1120,6 +1118,12 @@ def _mangled(claims: dict[str, Any], at: int, char: str) -> str:
 
 tokens = st.one_of(
     jwt_claims.map(_signed),
+    # Signed, in the future, with one time claim at an edge: what reaches the time checks.
+    st.builds(
+        lambda claim, value: _signed({"exp": FUZZ_NOW + 60, "channels": ["*"], claim: value}),
+        st.sampled_from(["exp", "nbf", "iat"]),
+        claim_values,
+    ),
     st.builds(_mangled, jwt_claims, st.integers(0, 10_000), st.sampled_from("A._-=/+ %~")),
     st.sampled_from([KEY_ALL, KEY_BTC, KEY_ALL + "x", "", "a.b.c", "..", "x" * 9000]),
     # Printable ASCII: what a header can carry (the query string takes anything, encoded).
@@ -1128,6 +1132,8 @@ tokens = st.one_of(
 
 
 @settings(max_examples=1500, deadline=None)
+@example(token=_signed({"exp": 10**400}), place="bearer", origin=None)
+@example(token=KEY_ALL, place="twice", origin=None)
 @given(
     token=tokens,
     place=st.sampled_from(["bearer", "query", "both", "twice", "scheme"]),
@@ -1164,6 +1170,8 @@ def test_fuzzed_handshake_tokens_get_an_answer_never_an_exception(
 
 
 @settings(max_examples=1500, deadline=None)
+@example(token=_signed({"exp": 10**400}), request_id=1, refresh=False)
+@example(token=_signed({"exp": FUZZ_NOW + 60, "iat": float("inf")}), request_id=1, refresh=True)
 @given(
     token=tokens | st.integers() | st.none() | st.lists(st.text(max_size=3), max_size=2),
     request_id=st.none() | st.integers() | st.text(max_size=3) | st.floats(),
