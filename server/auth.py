@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+import orjson
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -338,7 +339,9 @@ class Authenticator:
         subject = claims.get("sub")
         issuer = claims.get("iss")
         if isinstance(subject, str) and subject:
-            credential = f"jwt:{issuer if isinstance(issuer, str) else ''}:{subject}"
+            # JSON keeps ("a:b", "c") and ("a", "b:c") apart.
+            pair = [issuer if isinstance(issuer, str) else "", subject]
+            credential = "jwt:" + orjson.dumps(pair).decode()
         else:
             credential = "jwt-token:" + key_id(token)
         return Grant(

@@ -843,6 +843,29 @@ def test_jwt_time_claims_must_be_dates(auth: AuthConfig) -> None:
     assert authn.authenticate(hs256(["*"], iat=int(now) + 20), now).subject == "alice"
 
 
+def test_credentials_are_the_api_key_or_the_jwt_issuer_and_subject(auth: AuthConfig) -> None:
+    """What `max_connections_per_credential` counts connections under."""
+    authn = Authenticator(auth)
+    now = time.time()
+
+    def credential(token: str) -> str:
+        return authn.authenticate(token, now).credential
+
+    assert credential(KEY_BTC) == "key:" + key_id(KEY_BTC) != credential(KEY_ALL)
+    # One subject of one issuer, whatever the token.
+    assert credential(hs256(["*"], iss="a")) == credential(hs256(["quotes:*"], iss="a", exp_in=9))
+    assert credential(hs256(["*"], iss="a:b", sub="c")) != credential(
+        hs256(["*"], iss="a", sub="b:c")
+    )
+    assert credential(hs256(["*"], iss="a")) != credential(hs256(["*"], iss="b"))
+    # No subject: the token itself, so that subject-less tokens do not share one count.
+    anonymous = [
+        jwt.encode({"exp": now + ttl, "channels": ["*"]}, SECRET, algorithm="HS256")
+        for ttl in (60, 90)
+    ]
+    assert len({credential(t) for t in anonymous}) == 2
+
+
 async def test_jwt_time_claims_that_are_no_dates_get_401_and_unauthorized(
     redis_server: RedisProcess,
     redis: RedisConnection,
