@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import mimetypes
 import signal
@@ -23,10 +24,10 @@ from websockets.protocol import State
 
 from tickwire import __version__
 from tickwire.core.channels import Channel, ChannelPattern
-from tickwire.core.config import ServerConfig
+from tickwire.core.config import ServerConfig, check_exposure
 from tickwire.core.errors import ConfigError, RedisUnavailable
 from tickwire.core.runtime import tune_gc
-from tickwire.server.admission import Admission, Refused
+from tickwire.server.admission import Admission, Admitted, Refused
 from tickwire.server.auth import Authenticator, Grant
 from tickwire.server.catchup import FROM_NOW, CatchUp, Target
 from tickwire.server.frames import text_frame
@@ -79,12 +80,16 @@ class Connection:
     """One client: its protocol session, outbox and the writes to its socket."""
 
     def __init__(
-        self, server: TickwireServer, ws: ServerConnection, grant: Grant | None = None
+        self, server: TickwireServer, ws: ServerConnection, admitted: Admitted | None = None
     ) -> None:
         self.server = server
         self.ws = ws
         limits = server.config.limits
-        self.session = ClientSession(limits, server.authenticator, grant)
+        grant, claim = None, None
+        if admitted is not None:
+            # An `auth` message counts the connection against its credential's cap.
+            grant, claim = admitted.grant, functools.partial(server.admission.claim, admitted.slot)
+        self.session = ClientSession(limits, server.authenticator, grant, claim)
         self.outbox = Outbox(limits.outbox_bytes, server.metrics.outbox)
         self.sub = Subscriber(
             self.outbox, self.flush, hold_limit=limits.max_held_bytes, write_now=self.write_now
@@ -447,11 +452,15 @@ class TickwireServer:
         self.config = config
         self.reuse_port = reuse_port
         self.metrics = Metrics()
+        # Refuses a non-loopback address without auth unless `public` (the CLI checks it too,
+        # this catches a config built in code).
+        check_exposure(config)
         #: None when auth is off; raises ConfigError for unreadable keys or a missing secret.
         self.authenticator = Authenticator(config.auth) if config.auth.enabled else None
         self.admission = Admission(config, self.authenticator)
-        # Grants of handshake tokens, from process_request to the connection handler.
-        self._grants: weakref.WeakKeyDictionary[ServerConnection, Grant] = (
+        # Admission decisions (slots, grants of handshake tokens), from process_request to the
+        # connection handler.
+        self._admitted: weakref.WeakKeyDictionary[ServerConnection, Admitted] = (
             weakref.WeakKeyDictionary()
         )
         self.hub = Hub()
@@ -572,7 +581,7 @@ class TickwireServer:
         return True
 
     async def _handle(self, ws: ServerConnection) -> None:
-        conn = Connection(self, ws, self._grants.pop(ws, None))
+        conn = Connection(self, ws, self._admitted.pop(ws, None))
         self.connections.add(conn)
         self.metrics.connections += 1
         self.metrics.connections_total += 1
@@ -636,12 +645,11 @@ class TickwireServer:
             return self._respond(
                 status, f"{decision.reason}\n".encode(), "text/plain", decision.headers
             )
-        ip = decision.ip
-        # The slot is given back when the TCP connection goes, whether or not the handshake
+        slot = decision.slot
+        # The slots are given back when the TCP connection goes, whether or not the handshake
         # completes (a client may drop it half-way; the handler would never run).
-        connection.connection_lost_waiter.add_done_callback(lambda _: self.admission.release(ip))
-        if decision.grant is not None:
-            self._grants[connection] = decision.grant
+        connection.connection_lost_waiter.add_done_callback(lambda _: self.admission.release(slot))
+        self._admitted[connection] = decision
         return None
 
     def health(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+import orjson
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -110,6 +112,9 @@ class Grant:
     expires_at: float | None = None
     #: The SHA-256 of an API key (not secret), to check the key again after a reload.
     key_id: str | None = None
+    #: Who connections are counted under for `max_connections_per_credential`: the API key,
+    #: or the JWT's issuer and subject (the token itself when it names no subject).
+    credential: str = ""
 
     def allows(self, pattern: ChannelPattern) -> bool:
         return any(e.covers(pattern) for e in self.entitlements)
@@ -162,7 +167,9 @@ class ApiKeys:
                 raise ConfigError(f"{where}: {exc}") from None
             if not entitlements:
                 raise ConfigError(f"{where}: a key needs at least one channel pattern")
-            grants[m.group(1)] = Grant(name, entitlements, key_id=m.group(1))
+            grants[m.group(1)] = Grant(
+                name, entitlements, key_id=m.group(1), credential="key:" + m.group(1)
+            )
         return cls(grants)
 
     @classmethod
@@ -312,11 +319,14 @@ class Authenticator:
             raise AuthError("invalid token: wrong audience or issuer") from None
         except jwt.InvalidTokenError:
             raise AuthError("invalid token") from None
-        exp = _number(claims.get("exp"), "exp")
-        if now >= exp + cfg.jwt_leeway_s:
+        leeway = cfg.jwt_leeway_s
+        exp = _numeric_date(claims.get("exp"), "exp")
+        if now >= exp + leeway:
             raise AuthError("token expired")
-        if "nbf" in claims and now + cfg.jwt_leeway_s < _number(claims["nbf"], "nbf"):
+        if "nbf" in claims and now + leeway < _numeric_date(claims["nbf"], "nbf"):
             raise AuthError("token not yet valid")
+        if "iat" in claims and now + leeway < _numeric_date(claims["iat"], "iat"):
+            raise AuthError("token issued in the future")
         raw = claims.get(cfg.jwt_channels_claim, [])
         if isinstance(raw, str):
             raw = raw.replace(",", " ").split()
@@ -327,16 +337,36 @@ class Authenticator:
         except ChannelError:
             raise AuthError(f"invalid token: bad pattern in {cfg.jwt_channels_claim!r}") from None
         subject = claims.get("sub")
+        issuer = claims.get("iss")
+        if isinstance(subject, str) and subject:
+            # JSON keeps ("a:b", "c") and ("a", "b:c") apart.
+            pair = [issuer if isinstance(issuer, str) else "", subject]
+            credential = "jwt:" + orjson.dumps(pair).decode()
+        else:
+            credential = "jwt-token:" + key_id(token)
         return Grant(
             subject if isinstance(subject, str) else "jwt",
             entitlements,
-            expires_at=exp + cfg.jwt_leeway_s,
+            expires_at=exp + leeway,
+            credential=credential,
         )
 
 
-def _number(value: Any, claim: str) -> float:
+#: The latest time claim accepted: 9999-12-31T23:59:59Z. Past it a date is no date (and a
+#: huge integer would not even convert to a float).
+MAX_NUMERIC_DATE = 253_402_300_799
+
+
+def _numeric_date(value: Any, claim: str) -> float:
+    """A JWT time claim as Unix seconds. RFC 7519 NumericDate: a JSON number, fractions allowed;
+    refused: anything else (strings, booleans), NaN and the infinities (which would make `exp`
+    never come), and numbers before 1970 or after 9999."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise AuthError(f"invalid token: {claim!r} must be a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise AuthError(f"invalid token: {claim!r} must be a finite number")
+    if not 0 <= value <= MAX_NUMERIC_DATE:
+        raise AuthError(f"invalid token: {claim!r} is out of range")
     return float(value)
 
 

@@ -6,12 +6,15 @@ a reply to send (`bytes`), or `Close`. It never raises for anything a client sen
 
 With an authenticator and no grant yet, the session is waiting for `{"op":"auth"}`: anything else
 closes with 4001. Once it has a grant, subscriptions must lie inside the grant's entitlements.
+An `auth` grant is taken only if `claim` agrees (the per-credential connection cap): else the
+first `auth` closes with 1013 and a refresh gets `forbidden`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +75,8 @@ INTERNAL_ERROR = 1011
 #: Close codes of the auth layer (4000-4999 are the application's).
 UNAUTHORIZED = 4001
 FORBIDDEN = 4003
+#: RFC 6455 "Try Again Later": the credential of a first `auth` is at its connection cap.
+TRY_AGAIN_LATER = 1013
 
 
 def error_message(code: str, message: str, request_id: RequestId = None) -> bytes:
@@ -133,10 +138,15 @@ class ClientSession:
     #: Set when the server requires credentials; `grant` then says what this client may read.
     authenticator: Authenticator | None = None
     grant: Grant | None = None
+    #: Asked before a grant from an `auth` message is taken: None to go ahead, else why not
+    #: (the connection layer's per-credential cap).
+    claim: Callable[[Grant], str | None] | None = None
     subscriptions: dict[str, ChannelPattern] = field(default_factory=dict)
     _tokens: float = field(init=False)
     _refilled_at: float | None = field(default=None, init=False)
-    _violations: int = field(default=0, init=False)
+    #: When the latest refused requests came (at most `rate_violations_before_close`; made at
+    #: the first refusal, as most clients never get one).
+    _violations: deque[float] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self._tokens = float(self.limits.rate_burst)
@@ -148,8 +158,7 @@ class ClientSession:
     def receive(self, data: bytes | str, now: float, now_ns: int = 0) -> Action:
         """Handle one client frame received at monotonic time `now`."""
         if not self._take_token(now):
-            self._violations += 1
-            if self._violations >= self.limits.rate_violations_before_close:
+            if self._persistent_violation(now):
                 return Close(1008, "rate limit exceeded")
             return error_message("rate_limited", "too many requests; slow down")
         size = len(data.encode() if isinstance(data, str) else data)
@@ -214,6 +223,12 @@ class ClientSession:
             raise ProtocolError(
                 "forbidden", f"the new token does not cover {', '.join(denied[:5])}"
             )
+        if self.claim is not None:
+            refusal = self.claim(grant)
+            if refusal is not None:
+                if self.grant is None:
+                    return Close(TRY_AGAIN_LATER, refusal)
+                raise ProtocolError("forbidden", refusal)
         self.grant = grant
         return Authenticated(
             request_id, grant, reply("authenticated", request_id, entitlements=grant.names)
@@ -231,6 +246,18 @@ class ClientSession:
             return Close(FORBIDDEN, "forbidden")
         self.grant = current
         return None
+
+    def _persistent_violation(self, now: float) -> bool:
+        """Count a refused request at `now`; True when `rate_violations_before_close` of them
+        came within `rate_violation_window_s` (older ones are forgotten)."""
+        limit = self.limits.rate_violations_before_close
+        if self._violations is None:
+            self._violations = deque(maxlen=max(1, limit))
+        self._violations.append(now)
+        return (
+            len(self._violations) >= limit
+            and now - self._violations[0] < self.limits.rate_violation_window_s
+        )
 
     def _take_token(self, now: float) -> bool:
         if self._refilled_at is not None:

@@ -157,8 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="TOML file with server settings and [limits] and [auth] tables"
     )
     sec = srv.add_argument_group(
-        "security (all off by default; see docs/operations.md)",
-        "Secrets are read from an environment variable or a file, never from a flag.",
+        "security (see docs/operations.md, Security, for an internet-facing checklist)",
+        "Secrets are read from an environment variable or a file, never from a flag. "
+        "Without credentials, a --host other than loopback needs --public.",
+    )
+    sec.add_argument(
+        "--public",
+        action="store_true",
+        default=None,
+        help="serve every channel to anyone without authentication on a non-loopback --host "
+        "(config: public = true); without it such a server refuses to start",
     )
     sec.add_argument(
         "--api-keys",
@@ -187,12 +195,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="require credentials; accept RS256 JWTs verified with this PEM public key",
     )
     sec.add_argument(
+        "--jwt-audience",
+        metavar="AUD",
+        default=None,
+        help="accept only JWTs whose `aud` names this audience (config: [auth] jwt_audience)",
+    )
+    sec.add_argument(
+        "--jwt-issuer",
+        metavar="ISS",
+        default=None,
+        help="accept only JWTs whose `iss` is this issuer (config: [auth] jwt_issuer)",
+    )
+    sec.add_argument(
         "--allow-origin",
         metavar="ORIGIN",
         action="append",
         default=None,
-        help="browser Origin allowed to open /ws, e.g. https://app.example.com (repeatable; "
-        "default: any)",
+        help="browser Origin allowed to open /ws, e.g. https://app.example.com (repeatable); "
+        "'*' allows any page (default: only pages of the server's own origin, as the request's "
+        "Host names it; clients that send no Origin are let in)",
     )
     sec.add_argument(
         "--max-connections",
@@ -206,8 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="open connections per client IP and worker process; more get HTTP 429 "
-        "(default: no cap)",
+        help="open connections per client IP (IPv6: per /64) and worker process; more get "
+        "HTTP 429; loopback clients are not counted (default 1000, 0: no cap)",
+    )
+    sec.add_argument(
+        "--max-connections-per-credential",
+        type=int,
+        default=None,
+        metavar="N",
+        help="open connections per API key or JWT subject and worker process; more get HTTP "
+        "429, or close 1013 after an auth message (default 100, 0: no cap)",
     )
 
     demo = sub.add_parser(
@@ -339,7 +368,7 @@ def cmd_bench(rest: list[str]) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
-    from tickwire.core.config import load_server_config
+    from tickwire.core.config import is_loopback, load_server_config
     from tickwire.server.app import serve_forever
     from tickwire.server.auth import Authenticator
     from tickwire.server.workers import run_workers
@@ -355,17 +384,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allowed_origins=tuple(args.allow_origin) if args.allow_origin else None,
         max_connections=args.max_connections,
         max_connections_per_ip=args.max_connections_per_ip,
+        max_connections_per_credential=args.max_connections_per_credential,
+        public=args.public,
         auth={
             "api_keys_file": args.api_keys,
             "jwt_secret_env": args.jwt_secret_env,
             "jwt_secret_file": args.jwt_secret_file,
             "jwt_public_key_file": args.jwt_public_key,
+            "jwt_audience": args.jwt_audience,
+            "jwt_issuer": args.jwt_issuer,
         },
     )
     if cfg.auth.enabled:
         # Fail here, once, on a missing secret or a malformed key file: not in every worker.
         Authenticator(cfg.auth)
-    elif cfg.host not in ("127.0.0.1", "localhost", "::1"):
+    elif not is_loopback(cfg.host):
+        # Only with --public (load_server_config refuses otherwise): say it once more.
         log.warning("authentication is off on %s: any client may read every channel", cfg.host)
     if cfg.workers > 1:
         return run_workers(cfg)

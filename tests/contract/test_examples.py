@@ -62,7 +62,7 @@ def test_contract_error_codes_gap_reasons_and_close_codes_match_protocol_md(
     reasons_cell = text[text.index("Reasons:") :].split("\n")[0]
     reasons = set(re.findall(r"`(\w+)` \(", reasons_cell))
     close_codes = {int(c) for c in re.findall(r"^\| (\d{4}) \|", section("Close codes"), re.M)}
-    assert len(error_codes) == 9 and len(reasons) == 4 and len(close_codes) == 9
+    assert len(error_codes) == 9 and len(reasons) == 4 and len(close_codes) == 10
     assert {"forbidden", "unauthorized"} <= error_codes and {4001, 4003} <= close_codes
     assert consts(contract, "ErrorCode") == error_codes
     assert consts(contract, "GapReason") == reasons
@@ -118,6 +118,7 @@ def test_close_codes_and_notice_codes_match_protocol_md(contract: Contract) -> N
         (4001, "token expired"),
         (4001, "credentials revoked"),
         (4003, "forbidden"),
+        (1013, "too many connections for this credential"),
     ]:
         assert f"`{reason}`" in described[code], (code, reason)
         row = re.search(rf"^\| {code} \|.*$", section("Close codes"), re.M)

@@ -15,11 +15,13 @@ import gc
 import hashlib
 import logging
 import os
+import secrets
 import socket
 import struct
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -27,7 +29,7 @@ import pytest
 
 from tests.conftest import eventually, timeout
 from tickwire.core.channels import Channel
-from tickwire.core.config import PublisherConfig
+from tickwire.core.config import AuthConfig, PublisherConfig
 from tickwire.core.events import encode_body
 from tickwire.core.redis_process import RedisProcess
 from tickwire.core.redis_wire import RedisConnection
@@ -579,6 +581,52 @@ async def test_garbage_and_malformed_requests_get_an_http_error_or_a_close(
     assert b"\r\nAllow: GET\r\n" in head and body == b""  # a response to HEAD has no body
     await bystander.still_served()
     await settled(srv, port)
+
+
+async def test_repeated_admission_headers_get_400_with_a_reason(
+    redis_server: RedisProcess, redis: RedisConnection, tmp_path: Path
+) -> None:
+    """Two Origin, Authorization, Host or client-IP headers: which one would count is
+    ambiguous (and websockets raises on the lookup, which was an ERROR and HTTP 500)."""
+    key = "tw_" + secrets.token_urlsafe(24)
+    keys = tmp_path / "keys"
+    keys.write_text(f"sha256:{hashlib.sha256(key.encode()).hexdigest()} k *\n")
+    cfg = dataclasses.replace(
+        server_config(redis_server),
+        auth=AuthConfig(api_keys_file=str(keys)),
+        client_ip_header="X-Forwarded-For",
+    )
+    bearer = f"Authorization: Bearer {key}\r\n".encode()
+    cases = {
+        "Origin": b"Origin: http://127.0.0.1\r\norigin: https://evil.example\r\n",
+        "Authorization": bearer + bearer,
+        "X-Forwarded-For": b"X-Forwarded-For: 192.0.2.1\r\nX-FORWARDED-FOR: 192.0.2.2\r\n",
+        "Host": b"Host: 127.0.0.1\r\n",  # UPGRADE has one already
+    }
+    async with TickwireServer(cfg) as server:
+        for name, extra in cases.items():
+            response = await http_exchange(
+                server.port, b"GET /ws HTTP/1.1\r\n" + UPGRADE + extra + b"\r\n"
+            )
+            assert status_of(response) == 400, (name, response[:200])
+            body = response.partition(b"\r\n\r\n")[2]
+            assert body == f"more than one {name} header\n".encode(), (name, body)
+            assert key.encode() not in response
+        # One of each is an ordinary, authenticated upgrade.
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(
+                b"GET /ws HTTP/1.1\r\n"
+                + UPGRADE
+                + bearer
+                + b"X-Forwarded-For: 192.0.2.1\r\nOrigin: http://127.0.0.1\r\n\r\n"
+            )
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout(5))
+            assert head.startswith(b"HTTP/1.1 101 "), head
+        finally:
+            writer.transport.abort()
+        assert server.metrics.handshakes_refused == {400: len(cases)}
+        await eventually(lambda: server.admission.open == 0, "every slot back")
 
 
 async def test_slowloris_handshake_is_dropped_at_the_open_timeout(

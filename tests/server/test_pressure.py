@@ -12,6 +12,7 @@ from tickwire.core.channels import REGISTRY_KEY
 from tickwire.core.redis_process import RedisProcess
 from tickwire.core.redis_wire import RedisConnection
 from tickwire.server.app import WRITE_HIGH, TickwireServer
+from tickwire.server.wsconnection import BoundedServerConnection
 
 from .conftest import server_config
 from .test_abuse import PING, frame, raw_ws
@@ -27,6 +28,7 @@ async def test_a_ping_flood_from_a_client_that_never_reads_is_not_buffered_witho
         raw_ws(srv.port, rcvbuf=4096) as ws,
     ):
         (conn,) = srv.connections
+        assert isinstance(conn.ws, BoundedServerConnection)
         pings = frame(PING, b"p" * 125) * 1000  # 131 KB of pings, each owed a pong
 
         async def flood() -> None:
@@ -37,7 +39,8 @@ async def test_a_ping_flood_from_a_client_that_never_reads_is_not_buffered_witho
         flooding = asyncio.create_task(flood())
         try:
             # The server stops reading the client once its unsent pongs pass the bound...
-            await eventually(lambda: conn.ws.reads_held, "the server to stop reading", 20)
+            ws_conn = conn.ws
+            await eventually(lambda: ws_conn.reads_held, "the server to stop reading", 20)
             bound = OUTBOX + WRITE_HIGH + 256 * 1024  # + the pongs of one read
             assert conn.ws.transport.get_write_buffer_size() <= bound
             # ...and then the flood stalls in the client's own buffers, not the server's.

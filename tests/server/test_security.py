@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
+import json
 import logging
 import secrets
 import signal
@@ -17,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import jwt
 import orjson
@@ -24,20 +26,36 @@ import pytest
 import websockets
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from websockets.datastructures import Headers
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Origin
 
 from tests.conftest import eventually
 from tickwire.core.channels import Channel, ChannelPattern
-from tickwire.core.config import AuthConfig, PublisherConfig, ServerConfig, load_server_config
+from tickwire.core.config import (
+    AuthConfig,
+    Limits,
+    PublisherConfig,
+    ServerConfig,
+    load_server_config,
+)
 from tickwire.core.errors import AuthError, ChannelError, ConfigError
 from tickwire.core.events import encode_body
 from tickwire.core.redis_process import RedisProcess, free_port
 from tickwire.core.redis_wire import RedisConnection
 from tickwire.feeds.publisher import Publisher
-from tickwire.server.admission import client_ip, handshake_token
+from tickwire.server.admission import (
+    Admission,
+    Refused,
+    client_ip,
+    handshake_token,
+    ip_group,
+    same_origin,
+)
 from tickwire.server.app import TickwireServer
-from tickwire.server.auth import ApiKeys, Authenticator, Entitlement
+from tickwire.server.auth import ApiKeys, Authenticator, Entitlement, key_id
 from tickwire.server.session import Authenticated, ClientSession, Close, welcome_message
 
 from .conftest import Recorder, server_config
@@ -140,10 +158,17 @@ def config(redis: RedisProcess, auth: AuthConfig | None = None, **fields: Any) -
 
 @contextlib.asynccontextmanager
 async def client(
-    url: str, *, token: str | None = None, origin: str | None = None
+    url: str,
+    *,
+    token: str | None = None,
+    origin: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> AsyncIterator[Recorder]:
-    """A recording client that sends `token` as `Authorization: Bearer`, waits for welcome."""
-    headers = {"Authorization": f"Bearer {token}"} if token else None
+    """A recording client that sends `token` as `Authorization: Bearer` (and `headers`), waits
+    for welcome."""
+    headers = dict(headers or {})
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     ws = await websockets.connect(
         url,
         compression=None,
@@ -159,12 +184,29 @@ async def client(
         await rec.close()
 
 
-async def refused(url: str, *, token: str | None = None, origin: str | None = None) -> int:
+async def refused(
+    url: str,
+    *,
+    token: str | None = None,
+    origin: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> int:
     """The HTTP status of a refused upgrade (fails the test if the upgrade succeeds)."""
+    return (await refusal(url, token=token, origin=origin, headers=headers))[0]
+
+
+async def refusal(
+    url: str,
+    *,
+    token: str | None = None,
+    origin: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, bytes]:
+    """The HTTP status and body of a refused upgrade (fails the test if it succeeds)."""
     with pytest.raises(InvalidStatus) as info:
-        async with client(url, token=token, origin=origin):
+        async with client(url, token=token, origin=origin, headers=headers):
             pass
-    return info.value.response.status_code
+    return info.value.response.status_code, bytes(info.value.response.body)
 
 
 async def wait_closed(rec: Recorder, timeout: float = 10.0) -> tuple[int | None, str | None]:
@@ -676,12 +718,19 @@ async def test_origin_allowlist(redis_server: RedisProcess, redis: RedisConnecti
 async def test_connection_caps_429_per_ip_503_in_total_and_slots_come_back(
     redis_server: RedisProcess, redis: RedisConnection
 ) -> None:
-    cfg = config(redis_server, max_connections_per_ip=2)
-    async with TickwireServer(cfg) as srv, client(srv.url), client(srv.url) as second:
-        assert await refused(srv.url) == 429
+    # Loopback clients are not counted per IP (see test_per_ip_cap_counts_ipv6_per_64_and_not_
+    # loopback): the clients here say which IP they are through the proxy header.
+    cfg = config(redis_server, max_connections_per_ip=2, client_ip_header="X-Forwarded-For")
+    ip = {"X-Forwarded-For": "192.0.2.7"}
+    async with (
+        TickwireServer(cfg) as srv,
+        client(srv.url, headers=ip),
+        client(srv.url, headers=ip) as second,
+    ):
+        assert await refused(srv.url, headers=ip) == 429
         await second.close()
         await eventually(lambda: srv.admission.open == 1, "the slot to come back")
-        async with client(srv.url):
+        async with client(srv.url, headers=ip):
             pass
     cfg = config(redis_server, max_connections=1)
     async with TickwireServer(cfg) as srv:
@@ -757,3 +806,430 @@ async def test_subscription_cap_open_timeout_and_ping_timeout(
         ws.transport.pause_reading()
         await eventually(lambda: not srv.connections, "the unresponsive client to go")
         ws.transport.abort()
+
+
+# -- issue 22: time claims, audience, caps, origins and exposure ---------------------------------
+#: JWT time claims that are no date: each must be refused with a reason, never crash or be
+#: taken as "never expires" (NaN and Infinity are what Python's JSON reads and writes for them).
+BAD_TIME_CLAIMS: list[tuple[dict[str, Any], str]] = [
+    ({"exp": 10**400}, "'exp' is out of range"),
+    ({"exp": 2**63}, "'exp' is out of range"),
+    ({"exp": float("inf")}, "'exp' must be a finite number"),
+    ({"exp": float("-inf")}, "'exp' must be a finite number"),
+    ({"exp": float("nan")}, "'exp' must be a finite number"),
+    ({"exp": -1}, "'exp' is out of range"),
+    ({"exp": "4102444800"}, "'exp' must be a number"),
+    ({"exp": True}, "'exp' must be a number"),
+    ({"nbf": 10**400}, "'nbf' is out of range"),
+    ({"nbf": float("nan")}, "'nbf' must be a finite number"),
+    ({"nbf": "0"}, "'nbf' must be a number"),
+    ({"iat": 10**400}, "'iat' is out of range"),
+    ({"iat": float("inf")}, "'iat' must be a finite number"),
+    ({"iat": "now"}, "'iat' must be a number"),
+    ({"iat": time.time() + 3600}, "issued in the future"),
+]
+
+
+def test_jwt_time_claims_must_be_dates(auth: AuthConfig) -> None:
+    authn = Authenticator(dataclasses.replace(auth, jwt_leeway_s=30))
+    now = time.time()
+    for claims, why in BAD_TIME_CLAIMS:
+        with pytest.raises(AuthError, match=why):
+            authn.authenticate(hs256(["*"], **claims), now)
+    # RFC 7519 NumericDate may have a fraction: finite floats in range are dates.
+    grant = authn.authenticate(hs256(["*"], exp=now + 60.25, nbf=now - 0.5, iat=now - 1.5), now)
+    assert grant.expires_at == pytest.approx(now + 60.25 + 30)
+    # `iat` a little ahead of the server's clock is within the leeway (clock skew).
+    assert authn.authenticate(hs256(["*"], iat=int(now) + 20), now).subject == "alice"
+
+
+def test_credentials_are_the_api_key_or_the_jwt_issuer_and_subject(auth: AuthConfig) -> None:
+    """What `max_connections_per_credential` counts connections under."""
+    authn = Authenticator(auth)
+    now = time.time()
+
+    def credential(token: str) -> str:
+        return authn.authenticate(token, now).credential
+
+    assert credential(KEY_BTC) == "key:" + key_id(KEY_BTC) != credential(KEY_ALL)
+    # One subject of one issuer, whatever the token.
+    assert credential(hs256(["*"], iss="a")) == credential(hs256(["quotes:*"], iss="a", exp_in=9))
+    assert credential(hs256(["*"], iss="a:b", sub="c")) != credential(
+        hs256(["*"], iss="a", sub="b:c")
+    )
+    assert credential(hs256(["*"], iss="a")) != credential(hs256(["*"], iss="b"))
+    # No subject: the token itself, so that subject-less tokens do not share one count.
+    anonymous = [
+        jwt.encode({"exp": now + ttl, "channels": ["*"]}, SECRET, algorithm="HS256")
+        for ttl in (60, 90)
+    ]
+    assert len({credential(t) for t in anonymous}) == 2
+
+
+async def test_jwt_time_claims_that_are_no_dates_get_401_and_unauthorized(
+    redis_server: RedisProcess,
+    redis: RedisConnection,
+    auth: AuthConfig,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with TickwireServer(config(redis_server, auth)) as srv:
+        # A refresh on an open connection: the error names the reason, the connection stays.
+        async with client(srv.url, token=KEY_ALL) as kept:
+            for claims, why in BAD_TIME_CLAIMS:
+                # In the handshake: 401 with the reason, never a 500.
+                status, body = await refusal(srv.url, token=hs256(["*"], **claims))
+                assert status == 401 and why in body.decode(), (claims, status, body)
+                err = await kept.request("auth", token=hs256(["*"], **claims))
+                assert err["type"] == "error" and err["code"] == "unauthorized", claims
+                assert why in err["message"], (claims, err)
+            assert (await kept.request("ping"))["type"] == "pong"
+        # As the first message: closed 4001 like any bad credential, not 1011.
+        for claims, _ in BAD_TIME_CLAIMS[:3]:
+            async with client(srv.url) as c:
+                await c.send_raw(orjson.dumps({"op": "auth", "token": hs256(["*"], **claims)}))
+                assert await wait_closed(c) == (4001, "unauthorized")
+        assert srv.metrics.handshakes_refused == {401: len(BAD_TIME_CLAIMS)}
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+
+
+async def test_jwt_for_another_audience_is_refused_when_one_is_configured(
+    redis_server: RedisProcess, redis: RedisConnection, auth: AuthConfig
+) -> None:
+    cfg = config(redis_server, dataclasses.replace(auth, jwt_audience="tickwire"))
+    async with TickwireServer(cfg) as srv:
+        for claims in ({"aud": "other"}, {}, {"aud": ["other", "x"]}, {"aud": 7}):
+            status, body = await refusal(srv.url, token=hs256(["*"], **claims))
+            assert status == 401, (claims, status)
+            assert body in (
+                b"invalid token: no 'aud' claim\n",
+                b"invalid token: wrong audience or issuer\n",
+            ), body
+        async with client(srv.url, token=hs256(["*"], aud="tickwire")):
+            pass
+        async with client(srv.url, token=hs256(["*"], aud=["other", "tickwire"])):
+            pass
+        async with client(srv.url) as c:  # the same rule for an `auth` message
+            await c.send_raw(orjson.dumps({"op": "auth", "token": hs256(["*"], aud="other")}))
+            assert await wait_closed(c) == (4001, "unauthorized")
+
+
+def test_safe_defaults_and_the_exposure_rule(auth: AuthConfig) -> None:
+    defaults = load_server_config(None)
+    assert defaults.allowed_origins == () and not defaults.public
+    assert defaults.max_connections_per_ip == 1000
+    assert defaults.max_connections_per_credential == 100
+    # Anyone on a non-loopback address with auth off: only when asked for.
+    for host in ("0.0.0.0", "", "::", "192.0.2.1", "example.com"):
+        with pytest.raises(ConfigError, match=r"--public.*public = true"):
+            load_server_config(None, host=host)
+        with pytest.raises(ConfigError, match="--public"):
+            TickwireServer(ServerConfig(host=host))
+        assert load_server_config(None, host=host, public=True).public
+        assert load_server_config(None, host=host, auth={"api_keys_file": "k"}).auth.enabled
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert load_server_config(None, host=host).host == host
+    with pytest.raises(ConfigError, match="list nothing else"):
+        load_server_config(None, allowed_origins=("*", "https://a.example"))
+    assert load_server_config(None, allowed_origins=("*",)).allowed_origins == ("*",)
+
+
+async def test_serve_on_a_public_address_without_auth_refuses_and_names_the_flag() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        TICKWIRE,
+        "serve",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "0",
+        "--workers",
+        "1",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 1
+    assert b"--public" in err and b"public = true" in err
+    help_text = subprocess.run(
+        [TICKWIRE, "serve", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for flag in ("--public", "--max-connections-per-credential", "--jwt-audience"):
+        assert flag in help_text
+
+
+async def test_default_origin_policy_is_same_origin_and_star_opens_it(
+    redis_server: RedisProcess, redis: RedisConnection
+) -> None:
+    async with TickwireServer(config(redis_server)) as srv:
+        own = f"http://127.0.0.1:{srv.port}"
+        async with client(srv.url, origin=own):  # the page the server itself serves
+            pass
+        async with client(srv.url):  # no Origin: not a browser
+            pass
+        for origin in (
+            "https://evil.example",
+            f"http://localhost:{srv.port}",  # another host name is another origin
+            "http://127.0.0.1",  # the default port 80, not the server's
+            f"http://127.0.0.1:{srv.port + 1}",
+            "null",  # a sandboxed frame or a local file
+            f"ftp://127.0.0.1:{srv.port}",
+            f"http://127.0.0.1:{srv.port}/path",
+        ):
+            assert await refusal(srv.url, origin=origin) == (403, b"origin not allowed\n"), origin
+    # Behind a TLS proxy the Host has no port: https://host and wss default to 443.
+    assert same_origin("https://app.example", "app.example")
+    assert same_origin("https://app.example:443", "APP.example")
+    assert same_origin("http://[::1]:8765", "[::1]:8765")
+    assert not same_origin("http://app.example", "app.example:8765")
+    assert not same_origin("https://app.example", "app.example:80")
+    assert not same_origin("https://app.example", None)
+    assert not same_origin("https://app.example:99999", "app.example:99999")
+    opened = config(redis_server, allowed_origins=("*",))
+    async with TickwireServer(opened) as srv, client(srv.url, origin="https://evil.example"):
+        pass
+
+
+async def test_per_ip_cap_counts_ipv6_per_64_and_not_loopback(
+    redis_server: RedisProcess, redis: RedisConnection
+) -> None:
+    # Loopback peers (this machine: the bench, the demo, a local proxy) are not counted.
+    cfg = config(redis_server, max_connections_per_ip=1)
+    async with TickwireServer(cfg) as srv, client(srv.url), client(srv.url), client(srv.url):
+        assert srv.admission.open == 3 and srv.admission.per_ip == {}
+    cfg = config(redis_server, max_connections_per_ip=2, client_ip_header="X-Real-IP")
+
+    def ip(addr: str) -> dict[str, str]:
+        return {"X-Real-IP": addr}
+
+    async with (
+        TickwireServer(cfg) as srv,
+        client(srv.url, headers=ip("2001:db8:0:0::1")),
+        client(srv.url, headers=ip("2001:db8::ffff:2")),
+    ):
+        # A third address of the same /64 is the same subscriber.
+        assert await refused(srv.url, headers=ip("2001:db8::abcd:1234:5678:9abc")) == 429
+        async with client(srv.url, headers=ip("2001:db8:0:1::1")):  # the next /64
+            pass
+        async with (
+            client(srv.url, headers=ip("192.0.2.1")),
+            client(srv.url, headers=ip("::ffff:192.0.2.1")),
+        ):
+            assert await refused(srv.url, headers=ip("192.0.2.1")) == 429
+        await eventually(
+            lambda: srv.admission.per_ip == {"2001:db8::/64": 2}, "the other slots to come back"
+        )
+    assert ip_group("::1") is None and ip_group("127.9.9.9") is None
+    assert ip_group("unix") == "unix"
+
+
+async def test_per_credential_cap_on_handshake_auth_message_and_refresh(
+    redis_server: RedisProcess, redis: RedisConnection, auth: AuthConfig
+) -> None:
+    cfg = config(redis_server, auth, max_connections_per_credential=2)
+    async with (
+        TickwireServer(cfg) as srv,
+        client(srv.url, token=KEY_BTC),
+        client(srv.url, token=KEY_BTC) as second,
+    ):
+        assert await refusal(srv.url, token=KEY_BTC) == (
+            429,
+            b"too many connections for this credential\n",
+        )
+        async with client(srv.url) as late:  # the same key in an `auth` message
+            await late.send_raw(orjson.dumps({"op": "auth", "token": KEY_BTC}))
+            assert await wait_closed(late) == (1013, "too many connections for this credential")
+        # Other credentials are not affected; a refresh onto the full one is refused and the
+        # connection keeps its grant.
+        async with client(srv.url, token=KEY_QUOTES) as other:
+            err = await other.request("auth", token=KEY_BTC)
+            assert err["code"] == "forbidden" and "too many connections" in err["message"]
+            assert (await other.request("subscribe", channels=["quotes:*"]))["type"] == (
+                "subscribed"
+            )
+        # One JWT subject is one credential, whichever token it comes with.
+        async with client(srv.url, token=hs256(["*"])), client(srv.url, token=hs256(["*"])):
+            assert await refused(srv.url, token=hs256(["quotes:*"], exp_in=99)) == 429
+        await second.close()
+        await eventually(
+            lambda: srv.admission.per_credential.get("key:" + key_id(KEY_BTC)) == 1,
+            "the credential's slot to come back",
+        )
+        async with client(srv.url, token=KEY_QUOTES) as moved:  # a refresh moves the slot
+            assert (await moved.request("auth", token=KEY_BTC))["type"] == "authenticated"
+            assert srv.admission.per_credential["key:" + key_id(KEY_BTC)] == 2
+            assert "key:" + key_id(KEY_QUOTES) not in srv.admission.per_credential
+    await eventually(lambda: srv.admission.per_credential == {}, "every credential slot back")
+    assert srv.admission.open == 0
+
+
+# -- fuzzing the auth path (the session fuzz in test_session.py runs with auth off) --------------
+@pytest.fixture(scope="module")
+def fuzz_authenticator(tmp_path_factory: pytest.TempPathFactory) -> Authenticator:
+    keys = tmp_path_factory.mktemp("fuzz") / "keys"
+    keys.write_text(KEYS)
+    return Authenticator(
+        AuthConfig(api_keys_file=str(keys), jwt_secret_env=SECRET_ENV, jwt_leeway_s=5),
+        environ={SECRET_ENV: SECRET},
+    )
+
+
+FUZZ_NOW = time.time()
+#: What a claim may hold: dates, no dates, and what JSON (as Python writes it) can carry.
+#: Time claims at the edges: dates (now, around it), and what is no date (out of range, not
+#: finite, not a number) as a careless or hostile issuer could write it.
+EDGE_TIMES: list[Any] = [
+    FUZZ_NOW - 60,
+    FUZZ_NOW + 60,
+    int(FUZZ_NOW) + 3600,
+    0,
+    -1,
+    2**53,
+    2**63,
+    10**400,
+    -(10**400),
+    float("inf"),
+    float("-inf"),
+    float("nan"),
+    1e308,
+    True,
+    None,
+    "",
+    "1",
+    [],
+    {},
+]
+claim_values: st.SearchStrategy[Any] = st.one_of(
+    st.sampled_from(EDGE_TIMES), st.integers(), st.floats(), st.text(max_size=6)
+)
+# `exp` is there more often than not: without it nothing else is looked at.
+jwt_claims = st.fixed_dictionaries(
+    {},
+    optional={
+        "exp": st.sampled_from(EDGE_TIMES) | claim_values,
+        "nbf": claim_values,
+        "iat": claim_values,
+        "sub": claim_values,
+        "iss": claim_values,
+        "aud": claim_values,
+        "channels": st.sampled_from([["*"], "quotes:* trades:BTC-USD", ["orders:*"], [1], "*"])
+        | claim_values,
+    },
+)
+
+
+def _signed(claims: dict[str, Any]) -> str:
+    """An HS256 token signed with the server's secret, made by hand: PyJWT refuses to encode
+    some claims (a non-string `iss`), and only `json` writes NaN, the infinities and huge
+    integers as a careless or hostile issuer would."""
+    b64 = jwt.utils.base64url_encode
+    body = json.dumps(claims).encode()
+    signing = b64(b'{"alg":"HS256","typ":"JWT"}') + b"." + b64(body)
+    mac = hmac.new(SECRET.encode(), signing, hashlib.sha256).digest()
+    return (signing + b"." + b64(mac)).decode()
+
+
+def _mangled(claims: dict[str, Any], at: int, char: str) -> str:
+    token = _signed(claims)
+    at %= len(token)
+    return token[:at] + char + token[at + 1 :]
+
+
+tokens = st.one_of(
+    jwt_claims.map(_signed),
+    # Signed, in the future, with one time claim at an edge: what reaches the time checks.
+    st.builds(
+        lambda claim, value: _signed({"exp": FUZZ_NOW + 60, "channels": ["*"], claim: value}),
+        st.sampled_from(["exp", "nbf", "iat"]),
+        claim_values,
+    ),
+    st.builds(_mangled, jwt_claims, st.integers(0, 10_000), st.sampled_from("A._-=/+ %~")),
+    st.sampled_from([KEY_ALL, KEY_BTC, KEY_ALL + "x", "", "a.b.c", "..", "x" * 9000]),
+    # Printable ASCII: what a header can carry (the query string takes anything, encoded).
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40),
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@example(token=_signed({"exp": 10**400}), place="bearer", origin=None)
+@example(token=KEY_ALL, place="twice", origin=None)
+@given(
+    token=tokens,
+    place=st.sampled_from(["bearer", "query", "both", "twice", "scheme"]),
+    origin=st.sampled_from([None, "https://evil.example", "http://127.0.0.1:8765", "null"]),
+)
+def test_fuzzed_handshake_tokens_get_an_answer_never_an_exception(
+    fuzz_authenticator: Authenticator, token: str, place: str, origin: str | None
+) -> None:
+    admission = Admission(
+        ServerConfig(auth=fuzz_authenticator.config, max_connections_per_credential=1),
+        fuzz_authenticator,
+    )
+    pairs = [("Host", "127.0.0.1:8765")]
+    if origin is not None:
+        pairs.append(("Origin", origin))
+    path = "/ws"
+    if place in ("bearer", "both", "twice"):
+        pairs.append(("Authorization", f"Bearer {token}"))
+    if place == "twice":
+        pairs.append(("Authorization", f"Bearer {KEY_ALL}"))
+    if place == "scheme":
+        pairs.append(("Authorization", token))
+    if place in ("query", "both"):
+        path += "?" + urlencode({"token": token})
+    for _ in range(2):  # the second one meets a credential at its cap
+        decision = admission.admit(Headers(pairs), path, "192.0.2.1", FUZZ_NOW)
+        if isinstance(decision, Refused):
+            assert decision.status.value in {400, 401, 403, 429}, decision
+            assert decision.reason and (len(token) < 8 or token not in decision.reason)
+        else:
+            assert origin in (None, "http://127.0.0.1:8765") and place != "twice"
+            assert decision.grant is None or decision.grant.credential
+    assert 0 <= admission.open <= 2
+
+
+@settings(max_examples=1500, deadline=None)
+@example(token=_signed({"exp": 10**400}), request_id=1, refresh=False)
+@example(token=_signed({"exp": FUZZ_NOW + 60, "iat": float("inf")}), request_id=1, refresh=True)
+@given(
+    token=tokens | st.integers() | st.none() | st.lists(st.text(max_size=3), max_size=2),
+    request_id=st.none() | st.integers() | st.text(max_size=3) | st.floats(),
+    refresh=st.booleans(),
+)
+def test_fuzzed_auth_messages_get_a_typed_answer_never_an_exception(
+    fuzz_authenticator: Authenticator, token: object, request_id: object, refresh: bool
+) -> None:
+    full = "key:" + key_id(KEY_BTC)  # a credential at its connection cap
+
+    def claim(grant: Any) -> str | None:
+        return "too many connections for this credential" if grant.credential == full else None
+
+    session = ClientSession(Limits(), fuzz_authenticator, claim=claim)
+    if refresh:  # a connection that has a grant already
+        ok = session.receive(orjson.dumps({"op": "auth", "token": KEY_ALL}), 0.0, 0)
+        assert isinstance(ok, Authenticated)
+    message = json.dumps({"op": "auth", "id": request_id, "token": token})
+    now_ns = int(FUZZ_NOW * 1e9)
+    for _ in range(2):  # the second time it is a refresh if the first one succeeded
+        before = session.grant
+        action = session.receive(message, 0.0, now_ns)
+        if isinstance(action, Authenticated):
+            assert action.grant.credential and action.grant.credential != full
+            assert session.grant is action.grant
+        elif isinstance(action, Close):
+            assert before is None
+            assert action in (
+                Close(4001, "unauthorized"),
+                Close(1013, "too many connections for this credential"),
+            )
+            return
+        else:
+            assert isinstance(action, bytes), action
+            doc = orjson.loads(action)
+            assert before is not None and doc["type"] == "error", doc
+            assert doc["code"] in {"unauthorized", "forbidden", "bad_request"}, doc
+            assert session.grant is before

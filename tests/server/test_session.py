@@ -163,6 +163,32 @@ def test_rate_limit_errors_then_closes_when_it_persists() -> None:
     assert closing == Close(1008, "rate limit exceeded")
 
 
+def test_rate_limit_violations_are_forgotten_after_the_window() -> None:
+    """A long-lived client that bursts past its bucket now and then is told `rate_limited` each
+    time but never closed; refusals only add up to a close within `rate_violation_window_s`."""
+    limits = Limits(rate_per_s=1, rate_burst=1, rate_violations_before_close=3)
+    assert limits.rate_violation_window_s == 60.0
+    s = ClientSession(limits)
+    for burst in range(100):  # a burst of 3 every 61 s, for 100 minutes
+        now = burst * 61.0
+        answers = [send(s, {"op": "ping"}, now=now + i * 0.001) for i in range(3)]
+        assert isinstance(answers[0], bytes) and b"pong" in answers[0], burst
+        assert [error_code(a) for a in answers[1:]] == ["rate_limited"] * 2, burst
+    # Three refusals within the window close, even when spread over most of it; the same three
+    # spread a little wider do not. (A slow bucket, so that none refills in between.)
+    slow = Limits(rate_per_s=0.01, rate_burst=1, rate_violations_before_close=3)
+    for last, expected in ((59.0, Close(1008, "rate limit exceeded")), (61.0, None)):
+        s = ClientSession(slow)
+        assert orjson.loads(send(s, {"op": "ping"}, now=0.0))["type"] == "pong"  # type: ignore[arg-type]
+        assert error_code(send(s, {"op": "ping"}, now=0.0)) == "rate_limited"
+        assert error_code(send(s, {"op": "ping"}, now=30.0)) == "rate_limited"
+        answer = send(s, {"op": "ping"}, now=last)
+        if expected is None:
+            assert error_code(answer) == "rate_limited"
+        else:
+            assert answer == expected
+
+
 # Flat strategies: hypothesis spends most of its time generating recursive values, and the
 # session's parser only ever looks one level into the request (deep nesting is tested below).
 scalars = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -14,6 +15,8 @@ from tickwire.core.errors import ConfigError
 _T = TypeVar("_T")
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+#: `allowed_origins` entry that lets any web page open /ws.
+ANY_ORIGIN = "*"
 
 
 def redis_url_from_env(default: str = DEFAULT_REDIS_URL) -> str:
@@ -66,7 +69,11 @@ class Limits:
     # Inbound requests: token bucket of `rate_burst`, refilled at `rate_per_s`.
     rate_per_s: float = 50.0
     rate_burst: int = 100
+    # Refused requests only count for a while: `rate_violations_before_close` of them within
+    # `rate_violation_window_s` close the connection (1008); a client that bursts now and then
+    # starts afresh each time instead of adding up to a close over hours.
     rate_violations_before_close: int = 20
+    rate_violation_window_s: float = 60.0
     # Outbound bytes queued for one client before the slow-consumer policy applies.
     outbox_bytes: int = 1024 * 1024
     # How long a client may stay over the limit before it is closed with 4008.
@@ -143,18 +150,36 @@ class ServerConfig:
     close_timeout_s: float = 2.0
     shutdown_timeout_s: float = 4.0
     compression: bool = False
-    # Security (all off by default)
+    # Security. Authentication is off unless a credential source is set; then `public` must say
+    # that serving every channel to anyone on a non-loopback address is meant.
     auth: AuthConfig = field(default_factory=AuthConfig)
-    # Browser `Origin`s allowed to open /ws, exact match (empty: any). Clients that send no
-    # Origin (not browsers) are let in unless `allow_missing_origin` is false.
+    public: bool = False
+    # Browser `Origin`s allowed to open /ws, exact match. Empty: only pages of the server's own
+    # origin (the Origin's host and port are the request's Host); ("*",): any page. Clients that
+    # send no Origin (not browsers) are let in unless `allow_missing_origin` is false.
     allowed_origins: tuple[str, ...] = ()
     allow_missing_origin: bool = True
-    # Open WebSocket connections in this process, in total and per client IP (0 = no cap).
+    # Open WebSocket connections in this process (0 = no cap): in total; per client IP (IPv6
+    # counted per /64, the block one subscriber usually gets; loopback clients not counted:
+    # they are this machine, or a proxy on it whose clients only `client_ip_header` tells
+    # apart); per credential (an API key, or a JWT's issuer and subject).
     max_connections: int = 0
-    max_connections_per_ip: int = 0
+    max_connections_per_ip: int = 1000
+    max_connections_per_credential: int = 100
     # Behind a proxy: the header carrying the client IP (`X-Forwarded-For`: its last entry,
     # `X-Real-IP`). Set it only when the proxy overwrites that header, or clients can forge it.
     client_ip_header: str = ""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on `host` serves this machine only ("" and 0.0.0.0 are every address;
+    a name other than localhost may resolve anywhere)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def load_server_config(
@@ -191,7 +216,7 @@ def load_server_config(
 def _check(cfg: ServerConfig) -> None:
     if cfg.workers < 1:
         raise ConfigError("workers must be at least 1")
-    for name in ("max_connections", "max_connections_per_ip"):
+    for name in ("max_connections", "max_connections_per_ip", "max_connections_per_credential"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be 0 (no cap) or positive")
     for name in ("registry_poll_s", "meta_recheck_s"):
@@ -202,18 +227,36 @@ def _check(cfg: ServerConfig) -> None:
             raise ConfigError(f"{name} must not be negative")
     if not 0 <= cfg.fanout_pause_busy <= 1:
         raise ConfigError("fanout_pause_busy must be between 0 and 1")
+    if cfg.limits.rate_violation_window_s <= 0:
+        raise ConfigError("rate_violation_window_s must be positive")
     if cfg.limits.max_lifetime_s < 0 or cfg.limits.lifetime_notice_s < 0:
         raise ConfigError("max_lifetime_s and lifetime_notice_s must not be negative")
     if cfg.auth.timeout_s <= 0:
         raise ConfigError("[auth] timeout_s must be positive")
     if cfg.auth.jwt_secret_env and cfg.auth.jwt_secret_file:
         raise ConfigError("set one of jwt_secret_env and jwt_secret_file, not both")
+    if ANY_ORIGIN in cfg.allowed_origins and len(cfg.allowed_origins) > 1:
+        raise ConfigError(f"allowed origins: {ANY_ORIGIN!r} allows every origin; list nothing else")
+    check_exposure(cfg)
     for origin in cfg.allowed_origins:
+        if origin == ANY_ORIGIN:
+            continue
         if not origin or origin != origin.strip() or origin.endswith("/"):
             raise ConfigError(
                 f"allowed origin {origin!r}: write it as the browser sends it, "
                 "scheme://host[:port] without a trailing slash"
             )
+
+
+def check_exposure(cfg: ServerConfig) -> None:
+    """ConfigError unless serving without authentication beyond this machine was asked for."""
+    if not cfg.auth.enabled and not cfg.public and not is_loopback(cfg.host):
+        raise ConfigError(
+            f"refusing to serve every channel to anyone on {cfg.host or 'every address'} with "
+            "authentication off: configure credentials (--api-keys, --jwt-secret-env, "
+            "--jwt-public-key), or pass --public (`public = true` in the config file) if that "
+            "is what you want"
+        )
 
 
 def _apply(obj: _T, data: dict[str, Any], where: str) -> _T:
@@ -237,6 +280,7 @@ def _apply(obj: _T, data: dict[str, Any], where: str) -> _T:
 
 
 __all__ = [
+    "ANY_ORIGIN",
     "CHANNEL_TYPES",
     "DEFAULT_REDIS_URL",
     "AuthConfig",
@@ -244,6 +288,8 @@ __all__ = [
     "PublisherConfig",
     "RetentionConfig",
     "ServerConfig",
+    "check_exposure",
+    "is_loopback",
     "load_server_config",
     "redis_url_from_env",
 ]
