@@ -208,3 +208,35 @@ async def test_resubscribe_splits_a_large_resume_under_the_frame_limit(js: Page)
     assert all(size <= 2048 for size, _, _ in out), out
     assert all(channels == ["trades:*"] for _, channels, _ in out)
     assert sum(n for _, _, n in out) == 300
+
+
+async def test_subscribed_positions_resume_channels_that_had_no_event_yet(js: Page) -> None:
+    out = await run(
+        js,
+        """const t = new m.ChannelTracker();
+           t.events(arg.trade);
+           t.placed({type: 'subscribed', id: 1, channels: ['trades:*'], positions: {
+             'trades:AAPL': {epoch: 'e1', seq: 2},
+             'trades:IDLE': {epoch: 'e1', seq: 104},
+             'trades:NEW': {epoch: '', seq: 0}}});
+           const first = t.events({type: 'events', ch: 'trades:NEW', epoch: 'e7',
+                                   events: [{...arg.trade.events[0], seq: 1, epoch: 'e7'}]});
+           let id = 10;
+           const before = m.resubscribeRequests(['trades:*'], t, () => id++);
+           return {before, first: [first.fresh.map((e) => e.seq), first.notices]};""",
+        {"trade": trades(7)},
+    )
+    # The delivered channel keeps its own position; the idle ones resume from the ack's.
+    assert out["before"] == [
+        {
+            "op": "subscribe",
+            "id": 10,
+            "channels": ["trades:*"],
+            "resume": {
+                "trades:AAPL": {"epoch": "e1", "seq": 7},
+                "trades:IDLE": {"epoch": "e1", "seq": 104},
+                "trades:NEW": {"epoch": "e7", "seq": 1},
+            },
+        }
+    ]
+    assert out["first"] == [[1], []]  # no "epoch changed without a reset" for a new channel
