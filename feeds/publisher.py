@@ -22,8 +22,8 @@ from typing import Any
 from tickwire.core.channels import REGISTRY_KEY, Channel, live_channel
 from tickwire.core.config import PublisherConfig
 from tickwire.core.errors import RedisUnavailable
-from tickwire.core.events import complete_bodies
 from tickwire.core.redis_wire import Arg, RedisAddress, RedisConnection, RedisReplyError
+from tickwire.core.stream import complete_bodies
 from tickwire.feeds.store import APPEND_LUA
 
 log = logging.getLogger("tickwire.feeds.publisher")

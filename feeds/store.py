@@ -55,6 +55,8 @@ batch, flattened.
 
 from __future__ import annotations
 
+from tickwire.core.stream import TAIL_FIXED, TAIL_HEAD, TAIL_SEQ
+
 # Each redis.call costs about a microsecond of Lua overhead on top of the command: one HMGET reads
 # all of a channel's meta, one HSET writes it, and the last XADD trims (`MAXLEN ~` once per batch
 # instead of per entry: it costs 8-23 % per XADD).
@@ -90,7 +92,7 @@ for k = 1, #KEYS, 2 do
   plans[#plans + 1] = {stream, meta, epoch, seq, start, fresh, ARGV[a],
     body + skip, body + n - 1, math.max(done, first + n - 1),
     tail_seq > 0 and not fresh and tail_epoch == epoch and tail_seq + skip == seq + 1,
-    tail_seq > 0 and 19 + #tail_epoch or 0, tail_seq - body}
+    tail_seq > 0 and @TAIL_FIXED@ + #tail_epoch or 0, tail_seq - body}
   a = body + n
 end
 local out, push = {}, {}
@@ -100,13 +102,13 @@ for _, p in ipairs(plans) do
   if from <= last then
     push[#push + 1] = stream .. ' ' .. epoch .. ' ' .. int(seq + 1) .. ' ' .. (last - from + 1)
   end
-  local tail = ',"epoch":"' .. epoch .. '","seq":'
+  local tail = '@TAIL_HEAD@' .. epoch .. '@TAIL_SEQ@'
   for i = from, last do
     seq = seq + 1
     local stored = ARGV[i]
     if not as_is then
       if cut > 0 then
-        -- The predicted tail: ',"epoch":"<epoch>","seq":<seq>}', 19 bytes besides both.
+        -- The predicted tail: ',"epoch":"<epoch>","seq":<seq>}', @TAIL_FIXED@ bytes besides both.
         stored = string.sub(stored, 1, #stored - cut - #int(shift + i))
       end
       stored = stored .. tail .. int(seq) .. '}'
@@ -135,3 +137,9 @@ if #push > 0 then
 end
 return out
 """
+# The stored tail is defined once, in tickwire.core.stream.
+APPEND_LUA = (
+    APPEND_LUA.replace("@TAIL_HEAD@", TAIL_HEAD.decode())
+    .replace("@TAIL_SEQ@", TAIL_SEQ.decode())
+    .replace("@TAIL_FIXED@", str(TAIL_FIXED))
+)

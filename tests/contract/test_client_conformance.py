@@ -6,7 +6,8 @@ import orjson
 
 from tests.contract.schemas import validate_client_message
 from tickwire.clients.session import ClientSession, Request
-from tickwire.core.events import complete_body, encode_body
+from tickwire.core.events import encode_body
+from tickwire.core.stream import complete_body
 
 
 def check(requests: list[Request]) -> list[Request]:

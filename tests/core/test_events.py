@@ -3,13 +3,8 @@ from __future__ import annotations
 import pytest
 
 from tickwire.core.errors import CodecError
-from tickwire.core.events import (
-    Trade,
-    complete_body,
-    decode_event,
-    encode_body,
-    tick_decimals,
-)
+from tickwire.core.events import Trade, decode_event, encode_body, tick_decimals
+from tickwire.core.stream import complete_body
 
 
 def test_encoded_trade_decodes_to_typed_event_with_seq_and_epoch_last() -> None:

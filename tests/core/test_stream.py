@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from tickwire.core.events import complete_body, encode_body
-from tickwire.core.stream import entry_id, epoch_of, publish_ns_of, seq_of
+from tickwire.core.events import encode_body
+from tickwire.core.stream import complete_body, entry_id, epoch_of, publish_ns_of, seq_of
 
 
 def test_epoch_and_publish_time_read_from_event_bytes() -> None:

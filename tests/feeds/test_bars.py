@@ -16,9 +16,10 @@ from tickwire.cli import build_parser
 from tickwire.core.channels import Channel
 from tickwire.core.config import PublisherConfig
 from tickwire.core.errors import UnknownChannelType
-from tickwire.core.events import Bar, complete_body, decode_event, tick_decimals
+from tickwire.core.events import Bar, decode_event, tick_decimals
 from tickwire.core.redis_process import RedisProcess
 from tickwire.core.redis_wire import RedisConnection
+from tickwire.core.stream import complete_body
 from tickwire.feeds.bars import BarAggregator, ClosedBar, interval_ns
 from tickwire.feeds.publisher import Publisher
 from tickwire.feeds.runner import BARS_PER_RELEASE, ChunkBars, run_simulator

@@ -23,7 +23,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 
 from tickwire.bench.invariant import InvariantChecker
 from tickwire.core.channels import Channel
-from tickwire.core.events import complete_body, encode_body
+from tickwire.core.events import encode_body
+from tickwire.core.stream import complete_body
 from tickwire.server.batch import Batch
 from tickwire.server.catchup import _start
 from tickwire.server.hub import Subscriber

@@ -8,9 +8,9 @@ from dataclasses import replace
 import pytest
 
 from tickwire.core.config import PublisherConfig
-from tickwire.core.events import complete_body
 from tickwire.core.redis_process import RedisProcess
 from tickwire.core.redis_wire import RedisConnection
+from tickwire.core.stream import complete_body
 from tickwire.feeds.publisher import Publisher
 from tickwire.server.app import TickwireServer
 

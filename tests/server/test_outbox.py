@@ -6,7 +6,8 @@ import orjson
 
 from tickwire.bench.invariant import InvariantChecker
 from tickwire.core.channels import Channel
-from tickwire.core.events import complete_body, encode_body
+from tickwire.core.events import encode_body
+from tickwire.core.stream import complete_body
 from tickwire.server.batch import Batch
 from tickwire.server.outbox import Outbox
 

@@ -14,7 +14,6 @@ brace, and the store completes it (see `tickwire.feeds.publisher`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -120,18 +119,6 @@ def encode_body(event_type: str, sym: str, ts: int, pt: int, fields: dict[str, A
     doc: dict[str, Any] = {"v": SCHEMA_VERSION, "type": event_type, "sym": sym, "ts": ts, "pt": pt}
     doc.update(fields)
     return orjson.dumps(doc)[:-1]
-
-
-def complete_bodies(bodies: Sequence[bytes], epoch: str, first_seq: int) -> list[bytes]:
-    """The full event bytes of consecutive bodies from `first_seq`: each with the tail the
-    store checks (the publisher writes it, `tickwire.feeds.store`)."""
-    tail = b',"epoch":"%s","seq":' % epoch.encode()
-    return [b"%s%s%d}" % (b, tail, q) for q, b in enumerate(bodies, first_seq)]
-
-
-def complete_body(body: bytes, epoch: str, seq: int) -> bytes:
-    """One body's full event bytes (tests and in-memory stores)."""
-    return complete_bodies([body], epoch, seq)[0]
 
 
 def event_from_dict(doc: Any) -> Event:

@@ -1,14 +1,13 @@
-"""The reader's rules, sans-I/O: its XREAD COUNT policy and what a live push may deliver."""
+"""The follower's rules, sans-I/O: its XREAD COUNT policy, what a live push may deliver, the
+sweep of metas and the pause after a costly fan-out; driven through its public methods only."""
 
 from __future__ import annotations
 
 from tickwire.core.channels import Channel
 from tickwire.core.config import ServerConfig
+from tickwire.core.stream import PushSection, push_payload
 from tickwire.server.batch import Batch
-from tickwire.server.history import History
-from tickwire.server.hub import Hub
-from tickwire.server.metrics import Metrics
-from tickwire.server.reader import StreamReader, fanout_pause, next_count
+from tickwire.server.follower import StreamFollower, fanout_pause, next_count
 
 
 def test_count_splits_the_reply_budget_over_streams_and_grows_while_a_stream_fills_it() -> None:
@@ -39,26 +38,16 @@ def test_a_costly_fan_out_of_a_busy_server_pauses_the_reader_about_as_long_cappe
 
 
 def test_the_pause_follows_the_fan_outs_cpu_time_and_the_idle_time_before_it() -> None:
-    cpu = iter([1.0, 1.003, 2.0, 2.001, 3.0, 3.003])  # before and after each dispatch
-    wall = iter([10.0, 10.004, 10.004, 10.005, 10.1, 10.104])  # start and end of each
-    r = StreamReader(
-        ServerConfig(),
-        Hub(),
-        Metrics(),
-        History("redis://127.0.0.1:1"),
-        on_status=lambda up: None,
-        cpu_clock=lambda: next(cpu),
-        monotonic=lambda: next(wall),
-    )
-    batch = [Batch(Channel.parse("trades:BTC-USD"), "e1", 1, [b'{"seq":1}'])]
-    r._ready_at = 10.0  # the previous fan-out ended as this one started: busy
-    r._fanout(batch, 0)
-    assert abs(r._pause - 0.003) < 1e-9
-    r._fanout(batch, 0)  # a cheap one before the pause is taken keeps it owed
-    assert abs(r._pause - 0.003) < 1e-9
-    r._pause = 0.0
-    r._fanout(batch, 0)  # 95 ms idle before it: the server had time to spare
-    assert r._pause == 0.0
+    f = StreamFollower(ServerConfig())
+    f.resumed(10.0)
+    # 3 ms of CPU from 10.000 to 10.004, right after the previous one ended: busy.
+    f.fanned_out(0.003, 10.0, 10.004)
+    assert abs(f.pause - 0.003) < 1e-9
+    f.fanned_out(0.001, 10.004, 10.005)  # a cheap one before the pause is taken keeps it owed
+    assert abs(f.pause - 0.003) < 1e-9
+    assert abs(f.take_pause() - 0.003) < 1e-9 and f.take_pause() == 0.0
+    f.fanned_out(0.003, 10.1, 10.104)  # 95 ms idle before it: the server had time to spare
+    assert f.pause == 0.0
 
 
 # -- live pushes (sans-I/O: the reader's rules for what a push may deliver) ----------------------
@@ -67,22 +56,27 @@ T = Channel.parse("trades:BTC-USD")
 Q = Channel.parse("quotes:BTC-USD")
 
 
-def reader_at(positions: dict[Channel, int], epoch: str = "e1") -> StreamReader:
-    r = StreamReader(
-        ServerConfig(), Hub(), Metrics(), History("redis://127.0.0.1:1"), on_status=lambda up: None
-    )
-    r.positions = dict(positions)
-    r.epochs = {c: epoch for c in positions}
-    r._keys = {c.stream_key.encode(): c for c in positions}
-    r._behind.clear()
-    r._recheck = False
-    return r
+def follower_at(positions: dict[Channel, int], epoch: str = "e1") -> StreamFollower:
+    """A follower of these channels, each stored up to its position in `epoch` (0: nothing
+    stored yet), caught up."""
+    f = StreamFollower(ServerConfig())
+    check = f.plan_sync(set(positions))
+    assert sorted(check, key=str) == sorted(positions, key=str)
+    f.apply_metas({c: (epoch, n, 1) if n else None for c, n in positions.items()})
+    assert f.behind == set(positions)  # new channels are read from their streams first...
+    f.read_command()
+    assert f.take_read([]) == [] and not f.behind  # ...which have nothing more
+    assert not f.wants_sync
+    return f
+
+
+def section(channel: Channel, first: int, n: int, epoch: str = "e1") -> PushSection:
+    events = [b'{"i":%d,"seq":%d}' % (s, s) for s in range(first, first + n)]
+    return PushSection(channel.stream_key.encode(), epoch, first, events)
 
 
 def push(channel: Channel, first: int, n: int, epoch: str = "e1") -> list[bytes]:
-    events = b"\n".join(b'{"i":%d,"seq":%d}' % (s, s) for s in range(first, first + n))
-    head = b"%s %s %d %d" % (channel.stream_key.encode(), epoch.encode(), first, n)
-    return [b"message", b"tw:live:0", head + b"\n" + events]
+    return [b"message", b"tw:live:0", push_payload([section(channel, first, n, epoch)])]
 
 
 def seqs(batches: list[Batch]) -> list[tuple[str, int, int]]:
@@ -90,96 +84,96 @@ def seqs(batches: list[Batch]) -> list[tuple[str, int, int]]:
 
 
 def test_pushes_that_continue_a_channel_are_delivered_as_one_batch_and_move_it_on() -> None:
-    r = reader_at({T: 10, Q: 0})
-    out = r._take_pushes([push(T, 11, 3), push(Q, 1, 1), push(T, 14, 1)])
+    r = follower_at({T: 10, Q: 0})
+    out = r.take_pushes([push(T, 11, 3), push(Q, 1, 1), push(T, 14, 1)])
     # Pushes piled up while the server was busy: one batch (one frame part) per channel.
     assert seqs(out) == [("trades:BTC-USD", 11, 14), ("quotes:BTC-USD", 1, 1)]
     assert out[0].events == [b'{"i":%d,"seq":%d}' % (s, s) for s in range(11, 15)]
     assert r.positions == {T: 14, Q: 1}
-    assert not r._behind and not r._recheck
+    assert not r.behind and not r.wants_sync
 
 
 def test_one_push_holding_batches_of_several_channels_delivers_each() -> None:
-    r = reader_at({T: 10, Q: 0})
-    one = b"\n".join(push(c, first, n)[2] for c, first, n in ((T, 11, 2), (Q, 1, 3), (T, 13, 1)))
-    out = r._take_pushes([[b"message", b"tw:live:0", one]])
+    r = follower_at({T: 10, Q: 0})
+    one = push_payload(
+        [section(c, first, n) for c, first, n in ((T, 11, 2), (Q, 1, 3), (T, 13, 1))]
+    )
+    out = r.take_pushes([[b"message", b"tw:live:0", one]])
     assert seqs(out) == [("trades:BTC-USD", 11, 13), ("quotes:BTC-USD", 1, 3)]
     assert out[1].events == [b'{"i":1,"seq":1}', b'{"i":2,"seq":2}', b'{"i":3,"seq":3}']
     assert r.positions == {T: 13, Q: 3}
 
 
 def test_a_one_batch_push_of_an_earlier_publisher_is_still_understood() -> None:
-    r = reader_at({T: 10})
+    r = follower_at({T: 10})
     old = b'%s e1 11\n{"seq":11}\n{"seq":12}' % T.stream_key.encode()
-    out = r._take_pushes([[b"message", b"tw:live:0", old]])
+    out = r.take_pushes([[b"message", b"tw:live:0", old]])
     assert seqs(out) == [("trades:BTC-USD", 11, 12)]
 
 
 def test_a_section_claiming_more_events_than_the_push_holds_is_refused() -> None:
-    r = reader_at({T: 10})
+    r = follower_at({T: 10})
     short = push(T, 11, 2)
     short[2] = short[2].replace(b" 11 2\n", b" 11 3\n")
-    assert r._take_pushes([short]) == []
-    assert r.metrics.bad_pushes == 1 and r.positions == {T: 10}
+    assert r.take_pushes([short]) == []
+    assert r.bad_pushes == 1 and r.positions == {T: 10}
 
 
 def test_what_was_read_already_is_cut_and_a_hole_sends_the_channel_to_its_stream() -> None:
-    r = reader_at({T: 10, Q: 5})
-    out = r._take_pushes([push(T, 8, 2), push(T, 9, 4), push(Q, 7, 2)])
+    r = follower_at({T: 10, Q: 5})
+    out = r.take_pushes([push(T, 8, 2), push(T, 9, 4), push(Q, 7, 2)])
     # 8-9 read already: dropped; 9-12 overlaps: 11-12 delivered; Q skips 6: nothing from it.
     assert seqs(out) == [("trades:BTC-USD", 11, 12)]
     assert out[0].events[0] == b'{"i":11,"seq":11}'
     assert r.positions == {T: 12, Q: 5}
-    assert r._behind == {Q}
+    assert r.behind == {Q}
 
 
 def test_another_epoch_asks_for_a_recheck_and_delivers_nothing() -> None:
-    r = reader_at({T: 10})
-    assert r._take_pushes([push(T, 1, 1, epoch="e2")]) == []
-    assert r._recheck and r.positions == {T: 10}
+    r = follower_at({T: 10})
+    assert r.take_pushes([push(T, 1, 1, epoch="e2")]) == []
+    assert r.wants_sync and r.positions == {T: 10}
 
 
 def test_pushes_of_channels_not_followed_and_other_replies_are_ignored() -> None:
-    r = reader_at({T: 0})
-    r.epochs.clear()  # a channel with no stream yet: its first push sets the epoch
+    r = follower_at({T: 0})  # a channel with no stream yet: its first push sets the epoch
+    assert r.epochs == {}
     other = push(Channel.parse("trades:ETH-USD"), 1, 1)
-    out = r._take_pushes([[b"pong", b""], other, push(T, 1, 2, epoch="e9")])
+    out = r.take_pushes([[b"pong", b""], other, push(T, 1, 2, epoch="e9")])
     assert seqs(out) == [("trades:BTC-USD", 1, 2)]
     assert r.epochs == {T: "e9"}
 
 
 def test_a_message_that_is_not_an_append_is_counted_and_skipped() -> None:
-    r = reader_at({T: 0})
+    r = follower_at({T: 0})
     garbage = [[b"message", b"tw:live:0", m] for m in (b"hello", b"a b c\n{}", b"", b"\n\n")]
-    out = r._take_pushes([*garbage, push(T, 1, 1)])
+    out = r.take_pushes([*garbage, push(T, 1, 1)])
     assert seqs(out) == [("trades:BTC-USD", 1, 1)]
-    assert r.metrics.bad_pushes == 4
+    assert r.bad_pushes == 4
 
 
 def test_the_sweep_compares_every_followed_channel_once_per_period_a_share_per_poll() -> None:
     channels = [Channel("trades", f"S{i:02d}") for i in range(10)]
     live = set(channels)
 
-    def following(recheck_s: float) -> StreamReader:
-        r = StreamReader(
-            ServerConfig(registry_poll_s=0.25, meta_recheck_s=recheck_s),
-            Hub(),
-            Metrics(),
-            History("redis://127.0.0.1:1"),
-            on_status=lambda up: None,
-        )
-        r.positions = dict.fromkeys(channels, 0)
-        return r
+    def following(recheck_s: float) -> StreamFollower:
+        f = StreamFollower(ServerConfig(registry_poll_s=0.25, meta_recheck_s=recheck_s))
+        f.apply_metas(dict.fromkeys(f.plan_sync(live)))
+        return f
+
+    def sweep(f: StreamFollower, channels: set[Channel]) -> list[Channel]:
+        f.poll()
+        return f.plan_sync(channels)
 
     r = following(1.0)
     # Four polls a period, 2.5 channels a poll: shares of 2 and 3, every channel once a round.
-    shares = [r._next_sweep(live) for _ in range(8)]
+    shares = [sweep(r, live) for _ in range(8)]
     assert [len(s) for s in shares] == [2, 3, 2, 3, 2, 3, 2, 3]
     for rounds in (shares[:4], shares[4:]):
         assert sorted(c for s in rounds for c in s) == sorted(channels)
     # A channel no longer followed is skipped; a period far longer than the poll checks
     # nothing for many polls.
-    del r.positions[channels[0]]
-    assert all(channels[0] not in r._next_sweep(live) for _ in range(8))
+    fewer = live - {channels[0]}
+    assert all(channels[0] not in sweep(r, fewer) for _ in range(8))
     slow = following(3600)
-    assert all(slow._next_sweep(live) == [] for _ in range(100))
+    assert all(sweep(slow, live) == [] for _ in range(100))
