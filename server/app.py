@@ -33,21 +33,28 @@ from tickwire.server.catchup import FROM_NOW, CatchUp, Target
 from tickwire.server.frames import text_frame
 from tickwire.server.history import History
 from tickwire.server.hub import Hub, Subscriber
+from tickwire.server.messages import (
+    RequestId,
+    heartbeat_message,
+    notice_message,
+    reply,
+    status_message,
+    subscribed_message,
+    welcome_message,
+)
 from tickwire.server.metrics import Metrics
 from tickwire.server.outbox import Outbox
-from tickwire.server.reader import StreamReader, status_message
+from tickwire.server.reader import StreamReader
 from tickwire.server.session import (
     UNAUTHORIZED,
     Authenticated,
     ClientSession,
     Close,
     ListChannels,
-    RequestId,
+    Rejected,
+    Reply,
     Subscribe,
     Unsubscribe,
-    reply,
-    subscribed_message,
-    welcome_message,
 )
 from tickwire.server.wsconnection import bounded_connection_class
 
@@ -233,9 +240,7 @@ class Connection:
         self._later(name, delay - lead, self._notice, name, notice, lead, code, reason)
 
     def _notice(self, name: str, notice: str, close_in: float, code: int, reason: str) -> None:
-        self.send_control(
-            orjson.dumps({"type": "notice", "code": notice, "close_in_ms": round(close_in * 1000)})
-        )
+        self.send_control(notice_message(notice, close_in))
         self._later(name, close_in, self.close_soon, code, reason)
 
     def close_soon(self, code: int, reason: str) -> None:
@@ -299,10 +304,11 @@ class Connection:
                 # until it reads; its requests wait in the socket meanwhile.
                 await self.wait_writable()
             action = self.session.receive(data, time.monotonic(), time.time_ns())
-            if isinstance(action, bytes):
-                if action.startswith(b'{"type":"error"'):
-                    self.server.metrics.rejected_requests += 1
-                self.send_control(action)
+            if isinstance(action, Reply):
+                self.send_control(action.message)
+            elif isinstance(action, Rejected):
+                self.server.metrics.rejected_requests += 1
+                self.send_control(action.message)
             elif isinstance(action, Authenticated):
                 self._authorized(action.grant)
                 self.send_control(action.reply)
@@ -421,10 +427,7 @@ class Connection:
         if self.session.awaiting_auth:
             return
         if now - self.last_write >= self.server.config.heartbeat_ms / 1000 and not self.outbox:
-            last = {c.name: seq for c, seq in self.outbox.last_sent().items()}
-            self.send_control(
-                orjson.dumps({"type": "heartbeat", "ts": time.time_ns(), "last": last})
-            )
+            self.send_control(heartbeat_message(time.time_ns(), self.outbox.last_sent()))
 
     def stop_receiving(self) -> None:
         """Stop queueing data for this client (it is being closed): its memory goes at once."""

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import orjson
-
 from tickwire.core.channels import Channel
+from tickwire.server.messages import events_head
 
 
 @dataclass(slots=True)
@@ -28,12 +27,7 @@ class Batch:
 
     def __post_init__(self) -> None:
         self.last_seq = self.first_seq + len(self.events) - 1
-        head = b'{"type":"events","ch":"%s","epoch":"%s",' % (
-            self.channel.name.encode(),
-            self.epoch.encode(),
-        )
-        if self.conflated:
-            head += b'"conflated":true,'
+        head = events_head(self.channel, self.epoch, conflated=self.conflated)
         self.frame = head + b'"events":[' + b",".join(self.events) + b"]}"
         self.nbytes = len(self.frame)
 
@@ -47,19 +41,3 @@ class Batch:
 
     def latest_only(self) -> Batch:
         return Batch(self.channel, self.epoch, self.last_seq, self.events[-1:], conflated=True)
-
-
-def gap_message(channel: Channel, from_seq: int, to_seq: int, reason: str) -> bytes:
-    return orjson.dumps(
-        {
-            "type": "gap",
-            "ch": channel.name,
-            "from_seq": from_seq,
-            "to_seq": to_seq,
-            "reason": reason,
-        }
-    )
-
-
-def reset_message(channel: Channel, epoch: str) -> bytes:
-    return orjson.dumps({"type": "reset", "ch": channel.name, "epoch": epoch})

@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tickwire.core.channels import Channel
-from tickwire.server.batch import Batch, gap_message, reset_message
+from tickwire.server.batch import Batch
+from tickwire.server.messages import gap_message, reset_message
 
 
 @dataclass(slots=True)

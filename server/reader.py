@@ -22,8 +22,6 @@ import logging
 import time
 from collections.abc import Callable
 
-import orjson
-
 from tickwire.core.channels import Channel, live_channel
 from tickwire.core.config import ServerConfig
 from tickwire.core.errors import RedisUnavailable
@@ -257,7 +255,3 @@ class StreamReader:
                 self.metrics.publish_to_read.observe(max(0.0, (read_ns - pt) / 1e9), weight)
         if latest:
             self.metrics.read_lag_seconds = max(0.0, (now - latest) / 1e9)
-
-
-def status_message(up: bool) -> bytes:
-    return orjson.dumps({"type": "status", "redis": "up" if up else "down"})

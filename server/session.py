@@ -2,7 +2,8 @@
 
 `ClientSession.receive(data, now)` validates one client frame and returns what to do: a typed
 request for the connection layer (`Subscribe`, `Unsubscribe`, `ListChannels`, `Authenticated`),
-a reply to send (`bytes`), or `Close`. It never raises for anything a client sends.
+a reply to send (`Reply`), a refusal (`Rejected`, an `error` message), or `Close`. It never raises
+for anything a client sends. The messages themselves are built in `tickwire.server.messages`.
 
 With an authenticator and no grant yet, the session is waiting for `{"op":"auth"}`: anything else
 closes with 4001. Once it has a grant, subscriptions must lie inside the grant's entitlements.
@@ -20,16 +21,13 @@ from typing import Any
 
 import orjson
 
-from tickwire import __version__
 from tickwire.core.channels import Channel, ChannelPattern
 from tickwire.core.config import Limits
 from tickwire.core.errors import AuthError, ChannelError, ProtocolError, UnknownChannelType
 from tickwire.server.auth import Authenticator, Grant
+from tickwire.server.messages import RequestId, error_message, reply
 
 log = logging.getLogger("tickwire.server.session")
-
-PROTOCOL_VERSION = 1
-RequestId = int | str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +66,26 @@ class Close:
     reason: str
 
 
-Action = Subscribe | Unsubscribe | ListChannels | Authenticated | Close | bytes
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A reply to send as it is (`pong`)."""
+
+    message: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """The request was refused: `message` is the `error` to send, `code` its code."""
+
+    code: str
+    message: bytes
+
+
+def rejected(code: str, message: str, request_id: RequestId = None) -> Rejected:
+    return Rejected(code, error_message(code, message, request_id))
+
+
+Action = Subscribe | Unsubscribe | ListChannels | Authenticated | Close | Reply | Rejected
 
 #: The server failed (RFC 6455); used when that happens before the client is authenticated.
 INTERNAL_ERROR = 1011
@@ -77,59 +94,6 @@ UNAUTHORIZED = 4001
 FORBIDDEN = 4003
 #: RFC 6455 "Try Again Later": the credential of a first `auth` is at its connection cap.
 TRY_AGAIN_LATER = 1013
-
-
-def error_message(code: str, message: str, request_id: RequestId = None) -> bytes:
-    return orjson.dumps({"type": "error", "id": request_id, "code": code, "message": message})
-
-
-def reply(kind: str, request_id: RequestId, **fields: Any) -> bytes:
-    return orjson.dumps({"type": kind, "id": request_id, **fields})
-
-
-def subscribed_message(
-    request_id: RequestId,
-    channels: tuple[str, ...],
-    positions: Mapping[Channel, tuple[str, int]],
-) -> bytes:
-    """The `subscribed` ack: every subscription, and where the client now stands on each
-    channel it had no position on (epoch "" and seq 0: no event stored yet)."""
-    return orjson.dumps(
-        {
-            "type": "subscribed",
-            "id": request_id,
-            "channels": list(channels),
-            "positions": {c.name: {"epoch": e, "seq": n} for c, (e, n) in positions.items()},
-        }
-    )
-
-
-def welcome_message(
-    limits: Limits, heartbeat_ms: int, *, auth_required: bool = False, grant: Grant | None = None
-) -> bytes:
-    """The first message. With auth on it says `"auth":"required"` (send `auth` now) or
-    `"auth":"ok"` plus the entitlements (the handshake carried a valid token)."""
-    doc: dict[str, Any] = {
-        "type": "welcome",
-        "protocol": PROTOCOL_VERSION,
-        "server": f"tickwire/{__version__}",
-        "heartbeat_ms": heartbeat_ms,
-        "limits": {
-            "max_message_bytes": limits.max_message_bytes,
-            "max_subscriptions": limits.max_subscriptions,
-            "rate_per_s": limits.rate_per_s,
-            "rate_burst": limits.rate_burst,
-            "outbox_bytes": limits.outbox_bytes,
-            "slow_grace_s": limits.slow_grace_s,
-            "max_resume_events": limits.max_resume_events,
-        },
-    }
-    if grant is not None:
-        doc["auth"] = "ok"
-        doc["entitlements"] = grant.names
-    elif auth_required:
-        doc["auth"] = "required"
-    return orjson.dumps(doc)
 
 
 @dataclass
@@ -160,10 +124,10 @@ class ClientSession:
         if not self._take_token(now):
             if self._persistent_violation(now):
                 return Close(1008, "rate limit exceeded")
-            return error_message("rate_limited", "too many requests; slow down")
+            return rejected("rate_limited", "too many requests; slow down")
         size = len(data.encode() if isinstance(data, str) else data)
         if size > self.limits.max_message_bytes:
-            return error_message(
+            return rejected(
                 "too_large", f"request of {size} bytes exceeds {self.limits.max_message_bytes}"
             )
         request_id: RequestId = None
@@ -187,7 +151,7 @@ class ClientSession:
             if op == "unsubscribe":
                 return self._unsubscribe(request_id, doc)
             if op == "ping":
-                return reply("pong", request_id, ts=now_ns)
+                return Reply(reply("pong", request_id, ts=now_ns))
             if op == "list":
                 return ListChannels(request_id)
             raise ProtocolError(
@@ -197,7 +161,7 @@ class ClientSession:
         except ProtocolError as exc:
             if self.awaiting_auth:
                 return Close(UNAUTHORIZED, "unauthorized")
-            return error_message(exc.code, exc.message, request_id)
+            return rejected(exc.code, exc.message, request_id)
         except Exception:
             # A bug of ours, not the client's: this request fails (`internal`, retrying may
             # work) rather than the whole connection with 1011. Before authentication there is
@@ -205,7 +169,7 @@ class ClientSession:
             log.exception("request failed")
             if self.awaiting_auth:
                 return Close(INTERNAL_ERROR, "internal error")
-            return error_message("internal", "the server failed on this request", request_id)
+            return rejected("internal", "the server failed on this request", request_id)
 
     def _auth(self, request_id: RequestId, doc: dict[str, Any], now_ns: int) -> Action:
         if self.authenticator is None:

@@ -56,7 +56,8 @@ from tickwire.server.admission import (
 )
 from tickwire.server.app import TickwireServer
 from tickwire.server.auth import ApiKeys, Authenticator, Entitlement, key_id
-from tickwire.server.session import Authenticated, ClientSession, Close, welcome_message
+from tickwire.server.messages import welcome_message
+from tickwire.server.session import Authenticated, ClientSession, Close, Rejected, Subscribe
 
 from .conftest import Recorder, server_config
 
@@ -383,21 +384,21 @@ def test_session_waits_for_auth_then_checks_entitlements(auth: AuthConfig) -> No
         "entitlements": ["quotes:BTC-*"],
     }
     forbidden = session.receive('{"op":"subscribe","id":2,"channels":["quotes:*"]}', 0.1, now_ns)
-    assert isinstance(forbidden, bytes) and orjson.loads(forbidden)["code"] == "forbidden"
+    assert isinstance(forbidden, Rejected) and forbidden.code == "forbidden"
     assert session.subscriptions == {}
     sub = session.receive('{"op":"subscribe","id":3,"channels":["quotes:BTC-USD"]}', 0.2, now_ns)
-    assert not isinstance(sub, bytes)
+    assert isinstance(sub, Subscribe)
     # A refresh must cover what is subscribed; a failed one keeps the connection and grant.
     narrower = orjson.dumps({"op": "auth", "id": 4, "token": hs256(["trades:*"])})
     err = session.receive(narrower, 0.3, now_ns)
-    assert isinstance(err, bytes) and orjson.loads(err)["code"] == "forbidden"
+    assert isinstance(err, Rejected) and err.code == "forbidden"
     err = session.receive('{"op":"auth","id":5,"token":"nope"}', 0.4, now_ns)
-    assert isinstance(err, bytes) and orjson.loads(err)["code"] == "unauthorized"
+    assert isinstance(err, Rejected) and err.code == "unauthorized"
     assert session.grant is not None and session.grant.names == ["quotes:BTC-*"]
     # Without auth configured, auth is a bad request and the welcome says nothing of it.
     plain = ClientSession(Limits())
     err = plain.receive(orjson.dumps({"op": "auth", "token": KEY_ALL}), 0.0, 0)
-    assert isinstance(err, bytes) and orjson.loads(err)["code"] == "bad_request"
+    assert isinstance(err, Rejected) and err.code == "bad_request"
     assert "auth" not in orjson.loads(welcome_message(Limits(), 5000))
 
 
@@ -1228,8 +1229,8 @@ def test_fuzzed_auth_messages_get_a_typed_answer_never_an_exception(
             )
             return
         else:
-            assert isinstance(action, bytes), action
-            doc = orjson.loads(action)
+            assert isinstance(action, Rejected), action
+            doc = orjson.loads(action.message)
             assert before is not None and doc["type"] == "error", doc
             assert doc["code"] in {"unauthorized", "forbidden", "bad_request"}, doc
             assert session.grant is before

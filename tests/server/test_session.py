@@ -13,13 +13,27 @@ from tickwire.core.channels import Channel
 from tickwire.core.config import AuthConfig, Limits
 from tickwire.server import session as session_module
 from tickwire.server.auth import Authenticator, key_id
-from tickwire.server.session import ClientSession, Close, ListChannels, Subscribe, Unsubscribe
+from tickwire.server.session import (
+    ClientSession,
+    Close,
+    ListChannels,
+    Rejected,
+    Reply,
+    Subscribe,
+    Unsubscribe,
+)
+
+
+def sent(action: object) -> bytes:
+    """The message a reply or a refusal sends."""
+    assert isinstance(action, Reply | Rejected), action
+    return action.message
 
 
 def error_code(action: object) -> str:
-    assert isinstance(action, bytes), action
-    doc = orjson.loads(action)
-    assert doc["type"] == "error"
+    assert isinstance(action, Rejected), action
+    doc = orjson.loads(action.message)
+    assert doc["type"] == "error" and doc["code"] == action.code
     return str(doc["code"])
 
 
@@ -58,7 +72,7 @@ def test_subscribe_returns_added_patterns_resume_and_full_set() -> None:
     assert [p.name for p in u.removed] == ["quotes:*"]
     assert u.all_channels == ("trades:BTC-USD", "bars.1s:ETH-USD")
     assert isinstance(send(s, {"op": "list", "id": 3}), ListChannels)
-    pong = orjson.loads(s.receive(b'{"op":"ping","id":9}', 0.0, now_ns=77))  # type: ignore[arg-type]
+    pong = orjson.loads(sent(s.receive(b'{"op":"ping","id":9}', 0.0, now_ns=77)))
     assert pong == {"type": "pong", "id": 9, "ts": 77}
 
 
@@ -103,7 +117,7 @@ def test_malformed_requests_get_typed_errors(frame: bytes, code: str) -> None:
 
 
 def test_error_echoes_the_request_id() -> None:
-    doc = orjson.loads(ClientSession(Limits()).receive(b'{"op":"dance","id":"abc"}', 0.0))  # type: ignore[arg-type]
+    doc = orjson.loads(sent(ClientSession(Limits()).receive(b'{"op":"dance","id":"abc"}', 0.0)))
     assert doc["id"] == "abc"
 
 
@@ -131,7 +145,7 @@ def test_a_failure_of_the_server_is_internal_for_that_request_only(
     s = ClientSession(Limits())
     with monkeypatch.context() as patch:
         patch.setattr(session_module, "_patterns", broken)
-        doc = orjson.loads(send(s, {"op": "subscribe", "id": 4, "channels": ["trades:A"]}))  # type: ignore[arg-type]
+        doc = orjson.loads(sent(send(s, {"op": "subscribe", "id": 4, "channels": ["trades:A"]})))
     assert (doc["type"], doc["id"], doc["code"]) == ("error", 4, "internal")
     assert isinstance(send(s, {"op": "subscribe", "id": 5, "channels": ["trades:A"]}), Subscribe)
 
@@ -155,9 +169,9 @@ def test_a_failure_of_the_server_before_auth_closes_1011_not_4001(
 def test_rate_limit_errors_then_closes_when_it_persists() -> None:
     s = ClientSession(Limits(rate_per_s=10, rate_burst=5, rate_violations_before_close=3))
     results = [send(s, {"op": "ping"}, now=0.0) for _ in range(5)]
-    assert all(isinstance(r, bytes) and b"pong" in r for r in results)
+    assert all(isinstance(r, Reply) and b"pong" in r.message for r in results)
     assert error_code(send(s, {"op": "ping"}, now=0.0)) == "rate_limited"
-    assert isinstance(send(s, {"op": "ping"}, now=0.15), bytes)  # refilled one token
+    assert isinstance(send(s, {"op": "ping"}, now=0.15), Reply)  # refilled one token
     assert error_code(send(s, {"op": "ping"}, now=0.15)) == "rate_limited"
     closing = send(s, {"op": "ping"}, now=0.15)
     assert closing == Close(1008, "rate limit exceeded")
@@ -172,14 +186,14 @@ def test_rate_limit_violations_are_forgotten_after_the_window() -> None:
     for burst in range(100):  # a burst of 3 every 61 s, for 100 minutes
         now = burst * 61.0
         answers = [send(s, {"op": "ping"}, now=now + i * 0.001) for i in range(3)]
-        assert isinstance(answers[0], bytes) and b"pong" in answers[0], burst
+        assert isinstance(answers[0], Reply) and b"pong" in answers[0].message, burst
         assert [error_code(a) for a in answers[1:]] == ["rate_limited"] * 2, burst
     # Three refusals within the window close, even when spread over most of it; the same three
     # spread a little wider do not. (A slow bucket, so that none refills in between.)
     slow = Limits(rate_per_s=0.01, rate_burst=1, rate_violations_before_close=3)
     for last, expected in ((59.0, Close(1008, "rate limit exceeded")), (61.0, None)):
         s = ClientSession(slow)
-        assert orjson.loads(send(s, {"op": "ping"}, now=0.0))["type"] == "pong"  # type: ignore[arg-type]
+        assert orjson.loads(sent(send(s, {"op": "ping"}, now=0.0)))["type"] == "pong"
         assert error_code(send(s, {"op": "ping"}, now=0.0)) == "rate_limited"
         assert error_code(send(s, {"op": "ping"}, now=30.0)) == "rate_limited"
         answer = send(s, {"op": "ping"}, now=last)
@@ -257,8 +271,8 @@ def test_deeply_nested_and_huge_requests_get_bad_request() -> None:
 def test_fuzzed_frames_never_raise_and_always_get_a_typed_answer(frame: bytes) -> None:
     s = ClientSession(Limits())
     action = s.receive(frame, 0.0)
-    if isinstance(action, bytes):
-        doc = orjson.loads(action)
+    if isinstance(action, Reply | Rejected):
+        doc = orjson.loads(action.message)
         assert doc["type"] in {"error", "pong"}
         if doc["type"] == "error":
             assert doc["code"] in {
