@@ -37,7 +37,7 @@ import numpy as np
 import orjson
 
 from tickwire import __version__
-from tickwire.bench.procs import cpu_seconds, machine_cpu_seconds, start_group, stop_group
+from tickwire.bench.harness import cpu_seconds, machine_cpu_seconds, start_group, stop_group
 from tickwire.bench.stats import latency_summary, ratio, server_share, table
 from tickwire.core.channels import REGISTRY_KEY, Channel
 from tickwire.core.redis_process import RedisProcess, free_port

@@ -12,8 +12,8 @@ import numpy as np
 import orjson
 
 from tickwire.bench.e2e import Scenario, Step, breach, median_step
+from tickwire.bench.harness import machine_cpu_seconds
 from tickwire.bench.invariant import InvariantChecker
-from tickwire.bench.procs import machine_cpu_seconds
 from tickwire.bench.sink import EventCounter, SinkProtocol, count_events
 from tickwire.bench.stats import histogram_quantile, latency_summary, ratio, server_share, table
 from tickwire.server.metrics import Metrics

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from tickwire.bench.procs import children
+from tickwire.bench.harness import children
 from tickwire.core.channels import Channel
 from tickwire.core.config import PublisherConfig
 from tickwire.core.events import encode_body
