@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -11,8 +10,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from tickwire.bench.e2e import Scenario, Step, breach, median_step
-from tickwire.bench.harness import machine_cpu_seconds
+from tickwire.bench.e2e_report import Step, breach, median_step
+from tickwire.bench.e2e_run import Scenario
+from tickwire.bench.harness import TICKWIRE, machine_cpu_seconds
 from tickwire.bench.invariant import InvariantChecker
 from tickwire.bench.sink import EventCounter, SinkProtocol, count_events
 from tickwire.bench.stats import histogram_quantile, latency_summary, ratio, server_share, table
@@ -72,7 +72,7 @@ def run_bench(tmp: str, options: str) -> tuple[subprocess.CompletedProcess[str],
     """`tickwire bench` with `options` and `--json`; its output and the JSON it wrote."""
     out = Path(tmp) / "bench.json"
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "tickwire"), "bench", *options.split(), "--json", out],
+        [TICKWIRE, "bench", *options.split(), "--json", out],
         check=False,
         capture_output=True,
         text=True,
