@@ -20,6 +20,7 @@ import orjson
 
 from tickwire.bench.e2e_report import Run, Step, breach
 from tickwire.bench.harness import ServerProcess, cpu_seconds, machine_cpu_seconds, start_feed
+from tickwire.bench.load import spread_channels
 from tickwire.bench.stats import latency_summary, server_share
 from tickwire.core.channels import REGISTRY_KEY, Channel
 from tickwire.core.redis_wire import RedisConnection
@@ -47,8 +48,7 @@ class Scenario:
 def plan_channels(s: Scenario) -> list[list[str]]:
     names = default_symbols(s.symbols)
     channels = [f"{kind}:{sym}" for sym in names for kind in ("quotes", "trades")]
-    per = min(s.channels_per_client, len(channels))
-    return [[channels[(i * per + j) % len(channels)] for j in range(per)] for i in range(s.clients)]
+    return spread_channels(channels, s.clients, s.channels_per_client)
 
 
 class LoadProcess:

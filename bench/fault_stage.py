@@ -15,6 +15,7 @@ import orjson
 from tickwire.bench.fault_clients import LibraryClient, RawClient, Watch
 from tickwire.bench.fault_report import Outcome
 from tickwire.bench.harness import ServerProcess
+from tickwire.bench.load import spread_channels
 from tickwire.bench.proxy import Proxy
 from tickwire.core.channels import Channel
 from tickwire.core.config import PublisherConfig
@@ -124,9 +125,7 @@ class Stage:
         await asyncio.gather(*(c.task for c in self.clients if c.task), return_exceptions=True)
 
     def plan(self, n: int, per: int) -> list[list[str]]:
-        names = [c.name for c in self.flow.channels]
-        per = min(per, len(names))
-        return [[names[(i * per + j) % len(names)] for j in range(per)] for i in range(n)]
+        return spread_channels([c.name for c in self.flow.channels], n, per)
 
     async def add_raw(
         self,
