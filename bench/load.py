@@ -25,6 +25,13 @@ from tickwire.bench.sink import EventCounter, SinkProtocol, connect_sink
 from tickwire.core.runtime import tune_gc
 
 
+def spread_channels(channels: list[str], clients: int, per: int) -> list[list[str]]:
+    """A plan: `per` consecutive channels for each of `clients` clients, wrapping round the list,
+    so that every channel has about as many subscribers as any other."""
+    per = min(per, len(channels))
+    return [[channels[(i * per + j) % len(channels)] for j in range(per)] for i in range(clients)]
+
+
 @dataclass
 class ClientStats:
     sampled: bool

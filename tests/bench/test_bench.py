@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -11,9 +10,11 @@ from typing import Any
 import numpy as np
 import orjson
 
-from tickwire.bench.e2e import Scenario, Step, breach, median_step
+from tickwire.bench.e2e_report import Step, breach, median_step
+from tickwire.bench.e2e_run import Scenario
+from tickwire.bench.harness import TICKWIRE, machine_cpu_seconds
 from tickwire.bench.invariant import InvariantChecker
-from tickwire.bench.procs import machine_cpu_seconds
+from tickwire.bench.load import spread_channels
 from tickwire.bench.sink import EventCounter, SinkProtocol, count_events
 from tickwire.bench.stats import histogram_quantile, latency_summary, ratio, server_share, table
 from tickwire.server.metrics import Metrics
@@ -41,6 +42,12 @@ def test_the_machine_figure_counts_this_process_working() -> None:
         pass
     # Other processes only add to it; a clock tick (10 ms) of rounding at each end.
     assert machine_cpu_seconds() - before >= 0.28
+
+
+def test_plan_gives_every_channel_about_as_many_clients() -> None:
+    plan = spread_channels(["a", "b", "c"], 4, 2)
+    assert plan == [["a", "b"], ["c", "a"], ["b", "c"], ["a", "b"]]
+    assert spread_channels(["a", "b"], 2, 5) == [["a", "b"], ["a", "b"]]  # at most every channel
 
 
 def test_ratio_table_prints_ratios_and_dashes() -> None:
@@ -72,7 +79,7 @@ def run_bench(tmp: str, options: str) -> tuple[subprocess.CompletedProcess[str],
     """`tickwire bench` with `options` and `--json`; its output and the JSON it wrote."""
     out = Path(tmp) / "bench.json"
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "tickwire"), "bench", *options.split(), "--json", out],
+        [TICKWIRE, "bench", *options.split(), "--json", out],
         check=False,
         capture_output=True,
         text=True,

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import orjson
+
+from tickwire.bench.harness import TICKWIRE
 
 
 def test_faults_bench_runs_scenarios_and_reports_correctness() -> None:
@@ -15,7 +16,7 @@ def test_faults_bench_runs_scenarios_and_reports_correctness() -> None:
         # slow consumer needs volume: tests/server/test_server.py covers it).
         proc = subprocess.run(
             [
-                str(Path(sys.executable).parent / "tickwire"),
+                TICKWIRE,
                 "bench",
                 "faults",
                 "--scale",
@@ -62,7 +63,7 @@ def test_faults_bench_runs_scenarios_and_reports_correctness() -> None:
 
 def test_faults_bench_rejects_an_unknown_scenario() -> None:
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "tickwire"), "bench", "faults", "--only", "nope"],
+        [TICKWIRE, "bench", "faults", "--only", "nope"],
         check=False,
         capture_output=True,
         text=True,

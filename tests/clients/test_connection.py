@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -34,6 +33,7 @@ from tickwire.clients import (
     ServerError,
     connect,
 )
+from tickwire.core.redis_process import free_port
 
 CH = "trades:BTC-USD"
 WELCOME = {"type": "welcome", "protocol": 1, "server": "fake", "heartbeat_ms": 5000, "limits": {}}
@@ -130,13 +130,6 @@ async def take(feed: Feed, n: int, timeout: float = 5.0) -> list[FeedMessage]:
         while len(out) < n:
             out.append(await feed.recv())
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class MaxRandom(random.Random):

@@ -6,7 +6,6 @@ import asyncio
 import io
 import os
 import signal
-import socket
 import sys
 from collections.abc import Coroutine
 from typing import Any
@@ -24,6 +23,7 @@ from tickwire.clients.errors import ServerError
 from tickwire.clients.session import Gap, Received, Reset, Status
 from tickwire.clients.watch import Board, json_line, main, notice_line, watch
 from tickwire.core.events import Bar, Quote, Trade
+from tickwire.core.redis_process import free_port
 
 WELCOME = {"type": "welcome", "protocol": 1, "server": "fake", "heartbeat_ms": 5000, "limits": {}}
 
@@ -58,13 +58,6 @@ def as_trade(doc: dict[str, Any]) -> Trade:
         doc["side"],
         doc["trade_id"],
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 # --- JSON lines ------------------------------------------------------------------------------

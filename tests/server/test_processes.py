@@ -7,15 +7,13 @@ import dataclasses
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
-from tickwire.bench.procs import children
+from tickwire.bench.harness import ServerProcess, children
 from tickwire.core.channels import Channel
 from tickwire.core.config import PublisherConfig
 from tickwire.core.events import encode_body
-from tickwire.core.redis_process import RedisProcess, free_port
+from tickwire.core.redis_process import RedisProcess
 from tickwire.core.redis_wire import RedisConnection
 from tickwire.feeds.publisher import Publisher
 from tickwire.server.app import TickwireServer
@@ -31,32 +29,12 @@ def trade_body(price: float) -> bytes:
     )
 
 
-TICKWIRE = str(Path(sys.executable).parent / "tickwire")
-
-
-async def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "server exited at start"
-        try:
-            _, w = await asyncio.open_connection("127.0.0.1", port)
-            w.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.05)
-    raise AssertionError("server did not listen")
-
-
 async def serve_two_workers(redis: RedisProcess) -> tuple[int, subprocess.Popen[bytes]]:
-    """`tickwire serve --workers 2` on a free port, once it listens."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [TICKWIRE, "serve", "--redis", redis.url, "--port", str(port), "--workers", "2"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    await wait_listening(port, proc)
-    return port, proc
+    """`tickwire serve --workers 2` on a free port, once both workers serve."""
+    server = ServerProcess(redis.url, workers=2)
+    await asyncio.to_thread(server.start)
+    assert server.proc is not None
+    return server.port, server.proc
 
 
 async def test_two_workers_share_the_port_and_each_serves_every_event(

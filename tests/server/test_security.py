@@ -13,7 +13,6 @@ import logging
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -33,6 +32,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.typing import Origin
 
 from tests.conftest import eventually
+from tickwire.bench.harness import TICKWIRE, ServerProcess
 from tickwire.core.channels import Channel, ChannelPattern
 from tickwire.core.config import (
     AuthConfig,
@@ -43,7 +43,7 @@ from tickwire.core.config import (
 )
 from tickwire.core.errors import AuthError, ChannelError, ConfigError
 from tickwire.core.events import encode_body
-from tickwire.core.redis_process import RedisProcess, free_port
+from tickwire.core.redis_process import RedisProcess
 from tickwire.core.redis_wire import RedisConnection
 from tickwire.feeds.publisher import Publisher
 from tickwire.server.admission import (
@@ -67,7 +67,6 @@ KEY_ALL = "tw_all_" + secrets.token_urlsafe(24)
 KEY_BTC = "tw_btc_" + secrets.token_urlsafe(24)
 KEY_QUOTES = "tw_quotes_" + secrets.token_urlsafe(24)
 KEY_NEW = "tw_new_" + secrets.token_urlsafe(24)
-TICKWIRE = str(Path(sys.executable).parent / "tickwire")
 
 BTC_Q = Channel.parse("quotes:BTC-USD")
 ETH_Q = Channel.parse("quotes:ETH-USD")
@@ -644,24 +643,12 @@ async def test_reload_revokes_keys_narrows_grants_and_adds_keys(
 async def test_sighup_reloads_the_key_file_of_a_server_process(
     redis_server: RedisProcess, redis: RedisConnection, keys_file: Path
 ) -> None:
-    port = free_port()
-    args = ["serve", "--redis", redis_server.url, "--port", str(port), "--workers", "1"]
-    proc = subprocess.Popen(
-        [TICKWIRE, *args, "--api-keys", str(keys_file)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"ws://127.0.0.1:{port}/ws"
+    server = ServerProcess(redis_server.url, extra_args=["--api-keys", str(keys_file)])
+    await asyncio.to_thread(server.start)
+    assert server.proc is not None
+    proc, url = server.proc, server.url
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            assert proc.poll() is None, "server exited at start"
-            assert time.monotonic() < deadline, "server did not listen"
-            try:
-                status = await refused(url, token=KEY_NEW)
-                break
-            except OSError:
-                await asyncio.sleep(0.05)
+        status = await refused(url, token=KEY_NEW)
         assert status == 401
         async with client(url, token=KEY_ALL):
             pass
