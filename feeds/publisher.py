@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from tickwire.core.channels import REGISTRY_KEY, Channel, live_channel
+from tickwire.core.commands import Arg, RedisReplyError
 from tickwire.core.config import PublisherConfig
 from tickwire.core.errors import RedisUnavailable
-from tickwire.core.redis_wire import Arg, RedisAddress, RedisConnection, RedisReplyError
+from tickwire.core.redis_wire import RedisAddress, RedisConnection
 from tickwire.core.stream import complete_bodies
 from tickwire.feeds.store import APPEND_LUA
 

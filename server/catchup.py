@@ -22,21 +22,18 @@ from typing import TypeVar
 
 from tickwire.core.channels import Channel, ChannelPattern
 from tickwire.core.errors import RedisUnavailable
-from tickwire.server.history import History, Meta
+from tickwire.server.history import History
 from tickwire.server.hub import Subscriber
+from tickwire.server.session import FromNow, Target
+from tickwire.server.stored import Meta
 
 log = logging.getLogger("tickwire.server.catchup")
 T = TypeVar("T")
 PAGE = 1000
-#: A target that wants no snapshot and no resume: the events published from now on. It matters
-#: for a channel the reader does not follow yet: the reader starts it where it stands when it
-#: gets round to it, and what was published in between is replayed from here.
-FROM_NOW: tuple[str, int] = ("", -1)
 #: How often a replay that has reached the stream's end looks again for the reader to follow its
 #: channel (it does once the hub says the channel is live: normally the next turn).
 FOLLOW_POLL_S = 0.005
 
-Target = tuple[str, int] | None
 _DROPPED = object()
 
 
@@ -238,7 +235,7 @@ def _start(
         # reach it in order, so a snapshot is moot and a resume must not rewind (it would
         # duplicate them, or announce a gap over events it got).
         return current[1]
-    if resume is FROM_NOW:
+    if isinstance(resume, FromNow):
         if meta is not None:
             outbox.expect(channel, meta[0], meta[1])
             return meta[1]

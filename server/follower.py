@@ -22,11 +22,11 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from tickwire.core.channels import Channel
+from tickwire.core.commands import Arg
 from tickwire.core.config import ServerConfig
-from tickwire.core.redis_wire import Arg
 from tickwire.core.stream import PushSection, parse_push
 from tickwire.server.batch import Batch
-from tickwire.server.history import Meta, to_batches
+from tickwire.server.stored import Meta, to_batches
 
 
 def next_count(previous: int, full: bool, streams: int, read_count: int) -> int:

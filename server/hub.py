@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Iterable
 
 from tickwire.core.channels import WILDCARD, Channel, ChannelPattern
@@ -110,8 +109,8 @@ class Hub:
         self.subscribers: set[Subscriber] = set()
         #: Channels that exist in Redis, as far as the registry says.
         self.known: set[Channel] = set()
-        #: Set whenever the set of live channels may have changed.
-        self.changed = asyncio.Event()
+        #: True whenever the set of live channels may have changed (the reader clears it).
+        self.changed = False
         #: Called then too: the reader's wake-up while it waits for pushes.
         self.on_change: Callable[[], None] | None = None
 
@@ -213,7 +212,7 @@ class Hub:
         self._cache.clear()
         self._counts.clear()
         self._live = None
-        self.changed.set()
+        self.changed = True
         if self.on_change is not None:
             self.on_change()
 

@@ -23,16 +23,18 @@ import time
 from collections.abc import Callable
 
 from tickwire.core.channels import Channel, live_channel
+from tickwire.core.commands import RedisReplyError
 from tickwire.core.config import ServerConfig
 from tickwire.core.errors import RedisUnavailable
 from tickwire.core.redis_pubsub import RedisSubscription
-from tickwire.core.redis_wire import RedisAddress, RedisConnection, RedisReplyError
+from tickwire.core.redis_wire import RedisAddress, RedisConnection
 from tickwire.core.stream import publish_ns_of
 from tickwire.server.batch import Batch
 from tickwire.server.follower import StreamFollower
-from tickwire.server.history import History, meta_commands, parse_metas
+from tickwire.server.history import History
 from tickwire.server.hub import Hub
 from tickwire.server.metrics import Metrics
+from tickwire.server.stored import meta_commands, parse_metas
 
 log = logging.getLogger("tickwire.server.reader")
 #: At most one reconnect this often goes unannounced (no `status` down/up to clients).
@@ -193,13 +195,13 @@ class StreamReader:
                 self.metrics.fanout_pause_seconds += pause
                 await asyncio.sleep(pause)
                 follower.resumed(self.monotonic())
-            if self.hub.changed.is_set() or follower.wants_sync:
-                self.hub.changed.clear()
+            if self.hub.changed or follower.wants_sync:
+                self.hub.changed = False
                 await self._sync_channels(conn)
             if follower.behind:
                 await self._catch_up(conn)
             messages = sub.take()
-            if not messages and not follower.behind and not self.hub.changed.is_set():
+            if not messages and not follower.behind and not self.hub.changed:
                 if not await sub.wait(idle_s):
                     # Quiet, or Redis stopped answering (a pause, a dead link): a PING tells.
                     now = time.monotonic()

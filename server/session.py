@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +86,68 @@ def rejected(code: str, message: str, request_id: RequestId = None) -> Rejected:
 
 
 Action = Subscribe | Unsubscribe | ListChannels | Authenticated | Close | Reply | Rejected
+
+
+class FromNow:
+    """A catch-up target that wants no snapshot and no resume: the events published from now
+    on. It matters for a channel the follower does not follow yet: the follower starts it where
+    Redis stands when it gets round to it, and what was published in between is replayed."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "FROM_NOW"
+
+
+FROM_NOW = FromNow()
+#: Where a channel's catch-up starts: after a resume position, at the latest event (None: a
+#: snapshot), or `FROM_NOW`.
+Target = tuple[str, int] | None | FromNow
+
+
+@dataclass(slots=True)
+class SubscribePlan:
+    """What a `Subscribe` takes: channels to catch up from history (`targets`), channels live at
+    once from the follower's position (`placed`, which the ack reports), and snapshot wildcards to
+    expand once the registry is read."""
+
+    targets: dict[Channel, Target]
+    placed: dict[Channel, tuple[str, int]]
+    wildcards: list[ChannelPattern]
+
+
+def plan_subscribe(
+    req: Subscribe,
+    matching: Callable[[ChannelPattern], list[Channel]],
+    started: Container[Channel],
+    following: Mapping[Channel, int],
+    epochs: Mapping[Channel, str],
+    redis_up: bool,
+) -> SubscribePlan:
+    """Decide where each channel of `req` starts for this connection.
+
+    `matching`: the channels of a pattern known now; `started`: channels the connection already
+    has a position on (they go on as they are); `following`/`epochs`: the follower's positions.
+    """
+    targets: dict[Channel, Target] = dict(req.resume)
+    placed: dict[Channel, tuple[str, int]] = {}
+    for pattern in req.added:
+        for channel in matching(pattern):
+            if channel in targets or channel in started:
+                continue
+            if req.snapshot:
+                targets[channel] = None
+            elif channel in following:
+                # Live from the follower's next dispatch on: the client stands where it does.
+                placed[channel] = (epochs.get(channel, ""), following[channel])
+            elif redis_up:
+                # What is published after the ack and before the follower gets to the channel
+                # comes from history.
+                targets[channel] = FROM_NOW
+    # Snapshot wildcards: the registry may know channels the last poll has not brought in.
+    wildcards = [p for p in req.added if p.is_wildcard] if req.snapshot else []
+    return SubscribePlan(targets, placed, wildcards)
+
 
 #: The server failed (RFC 6455); used when that happens before the client is authenticated.
 INTERNAL_ERROR = 1011

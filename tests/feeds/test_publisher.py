@@ -8,12 +8,13 @@ import pytest
 from tests.conftest import eventually, timeout
 from tickwire.bench.proxy import Proxy
 from tickwire.core.channels import REGISTRY_KEY, Channel
+from tickwire.core.commands import Arg, RedisReplyError
 from tickwire.core.config import PublisherConfig, RetentionConfig
 from tickwire.core.errors import RedisUnavailable
 from tickwire.core.events import encode_body
 from tickwire.core.redis_process import RedisProcess
 from tickwire.core.redis_pubsub import RedisSubscription
-from tickwire.core.redis_wire import Arg, RedisConnection, RedisReplyError
+from tickwire.core.redis_wire import RedisConnection
 from tickwire.core.stream import complete_body
 from tickwire.feeds.publisher import APPEND_SHA, Publisher
 from tickwire.feeds.store import APPEND_LUA

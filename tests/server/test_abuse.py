@@ -34,7 +34,8 @@ from tickwire.core.events import encode_body
 from tickwire.core.redis_process import RedisProcess
 from tickwire.core.redis_wire import RedisConnection
 from tickwire.feeds.publisher import Publisher
-from tickwire.server.app import FRAME_LIMIT_FACTOR, TickwireServer
+from tickwire.server.app import TickwireServer
+from tickwire.server.connection import FRAME_LIMIT_FACTOR
 
 from .conftest import Message, Recorder, recorder, server_config
 

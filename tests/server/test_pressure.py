@@ -11,7 +11,8 @@ from tests.conftest import eventually, timeout
 from tickwire.core.channels import REGISTRY_KEY
 from tickwire.core.redis_process import RedisProcess
 from tickwire.core.redis_wire import RedisConnection
-from tickwire.server.app import WRITE_HIGH, TickwireServer
+from tickwire.server.app import TickwireServer
+from tickwire.server.connection import WRITE_HIGH
 from tickwire.server.wsconnection import BoundedServerConnection
 
 from .conftest import server_config

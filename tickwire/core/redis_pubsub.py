@@ -14,8 +14,9 @@ from typing import Any
 
 import hiredis
 
+from tickwire.core.commands import Arg, RedisReplyError
 from tickwire.core.errors import RedisUnavailable
-from tickwire.core.redis_wire import Arg, RedisAddress, RedisReplyError
+from tickwire.core.redis_wire import RedisAddress
 
 
 class _Pushes(asyncio.Protocol):

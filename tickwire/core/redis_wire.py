@@ -18,14 +18,10 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 import hiredis
 
+from tickwire.core.commands import Arg, RedisReplyError
 from tickwire.core.errors import ConfigError, RedisUnavailable
 
-Arg = bytes | str | int | float
 _P = TypeVar("_P", bound=BaseProtocol)
-
-
-class RedisReplyError(Exception):
-    """Redis answered a command with an error reply (the connection stays usable)."""
 
 
 @dataclass(frozen=True, slots=True)

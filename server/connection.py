@@ -1,0 +1,411 @@
+"""One client connection: its protocol session, outbox and catch-up, and the writes to its socket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+from websockets.asyncio.server import ServerConnection, broadcast
+from websockets.protocol import State
+
+from tickwire.core.channels import Channel, ChannelPattern
+from tickwire.core.errors import RedisUnavailable
+from tickwire.server.admission import Admitted
+from tickwire.server.auth import Grant
+from tickwire.server.catchup import CatchUp
+from tickwire.server.frames import text_frame
+from tickwire.server.hub import Subscriber
+from tickwire.server.messages import (
+    RequestId,
+    heartbeat_message,
+    notice_message,
+    reply,
+    subscribed_message,
+    welcome_message,
+)
+from tickwire.server.outbox import Outbox
+from tickwire.server.session import (
+    UNAUTHORIZED,
+    Authenticated,
+    ClientSession,
+    Close,
+    ListChannels,
+    Rejected,
+    Reply,
+    Subscribe,
+    Unsubscribe,
+    plan_subscribe,
+)
+
+if TYPE_CHECKING:
+    from tickwire.server.app import TickwireServer
+
+log = logging.getLogger("tickwire.server")
+
+# Socket write buffer per client: above HIGH the outbox holds data back (and sheds it per policy);
+# writing resumes below LOW.
+WRITE_HIGH = 64 * 1024
+WRITE_LOW = 16 * 1024
+#: Client frames up to this many times `limits.max_message_bytes` are read and refused with
+#: error `too_large`, so the connection stays and the client can split its request; larger ones
+#: close with 1009 from their header alone (websockets' `max_size`), before any payload is kept.
+FRAME_LIMIT_FACTOR = 2
+
+
+class Connection:
+    """One client: its protocol session, outbox and the writes to its socket."""
+
+    def __init__(
+        self, server: TickwireServer, ws: ServerConnection, admitted: Admitted | None = None
+    ) -> None:
+        self.server = server
+        self.ws = ws
+        limits = server.config.limits
+        grant, claim = None, None
+        if admitted is not None:
+            # An `auth` message counts the connection against its credential's cap.
+            grant, claim = admitted.grant, functools.partial(server.admission.claim, admitted.slot)
+        self.session = ClientSession(limits, server.authenticator, grant, claim)
+        self.outbox = Outbox(limits.outbox_bytes, server.metrics.outbox)
+        self.sub = Subscriber(
+            self.outbox, self.flush, hold_limit=limits.max_held_bytes, write_now=self.write_now
+        )
+        self.catchup = CatchUp(
+            self.sub,
+            server.history,
+            max_events=limits.max_resume_events,
+            wait_writable=self.wait_writable,
+            read_position=server.reader.positions.get,
+            expand=self._expand,
+        )
+        self.last_write = time.monotonic()
+        self._drain: asyncio.Task[None] | None = None
+        #: When the data queued for this client (outbox and socket buffer) went over
+        #: `outbox_bytes` and has stayed over since; None while it is not.
+        self._over_since: float | None = None
+        #: Tasks of this connection besides its catch-up: closes, and at most one `list`.
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._listing: asyncio.Task[None] | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self.closing = False
+        #: Frames can be written without the library's framing: no extension (compression)
+        #: was negotiated, and tickwire never sends fragmented messages.
+        self._raw = not ws.protocol.extensions
+        #: Deadlines of this connection: "auth" (first auth message), "lifetime", "expiry".
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+
+    # -- writing -------------------------------------------------------------------------------
+    def flush(self) -> None:
+        if self.closing:
+            return
+        if self._takes_data_now():
+            self._write()
+            return
+        if self._drain is None:
+            self._writable.clear()
+            self._drain = asyncio.create_task(self._drain_when_writable())
+        # The socket is full: the drain task writes once it takes data again. Meanwhile the
+        # outbox is bounded by the slow-consumer policy.
+        if self.outbox.over_limit:
+            self.outbox.shed()
+        self._note_pressure()
+
+    def _note_pressure(self) -> None:
+        """Start or stop the clock of a client over its limit: what is queued for it in all
+        (control replies, which are never shed, and the socket's buffer included)."""
+        transport = self.ws.transport
+        buffered = transport.get_write_buffer_size() if transport is not None else 0
+        if self.outbox.nbytes + buffered <= self.outbox.limit_bytes:
+            self._over_since = None
+        elif self._over_since is None:
+            self._over_since = time.monotonic()
+
+    def write_now(self, message: bytes, wire: bytes) -> bool:
+        """Write `message` past the outbox if the socket takes data now (the hub's shortcut for
+        a client in step); False, with nothing written, otherwise. `wire` is the same message
+        framed (`text_frame`), shared by every client it goes to."""
+        if self.closing or not self._takes_data_now():
+            return False
+        self._send(message, wire)
+        return True
+
+    def _takes_data_now(self) -> bool:
+        transport = self.ws.transport
+        return (
+            self._drain is None
+            and transport is not None
+            and transport.get_write_buffer_size() <= WRITE_HIGH
+        )
+
+    def _write(self) -> None:
+        message = self.outbox.take()
+        if message is not None:
+            self._send(message)
+
+    def _send(self, message: bytes, wire: bytes | None = None) -> None:
+        ws = self.ws
+        if self._raw and ws.protocol.state is State.OPEN:
+            ws.transport.write(wire if wire is not None else text_frame(message))
+        else:
+            broadcast((ws,), message, text=True)
+        self.last_write = time.monotonic()
+        m = self.server.metrics
+        m.frames_sent += 1
+        m.bytes_sent += len(message)
+
+    async def _drain_when_writable(self) -> None:
+        limits = self.server.config.limits
+        try:
+            while True:
+                # A client that stays over its limit is closed `slow_grace_s` after it went
+                # over, however often it reads a little meanwhile; one whose socket takes
+                # nothing at all, `slow_grace_s` after it filled.
+                grace = limits.slow_grace_s
+                if self._over_since is not None:
+                    grace -= time.monotonic() - self._over_since
+                try:
+                    # Woken by the transport's resume_writing (below WRITE_LOW), not by polling:
+                    # with a thousand full sockets, polling each every few ms was most of the
+                    # server's CPU.
+                    async with asyncio.timeout(max(0.0, grace)):
+                        await self.ws.drain()
+                except TimeoutError:
+                    self.server.metrics.slow_disconnects += 1
+                    log.info("closing slow consumer %s", self.ws.remote_address)
+                    self.stop_receiving()
+                    await self.ws.close(4008, "slow consumer")
+                    return
+                transport = self.ws.transport
+                if transport is None or transport.is_closing():
+                    return
+                # What piled up while the socket was full, before it moves to the socket (where
+                # the kernel may take much of it at once).
+                self._note_pressure()
+                self._write()
+                if not self.outbox:
+                    return
+        finally:
+            self._drain = None
+            self._writable.set()
+
+    async def wait_writable(self) -> None:
+        await self._writable.wait()
+
+    def send_control(self, message: bytes) -> None:
+        self.outbox.control(message)
+        self.flush()
+
+    # -- deadlines -----------------------------------------------------------------------------
+    def _later(self, name: str, delay: float, callback: Callable[..., None], *args: Any) -> None:
+        old = self._timers.pop(name, None)
+        if old is not None:
+            old.cancel()
+        self._timers[name] = asyncio.get_running_loop().call_later(max(0.0, delay), callback, *args)
+
+    def _close_in(self, name: str, delay: float, notice: str, code: int, reason: str) -> None:
+        """Close with (code, reason) after `delay`, with a `notice` `lifetime_notice_s` before."""
+        lead = min(self.server.config.limits.lifetime_notice_s, max(0.0, delay))
+        self._later(name, delay - lead, self._notice, name, notice, lead, code, reason)
+
+    def _notice(self, name: str, notice: str, close_in: float, code: int, reason: str) -> None:
+        self.send_control(notice_message(notice, close_in))
+        self._later(name, close_in, self.close_soon, code, reason)
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """Stop sending data and close the WebSocket with (code, reason) from a task."""
+        if self.closing:
+            return
+        log.info("closing %s: %d %s", self.ws.remote_address, code, reason)
+        self.stop_receiving()
+        self._spawn(self._close(code, reason))
+
+    def _auth_deadline(self) -> None:
+        if self.session.awaiting_auth:
+            self.server.metrics.auth_failures += 1
+            self.close_soon(UNAUTHORIZED, "auth timeout")
+
+    def _authorized(self, grant: Grant) -> None:
+        """The client has a grant (from the handshake or an `auth` message): data may flow."""
+        log.info("%s authenticated as %s", self.ws.remote_address, grant.subject)
+        timer = self._timers.pop("auth", None)
+        if timer is not None:
+            timer.cancel()
+        self.server.hub.attach(self.sub)
+        expiry = self._timers.pop("expiry", None)  # a refresh replaces the old deadline
+        if expiry is not None:
+            expiry.cancel()
+        if grant.expires_at is not None:
+            delay = grant.expires_at - time.time()
+            self._close_in("expiry", delay, "token_expiring", UNAUTHORIZED, "token expired")
+
+    # -- requests ------------------------------------------------------------------------------
+    async def serve(self) -> None:
+        cfg = self.server.config
+        session = self.session
+        self.send_control(
+            welcome_message(
+                cfg.limits,
+                cfg.heartbeat_ms,
+                auth_required=session.awaiting_auth,
+                grant=session.grant,
+            )
+        )
+        if cfg.limits.max_lifetime_s > 0:
+            self._close_in(
+                "lifetime", cfg.limits.max_lifetime_s, "max_lifetime", 1001, "max lifetime"
+            )
+        if session.awaiting_auth:
+            self._later("auth", cfg.auth.timeout_s, self._auth_deadline)
+        elif session.grant is not None:
+            self._authorized(session.grant)
+        else:
+            self.server.hub.attach(self.sub)
+        async for data in self.ws:
+            if self.closing:
+                continue  # close_soon() is under way: read until it completes, act on nothing
+            if self._listing is not None:
+                # Requests are answered in order, and a client asking for lists faster than
+                # they are read back makes them queue here, not as replies.
+                await asyncio.wait((self._listing,))
+            if self._over_since is not None and self._drain is not None:
+                # Over its limit and not reading: answer nothing more (replies are never shed)
+                # until it reads; its requests wait in the socket meanwhile.
+                await self.wait_writable()
+            action = self.session.receive(data, time.monotonic(), time.time_ns())
+            if isinstance(action, Reply):
+                self.send_control(action.message)
+            elif isinstance(action, Rejected):
+                self.server.metrics.rejected_requests += 1
+                self.send_control(action.message)
+            elif isinstance(action, Authenticated):
+                self._authorized(action.grant)
+                self.send_control(action.reply)
+            elif isinstance(action, Subscribe):
+                self._subscribe(action)
+            elif isinstance(action, Unsubscribe):
+                self._unsubscribe(action)
+            elif isinstance(action, ListChannels):
+                self._list(action.id)
+            elif isinstance(action, Close):
+                if action.code == UNAUTHORIZED:
+                    self.server.metrics.auth_failures += 1
+                log.info("closing %s: %d %s", self.ws.remote_address, action.code, action.reason)
+                self.stop_receiving()
+                await self.ws.close(action.code, action.reason)
+                return
+
+    def _subscribe(self, req: Subscribe) -> None:
+        hub = self.server.hub
+        reader = self.server.reader
+        hub.subscribe(self.sub, *req.added)
+        self.server.metrics.subscriptions += len(req.added)
+        plan = plan_subscribe(
+            req,
+            hub.known_matching,
+            self.outbox.positions,
+            reader.positions,
+            reader.epochs,
+            reader.up,
+        )
+        #: Where the client stands on each channel it had no position on: the ack says it, so
+        #: that a client that gets no event before its connection drops can still resume.
+        placed = plan.placed
+        for channel, position in placed.items():
+            self.outbox.expect(channel, *position)
+        if not plan.targets and not plan.wildcards:
+            self.send_control(subscribed_message(req.id, req.all_channels, placed))
+            return
+
+        def positioned(fresh: list[Channel]) -> None:
+            # Acknowledged once the starting points are read from Redis, so that everything
+            # published after the client sees the ack comes after its snapshot or resume point.
+            for channel in fresh:
+                placed[channel] = self.outbox.positions.get(channel, ("", 0))
+            self.send_control(subscribed_message(req.id, req.all_channels, placed))
+
+        self.catchup.add(plan.targets, positioned, plan.wildcards)
+
+    async def _expand(self, wildcards: list[ChannelPattern]) -> list[Channel]:
+        """The channels of `wildcards` this connection still follows, after a registry read."""
+        with contextlib.suppress(RedisUnavailable):
+            await self.server.reader.refresh_registry()
+        hub = self.server.hub
+        return [
+            channel
+            for pattern in wildcards
+            for channel in hub.known_matching(pattern)
+            if hub.follows(self.sub, channel)
+        ]
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("connection task failed", exc_info=task.exception())
+
+    async def _close(self, code: int, reason: str) -> None:
+        await self.ws.close(code, reason)
+
+    def _list(self, request_id: RequestId) -> None:
+        self._listing = asyncio.create_task(self._answer_list(request_id))
+        self._tasks.add(self._listing)
+        self._listing.add_done_callback(self._task_done)
+
+    async def _answer_list(self, request_id: RequestId) -> None:
+        try:
+            with contextlib.suppress(RedisUnavailable):
+                await self.server.reader.refresh_registry()
+        finally:
+            self._listing = None
+        grant = self.session.grant
+        names = sorted(
+            c.name for c in self.server.hub.known if grant is None or grant.allows_channel(c)
+        )
+        self.send_control(reply("channels", request_id, channels=names))
+
+    def _unsubscribe(self, req: Unsubscribe) -> None:
+        hub = self.server.hub
+        hub.unsubscribe(self.sub, *req.removed)
+        self.server.metrics.subscriptions -= len(req.removed)
+        concerned = set(self.outbox.positions) | self.catchup.channels | set(self.sub.holding)
+        gone = [c for c in concerned if not hub.follows(self.sub, c)]
+        # No more reads for them, nothing held: from the ack on, no event of theirs is queued.
+        self.catchup.drop(gone)
+        for channel in gone:
+            # Forget the position, or a later subscribe would see a hole it never asked for.
+            self.outbox.forget(channel)
+        self.send_control(reply("unsubscribed", req.id, channels=list(req.all_channels)))
+
+    def heartbeat(self, now: float) -> None:
+        if self.session.awaiting_auth:
+            return
+        if now - self.last_write >= self.server.config.heartbeat_ms / 1000 and not self.outbox:
+            self.send_control(heartbeat_message(time.time_ns(), self.outbox.last_sent()))
+
+    def stop_receiving(self) -> None:
+        """Stop queueing data for this client (it is being closed): its memory goes at once."""
+        self.closing = True
+        self.server.hub.detach(self.sub)
+        self.outbox.take()
+
+    def cleanup(self) -> None:
+        self.closing = True
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self.catchup.close()
+        for task in self._tasks:
+            task.cancel()
+        if self._drain is not None:
+            self._drain.cancel()
+        self.server.metrics.subscriptions -= len(self.session.subscriptions)

@@ -1,0 +1,55 @@
+"""Stored history as the server reads it, sans-I/O: meta hashes and stream entries into batches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tickwire.core.channels import Channel
+from tickwire.core.commands import Arg, RedisReplyError
+from tickwire.core.errors import RedisUnavailable
+from tickwire.core.stream import epoch_of, seq_of
+from tickwire.server.batch import Batch
+
+#: A channel's meta: its epoch, last seq, and the epoch's first seq.
+Meta = tuple[str, int, int]
+
+
+def meta_commands(channels: list[Channel]) -> list[list[Arg]]:
+    return [["HMGET", c.meta_key, "epoch", "seq", "start"] for c in channels]
+
+
+def parse_metas(channels: list[Channel], replies: list[Any]) -> dict[Channel, Meta | None]:
+    out: dict[Channel, Meta | None] = {}
+    for c, reply in zip(channels, replies, strict=True):
+        if isinstance(reply, RedisReplyError):
+            # E.g. LOADING while Redis replays its AOF: back off and read again.
+            raise RedisUnavailable(f"meta read refused: {reply}")
+        epoch, seq, start = reply
+        out[c] = None if epoch is None else (epoch.decode(), int(seq or 0), int(start or 1))
+    return out
+
+
+def to_batches(channel: Channel, entries: list[Any]) -> list[Batch]:
+    """Stream entries → batches of consecutive seqs in one epoch (split at any hole or epoch)."""
+    if not entries:
+        return []
+    first_seq = seq_of(entries[0][0])
+    first_epoch = epoch_of(entries[0][1][1])
+    if (
+        seq_of(entries[-1][0]) - first_seq == len(entries) - 1
+        and epoch_of(entries[-1][1][1]) == first_epoch
+    ):
+        # The usual case: one run. Epochs never come back, so equal ends mean one epoch.
+        return [Batch(channel, first_epoch, first_seq, [fields[1] for _, fields in entries])]
+    # Runs of (epoch, first seq, bodies), split where a seq skips or the epoch changes.
+    runs: list[tuple[str, int, list[bytes]]] = []
+    last = -1
+    for entry_id, fields in entries:
+        seq, body = seq_of(entry_id), fields[1]
+        epoch = epoch_of(body)
+        if runs and seq == last + 1 and epoch == runs[-1][0]:
+            runs[-1][2].append(body)
+        else:
+            runs.append((epoch, seq, [body]))
+        last = seq
+    return [Batch(channel, epoch, first, bodies) for epoch, first, bodies in runs]
