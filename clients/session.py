@@ -46,6 +46,7 @@ from tickwire.clients.errors import InvalidFrame, ServerError
 from tickwire.core.channels import ChannelPattern
 from tickwire.core.errors import ChannelError, CodecError
 from tickwire.core.events import FIELDS_OF, Event, event_from_dict
+from tickwire.core.stream import StreamPosition
 
 log = logging.getLogger("tickwire.clients")
 
@@ -63,12 +64,9 @@ RequestId = int | str
 # --- Requests ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Position:
-    """Where a channel's delivery stands: the last delivered `seq` of `epoch`."""
-
-    epoch: str
-    seq: int
+#: Where a channel's delivery stands: the last delivered `seq` of `epoch` (the stream position
+#: type the server uses too).
+Position = StreamPosition
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from tickwire.core.commands import Arg, RedisReplyError
 from tickwire.core.config import PublisherConfig
 from tickwire.core.errors import RedisUnavailable
 from tickwire.core.redis_wire import RedisAddress, RedisConnection
-from tickwire.core.stream import complete_bodies
+from tickwire.core.stream import StreamPosition, complete_bodies
 from tickwire.feeds.store import APPEND_LUA
 
 log = logging.getLogger("tickwire.feeds.publisher")
@@ -90,10 +90,10 @@ class Publisher:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         #: Last (epoch, seq) Redis assigned per channel.
-        self.positions: dict[Channel, tuple[str, int]] = {}
+        self.positions: dict[Channel, StreamPosition] = {}
         #: Where each channel will stand once every flush sent is applied, as far as the replies
         #: so far tell: the epoch and seqs the next bodies' tails predict (see `store`).
-        self._predicted: dict[Channel, tuple[str, int]] = {}
+        self._predicted: dict[Channel, StreamPosition] = {}
 
     async def __aenter__(self) -> Publisher:
         await self.start()
@@ -323,7 +323,7 @@ class Publisher:
         commands: list[list[Arg]] = []
         order: list[Channel] = []
         counts: list[int] = []
-        expected: list[tuple[str, int] | None] = []
+        expected: list[StreamPosition | None] = []
         predicted = self._predicted
         positions = self.positions
         keys_of = self._keys_of
@@ -350,7 +350,7 @@ class Publisher:
                     args += bodies
                 else:
                     args += complete_bodies(bodies, epoch, seq)
-                    predicted[channel] = guess = (epoch, seq + n - 1)
+                    predicted[channel] = guess = StreamPosition(epoch, seq + n - 1)
                 expected.append(guess)
             order += group
             commands.append(["EVALSHA", APPEND_SHA, len(keys), *keys, *args])
@@ -391,7 +391,7 @@ class Publisher:
         for channel, expected, epoch, seq in zip(
             flight.order, flight.expected, triples[::3], triples[1::3], strict=True
         ):
-            positions[channel] = actual = (epoch.decode(), seq)
+            positions[channel] = actual = StreamPosition(epoch.decode(), seq)
             if actual != expected:
                 # Mispredicted (or not predicted): predict again from this reply and what is
                 # still in flight on the channel. The flushes in flight were stored right, only
@@ -402,7 +402,7 @@ class Publisher:
                     for ch, c in zip(f.order, f.counts, strict=True)
                     if ch == channel
                 )
-                self._predicted[channel] = (actual[0], actual[1] + later)
+                self._predicted[channel] = StreamPosition(actual.epoch, actual.seq + later)
         self.stats.published += sum(flight.counts)
         self._pending_events -= sum(flight.counts)
         if self._pending_events <= self.config.max_pending_events:
@@ -455,7 +455,7 @@ class Flight:
     order: list[Channel]
     counts: list[int]
     #: Per channel of `order`: the (epoch, last seq) its bodies' tails predict, None if bare.
-    expected: list[tuple[str, int] | None]
+    expected: list[StreamPosition | None]
     new: list[Channel]
     commands: list[list[Arg]]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tickwire.core.channels import Channel
+from tickwire.core.stream import StreamPosition
 from tickwire.server.messages import events_head
 
 
@@ -22,11 +23,14 @@ class Batch:
     events: list[bytes]
     conflated: bool = False
     last_seq: int = field(init=False)
+    #: (epoch, last_seq): where a subscriber stands once it has this batch, made once for all.
+    end: StreamPosition = field(init=False, repr=False)
     frame: bytes = field(init=False, repr=False)
     nbytes: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.last_seq = self.first_seq + len(self.events) - 1
+        self.end = StreamPosition(self.epoch, self.last_seq)
         head = events_head(self.channel, self.epoch, conflated=self.conflated)
         self.frame = head + b'"events":[' + b",".join(self.events) + b"]}"
         self.nbytes = len(self.frame)

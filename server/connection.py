@@ -28,7 +28,7 @@ from tickwire.server.messages import (
     subscribed_message,
     welcome_message,
 )
-from tickwire.server.outbox import Outbox
+from tickwire.server.outbox import START, Outbox
 from tickwire.server.session import (
     UNAUTHORIZED,
     Authenticated,
@@ -309,8 +309,7 @@ class Connection:
             req,
             hub.known_matching,
             self.outbox.positions,
-            reader.positions,
-            reader.epochs,
+            reader.follower.position_of,
             reader.up,
         )
         #: Where the client stands on each channel it had no position on: the ack says it, so
@@ -326,7 +325,7 @@ class Connection:
             # Acknowledged once the starting points are read from Redis, so that everything
             # published after the client sees the ack comes after its snapshot or resume point.
             for channel in fresh:
-                placed[channel] = self.outbox.positions.get(channel, ("", 0))
+                placed[channel] = self.outbox.positions.get(channel, START)
             self.send_control(subscribed_message(req.id, req.all_channels, placed))
 
         self.catchup.add(plan.targets, positioned, plan.wildcards)

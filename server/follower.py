@@ -24,7 +24,7 @@ from typing import Any
 from tickwire.core.channels import Channel
 from tickwire.core.commands import Arg
 from tickwire.core.config import ServerConfig
-from tickwire.core.stream import PushSection, parse_push
+from tickwire.core.stream import PushSection, StreamPosition, parse_push
 from tickwire.server.batch import Batch
 from tickwire.server.stored import Meta, to_batches
 
@@ -90,6 +90,13 @@ class StreamFollower:
         #: (or the pause after it) ended.
         self._pause = 0.0
         self._ready_at = 0.0
+
+    def position_of(self, channel: Channel) -> StreamPosition | None:
+        """Where the follower stands on `channel` (epoch "": none stored yet), None if it does
+        not follow it. Kept apart as seq and epoch inside: a push moves the seq of a channel
+        many times a second, its epoch almost never."""
+        seq = self.positions.get(channel)
+        return None if seq is None else StreamPosition(self.epochs.get(channel, ""), seq)
 
     # -- the set of followed channels ----------------------------------------------------------
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from tickwire.core.channels import WILDCARD, Channel, ChannelPattern
+from tickwire.core.stream import StreamPosition
 from tickwire.server.batch import Batch
 from tickwire.server.frames import text_frame
 from tickwire.server.outbox import Outbox, message_of, step, unstep
@@ -80,7 +81,7 @@ class Group:
     def __init__(self, patterns: frozenset[ChannelPattern]) -> None:
         self.patterns = patterns
         self.members: set[Subscriber] = set()
-        self.positions: dict[Channel, tuple[str, int]] | None = None
+        self.positions: dict[Channel, StreamPosition] | None = None
 
 
 class Hub:

@@ -14,6 +14,7 @@ import orjson
 from tickwire import __version__
 from tickwire.core.channels import Channel
 from tickwire.core.config import Limits
+from tickwire.core.stream import StreamPosition
 from tickwire.server.auth import Grant
 
 PROTOCOL_VERSION = 1
@@ -37,7 +38,7 @@ def reply(kind: str, request_id: RequestId, **fields: Any) -> bytes:
 def subscribed_message(
     request_id: RequestId,
     channels: tuple[str, ...],
-    positions: Mapping[Channel, tuple[str, int]],
+    positions: Mapping[Channel, StreamPosition],
 ) -> bytes:
     """The `subscribed` ack: every subscription, and where the client now stands on each
     channel it had no position on (epoch "" and seq 0: no event stored yet)."""

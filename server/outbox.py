@@ -15,8 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tickwire.core.channels import Channel
+from tickwire.core.stream import StreamPosition
 from tickwire.server.batch import Batch
 from tickwire.server.messages import gap_message, reset_message
+
+#: The position of a channel nothing was stored of yet.
+START = StreamPosition("", 0)
 
 
 @dataclass(slots=True)
@@ -48,20 +52,20 @@ class Outbox:
         #: (epoch, last seq queued) per channel: where the client's stream stands. While
         #: `shared`, the same dict as the other members of its hub group that are in step with
         #: it (`Hub.dispatch`): read it freely, but change it only through this class.
-        self.positions: dict[Channel, tuple[str, int]] = {}
+        self.positions: dict[Channel, StreamPosition] = {}
         self.shared = False
         #: Positions set by `expect` or `reset` (a resume point, a snapshot's start, a new
         #: epoch), not by anything sent: while a channel's position still equals its entry here,
         #: no event or gap of it has gone out. Compared only when a heartbeat is built, so the
         #: hot path pays nothing for it.
-        self._claimed: dict[Channel, tuple[str, int]] = {}
+        self._claimed: dict[Channel, StreamPosition] = {}
         self._control: list[bytes] = []
         self._queued: dict[Channel, list[Item]] = {}
 
     def __bool__(self) -> bool:
         return bool(self._control or self._queued)
 
-    def share(self, positions: dict[Channel, tuple[str, int]]) -> None:
+    def share(self, positions: dict[Channel, StreamPosition]) -> None:
         """Take `positions`, equal to this outbox's own, as shared: it moves with the group."""
         self.positions = positions
         self.shared = True
@@ -80,7 +84,7 @@ class Outbox:
     def expect(self, channel: Channel, epoch: str, last_seq: int) -> None:
         """Declare where the client stands on `channel` (from a resume or a snapshot)."""
         self.own()
-        self.positions[channel] = self._claimed[channel] = (epoch, last_seq)
+        self.positions[channel] = self._claimed[channel] = StreamPosition(epoch, last_seq)
 
     def forget(self, channel: Channel) -> None:
         """The client no longer follows `channel`: drop what is queued and its position."""
@@ -94,7 +98,7 @@ class Outbox:
         """Announce a new epoch; what follows continues after `last_seq` in it."""
         self.own()
         self._push(channel, reset_message(channel, epoch))
-        self.positions[channel] = self._claimed[channel] = (epoch, last_seq)
+        self.positions[channel] = self._claimed[channel] = StreamPosition(epoch, last_seq)
         self.stats.resets += 1
 
     def last_sent(self) -> dict[Channel, int]:
@@ -120,8 +124,8 @@ class Outbox:
         else:
             self._push(channel, PendingGap(from_seq, to_seq, reason))
             self.stats.gaps += 1
-        epoch = self.positions.get(channel, ("", 0))[0]
-        self.positions[channel] = (epoch, to_seq)
+        epoch = self.positions.get(channel, START).epoch
+        self.positions[channel] = StreamPosition(epoch, to_seq)
 
     def add(self, batch: Batch) -> bool:
         """Queue a batch, keeping the invariant; False if it held nothing new for this client."""
@@ -136,7 +140,7 @@ class Outbox:
             else:
                 items.append(batch)
             self.nbytes += batch.nbytes
-            self.positions[channel] = (pos[0], batch.last_seq)
+            self.positions[channel] = batch.end
             return True
         if pos is None:
             pass  # first events this client gets on the channel: nothing before them is owed
@@ -151,7 +155,7 @@ class Outbox:
             if batch.first_seq > pos[1] + 1:
                 self.gap(channel, pos[1] + 1, batch.first_seq - 1, "trimmed")
         self._push(channel, batch)
-        self.positions[channel] = (batch.epoch, batch.last_seq)
+        self.positions[channel] = batch.end
         return True
 
     @property
@@ -258,7 +262,7 @@ class Outbox:
         self.nbytes += _size(item)
 
 
-def step(positions: dict[Channel, tuple[str, int]], batches: list[Batch]) -> bool:
+def step(positions: dict[Channel, StreamPosition], batches: list[Batch]) -> bool:
     """If each batch is exactly the next of its channel in `positions`, or its first events
     (as `Outbox.add` takes them: nothing before is owed), move every position past it; if not,
     change nothing that matters and return False. Channels must be distinct."""
@@ -267,19 +271,19 @@ def step(positions: dict[Channel, tuple[str, int]], batches: list[Batch]) -> boo
         if pos is not None and (pos[1] + 1 != batch.first_seq or pos[0] != batch.epoch):
             unstep(positions, batches, until=batch)
             return False
-        positions[batch.channel] = (batch.epoch, batch.last_seq)
+        positions[batch.channel] = batch.end
     return True
 
 
 def unstep(
-    positions: dict[Channel, tuple[str, int]], batches: list[Batch], until: Batch | None = None
+    positions: dict[Channel, StreamPosition], batches: list[Batch], until: Batch | None = None
 ) -> None:
     """Undo `step` (up to the batch `until`). A channel `step` saw first is left just before
     its batch, which `Outbox.add` treats as it would no position at all."""
     for batch in batches:
         if batch is until:
             return
-        positions[batch.channel] = (batch.epoch, batch.first_seq - 1)
+        positions[batch.channel] = StreamPosition(batch.epoch, batch.first_seq - 1)
 
 
 def message_of(parts: list[bytes]) -> bytes:

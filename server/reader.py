@@ -78,10 +78,6 @@ class StreamReader:
         """Last seq read per followed channel (read only: the follower's)."""
         return self.follower.positions
 
-    @property
-    def epochs(self) -> dict[Channel, str]:
-        return self.follower.epochs
-
     async def run(self) -> None:
         delay = 0.05
         poller = asyncio.create_task(self._poll_registry(), name="tickwire-registry")

@@ -24,6 +24,7 @@ import orjson
 from tickwire.core.channels import Channel, ChannelPattern
 from tickwire.core.config import Limits
 from tickwire.core.errors import AuthError, ChannelError, ProtocolError, UnknownChannelType
+from tickwire.core.stream import StreamPosition
 from tickwire.server.auth import Authenticator, Grant
 from tickwire.server.messages import RequestId, error_message, reply
 
@@ -35,7 +36,7 @@ class Subscribe:
     id: RequestId
     added: tuple[ChannelPattern, ...]
     snapshot: bool
-    resume: Mapping[Channel, tuple[str, int]]
+    resume: Mapping[Channel, StreamPosition]
     all_channels: tuple[str, ...]
 
 
@@ -102,7 +103,7 @@ class FromNow:
 FROM_NOW = FromNow()
 #: Where a channel's catch-up starts: after a resume position, at the latest event (None: a
 #: snapshot), or `FROM_NOW`.
-Target = tuple[str, int] | None | FromNow
+Target = StreamPosition | None | FromNow
 
 
 @dataclass(slots=True)
@@ -112,7 +113,7 @@ class SubscribePlan:
     expand once the registry is read."""
 
     targets: dict[Channel, Target]
-    placed: dict[Channel, tuple[str, int]]
+    placed: dict[Channel, StreamPosition]
     wildcards: list[ChannelPattern]
 
 
@@ -120,26 +121,25 @@ def plan_subscribe(
     req: Subscribe,
     matching: Callable[[ChannelPattern], list[Channel]],
     started: Container[Channel],
-    following: Mapping[Channel, int],
-    epochs: Mapping[Channel, str],
+    following: Callable[[Channel], StreamPosition | None],
     redis_up: bool,
 ) -> SubscribePlan:
     """Decide where each channel of `req` starts for this connection.
 
     `matching`: the channels of a pattern known now; `started`: channels the connection already
-    has a position on (they go on as they are); `following`/`epochs`: the follower's positions.
+    has a position on (they go on as they are); `following`: the follower's position of a channel.
     """
     targets: dict[Channel, Target] = dict(req.resume)
-    placed: dict[Channel, tuple[str, int]] = {}
+    placed: dict[Channel, StreamPosition] = {}
     for pattern in req.added:
         for channel in matching(pattern):
             if channel in targets or channel in started:
                 continue
             if req.snapshot:
                 targets[channel] = None
-            elif channel in following:
+            elif (position := following(channel)) is not None:
                 # Live from the follower's next dispatch on: the client stands where it does.
-                placed[channel] = (epochs.get(channel, ""), following[channel])
+                placed[channel] = position
             elif redis_up:
                 # What is published after the ack and before the follower gets to the channel
                 # comes from history.
@@ -359,12 +359,12 @@ def _patterns(value: Any, limit: int) -> list[ChannelPattern]:
     return out
 
 
-def _resume(value: Any, covering: list[ChannelPattern]) -> dict[Channel, tuple[str, int]]:
+def _resume(value: Any, covering: list[ChannelPattern]) -> dict[Channel, StreamPosition]:
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise ProtocolError("bad_request", "'resume' must be an object of channel → {epoch, seq}")
-    out: dict[Channel, tuple[str, int]] = {}
+    out: dict[Channel, StreamPosition] = {}
     for name, pos in value.items():
         try:
             channel = Channel.parse(name)
@@ -386,5 +386,5 @@ def _resume(value: Any, covering: list[ChannelPattern]) -> dict[Channel, tuple[s
             raise ProtocolError("bad_request", f"resume[{name}].epoch must be a string")
         if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < 2**63:
             raise ProtocolError("bad_request", f"resume[{name}].seq must be a non-negative integer")
-        out[channel] = (epoch, seq)
+        out[channel] = StreamPosition(epoch, seq)
     return out

@@ -24,7 +24,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 from tickwire.bench.invariant import InvariantChecker
 from tickwire.core.channels import Channel
 from tickwire.core.events import encode_body
-from tickwire.core.stream import complete_body
+from tickwire.core.stream import StreamPosition, complete_body
 from tickwire.server.batch import Batch
 from tickwire.server.catchup import _start
 from tickwire.server.hub import Subscriber
@@ -167,7 +167,7 @@ class DeliveryModel(RuleBasedStateMachine):
             self._add(make_batch(ch, s.epoch, first, min(first + page - 1, s.last)))
             self._flush()
 
-    def _follow(self, ch: Channel, resume: tuple[str, int] | None, snapshot: bool) -> int | None:
+    def _follow(self, ch: Channel, resume: StreamPosition | None, snapshot: bool) -> int | None:
         """Subscribe `ch` on the current outbox; returns the replay start, None when live only."""
         if resume is None and not snapshot:
             return None
@@ -409,7 +409,11 @@ class DeliveryModel(RuleBasedStateMachine):
         # As catch_up does: every starting point first, then each channel's replay and join.
         starts: dict[Channel, int] = {}
         for ch, view in list(self.views.items()):
-            resume = (view.epoch, view.last) if view.epoch and view.last is not None else None
+            resume = (
+                StreamPosition(view.epoch, view.last)
+                if view.epoch and view.last is not None
+                else None
+            )
             if resume is None:
                 self.views[ch] = View()  # nothing to resume from: a fresh subscription
             after = self._follow(ch, resume, snapshot)

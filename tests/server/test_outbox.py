@@ -7,7 +7,7 @@ import orjson
 from tickwire.bench.invariant import InvariantChecker
 from tickwire.core.channels import Channel
 from tickwire.core.events import encode_body
-from tickwire.core.stream import complete_body
+from tickwire.core.stream import StreamPosition, complete_body
 from tickwire.server.batch import Batch
 from tickwire.server.outbox import Outbox
 
@@ -131,7 +131,7 @@ def test_resume_of_a_channel_already_followed_does_not_rewind() -> None:
     drain(box)
     box.add(batch(T, 4, 2))
     sub = Subscriber(box, lambda: None)
-    after = _start(sub, T, ("e1", 3), ("e1", 20, 1), max_events=10)
+    after = _start(sub, T, StreamPosition("e1", 3), ("e1", 20, 1), max_events=10)
     assert after == 5
     out = drain(box)
     assert seqs(out) == [4, 5] and [m for m in out if m["type"] == "gap"] == []

@@ -284,3 +284,46 @@ def test_fuzzed_frames_never_raise_and_always_get_a_typed_answer(frame: bytes) -
             }
     else:
         assert isinstance(action, Subscribe | Unsubscribe | ListChannels)
+
+
+def test_subscribe_plan_places_followed_channels_and_catches_up_the_rest() -> None:
+    from tickwire.core.channels import Channel
+    from tickwire.core.stream import StreamPosition
+    from tickwire.server.session import FROM_NOW, plan_subscribe
+
+    a, b, c, d = (Channel.parse(f"trades:{s}") for s in ("A", "B", "C", "D"))
+    known = {"trades:*": [a, b, c, d]}
+    followed = {a: StreamPosition("e1", 7), b: StreamPosition("", 0)}
+    s = ClientSession(Limits())
+    req = s.receive(
+        b'{"op":"subscribe","id":1,"channels":["trades:*"],'
+        b'"resume":{"trades:C":{"epoch":"e2","seq":3}}}',
+        0.0,
+    )
+    assert isinstance(req, Subscribe)
+
+    def plan(snapshot_req: Subscribe, up: bool = True):  # type: ignore[no-untyped-def]
+        return plan_subscribe(
+            snapshot_req,
+            lambda p: known[p.name] if p.is_wildcard else [p.as_channel()],
+            {d},  # already started on this connection: goes on as it is
+            followed.get,
+            up,
+        )
+
+    p = plan(req)
+    # Followed channels are live at once from the follower's position; the resume is a target;
+    # a known channel nobody follows yet is caught up from now.
+    assert p.placed == {a: StreamPosition("e1", 7), b: StreamPosition("", 0)}
+    assert p.targets == {c: StreamPosition("e2", 3)}
+    assert p.wildcards == []
+    known["trades:*"].append(Channel.parse("trades:E"))
+    assert plan(req).targets[Channel.parse("trades:E")] is FROM_NOW
+    assert Channel.parse("trades:E") not in plan(req, up=False).targets  # Redis down: no target
+    snap = ClientSession(Limits()).receive(
+        b'{"op":"subscribe","id":2,"channels":["trades:*"],"snapshot":true}', 0.0
+    )
+    assert isinstance(snap, Subscribe)
+    p = plan(snap)
+    assert p.placed == {} and set(p.targets) == {a, b, c, Channel.parse("trades:E")}
+    assert all(t is None for t in p.targets.values()) and p.wildcards == list(snap.added)

@@ -18,6 +18,16 @@ from typing import NamedTuple
 EVENT_FIELD = b"d"
 
 
+class StreamPosition(NamedTuple):
+    """Where a channel's stream stands for someone: the last `seq` in `epoch` (seq 0: before
+    the first event). Epoch "": the channel had no stored event yet, so whatever epoch comes
+    first continues it. A plain tuple underneath: hot paths store one per batch, not per
+    subscriber (`tickwire.server.batch.Batch.end`)."""
+
+    epoch: str
+    seq: int
+
+
 #: The tail of a stored event: TAIL_HEAD + epoch + TAIL_SEQ + seq + b"}".
 TAIL_HEAD = b',"epoch":"'
 TAIL_SEQ = b'","seq":'
