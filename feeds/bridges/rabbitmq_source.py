@@ -1,0 +1,142 @@
+"""RabbitMQ adapter (aio-pika): consumes the routes' queues with a bounded prefetch, acks after
+the append.
+
+The id a message is stored once under is its `message_id` property (or the route's `id_field`).
+A message without either is stored once only if it is delivered once: RabbitMQ marks every
+redelivery (`redelivered`), and such messages are counted, since they may be stored twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import aio_pika.abc
+import aiormq.exceptions
+
+from tickwire.core.errors import ConfigError
+from tickwire.feeds.bridges.core import Delivery
+from tickwire.feeds.bridges.mapping import BridgeMap
+
+log = logging.getLogger("tickwire.feeds.bridge.rabbitmq")
+
+
+@dataclass(frozen=True, slots=True)
+class RabbitOptions:
+    """The map's `[rabbitmq]` table."""
+
+    #: Declare the routes' queues (durable) if missing; with `exchange`, bind them to it with
+    #: their routing keys (`{symbol}` as `*`).
+    declare: bool = False
+    exchange: str = ""
+
+    @classmethod
+    def of(cls, bridge_map: BridgeMap) -> RabbitOptions:
+        table = dict(bridge_map.broker_options)
+        declare = bool(table.pop("declare", False))
+        exchange = str(table.pop("exchange", ""))
+        if table:
+            raise ConfigError(f"[rabbitmq]: unknown key(s) {', '.join(sorted(table))}")
+        return cls(declare, exchange)
+
+
+class RabbitSource:
+    """A robust connection (it reconnects and consumes again by itself), one channel."""
+
+    def __init__(self, url: str, bridge_map: BridgeMap) -> None:
+        self.url = url
+        self.map_ = bridge_map
+        self.options = RabbitOptions.of(bridge_map)
+        self._conn: aio_pika.abc.AbstractRobustConnection | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        # Never more than the prefetch: RabbitMQ sends no more until some are acknowledged.
+        self._inbox: asyncio.Queue[tuple[str, aio_pika.abc.AbstractIncomingMessage]] = (
+            asyncio.Queue()
+        )
+        self.redelivered_without_id = 0
+
+    async def start(self) -> None:
+        self._conn = await aio_pika.connect_robust(self.url, reconnect_interval=0.5)
+        channel = await self._conn.channel()
+        await channel.set_qos(prefetch_count=self.map_.options.max_in_flight)
+        self._channel = channel
+        exchange: Any = None
+        if self.options.exchange:
+            exchange = await channel.declare_exchange(
+                self.options.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+        for name in self.map_.queues:
+            queue: aio_pika.abc.AbstractQueue
+            if self.options.declare:
+                queue = await channel.declare_queue(name, durable=True)
+                if exchange is not None:
+                    for route in self.map_.routes:
+                        if route.queue == name:
+                            key = route.template.subscription if route.template else "#"
+                            await queue.bind(exchange, key)
+            else:
+                queue = await channel.get_queue(name, ensure=True)
+            await queue.consume(self._consumer(name))
+
+    def _consumer(
+        self, queue: str
+    ) -> Callable[[aio_pika.abc.AbstractIncomingMessage], Awaitable[None]]:
+        # A message does not say which queue it came from: its consumer does.
+        async def put(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            self._inbox.put_nowait((queue, message))
+
+        return put
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+
+    async def receive(self, limit: int) -> list[Delivery]:
+        msgs = [await self._inbox.get()]
+        while len(msgs) < limit and not self._inbox.empty():
+            msgs.append(self._inbox.get_nowait())
+        out = []
+        for queue, m in msgs:
+            msg_id = m.message_id or ""
+            if not msg_id and m.redelivered:
+                self.redelivered_without_id += 1
+            out.append(Delivery(m.routing_key or "", m.body, msg_id, queue=queue, handle=m))
+        return out
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        for d in deliveries:
+            try:
+                await d.handle.ack()
+            except (
+                aiormq.exceptions.AMQPError,
+                aio_pika.exceptions.AMQPException,
+                RuntimeError,
+            ) as exc:
+                # The channel it came on is gone: RabbitMQ requeued it; the dedupe drops it.
+                log.debug("ack failed (%s); it will be redelivered", exc)
+
+    async def hold(self, deliveries: Sequence[Delivery]) -> None:
+        # RabbitMQ redelivers only when the channel closes: nothing to tell it meanwhile.
+        return None
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        assert self._channel is not None
+        m = delivery.handle
+        await self._channel.default_exchange.publish(
+            aio_pika.Message(
+                delivery.payload,
+                headers={
+                    "tickwire-reason": reason[:1000],
+                    "tickwire-queue": delivery.queue,
+                    "tickwire-routing-key": delivery.route,
+                },
+                message_id=m.message_id,
+                content_type=m.content_type,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key=self.map_.options.dead_letter,
+        )
