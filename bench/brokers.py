@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import getpass
 import os
 import shutil
 import signal
@@ -147,6 +148,10 @@ class MosquittoProcess(BrokerProcess):
     broker = "mqtt"
 
     @property
+    def broker_log(self) -> Path:
+        return self.data_dir / "mosquitto.log"
+
+    @property
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
 
@@ -156,12 +161,18 @@ class MosquittoProcess(BrokerProcess):
         # in-flight window and queue big enough for the bench, and no message-count cap.
         conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
+            # Started as root, mosquitto would switch to its own user, which cannot write
+            # the persistence and log files into this private folder.
+            f"user {getpass.getuser()}\n"
             "allow_anonymous true\n"
             "persistence true\n"
             f"persistence_location {self.data_dir}/\n"
             "max_inflight_messages 1000\n"
             "max_queued_messages 1000000\n"
-            "log_dest stdout\n"
+            f"log_dest file {self.data_dir}/mosquitto.log\n"
+            # Subscriptions too: a test waits for a bridge's before it publishes.
+            "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
+            "log_type subscribe\n"
         )
         return [exe, "-c", str(conf)], {}
 

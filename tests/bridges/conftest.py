@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
+from tests.conftest import timeout
 from tickwire.bench.brokers import MosquittoProcess, NatsProcess, RabbitProcess
 from tickwire.core.channels import Channel
+from tickwire.core.config import PublisherConfig
 from tickwire.core.redis_wire import RedisConnection
 from tickwire.core.stream import seq_of
+from tickwire.feeds.bridges.core import BridgeStats, BridgeStore, open_source, run_bridge
+from tickwire.feeds.bridges.mapping import BridgeMapper, Broker, load_bridge_map
 
 TICKWIRE = str(Path(sys.executable).parent / "tickwire")
 
@@ -49,6 +55,53 @@ async def stored(conn: RedisConnection, channel: Channel) -> list[dict[str, Any]
     assert [e["seq"] for e in out] == list(range(1, len(out) + 1)), "seqs not dense"
     assert len({e["epoch"] for e in out}) <= 1
     return out
+
+
+@contextlib.asynccontextmanager
+async def running_bridge(
+    broker: Broker, url: str, redis_url: str, map_path: Path
+) -> AsyncIterator[BridgeStats]:
+    """A bridge in this process (for tests that need no crash), stopped at the end."""
+    bridge_map = load_bridge_map(map_path, broker)
+    source = open_source(broker, url, bridge_map)
+    store = BridgeStore(PublisherConfig(redis_url=redis_url), bridge_map.options)
+    await store.start()
+    await source.start()
+    stats = BridgeStats()
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        run_bridge(source, BridgeMapper(bridge_map), store, stats=stats, stop=stop)
+    )
+    try:
+        yield stats
+    finally:
+        stop.set()
+        await task
+        await source.close()
+        store.close()
+
+
+async def wait_stored(
+    conn: RedisConnection,
+    channels: list[Channel],
+    n: int,
+    proc: subprocess.Popen[bytes] | None = None,
+    limit: float = 20,
+) -> None:
+    """Poll Redis until `channels` hold `n` events in all (the bridge's log on failure)."""
+    deadline = time.monotonic() + timeout(limit)
+    while True:
+        total = 0
+        for ch in channels:
+            total += await conn.execute("XLEN", ch.stream_key)
+        if total >= n:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"{total} of {n} events stored in time"
+                + (f"; bridge log:\n{bridge_log(proc)}" if proc else "")
+            )
+        await asyncio.sleep(0.02)
 
 
 def write_map(tmp_path: Path, text: str) -> Path:
