@@ -1,11 +1,12 @@
 """`tickwire bench bridge`: events/s and broker → Redis latency through a bridge, beside the direct path.
 
 One run starts a private Redis and a private broker, runs `tickwire feed <broker>` as a process of
-its own, and publishes JSON trades to the broker stamped with the time of publishing (`T`, ns).
-A Redis reader subscribed to the live push (what a tickwire server reads) records each event's
-arrival. Two phases: as fast as the publisher can (events/s that land in Redis), then a steady
-rate (latency broker publish → read). The same two phases then run on the simulator's path, the
-`Publisher` fed in this process, as the baseline (its latency: publish → read).
+its own, and a publishing process sends JSON trades to the broker stamped with the time of
+publishing (`T`, ns). A Redis reader subscribed to the live push (what a tickwire server reads)
+records each event's arrival. Two phases: throughput (the bridge is stopped while the broker
+fills with `--count` trades, then let go: the rate at which they land in Redis), then a steady
+`--rate` (latency broker publish → read). The same two phases then run on the simulator's path,
+a process feeding the `Publisher` directly, as the baseline (its latency: publish → read).
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
+import signal
+import socket
 import sys
 import tempfile
 import time
@@ -111,35 +115,96 @@ def stamp(payload: bytes) -> bytes:
     return payload.replace(b'"T":0', b'"T":%d' % time.time_ns())
 
 
-async def phases(
-    send: Send, reader: Reader, make: Callable[[int, int], list[tuple[str, bytes]]], args: Any
-) -> dict[str, Any]:
-    """Throughput (as fast as `send` goes), then latency at `args.rate`."""
-    reader.reset()
-    msgs = make(1_000_000, args.count)
+async def publish_phase(
+    send: Send, msgs: list[tuple[str, bytes]], rate: float | None
+) -> tuple[int, int]:
+    """Send `msgs` stamped as they go, at `rate` (None: as fast as `send` goes); returns the
+    first and last send times (ns)."""
     t0 = time.time_ns()
-    for i in range(0, len(msgs), 500):
-        await send([(r, stamp(p)) for r, p in msgs[i : i + 500]])
-    sent_ns = time.time_ns()
-    complete = await reader.until(args.count, args.timeout)
-    seconds = (reader.last_ns - t0) / 1e9
-    result: dict[str, Any] = {
-        "events": reader.count,
-        "complete": complete,
-        "events_per_s": round(reader.count / seconds) if seconds > 0 else 0,
-        "publish_per_s": round(args.count / ((sent_ns - t0) / 1e9)),
-    }
-    reader.reset()
-    msgs = make(2_000_000, int(args.rate * args.seconds))
+    if rate is None:
+        for i in range(0, len(msgs), 500):
+            await send([(r, stamp(p)) for r, p in msgs[i : i + 500]])
+        return t0, time.time_ns()
     start = time.monotonic()
     sent = 0
     while sent < len(msgs):
-        due = min(len(msgs), int((time.monotonic() - start) * args.rate) + 1)
+        due = min(len(msgs), int((time.monotonic() - start) * rate) + 1)
         if due > sent:
             await send([(r, stamp(p)) for r, p in msgs[sent:due]])
             sent = due
         await asyncio.sleep(0.001)
-    await reader.until(len(msgs), args.timeout)
+    return t0, time.time_ns()
+
+
+async def child(args: argparse.Namespace) -> None:
+    """The publishing side, in a process of its own so that its CPU never delays the reader's
+    timestamps: to the broker, or (`--direct`) through the Publisher as the simulator does."""
+    route = "D{}" if args.direct else ROUTE[args.broker]
+    msgs = trades(args.symbols, args.first, args.count, route)
+    rate = args.rate or None
+    if args.direct:
+        async with Publisher(PublisherConfig(redis_url=args.direct)) as pub:
+
+            async def send_direct(batch: list[tuple[str, bytes]]) -> None:
+                out: dict[Channel, list[bytes]] = {}
+                pt = time.time_ns()
+                for symbol, payload in batch:
+                    doc = orjson.loads(payload)
+                    fields = {"price": doc["p"], "size": doc["q"], "side": "buy"}
+                    fields["trade_id"] = doc["t"]
+                    body = encode_body("trade", symbol, doc["T"], pt, fields)
+                    out.setdefault(Channel("trades", symbol), []).append(body)
+                await pub.publish(out)
+
+            t0, t1 = await publish_phase(send_direct, msgs, rate)
+            await pub.flush()
+    else:
+        async with broker_sender(args.broker, args.url) as send:
+            t0, t1 = await publish_phase(send, msgs, rate)
+    print(json.dumps({"t0": t0, "t1": t1}), flush=True)
+
+
+async def run_child(argv: list[str]) -> dict[str, int]:
+    proc = await asyncio.create_subprocess_exec(
+        TICKWIRE, "bench", "bridge", "--child", *argv, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"publisher exited with {proc.returncode}")
+    result: dict[str, int] = json.loads(out.splitlines()[-1])
+    return result
+
+
+async def phases(
+    reader: Reader, base: list[str], args: argparse.Namespace, bridge: int | None
+) -> dict[str, Any]:
+    """Throughput (the bridge stopped while the broker fills, then let go: its drain rate), then
+    latency at `args.rate`."""
+    reader.reset()
+    common = [*base, "--symbols", str(args.symbols)]
+    if bridge is not None:
+        os.kill(bridge, signal.SIGSTOP)
+    try:
+        sent = await run_child(
+            [*common, "--first", "1000000", "--count", str(args.count), "--rate", "0"]
+        )
+    finally:
+        if bridge is not None:
+            os.kill(bridge, signal.SIGCONT)
+    start = time.time_ns() if bridge is not None else sent["t0"]
+    complete = await reader.until(args.count, args.timeout)
+    seconds = (reader.last_ns - start) / 1e9
+    result: dict[str, Any] = {
+        "events": reader.count,
+        "complete": complete,
+        "events_per_s": round(reader.count / seconds) if seconds > 0 else 0,
+        "publish_per_s": round(args.count / ((sent["t1"] - sent["t0"]) / 1e9)),
+    }
+    reader.reset()
+    n = int(args.rate * args.seconds)
+    await run_child([*common, "--first", "2000000", "--count", str(n), "--rate", str(args.rate)])
+    complete = await reader.until(n, args.timeout)
+    result["complete"] = result["complete"] and complete
     result["rate"] = args.rate
     result["latency"] = latency_summary(np.array(reader.latencies, dtype=np.int64))
     return result
@@ -166,7 +231,10 @@ async def broker_sender(broker: str, url: str) -> Any:
         import aiomqtt
 
         port = int(url.rsplit(":", 1)[1])
-        async with aiomqtt.Client("127.0.0.1", port, max_inflight_messages=1000) as client:
+        nodelay = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+        async with aiomqtt.Client(
+            "127.0.0.1", port, max_inflight_messages=1000, socket_options=nodelay
+        ) as client:
 
             async def send_mqtt(msgs: list[tuple[str, bytes]]) -> None:
                 await asyncio.gather(*(client.publish(t, p, qos=1) for t, p in msgs))
@@ -201,6 +269,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         reader = Reader(sub)
         route = ROUTE[args.broker]
         out: dict[str, Any] = {"broker": args.broker, "count": args.count}
+        base = ["--broker", args.broker, "--url", broker.url]
         async with broker_sender(args.broker, broker.url) as send:
             log = open(folder / "bridge.log", "wb")  # noqa: SIM115 - closed below
             cmd = [TICKWIRE, "feed", args.broker, "--url", broker.url, "--redis", redis.url]
@@ -214,37 +283,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     await send(warm)
                     await reader.until(1, 0.5)
                 cpu0 = cpu_seconds([proc.pid])
-                out["bridge"] = await phases(
-                    send, reader, lambda s, n: trades(args.symbols, s, n, route), args
-                )
+                out["bridge"] = await phases(reader, base, args, proc.pid)
                 out["bridge"]["bridge_cpu_s"] = round(cpu_seconds([proc.pid]) - cpu0, 2)
             finally:
                 stop_group(proc)
                 log.close()
-
-        async with Publisher(PublisherConfig(redis_url=redis.url)) as pub:
-
-            async def send_direct(msgs: list[tuple[str, bytes]]) -> None:
-                batch: dict[Channel, list[bytes]] = {}
-                pt = time.time_ns()
-                for symbol, payload in msgs:
-                    doc = orjson.loads(payload)
-                    fields = {
-                        "price": doc["p"],
-                        "size": doc["q"],
-                        "side": "buy",
-                        "trade_id": doc["t"],
-                    }
-                    ch = Channel("trades", symbol)
-                    batch.setdefault(ch, []).append(
-                        encode_body("trade", symbol, doc["T"], pt, fields)
-                    )
-                await pub.publish(batch)
-
-            # Symbols of their own (D…), so that the two paths write different streams.
-            out["direct"] = await phases(
-                send_direct, reader, lambda s, n: trades(args.symbols, s, n, "D{}"), args
-            )
+        out["direct"] = await phases(reader, [*base, "--direct", redis.url], args, None)
         reader.task.cancel()
         sub.close()
     return out
@@ -255,13 +299,21 @@ def main(argv: list[str]) -> int:
     p.add_argument("--broker", choices=sorted(BROKER_PROCESSES), required=True)
     p.add_argument("--count", type=int, default=50_000, help="trades in the throughput phase")
     p.add_argument("--symbols", type=int, default=20)
-    p.add_argument("--rate", type=float, default=2000.0, help="events/s in the latency phase")
+    p.add_argument("--rate", type=float, default=1000.0, help="events/s in the latency phase")
     p.add_argument("--seconds", type=float, default=5.0, help="length of the latency phase")
     p.add_argument("--timeout", type=float, default=60.0, help="give up waiting after this")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    # The publishing child's own options.
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--url", help=argparse.SUPPRESS)
+    p.add_argument("--direct", metavar="REDIS_URL", help=argparse.SUPPRESS)
+    p.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     import uvloop
 
+    if args.child:
+        uvloop.run(child(args))
+        return 0
     out = uvloop.run(run(args))
     b, d = out["bridge"], out["direct"]
     rows = [

@@ -169,6 +169,8 @@ class MosquittoProcess(BrokerProcess):
             f"persistence_location {self.data_dir}/\n"
             "max_inflight_messages 1000\n"
             "max_queued_messages 1000000\n"
+            # Its default leaves Nagle on: small PUBLISH/PUBACK packets wait for each other.
+            "set_tcp_nodelay true\n"
             f"log_dest file {self.data_dir}/mosquitto.log\n"
             # Subscriptions too: a test waits for a bridge's before it publishes.
             "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"

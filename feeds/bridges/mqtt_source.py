@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote, urlparse
@@ -94,6 +95,8 @@ class MqttSource:
             protocol=aiomqtt.ProtocolVersion.V5,
             clean_start=False,
             properties=props,
+            # paho opens its own socket: without this, Nagle holds PUBACKs back.
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
         # aiomqtt has no manual acknowledgement of its own; paho's, underneath it, does.
         client._client.manual_ack_set(True)

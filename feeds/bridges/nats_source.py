@@ -103,7 +103,7 @@ class NatsSource:
         opts = self.options
         config = ConsumerConfig(
             durable_name=opts.durable,
-            ack_policy=AckPolicy.EXPLICIT,
+            ack_policy=AckPolicy.ALL,
             ack_wait=opts.ack_wait_s,
             max_ack_pending=self.map_.options.max_in_flight,
             filter_subject=opts.filter_subject or None,
@@ -152,12 +152,13 @@ class NatsSource:
                 ]
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
-        for d in deliveries:
-            try:
-                await d.handle.ack()
-            except nats.errors.Error as exc:
-                # Not acknowledged: JetStream redelivers it and the dedupe drops it.
-                log.debug("ack failed (%s); it will be redelivered and dropped", exc)
+        # The consumer acks "this one and every one before it" (AckPolicy.ALL): one ack a round,
+        # where one per message cost most of the bridge's CPU.
+        try:
+            await deliveries[-1].handle.ack()
+        except nats.errors.Error as exc:
+            # Not acknowledged: JetStream redelivers them and the dedupe drops them.
+            log.debug("ack failed (%s); they will be redelivered and dropped", exc)
 
     async def hold(self, deliveries: Sequence[Delivery]) -> None:
         for d in deliveries:
