@@ -18,7 +18,7 @@ from tests.bridges.conftest import (
     wait_stored,
     write_map,
 )
-from tests.conftest import timeout
+from tests.conftest import eventually, timeout
 from tickwire.bench.brokers import RabbitProcess
 from tickwire.core.channels import Channel
 from tickwire.core.redis_process import RedisProcess
@@ -92,6 +92,7 @@ async def test_rabbitmq_bridge_orders_per_symbol_and_dead_letters_what_does_not_
         bad = [("trades.BTC-USD", b"[1, 2]"), ("trades.BAD SYMBOL", trade(1)[1])]
         await publish(rabbitmq.url, uid, [trade(n) for n in range(1, 91)] + bad, 1)
         await wait_stored(redis, CHANNELS, 90)
+        await eventually(lambda: stats.received == 92, "the bad ones handled too")
     assert await trade_ids(redis) == expected(90)
     assert (await stored(redis, CHANNELS[1]))[0]["ts"] == 1_700_000_001_500_000_000
     assert (stats.unmapped, stats.dead_lettered) == (2, 2)
