@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Self
 
 from tickwire.core.errors import ConfigError, TickwireError
 from tickwire.core.redis_process import free_port
@@ -68,7 +69,7 @@ class BrokerProcess:
         except OSError:
             return False
 
-    def start(self, timeout: float = 60.0) -> BrokerProcess:
+    def start(self, timeout: float = 60.0) -> Self:
         args, env = self.command(ensure_broker(self.broker))
         with open(self.log_path, "ab") as log:
             # Its own session, so that stopping it ends the children it starts (Erlang's).
@@ -117,7 +118,7 @@ class BrokerProcess:
         self.terminate()
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
-    def __enter__(self) -> BrokerProcess:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

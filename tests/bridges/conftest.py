@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +32,20 @@ TICKWIRE = str(Path(sys.executable).parent / "tickwire")
 def nats_server() -> Iterator[NatsProcess]:
     # Under a second to start: one per test, so a test may kill or restart its own.
     with NatsProcess() as proc:
-        yield proc  # type: ignore[misc]
+        yield proc
 
 
 @pytest.fixture
 def mosquitto() -> Iterator[MosquittoProcess]:
     with MosquittoProcess() as proc:
-        yield proc  # type: ignore[misc]
+        yield proc
 
 
 @pytest.fixture(scope="session")
 def rabbitmq() -> Iterator[RabbitProcess]:
     # Several seconds to start: one node per session; tests use queues of their own.
     with RabbitProcess() as proc:
-        yield proc  # type: ignore[misc]
+        yield proc
 
 
 async def stored(conn: RedisConnection, channel: Channel) -> list[dict[str, Any]]:
@@ -85,7 +86,7 @@ async def wait_stored(
     conn: RedisConnection,
     channels: list[Channel],
     n: int,
-    proc: subprocess.Popen[bytes] | None = None,
+    proc: BridgeProcess | None = None,
     limit: float = 20,
 ) -> None:
     """Poll Redis until `channels` hold `n` events in all (the bridge's log on failure)."""
@@ -99,7 +100,7 @@ async def wait_stored(
         if time.monotonic() > deadline:
             pytest.fail(
                 f"{total} of {n} events stored in time"
-                + (f"; bridge log:\n{bridge_log(proc)}" if proc else "")
+                + (f"; bridge log:\n{proc.log()}" if proc else "")
             )
         await asyncio.sleep(0.02)
 
@@ -110,43 +111,36 @@ def write_map(tmp_path: Path, text: str) -> Path:
     return path
 
 
+@dataclass
+class BridgeProcess:
+    """`tickwire feed <broker>` running as a process of its own, and its log."""
+
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 def start_bridge(
     broker: str, url: str, redis_url: str, map_path: Path, *, crash_after_round: int = 0
-) -> subprocess.Popen[bytes]:
-    """`tickwire feed <broker>` as a process of its own (so that it can be killed -9)."""
+) -> BridgeProcess:
+    """A bridge process (so that it can be killed -9); `crash_after_round`: it kills itself
+    after that many rounds are in Redis, before acknowledging them."""
     env = {**os.environ, "TICKWIRE_BRIDGE_CRASH_AFTER_ROUND": str(crash_after_round)}
-    log = open(map_path.parent / f"bridge-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [
-            TICKWIRE,
-            "-v",
-            "feed",
-            broker,
-            "--url",
-            url,
-            "--redis",
-            redis_url,
-            "--config",
-            str(map_path),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    proc.log_path = Path(log.name)  # type: ignore[attr-defined]
-    log.close()
-    return proc
-
-
-def bridge_log(proc: subprocess.Popen[bytes]) -> str:
-    return Path(proc.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
-
-
-def stop_bridge(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    log_path = map_path.parent / f"bridge-{time.monotonic_ns()}.log"
+    with open(log_path, "wb") as log:
+        cmd = [TICKWIRE, "-v", "feed", broker, "--url", url, "--redis", redis_url]
+        proc = subprocess.Popen(
+            [*cmd, "--config", str(map_path)], stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+    return BridgeProcess(proc, log_path)

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from pathlib import Path
 
 import aiomqtt
 import orjson
 
 from tests.bridges.conftest import (
-    bridge_log,
+    BridgeProcess,
     running_bridge,
     start_bridge,
-    stop_bridge,
     stored,
     wait_stored,
     write_map,
@@ -112,24 +110,24 @@ async def killed_between_store_and_ack(
     # Once subscribed, the session queues what the bridge does not take while it is dead.
     await wait_subscribed(mosquitto, first)
     await publish(mosquitto.port, [trade(n) for n in range(1, 101)])
-    assert await asyncio.to_thread(first.wait, timeout(20)) == -9, bridge_log(first)
+    assert await asyncio.to_thread(first.proc.wait, timeout(20)) == -9, first.log()
     before = sum(map(len, (await trade_ids(conn)).values()))
     assert before >= 1
     second = start_bridge("mqtt", mosquitto.url, redis_server.url, map_path)
     try:
         await wait_stored(conn, CHANNELS, 100, second)
     finally:
-        stop_bridge(second)
+        second.stop()
     assert await trade_ids(conn) == expected(100)
     # The broker resent what the dead bridge had stored and not acknowledged: dropped by id.
-    assert f"{100 - before} stored, {before} duplicates dropped" in bridge_log(second)
+    assert f"{100 - before} stored, {before} duplicates dropped" in second.log()
     conn.close()
 
 
-async def wait_subscribed(mosquitto: MosquittoProcess, proc: subprocess.Popen[bytes]) -> None:
+async def wait_subscribed(mosquitto: MosquittoProcess, proc: BridgeProcess) -> None:
     """Until mosquitto logs the bridge's subscription (its session exists from then on)."""
     deadline = asyncio.get_running_loop().time() + timeout(10)
     log = mosquitto.broker_log
     while not log.exists() or b"tickwire-mq 1 md/+/trades" not in log.read_bytes():
-        assert asyncio.get_running_loop().time() < deadline, bridge_log(proc)
+        assert asyncio.get_running_loop().time() < deadline, proc.log()
         await asyncio.sleep(0.02)

@@ -10,10 +10,8 @@ import nats
 import orjson
 
 from tests.bridges.conftest import (
-    bridge_log,
     running_bridge,
     start_bridge,
-    stop_bridge,
     stored,
     wait_stored,
     write_map,
@@ -124,15 +122,15 @@ async def killed_between_store_and_ack(
     await publish(nats_server.url, [trade(n) for n in range(1, 101)])
     # The first bridge stores a round of 20 and dies (SIGKILL) before acknowledging it.
     first = start_bridge("nats", nats_server.url, redis_server.url, map_path, crash_after_round=1)
-    assert await asyncio.to_thread(first.wait, timeout(20)) == -9, bridge_log(first)
+    assert await asyncio.to_thread(first.proc.wait, timeout(20)) == -9, first.log()
     assert sum(map(len, (await trade_ids(conn)).values())) == 20
     second = start_bridge("nats", nats_server.url, redis_server.url, map_path)
     try:
         await wait_stored(conn, CHANNELS, 100, second)
     finally:
-        stop_bridge(second)
+        second.stop()
     assert await trade_ids(conn) == expected(100)
-    text = bridge_log(second)
+    text = second.log()
     # Redelivered first (the consumer restarted from its ack floor), dropped as duplicates.
     assert "restarting it after stream seq 0" in text
     assert "80 stored, 20 duplicates dropped" in text, text

@@ -7,13 +7,12 @@ import secrets
 from pathlib import Path
 
 import aio_pika
+import aio_pika.abc
 import orjson
 
 from tests.bridges.conftest import (
-    bridge_log,
     running_bridge,
     start_bridge,
-    stop_bridge,
     stored,
     wait_stored,
     write_map,
@@ -99,7 +98,7 @@ async def test_rabbitmq_bridge_orders_per_symbol_and_dead_letters_what_does_not_
     conn = await aio_pika.connect(rabbitmq.url)
     ch = await conn.channel()
     dead = await ch.get_queue(f"{uid}-dead")
-    got = []
+    got: list[aio_pika.abc.AbstractIncomingMessage] = []
     async with asyncio.timeout(timeout(5)):
         while len(got) < 2:
             m = await dead.get(fail=False)
@@ -133,18 +132,18 @@ async def killed_between_store_and_ack(
     await declare(rabbitmq.url, uid)
     await publish(rabbitmq.url, uid, [trade(n) for n in range(1, 101)], 1)
     first = start_bridge("rabbitmq", rabbitmq.url, redis_server.url, map_path, crash_after_round=1)
-    assert await asyncio.to_thread(first.wait, timeout(20)) == -9, bridge_log(first)
+    assert await asyncio.to_thread(first.proc.wait, timeout(20)) == -9, first.log()
     before = sum(map(len, (await trade_ids(conn)).values()))
     assert before >= 1
     second = start_bridge("rabbitmq", rabbitmq.url, redis_server.url, map_path)
     try:
         await wait_stored(conn, CHANNELS, 100, second)
     finally:
-        stop_bridge(second)
+        second.stop()
     assert await trade_ids(conn) == expected(100)
     # RabbitMQ requeued the dead bridge's unacknowledged round in place: redelivered first,
     # and dropped by message id.
-    assert f"{100 - before} stored, {before} duplicates dropped" in bridge_log(second)
+    assert f"{100 - before} stored, {before} duplicates dropped" in second.log()
     conn.close()
 
 
