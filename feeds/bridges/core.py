@@ -380,13 +380,13 @@ async def bridge_round(
                 )
 
     async def hold() -> None:
+        stats.redis_retries += 1
         await source.hold(deliveries)
 
     result = await store.store(events, on_wait=hold)
     stats.stored += result.stored
     stats.duplicates += result.duplicates
     stats.rounds += 1
-    stats.redis_retries = store.retries
 
 
 async def _until(work: Awaitable[list[Delivery]], stop: asyncio.Event) -> list[Delivery] | None:

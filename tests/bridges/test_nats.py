@@ -30,6 +30,8 @@ batch = {batch}
 
 [nats]
 stream = "MD"
+# A fetch in flight when the server dies ends only at its timeout: keep the restart test short.
+fetch_timeout_s = 0.5
 
 [[route]]
 subject = "md.trades.{{symbol}}"
@@ -105,6 +107,32 @@ async def test_nats_bridge_rides_out_a_broker_restart(
         await publish(nats_server.url, [trade(n) for n in range(51, 101)])
         await eventually(lambda: stats.stored == 100, "second half stored", limit=15)
     assert await trade_ids(redis) == expected(100)
+
+
+async def test_nats_bridge_stops_consuming_while_redis_is_down(
+    nats_server: NatsProcess, fresh_redis: RedisProcess, tmp_path: Path
+) -> None:
+    text = MAP.format(batch=10).replace("[nats]", "max_in_flight = 20\n\n[nats]")
+    map_path = write_map(tmp_path, text)
+    await publish(nats_server.url, [trade(n) for n in range(1, 11)])
+    conn = await RedisConnection.open(fresh_redis.url)
+    async with running_bridge("nats", nats_server.url, fresh_redis.url, map_path) as stats:
+        await wait_stored(conn, CHANNELS, 10)
+        conn.close()
+        fresh_redis.kill()
+        await publish(nats_server.url, [trade(n) for n in range(11, 101)])
+        await eventually(lambda: stats.redis_retries >= 3, "retries against the dead Redis")
+        nc = await nats.connect(nats_server.url)
+        info = await nc.jetstream().consumer_info("MD", "nt")
+        # The bridge holds one round; JetStream keeps the rest (at most max_in_flight out).
+        assert info.num_ack_pending is not None and 0 < info.num_ack_pending <= 20
+        assert info.num_pending is not None and info.num_pending >= 70
+        await nc.close()
+        fresh_redis.start()
+        conn = await RedisConnection.open(fresh_redis.url)
+        await wait_stored(conn, CHANNELS, 100)
+    assert await trade_ids(conn) == expected(100)
+    conn.close()
 
 
 def test_nats_bridge_killed_between_store_and_ack_stores_each_event_once(
