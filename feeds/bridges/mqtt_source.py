@@ -134,7 +134,12 @@ class MqttSource:
             try:
                 first = await anext(client.messages)
                 msgs = [first]
-                while len(msgs) < limit and len(client.messages) > 0:
+                while len(msgs) < limit:
+                    if not len(client.messages):
+                        # A turn of the loop lets messages already read land (larger rounds).
+                        await asyncio.sleep(0)
+                        if not len(client.messages):
+                            break
                     msgs.append(await anext(client.messages))
             except aiomqtt.MqttError as exc:
                 # What this connection delivered and we did not acknowledge, the broker sends
