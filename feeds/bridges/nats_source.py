@@ -73,6 +73,7 @@ class NatsSource:
         self._sub: Any = None
         self._js: Any = None
         self._token = ""
+        self._closing = False
 
     async def start(self) -> None:
         self._nc = await nats.connect(
@@ -130,6 +131,7 @@ class NatsSource:
         await self._js.add_consumer(opts.stream, config)
 
     async def close(self) -> None:
+        self._closing = True
         if self._nc is not None:
             await self._nc.close()
 
@@ -180,6 +182,8 @@ class NatsSource:
         log.warning("NATS: %s", exc)
 
     async def _on_disconnected(self) -> None:
+        if self._closing:
+            return
         log.warning("NATS: disconnected from %s; reconnecting", self.url)
 
     async def _on_reconnected(self) -> None:
