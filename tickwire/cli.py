@@ -364,7 +364,16 @@ async def cmd_feed_bridge(args: argparse.Namespace) -> int:
     store = BridgeStore(PublisherConfig(redis_url=url), bridge_map.options)
     source = open_source(args.feed, args.url, bridge_map)
     await store.start()
-    await source.start()
+    try:
+        await source.start()
+    except TickwireError:
+        raise
+    except Exception as exc:
+        # The client libraries' own errors (refused, timed out, no such stream or queue),
+        # said once here rather than as a traceback.
+        raise TickwireError(
+            f"cannot start the {args.feed} bridge on {args.url}: {str(exc) or type(exc).__name__}"
+        ) from None
     stats = BridgeStats()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

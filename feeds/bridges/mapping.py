@@ -24,6 +24,7 @@ from tickwire.core.events import FIELDS_OF, encode_body
 Broker = Literal["nats", "rabbitmq", "mqtt"]
 BROKERS: tuple[Broker, ...] = ("nats", "rabbitmq", "mqtt")
 SYMBOL_TOKEN = "{symbol}"
+MAX_BATCH = 2000
 
 #: Per broker: the level separator of its subjects/topics/routing keys, the one-level and the
 #: rest-of-levels wildcards, and the route key that names the pattern in the map.
@@ -207,6 +208,10 @@ def _options(table: Any, where: str) -> BridgeOptions:
     for key in ("max_in_flight", "batch", "dedupe_window"):
         if getattr(opts, key) < 1:
             raise ConfigError(f"{where}: {key} must be at least 1")
+    if opts.batch > MAX_BATCH:
+        # The append records a round's ids with one ZADD per channel, its arguments unpacked
+        # onto Lua's stack (8 000 slots).
+        raise ConfigError(f"{where}: batch must be at most {MAX_BATCH}")
     if not opts.name or any(c in opts.name for c in "{}: ./*>#+"):
         raise ConfigError(f"{where}: name must be non-empty, without {{}}: ./*>#+ or spaces")
     return opts

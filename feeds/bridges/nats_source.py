@@ -43,6 +43,8 @@ class NatsOptions:
     ack_wait_s: float = 30.0
     #: Seconds one fetch waits for messages before asking again.
     fetch_timeout_s: float = 2.0
+    #: Seconds to reach the server at start.
+    connect_timeout_s: float = 5.0
 
     @classmethod
     def of(cls, bridge_map: BridgeMap) -> NatsOptions:
@@ -57,9 +59,10 @@ class NatsOptions:
         filter_subject = str(table.pop("filter_subject", subjects[0] if len(subjects) == 1 else ""))
         ack_wait_s = float(table.pop("ack_wait_s", 30.0))
         fetch_timeout_s = float(table.pop("fetch_timeout_s", 2.0))
+        connect_timeout_s = float(table.pop("connect_timeout_s", 5.0))
         if table:
             raise ConfigError(f"[nats]: unknown key(s) {', '.join(sorted(table))}")
-        return cls(stream, durable, filter_subject, ack_wait_s, fetch_timeout_s)
+        return cls(stream, durable, filter_subject, ack_wait_s, fetch_timeout_s, connect_timeout_s)
 
 
 class NatsSource:
@@ -74,16 +77,23 @@ class NatsSource:
         self._js: Any = None
         self._token = ""
         self._closing = False
+        #: The error last logged: one line per outage, not one per reconnection attempt.
+        self._last_error = ""
 
     async def start(self) -> None:
-        self._nc = await nats.connect(
-            self.url,
-            # Ride out broker restarts: reconnect for ever, quickly; the consumer is durable.
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.25,
-            error_cb=self._on_error,
-            disconnected_cb=self._on_disconnected,
-            reconnected_cb=self._on_reconnected,
+        # nats-py retries even the first connection for ever when told to reconnect for ever:
+        # fail at start instead, as the publisher does, if the server cannot be reached.
+        self._nc = await asyncio.wait_for(
+            nats.connect(
+                self.url,
+                # Ride out broker restarts: reconnect for ever, quickly; the consumer is durable.
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.25,
+                error_cb=self._on_error,
+                disconnected_cb=self._on_disconnected,
+                reconnected_cb=self._on_reconnected,
+            ),
+            self.options.connect_timeout_s,
         )
         self._js = self._nc.jetstream()
         info = await self._js.stream_info(self.options.stream)
@@ -179,7 +189,9 @@ class NatsSource:
             await self._nc.flush()
 
     async def _on_error(self, exc: Exception) -> None:
-        log.warning("NATS: %s", exc)
+        if str(exc) != self._last_error:
+            self._last_error = str(exc)
+            log.warning("NATS: %s", exc)
 
     async def _on_disconnected(self) -> None:
         if self._closing:
@@ -187,4 +199,5 @@ class NatsSource:
         log.warning("NATS: disconnected from %s; reconnecting", self.url)
 
     async def _on_reconnected(self) -> None:
+        self._last_error = ""
         log.info("NATS: reconnected")
