@@ -164,8 +164,15 @@ class BrokerSource(Protocol):
         ...
 
 
+#: Kinds of unmapped reasons counted apart, at most; the rest are counted as "other".
+MAX_REASON_KINDS = 64
+
+
 @dataclass
 class BridgeStats:
+    """What a bridge did, counted: every message received is stored, a duplicate dropped by
+    id, or unmapped (and dead-lettered or skipped)."""
+
     received: int = 0
     stored: int = 0
     duplicates: int = 0
@@ -358,8 +365,11 @@ async def bridge_round(
         except (Unmapped, CodecError) as exc:
             reason = str(exc)
             stats.unmapped += 1
+            kinds = stats.unmapped_reasons
             kind = " ".join(reason.split()[:3])
-            stats.unmapped_reasons[kind] = stats.unmapped_reasons.get(kind, 0) + 1
+            if kind not in kinds and len(kinds) >= MAX_REASON_KINDS:
+                kind = "other"
+            kinds[kind] = kinds.get(kind, 0) + 1
             where = f"{d.queue}:{d.route}" if d.queue else d.route
             if options.on_unmapped == "dead-letter":
                 await source.dead_letter(d, reason)

@@ -185,6 +185,8 @@ async def test_run_counts_and_dead_letters_what_does_not_map(
     await task
     assert [e["trade_id"] for e in await stored(redis, BTC)] == [1, 2]
     assert (stats.unmapped, stats.dead_lettered) == (4, 4)
+    assert stats.unmapped_reasons["not valid JSON"] == 1
+    assert sum(stats.unmapped_reasons.values()) == 4
     reasons = [r for _, r in source.dead]
     assert "not valid JSON" in reasons[0]
     assert "no route matches" in reasons[1]
