@@ -112,6 +112,13 @@ class RabbitSource:
             msg_id = m.message_id or ""
             if not msg_id and m.redelivered:
                 self.redelivered_without_id += 1
+                if self.redelivered_without_id % 1000 == 1:
+                    log.warning(
+                        "%d messages redelivered without a message_id: if they were stored "
+                        "before, they are stored again (publishers should set message_id, or "
+                        "the map an id_field)",
+                        self.redelivered_without_id,
+                    )
             out.append(Delivery(m.routing_key or "", m.body, msg_id, queue=queue, handle=m))
         return out
 
