@@ -58,6 +58,12 @@ class RabbitSource:
             asyncio.Queue()
         )
         self.redelivered_without_id = 0
+        #: Queues whose routes all take the id from the message (`id_field`).
+        self._ids_in_body = {
+            q
+            for q in bridge_map.queues
+            if all(r.id_field for r in bridge_map.routes if r.queue == q)
+        }
 
     async def start(self) -> None:
         self._conn = await aio_pika.connect_robust(self.url, reconnect_interval=0.5)
@@ -110,7 +116,7 @@ class RabbitSource:
         out = []
         for queue, m in msgs:
             msg_id = m.message_id or ""
-            if not msg_id and m.redelivered:
+            if not msg_id and m.redelivered and queue not in self._ids_in_body:
                 self.redelivered_without_id += 1
                 if self.redelivered_without_id % 1000 == 1:
                     log.warning(
