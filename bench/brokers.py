@@ -31,8 +31,10 @@ RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 def ensure_broker(broker: str, install: bool = True) -> str:
     """Path of the broker's server program; installs the Debian package when running as root."""
     program, package = PROGRAMS[broker]
-    path = RABBITMQ_SERVER if broker == "rabbitmq" else shutil.which(program)
-    if path and os.path.exists(path):
+    if broker == "rabbitmq" and os.path.exists(RABBITMQ_SERVER):
+        return RABBITMQ_SERVER
+    path = shutil.which(program)
+    if path:
         return path
     if install and os.geteuid() == 0 and shutil.which("apt-get"):
         subprocess.run(["apt-get", "update", "-qq"], check=False)
