@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,16 @@ async def wait_stored(
                 + (f"; bridge log:\n{proc.log()}" if proc else "")
             )
         await asyncio.sleep(0.02)
+
+
+async def trade_ids(conn: RedisConnection, symbols: Sequence[str]) -> dict[str, list[int]]:
+    """The trade ids stored per symbol, in stored order."""
+    return {s: [e["trade_id"] for e in await stored(conn, Channel("trades", s))] for s in symbols}
+
+
+def expected(symbols: Sequence[str], last: int) -> dict[str, list[int]]:
+    """Trades 1..last, trade n on symbol n % len(symbols), each once and in order."""
+    return {s: [n for n in range(1, last + 1) if symbols[n % len(symbols)] == s] for s in symbols}
 
 
 def write_map(tmp_path: Path, text: str) -> Path:

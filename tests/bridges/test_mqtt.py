@@ -10,9 +10,10 @@ import orjson
 
 from tests.bridges.conftest import (
     BridgeProcess,
+    expected,
     running_bridge,
     start_bridge,
-    stored,
+    trade_ids,
     wait_stored,
     write_map,
 )
@@ -50,14 +51,6 @@ async def publish(port: int, messages: list[tuple[str, bytes]]) -> None:
             await client.publish(topic, payload, qos=1)
 
 
-async def trade_ids(conn: RedisConnection) -> dict[str, list[int]]:
-    return {s: [e["trade_id"] for e in await stored(conn, Channel("trades", s))] for s in SYMBOLS}
-
-
-def expected(last: int) -> dict[str, list[int]]:
-    return {s: [n for n in range(1, last + 1) if SYMBOLS[n % 2] == s] for s in SYMBOLS}
-
-
 async def test_mqtt_bridge_orders_per_symbol_and_dead_letters_what_does_not_map(
     mosquitto: MosquittoProcess, redis: RedisConnection, redis_server: RedisProcess, tmp_path: Path
 ) -> None:
@@ -71,7 +64,7 @@ async def test_mqtt_bridge_orders_per_symbol_and_dead_letters_what_does_not_map(
             await wait_stored(redis, CHANNELS, 100)
             async with asyncio.timeout(timeout(5)):
                 dead = [await anext(watcher.messages) for _ in range(2)]
-        assert await trade_ids(redis) == expected(100)
+        assert await trade_ids(redis, SYMBOLS) == expected(SYMBOLS, 100)
         assert (stats.unmapped, stats.dead_lettered) == (2, 2)
         assert [m.payload for m in dead] == [b"not json", b'{"p": 1}']
         props = dict(dead[1].properties.UserProperty)  # type: ignore[union-attr]
@@ -89,7 +82,7 @@ async def test_mqtt_bridge_rides_out_a_broker_restart(
         mosquitto.restart()  # its session (subscription, queue) persists across the restart
         await publish(mosquitto.port, [trade(n) for n in range(51, 101)])
         await wait_stored(redis, CHANNELS, 100)
-    assert await trade_ids(redis) == expected(100)
+    assert await trade_ids(redis, SYMBOLS) == expected(SYMBOLS, 100)
     # What was stored and not yet acknowledged at the restart came again: dropped by id.
     assert stats.received == stats.stored + stats.duplicates
 
@@ -111,14 +104,14 @@ async def killed_between_store_and_ack(
     await wait_subscribed(mosquitto, first)
     await publish(mosquitto.port, [trade(n) for n in range(1, 101)])
     assert await asyncio.to_thread(first.proc.wait, timeout(20)) == -9, first.log()
-    before = sum(map(len, (await trade_ids(conn)).values()))
+    before = sum(map(len, (await trade_ids(conn, SYMBOLS)).values()))
     assert before >= 1
     second = start_bridge("mqtt", mosquitto.url, redis_server.url, map_path)
     try:
         await wait_stored(conn, CHANNELS, 100, second)
     finally:
         second.stop()
-    assert await trade_ids(conn) == expected(100)
+    assert await trade_ids(conn, SYMBOLS) == expected(SYMBOLS, 100)
     # The broker resent what the dead bridge had stored and not acknowledged: dropped by id.
     assert f"{100 - before} stored, {before} duplicates dropped" in second.log()
     conn.close()

@@ -10,9 +10,10 @@ import nats
 import orjson
 
 from tests.bridges.conftest import (
+    expected,
     running_bridge,
     start_bridge,
-    stored,
+    trade_ids,
     wait_stored,
     write_map,
 )
@@ -61,14 +62,6 @@ async def publish(url: str, messages: list[tuple[str, bytes]]) -> None:
     await nc.close()
 
 
-async def trade_ids(conn: RedisConnection) -> dict[str, list[int]]:
-    return {s: [e["trade_id"] for e in await stored(conn, Channel("trades", s))] for s in SYMBOLS}
-
-
-def expected(last: int) -> dict[str, list[int]]:
-    return {s: [n for n in range(1, last + 1) if SYMBOLS[n % 3] == s] for s in SYMBOLS}
-
-
 async def test_nats_bridge_orders_per_symbol_and_dead_letters_what_does_not_map(
     nats_server: NatsProcess, redis: RedisConnection, redis_server: RedisProcess, tmp_path: Path
 ) -> None:
@@ -79,7 +72,7 @@ async def test_nats_bridge_orders_per_symbol_and_dead_letters_what_does_not_map(
     async with running_bridge("nats", nats_server.url, redis_server.url, map_path) as stats:
         await eventually(lambda: stats.received == 202, "every message received")
         await eventually(lambda: stats.rounds > 0 and stats.stored == 200, "stored")
-    assert await trade_ids(redis) == expected(200)
+    assert await trade_ids(redis, SYMBOLS) == expected(SYMBOLS, 200)
     assert (stats.unmapped, stats.dead_lettered, stats.duplicates) == (2, 2, 0)
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
@@ -106,7 +99,7 @@ async def test_nats_bridge_rides_out_a_broker_restart(
         nats_server.start()
         await publish(nats_server.url, [trade(n) for n in range(51, 101)])
         await eventually(lambda: stats.stored == 100, "second half stored", limit=15)
-    assert await trade_ids(redis) == expected(100)
+    assert await trade_ids(redis, SYMBOLS) == expected(SYMBOLS, 100)
 
 
 async def test_nats_bridge_stops_consuming_while_redis_is_down(
@@ -131,7 +124,7 @@ async def test_nats_bridge_stops_consuming_while_redis_is_down(
         fresh_redis.start()
         conn = await RedisConnection.open(fresh_redis.url)
         await wait_stored(conn, CHANNELS, 100)
-    assert await trade_ids(conn) == expected(100)
+    assert await trade_ids(conn, SYMBOLS) == expected(SYMBOLS, 100)
     conn.close()
 
 
@@ -151,13 +144,13 @@ async def killed_between_store_and_ack(
     # The first bridge stores a round of 20 and dies (SIGKILL) before acknowledging it.
     first = start_bridge("nats", nats_server.url, redis_server.url, map_path, crash_after_round=1)
     assert await asyncio.to_thread(first.proc.wait, timeout(20)) == -9, first.log()
-    assert sum(map(len, (await trade_ids(conn)).values())) == 20
+    assert sum(map(len, (await trade_ids(conn, SYMBOLS)).values())) == 20
     second = start_bridge("nats", nats_server.url, redis_server.url, map_path)
     try:
         await wait_stored(conn, CHANNELS, 100, second)
     finally:
         second.stop()
-    assert await trade_ids(conn) == expected(100)
+    assert await trade_ids(conn, SYMBOLS) == expected(SYMBOLS, 100)
     text = second.log()
     # Redelivered first (the consumer restarted from its ack floor), dropped as duplicates.
     assert "restarting it after stream seq 0" in text

@@ -11,9 +11,11 @@ import aio_pika.abc
 import orjson
 
 from tests.bridges.conftest import (
+    expected,
     running_bridge,
     start_bridge,
     stored,
+    trade_ids,
     wait_stored,
     write_map,
 )
@@ -73,14 +75,6 @@ async def publish(url: str, uid: str, messages: list[tuple[str, bytes]], first_i
     await conn.close()
 
 
-async def trade_ids(conn: RedisConnection) -> dict[str, list[int]]:
-    return {s: [e["trade_id"] for e in await stored(conn, Channel("trades", s))] for s in SYMBOLS}
-
-
-def expected(last: int) -> dict[str, list[int]]:
-    return {s: [n for n in range(1, last + 1) if SYMBOLS[n % 3] == s] for s in SYMBOLS}
-
-
 async def test_rabbitmq_bridge_orders_per_symbol_and_dead_letters_what_does_not_map(
     rabbitmq: RabbitProcess, redis: RedisConnection, redis_server: RedisProcess, tmp_path: Path
 ) -> None:
@@ -92,7 +86,7 @@ async def test_rabbitmq_bridge_orders_per_symbol_and_dead_letters_what_does_not_
         await publish(rabbitmq.url, uid, [trade(n) for n in range(1, 91)] + bad, 1)
         await wait_stored(redis, CHANNELS, 90)
         await eventually(lambda: stats.received == 92, "the bad ones handled too")
-    assert await trade_ids(redis) == expected(90)
+    assert await trade_ids(redis, SYMBOLS) == expected(SYMBOLS, 90)
     assert (await stored(redis, CHANNELS[1]))[0]["ts"] == 1_700_000_001_500_000_000
     assert (stats.unmapped, stats.dead_lettered) == (2, 2)
     conn = await aio_pika.connect(rabbitmq.url)
@@ -133,14 +127,14 @@ async def killed_between_store_and_ack(
     await publish(rabbitmq.url, uid, [trade(n) for n in range(1, 101)], 1)
     first = start_bridge("rabbitmq", rabbitmq.url, redis_server.url, map_path, crash_after_round=1)
     assert await asyncio.to_thread(first.proc.wait, timeout(20)) == -9, first.log()
-    before = sum(map(len, (await trade_ids(conn)).values()))
+    before = sum(map(len, (await trade_ids(conn, SYMBOLS)).values()))
     assert before >= 1
     second = start_bridge("rabbitmq", rabbitmq.url, redis_server.url, map_path)
     try:
         await wait_stored(conn, CHANNELS, 100, second)
     finally:
         second.stop()
-    assert await trade_ids(conn) == expected(100)
+    assert await trade_ids(conn, SYMBOLS) == expected(SYMBOLS, 100)
     # RabbitMQ requeued the dead bridge's unacknowledged round in place: redelivered first,
     # and dropped by message id.
     assert f"{100 - before} stored, {before} duplicates dropped" in second.log()
@@ -168,6 +162,6 @@ async def broker_restart(
         await asyncio.to_thread(rabbitmq.restart)
         await publish(rabbitmq.url, uid, [trade(n) for n in range(31, 61)], 31)
         await wait_stored(redis, CHANNELS, 60, limit=30)
-    assert await trade_ids(redis) == expected(60)
+    assert await trade_ids(redis, SYMBOLS) == expected(SYMBOLS, 60)
     assert stats.received == stats.stored + stats.duplicates
     redis.close()
