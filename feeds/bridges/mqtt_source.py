@@ -85,7 +85,7 @@ class MqttSource:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.options.session_expiry_s
         # The broker sends at most this many unacknowledged messages: the in-flight bound.
-        props.ReceiveMaximum = self.map_.options.max_in_flight
+        props.ReceiveMaximum = min(self.map_.options.max_in_flight, 65_535)  # MQTT's maximum
         client = aiomqtt.Client(
             self.host,
             self.port,
