@@ -81,6 +81,12 @@ class MqttSource:
     async def start(self) -> None:
         await self._connect()
 
+    @property
+    def buffered(self) -> int:
+        """Messages received and not yet taken by a round (the broker sends no more than the
+        receive maximum unacknowledged)."""
+        return len(self._client.messages) if self._client is not None else 0
+
     async def _connect(self) -> aiomqtt.Client:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.options.session_expiry_s

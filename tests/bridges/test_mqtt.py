@@ -17,11 +17,15 @@ from tests.bridges.conftest import (
     wait_stored,
     write_map,
 )
-from tests.conftest import timeout
+from tests.conftest import eventually, timeout
 from tickwire.bench.brokers import MosquittoProcess
 from tickwire.core.channels import Channel
+from tickwire.core.config import PublisherConfig
 from tickwire.core.redis_process import RedisProcess
 from tickwire.core.redis_wire import RedisConnection
+from tickwire.feeds.bridges.core import BridgeStats, BridgeStore, run_bridge
+from tickwire.feeds.bridges.mapping import BridgeMapper, load_bridge_map
+from tickwire.feeds.bridges.mqtt_source import MqttSource
 
 MAP = """
 [bridge]
@@ -85,6 +89,36 @@ async def test_mqtt_bridge_rides_out_a_broker_restart(
     assert await trade_ids(redis, SYMBOLS) == expected(SYMBOLS, 100)
     # What was stored and not yet acknowledged at the restart came again: dropped by id.
     assert stats.received == stats.stored + stats.duplicates
+
+
+async def test_mqtt_bridge_takes_no_more_than_its_window_while_redis_is_down(
+    mosquitto: MosquittoProcess, fresh_redis: RedisProcess, tmp_path: Path
+) -> None:
+    text = MAP.replace('dead_letter = "dead/md"', 'dead_letter = "dead/md"\nmax_in_flight = 20')
+    bridge_map = load_bridge_map(write_map(tmp_path, text), "mqtt")
+    source = MqttSource(mosquitto.url, bridge_map)
+    store = BridgeStore(PublisherConfig(redis_url=fresh_redis.url), bridge_map.options)
+    await store.start()
+    await source.start()
+    stats = BridgeStats()
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        run_bridge(source, BridgeMapper(bridge_map), store, stats=stats, stop=stop)
+    )
+    fresh_redis.kill()
+    await publish(mosquitto.port, [trade(n) for n in range(1, 201)])
+    await eventually(lambda: stats.redis_retries >= 3, "retries against the dead Redis")
+    # The round held plus what the client has: the receive maximum; mosquitto keeps the rest.
+    assert stats.received + source.buffered == 20
+    fresh_redis.start()
+    await eventually(lambda: stats.stored == 200, "everything stored", limit=10)
+    stop.set()
+    await task
+    await source.close()
+    store.close()
+    conn = await RedisConnection.open(fresh_redis.url)
+    assert await trade_ids(conn, SYMBOLS) == expected(SYMBOLS, 200)
+    conn.close()
 
 
 def test_mqtt_bridge_killed_between_store_and_ack_stores_each_event_once(
