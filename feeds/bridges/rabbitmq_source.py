@@ -88,6 +88,11 @@ class RabbitSource:
                 queue = await channel.get_queue(name, ensure=True)
             await queue.consume(self._consumer(name))
 
+    @property
+    def buffered(self) -> int:
+        """Deliveries received and not yet taken by a round (at most the prefetch)."""
+        return self._inbox.qsize()
+
     def _consumer(
         self, queue: str
     ) -> Callable[[aio_pika.abc.AbstractIncomingMessage], Awaitable[None]]:

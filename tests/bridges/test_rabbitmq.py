@@ -22,8 +22,12 @@ from tests.bridges.conftest import (
 from tests.conftest import eventually, timeout
 from tickwire.bench.brokers import RabbitProcess
 from tickwire.core.channels import Channel
+from tickwire.core.config import PublisherConfig
 from tickwire.core.redis_process import RedisProcess
 from tickwire.core.redis_wire import RedisConnection
+from tickwire.feeds.bridges.core import BridgeStats, BridgeStore, run_bridge
+from tickwire.feeds.bridges.mapping import BridgeMapper, load_bridge_map
+from tickwire.feeds.bridges.rabbitmq_source import RabbitSource
 
 MAP = """
 [bridge]
@@ -108,6 +112,38 @@ async def test_rabbitmq_bridge_orders_per_symbol_and_dead_letters_what_does_not_
     q = await ch.declare_queue(f"{uid}-trades", durable=True, passive=True)
     assert q.declaration_result.message_count == 0
     await conn.close()
+
+
+async def test_rabbitmq_bridge_takes_no_more_than_its_prefetch_while_redis_is_down(
+    rabbitmq: RabbitProcess, fresh_redis: RedisProcess, tmp_path: Path
+) -> None:
+    uid = secrets.token_hex(4)
+    text = MAP.format(uid=uid).replace("batch = 20", "batch = 10\nmax_in_flight = 20")
+    bridge_map = load_bridge_map(write_map(tmp_path, text), "rabbitmq")
+    await declare(rabbitmq.url, uid)
+    source = RabbitSource(rabbitmq.url, bridge_map)
+    store = BridgeStore(PublisherConfig(redis_url=fresh_redis.url), bridge_map.options)
+    await store.start()
+    await source.start()
+    stats = BridgeStats()
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        run_bridge(source, BridgeMapper(bridge_map), store, stats=stats, stop=stop)
+    )
+    fresh_redis.kill()
+    await publish(rabbitmq.url, uid, [trade(n) for n in range(1, 101)], 1)
+    await eventually(lambda: stats.redis_retries >= 3, "retries against the dead Redis")
+    # The round held plus what the client has: the prefetch; RabbitMQ keeps the rest.
+    assert stats.received + source.buffered == 20
+    fresh_redis.start()
+    await eventually(lambda: stats.stored == 100, "everything stored", limit=10)
+    stop.set()
+    await task
+    await source.close()
+    store.close()
+    conn = await RedisConnection.open(fresh_redis.url)
+    assert await trade_ids(conn, SYMBOLS) == expected(SYMBOLS, 100)
+    conn.close()
 
 
 def test_rabbitmq_bridge_killed_between_store_and_ack_stores_each_event_once(
