@@ -275,40 +275,55 @@ class BridgeStore:
     async def _append(
         self, conn: RedisConnection, by_channel: dict[Channel, tuple[list[str], list[bytes]]]
     ) -> StoreResult:
-        keys: list[Arg] = []
-        args: list[Arg] = [
+        head: list[Arg] = [
             self._new_epoch(),
             f"bridge:{self.options.name}",
             self._live,
             self.options.dedupe_window,
         ]
-        order = list(by_channel)
-        for channel in order:
-            ids, bodies = by_channel[channel]
-            epoch, seq = self.positions.get(channel, ("", 0))
-            keys += (channel.stream_key, channel.meta_key, seen_key(channel, self.options.name))
-            args += (self.config.retention.maxlen(channel.kind), epoch, seq, len(bodies))
-            args += ids
-            args += bodies
         assert self._sha is not None
-        commands: list[list[Arg]] = [["EVALSHA", self._sha, len(keys), *keys, *args]]
-        new = [c for c in order if c not in self._registered]
+        groups = self._groups(list(by_channel))
+        commands: list[list[Arg]] = []
+        for group in groups:
+            keys: list[Arg] = []
+            args: list[Arg] = list(head)
+            for channel in group:
+                ids, bodies = by_channel[channel]
+                epoch, seq = self.positions.get(channel, ("", 0))
+                keys += (channel.stream_key, channel.meta_key, seen_key(channel, self.options.name))
+                args += (self.config.retention.maxlen(channel.kind), epoch, seq, len(bodies))
+                args += ids
+                args += bodies
+            commands.append(["EVALSHA", self._sha, len(keys), *keys, *args])
+        new = [c for c in by_channel if c not in self._registered]
         if new:
             commands.append(["SADD", REGISTRY_KEY, *(c.name for c in new)])
         replies = await conn.pipeline(commands, timeout=self.config.reply_timeout_s)
         for reply in replies:
             if isinstance(reply, RedisReplyError):
                 raise reply
-        out = replies[0]
         stored = dups = 0
-        for i, channel in enumerate(order):
-            epoch, last, n, d = out[4 * i : 4 * i + 4]
-            if n:
-                self.positions[channel] = (epoch.decode(), int(last))
-            stored += n
-            dups += d
+        for group, out in zip(groups, replies, strict=False):
+            for i, channel in enumerate(group):
+                epoch, last, n, d = out[4 * i : 4 * i + 4]
+                if n:
+                    self.positions[channel] = (epoch.decode(), int(last))
+                stored += n
+                dups += d
         self._registered.update(new)
         return StoreResult(stored, dups)
+
+    def _groups(self, channels: list[Channel]) -> list[list[Channel]]:
+        """The channels of each append call: all in one, or one call per symbol for Redis
+        Cluster, where a call's keys must share a slot (a symbol's keys share its hash tag).
+        A round whose calls partly fail is written again whole: what carries an id is then
+        stored once, what does not may be stored twice."""
+        if not self.config.one_call_per_symbol:
+            return [channels]
+        by_symbol: dict[str, list[Channel]] = {}
+        for channel in channels:
+            by_symbol.setdefault(channel.symbol, []).append(channel)
+        return list(by_symbol.values())
 
 
 def seen_key(channel: Channel, bridge: str) -> str:

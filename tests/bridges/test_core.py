@@ -102,6 +102,22 @@ async def test_store_redelivered_ids_are_stored_once(
     store.close()
 
 
+async def test_store_one_call_per_symbol_stores_the_same(
+    redis: RedisConnection, redis_server: RedisProcess
+) -> None:
+    m = parse_bridge_map(MAP, "nats")
+    config = PublisherConfig(redis_url=redis_server.url, one_call_per_symbol=True)
+    store = BridgeStore(config, m.options)
+    stats = BridgeStats()
+    round_ = [trade(i, "BTC-USD" if i % 2 else "ETH-USD") for i in range(1, 9)]
+    await bridge_round(MemorySource(), BridgeMapper(m), store, round_, stats, 1)
+    await bridge_round(MemorySource(), BridgeMapper(m), store, round_[4:], stats, 2)
+    assert [e["trade_id"] for e in await stored(redis, BTC)] == [1, 3, 5, 7]
+    assert [e["trade_id"] for e in await stored(redis, ETH)] == [2, 4, 6, 8]
+    assert (stats.stored, stats.duplicates) == (8, 4)
+    store.close()
+
+
 async def test_store_keeps_a_bounded_window_of_ids(
     redis: RedisConnection, redis_server: RedisProcess
 ) -> None:
