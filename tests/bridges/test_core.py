@@ -165,7 +165,7 @@ async def test_run_orders_per_symbol_and_acks_after_storing(
     task = asyncio.create_task(
         run_bridge(source, mapper, store, stop=stop, after_store=after_store)
     )
-    await eventually(lambda: len(source.acked) == 60, "all acknowledged")
+    await eventually(lambda: len(source.acked) == 60, "all acknowledged", limit=15)
     stop.set()
     stats = await task
     btc, eth = await stored(redis, BTC), await stored(redis, ETH)
@@ -196,7 +196,7 @@ async def test_run_counts_and_dead_letters_what_does_not_map(
     stats = BridgeStats()
     stop = asyncio.Event()
     task = asyncio.create_task(run_bridge(source, mapper, store, stats=stats, stop=stop))
-    await eventually(lambda: len(source.acked) == 6, "all acknowledged")
+    await eventually(lambda: len(source.acked) == 6, "all acknowledged", limit=15)
     stop.set()
     await task
     assert [e["trade_id"] for e in await stored(redis, BTC)] == [1, 2]
@@ -229,18 +229,18 @@ async def test_redis_down_pauses_consuming_and_loses_nothing(fresh_redis: RedisP
     source = MemorySource([trade(i) for i in range(1, 11)])
     stop = asyncio.Event()
     task = asyncio.create_task(run_bridge(source, mapper, store, stop=stop))
-    await eventually(lambda: len(source.acked) == 10, "first round acknowledged")
+    await eventually(lambda: len(source.acked) == 10, "first round acknowledged", limit=15)
     fresh_redis.kill()
     for i in range(11, 41):
         source.queue.put_nowait(trade(i))
     # One round is taken and held, unacknowledged; nothing more is asked of the broker.
-    await eventually(lambda: store.retries >= 3, "retries against the dead Redis")
+    await eventually(lambda: store.retries >= 3, "retries against the dead Redis", limit=15)
     receives = source.receives
     assert len(source.acked) == 10
     assert source.queue.qsize() == 20
     assert source.held >= 3
     fresh_redis.start()
-    await eventually(lambda: len(source.acked) == 40, "everything acknowledged", limit=10)
+    await eventually(lambda: len(source.acked) == 40, "everything acknowledged", limit=20)
     assert source.receives > receives
     stop.set()
     await task

@@ -66,7 +66,7 @@ async def test_mqtt_bridge_orders_per_symbol_and_dead_letters_what_does_not_map(
             bad = [("md/BTC-USD/trades", b"not json"), ("md/ETH-USD/trades", b'{"p": 1}')]
             await publish(mosquitto.port, [trade(n) for n in range(1, 101)] + bad)
             await wait_stored(redis, CHANNELS, 100)
-            async with asyncio.timeout(timeout(5)):
+            async with asyncio.timeout(timeout(15)):
                 dead = [await anext(watcher.messages) for _ in range(2)]
         assert await trade_ids(redis, SYMBOLS) == expected(SYMBOLS, 100)
         assert (stats.unmapped, stats.dead_lettered) == (2, 2)
@@ -107,11 +107,11 @@ async def test_mqtt_bridge_takes_no_more_than_its_window_while_redis_is_down(
     )
     fresh_redis.kill()
     await publish(mosquitto.port, [trade(n) for n in range(1, 201)])
-    await eventually(lambda: stats.redis_retries >= 3, "retries against the dead Redis")
+    await eventually(lambda: stats.redis_retries >= 3, "retries against the dead Redis", limit=15)
     # The round held plus what the client has: the receive maximum; mosquitto keeps the rest.
     assert stats.received + source.buffered == 20
     fresh_redis.start()
-    await eventually(lambda: stats.stored == 200, "everything stored", limit=10)
+    await eventually(lambda: stats.stored == 200, "everything stored", limit=20)
     stop.set()
     await task
     await source.close()

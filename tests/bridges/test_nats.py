@@ -70,14 +70,14 @@ async def test_nats_bridge_orders_per_symbol_and_dead_letters_what_does_not_map(
     await publish(nats_server.url, [trade(n) for n in range(1, 101)] + bad)
     await publish(nats_server.url, [trade(n) for n in range(101, 201)])
     async with running_bridge("nats", nats_server.url, redis_server.url, map_path) as stats:
-        await eventually(lambda: stats.received == 202, "every message received")
-        await eventually(lambda: stats.rounds > 0 and stats.stored == 200, "stored")
+        await eventually(lambda: stats.received == 202, "every message received", limit=15)
+        await eventually(lambda: stats.rounds > 0 and stats.stored == 200, "stored", limit=15)
     assert await trade_ids(redis, SYMBOLS) == expected(SYMBOLS, 200)
     assert (stats.unmapped, stats.dead_lettered, stats.duplicates) == (2, 2, 0)
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
     dead = await js.pull_subscribe("dead.md", durable="check", stream="DEAD")
-    msgs = await dead.fetch(2, timeout=timeout(5))
+    msgs = await dead.fetch(2, timeout=timeout(15))
     assert [m.data for m in msgs] == [b"{oops", b'{"p": 1}']
     assert "not valid JSON" in (msgs[0].headers or {})["Tickwire-Reason"]
     assert (msgs[1].headers or {})["Tickwire-Subject"] == "md.trades.ETH-USD"
@@ -94,11 +94,11 @@ async def test_nats_bridge_rides_out_a_broker_restart(
     map_path = write_map(tmp_path, MAP.format(batch=50))
     await publish(nats_server.url, [trade(n) for n in range(1, 51)])
     async with running_bridge("nats", nats_server.url, redis_server.url, map_path) as stats:
-        await eventually(lambda: stats.stored == 50, "first half stored")
+        await eventually(lambda: stats.stored == 50, "first half stored", limit=15)
         nats_server.kill()
         nats_server.start()
         await publish(nats_server.url, [trade(n) for n in range(51, 101)])
-        await eventually(lambda: stats.stored == 100, "second half stored", limit=15)
+        await eventually(lambda: stats.stored == 100, "second half stored", limit=20)
     assert await trade_ids(redis, SYMBOLS) == expected(SYMBOLS, 100)
 
 
@@ -114,7 +114,9 @@ async def test_nats_bridge_stops_consuming_while_redis_is_down(
         conn.close()
         fresh_redis.kill()
         await publish(nats_server.url, [trade(n) for n in range(11, 101)])
-        await eventually(lambda: stats.redis_retries >= 3, "retries against the dead Redis")
+        await eventually(
+            lambda: stats.redis_retries >= 3, "retries against the dead Redis", limit=15
+        )
         nc = await nats.connect(nats_server.url)
         info = await nc.jetstream().consumer_info("MD", "nt")
         # The bridge holds one round; JetStream keeps the rest (at most max_in_flight out).

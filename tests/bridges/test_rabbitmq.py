@@ -89,7 +89,7 @@ async def test_rabbitmq_bridge_orders_per_symbol_and_dead_letters_what_does_not_
         bad = [("trades.BTC-USD", b"[1, 2]"), ("trades.BAD SYMBOL", trade(1)[1])]
         await publish(rabbitmq.url, uid, [trade(n) for n in range(1, 91)] + bad, 1)
         await wait_stored(redis, CHANNELS, 90)
-        await eventually(lambda: stats.received == 92, "the bad ones handled too")
+        await eventually(lambda: stats.received == 92, "the bad ones handled too", limit=15)
     assert await trade_ids(redis, SYMBOLS) == expected(SYMBOLS, 90)
     assert (await stored(redis, CHANNELS[1]))[0]["ts"] == 1_700_000_001_500_000_000
     assert (stats.unmapped, stats.dead_lettered) == (2, 2)
@@ -97,7 +97,7 @@ async def test_rabbitmq_bridge_orders_per_symbol_and_dead_letters_what_does_not_
     ch = await conn.channel()
     dead = await ch.get_queue(f"{uid}-dead")
     got: list[aio_pika.abc.AbstractIncomingMessage] = []
-    async with asyncio.timeout(timeout(5)):
+    async with asyncio.timeout(timeout(15)):
         while len(got) < 2:
             m = await dead.get(fail=False)
             if m is None:
@@ -132,11 +132,11 @@ async def test_rabbitmq_bridge_takes_no_more_than_its_prefetch_while_redis_is_do
     )
     fresh_redis.kill()
     await publish(rabbitmq.url, uid, [trade(n) for n in range(1, 101)], 1)
-    await eventually(lambda: stats.redis_retries >= 3, "retries against the dead Redis")
+    await eventually(lambda: stats.redis_retries >= 3, "retries against the dead Redis", limit=15)
     # The round held plus what the client has: the prefetch; RabbitMQ keeps the rest.
     assert stats.received + source.buffered == 20
     fresh_redis.start()
-    await eventually(lambda: stats.stored == 100, "everything stored", limit=10)
+    await eventually(lambda: stats.stored == 100, "everything stored", limit=20)
     stop.set()
     await task
     await source.close()
