@@ -28,6 +28,7 @@ typecheck: $(STAMP)
 
 unit: $(STAMP)
 	scripts/ensure-chromium.sh
+	scripts/ensure-brokers.sh
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test: lint typecheck unit

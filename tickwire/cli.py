@@ -53,6 +53,27 @@ def _bar_intervals(value: str) -> tuple[str, ...]:
     return intervals
 
 
+#: The bridges: broker, what it consumes (help), an URL, the description's words.
+BRIDGES = (
+    (
+        "nats",
+        "NATS JetStream",
+        "nats://127.0.0.1:4222",
+        "a NATS JetStream stream (durable pull consumer)",
+    ),
+    ("rabbitmq", "RabbitMQ queues", "amqp://guest:guest@127.0.0.1:5672/", "RabbitMQ queues"),
+    (
+        "mqtt",
+        "MQTT topics",
+        "mqtt://127.0.0.1:1883",
+        "MQTT topics (MQTT 5, QoS 1, persistent session)",
+    ),
+)
+#: Test hook: the bridge kills itself (SIGKILL) after this many rounds are in Redis and before
+#: their acknowledgement, as a crash at the worst moment would.
+CRASH_AFTER_ROUND_ENV = "TICKWIRE_BRIDGE_CRASH_AFTER_ROUND"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tickwire",
@@ -128,6 +149,28 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "--skip-bad", action="store_true", help="skip malformed lines (counted) instead of stopping"
     )
+
+    for broker, title, url_example, what in BRIDGES:
+        br = feed_sub.add_parser(
+            broker,
+            help=f"bridge: consume {title} and publish into tickwire's streams",
+            description=f"Consume {what} and publish each message as an event: the map (TOML) "
+            "says which messages feed which channel type, where the symbol is and which "
+            "message field holds each event field (JSON messages). A message is acknowledged "
+            "to the broker only once Redis holds its event, and stored once even when the "
+            "broker redelivers it; while Redis is slow or down the bridge stops consuming. A "
+            "message that does not map is counted, logged and dead-lettered or skipped, as "
+            "the map says. Needs `pip install 'tickwire[bridges]'`; see docs/feeds.md.",
+        )
+        _redis_arg(br)
+        br.add_argument("--url", required=True, help=f"the broker, e.g. {url_example}")
+        br.add_argument(
+            "--config",
+            required=True,
+            metavar="MAP.toml",
+            help="the bridge map: [bridge], [" + broker + "] and [[route]] tables "
+            "(docs/feeds.md has a worked example)",
+        )
 
     rec = sub.add_parser(
         "record",
@@ -333,6 +376,80 @@ async def cmd_feed_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_feed_bridge(args: argparse.Namespace) -> int:
+    import os
+    import signal
+
+    from tickwire.feeds.bridges.core import (
+        BridgeStats,
+        BridgeStore,
+        open_source,
+        run_bridge,
+    )
+    from tickwire.feeds.bridges.mapping import BridgeMapper, load_bridge_map
+
+    bridge_map = load_bridge_map(args.config, args.feed)
+    url = args.redis or redis_url_from_env()
+    store = BridgeStore(PublisherConfig(redis_url=url), bridge_map.options)
+    source = open_source(args.feed, args.url, bridge_map)
+    await store.start()
+    try:
+        await source.start()
+    except TickwireError:
+        raise
+    except Exception as exc:
+        # The client libraries' own errors (refused, timed out, no such stream or queue),
+        # said once here rather than as a traceback.
+        raise TickwireError(
+            f"cannot start the {args.feed} bridge on {args.url}: {str(exc) or type(exc).__name__}"
+        ) from None
+    stats = BridgeStats()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    crash_after = int(os.environ.get(CRASH_AFTER_ROUND_ENV, "0"))
+
+    def after_store(rounds: int) -> None:
+        if crash_after and rounds >= crash_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    print(
+        f"bridge {bridge_map.options.name}: {args.feed} {args.url} → {url}, "
+        f"{len(bridge_map.routes)} routes",
+        file=sys.stderr,
+        flush=True,
+    )
+
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(5)
+            log.info(
+                "%d received, %d stored, %d duplicates dropped, %d unmapped",
+                stats.received,
+                stats.stored,
+                stats.duplicates,
+                stats.unmapped,
+            )
+
+    reporter = asyncio.create_task(report())
+    try:
+        await run_bridge(
+            source, BridgeMapper(bridge_map), store, stats=stats, stop=stop, after_store=after_store
+        )
+    finally:
+        reporter.cancel()
+        await source.close()
+        store.close()
+    print(
+        f"bridge stopped: {stats.received:,} received, {stats.stored:,} stored, "
+        f"{stats.duplicates:,} duplicates dropped, {stats.unmapped:,} unmapped "
+        f"({stats.dead_lettered:,} dead-lettered)",
+        file=sys.stderr,
+    )
+    return 0
+
+
 async def cmd_record(args: argparse.Namespace) -> int:
     from tickwire.core.redis_wire import RedisConnection
     from tickwire.feeds.replay import record, resolve_channels
@@ -356,6 +473,10 @@ def cmd_bench(rest: list[str]) -> int:
         from tickwire.bench.publish import main as publish_main
 
         return publish_main(rest[1:])
+    if rest and rest[0] == "bridge":
+        from tickwire.bench.bridge import main as bridge_main
+
+        return bridge_main(rest[1:])
     if rest and rest[0] == "faults":
         from tickwire.bench.faults import main as faults_main
 
@@ -425,6 +546,8 @@ def main(argv: list[str] | None = None) -> int:
             return run(cmd_feed_sim(args))
         if args.command == "feed" and args.feed == "replay":
             return run(cmd_feed_replay(args))
+        if args.command == "feed" and args.feed in ("nats", "rabbitmq", "mqtt"):
+            return run(cmd_feed_bridge(args))
         if args.command == "record":
             return run(cmd_record(args))
         if args.command == "serve":

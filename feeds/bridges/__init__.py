@@ -1,0 +1,1 @@
+"""Bridges: broker messages (NATS JetStream, RabbitMQ, MQTT) into tickwire's streams."""

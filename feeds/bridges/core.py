@@ -1,0 +1,459 @@
+"""The broker-independent bridge: map, store once, then acknowledge; one thin adapter per broker.
+
+Each round takes at most `batch` messages the adapter already holds (the broker never hands it
+more than `max_in_flight` unacknowledged), maps them, appends the events to Redis in one atomic
+call that also drops those already stored (by broker id), and only then acknowledges the round
+to the broker. So:
+
+- a crash anywhere loses nothing: what was not acknowledged is redelivered;
+- a redelivery stores nothing twice: the append checks each message's id against the channel's
+  record of ids already stored (`tw:{SYM}:<type>:seen:<bridge>`, a sorted set of the last
+  `dedupe_window` ids by seq, in the channel's hash slot) and adds the new ones, in the same
+  Lua call that assigns their seqs;
+- Redis slow or down stops consumption: the round is retried with backoff until Redis takes it,
+  and no message is asked from the broker meanwhile (bounded by the broker's prefetch);
+- a message that does not map is counted, logged with its subject/topic and reason, and
+  republished to the dead-letter destination or skipped, per the map; never a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tickwire.core.channels import REGISTRY_KEY, Channel, live_channel
+from tickwire.core.config import PublisherConfig
+from tickwire.core.errors import CodecError, ConfigError, RedisUnavailable
+from tickwire.core.redis_wire import Arg, RedisAddress, RedisConnection, RedisReplyError
+from tickwire.feeds.bridges.mapping import (
+    BridgeMap,
+    BridgeMapper,
+    BridgeOptions,
+    MappedEvent,
+    Unmapped,
+)
+from tickwire.feeds.publisher import random_epoch
+from tickwire.feeds.store import APPEND_LUA
+
+log = logging.getLogger("tickwire.feeds.bridge")
+
+# The publisher's append, unchanged, as a function of its own KEYS and ARGV (Lua resolves the
+# names to the parameters), wrapped by a prelude that drops ids already stored and an epilogue
+# that records the new ones: one atomic call, so an event and its id are stored together or not
+# at all. The append's writer mark (`w:<id>`, the publisher's retry guard) is removed again at
+# the end: here the ids are the guard, and a bridge's restarts must not pile marks up.
+#
+# KEYS: per batch: stream, meta, seen. ARGV: candidate epoch, writer id, live channel, window;
+# then per batch: maxlen, epoch last seen, seq last seen, n, n ids ('' : none), n bare bodies.
+# Returns per batch: epoch, last seq, events stored, duplicates dropped.
+BRIDGE_APPEND_LUA = (
+    "local function append(KEYS, ARGV)\n"
+    + APPEND_LUA
+    + r"""
+end
+local window = tonumber(ARGV[4])
+local akeys, aargv, batches = {}, {ARGV[1], ARGV[2], ARGV[3]}, {}
+local a = 5
+for k = 1, #KEYS, 3 do
+  local meta, seen = KEYS[k + 1], KEYS[k + 2]
+  local n = tonumber(ARGV[a + 3])
+  local ids, bodies = a + 4, a + 4 + n
+  local keep, here, dups = {}, {}, 0
+  for i = 0, n - 1 do
+    local id = ARGV[ids + i]
+    if id ~= '' and (here[id] or redis.call('ZSCORE', seen, id)) then
+      dups = dups + 1
+    else
+      if id ~= '' then here[id] = true end
+      keep[#keep + 1] = i
+    end
+  end
+  local b = {seen = seen, meta = meta, ids = ids, keep = keep, dups = dups}
+  if #keep > 0 then
+    b.before = redis.call('HGET', meta, 'epoch')
+    b.at = #akeys / 2
+    akeys[#akeys + 1] = KEYS[k]
+    akeys[#akeys + 1] = meta
+    for _, x in ipairs({ARGV[a], ARGV[a + 1], ARGV[a + 2], 1, 0, #keep, '', 0}) do
+      aargv[#aargv + 1] = x
+    end
+    for _, i in ipairs(keep) do aargv[#aargv + 1] = ARGV[bodies + i] end
+  end
+  batches[#batches + 1] = b
+  a = bodies + n
+end
+local out = {}
+if #akeys > 0 then
+  out = append(akeys, aargv)
+  if out.err then return out end
+end
+local result, mark = {}, 'w:' .. ARGV[2]
+for _, b in ipairs(batches) do
+  if b.at then
+    local epoch, last = out[b.at * 3 + 1], out[b.at * 3 + 2]
+    -- A new epoch is a new history: ids seen in the old one say nothing about it.
+    if epoch ~= b.before then redis.call('DEL', b.seen) end
+    local seq = last - #b.keep
+    local zadd = {}
+    for _, i in ipairs(b.keep) do
+      seq = seq + 1
+      local id = ARGV[b.ids + i]
+      if id ~= '' then
+        zadd[#zadd + 1] = seq
+        zadd[#zadd + 1] = id
+      end
+    end
+    if #zadd > 0 then
+      redis.call('ZADD', b.seen, unpack(zadd))
+      redis.call('ZREMRANGEBYRANK', b.seen, 0, -window - 1)
+    end
+    redis.call('HDEL', b.meta, mark)
+    result[#result + 1] = epoch
+    result[#result + 1] = last
+  else
+    result[#result + 1] = ''
+    result[#result + 1] = 0
+  end
+  result[#result + 1] = #b.keep
+  result[#result + 1] = b.dups
+end
+return result
+"""
+)
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One broker message as the core sees it."""
+
+    #: The subject (NATS), topic (MQTT) or routing key (RabbitMQ) it came on.
+    route: str
+    payload: bytes
+    #: The broker's id for it ('' if the broker gives none): NATS JetStream's stream sequence,
+    #: RabbitMQ's message-id property.
+    broker_id: str = ""
+    #: RabbitMQ: the queue it was consumed from.
+    queue: str = ""
+    #: The broker client's message object, for the adapter to acknowledge.
+    handle: Any = None
+
+
+class BrokerSource(Protocol):
+    """What a broker adapter provides; everything else is the core's."""
+
+    async def receive(self, limit: int) -> list[Delivery]:
+        """Wait for at least one message; return up to `limit` of those already here."""
+        ...
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Acknowledge: the broker may forget these (they are in Redis or dead-lettered)."""
+        ...
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Send the original message to the map's dead-letter destination, with the reason."""
+        ...
+
+    async def hold(self, deliveries: Sequence[Delivery]) -> None:
+        """Redis is slow: tell the broker these are still being worked on, if it can hear it
+        (NATS `in_progress`), so that it does not redeliver them meanwhile."""
+        ...
+
+
+#: Kinds of unmapped reasons counted apart, at most; the rest are counted as "other".
+MAX_REASON_KINDS = 64
+
+
+@dataclass
+class BridgeStats:
+    """What a bridge did, counted: every message received is stored, a duplicate dropped by
+    id, or unmapped (and dead-lettered or skipped)."""
+
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    unmapped: int = 0
+    dead_lettered: int = 0
+    rounds: int = 0
+    redis_retries: int = 0
+    #: Reasons of unmapped messages, counted (the first words of each, so that a flood of one
+    #: kind does not grow it).
+    unmapped_reasons: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreResult:
+    stored: int
+    duplicates: int
+
+
+class BridgeStore:
+    """Appends mapped events to Redis, each broker id once; retries until Redis takes them."""
+
+    def __init__(
+        self,
+        config: PublisherConfig,
+        options: BridgeOptions,
+        *,
+        new_epoch: Callable[[], str] = random_epoch,
+    ) -> None:
+        self.config = config
+        self.options = options
+        self._new_epoch = new_epoch
+        self._live = live_channel(RedisAddress.parse(config.redis_url).db)
+        self._conn: RedisConnection | None = None
+        self._sha: str | None = None
+        self._registered: set[Channel] = set()
+        #: Last (epoch, seq) Redis assigned per channel: lets the append see a rollback.
+        self.positions: dict[Channel, tuple[str, int]] = {}
+        self.retries = 0
+
+    async def start(self) -> None:
+        """Connect now: fail fast (RedisUnavailable) if Redis is unreachable at start."""
+        await self._connect()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def _connect(self) -> RedisConnection:
+        if self._conn is None or self._conn.closed:
+            self._conn = await RedisConnection.open(self.config.redis_url)
+            self._sha = await self._conn.execute("SCRIPT", "LOAD", BRIDGE_APPEND_LUA)
+            self._registered.clear()
+        return self._conn
+
+    async def store(
+        self,
+        events: Sequence[MappedEvent],
+        *,
+        on_wait: Callable[[], Awaitable[None]] | None = None,
+    ) -> StoreResult:
+        """Append `events` (in order per channel) once; returns only when Redis has them."""
+        if not events:
+            return StoreResult(0, 0)
+        by_channel: dict[Channel, tuple[list[str], list[bytes]]] = {}
+        for ev in events:
+            ids, bodies = by_channel.setdefault(ev.channel, ([], []))
+            ids.append(ev.msg_id)
+            bodies.append(ev.body)
+        delay = self.config.backoff_initial_s
+        failing: str | None = None
+        while True:
+            try:
+                conn = await self._connect()
+                result = await self._append(conn, by_channel)
+                if failing is not None:
+                    log.info("Redis takes appends again")
+                return result
+            except (RedisUnavailable, RedisReplyError) as exc:
+                if isinstance(exc, RedisUnavailable):
+                    self.close()
+                elif str(exc).startswith("NOSCRIPT"):
+                    self._sha = None
+                    self.close()
+                    continue
+                self.retries += 1
+                if failing != str(exc):
+                    log.warning(
+                        "Redis refused or is unreachable (%s): holding %d events, consuming "
+                        "paused, retrying with backoff",
+                        exc,
+                        len(events),
+                    )
+                    failing = str(exc)
+                if on_wait is not None:
+                    await on_wait()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.config.backoff_max_s)
+
+    async def _append(
+        self, conn: RedisConnection, by_channel: dict[Channel, tuple[list[str], list[bytes]]]
+    ) -> StoreResult:
+        head: list[Arg] = [
+            self._new_epoch(),
+            f"bridge:{self.options.name}",
+            self._live,
+            self.options.dedupe_window,
+        ]
+        assert self._sha is not None
+        groups = self._groups(list(by_channel))
+        commands: list[list[Arg]] = []
+        for group in groups:
+            keys: list[Arg] = []
+            args: list[Arg] = list(head)
+            for channel in group:
+                ids, bodies = by_channel[channel]
+                epoch, seq = self.positions.get(channel, ("", 0))
+                keys += (channel.stream_key, channel.meta_key, seen_key(channel, self.options.name))
+                args += (self.config.retention.maxlen(channel.kind), epoch, seq, len(bodies))
+                args += ids
+                args += bodies
+            commands.append(["EVALSHA", self._sha, len(keys), *keys, *args])
+        new = [c for c in by_channel if c not in self._registered]
+        if new:
+            commands.append(["SADD", REGISTRY_KEY, *(c.name for c in new)])
+        replies = await conn.pipeline(commands, timeout=self.config.reply_timeout_s)
+        for reply in replies:
+            if isinstance(reply, RedisReplyError):
+                raise reply
+        stored = dups = 0
+        for group, out in zip(groups, replies, strict=False):
+            for i, channel in enumerate(group):
+                epoch, last, n, d = out[4 * i : 4 * i + 4]
+                if n:
+                    self.positions[channel] = (epoch.decode(), int(last))
+                stored += n
+                dups += d
+        self._registered.update(new)
+        return StoreResult(stored, dups)
+
+    def _groups(self, channels: list[Channel]) -> list[list[Channel]]:
+        """The channels of each append call: all in one, or one call per symbol for Redis
+        Cluster, where a call's keys must share a slot (a symbol's keys share its hash tag).
+        A round whose calls partly fail is written again whole: what carries an id is then
+        stored once, what does not may be stored twice."""
+        if not self.config.one_call_per_symbol:
+            return [channels]
+        by_symbol: dict[str, list[Channel]] = {}
+        for channel in channels:
+            by_symbol.setdefault(channel.symbol, []).append(channel)
+        return list(by_symbol.values())
+
+
+def seen_key(channel: Channel, bridge: str) -> str:
+    """The sorted set of broker ids a bridge stored on a channel (same hash slot as the stream)."""
+    return f"{channel.stream_key}:seen:{bridge}"
+
+
+async def run_bridge(
+    source: BrokerSource,
+    mapper: BridgeMapper,
+    store: BridgeStore,
+    *,
+    stats: BridgeStats | None = None,
+    clock_ns: Callable[[], int] = time.time_ns,
+    stop: asyncio.Event | None = None,
+    after_store: Callable[[int], None] | None = None,
+) -> BridgeStats:
+    """Consume until `stop` is set; `after_store(rounds)` runs between the write and the ack (the
+    crash tests' hook)."""
+    stats = stats if stats is not None else BridgeStats()
+    options = mapper.map_.options
+    while stop is None or not stop.is_set():
+        if stop is None:
+            deliveries = await source.receive(options.batch)
+        else:
+            got = await _until(source.receive(options.batch), stop)
+            if got is None:
+                break
+            deliveries = got
+        await bridge_round(source, mapper, store, deliveries, stats, clock_ns())
+        if after_store is not None:
+            after_store(stats.rounds)
+        await source.ack(deliveries)
+    return stats
+
+
+async def bridge_round(
+    source: BrokerSource,
+    mapper: BridgeMapper,
+    store: BridgeStore,
+    deliveries: Sequence[Delivery],
+    stats: BridgeStats,
+    now_ns: int,
+) -> None:
+    """Map, dead-letter or skip what does not map, store the rest: everything but the ack."""
+    options = mapper.map_.options
+    stats.received += len(deliveries)
+    events: list[MappedEvent] = []
+    for d in deliveries:
+        try:
+            events.append(
+                mapper.map(d.route, d.payload, now_ns=now_ns, broker_id=d.broker_id, queue=d.queue)
+            )
+        except (Unmapped, CodecError) as exc:
+            reason = str(exc)
+            stats.unmapped += 1
+            kinds = stats.unmapped_reasons
+            kind = " ".join(reason.split()[:3])
+            if kind not in kinds and len(kinds) >= MAX_REASON_KINDS:
+                kind = "other"
+            kinds[kind] = kinds.get(kind, 0) + 1
+            where = f"{d.queue}:{d.route}" if d.queue else d.route
+            if options.on_unmapped == "dead-letter":
+                await source.dead_letter(d, reason)
+                stats.dead_lettered += 1
+                log.warning(
+                    "unmapped message on %s: %s; dead-lettered to %s (%d unmapped so far)",
+                    where,
+                    reason,
+                    options.dead_letter,
+                    stats.unmapped,
+                )
+            else:
+                log.warning(
+                    "unmapped message on %s: %s; skipped (%d unmapped so far)",
+                    where,
+                    reason,
+                    stats.unmapped,
+                )
+
+    async def hold() -> None:
+        stats.redis_retries += 1
+        await source.hold(deliveries)
+
+    result = await store.store(events, on_wait=hold)
+    stats.stored += result.stored
+    stats.duplicates += result.duplicates
+    stats.rounds += 1
+
+
+async def _until(work: Awaitable[list[Delivery]], stop: asyncio.Event) -> list[Delivery] | None:
+    """`work`'s result, or None if `stop` is set first (then `work` is cancelled)."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
+class ClosableSource(BrokerSource, Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def open_source(broker: str, url: str, bridge_map: BridgeMap) -> ClosableSource:
+    """The adapter for `broker`, its client library imported only now (`tickwire[bridges]`)."""
+    try:
+        if broker == "nats":
+            from tickwire.feeds.bridges.nats_source import NatsSource
+
+            return NatsSource(url, bridge_map)
+        if broker == "mqtt":
+            from tickwire.feeds.bridges.mqtt_source import MqttSource
+
+            return MqttSource(url, bridge_map)
+        if broker == "rabbitmq":
+            from tickwire.feeds.bridges.rabbitmq_source import RabbitSource
+
+            return RabbitSource(url, bridge_map)
+    except ImportError as exc:
+        raise ConfigError(
+            f"the {broker} bridge needs its client library ({exc.name}): "
+            "pip install 'tickwire[bridges]'"
+        ) from None
+    raise ConfigError(f"unknown broker {broker!r}")
