@@ -29,7 +29,7 @@ import numpy as np
 import orjson
 
 from tickwire.bench.brokers import BROKER_PROCESSES, BrokerProcess
-from tickwire.bench.procs import cpu_seconds, start_group, stop_group
+from tickwire.bench.harness import cpu_seconds, start_group, stop_group
 from tickwire.bench.stats import latency_summary, table
 from tickwire.core.channels import Channel, live_channel
 from tickwire.core.config import PublisherConfig

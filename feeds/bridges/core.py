@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tickwire.core.channels import REGISTRY_KEY, Channel, live_channel
+from tickwire.core.commands import Arg, RedisReplyError
 from tickwire.core.config import PublisherConfig
 from tickwire.core.errors import CodecError, ConfigError, RedisUnavailable
-from tickwire.core.redis_wire import Arg, RedisAddress, RedisConnection, RedisReplyError
+from tickwire.core.redis_wire import RedisAddress, RedisConnection
 from tickwire.feeds.bridges.mapping import (
     BridgeMap,
     BridgeMapper,

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from tickwire.core.channels import Channel
 from tickwire.core.errors import ConfigError
-from tickwire.core.events import complete_body, decode_event
+from tickwire.core.events import decode_event
+from tickwire.core.stream import complete_body
 from tickwire.feeds.bridges.mapping import (
     BridgeMapper,
     Broker,
