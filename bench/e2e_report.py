@@ -43,8 +43,8 @@ class Step:
 def median_step(steps: list[Step]) -> Step:
     """Rounds of one target as one step: every latency and figure the median over the rounds.
 
-    Single runs of the same scenario spread widely on a small shared machine (p99 4.2-8.3 ms
-    in one session), so a ratio of one run each can say what one wants; the median of
+    Single runs of the same scenario spread widely on a small shared machine (p99 by a factor
+    of two between runs), so a ratio of one run each can say what one wants; the median of
     alternated rounds is what to quote. Counts (events sampled, lost, …) are summed over the
     rounds and examples kept: a round that lost an event fails the whole.
     """

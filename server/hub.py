@@ -91,8 +91,8 @@ class Hub:
     batches once, and a member that is in step (nothing queued, nothing held back, every batch
     continuing exactly what it was sent) and whose connection can take data now gets one frame
     built once for the whole group. Members in step share one positions dict, moved once per
-    dispatch for the group, so such a member costs one write and no bookkeeping (a broadcast to
-    1 000 clients: 119 → 2 ns per delivery in the hub, writes aside). Any other member goes
+    dispatch for the group, so such a member costs one write and no bookkeeping (see
+    docs/benchmarks.md, shared positions). Any other member goes
     through its outbox, batch by batch. The bytes a member gets are the same either way. When
     every client follows different channels, each group has one member and only the saving on
     the frame is lost.

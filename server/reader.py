@@ -133,11 +133,8 @@ class StreamReader:
         """New channels every `registry_poll_s`, and a share of the followed channels compared
         with their metas (`_next_sweep`).
 
-        Both had been done whole at every poll: at 3 000 symbols (6 000 channels, 1 000
-        followed) reading and parsing the registry and 1 000 metas four times a second took the
-        server from 26 to 37 % of a core and p99 from 10 to 45 ms, at 10 k events/s. Rechecking
-        all 6 000 followed channels at once every 5 s still stalled the fan-out ~50 ms (1 000
-        clients: p99 38 ms against 19 ms without); a share per poll does not.
+        Reading the whole registry and every meta at each poll stalls the fan-out at thousands
+        of channels (docs/benchmarks.md, 2026-11-28: the registry poll and the meta sweep).
         """
         while True:
             await asyncio.sleep(self.config.registry_poll_s)

@@ -13,8 +13,8 @@ def tune_gc() -> None:
 
     Every batch, outbox list and parsed frame is an allocation. With the default threshold the
     collector ran hundreds of times a second with a thousand clients, and its older-generation
-    passes walked every live object: at 1000 clients the server's p99 fell from ~100 ms to
-    ~35 ms with this. The hot paths make no reference cycles, so the cost is a little memory
+    passes walked every live object, which set the server's p99 at that scale. The hot paths
+    make no reference cycles, so the cost is a little memory
     held briefly. Objects alive after start-up (modules, configuration) are frozen out of
     collection altogether.
     """
