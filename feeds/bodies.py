@@ -7,13 +7,14 @@ significant digits, and no other decimal that short maps to the same double, so 
 is that decimal with trailing zeros dropped (`64123.5`, `12.0`): it is written from integers with
 a table of four-digit groups. A value that is not such a number (binary noise, below 1e-5 or from
 1e15 on, where orjson turns to exponents, NaN, negative) marks its row for orjson itself (see
-`Rows.exact`), so the bytes never depend on the shortcut.
+`EncodedChunk.exact`), so the bytes never depend on the shortcut.
 
 A row is assembled from pieces stored right-aligned in fixed-width byte matrices (a number's
-digits behind leading zeros, a symbol's prefix behind padding). Written right to left, each
+digits behind leading zeros, a symbol's prefix behind zero padding). Written right to left, each
 piece's padding lands where the piece on its left goes next, so no mask is needed, and each
 piece is one fancy-indexed copy of whole fixed-width cells (a byte view with a stride of one):
-copying byte by byte was ten times slower.
+copying byte by byte was ten times slower. The first piece's padding is zeros and falls in the
+zero tail of the row before.
 """
 
 from __future__ import annotations
@@ -28,38 +29,41 @@ import orjson
 from tickwire.core.events import SCHEMA_VERSION
 
 U8 = npt.NDArray[np.uint8]
+U32 = npt.NDArray[np.uint32]
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
 Bools = npt.NDArray[np.bool_]
 
-# 10**0 … 10**18: every non-negative int64 has at most 19 digits.
-_POW10 = 10 ** np.arange(19, dtype=np.int64)
 # Values formatted from integers stay below this: 15 significant digits at most (see above).
 _EXACT_LIMIT = 1e15
 # orjson writes smaller numbers with an exponent (1e-6 → `1e-6`, 1.5e-5 → `0.000015`).
 _SMALLEST_PLAIN = 1e-5
 _MAX_DECIMALS = 15
+_SCALES = 10.0 ** np.arange(_MAX_DECIMALS + 1)
 _PT_AT = len(b',"pt":')
 #: Digits a publish time is assumed to have when a chunk is encoded before it is stamped:
 #: nanoseconds since 1970 have 19 from 2001 to 2286 (another width encodes the slice anew).
 PT_DIGITS = 19
 PT_PLACEHOLDER = 10 ** (PT_DIGITS - 1)
-_NO_LENGTHS = np.zeros(0, dtype=np.int64)
-_SCALES = _POW10[:16].astype(np.float64)
 
 
-def digit_groups() -> npt.NDArray[np.uint32]:
-    """ "0000" … "9999" as 4-byte words: one lookup writes four digits."""
-    table = np.array([b"%04d" % i for i in range(10_000)]).view(np.uint32)
-    table.flags.writeable = False
-    return table
+@dataclass(frozen=True, slots=True)
+class DigitTables:
+    """Lookups by a four-digit group (0 … 9 999): its digits as a 4-byte word, how many digits
+    it has without leading zeros, and how many trailing zeros its four digits have."""
 
+    words: U32
+    digits: I64
+    zeros: I64
 
-def trailing_zeros() -> I64:
-    """Trailing zeros of "0000" … "9999"."""
-    table = 4 - np.array([len((b"%04d" % i).rstrip(b"0")) for i in range(10_000)], dtype=np.int64)
-    table.flags.writeable = False
-    return table
+    @classmethod
+    def build(cls) -> DigitTables:
+        text = [b"%04d" % i for i in range(10_000)]
+        return cls(
+            np.array(text).view(np.uint32),
+            np.array([len(str(i)) for i in range(10_000)], dtype=np.int64),
+            np.array([4 - len(t.rstrip(b"0")) for t in text], dtype=np.int64),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,31 +78,9 @@ class Piece:
     def width(self) -> int:
         return len(self.data) if isinstance(self.data, bytes) else int(self.data.shape[1])
 
-    def rows(self, start: int, stop: int) -> Piece:
-        assert not isinstance(self.data, bytes)
-        return Piece(self.data[start:stop], self.length[start:stop])
 
-    def rows_at(self, index: I64) -> Piece:
-        assert not isinstance(self.data, bytes)
-        return Piece(self.data[index], self.length[index])
-
-
-@dataclass(frozen=True, slots=True)
-class Rows:
-    """Bodies of one kind as rows of a byte matrix, zero-padded to one width (a body never holds
-    a zero byte); `exact` says which rows are right (the others must be encoded one by one);
-    `pt_col` is where each row's publish time starts."""
-
-    matrix: U8
-    exact: Bools
-    pt_col: I64
-
-
-def int_digits(
-    values: I64, groups: npt.NDArray[np.uint32], min_digits: int = 1, lengths: bool = True
-) -> Piece:
-    """Non-negative integers as right-aligned digits, behind at least `min_digits` - length
-    zeros; `lengths` False leaves the lengths out (the caller knows them)."""
+def int_digits(values: I64, tables: DigitTables, min_digits: int = 1) -> Piece:
+    """Non-negative integers as right-aligned digits behind zeros (at least `min_digits`)."""
     n = len(values)
     digits = max(len(str(int(values.max(initial=0)))), min_digits)
     count = -(-digits // 4)
@@ -110,63 +92,50 @@ def int_digits(
         nxt = q // 10_000
         np.subtract(q, nxt * 10_000, out=rest[k])
         q = nxt
-    data = np.ascontiguousarray(groups[rest.T]).view(np.uint8).reshape(n, 4 * count)
-    if not lengths:
-        return Piece(data, _NO_LENGTHS)
-    # Cheaper than a searchsorted over the powers of ten, for the few digits numbers here have.
-    length = np.ones(n, dtype=np.int64)
-    for k in range(1, digits):
-        length += values >= _POW10[k]
+    data = np.ascontiguousarray(tables.words[rest.T]).view(np.uint8).reshape(n, 4 * count)
+    # Digits of the lowest group, then of the highest group that is not zero.
+    length = tables.digits[rest[count - 1]]
+    for k in range(count - 2, -1, -1):
+        length = np.where(rest[k] > 0, 4 * (count - 1 - k) + tables.digits[rest[k]], length)
     return Piece(data, length)
 
 
-def decimal_pieces(
-    values: F64, decimals: I64, groups: npt.NDArray[np.uint32], zeros_of: I64
-) -> tuple[Piece, Piece, Bools]:
-    """Positive multiples of `10**-decimals` as orjson writes them: the integer part with its
-    dot, the fraction; and which values qualify (the others get placeholder bytes).
-    `zeros_of[i]`: trailing zeros of i < 10 000 written in four digits."""
+def decimal_parts(values: F64, decimals: I64, tables: DigitTables) -> tuple[I64, I64, I64, Bools]:
+    """Positive multiples of `10**-decimals` as orjson writes them: the integer part, the
+    fraction's digits without trailing zeros (as an integer) and their count (0 for none, to be
+    written `.0`); and which values qualify (the others get zeros)."""
     ok = (values >= _SMALLEST_PLAIN) & (values < _EXACT_LIMIT) & (decimals <= _MAX_DECIMALS)
     d = np.where(ok, decimals, 0)
     scale = _SCALES[d]
-    x = np.where(ok, values, 0.0)
-    scaled = np.rint(x * scale)
+    # NaN and infinities are not `ok`: only their placeholders see invalid arithmetic.
+    scaled = np.rint(np.where(ok, values, 0.0) * scale)
     # Exactly the double nearest `scaled / 10**d`: that decimal maps to this value, and no other
     # of 15 digits or fewer does.
     ok &= (scaled / scale == values) & (scaled < _EXACT_LIMIT)
     scaled *= ok
-    # floor(x) is the decimal's integer part: below 10**15 a double is never within half an ulp
-    # of a whole number that a decimal of `d` places is not.
+    d *= ok
+    # Below 2**53 this float arithmetic is exact, and floor() is the decimal's integer part: a
+    # double that close to a whole number would be it.
     whole = np.floor(scaled / scale)
-    # Below 2**53 the float arithmetic is exact.
     frac = scaled - whole * scale
     fint = frac.astype(np.int64)
-    # Trailing zeros of the fraction go; a whole number keeps one: `12.0`.
-    zeros = np.zeros(len(values), dtype=np.int64)
-    low = np.ones(len(values), dtype=np.bool_)  # every digit so far was a zero
-    q = fint
-    for _ in range(-(-int(d.max(initial=0)) // 4)):
-        nxt = q // 10_000
-        z = zeros_of[q - nxt * 10_000]
-        zeros += z * low
-        low &= z == 4
-        q = nxt
+    # Trailing zeros of the fraction, from its lowest four digits; only a fraction of more than
+    # four places whose lowest four are all zeros needs the next group.
+    q = fint // 10_000
+    zeros = tables.zeros[fint - q * 10_000]
+    more = np.flatnonzero((zeros == 4) & (d > 4) & (fint > 0))
+    shift = 4
+    while len(more):
+        q_more = q[more] // 10_000
+        z = tables.zeros[q[more] - q_more * 10_000]
+        zeros[more] += z
+        q[more] = q_more
+        keep = (z == 4) & (d[more] > shift + 4)
+        more, shift = more[keep], shift + 4
     places = np.where(fint > 0, d - zeros, 0)
     # Exact: a multiple of the power, below 2**53.
-    fint = (frac / _SCALES[np.minimum(zeros, d)]).astype(np.int64)
-    point = int_digits(whole.astype(np.int64), groups)
-    tail = int_digits(fint, groups, int(places.max(initial=1)), lengths=False)
-    int_part = Piece(_followed_by(point.data, b"."), point.length + 1)
-    return int_part, Piece(tail.data, np.maximum(places, 1)), ok
-
-
-def _followed_by(data: U8 | bytes, text: bytes) -> U8:
-    assert not isinstance(data, bytes)
-    n = data.shape[0]
-    out = np.empty((n, data.shape[1] + len(text)), dtype=np.uint8)
-    out[:, : data.shape[1]] = data
-    out[:, data.shape[1] :] = np.frombuffer(text, dtype=np.uint8)
-    return out
+    fint = (frac / _SCALES[np.minimum(zeros, _MAX_DECIMALS)]).astype(np.int64)
+    return whole.astype(np.int64), fint, places, ok
 
 
 def right_aligned_table(texts: Sequence[bytes]) -> tuple[U8, I64]:
@@ -177,31 +146,51 @@ def right_aligned_table(texts: Sequence[bytes]) -> tuple[U8, I64]:
     return table, np.array([len(t) for t in texts], dtype=np.int64)
 
 
-def assemble(pieces: Sequence[Piece]) -> tuple[U8, list[I64]]:
-    """Rows of the pieces side by side, zero-padded to the longest, and where each piece ends."""
-    n = len(pieces[0].length)
-    # (A loop of adds: numpy's cumsum down the first axis took as long as all of them.)
+def _write(out: U8, pieces: Sequence[Piece], row_start: I64) -> list[I64]:
+    """Write rows of the pieces side by side from `row_start` (flat offsets into `out`),
+    right to left; returns where each piece ends in its row."""
     ends = [pieces[0].length]
     for p in pieces[1:]:
         ends.append(ends[-1] + p.length)
-    if n == 0:
-        return np.zeros((0, 0), dtype=np.uint8), ends
-    margin = max(p.width for p in pieces)
-    width = int(ends[-1].max(initial=0))
-    stride = margin + width
-    out = np.zeros((n, stride), dtype=np.uint8)
-    row_base = np.arange(n, dtype=np.int64) * stride + margin
-    # Right to left: a piece's leading padding falls where the piece before it goes next.
     for k in range(len(pieces) - 1, -1, -1):
         piece = pieces[k]
         w = piece.width
         cells = np.ndarray((out.size - w + 1,), dtype=f"V{w}", buffer=out, strides=(1,))
-        first = row_base + ends[k] - w
+        first = row_start + (ends[k] - w)
         if isinstance(piece.data, bytes):
             cells[first] = np.void(piece.data)
         else:
             cells[first] = np.ascontiguousarray(piece.data).reshape(-1).view(f"V{w}")
-    return np.ascontiguousarray(out[:, margin:]), ends
+    return ends
+
+
+def _constant(text: bytes, n: int) -> Piece:
+    return Piece(text, np.full(n, len(text), dtype=np.int64))
+
+
+class EncodedChunk:
+    """A chunk's bodies in event order, encoded at once, handed out a slice at a time: stamping
+    a slice with its publish time writes `PT_DIGITS` bytes a row instead of encoding it again.
+    Rows not `exact` hold placeholders (their events must go through `encode_body`)."""
+
+    def __init__(self, buffer: U8, stride: int, pt_at: I64, exact: Bools, keys: list[int]) -> None:
+        self.exact = exact
+        #: Per event, `2 * symbol + kind` (kind 1: a trade).
+        self.keys = keys
+        self.all_exact = bool(exact.all())
+        # Row i at [(i + 1) * stride, (i + 2) * stride): the first stride is the margin.
+        self._rows = buffer[stride:].view(f"S{stride}")
+        self._cells = np.ndarray(
+            (buffer.size - PT_DIGITS + 1,), dtype=f"V{PT_DIGITS}", buffer=buffer, strides=(1,)
+        )
+        self._pt_at = pt_at
+
+    def bodies(self, start: int, stop: int, pt: int | None = None) -> list[bytes]:
+        """Bodies of events [start, stop), stamped with `pt` (of `PT_DIGITS` digits) if given."""
+        if pt is not None and stop > start:
+            self._cells[self._pt_at[start:stop]] = np.void(b"%d" % pt)
+        # numpy drops each row's zero tail; a body never holds a zero byte.
+        return self._rows[start:stop].tolist()  # type: ignore[no-any-return]
 
 
 class BodyEncoder:
@@ -211,8 +200,7 @@ class BodyEncoder:
         self.symbols = list(symbols)
         self.price_decimals = price_decimals
         self.size_decimals = size_decimals
-        self._groups = digit_groups()
-        self._zeros = trailing_zeros()
+        self._tables = DigitTables.build()
 
         def prefixes(kind: str) -> tuple[U8, I64]:
             # orjson's own bytes up to the `ts` value, escaping and all, as encode_body has them.
@@ -229,86 +217,6 @@ class BodyEncoder:
             [b',"side":"sell","trade_id":', b',"side":"buy","trade_id":']
         )
 
-    def rows(
-        self,
-        ts: I64,
-        sym: I64,
-        kind: npt.NDArray[np.int8],
-        bid: F64,
-        ask: F64,
-        bid_size: F64,
-        ask_size: F64,
-        price: F64,
-        size: F64,
-        buy: Bools,
-        trade_id: I64,
-        pt: int,
-    ) -> tuple[Rows, Rows]:
-        """The quotes' bodies (`kind` 0) and the trades' (1), each in event order."""
-        g = self._groups
-        quotes, trades = np.flatnonzero(kind == 0), np.flatnonzero(kind != 0)
-        nq, nt = len(quotes), len(trades)
-        qsym, tsym = sym[quotes], sym[trades]
-        qp, qs = self.price_decimals[qsym], self.size_decimals[qsym]
-        # Every price and size in one call: numpy's cost per call, not per value, dominated.
-        ints, fracs, exact = decimal_pieces(
-            np.concatenate(
-                [
-                    *(bid[quotes], ask[quotes], bid_size[quotes], ask_size[quotes]),
-                    *(price[trades], size[trades]),
-                ]
-            ),
-            np.concatenate([qp, qp, qs, qs, self.price_decimals[tsym], self.size_decimals[tsym]]),
-            g,
-            self._zeros,
-        )
-        stamps = int_digits(np.maximum(ts, 0), g)
-
-        def number(k: int, n: int, at: int, then: bytes = b"") -> tuple[Piece, Piece]:
-            a, b = at + k * n, at + (k + 1) * n
-            frac = fracs.data[a:b]
-            assert not isinstance(frac, bytes)
-            places = fracs.length[a:b]
-            if then:
-                return ints.rows(a, b), Piece(_followed_by(frac, then), places + len(then))
-            return ints.rows(a, b), Piece(frac, places)
-
-        table, lengths = self._quote_prefix
-        q_ts = stamps.rows_at(quotes)
-        q_exact = exact[:nq] & exact[nq : 2 * nq] & exact[2 * nq : 3 * nq]
-        q_exact &= exact[3 * nq : 4 * nq] & (ts[quotes] >= 0)
-        matrix, ends = assemble(
-            [
-                Piece(table[qsym], lengths[qsym]),
-                q_ts,
-                _constant(b',"pt":%d,"bid":' % pt, nq),
-                *number(0, nq, 0, b',"bid_size":'),
-                *number(2, nq, 0, b',"ask":'),
-                *number(1, nq, 0, b',"ask_size":'),
-                *number(3, nq, 0),
-            ]
-        )
-        quote_rows = Rows(matrix, q_exact, ends[1] + _PT_AT)
-
-        table, lengths = self._trade_prefix
-        side, side_len = self._side
-        up = buy[trades].astype(np.int64)
-        tid = trade_id[trades]
-        at = 4 * nq
-        t_exact = exact[at : at + nt] & exact[at + nt :] & (ts[trades] >= 0) & (tid >= 0)
-        matrix, ends = assemble(
-            [
-                Piece(table[tsym], lengths[tsym]),
-                stamps.rows_at(trades),
-                _constant(b',"pt":%d,"price":' % pt, nt),
-                *number(0, nt, at, b',"size":'),
-                *number(1, nt, at),
-                Piece(side[up], side_len[up]),
-                int_digits(np.maximum(tid, 0), g),
-            ]
-        )
-        return quote_rows, Rows(matrix, t_exact, ends[1] + _PT_AT)
-
     def encode_chunk(
         self,
         ts: I64,
@@ -324,51 +232,85 @@ class BodyEncoder:
         trade_id: I64,
         pt: int = PT_PLACEHOLDER,
     ) -> EncodedChunk:
-        """The events' bodies in event order (see `EncodedChunk`)."""
-        quotes, trades = self.rows(
-            ts, sym, kind, bid, ask, bid_size, ask_size, price, size, buy, trade_id, pt
-        )
+        """The events' bodies (`kind` 0: a quote, else a trade), stamped with `pt`."""
+        tables = self._tables
         n = len(ts)
-        q_at, t_at = np.flatnonzero(kind == 0), np.flatnonzero(kind != 0)
-        width = max(quotes.matrix.shape[1], trades.matrix.shape[1], PT_DIGITS)
-        # One matrix in event order: a slice is then one copy and one stamp, whatever its kinds.
-        matrix = np.zeros((n, width), dtype=np.uint8)
-        matrix[q_at, : quotes.matrix.shape[1]] = quotes.matrix
-        matrix[t_at, : trades.matrix.shape[1]] = trades.matrix
-        pt_col = np.empty(n, dtype=np.int64)
-        pt_col[q_at] = quotes.pt_col
-        pt_col[t_at] = trades.pt_col
-        exact = np.empty(n, dtype=np.bool_)
-        exact[q_at] = quotes.exact
-        exact[t_at] = trades.exact
-        keys = 2 * sym + (kind != 0)
-        return EncodedChunk(matrix, pt_col, exact, keys.tolist())
-
-
-def _constant(text: bytes, n: int) -> Piece:
-    return Piece(text, np.full(n, len(text), dtype=np.int64))
-
-
-class EncodedChunk:
-    """A chunk's bodies, encoded at once, handed out a slice at a time: stamping a slice with
-    its publish time writes `PT_DIGITS` bytes a row instead of encoding it again."""
-
-    def __init__(self, matrix: U8, pt_col: I64, exact: Bools, keys: list[int]) -> None:
-        n, width = matrix.shape
-        self.exact = exact
-        #: Per event, `2 * symbol + kind` (kind 1: a trade).
-        self.keys = keys
-        self.all_exact = bool(exact.all())
-        self._rows = matrix.view(f"S{width}").ravel()
-        # Every row's publish time as one cell of a byte view with a stride of one.
-        self._cells = np.ndarray(
-            (matrix.size - PT_DIGITS + 1,), dtype=f"V{PT_DIGITS}", buffer=matrix, strides=(1,)
+        quotes, trades = np.flatnonzero(kind == 0), np.flatnonzero(kind != 0)
+        nq, nt = len(quotes), len(trades)
+        qsym, tsym = sym[quotes], sym[trades]
+        qp, qs = self.price_decimals[qsym], self.size_decimals[qsym]
+        # Every price and size in one call, and every integer in one more: numpy's cost per
+        # call, not per value, dominated.
+        whole, frac, places, exact = decimal_parts(
+            np.concatenate(
+                [
+                    bid[quotes],
+                    ask[quotes],
+                    bid_size[quotes],
+                    ask_size[quotes],
+                    price[trades],
+                    size[trades],
+                ]
+            ),
+            np.concatenate([qp, qp, qs, qs, self.price_decimals[tsym], self.size_decimals[tsym]]),
+            tables,
         )
-        self._pt_at = np.arange(n, dtype=np.int64) * width + pt_col
+        m = len(whole)
+        numbers = int_digits(np.concatenate([whole, frac]), tables, int(places.max(initial=1)))
+        tid = trade_id[trades]
+        stamps = int_digits(np.maximum(np.concatenate([ts, tid]), 0), tables)
+        dot = _constant(b".", 0)
 
-    def bodies(self, start: int, stop: int, pt: int | None = None) -> list[bytes]:
-        """Bodies of events [start, stop), stamped with `pt` (of `PT_DIGITS` digits) if given;
-        rows not `exact` hold placeholders."""
-        if pt is not None and stop > start:
-            self._cells[self._pt_at[start:stop]] = np.void(b"%d" % pt)
-        return self._rows[start:stop].tolist()  # type: ignore[no-any-return]
+        def number(k: int, count: int, at: int, then: bytes) -> list[Piece]:
+            """Value k of `count` from `at`: integer part, dot, fraction, constant after."""
+            a, b = at + k * count, at + (k + 1) * count
+            assert not isinstance(numbers.data, bytes)
+            parts = [
+                Piece(numbers.data[a:b], numbers.length[a:b]),
+                Piece(dot.data, np.ones(count, dtype=np.int64)),
+                Piece(numbers.data[m + a : m + b], np.maximum(places[a:b], 1)),
+            ]
+            return [*parts, _constant(then, count)] if then else parts
+
+        assert not isinstance(stamps.data, bytes)
+        table, lengths = self._quote_prefix
+        q_pieces = [
+            Piece(table[qsym], lengths[qsym]),
+            Piece(stamps.data[quotes], stamps.length[quotes]),
+            _constant(b',"pt":%d,"bid":' % pt, nq),
+            *number(0, nq, 0, b',"bid_size":'),
+            *number(2, nq, 0, b',"ask":'),
+            *number(1, nq, 0, b',"ask_size":'),
+            *number(3, nq, 0, b""),
+        ]
+        t_table, t_lengths = self._trade_prefix
+        side, side_len = self._side
+        up = buy[trades].astype(np.int64)
+        t_pieces = [
+            Piece(t_table[tsym], t_lengths[tsym]),
+            Piece(stamps.data[trades], stamps.length[trades]),
+            _constant(b',"pt":%d,"price":' % pt, nt),
+            *number(0, nt, 4 * nq, b',"size":'),
+            *number(1, nt, 4 * nq, b""),
+            Piece(side[up], side_len[up]),
+            Piece(stamps.data[n:], stamps.length[n:]),
+        ]
+        total_q = sum(p.length for p in q_pieces) if nq else np.zeros(0, dtype=np.int64)
+        total_t = sum(p.length for p in t_pieces) if nt else np.zeros(0, dtype=np.int64)
+        longest = max(int(np.max(total_q, initial=0)), int(np.max(total_t, initial=0)))
+        # Each row's zero tail takes the padding of the next row's prefix.
+        stride = longest + max(table.shape[1], t_table.shape[1])
+        buffer = np.zeros((n + 1) * stride, dtype=np.uint8)
+        pt_at = np.empty(n, dtype=np.int64)
+        for at, pieces in ((quotes, q_pieces), (trades, t_pieces)):
+            if len(at):
+                start = (at + 1) * stride
+                ends = _write(buffer, pieces, start)
+                pt_at[at] = start + ends[1] + _PT_AT
+        ok = np.empty(n, dtype=np.bool_)
+        ok[quotes] = exact[:nq] & exact[nq : 2 * nq] & exact[2 * nq : 3 * nq]
+        ok[quotes] &= exact[3 * nq : 4 * nq]
+        ok[trades] = exact[4 * nq : 4 * nq + nt] & exact[4 * nq + nt :] & (tid >= 0)
+        ok &= ts >= 0
+        keys = 2 * sym + (kind != 0)
+        return EncodedChunk(buffer, stride, pt_at, ok, keys.tolist())
