@@ -115,11 +115,34 @@ class EncodedChunk:
         self.key_list: list[int] = keys.tolist()
         # Row i at [(i + 1) * stride, (i + 2) * stride): the first stride takes the padding
         # of the first row's prefix.
+        self._buffer = buffer
+        self._stride = stride
         self._rows = buffer[stride:].view(f"S{stride}")
         self._cells = np.ndarray(
             (buffer.size - PT_DIGITS + 1,), dtype=f"V{PT_DIGITS}", buffer=buffer, strides=(1,)
         )
         self._pt_at = pt_at
+
+    @staticmethod
+    def join(a: EncodedChunk, a_start: int, b: EncodedChunk, b_stop: int) -> EncodedChunk:
+        """Events [a_start, …) of `a` followed by events [0, b_stop) of `b`: the bodies as they
+        are (stamped or not), copied a row at a time into rows of the wider stride."""
+        stride = max(a._stride, b._stride)
+        parts = ((a, a_start, len(a.keys)), (b, 0, b_stop))
+        n = sum(stop - start for _, start, stop in parts)
+        buffer = np.zeros((n + 1) * stride, dtype=np.uint8)
+        rows = buffer.reshape(n + 1, stride)
+        pt_at = np.empty(n, dtype=np.int64)
+        at = 1
+        for part, start, stop in parts:
+            count = stop - start
+            old = part._buffer.reshape(-1, part._stride)
+            rows[at : at + count, : part._stride] = old[start + 1 : stop + 1]
+            column = part._pt_at[start:stop] - np.arange(start + 1, stop + 1) * part._stride
+            pt_at[at - 1 : at - 1 + count] = np.arange(at, at + count) * stride + column
+            at += count
+        keys = np.concatenate([a.keys[a_start:], b.keys[:b_stop]])
+        return EncodedChunk(buffer, stride, pt_at, keys)
 
     def stamp(self, start: int, stop: int, pt: int) -> None:
         """Write `pt` (of `PT_DIGITS` digits) into the bodies of events [start, stop)."""
@@ -217,7 +240,10 @@ class BodyEncoder:
         longest = 0
         for count, pieces in ((nq, q_pieces), (nt, t_pieces)):
             if count:
-                longest = max(longest, int(sum(p.length for p in pieces).max()))
+                total = np.zeros(count, dtype=np.int64)
+                for p in pieces:
+                    total += p.length
+                longest = max(longest, int(total.max()))
         # Each row's zero tail takes the padding of the next row's prefix.
         stride = longest + max(self._quote_prefix.width, self._trade_prefix.width)
         buffer = np.zeros((n + 1) * stride, dtype=np.uint8)

@@ -36,6 +36,8 @@ KNOWN_SYMBOLS: dict[str, tuple[float, float]] = {
 SECONDS_PER_YEAR = 365.25 * 24 * 3600
 #: How often a throttled simulator hands out the events that have come due.
 RELEASE_TICK_S = 0.001
+#: Events a throttled simulator hands out at most in one slice, when it is behind.
+MAX_SLICE_EVENTS = 16_384
 #: Events from which `MarketSimulator.encode` groups them by channel with numpy (below, a loop
 #: over a handful of events costs less than numpy's calls).
 SORTED_GROUPING = 64
@@ -103,11 +105,18 @@ class Chunk:
 
     @staticmethod
     def concat(a: Chunk, b: Chunk) -> Chunk:
-        """The events of `a`, then those of `b` (not encoded ahead)."""
+        """The events of `a`, then those of `b` (encoded ahead if both are)."""
 
         def both(name: str) -> npt.NDArray[Any]:
             return np.concatenate([getattr(a, name), getattr(b, name)])
 
+        encoded = None
+        if a.encoded is not None and b.encoded is not None:
+            # A paced feed joins a chunk's last events to the next chunk's: encoding them
+            # again, slice by slice, cost more than encoding ahead saved.
+            (ea, start), (eb, first) = a.encoded, b.encoded
+            if start + len(a) == len(ea.keys) and first == 0:
+                encoded = (EncodedChunk.join(ea, start, eb, len(b)), 0)
         return Chunk(
             both("ts"),
             both("sym"),
@@ -120,6 +129,7 @@ class Chunk:
             both("size"),
             both("buy"),
             both("trade_id"),
+            encoded,
         )
 
     def slice(self, start: int, stop: int) -> Chunk:
@@ -370,11 +380,14 @@ async def paced_chunks(
         elapsed = monotonic() - t0
         if duration is not None and elapsed >= duration:
             return
-        j = int(np.searchsorted(due, elapsed, side="right"))
-        if j == len(pending):
+        j = min(int(np.searchsorted(due, elapsed, side="right")), i + MAX_SLICE_EVENTS)
+        if j == len(pending) and j - i < MAX_SLICE_EVENTS:
             # All of it is due: the next chunk's due events go in the same slice. A slice
             # stopping at the chunk's end left them a tick behind their neighbours, and a
-            # consumer slower than a chunk's time would fall behind the rate for good.
+            # consumer slower than a chunk's time would fall behind the rate for good. But
+            # not without bound: a consumer slower than the rate itself (`--rate 5000000`)
+            # made one slice grow for ever, copied whole at every chunk (2 M events went out
+            # at 59 k/s).
             more = next(chunks, None)
             if more is not None:
                 pending = Chunk.concat(pending.slice(i, len(pending)), more)

@@ -147,3 +147,19 @@ def test_bulk_bodies_are_encode_body_bytes_on_any_columns(chunk: Chunk, pt: int)
     assert sim.encode(ahead.slice(0, len(chunk) // 2), stamp) == reference(
         sim, chunk.slice(0, len(chunk) // 2), stamp
     )
+
+
+def test_a_chunk_joined_to_the_next_keeps_the_bodies_encoded_ahead() -> None:
+    sim = make_sim(rate=20_000)
+    first = sim.encode_ahead(sim.next_chunk(300))
+    second = sim.encode_ahead(sim.next_chunk(200))
+    early = first.slice(0, 100)
+    assert sim.encode(early, 1_765_000_000_000_000_001) == reference(
+        sim, early, 1_765_000_000_000_000_001
+    )
+    joined = Chunk.concat(first.slice(100, 300), second)
+    assert joined.encoded is not None
+    for i, j in [(0, 7), (7, 250), (250, 400)]:
+        part = joined.slice(i, j)
+        pt = 1_765_000_000_000_000_000 + i
+        assert sim.encode(part, pt) == reference(sim, part, pt)
