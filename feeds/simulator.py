@@ -38,6 +38,8 @@ SECONDS_PER_YEAR = 365.25 * 24 * 3600
 RELEASE_TICK_S = 0.001
 #: Events a throttled simulator hands out at most in one slice, when it is behind.
 MAX_SLICE_EVENTS = 16_384
+#: Events a simulator's chunks are encoded ahead together, at most (see `_chunks`).
+ENCODE_AHEAD_EVENTS = 1024
 #: Events from which `MarketSimulator.encode` groups them by channel with numpy (below, a loop
 #: over a handful of events costs less than numpy's calls).
 SORTED_GROUPING = 64
@@ -130,6 +132,27 @@ class Chunk:
             both("buy"),
             both("trade_id"),
             encoded,
+        )
+
+    @staticmethod
+    def joined(chunks: Sequence[Chunk]) -> Chunk:
+        """The events of `chunks`, one after the other (not encoded ahead)."""
+
+        def all_of(name: str) -> npt.NDArray[Any]:
+            return np.concatenate([getattr(c, name) for c in chunks])
+
+        return Chunk(
+            all_of("ts"),
+            all_of("sym"),
+            all_of("kind"),
+            all_of("bid"),
+            all_of("ask"),
+            all_of("bid_size"),
+            all_of("ask_size"),
+            all_of("price"),
+            all_of("size"),
+            all_of("buy"),
+            all_of("trade_id"),
         )
 
     def slice(self, start: int, stop: int) -> Chunk:
@@ -404,11 +427,25 @@ async def paced_chunks(
 
 
 def _chunks(sim: MarketSimulator, count: int | None) -> Iterator[Chunk]:
-    """The simulator's chunks, `count` events in all (None: for ever)."""
+    """The simulator's chunks, `count` events in all (None: for ever), encoded ahead a few at a
+    time: up to `ENCODE_AHEAD_EVENTS` events or a second of them, whichever comes first.
+
+    Encoding costs mostly per call: the 50-event chunks of the default rate (1 000/s), encoded
+    one by one, made `feed sim --max` 1.8x slower than the per-event loop it replaced. The
+    chunks themselves are drawn as before, so the events do not change.
+    """
     made = 0
+    per_second = max(1, round(1.0 / (sim.chunk_size / sim.rate)))
     while count is None or made < count:
-        chunk = sim.next_chunk(
-            sim.chunk_size if count is None else min(sim.chunk_size, count - made)
-        )
-        made += len(chunk)
-        yield sim.encode_ahead(chunk)
+        batch: list[Chunk] = []
+        events = 0
+        while (count is None or made < count) and events < ENCODE_AHEAD_EVENTS:
+            chunk = sim.next_chunk(
+                sim.chunk_size if count is None else min(sim.chunk_size, count - made)
+            )
+            made += len(chunk)
+            events += len(chunk)
+            batch.append(chunk)
+            if len(batch) >= per_second:
+                break
+        yield sim.encode_ahead(batch[0] if len(batch) == 1 else Chunk.joined(batch))

@@ -232,3 +232,12 @@ async def test_a_consumer_slower_than_the_rate_gets_bounded_slices_in_order() ->
     again = make_sim(rate=1_000_000)
     expected = np.concatenate([again.next_chunk().ts for _ in range(len(released) // 4096 + 1)])
     assert released == expected[: len(released)].tolist()
+
+
+async def test_unthrottled_chunks_are_encoded_a_thousand_events_at_a_time_same_events() -> None:
+    sim, again = make_sim(rate=1_000), make_sim(rate=1_000)  # 50-event chunks
+    chunks = [c async for c in paced_chunks(sim, count=5_000, throttle=False)]
+    assert [len(c) for c in chunks] == [1000] * 5
+    assert all(c.encoded is not None for c in chunks)
+    expected = np.concatenate([again.next_chunk().ts for _ in range(100)])
+    assert np.concatenate([c.ts for c in chunks]).tolist() == expected.tolist()
