@@ -2,14 +2,20 @@
 
     tickwire bench publish [--events 500000] [--symbols 100] [--redis URL] [--json FILE]
 
-Every variant publishes the same simulator events (pre-generated, so generation is timed apart)
-into a freshly emptied Redis with `MAXLEN ~` retention; ratios are against the redis-py pipeline
-of 1000 measured in the same run. Every variant runs on uvloop, as `tickwire feed` does.
+Every variant publishes simulator events into a freshly emptied Redis with `MAXLEN ~` retention;
+ratios are against the redis-py pipeline of 1000 measured in the same run. Every variant runs on
+uvloop, as `tickwire feed` does. The publisher's row takes bodies encoded beforehand; the feed
+sim row is `tickwire feed sim --max` end to end (generate, encode, publish, bars) and is compared
+with it; the ceiling row is `redis-benchmark -P 100` of bare `XADD MAXLEN ~` of the same size
+over as many streams (when `redis-benchmark` is installed), compared with the publisher.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -18,11 +24,17 @@ from dataclasses import asdict, dataclass
 import orjson
 import uvloop
 
+from tickwire.core.channels import Channel
 from tickwire.core.config import PublisherConfig
 from tickwire.core.redis_process import RedisProcess
-from tickwire.core.redis_wire import RedisConnection
+from tickwire.core.redis_wire import RedisAddress, RedisConnection
 from tickwire.feeds.publisher import Publisher
+from tickwire.feeds.runner import run_simulator
 from tickwire.feeds.simulator import Chunk, MarketSimulator, make_instruments
+
+PUBLISHER = "tickwire publisher (pre-encoded)"
+FEED_SIM = "feed sim --max end to end"
+CEILING = "redis-benchmark -P 100 XADD (ceiling)"
 
 
 @dataclass
@@ -30,10 +42,11 @@ class Result:
     name: str
     events: int
     seconds: float
+    note: str = ""
 
     @property
     def rate(self) -> float:
-        return self.events / self.seconds
+        return self.events / self.seconds if self.seconds > 0 else 0.0
 
 
 def make_chunks(events: int, symbols: int, seed: int = 1) -> tuple[MarketSimulator, list[Chunk]]:
@@ -46,13 +59,47 @@ def make_chunks(events: int, symbols: int, seed: int = 1) -> tuple[MarketSimulat
     return sim, chunks
 
 
-async def run_tickwire(url: str, sim: MarketSimulator, chunks: list[Chunk]) -> Result:
+def pre_encode(sim: MarketSimulator, chunks: list[Chunk]) -> list[dict[Channel, list[bytes]]]:
+    return [sim.encode(chunk, time.time_ns()) for chunk in chunks]
+
+
+async def run_tickwire(url: str, batches: list[dict[Channel, list[bytes]]]) -> Result:
     t0 = time.perf_counter()
     async with Publisher(PublisherConfig(redis_url=url)) as pub:
-        for chunk in chunks:
-            await pub.publish(sim.encode(chunk, pub.clock_ns()))
+        for batch in batches:
+            await pub.publish(batch)
         await pub.flush()
-    return Result("tickwire publisher", sum(len(c) for c in chunks), time.perf_counter() - t0)
+    events = sum(len(b) for batch in batches for b in batch.values())
+    return Result(PUBLISHER, events, time.perf_counter() - t0)
+
+
+async def run_feed_sim(url: str, events: int, symbols: int) -> Result:
+    """What `tickwire feed sim --max` does, timed from the first chunk to the last write."""
+    sim = MarketSimulator(
+        make_instruments(symbols, 3), rate=1_000_000, seed=3, start_ns=time.time_ns()
+    )
+    async with Publisher(PublisherConfig(redis_url=url)) as pub:
+        report = await run_simulator(pub, sim, bar_intervals=("1s",), count=events, throttle=False)
+    return Result(FEED_SIM, report.events, report.seconds)
+
+
+def run_ceiling(url: str, events: int, streams: int, size: int) -> Result:
+    """`redis-benchmark -P 100` of bare `XADD MAXLEN ~` with a field of `size` bytes over
+    `streams` streams: what Redis takes at most, one entry per event, on this machine."""
+    binary = shutil.which("redis-benchmark")
+    if binary is None:
+        return Result(CEILING, 0, 0.0, "redis-benchmark is not installed (apt install redis-tools)")
+    address = RedisAddress.parse(url)
+    target = ["-s", address.path] if address.path else ["-h", address.host, "-p", str(address.port)]
+    command = [binary, *target, "-n", str(events), "-P", "100", "-r", str(streams), "--csv"]
+    command += ["XADD", "tw:bench:__rand_int__", "MAXLEN", "~", "100000", "*", "d", "x" * size]
+    t0 = time.perf_counter()
+    out = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+    seconds = time.perf_counter() - t0
+    rows = list(csv.reader(out.stdout.splitlines()))
+    rps = float(rows[-1][1])
+    # redis-benchmark's own rate, as seconds for the events (its start-up left out).
+    return Result(CEILING, events, events / rps if rps > 0 else seconds)
 
 
 async def run_redis_py(
@@ -101,13 +148,20 @@ async def measure(url: str, events: int, symbols: int, baseline_events: int) -> 
         return await run()
 
     sim, chunks = make_chunks(events, symbols)
+    batches = pre_encode(sim, chunks)
+    # The stored size: body, tail (`,"epoch":"<12>","seq":<n>}`, about 30 bytes) and all.
+    bodies = [b for batch in batches[:4] for bs in batch.values() for b in bs]
+    size = round(sum(map(len, bodies)) / max(1, len(bodies))) + 30
     _, small = make_chunks(baseline_events, symbols)
     _, tiny = make_chunks(max(1000, baseline_events // 10), symbols)
     results = [
-        await fresh(lambda: run_tickwire(url, sim, chunks)),
+        await fresh(lambda: run_tickwire(url, batches)),
+        await fresh(lambda: run_feed_sim(url, events, symbols)),
         await fresh(lambda: run_redis_py(url, sim, small, pipeline=1000)),
         await fresh(lambda: run_redis_py(url, sim, tiny, pipeline=1)),
     ]
+    await conn.execute("FLUSHDB")
+    results.append(run_ceiling(url, events, 2 * symbols, size))
     await conn.execute("FLUSHDB")
     conn.close()
     return results
@@ -138,16 +192,27 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with RedisProcess() as proc:
             results = uvloop.run(measure(proc.url, args.events, args.symbols, args.baseline_events))
-    base = results[1].rate
+    by_name = {r.name: r for r in results}
+    base = by_name["redis-py pipeline 1000"].rate
     print(f"{'variant':44} {'events':>9} {'seconds':>8} {'events/s':>11} {'vs pipeline':>11}")
     for r in [*results, gen]:
+        if r.note:
+            print(f"{r.name:44} {r.note}")
+            continue
         print(f"{r.name:44} {r.events:9d} {r.seconds:8.3f} {r.rate:11,.0f} {r.rate / base:10.2f}x")
+    publisher, ceiling = by_name[PUBLISHER].rate, by_name[CEILING].rate
+    ratios = {"feed_sim_vs_publisher": by_name[FEED_SIM].rate / publisher}
+    if ceiling > 0:
+        ratios["publisher_vs_ceiling"] = publisher / ceiling
+    for name, value in ratios.items():
+        print(f"{name.replace('_', ' ')}: {value:.2f}x")
     if args.json:
         doc = {
             "results": [
                 {**asdict(r), "rate": r.rate, "ratio_vs_pipeline": r.rate / base}
                 for r in [*results, gen]
             ],
+            "ratios": ratios,
             "config": vars(args),
             "python": sys.version,
         }

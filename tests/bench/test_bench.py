@@ -308,3 +308,13 @@ def test_the_event_counter_is_exact_whether_payloads_repeat_or_not() -> None:
         assert [counter(a) for a in alike] == [1, 5, 9]
         at = [2 + i * len(alike[0]) for i in range(3)]
         assert [counter(buf, s, s + len(alike[0])) for s in at] == [1, 5, 9]
+
+
+def test_publish_ceiling_row_says_when_redis_benchmark_is_missing(monkeypatch: Any) -> None:
+    import shutil
+
+    from tickwire.bench import publish
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    row = publish.run_ceiling("redis://127.0.0.1:1/0", 1000, 200, 190)
+    assert row.rate == 0 and "redis-benchmark is not installed" in row.note

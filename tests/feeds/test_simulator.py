@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from tickwire.core.events import tick_decimals
 from tickwire.feeds.simulator import (
+    MAX_SLICE_EVENTS,
     MarketSimulator,
     make_instruments,
     paced_chunks,
@@ -209,3 +210,34 @@ async def test_paced_chunks_stop_at_count() -> None:
     sim = make_sim()
     sizes = [len(c) async for c in paced_chunks(sim, count=1234, throttle=False)]
     assert sum(sizes) == 1234
+
+
+async def test_a_consumer_slower_than_the_rate_gets_bounded_slices_in_order() -> None:
+    now = [0.0]
+
+    async def fake_sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    sim = make_sim(rate=1_000_000)  # 4096-event chunks, 100 000 events due per 0.1 s
+    sizes: list[int] = []
+    released: list[int] = []
+    async for chunk in paced_chunks(
+        sim, duration=0.5, monotonic=lambda: now[0], sleep=fake_sleep, tick_s=0.001
+    ):
+        sizes.append(len(chunk))
+        released += chunk.ts.tolist()
+        now[0] += 0.1
+    assert max(sizes) <= MAX_SLICE_EVENTS
+    assert len(sizes) >= 4
+    again = make_sim(rate=1_000_000)
+    expected = np.concatenate([again.next_chunk().ts for _ in range(len(released) // 4096 + 1)])
+    assert released == expected[: len(released)].tolist()
+
+
+async def test_unthrottled_chunks_are_encoded_a_thousand_events_at_a_time_same_events() -> None:
+    sim, again = make_sim(rate=1_000), make_sim(rate=1_000)  # 50-event chunks
+    chunks = [c async for c in paced_chunks(sim, count=5_000, throttle=False)]
+    assert [len(c) for c in chunks] == [1000] * 5
+    assert all(c.encoded is not None for c in chunks)
+    expected = np.concatenate([again.next_chunk().ts for _ in range(100)])
+    assert np.concatenate([c.ts for c in chunks]).tolist() == expected.tolist()
