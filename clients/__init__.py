@@ -36,9 +36,8 @@ from tickwire.clients.errors import (
     InvalidFrame,
     ServerError,
 )
-from tickwire.clients.session import (
+from tickwire.clients.messages import (
     ChannelList,
-    ClientSession,
     EventBatch,
     Gap,
     Heartbeat,
@@ -46,7 +45,6 @@ from tickwire.clients.session import (
     Pong,
     Position,
     Received,
-    Request,
     Reset,
     ResumeNeeded,
     Status,
@@ -55,6 +53,7 @@ from tickwire.clients.session import (
     Welcome,
     event_to_dict,
 )
+from tickwire.clients.session import ClientSession, Request
 from tickwire.core.events import Bar, Event, Quote, Trade
 
 __all__ = [

@@ -55,9 +55,8 @@ from tickwire.clients.errors import (
     InvalidFrame,
     ServerError,
 )
-from tickwire.clients.session import (
+from tickwire.clients.messages import (
     ChannelList,
-    ClientSession,
     EventBatch,
     Gap,
     Heartbeat,
@@ -72,6 +71,7 @@ from tickwire.clients.session import (
     Unsubscribed,
     Welcome,
 )
+from tickwire.clients.session import ClientSession
 
 log = logging.getLogger("tickwire.clients")
 

@@ -26,14 +26,7 @@ import orjson
 
 from tickwire.clients.connection import Disconnected, Feed, Reconnected, connect
 from tickwire.clients.errors import AuthenticationFailed, ConnectFailed, ServerError
-from tickwire.clients.session import (
-    EventBatch,
-    Gap,
-    Received,
-    Reset,
-    Status,
-    event_to_dict,
-)
+from tickwire.clients.messages import EventBatch, Gap, Received, Reset, Status, event_to_dict
 from tickwire.core.channels import ChannelPattern
 from tickwire.core.errors import ChannelError
 from tickwire.core.events import Bar, Quote, Trade

@@ -28,6 +28,7 @@ SANS_IO_MODULES: tuple[str, ...] = (
     "server/follower.py",
     "server/stored.py",
     "clients/session.py",
+    "clients/messages.py",
 )
 
 # What a sans-I/O module may not import: these and their submodules, and tickwire.core.redis_*.

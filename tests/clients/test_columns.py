@@ -14,7 +14,7 @@ from tickwire.clients.columns import (
     quotes_to_numpy,
     trades_to_numpy,
 )
-from tickwire.clients.session import EventBatch
+from tickwire.clients.messages import EventBatch
 from tickwire.core.events import Bar, Quote, Trade
 
 

@@ -8,9 +8,8 @@ import orjson
 import pytest
 
 from tickwire.clients.errors import InvalidFrame, ServerError
-from tickwire.clients.session import (
+from tickwire.clients.messages import (
     ChannelList,
-    ClientSession,
     EventBatch,
     Gap,
     Heartbeat,
@@ -26,6 +25,7 @@ from tickwire.clients.session import (
     Welcome,
     event_to_dict,
 )
+from tickwire.clients.session import ClientSession
 from tickwire.core.errors import ChannelError, UnknownChannelType
 from tickwire.core.events import Quote, Trade
 

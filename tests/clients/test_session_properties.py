@@ -21,16 +21,8 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tickwire.clients.session import (
-    ClientSession,
-    EventBatch,
-    Gap,
-    Message,
-    Position,
-    Request,
-    Reset,
-    ResumeNeeded,
-)
+from tickwire.clients.messages import EventBatch, Gap, Message, Position, Reset, ResumeNeeded
+from tickwire.clients.session import ClientSession, Request
 
 CHANNELS = ("trades:AAA", "trades:BBB")
 

@@ -20,7 +20,7 @@ from websockets.http11 import Response
 from tickwire.clients import watch as watch_mod
 from tickwire.clients.connection import Disconnected, Reconnected
 from tickwire.clients.errors import ServerError
-from tickwire.clients.session import Gap, Received, Reset, Status
+from tickwire.clients.messages import Gap, Received, Reset, Status
 from tickwire.clients.watch import Board, json_line, main, notice_line, watch
 from tickwire.core.events import Bar, Quote, Trade
 from tickwire.core.redis_process import free_port
