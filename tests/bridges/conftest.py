@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,14 +16,17 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.conftest import timeout
+from tests.conftest import eventually, timeout
 from tickwire.bench.brokers import MosquittoProcess, NatsProcess, RabbitProcess
 from tickwire.core.channels import Channel
 from tickwire.core.config import PublisherConfig
+from tickwire.core.redis_process import RedisProcess
 from tickwire.core.redis_wire import RedisConnection
 from tickwire.core.stream import seq_of
 from tickwire.feeds.bridges.core import BridgeStats, BridgeStore, open_source, run_bridge
-from tickwire.feeds.bridges.mapping import BridgeMapper, Broker, load_bridge_map
+from tickwire.feeds.bridges.mapping import BridgeMap, BridgeMapper, Broker, load_bridge_map
+from tickwire.feeds.bridges.mqtt_source import MqttSource
+from tickwire.feeds.bridges.rabbitmq_source import RabbitSource
 
 TICKWIRE = str(Path(sys.executable).parent / "tickwire")
 
@@ -154,3 +157,39 @@ def start_bridge(
             [*cmd, "--config", str(map_path)], stdout=log, stderr=subprocess.STDOUT, env=env
         )
     return BridgeProcess(proc, log_path)
+
+
+async def pauses_while_redis_is_down(
+    source: MqttSource | RabbitSource,
+    bridge_map: BridgeMap,
+    redis: RedisProcess,
+    publish: Callable[[], Awaitable[None]],
+    total: int,
+    window: int,
+    symbols: Sequence[str],
+) -> None:
+    """Kill Redis under a running bridge, `publish` `total` trades: the bridge takes its
+    `window` and no more (the broker keeps the rest); with Redis back, every trade is stored,
+    once and in order."""
+    store = BridgeStore(PublisherConfig(redis_url=redis.url), bridge_map.options)
+    await store.start()
+    await source.start()
+    stats = BridgeStats()
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        run_bridge(source, BridgeMapper(bridge_map), store, stats=stats, stop=stop)
+    )
+    redis.kill()
+    await publish()
+    await eventually(lambda: stats.redis_retries >= 3, "retries against the dead Redis", limit=15)
+    # The round held plus what the client has; the broker keeps the rest.
+    assert stats.received + source.buffered == window
+    redis.start()
+    await eventually(lambda: stats.stored == total, "everything stored", limit=20)
+    stop.set()
+    await task
+    await source.close()
+    store.close()
+    conn = await RedisConnection.open(redis.url)
+    assert await trade_ids(conn, symbols) == expected(symbols, total)
+    conn.close()

@@ -11,20 +11,19 @@ import orjson
 from tests.bridges.conftest import (
     BridgeProcess,
     expected,
+    pauses_while_redis_is_down,
     running_bridge,
     start_bridge,
     trade_ids,
     wait_stored,
     write_map,
 )
-from tests.conftest import eventually, timeout
+from tests.conftest import timeout
 from tickwire.bench.brokers import MosquittoProcess
 from tickwire.core.channels import Channel
-from tickwire.core.config import PublisherConfig
 from tickwire.core.redis_process import RedisProcess
 from tickwire.core.redis_wire import RedisConnection
-from tickwire.feeds.bridges.core import BridgeStats, BridgeStore, run_bridge
-from tickwire.feeds.bridges.mapping import BridgeMapper, load_bridge_map
+from tickwire.feeds.bridges.mapping import load_bridge_map
 from tickwire.feeds.bridges.mqtt_source import MqttSource
 
 MAP = """
@@ -96,29 +95,13 @@ async def test_mqtt_bridge_takes_no_more_than_its_window_while_redis_is_down(
 ) -> None:
     text = MAP.replace('dead_letter = "dead/md"', 'dead_letter = "dead/md"\nmax_in_flight = 20')
     bridge_map = load_bridge_map(write_map(tmp_path, text), "mqtt")
+
+    async def send() -> None:
+        await publish(mosquitto.port, [trade(n) for n in range(1, 201)])
+
+    # The window is the receive maximum; mosquitto keeps the rest.
     source = MqttSource(mosquitto.url, bridge_map)
-    store = BridgeStore(PublisherConfig(redis_url=fresh_redis.url), bridge_map.options)
-    await store.start()
-    await source.start()
-    stats = BridgeStats()
-    stop = asyncio.Event()
-    task = asyncio.create_task(
-        run_bridge(source, BridgeMapper(bridge_map), store, stats=stats, stop=stop)
-    )
-    fresh_redis.kill()
-    await publish(mosquitto.port, [trade(n) for n in range(1, 201)])
-    await eventually(lambda: stats.redis_retries >= 3, "retries against the dead Redis", limit=15)
-    # The round held plus what the client has: the receive maximum; mosquitto keeps the rest.
-    assert stats.received + source.buffered == 20
-    fresh_redis.start()
-    await eventually(lambda: stats.stored == 200, "everything stored", limit=20)
-    stop.set()
-    await task
-    await source.close()
-    store.close()
-    conn = await RedisConnection.open(fresh_redis.url)
-    assert await trade_ids(conn, SYMBOLS) == expected(SYMBOLS, 200)
-    conn.close()
+    await pauses_while_redis_is_down(source, bridge_map, fresh_redis, send, 200, 20, SYMBOLS)
 
 
 def test_mqtt_bridge_killed_between_store_and_ack_stores_each_event_once(

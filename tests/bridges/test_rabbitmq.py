@@ -12,6 +12,7 @@ import orjson
 
 from tests.bridges.conftest import (
     expected,
+    pauses_while_redis_is_down,
     running_bridge,
     start_bridge,
     stored,
@@ -22,11 +23,9 @@ from tests.bridges.conftest import (
 from tests.conftest import eventually, timeout
 from tickwire.bench.brokers import RabbitProcess
 from tickwire.core.channels import Channel
-from tickwire.core.config import PublisherConfig
 from tickwire.core.redis_process import RedisProcess
 from tickwire.core.redis_wire import RedisConnection
-from tickwire.feeds.bridges.core import BridgeStats, BridgeStore, run_bridge
-from tickwire.feeds.bridges.mapping import BridgeMapper, load_bridge_map
+from tickwire.feeds.bridges.mapping import load_bridge_map
 from tickwire.feeds.bridges.rabbitmq_source import RabbitSource
 
 MAP = """
@@ -121,29 +120,13 @@ async def test_rabbitmq_bridge_takes_no_more_than_its_prefetch_while_redis_is_do
     text = MAP.format(uid=uid).replace("batch = 20", "batch = 10\nmax_in_flight = 20")
     bridge_map = load_bridge_map(write_map(tmp_path, text), "rabbitmq")
     await declare(rabbitmq.url, uid)
+
+    async def send() -> None:
+        await publish(rabbitmq.url, uid, [trade(n) for n in range(1, 101)], 1)
+
+    # The window is the prefetch; RabbitMQ keeps the rest.
     source = RabbitSource(rabbitmq.url, bridge_map)
-    store = BridgeStore(PublisherConfig(redis_url=fresh_redis.url), bridge_map.options)
-    await store.start()
-    await source.start()
-    stats = BridgeStats()
-    stop = asyncio.Event()
-    task = asyncio.create_task(
-        run_bridge(source, BridgeMapper(bridge_map), store, stats=stats, stop=stop)
-    )
-    fresh_redis.kill()
-    await publish(rabbitmq.url, uid, [trade(n) for n in range(1, 101)], 1)
-    await eventually(lambda: stats.redis_retries >= 3, "retries against the dead Redis", limit=15)
-    # The round held plus what the client has: the prefetch; RabbitMQ keeps the rest.
-    assert stats.received + source.buffered == 20
-    fresh_redis.start()
-    await eventually(lambda: stats.stored == 100, "everything stored", limit=20)
-    stop.set()
-    await task
-    await source.close()
-    store.close()
-    conn = await RedisConnection.open(fresh_redis.url)
-    assert await trade_ids(conn, SYMBOLS) == expected(SYMBOLS, 100)
-    conn.close()
+    await pauses_while_redis_is_down(source, bridge_map, fresh_redis, send, 100, 20, SYMBOLS)
 
 
 def test_rabbitmq_bridge_killed_between_store_and_ack_stores_each_event_once(
