@@ -26,8 +26,12 @@ async def run_demo(port: int, rate: float, symbols: int) -> int:
         print(f"using Redis at {url} (REDIS_URL)", flush=True)
     exe = Path(sys.executable).parent / "tickwire"
     # Popen only forks; it does not wait for the child.
+    # 1 s and 1 min bars: the intervals the page's chart offers.
     feed = subprocess.Popen(  # noqa: ASYNC220
-        [str(exe), "feed", "sim", "--redis", url, "--rate", str(rate), "--symbols", str(symbols)],
+        [
+            *(str(exe), "feed", "sim", "--redis", url),
+            *("--rate", str(rate), "--symbols", str(symbols), "--bars", "1s,1m"),
+        ],
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,5 +1,6 @@
 // The tickwire live page: one WebSocket to /ws, a table of symbols, sparklines, latency, a log.
 // Protocol decisions live in protocol.js; this file does the I/O and the drawing.
+import { CandleChart } from "./chart.js";
 import {
   CHANNEL_RE,
   ChannelTracker,
@@ -216,7 +217,10 @@ function row(sym) {
     '<th scope="row" class="sym"></th><td class="bid num"></td><td class="ask num"></td>' +
     '<td class="last num"></td><td class="size num"></td><td class="side"></td>' +
     '<td class="chg num"></td><td class="rate num"></td><td class="chart"><canvas></canvas></td>';
-  tr.querySelector(".sym").textContent = sym;
+  const th = tr.querySelector(".sym");
+  th.textContent = sym;
+  th.title = "click for a chart of its bars";
+  th.addEventListener("click", () => openChart(sym, chartState.interval));
   r = {
     sym,
     tr,
@@ -259,6 +263,7 @@ function apply(ev) {
   else if (ev.type === "trade") r.trade = ev;
   else if (ev.type === "bar") {
     if (!r.bar || span(ev.interval) <= span(r.bar.interval)) r.bar = ev;
+    if (ev.sym === chartState.sym && ev.interval === chartState.interval) chart.update(ev);
   }
   r.first ??= price(r);
   r.count += 1;
@@ -441,8 +446,49 @@ function render() {
 
 setInterval(render, SPARK_EVERY_MS);
 
+// --- the chart ----------------------------------------------------------------------------------
+
+const chart = new CandleChart($("#chart"));
+// The symbol and interval shown, and the channel the chart subscribed itself (null when the
+// user had subscribed it already: closing the chart then leaves it).
+const chartState = { sym: null, interval: "1s", own: null };
+
+function openChart(sym, interval) {
+  closeChart();
+  const channel = `bars.${interval}:${sym}`;
+  Object.assign(chartState, { sym, interval, own: null });
+  $("#chart-panel").hidden = false;
+  $("#chart-title").textContent = `${sym} bars`;
+  $("#chart-interval").value = interval;
+  chart.clear();
+  if (!feed.wanted.some((p) => patternCovers(p, channel))) {
+    chartState.own = channel;
+    subscribe(channel);
+  }
+  const bar = rows.get(sym)?.bar;
+  if (bar && bar.interval === interval) chart.update(bar);
+  chart.draw();
+}
+
+function closeChart() {
+  if (chartState.own) unsubscribe(chartState.own);
+  Object.assign(chartState, { sym: null, own: null });
+  $("#chart-panel").hidden = true;
+}
+
+$("#chart-interval").addEventListener("change", (e) => {
+  if (chartState.sym) openChart(chartState.sym, e.target.value);
+  else chartState.interval = e.target.value;
+});
+$("#chart-close").addEventListener("click", closeChart);
+setInterval(() => chart.draw(), SPARK_EVERY_MS);
+
 // Read-only view for tests and the curious (window.tickwire.snapshot() in the console).
 window.tickwire = {
+  chart: () => ({
+    channel: chartState.sym ? `bars.${chartState.interval}:${chartState.sym}` : null,
+    ...chart.summary(),
+  }),
   snapshot: () => ({
     state: feed.state,
     connects: feed.connects,

@@ -464,3 +464,74 @@ def pub_moved(pub: Publisher, n: int) -> Callable[[], bool]:
     """True once `pub` has published `n` more events than now."""
     start = pub.stats.published
     return lambda: pub.stats.published >= start + n
+
+
+async def test_page_charts_a_symbols_bars_live_and_stays_responsive(
+    page: Page, page_errors: PageErrors, redis: RedisConnection, redis_server: RedisProcess
+) -> None:
+    """Click a symbol: its 1 s bars (snapshot, then live) are drawn as candles; new bars move
+    the chart on, the interval can be changed (the chart's own subscription follows), and the
+    page answers at once meanwhile."""
+    from tickwire.feeds.runner import run_simulator
+    from tickwire.feeds.simulator import MarketSimulator, make_instruments
+
+    sim = MarketSimulator(make_instruments(["BTC-USD", "ETH-USD"], seed=3), rate=1000.0, seed=3)
+    config = ServerConfig(redis_url=redis_server.url, port=0)
+
+    async def chart() -> dict[str, Any]:
+        result: dict[str, Any] = await page.evaluate("() => window.tickwire.chart()")
+        return result
+
+    async with Publisher(PublisherConfig(redis_url=redis_server.url)) as pub:
+        feed = asyncio.create_task(run_simulator(pub, sim, bar_intervals=("1s", "1m")))
+        try:
+            async with serving(config) as srv:
+                await page.goto(srv.http_url)
+                await expect(page.locator("#quotes tbody tr")).to_have_count(
+                    2, timeout=timeout(10_000)
+                )
+                await page.locator('th.sym:text-is("BTC-USD")').click()
+                await expect(page.locator("#chart-panel")).to_be_visible()
+                await wait_for("candles", lambda: _has_bars(chart, 2), 15)
+                first = await chart()
+                assert first["channel"] == "bars.1s:BTC-USD"
+                await wait_for("a newer candle", lambda: _moved_on(chart, first), 15)
+                # Drawn: the canvas holds candle-coloured pixels, not just its background.
+                painted = await page.evaluate(
+                    """() => { const c = document.querySelector('#chart');
+                               const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                               let n = 0; for (let i = 0; i < d.length; i += 4) if (d[i + 3] && (d[i] > 150 || d[i + 1] > 150)) n++;
+                               return n; }"""
+                )
+                assert painted > 50
+                # Responsive while events flow: a round trip into the page takes little time.
+                t0 = time.monotonic()
+                for _ in range(20):
+                    await page.evaluate("() => 1")
+                assert time.monotonic() - t0 < timeout(2.0)
+                # Another interval: the chart follows bars.1m of the same symbol.
+                await page.select_option("#chart-interval", "1m")
+                await wait_for("the 1 min chart", lambda: _channel_is(chart, "bars.1m:BTC-USD"), 10)
+                # (A 1 min bar closes at the next minute: the subscription is what is checked.)
+                wanted = (await snapshot(page))["wanted"]
+                assert "bars.1m:BTC-USD" in wanted and "bars.1s:BTC-USD" not in wanted
+                await page.locator("#chart-close").click()
+                await expect(page.locator("#chart-panel")).to_be_hidden()
+                assert "bars.1m:BTC-USD" not in (await snapshot(page))["wanted"]
+        finally:
+            feed.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await feed
+    assert page_errors.unexpected() == []
+
+
+async def _has_bars(chart: Callable[[], Any], n: int) -> bool:
+    return bool((await chart())["bars"] >= n)
+
+
+async def _moved_on(chart: Callable[[], Any], before: dict[str, Any]) -> bool:
+    return bool((await chart())["lastStart"] > before["lastStart"])
+
+
+async def _channel_is(chart: Callable[[], Any], channel: str) -> bool:
+    return bool((await chart())["channel"] == channel)
