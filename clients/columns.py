@@ -5,8 +5,8 @@
     >>> batch.to_numpy()                        # an EventBatch, whatever its type
 
 Every result is a dict of equal-length 1-D arrays: `sym`, `ts`, `pt`, `seq`, `epoch`, then the
-type's own fields (less any a projection left out of some event). Timestamps, seqs and counts are int64, prices and sizes float64, text is a
-numpy unicode array.
+type's own fields (less any that a projection left out of some event). Timestamps, seqs and
+counts are int64, prices and sizes float64, text is a numpy unicode array.
 """
 
 from __future__ import annotations
