@@ -132,7 +132,8 @@ class Hub:
 
     def subscribe(self, sub: Subscriber, *patterns: ChannelPattern, fields: Fields = None) -> None:
         """Add `patterns`, their events cut to `fields` (None: whole). A pattern `sub` follows
-        already takes the new fields (the session refuses that, see `parse_fields`)."""
+        already would take the new fields: the session refuses other fields for a subscribed
+        pattern before it gets here (`ClientSession._subscribe`)."""
         old = self._group_of.get(sub)
         kept, projected = old.key if old is not None else (frozenset(), frozenset())
         added = frozenset(patterns)
