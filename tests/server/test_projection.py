@@ -116,3 +116,36 @@ def test_clients_with_one_projection_share_its_frame_beside_whole_ones(fast: boo
     (quotes, trade) = orjson.loads(trades.frames[0])
     assert list(quotes["events"][0]) == ["v", "type", "sym", "ts", "pt", "bid", "epoch", "seq"]
     assert orjson.dumps(trade) == second.frame
+
+
+def test_a_shed_outbox_sends_projected_conflated_frames_and_counts_full_sizes() -> None:
+    hub = Hub()
+    slow = Client(hub, fast=False)
+    hub.subscribe(slow.sub, QUOTES, fields=BID_ASK)
+    slow.room = False
+    batches = [batch(Q, 1, 3), batch(Q, 4, 3)]
+    for b in batches:
+        hub.dispatch([b])
+    # The limit counts what is queued at its full size, projected or not.
+    assert slow.outbox.nbytes == sum(b.nbytes for b in batches)
+    slow.outbox.shed()
+    slow.room = True
+    slow.flush()
+    gap, events = slow.messages()
+    assert gap == {"type": "gap", "ch": Q.name, "from_seq": 1, "to_seq": 5, "reason": "conflated"}
+    assert events["conflated"] is True
+    assert [list(e) for e in events["events"]] == [
+        ["v", "type", "sym", "ts", "pt", "bid", "ask", "epoch", "seq"]
+    ]
+
+
+def test_unsubscribing_a_projected_pattern_drops_its_fields() -> None:
+    hub = Hub()
+    c = Client(hub)
+    hub.subscribe(c.sub, QUOTES, fields=BID_ASK)
+    hub.unsubscribe(c.sub, QUOTES)
+    assert c.outbox.projection is None and not hub.groups_of(Q)
+    hub.subscribe(c.sub, QUOTES)
+    first = batch(Q, 1, 1)
+    hub.dispatch([first])
+    assert c.frames == [first.frame]
