@@ -12,10 +12,10 @@ from tickwire.core.events import COMMON_FIELDS, FIELDS_OF
 Fields = frozenset[str] | None
 
 #: Kept whatever a client asks for: the invariant and resume need `epoch` and `seq`, latency
-#: needs `pt`, decoding needs `v`, `type` and `sym`; `ts` says when the venue saw it.
-ALWAYS_KEPT = frozenset(COMMON_FIELDS)
-#: A bar's `interval` names its channel (`bars.1s`): kept too, as the client's `Bar` needs it.
-ALWAYS_KEPT_OF = {"quote": ALWAYS_KEPT, "trade": ALWAYS_KEPT, "bar": ALWAYS_KEPT | {"interval"}}
+#: needs `pt`, decoding needs `v`, `type` and `sym`; `ts` says when the venue saw it. A bar's
+#: `interval` names its channel (`bars.1s`), and the client's `Bar` needs it. Other types have
+#: no `interval`: one set for all types, so that equal requests give equal projections.
+ALWAYS_KEPT = frozenset((*COMMON_FIELDS, "interval"))
 
 
 def parse_fields(value: object, patterns: Iterable[ChannelPattern]) -> Fields:
@@ -27,12 +27,11 @@ def parse_fields(value: object, patterns: Iterable[ChannelPattern]) -> Fields:
     if not isinstance(value, list) or not value or not all(isinstance(f, str) for f in value):
         raise ProtocolError("bad_request", "'fields' must be a non-empty list of field names")
     asked = frozenset(value)
-    kept: frozenset[str] = frozenset()
     every = True
     for pattern in patterns:
         event_type = EVENT_TYPE_OF[pattern.kind]
         own = FIELDS_OF[event_type]
-        unknown = sorted(f for f in asked if f not in own and f not in ALWAYS_KEPT)
+        unknown = sorted(f for f in asked if f not in own and f not in COMMON_FIELDS)
         if unknown:
             raise ProtocolError(
                 "bad_request",
@@ -40,8 +39,7 @@ def parse_fields(value: object, patterns: Iterable[ChannelPattern]) -> Fields:
                 f" (its fields: {', '.join(own)})",
             )
         every = every and all(f in asked for f in own)
-        kept |= asked | ALWAYS_KEPT_OF[event_type]
-    return None if every else kept
+    return None if every else asked | ALWAYS_KEPT
 
 
 class Projection:
