@@ -5,8 +5,8 @@
     >>> batch.to_numpy()                        # an EventBatch, whatever its type
 
 Every result is a dict of equal-length 1-D arrays: `sym`, `ts`, `pt`, `seq`, `epoch`, then the
-type's own fields. Timestamps, seqs and counts are int64, prices and sizes float64, text is a
-numpy unicode array.
+type's own fields (less any that a projection left out of some event). Timestamps, seqs and
+counts are int64, prices and sizes float64, text is a numpy unicode array.
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ def _columns(events: Sequence[Event], kind: str) -> Columns:
     out: Columns = {}
     for name in ("sym", "ts", "pt", "seq", "epoch", *FIELDS_OF[kind]):
         get = attrgetter(name)
+        if name in FIELDS_OF[kind] and any(get(e) is None for e in events):
+            continue  # a field projected away (`fields=`) from some of these events
         if name in _STR_FIELDS:
             out[name] = np.array([get(e) for e in events], dtype=np.str_)
         elif name in _INT_FIELDS:

@@ -32,7 +32,7 @@ import logging
 import random
 import time
 from asyncio import FIRST_COMPLETED
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -313,18 +313,22 @@ class Feed:
 
     # -- requests ------------------------------------------------------------------------------
 
-    async def subscribe(self, *channels: str, snapshot: bool = False) -> Subscribed:
+    async def subscribe(
+        self, *channels: str, snapshot: bool = False, fields: Iterable[str] | None = None
+    ) -> Subscribed:
         """Subscribe to channels or patterns (`trades:BTC-USD`, `quotes:*`).
 
         Returns the server's acknowledgement; raises ServerError if it refused (then none of
         these is subscribed), ChannelError for a malformed name before sending anything. If the
         connection is down the subscription is made as soon as it is back. With `snapshot`, the
-        latest event of each channel comes first.
+        latest event of each channel comes first. With `fields`, events carry only those type
+        fields (and the common ones); the others are None (see docs/protocol.md, Projection).
 
             await feed.subscribe("trades:BTC-USD", "bars.1s:*", snapshot=True)
+            await feed.subscribe("quotes:*", fields=["bid", "ask"])
         """
         self._check_open()
-        req = self._session.subscribe(channels, snapshot=snapshot)
+        req = self._session.subscribe(channels, snapshot=snapshot, fields=fields)
         reply = await self._settle(req.id, req.frame)
         if reply is None:
             return Subscribed(None, self._session.subscriptions)

@@ -186,7 +186,9 @@ def event_to_dict(event: Event) -> dict[str, Any]:
         "pt": event.pt,
     }
     for name in FIELDS_OF[event.type]:
-        doc[name] = getattr(event, name)
+        value = getattr(event, name)
+        if value is not None:  # None: a field a projected subscription did not ask for
+            doc[name] = value
     doc["epoch"] = event.epoch
     doc["seq"] = event.seq
     return doc

@@ -88,6 +88,8 @@ class Request:
     channels: tuple[str, ...] = ()
     snapshot: bool = False
     resume: Mapping[str, Position] = field(default_factory=dict)
+    #: The event fields asked for (`subscribe(fields=…)`); None: whole events.
+    fields: tuple[str, ...] | None = None
     #: Built by `connection_made()` to restore the subscriptions on a new connection.
     resync: bool = False
 
@@ -123,6 +125,8 @@ class ClientSession:
         self._ids = itertools.count(1)
         # Subscriptions the application wants: pattern name → snapshot asked.
         self._subs: dict[str, bool] = {}
+        # The fields asked for each projected subscription (pattern name → field names).
+        self._fields: dict[str, tuple[str, ...]] = {}
         # Delivered position per concrete channel.
         self._positions: dict[str, Position] = {}
         # Channels whose next event may start at any seq (their epoch just changed).
@@ -169,16 +173,29 @@ class ClientSession:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def subscribe(self, channels: Iterable[str], *, snapshot: bool = False) -> Request:
+    def subscribe(
+        self,
+        channels: Iterable[str],
+        *,
+        snapshot: bool = False,
+        fields: Iterable[str] | None = None,
+    ) -> Request:
         """Add subscriptions (ChannelError for a malformed name); send the request's frame.
 
+        With `fields`, their events carry only those type fields (plus `v`, `type`, `sym`,
+        `ts`, `pt`, `epoch`, `seq`, and a bar's `interval`); the others decode as None. A
+        pattern keeps the fields it was first subscribed with: the server refuses other ones.
         The wish is kept even while no connection is up: the next `connection_made()` includes it.
         """
         names = _pattern_names(channels)
+        kept = tuple(fields) if fields is not None else None
         added = tuple(n for n in names if n not in self._subs)
         for n in names:
             self._subs[n] = self._subs.get(n, False) or snapshot
-        req = self._request("subscribe", channels=names, snapshot=snapshot)
+        if kept is not None:
+            for n in added:
+                self._fields[n] = kept
+        req = self._request("subscribe", channels=names, snapshot=snapshot, fields=kept)
         if self._open:
             self._added[req.id] = added
         return req
@@ -188,6 +205,7 @@ class ClientSession:
         names = _pattern_names(channels)
         for n in names:
             self._subs.pop(n, None)
+            self._fields.pop(n, None)
         self._forget_uncovered()
         return self._request("unsubscribe", channels=names)
 
@@ -219,17 +237,25 @@ class ClientSession:
         ]
         plain = [n for n in self._subs if n not in with_snapshot]
         requests: list[Request] = []
-        if plain:
-            requests += self._resume_requests(plain, seen)
-        if with_snapshot:
+        # One request (or run of pages) per distinct set of fields: fields go per request.
+        for kept, names in _by_fields(plain, self._fields).items():
+            covered = {
+                ch: p for ch, p in seen.items() if any(_pattern_covers(n, ch) for n in names)
+            }
+            for ch in covered:
+                del seen[ch]
+            requests += self._resume_requests(names, covered, kept)
+        for kept, names in _by_fields(with_snapshot, self._fields).items():
             requests.append(
                 self._request(
-                    "subscribe", channels=tuple(with_snapshot), snapshot=True, resync=True
+                    "subscribe", channels=tuple(names), snapshot=True, resync=True, fields=kept
                 )
             )
         return requests
 
-    def _resume_requests(self, plain: list[str], seen: dict[str, Position]) -> list[Request]:
+    def _resume_requests(
+        self, plain: list[str], seen: dict[str, Position], fields: tuple[str, ...] | None
+    ) -> list[Request]:
         """Subscribe requests for `plain` resuming every channel of `seen`, each one under
         `max_request_bytes`: further pages name one pattern covering their channels again
         (already subscribed by then, so they only resume)."""
@@ -250,7 +276,7 @@ class ClientSession:
             size += entry
         pages.append((channels, resume))
         return [
-            self._request("subscribe", channels=names, resume=page, resync=True)
+            self._request("subscribe", channels=names, resume=page, resync=True, fields=fields)
             for names, page in pages
         ]
 
@@ -276,6 +302,7 @@ class ClientSession:
         snapshot: bool = False,
         resume: Mapping[str, Position] | None = None,
         resync: bool = False,
+        fields: tuple[str, ...] | None = None,
     ) -> Request:
         rid = next(self._ids)
         doc: dict[str, Any] = {"op": op, "id": rid}
@@ -285,6 +312,8 @@ class ClientSession:
             doc["snapshot"] = True
         if resume:
             doc["resume"] = {ch: {"epoch": p.epoch, "seq": p.seq} for ch, p in resume.items()}
+        if fields is not None:
+            doc["fields"] = list(fields)
         req = Request(
             id=rid,
             op=op,
@@ -292,6 +321,7 @@ class ClientSession:
             channels=channels,
             snapshot=snapshot,
             resume=dict(resume or {}),
+            fields=fields,
             resync=resync,
         )
         if self._open:
@@ -400,6 +430,7 @@ class ClientSession:
             # The server refused the whole request: none of what it asked for is subscribed.
             for n in req.channels if req.resync else added:
                 self._subs.pop(n, None)
+                self._fields.pop(n, None)
             self._forget_uncovered()
         out.append(ServerError(code, message, rid if isinstance(rid, int | str) else None))
 
@@ -605,3 +636,13 @@ def _str_tuple(d: dict[str, Any], key: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise InvalidFrame(f"{d.get('type')} message: {key!r} must be a list of strings")
     return tuple(value)
+
+
+def _by_fields(
+    names: list[str], fields: Mapping[str, tuple[str, ...]]
+) -> dict[tuple[str, ...] | None, list[str]]:
+    """`names` grouped by the fields they were subscribed with (None: whole events)."""
+    out: dict[tuple[str, ...] | None, list[str]] = {}
+    for n in names:
+        out.setdefault(fields.get(n), []).append(n)
+    return out

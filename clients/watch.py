@@ -171,7 +171,7 @@ class Board:
             if row.first_mid is None:
                 row.first_mid = row.mid
         elif isinstance(event, Trade):
-            row.last, row.side = event.price, event.side
+            row.last, row.side = event.price, event.side or ""
             if row.first_last is None:
                 row.first_last = event.price
         elif isinstance(event, Bar) and not row.side:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
 
 from tickwire.core.channels import Channel
 from tickwire.core.stream import StreamPosition
@@ -14,7 +17,8 @@ class Batch:
     """Events `first_seq .. first_seq + len(events) - 1` of `channel`, consecutive, in one epoch.
 
     A batch is immutable once built: `frame` (the `events` message, shared by every subscriber)
-    and `last_seq` are computed once, because the fan-out reads them per subscriber.
+    and `last_seq` are computed once, because the fan-out reads them per subscriber. Projected
+    frames (`frame_for`) are built on first use, once per distinct projection.
     """
 
     channel: Channel
@@ -27,6 +31,9 @@ class Batch:
     end: StreamPosition = field(init=False, repr=False)
     frame: bytes = field(init=False, repr=False)
     nbytes: int = field(init=False)
+    #: Frames per projection, and the events decoded once for all of them (see `frame_for`).
+    _projected: dict[frozenset[str], bytes] | None = field(init=False, default=None, repr=False)
+    _docs: list[dict[str, Any]] | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.last_seq = self.first_seq + len(self.events) - 1
@@ -34,6 +41,27 @@ class Batch:
         head = events_head(self.channel, self.epoch, conflated=self.conflated)
         self.frame = head + b'"events":[' + b",".join(self.events) + b"]}"
         self.nbytes = len(self.frame)
+
+    def frame_for(self, fields: frozenset[str] | None) -> bytes:
+        """The `events` message with only the keys `fields` of each event (in stored order);
+        `frame` itself for None. Built once per projection and shared by every subscriber with
+        it; the events are decoded once per batch, for the first projection asked."""
+        if fields is None:
+            return self.frame
+        frames = self._projected
+        if frames is None:
+            frames = self._projected = {}
+        frame = frames.get(fields)
+        if frame is None:
+            docs = self._docs
+            if docs is None:
+                docs = self._docs = [orjson.loads(e) for e in self.events]
+            # orjson wrote the stored numbers in shortest round-trip form: decoding and encoding
+            # them again gives the same text, so a kept field reads exactly as stored.
+            kept = orjson.dumps([{k: v for k, v in d.items() if k in fields} for d in docs])
+            head = events_head(self.channel, self.epoch, conflated=self.conflated)
+            frame = frames[fields] = head + b'"events":' + kept + b"}"
+        return frame
 
     def after(self, seq: int) -> Batch | None:
         """The part of this batch with seqs above `seq` (None if nothing is left)."""

@@ -303,7 +303,7 @@ class Connection:
     def _subscribe(self, req: Subscribe) -> None:
         hub = self.server.hub
         reader = self.server.reader
-        hub.subscribe(self.sub, *req.added)
+        hub.subscribe(self.sub, *req.added, fields=req.fields)
         self.server.metrics.subscriptions += len(req.added)
         plan = plan_subscribe(
             req,

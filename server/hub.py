@@ -9,6 +9,10 @@ from tickwire.core.stream import StreamPosition
 from tickwire.server.batch import Batch
 from tickwire.server.frames import text_frame
 from tickwire.server.outbox import Outbox, message_of, step, unstep
+from tickwire.server.projection import Fields, Projection
+
+#: A group's identity: its patterns, and the fields of those that are projected.
+GroupKey = tuple[frozenset[ChannelPattern], frozenset[tuple[ChannelPattern, frozenset[str]]]]
 
 
 class Subscriber:
@@ -68,18 +72,21 @@ class Subscriber:
 
 
 class Group:
-    """The subscribers that follow exactly the same patterns: a batch reaches all or none of
-    them, so the fan-out sorts batches once per group, not once per subscriber.
+    """The subscribers that follow exactly the same patterns with the same fields: a batch
+    reaches all or none of them, in the same bytes, so the fan-out sorts batches once per group,
+    not once per subscriber. `projection` is None when no pattern of the group is projected.
 
     Members in step with each other share one positions dict (`Outbox.share`), moved once per
     dispatch for all of them; a member leaves it (`Outbox.own`) before anything else changes
     its positions.
     """
 
-    __slots__ = ("members", "patterns", "positions")
+    __slots__ = ("key", "members", "patterns", "positions", "projection")
 
-    def __init__(self, patterns: frozenset[ChannelPattern]) -> None:
-        self.patterns = patterns
+    def __init__(self, key: GroupKey) -> None:
+        self.key = key
+        self.patterns = key[0]
+        self.projection = Projection(key[0], dict(key[1])) if key[1] else None
         self.members: set[Subscriber] = set()
         self.positions: dict[Channel, StreamPosition] | None = None
 
@@ -101,7 +108,7 @@ class Hub:
     def __init__(self) -> None:
         self._exact: dict[Channel, set[Group]] = {}
         self._wild: dict[str, set[Group]] = {}
-        self._groups: dict[frozenset[ChannelPattern], Group] = {}
+        self._groups: dict[GroupKey, Group] = {}
         self._group_of: dict[Subscriber, Group] = {}
         self._cache: dict[Channel, tuple[Group, ...]] = {}
         #: Subscribers per channel, for the latency histogram's weights (once per batch read).
@@ -121,13 +128,29 @@ class Hub:
 
     def detach(self, sub: Subscriber) -> None:
         self.subscribers.discard(sub)
-        self._move(sub, frozenset())
+        self._move(sub, (frozenset(), frozenset()))
 
-    def subscribe(self, sub: Subscriber, *patterns: ChannelPattern) -> None:
-        self._move(sub, self.patterns_of(sub).union(patterns))
+    def subscribe(self, sub: Subscriber, *patterns: ChannelPattern, fields: Fields = None) -> None:
+        """Add `patterns`, their events cut to `fields` (None: whole). A pattern `sub` follows
+        already would take the new fields: the session refuses other fields for a subscribed
+        pattern before it gets here (`ClientSession._subscribe`)."""
+        old = self._group_of.get(sub)
+        kept, projected = old.key if old is not None else (frozenset(), frozenset())
+        added = frozenset(patterns)
+        projected = frozenset((p, f) for p, f in projected if p not in added)
+        if fields is not None:
+            projected |= {(p, fields) for p in added}
+        self._move(sub, (kept | added, projected))
 
     def unsubscribe(self, sub: Subscriber, *patterns: ChannelPattern) -> None:
-        self._move(sub, self.patterns_of(sub).difference(patterns))
+        old = self._group_of.get(sub)
+        if old is None:
+            return
+        removed = frozenset(patterns)
+        kept, projected = old.key
+        self._move(
+            sub, (kept - removed, frozenset((p, f) for p, f in projected if p not in removed))
+        )
 
     def patterns_of(self, sub: Subscriber) -> frozenset[ChannelPattern]:
         group = self._group_of.get(sub)
@@ -176,24 +199,27 @@ class Hub:
             n = self._counts[channel] = sum(len(g.members) for g in self.groups_of(channel))
         return n
 
-    def _move(self, sub: Subscriber, patterns: frozenset[ChannelPattern]) -> None:
+    def _move(self, sub: Subscriber, key: GroupKey) -> None:
         old = self._group_of.get(sub)
-        if old is not None and old.patterns == patterns:
+        if old is not None and old.key == key:
             return
         sub.outbox.own()
+        sub.outbox.projection = None
         if old is not None:
             old.members.discard(sub)
             del self._group_of[sub]
             if not old.members:
                 self._index(old, remove=True)
-                del self._groups[old.patterns]
-        if patterns:
-            group = self._groups.get(patterns)
+                del self._groups[old.key]
+        if key[0]:
+            group = self._groups.get(key)
             if group is None:
-                group = self._groups[patterns] = Group(patterns)
+                group = self._groups[key] = Group(key)
                 self._index(group)
             group.members.add(sub)
             self._group_of[sub] = group
+            # What the outbox queues is rendered with the group's projection (`Outbox.take`).
+            sub.outbox.projection = group.projection
         self._invalidate()
 
     def _index(self, group: Group, *, remove: bool = False) -> None:
@@ -241,6 +267,7 @@ class Hub:
         for group, mine in per_group.items():
             frame = wire = b""
             events = 0
+            projection = group.projection
             common = group.positions
             stepped = common is not None and distinct and step(common, mine)
             if not stepped:
@@ -264,7 +291,12 @@ class Hub:
                     )
                 if fast and write_now is not None:
                     if not frame:
-                        frame = message_of([b.frame for b in mine])
+                        if projection is None:
+                            frame = message_of([b.frame for b in mine])
+                        else:
+                            frame = message_of(
+                                [b.frame_for(projection.of(b.channel)) for b in mine]
+                            )
                         wire = text_frame(frame)
                         events = sum([len(b.events) for b in mine])
                     if write_now(frame, wire):

@@ -18,6 +18,7 @@ from tickwire.core.channels import Channel
 from tickwire.core.stream import StreamPosition
 from tickwire.server.batch import Batch
 from tickwire.server.messages import gap_message, reset_message
+from tickwire.server.projection import Projection
 
 #: The position of a channel nothing was stored of yet.
 START = StreamPosition("", 0)
@@ -61,6 +62,11 @@ class Outbox:
         self._claimed: dict[Channel, StreamPosition] = {}
         self._control: list[bytes] = []
         self._queued: dict[Channel, list[Item]] = {}
+        #: The fields each channel's events keep (set by the hub with the subscriptions); None:
+        #: every channel whole. Queued batches are rendered with it when taken, whatever queued
+        #: them (live, held, snapshot or resume). `nbytes` counts them whole all the same: the
+        #: limit is checked on the hot path, where projecting would cost a build per client.
+        self.projection: Projection | None = None
 
     def __bool__(self) -> bool:
         return bool(self._control or self._queued)
@@ -230,10 +236,12 @@ class Outbox:
     def take(self) -> bytes | None:
         """Everything queued as one frame (an object, or an array of them); None if empty."""
         parts = self._control
+        projection = self.projection
         for channel, items in self._queued.items():
+            fields = None if projection is None else projection.of(channel)
             for item in items:
                 if isinstance(item, Batch):
-                    parts.append(item.frame)
+                    parts.append(item.frame if fields is None else item.frame_for(fields))
                 elif isinstance(item, PendingGap):
                     parts.append(item.render(channel))
                 else:

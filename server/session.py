@@ -27,6 +27,7 @@ from tickwire.core.errors import AuthError, ChannelError, ProtocolError, Unknown
 from tickwire.core.stream import StreamPosition
 from tickwire.server.auth import Authenticator, Grant
 from tickwire.server.messages import RequestId, error_message, reply
+from tickwire.server.projection import Fields, parse_fields
 
 log = logging.getLogger("tickwire.server.session")
 
@@ -38,6 +39,8 @@ class Subscribe:
     snapshot: bool
     resume: Mapping[Channel, StreamPosition]
     all_channels: tuple[str, ...]
+    #: The keys the events of `added` keep (`tickwire.server.projection`); None: all.
+    fields: Fields = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +171,8 @@ class ClientSession:
     #: (the connection layer's per-credential cap).
     claim: Callable[[Grant], str | None] | None = None
     subscriptions: dict[str, ChannelPattern] = field(default_factory=dict)
+    #: The kept keys of each projected subscription (by name).
+    projections: dict[str, frozenset[str]] = field(default_factory=dict)
     _tokens: float = field(init=False)
     _refilled_at: float | None = field(default=None, init=False)
     #: When the latest refused requests came (at most `rate_violations_before_close`; made at
@@ -310,6 +315,19 @@ class ClientSession:
         snapshot = doc.get("snapshot", False)
         if not isinstance(snapshot, bool):
             raise ProtocolError("bad_request", "'snapshot' must be true or false")
+        fields = parse_fields(doc.get("fields"), patterns)
+        # A pattern's fields are fixed while it is subscribed: one pattern, one set of bytes.
+        changed = [
+            p.name
+            for p in patterns
+            if p.name in self.subscriptions and self.projections.get(p.name) != fields
+        ]
+        if changed:
+            raise ProtocolError(
+                "bad_request",
+                f"{', '.join(dict.fromkeys(changed[:5]))} already subscribed with other fields:"
+                " unsubscribe first",
+            )
         added = tuple(p for p in dict.fromkeys(patterns) if p.name not in self.subscriptions)
         if len(self.subscriptions) + len(added) > self.limits.max_subscriptions:
             raise ProtocolError(
@@ -320,11 +338,15 @@ class ClientSession:
         resume = _resume(doc.get("resume"), covering)
         for p in added:
             self.subscriptions[p.name] = p
-        return Subscribe(request_id, added, snapshot, resume, tuple(self.subscriptions))
+            if fields is not None:
+                self.projections[p.name] = fields
+        return Subscribe(request_id, added, snapshot, resume, tuple(self.subscriptions), fields)
 
     def _unsubscribe(self, request_id: RequestId, doc: dict[str, Any]) -> Unsubscribe:
         patterns = _patterns(doc.get("channels"), self.limits.max_subscriptions)
         removed = tuple(p for p in dict.fromkeys(patterns) if self.subscriptions.pop(p.name, None))
+        for p in removed:
+            self.projections.pop(p.name, None)
         return Unsubscribe(request_id, removed, tuple(self.subscriptions))
 
     def covers(self, channel: Channel) -> bool:

@@ -27,6 +27,7 @@ SANS_IO_MODULES: tuple[str, ...] = (
     "server/messages.py",
     "server/follower.py",
     "server/stored.py",
+    "server/projection.py",
     "clients/session.py",
     "clients/messages.py",
 )

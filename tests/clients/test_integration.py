@@ -27,7 +27,7 @@ from tickwire.clients import (
 )
 from tickwire.core.channels import Channel
 from tickwire.core.config import Limits, PublisherConfig, ServerConfig
-from tickwire.core.events import encode_body
+from tickwire.core.events import Quote, Trade, encode_body
 from tickwire.core.redis_process import RedisProcess
 from tickwire.core.redis_wire import RedisConnection
 from tickwire.feeds.publisher import Publisher
@@ -492,3 +492,52 @@ async def test_ping_list_and_latency_against_the_real_server(
                         break
     assert [i.seq for i in items] == [3, 4, 5]  # snapshot (latest), then live
     assert all(0 < i.latency_ns < 10 * 10**9 for i in items)
+
+
+async def test_projected_subscription_keeps_its_fields_across_a_reconnect(
+    redis_server: RedisProcess, redis: RedisConnection
+) -> None:
+    async with (
+        TickwireServer(server_config(redis_server)) as srv,
+        TcpProxy(srv.port) as proxy,
+        publisher(redis_server) as pub,
+        connect(proxy.url, **fast_backoff()) as feed,
+    ):
+        await publish(pub, QQQ, 5)
+        await publish(pub, AAA, 5)
+        await wait_known(feed, [QQQ, AAA])
+        quotes: list[Quote] = []
+        trades: list[Trade] = []
+        changed = asyncio.Condition()
+
+        async def read() -> None:
+            async for batch in feed.batches():
+                if isinstance(batch, EventBatch):
+                    async with changed:
+                        for item in batch:
+                            event = item.event
+                            if isinstance(event, Quote):
+                                quotes.append(event)
+                            elif isinstance(event, Trade):
+                                trades.append(event)
+                        changed.notify_all()
+
+        async def until(cond: Callable[[], bool]) -> None:
+            async with asyncio.timeout(timeout(20)), changed:
+                await changed.wait_for(cond)
+
+        reader = asyncio.create_task(read())
+        await feed.subscribe("quotes:*", fields=["bid", "ask"], snapshot=True)
+        await feed.subscribe(AAA.name, snapshot=True)
+        await until(lambda: bool(quotes) and bool(trades))
+        assert proxy.cut() == 1
+        await publish(pub, QQQ, 10, 5)
+        await publish(pub, AAA, 10, 5)
+        await until(lambda: quotes[-1].seq == 15 and trades[-1].seq == 15)
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+    assert [q.seq for q in quotes] == list(range(5, 16))
+    assert all(q.bid is not None and q.ask is not None for q in quotes)
+    assert all(q.bid_size is None and q.ask_size is None for q in quotes)
+    assert all(t.price == 10.5 and t.side == "buy" for t in trades)  # trades whole

@@ -437,7 +437,7 @@ def test_replies_are_typed(session: ClientSession) -> None:
         b'{"type": "subscribed", "id": 1, "channels": "trades:BTC-USD"}',
         orjson.dumps(events(BTC, [1]) | {"events": [{"seq": 1, "epoch": "e"}]}),
         orjson.dumps(
-            events(BTC, [1]) | {"events": [{k: v for k, v in trade(1).items() if k != "price"}]}
+            events(BTC, [1]) | {"events": [{k: v for k, v in trade(1).items() if k != "pt"}]}
         ),
     ],
 )
@@ -513,3 +513,39 @@ def test_resume_requests_are_split_under_the_request_size_limit() -> None:
         assert r.channels == ("trades:*",)
         resumed.update(r.resume)
     assert resumed == {ch: Position("e1", p["seq"]) for ch, p in positions.items()}
+
+
+def test_projected_events_decode_with_the_missing_fields_none(session: ClientSession) -> None:
+    req = session.subscribe(["trades:*"], fields=["price"])
+    assert orjson.loads(req.frame)["fields"] == ["price"]
+    kept = {"v", "type", "sym", "ts", "pt", "price", "epoch", "seq"}
+    doc = events(BTC, [1]) | {"events": [{k: v for k, v in trade(1).items() if k in kept}]}
+    (batch,) = session.receive(frame(doc), NOW)
+    assert isinstance(batch, EventBatch)
+    (event,) = batch.events
+    assert isinstance(event, Trade)
+    assert (event.price, event.size, event.side, event.trade_id) == (64123.5, None, None, None)
+    assert event_to_dict(event) == {k: v for k, v in trade(1).items() if k in kept}
+    assert list(batch.to_numpy()) == ["sym", "ts", "pt", "seq", "epoch", "price"]
+
+
+def test_resubscribe_after_reconnect_keeps_each_patterns_fields(session: ClientSession) -> None:
+    session.subscribe(["trades:*"], fields=["price", "size"])
+    session.subscribe(["quotes:BTC-USD"])
+    session.receive(frame(events(BTC, [1, 2])), NOW)
+    session.connection_lost()
+    requests = [orjson.loads(r.frame) for r in session.connection_made()]
+    assert [{k: v for k, v in r.items() if k != "id"} for r in requests] == [
+        {
+            "op": "subscribe",
+            "channels": ["trades:*"],
+            "resume": {BTC: {"epoch": "e1", "seq": 2}},
+            "fields": ["price", "size"],
+        },
+        {"op": "subscribe", "channels": ["quotes:BTC-USD"]},
+    ]
+    session.unsubscribe(["trades:*"])
+    session.subscribe(["trades:*"])
+    session.connection_lost()
+    (again,) = session.connection_made()
+    assert "fields" not in orjson.loads(again.frame)

@@ -38,3 +38,8 @@ def test_every_kind_of_client_request_matches_the_contract() -> None:
     again = check(s.connection_made())  # the resuming subscribe after a reconnect
     assert any(r.resume for r in again)
     check([s.unsubscribe(["quotes:*"])])
+    projected = check([s.subscribe(["bars.1s:*"], fields=["close", "volume"])])
+    assert orjson.loads(projected[0].frame)["fields"] == ["close", "volume"]
+    s.connection_lost()
+    again = check(s.connection_made())  # the projected pattern keeps its fields on reconnect
+    assert [orjson.loads(r.frame).get("fields") for r in again] == [None, ["close", "volume"]]

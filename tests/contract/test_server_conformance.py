@@ -95,5 +95,25 @@ async def test_server_messages_match_the_contract(
 
             await talk.send({"op": "unsubscribe", "id": 5, "channels": ["quotes:*", "trades:*"]})
             assert (await talk.reply(5, "unsubscribed"))["channels"] == []
+            # A projected subscription: its events have only the fields asked for (and the
+            # common ones), and still match the contract.
+            await talk.send(
+                {
+                    "op": "subscribe",
+                    "id": 6,
+                    "channels": ["quotes:*"],
+                    "fields": ["bid", "ask"],
+                    "snapshot": True,
+                }
+            )
+            await talk.reply(6, "subscribed")
+            projected = await talk.until("projected events", lambda m: m["type"] == "events")
+            assert {k for e in projected["events"] for k in e} == {
+                "v", "type", "sym", "ts", "pt", "bid", "ask", "epoch", "seq"
+            }  # fmt: skip
+            await talk.send(
+                {"op": "subscribe", "id": 7, "channels": ["trades:*"], "fields": ["bid"]}
+            )
+            assert (await talk.reply(7, "error"))["code"] == "bad_request"
             await talk.until("a heartbeat", lambda m: m["type"] == "heartbeat")
             assert talk.frames > 5

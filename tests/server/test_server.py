@@ -321,3 +321,86 @@ async def test_http_routes(server: TickwireServer) -> None:
     assert b"<html" in body.lower() or b"<!doctype html" in body.lower()
     assert (await get("/nope"))[0] == 404
     assert (await get("/web/../../etc/passwd"))[0] == 404
+
+
+QUOTE_KEYS = ["v", "type", "sym", "ts", "pt", "bid", "ask", "epoch", "seq"]
+
+
+async def test_projected_and_whole_clients_of_one_channel_each_get_their_fields(
+    server: TickwireServer, redis_server: RedisProcess, redis: RedisConnection
+) -> None:
+    async with (
+        publisher(redis_server) as pub,
+        recorder(server.url) as projected,
+        recorder(server.url) as twin,
+        recorder(server.url) as whole,
+    ):
+        for c in (projected, twin):
+            ack = await c.request("subscribe", channels=["quotes:*"], fields=["bid", "ask"])
+            assert ack["type"] == "subscribed"
+        # The same client follows trades whole beside its projected quotes.
+        await projected.request("subscribe", channels=[T.name])
+        await whole.request("subscribe", channels=["quotes:*", T.name])
+        for i in range(0, 60, 20):
+            await publish(pub, Q, i, 20)
+            await publish(pub, T, i, 20)
+        for c in (projected, twin, whole):
+            await c.wait_until(
+                lambda c=c: c.last_seq(Q.name) == 60 and c.last_seq(T.name) >= 0  # type: ignore[misc]
+            )
+        await projected.wait_until(lambda: projected.last_seq(T.name) == 60)
+        await whole.wait_until(lambda: whole.last_seq(T.name) == 60)
+        stored = [
+            orjson.loads(fields[1])
+            for _id, fields in await redis.execute("XRANGE", Q.stream_key, "-", "+")
+        ]
+        for c in (projected, twin):
+            got = c.events(Q.name)
+            assert [list(e) for e in got] == [QUOTE_KEYS] * 60
+            assert got == [{k: e[k] for k in QUOTE_KEYS} for e in stored]
+            assert c.checker.ok, c.checker.violations
+        assert whole.events(Q.name) == stored
+        assert projected.events(T.name) == whole.events(T.name)
+        assert "price" in projected.events(T.name)[0]
+        assert whole.checker.ok, whole.checker.violations
+
+
+async def test_projected_snapshot_and_resume(
+    server: TickwireServer, redis_server: RedisProcess
+) -> None:
+    async with publisher(redis_server) as pub:
+        await publish(pub, Q, 0, 30)
+        epoch = pub.positions[Q][0]
+        async with recorder(server.url) as snap, recorder(server.url) as resumed:
+            await snap.request("subscribe", channels=[Q.name], fields=["ask"], snapshot=True)
+            resumed.checker.expect_from(Q.name, epoch, 25)
+            await resumed.request(
+                "subscribe",
+                channels=["quotes:*"],
+                fields=["bid", "ask"],
+                resume={Q.name: {"epoch": epoch, "seq": 25}},
+            )
+            await snap.wait_until(lambda: snap.last_seq(Q.name) == 30)
+            await resumed.wait_until(lambda: resumed.last_seq(Q.name) == 30)
+            await publish(pub, Q, 30, 5)
+            await snap.wait_until(lambda: snap.last_seq(Q.name) == 35)
+            await resumed.wait_until(lambda: resumed.last_seq(Q.name) == 35)
+            assert [e["seq"] for e in snap.events(Q.name)] == [30, 31, 32, 33, 34, 35]
+            assert {tuple(e) for e in snap.events(Q.name)} == {
+                ("v", "type", "sym", "ts", "pt", "ask", "epoch", "seq")
+            }
+            assert [e["seq"] for e in resumed.events(Q.name)] == list(range(26, 36))
+            assert {tuple(e) for e in resumed.events(Q.name)} == {tuple(QUOTE_KEYS)}
+            assert snap.checker.ok and resumed.checker.ok
+
+
+async def test_bad_fields_are_refused(server: TickwireServer) -> None:
+    async with recorder(server.url) as c:
+        err = await c.request("subscribe", channels=["quotes:*"], fields=["bid", "price"])
+        assert err["type"] == "error" and err["code"] == "bad_request"
+        assert "price" in err["message"]
+        await c.request("subscribe", channels=["quotes:*"], fields=["bid"])
+        err = await c.request("subscribe", channels=["quotes:*"], fields=["ask"])
+        assert err["code"] == "bad_request" and "quotes:*" in err["message"]
+        ack = await c.request("subscribe", channels=["quotes:*"], fields=["bid"])
+        assert ack["type"] == "subscribed" and ack["channels"] == ["quotes:*"]

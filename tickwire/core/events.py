@@ -10,6 +10,9 @@ publisher rounds them so that the shortest round-trip form has no binary noise (
 never `64123.50000000001`). `epoch` and `seq` are appended inside Redis, atomically with the
 append, which is why they come last: the publisher encodes the body once, without the closing
 brace, and the store completes it (see `tickwire.feeds.publisher`).
+
+A subscription with `fields` (projection) gets events without the type fields it did not ask
+for; decoded, those fields are None. The common fields are always there.
 """
 
 from __future__ import annotations
@@ -66,39 +69,42 @@ class Event:
 @dataclass(frozen=True, slots=True)
 class Quote(Event):
     type: ClassVar[str] = "quote"
-    bid: float
-    bid_size: float
-    ask: float
-    ask_size: float
+    bid: float | None
+    bid_size: float | None
+    ask: float | None
+    ask_size: float | None
 
 
 @dataclass(frozen=True, slots=True)
 class Trade(Event):
     type: ClassVar[str] = "trade"
-    price: float
-    size: float
-    side: str
-    trade_id: int
+    price: float | None
+    size: float | None
+    side: str | None
+    trade_id: int | None
 
 
 @dataclass(frozen=True, slots=True)
 class Bar(Event):
     type: ClassVar[str] = "bar"
     interval: str
-    open: float
-    high: float
-    low: float
-    close: float
-    volume: float
-    vwap: float
-    trades: int
-    start: int
-    end: int
+    open: float | None
+    high: float | None
+    low: float | None
+    close: float | None
+    volume: float | None
+    vwap: float | None
+    trades: int | None
+    start: int | None
+    end: int | None
 
     @property
     def channel_name(self) -> str:
         return f"bars.{self.interval}:{self.sym}"
 
+
+#: The keys `event_from_dict` requires of every event.
+COMMON_KEYS = ("sym", "ts", "pt", "seq", "epoch", "v")
 
 EVENT_CLASSES: dict[str, type[Event]] = {"quote": Quote, "trade": Trade, "bar": Bar}
 
@@ -131,11 +137,15 @@ def event_from_dict(doc: Any) -> Event:
     v = doc.get("v")
     if not isinstance(v, int) or v < 1:
         raise CodecError(f"missing or invalid schema version v={v!r}")
-    names = ("sym", "ts", "pt", "seq", "epoch", "v", *FIELDS_OF[cls.type])
-    try:
-        return cls(**{name: doc[name] for name in names})
-    except KeyError as exc:
-        raise CodecError(f"{cls.type} event lacks field {exc.args[0]!r}") from None
+    # Every event has the common fields (and a bar its `interval`, which names its channel); a
+    # projected one lacks the type fields its subscription did not ask for: they are None.
+    required = ("sym", "ts", "pt", "seq", "epoch", "v", "interval") if cls is Bar else COMMON_KEYS
+    missing = [name for name in required if name not in doc]
+    if missing:
+        raise CodecError(f"{cls.type} event lacks field {missing[0]!r}")
+    values: dict[str, Any] = {name: doc.get(name) for name in FIELDS_OF[cls.type]}
+    values.update((name, doc[name]) for name in required)
+    return cls(**values)
 
 
 def decode_event(data: bytes | str) -> Event:
