@@ -29,7 +29,13 @@ import numpy as np
 import orjson
 
 from tickwire.bench.e2e_run import LoadProcess
-from tickwire.bench.harness import ServerProcess, rss_mb, start_feed
+from tickwire.bench.harness import (
+    ServerProcess,
+    cpu_seconds,
+    machine_cpu_seconds,
+    rss_mb,
+    start_feed,
+)
 from tickwire.bench.stats import latency_summary
 from tickwire.core.channels import Channel
 from tickwire.core.redis_process import RedisProcess
@@ -81,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up on a phase (connect, subscribe, storm) after this many s (default 120)",
     )
     p.add_argument("--json", help="write every figure and the configuration to this file")
+    p.add_argument(
+        "--keep", metavar="DIR", help="keep the logs and latency samples in DIR (default: none)"
+    )
     return p
 
 
@@ -213,8 +222,19 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         figures["rss_subscribed_KiB_per_conn"] = (rss2 - rss0) * 1024 / max(1, held)
         figures["server_rss_MiB"] = {"empty": rss0, "idle": rss1, "subscribed": rss2}
         say(f"measuring {a.duration:g} s")
+        pids = [server.pid], [p.proc.pid for p in b.loads]
+        cpu0 = [cpu_seconds(x) for x in pids] + [machine_cpu_seconds()]
         b.phase("go", "go", "go", 0)
         time.sleep(a.duration)
+        cpu1 = [cpu_seconds(x) for x in pids] + [machine_cpu_seconds()]
+        # What the window took of the two cores (200 = both busy): the box's limit at scale.
+        figures["cpu_percent"] = dict(
+            zip(
+                ("server", "load", "machine"),
+                (100 * (y - x) / a.duration for x, y in zip(cpu0, cpu1, strict=True)),
+                strict=True,
+            )
+        )
         parts = [workdir / f"lat-{i}.npz" for i in range(len(b.loads))]
         for p, part in zip(b.loads, parts, strict=True):
             p.send(f"report {part}")
@@ -284,8 +304,12 @@ async def final_positions(url: str, channels: list[str]) -> dict[str, tuple[str,
     }
 
 
+def ms(us: float) -> str:
+    return f"{us / 1000:.2f}" if us < 10_000 else f"{us / 1000:,.0f}"
+
+
 def table(f: dict[str, Any]) -> str:
-    ev, hb = f["event_latency"], f["heartbeat_latency"]
+    ev, hb, cpu = f["event_latency"], f["heartbeat_latency"], f["cpu_percent"]
     rows = [
         ("connections held", f"{f['connections_held']:,}"),
         ("per worker", " ".join(f"{n:,}" for n in f["connections_per_worker"])),
@@ -293,8 +317,9 @@ def table(f: dict[str, Any]) -> str:
         ("server RSS/conn, idle", f"{f['rss_idle_KiB_per_conn']:.1f} KiB"),
         ("server RSS/conn, subscribed", f"{f['rss_subscribed_KiB_per_conn']:.1f} KiB"),
         ("events/s per connection", f"{f['events_per_conn_per_s']:.2f}"),
-        ("event p50 / p99", f"{ev['p50_us'] / 1000:.1f} / {ev['p99_us'] / 1000:.1f} ms"),
-        ("heartbeat p50 / p99", f"{hb['p50_us'] / 1000:.1f} / {hb['p99_us'] / 1000:.1f} ms"),
+        ("event p50 / p99", f"{ms(ev['p50_us'])} / {ms(ev['p99_us'])} ms"),
+        ("heartbeat p50 / p99", f"{ms(hb['p50_us'])} / {ms(hb['p99_us'])} ms"),
+        ("CPU % server / load / machine", " / ".join(f"{v:.0f}" for v in cpu.values())),
         (
             "storm: all resumed in",
             f"{f['storm_resume_s']:.1f} s (server down {f['storm_down_s']:.1f} s)",
@@ -320,8 +345,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.load_processes} load processes, {args.symbols} symbols",
         file=sys.stderr,
     )
-    with tempfile.TemporaryDirectory(prefix="tickwire-conns-") as tmp:
-        figures = run(args, Path(tmp))
+    if args.keep:
+        Path(args.keep).mkdir(parents=True, exist_ok=True)
+        figures = run(args, Path(args.keep))
+    else:
+        with tempfile.TemporaryDirectory(prefix="tickwire-conns-") as tmp:
+            figures = run(args, Path(tmp))
     print(table(figures))
     passed = figures["lost"] == 0 and figures["duplicates"] == 0
     passed = passed and figures["resumed"] == figures["connections_held"]

@@ -49,6 +49,10 @@ def say(**fields: Any) -> None:
 class Sink(SinkProtocol):
     """A sink that can also send a request after its first message."""
 
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
     def send(self, message: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(client_frame(0x1, message))
@@ -60,6 +64,8 @@ class Measure:
     def __init__(self) -> None:
         self.on = False
         self.events = array("q")
+        #: When each of `events` arrived (unix ns): latency over time, for a closer look.
+        self.events_at = array("q")
         self.heartbeats = array("q")
 
 
@@ -129,9 +135,10 @@ class Client:
                 self.dups += self.last - first + 1
         self.epoch, self.last = epoch, events[-1]["seq"]
         if self.load.measure.on:
-            samples = self.load.measure.events
+            measure = self.load.measure
             for e in events:
-                samples.append(now - e["pt"])
+                measure.events.append(now - e["pt"])
+                measure.events_at.append(now)
 
 
 class Load:
@@ -160,6 +167,7 @@ class Load:
     async def _open(self, client: Client, source: str, first: bytes) -> Sink:
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sink: Sink | None = None
         try:
             sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((source, 0))
@@ -172,6 +180,9 @@ class Load:
                 )
                 await sink.opened
         except BaseException:
+            # A handshake that timed out must not stay half open on the server.
+            if sink is not None:
+                sink.abort()
             sock.close()
             raise
         return sink
@@ -253,6 +264,7 @@ class Load:
         np.savez(
             path,
             events=np.frombuffer(m.events, np.int64),
+            events_at=np.frombuffer(m.events_at, np.int64),
             heartbeats=np.frombuffer(m.heartbeats, np.int64),
         )
         say(events=len(m.events), heartbeats=len(m.heartbeats))
