@@ -8,7 +8,9 @@ import orjson
 
 from tickwire.bench.harness import TICKWIRE
 
-ARGS = "--clients 50 --workers 2 --load-processes 2 --symbols 5 --duration 2 --jitter 0.5"
+ARGS = (
+    "--clients 50 --workers 2 --load-processes 2 --symbols 5 --duration 2 --warmup 0.5 --jitter 0.5"
+)
 
 
 def test_a_small_connection_scale_run_resumes_every_client_and_loses_nothing() -> None:
