@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 import weakref
@@ -219,7 +220,12 @@ async def serve_forever(
     """Run until SIGTERM/SIGINT, then shut down gracefully; SIGHUP reloads credentials."""
     # Every connection is a file descriptor: each process (each worker) takes what it may.
     soft, hard = raise_open_files_limit()
-    log.info("open files limit %d (hard %d): about that many connections per process", soft, hard)
+    log.info(
+        "process %d: open files limit %d (hard %d), about that many connections",
+        os.getpid(),
+        soft,
+        hard,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
