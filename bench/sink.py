@@ -162,11 +162,14 @@ class SinkProtocol(asyncio.Protocol):
             status = self._head.split(b"\r\n", 1)[0]
             data, self._head = self._head[end + 4 :], b""
             if b" 101 " not in status + b" ":
-                self.opened.set_exception(ConnectionError(f"handshake refused: {status!r}"))
+                if not self.opened.done():
+                    self.opened.set_exception(ConnectionError(f"handshake refused: {status!r}"))
                 assert self._transport is not None
                 self._transport.close()
                 return
             self._open = True
+            if self.opened.done():  # its opener gave up waiting (a timeout): it closes us
+                return
             self.opened.set_result(None)
             assert self._transport is not None
             self._transport.write(client_frame(0x1, self._first))

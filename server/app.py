@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 import weakref
@@ -17,7 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from tickwire import __version__
 from tickwire.core.config import ServerConfig, check_exposure
 from tickwire.core.errors import ConfigError
-from tickwire.core.runtime import tune_gc
+from tickwire.core.runtime import raise_open_files_limit, tune_gc
 from tickwire.server.admission import Admission, Admitted
 from tickwire.server.auth import Authenticator
 from tickwire.server.connection import FRAME_LIMIT_FACTOR, WRITE_HIGH, WRITE_LOW, Connection
@@ -217,6 +218,14 @@ async def serve_forever(
     ready: Callable[[TickwireServer], Awaitable[None] | None] | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT, then shut down gracefully; SIGHUP reloads credentials."""
+    # Every connection is a file descriptor: each process (each worker) takes what it may.
+    soft, hard = raise_open_files_limit()
+    log.info(
+        "process %d: open files limit %d (hard %d), about that many connections",
+        os.getpid(),
+        soft,
+        hard,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

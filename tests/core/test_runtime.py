@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gc
+import resource
+import subprocess
+import sys
 
 from tickwire.core.runtime import GC_THRESHOLD, tune_gc
 
@@ -16,3 +19,22 @@ def test_tune_gc_raises_the_young_threshold_and_freezes_what_exists() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_open_files_soft_limit_is_raised_to_the_hard_limit() -> None:
+    # In a child that starts with a low soft limit, so this process's limit stays as it was.
+    script = (
+        "import resource\n"
+        "from tickwire.core.runtime import raise_open_files_limit\n"
+        "got = raise_open_files_limit()\n"
+        "print(*got, *resource.getrlimit(resource.RLIMIT_NOFILE))\n"
+    )
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),
+    ).stdout.split()
+    assert [int(x) for x in out] == [hard] * 4

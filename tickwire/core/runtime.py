@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import resource
 
 #: Container allocations between young-generation collections (CPython's default is 700).
 GC_THRESHOLD = 50_000
@@ -21,3 +22,17 @@ def tune_gc() -> None:
     gc.freeze()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(GC_THRESHOLD, older, oldest)
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise this process's open-files soft limit to its hard limit; return (soft, hard) after.
+
+    Every connection is a file descriptor, and the usual soft limit (1 024) caps a process at
+    about a thousand clients while the hard limit allows far more. An unprivileged process may
+    raise its soft limit up to the hard one, never the hard one itself: past that, more
+    processes (server workers, load processes) are the way.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
