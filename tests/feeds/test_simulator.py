@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from tickwire.core.events import tick_decimals
 from tickwire.feeds.simulator import (
+    ENCODE_AHEAD_EVENTS,
     MAX_SLICE_EVENTS,
     MarketSimulator,
     make_instruments,
@@ -234,10 +235,14 @@ async def test_a_consumer_slower_than_the_rate_gets_bounded_slices_in_order() ->
     assert released == expected[: len(released)].tolist()
 
 
-async def test_unthrottled_chunks_are_encoded_a_thousand_events_at_a_time_same_events() -> None:
+async def test_unthrottled_chunks_are_encoded_ahead_in_batches_same_events() -> None:
     sim, again = make_sim(rate=1_000), make_sim(rate=1_000)  # 50-event chunks
     chunks = [c async for c in paced_chunks(sim, count=5_000, throttle=False)]
-    assert [len(c) for c in chunks] == [1000] * 5
+    # Whole chunks until ENCODE_AHEAD_EVENTS is reached, a second of them at most.
+    size = min(1_000, -(-ENCODE_AHEAD_EVENTS // 50) * 50)
+    assert [len(c) for c in chunks] == [size] * (5_000 // size) + (
+        [5_000 % size] if 5_000 % size else []
+    )
     assert all(c.encoded is not None for c in chunks)
     expected = np.concatenate([again.next_chunk().ts for _ in range(100)])
     assert np.concatenate([c.ts for c in chunks]).tolist() == expected.tolist()
