@@ -342,10 +342,11 @@ class Connection:
             if hub.follows(self.sub, channel)
         ]
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -356,9 +357,7 @@ class Connection:
         await self.ws.close(code, reason)
 
     def _list(self, request_id: RequestId) -> None:
-        self._listing = asyncio.create_task(self._answer_list(request_id))
-        self._tasks.add(self._listing)
-        self._listing.add_done_callback(self._task_done)
+        self._listing = self._spawn(self._answer_list(request_id))
 
     async def _answer_list(self, request_id: RequestId) -> None:
         try:

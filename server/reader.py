@@ -165,8 +165,6 @@ class StreamReader:
         if check:
             replies = await conn.pipeline(meta_commands(check), timeout=5.0)
             self.follower.apply_metas(parse_metas(check, replies))
-        else:
-            self.follower.apply_metas({})
 
     async def _read_loop(self, conn: RedisConnection, sub: RedisSubscription) -> None:
         # A new subscription is followed at once, not at the next push or idle turn.
