@@ -19,11 +19,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tickwire.core.channels import REGISTRY_KEY, Channel, live_channel
+from tickwire.core.channels import REGISTRY_KEY, Channel
 from tickwire.core.commands import Arg, RedisReplyError
 from tickwire.core.config import PublisherConfig
 from tickwire.core.errors import RedisUnavailable
-from tickwire.core.redis_wire import RedisAddress, RedisConnection
+from tickwire.core.redis_cluster import ClusterConnection
+from tickwire.core.redis_slots import key_slot
+from tickwire.core.redis_target import RedisLink, RedisTopology, live_channel_of
 from tickwire.core.stream import StreamPosition, complete_bodies
 from tickwire.feeds.store import APPEND_LUA
 
@@ -69,7 +71,8 @@ class Publisher:
         #: then retried) is appended once.
         self._queued: dict[Channel, int] = {}
         self.id = publisher_id or secrets.token_hex(6)
-        self._live = live_channel(RedisAddress.parse(config.redis_url).db)
+        self._redis = RedisTopology(config.redis_url)
+        self._db = self._redis.target.db
         self._pending_events = 0
         self._wakeup = asyncio.Event()
         self._space = asyncio.Event()
@@ -84,8 +87,10 @@ class Publisher:
         self._parked = False
         #: Flushes written and not yet answered, oldest first.
         self._flights: deque[Flight] = deque()
-        self._conn: RedisConnection | None = None
+        self._conn: RedisLink | None = None
         self._registered: set[Channel] = set()
+        #: Each channel's hash slot (its symbol's), once computed.
+        self._slots: dict[Channel, int] = {}
         self._keys_of: dict[Channel, tuple[bytes, bytes, int]] = {}
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -108,7 +113,7 @@ class Publisher:
         Once started, losing Redis is survived: writes are retried with backoff.
         """
         if require_redis:
-            self._conn = await RedisConnection.open(self.config.redis_url)
+            self._conn = await self._redis.open()
             self.stats.reconnects += 1
         self._task = asyncio.create_task(self._run(), name="tickwire-publisher")
 
@@ -233,7 +238,7 @@ class Publisher:
                     # for work) go again, in front.
                     if self._flights:
                         self._requeue()
-                    self._conn = await RedisConnection.open(self.config.redis_url)
+                    self._conn = await self._redis.open()
                     self._registered.clear()
                     self.stats.reconnects += 1
                     if self.stats.reconnects > 1:
@@ -254,7 +259,7 @@ class Publisher:
             if self._pending_events <= self.config.max_pending_events:
                 self._space.set()
 
-    async def _flush_some(self, conn: RedisConnection) -> None:
+    async def _flush_some(self, conn: RedisLink) -> None:
         """Write flushes until nothing is pending, up to `max_in_flight` of them unanswered.
 
         A flush whose replies hold an error is put back whole, in order, with every flush after
@@ -288,7 +293,7 @@ class Publisher:
             self._requeue()
             raise
 
-    def _send_flights(self, conn: RedisConnection) -> None:
+    def _send_flights(self, conn: RedisLink) -> None:
         """Write flushes of what is pending while fewer than `max_in_flight` are unanswered."""
         flights = self._flights
         while self._pending and len(flights) < self.config.max_in_flight:
@@ -327,9 +332,9 @@ class Publisher:
         predicted = self._predicted
         positions = self.positions
         keys_of = self._keys_of
-        for group in self._groups(merged):
+        for live, group in self._groups(merged):
             keys: list[Arg] = []
-            args: list[Arg] = [candidate, self.id, self._live]
+            args: list[Arg] = [candidate, self.id, live]
             for channel in group:
                 item = merged[channel]
                 bodies = item.bodies
@@ -365,23 +370,35 @@ class Publisher:
         maxlen = self.config.retention.maxlen(channel.kind)
         return channel.stream_key.encode(), channel.meta_key.encode(), maxlen
 
-    def _groups(self, merged: Mapping[Channel, Pending]) -> list[list[Channel]]:
-        """The channels of each append call: as many as `EVENTS_PER_CALL` allows, or one call per
-        symbol (Redis Cluster)."""
-        if self.config.one_call_per_symbol:
-            by_symbol: dict[str, list[Channel]] = {}
+    def _groups(self, merged: Mapping[Channel, Pending]) -> list[tuple[str, list[Channel]]]:
+        """The live channel and the channels of each append call: as many as `EVENTS_PER_CALL`
+        allows, or, on a Redis Cluster (or `one_call_per_symbol`), one call per hash slot."""
+        conn = self._conn
+        cluster = isinstance(conn, ClusterConnection)
+        if cluster or self.config.one_call_per_symbol:
+            by_slot: dict[int, list[Channel]] = {}
+            slots = self._slots
             for channel in merged:
-                by_symbol.setdefault(channel.symbol, []).append(channel)
-            return list(by_symbol.values())
-        groups: list[list[Channel]] = [[]]
+                slot = slots.get(channel)
+                if slot is None:
+                    slot = slots[channel] = key_slot(channel.stream_key)
+                by_slot.setdefault(slot, []).append(channel)
+            return [(self._live_channel(conn, slot), group) for slot, group in by_slot.items()]
+        live = self._live_channel(conn, 0)
+        groups: list[tuple[str, list[Channel]]] = [(live, [])]
         n = 0
         for channel, item in merged.items():
             if n >= EVENTS_PER_CALL:
-                groups.append([])
+                groups.append((live, []))
                 n = 0
-            groups[-1].append(channel)
+            groups[-1][1].append(channel)
             n += len(item.bodies)
         return groups
+
+    def _live_channel(self, conn: RedisLink | None, slot: int) -> str:
+        if conn is None:
+            raise RedisUnavailable("not connected")
+        return live_channel_of(conn, self._db, slot)
 
     def _settle(self, flight: Flight, replies: list[Any]) -> None:
         # Each append call answers (epoch, seq, start) per channel, in the flush's order; the
@@ -419,17 +436,27 @@ class Publisher:
         self._predicted = dict(self.positions)
         self._pending.extendleft(reversed(items))
 
-    async def _after_errors(self, conn: RedisConnection, errors: list[RedisReplyError]) -> None:
+    async def _after_errors(self, conn: RedisLink, errors: list[RedisReplyError]) -> None:
         """Redis lost the script (a restart): load it, and the retry goes at once. Anything else
         (OOM, READONLY after a failover, …) raises, and the retry waits for the backoff."""
         text = [str(e) for e in errors]
         if any(t.startswith("NOSCRIPT") for t in text):
-            await conn.execute("SCRIPT", "LOAD", APPEND_LUA)
+            await load_script(conn, APPEND_LUA)
             return
         # TWBEHIND only follows another error in the same round; alone, something removed this
         # publisher's marks, and the backoff keeps it from spinning.
         worst = next((t for t in text if not t.startswith("TWBEHIND")), text[0])
         raise RedisUnavailable(f"append failed: {worst}")
+
+
+async def load_script(conn: RedisLink, script: str) -> str:
+    """Load a script where commands go: the one Redis, or every master of a cluster (each keeps
+    its own script cache). Returns its SHA1."""
+    if isinstance(conn, ClusterConnection):
+        (sha, *_) = await conn.execute_on_all("SCRIPT", "LOAD", script, timeout=5.0)
+        return str(sha.decode() if isinstance(sha, bytes) else sha)
+    sha = await conn.execute("SCRIPT", "LOAD", script, timeout=5.0)
+    return str(sha.decode() if isinstance(sha, bytes) else sha)
 
 
 @dataclass(slots=True)

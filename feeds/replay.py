@@ -15,7 +15,7 @@ import orjson
 from tickwire.core.channels import REGISTRY_KEY, Channel, ChannelPattern
 from tickwire.core.errors import ChannelError, ReplayError
 from tickwire.core.events import FIELDS_OF, encode_body
-from tickwire.core.redis_wire import RedisConnection
+from tickwire.core.redis_target import RedisLink
 from tickwire.core.stream import EVENT_FIELD, seq_of
 from tickwire.feeds.publisher import Publisher
 
@@ -121,7 +121,7 @@ async def replay(
     return sent
 
 
-async def resolve_channels(conn: RedisConnection, names: list[str]) -> list[Channel]:
+async def resolve_channels(conn: RedisLink, names: list[str]) -> list[Channel]:
     """Concrete channels for names that may contain `<type>:*` patterns."""
     patterns = [ChannelPattern.parse(n) for n in names]
     if any(p.is_wildcard for p in patterns):
@@ -136,9 +136,7 @@ async def resolve_channels(conn: RedisConnection, names: list[str]) -> list[Chan
     return out
 
 
-async def record(
-    conn: RedisConnection, channels: list[Channel], out: IO[bytes], page: int = 1000
-) -> int:
+async def record(conn: RedisLink, channels: list[Channel], out: IO[bytes], page: int = 1000) -> int:
     """Write every stored event of `channels` to `out` as NDJSON, channel by channel."""
     written = 0
     for ch in channels:

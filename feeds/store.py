@@ -64,13 +64,22 @@ APPEND_LUA = r"""
 -- Seqs as text: Lua's own number format ("%.14g") would write 1e+14 from there on.
 local function int(x) return string.format('%d', x) end
 local candidate, mark = ARGV[1], 'w:' .. ARGV[2]
+-- Which replication history this node writes in, and the one it continues after a promotion.
+local info = redis.call('INFO', 'replication')
+local rid = string.match(info, 'master_replid:(%w+)')
+local rid2 = string.match(info, 'master_replid2:(%w+)')
 local plans = {}
 local a = 4
 for k = 1, #KEYS, 2 do
   local stream, meta = KEYS[k], KEYS[k + 1]
-  local m = redis.call('HMGET', meta, 'epoch', 'seq', 'start', mark)
+  local m = redis.call('HMGET', meta, 'epoch', 'seq', 'start', mark, 'rid')
   local epoch, seq, start = m[1], tonumber(m[2] or '0'), tonumber(m[3] or '1')
   local fresh = not epoch
+  if epoch and m[5] and m[5] ~= rid and m[5] == rid2 then
+    -- Last written by the primary this node replicated before its promotion: a failover, and
+    -- replication is asynchronous, so the tail that primary pushed may be missing here.
+    fresh = true
+  end
   if epoch and seq > 0 and redis.call('EXISTS', stream) == 0 then
     fresh = true
     seq = 0
@@ -92,13 +101,14 @@ for k = 1, #KEYS, 2 do
   plans[#plans + 1] = {stream, meta, epoch, seq, start, fresh, ARGV[a],
     body + skip, body + n - 1, math.max(done, first + n - 1),
     tail_seq > 0 and not fresh and tail_epoch == epoch and tail_seq + skip == seq + 1,
-    tail_seq > 0 and @TAIL_FIXED@ + #tail_epoch or 0, tail_seq - body}
+    tail_seq > 0 and @TAIL_FIXED@ + #tail_epoch or 0, tail_seq - body, m[5] ~= rid}
   a = body + n
 end
 local out, push = {}, {}
 for _, p in ipairs(plans) do
   local stream, meta, epoch, seq, start, fresh, maxlen, from, last, applied, as_is, cut, shift =
     p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10], p[11], p[12], p[13]
+  local new_rid = p[14]
   if from <= last then
     push[#push + 1] = stream .. ' ' .. epoch .. ' ' .. int(seq + 1) .. ' ' .. (last - from + 1)
   end
@@ -124,7 +134,9 @@ for _, p in ipairs(plans) do
     end
   end
   if fresh then
-    redis.call('HSET', meta, 'epoch', epoch, 'start', start, 'seq', seq, mark, applied)
+    redis.call('HSET', meta, 'epoch', epoch, 'start', start, 'seq', seq, mark, applied, 'rid', rid)
+  elseif new_rid then
+    redis.call('HSET', meta, 'seq', seq, mark, applied, 'rid', rid)
   else
     redis.call('HSET', meta, 'seq', seq, mark, applied)
   end
@@ -133,7 +145,9 @@ for _, p in ipairs(plans) do
   out[#out + 1] = start
 end
 if #push > 0 then
-  redis.call('PUBLISH', ARGV[3], table.concat(push, '\n'))
+  -- A cluster's live channels carry their slot's hash tag: sharded pub/sub, to that shard only.
+  local publish = string.find(ARGV[3], '{', 1, true) and 'SPUBLISH' or 'PUBLISH'
+  redis.call(publish, ARGV[3], table.concat(push, '\n'))
 end
 return out
 """

@@ -18,7 +18,7 @@ The I/O loop around it (`tickwire.server.reader.StreamReader`) asks, in turn:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from tickwire.core.channels import Channel
@@ -27,6 +27,8 @@ from tickwire.core.config import ServerConfig
 from tickwire.core.stream import PushSection, StreamPosition, parse_push
 from tickwire.server.batch import Batch
 from tickwire.server.stored import Meta, to_batches
+
+_PUSH_KINDS = (b"message", b"smessage")
 
 
 def next_count(previous: int, full: bool, streams: int, read_count: int) -> int:
@@ -188,24 +190,40 @@ class StreamFollower:
         return [c for c in share if c in self.positions]
 
     # -- reads ---------------------------------------------------------------------------------
-    def read_command(self) -> list[Arg] | None:
-        """One XREAD (no BLOCK) of the channels behind, or None when none is."""
+    def read_commands(self, slot_of: Callable[[Channel], int] | None = None) -> list[list[Arg]]:
+        """The XREADs (no BLOCK) of the channels behind ([] when none is): one, or with
+        `slot_of` (Redis Cluster, where a command's keys must share a slot) one per slot."""
         channels = [c for c in self._behind if c in self.positions]
         if not channels:
             self._behind = set()
-            return None
+            return []
         self._read_count = count = next_count(
             self._read_count, self._full, len(channels), self.config.read_count
         )
-        cmd: list[Arg] = ["XREAD", "COUNT", count, "STREAMS"]
-        cmd += [c.stream_key for c in channels]
-        cmd += [f"{self.positions[c]}-0" for c in channels]
-        return cmd
+        groups: dict[int, list[Channel]] = {}
+        if slot_of is None:
+            groups[0] = channels
+        else:
+            for c in channels:
+                groups.setdefault(slot_of(c), []).append(c)
+        commands = []
+        for group in groups.values():
+            cmd: list[Arg] = ["XREAD", "COUNT", count, "STREAMS"]
+            cmd += [c.stream_key for c in group]
+            cmd += [f"{self.positions[c]}-0" for c in group]
+            commands.append(cmd)
+        return commands
+
+    def read_command(self) -> list[Arg] | None:
+        """One XREAD of every channel behind (one Redis), or None when none is."""
+        commands = self.read_commands()
+        return commands[0] if commands else None
 
     def take_read(self, reply: list[Any] | None) -> list[Batch]:
-        """The batches of `read_command`'s reply, in order; positions move past them. A channel
-        whose stream gave less than COUNT is up to date as of this read: what is appended after
-        it comes as a push (the subscription was there before the read)."""
+        """The batches of the reads' replies (joined: each is a list of [key, entries]), in
+        order; positions move past them. A channel whose stream gave less than COUNT is up to
+        date as of this read: what is appended after it comes as a push (the subscription was
+        there before the read)."""
         keys, count = self._keys, self._read_count
         full = {keys[k] for k, entries in reply or () if len(entries) >= count and k in keys}
         self._full = bool(full)
@@ -236,9 +254,9 @@ class StreamFollower:
         """
         runs: dict[Channel, tuple[str, int, list[bytes]]] = {}
         for message in messages:
-            # [b"message", channel, payload]; the other replies here (pong) only prove the
-            # link is alive.
-            if len(message) != 3 or message[0] != b"message":
+            # [b"message", channel, payload] (b"smessage": sharded pub/sub, a cluster); the
+            # other replies here (pong) only prove the link is alive.
+            if len(message) != 3 or message[0] not in _PUSH_KINDS:
                 continue
             sections, whole = parse_push(message[2])
             for section in sections:

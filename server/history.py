@@ -15,7 +15,7 @@ from typing import Any
 from tickwire.core.channels import REGISTRY_KEY, Channel
 from tickwire.core.commands import Arg, RedisReplyError
 from tickwire.core.errors import ChannelError, RedisUnavailable
-from tickwire.core.redis_wire import RedisConnection
+from tickwire.core.redis_target import RedisLink, RedisTopology
 from tickwire.server.batch import Batch
 from tickwire.server.stored import Meta, meta_commands, parse_metas, to_batches
 
@@ -25,15 +25,15 @@ log = logging.getLogger("tickwire.server.history")
 class _Lane:
     """One connection, one command (or pipeline) at a time; reopened after any failure."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self._conn: RedisConnection | None = None
+    def __init__(self, redis: RedisTopology) -> None:
+        self.redis = redis
+        self._conn: RedisLink | None = None
         self._lock = asyncio.Lock()
 
     async def call(self, commands: tuple[list[Arg], ...], timeout: float) -> list[Any]:
         async with self._lock:
             if self._conn is None or self._conn.closed:
-                self._conn = await RedisConnection.open(self.url)
+                self._conn = await self.redis.open()
             return await self._conn.pipeline(commands, timeout=timeout)
 
     def close(self) -> None:
@@ -46,8 +46,9 @@ class History:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._control = _Lane(url)
-        self._bulk = _Lane(url)
+        redis = RedisTopology(url)
+        self._control = _Lane(redis)
+        self._bulk = _Lane(redis)
         #: Registry entries parsed so far: a registry of thousands is read whole when it grows.
         self._parsed: dict[bytes, Channel | None] = {}
 

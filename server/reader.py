@@ -21,13 +21,15 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
-from tickwire.core.channels import Channel, live_channel
+from tickwire.core.channels import Channel
 from tickwire.core.commands import RedisReplyError
 from tickwire.core.config import ServerConfig
 from tickwire.core.errors import RedisUnavailable
-from tickwire.core.redis_pubsub import RedisSubscription
-from tickwire.core.redis_wire import RedisAddress, RedisConnection
+from tickwire.core.redis_cluster import ClusterConnection
+from tickwire.core.redis_slots import key_slot
+from tickwire.core.redis_target import LiveSubscription, RedisLink, RedisTopology
 from tickwire.core.stream import publish_ns_of
 from tickwire.server.batch import Batch
 from tickwire.server.follower import StreamFollower
@@ -37,6 +39,12 @@ from tickwire.server.metrics import Metrics
 from tickwire.server.stored import meta_commands, parse_metas
 
 log = logging.getLogger("tickwire.server.reader")
+
+
+def _slot_of(channel: Channel) -> int:
+    return key_slot(channel.stream_key)
+
+
 #: At most one reconnect this often goes unannounced (no `status` down/up to clients).
 QUIET_RETRY_EVERY_S = 5.0
 
@@ -82,16 +90,15 @@ class StreamReader:
         delay = 0.05
         poller = asyncio.create_task(self._poll_registry(), name="tickwire-registry")
         try:
-            url = self.config.redis_url
-            live = live_channel(RedisAddress.parse(url).db)
+            redis = RedisTopology(self.config.redis_url)
             quiet_at = -QUIET_RETRY_EVERY_S
             while True:
-                conn: RedisConnection | None = None
-                sub: RedisSubscription | None = None
+                conn: RedisLink | None = None
+                sub: LiveSubscription | None = None
                 try:
                     # Subscribed first: whatever the catch-up reads miss arrives as a push.
-                    sub = await RedisSubscription.open(url, [live])
-                    conn = await RedisConnection.open(url)
+                    sub = await redis.open_live()
+                    conn = await redis.open()
                     await self.refresh_registry(force=True)
                     self.follower.reconnected()
                     self._set_up(True)
@@ -155,7 +162,7 @@ class StreamReader:
             self.follower.appeared(new)
         self._registry_loaded = True
 
-    async def _sync_channels(self, conn: RedisConnection) -> None:
+    async def _sync_channels(self, conn: RedisLink) -> None:
         """Follow the hub's live channels; read the metas the follower asks for.
 
         The metas come over the reader's own connection, like its catch-up reads: on the shared
@@ -166,7 +173,7 @@ class StreamReader:
             replies = await conn.pipeline(meta_commands(check), timeout=5.0)
             self.follower.apply_metas(parse_metas(check, replies))
 
-    async def _read_loop(self, conn: RedisConnection, sub: RedisSubscription) -> None:
+    async def _read_loop(self, conn: RedisLink, sub: LiveSubscription) -> None:
         # A new subscription is followed at once, not at the next push or idle turn.
         self.hub.on_change = sub.wake
         try:
@@ -174,7 +181,7 @@ class StreamReader:
         finally:
             self.hub.on_change = None
 
-    async def _follow(self, conn: RedisConnection, sub: RedisSubscription) -> None:
+    async def _follow(self, conn: RedisLink, sub: LiveSubscription) -> None:
         follower = self.follower
         idle_s = self.config.read_block_ms / 1000
         #: When a PING went out on the idle subscription (0: none owed).
@@ -211,17 +218,22 @@ class StreamReader:
                 self.metrics.bad_pushes += follower.bad_pushes - bad
                 self._fanout(batches, read_ns)
 
-    async def _catch_up(self, conn: RedisConnection) -> None:
-        """One XREAD (no BLOCK) of the channels behind."""
-        cmd = self.follower.read_command()
-        if cmd is None:
+    async def _catch_up(self, conn: RedisLink) -> None:
+        """One XREAD (no BLOCK) of the channels behind: one per hash slot on a cluster."""
+        commands = self.follower.read_commands(
+            _slot_of if isinstance(conn, ClusterConnection) else None
+        )
+        if not commands:
             return
         self.metrics.catchup_reads += 1
-        (reply,) = await conn.pipeline([cmd], timeout=5.0)
-        if isinstance(reply, RedisReplyError):
-            # E.g. LOADING while Redis replays its AOF: back off and read again.
-            raise RedisUnavailable(f"XREAD refused: {reply}")
-        batches = self.follower.take_read(reply)
+        joined: list[Any] = []
+        for reply in await conn.pipeline(commands, timeout=5.0):
+            if isinstance(reply, RedisReplyError):
+                # E.g. LOADING while Redis replays its AOF, MOVED after a failover: back off,
+                # find the topology again and read again.
+                raise RedisUnavailable(f"XREAD refused: {reply}")
+            joined += reply or ()
+        batches = self.follower.take_read(joined)
         if batches:
             self._fanout(batches, self.clock_ns())
 

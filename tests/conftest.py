@@ -23,6 +23,8 @@ def pytest_asyncio_loop_factories(
     """Every async test runs twice: on asyncio's own loop (what library users may run) and on
     uvloop (what `tickwire serve`, the feeds and the bench run on; the two differ, e.g. on
     writes to a reset socket and on timer resolution)."""
+    if item.get_closest_marker("uvloop_only"):
+        return {"uvloop": uvloop.new_event_loop}
     return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 

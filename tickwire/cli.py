@@ -451,10 +451,10 @@ async def cmd_feed_bridge(args: argparse.Namespace) -> int:
 
 
 async def cmd_record(args: argparse.Namespace) -> int:
-    from tickwire.core.redis_wire import RedisConnection
+    from tickwire.core.redis_target import open_redis
     from tickwire.feeds.replay import record, resolve_channels
 
-    conn = await RedisConnection.open(args.redis or redis_url_from_env())
+    conn = await open_redis(args.redis or redis_url_from_env())
     try:
         channels = await resolve_channels(conn, args.channels)
         if args.output == "-":

@@ -26,11 +26,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from tickwire.core.channels import REGISTRY_KEY, Channel, live_channel
+from tickwire.core.channels import REGISTRY_KEY, Channel
 from tickwire.core.commands import Arg, RedisReplyError
 from tickwire.core.config import PublisherConfig
 from tickwire.core.errors import CodecError, ConfigError, RedisUnavailable
-from tickwire.core.redis_wire import RedisAddress, RedisConnection
+from tickwire.core.redis_cluster import ClusterConnection
+from tickwire.core.redis_slots import key_slot
+from tickwire.core.redis_target import RedisLink, RedisTopology, live_channel_of
 from tickwire.feeds.bridges.mapping import (
     BridgeMap,
     BridgeMapper,
@@ -38,7 +40,7 @@ from tickwire.feeds.bridges.mapping import (
     MappedEvent,
     Unmapped,
 )
-from tickwire.feeds.publisher import random_epoch
+from tickwire.feeds.publisher import load_script, random_epoch
 from tickwire.feeds.store import APPEND_LUA
 
 log = logging.getLogger("tickwire.feeds.bridge")
@@ -205,8 +207,9 @@ class BridgeStore:
         self.config = config
         self.options = options
         self._new_epoch = new_epoch
-        self._live = live_channel(RedisAddress.parse(config.redis_url).db)
-        self._conn: RedisConnection | None = None
+        self._redis = RedisTopology(config.redis_url)
+        self._db = self._redis.target.db
+        self._conn: RedisLink | None = None
         self._sha: str | None = None
         self._registered: set[Channel] = set()
         #: Last (epoch, seq) Redis assigned per channel: lets the append see a rollback.
@@ -222,10 +225,10 @@ class BridgeStore:
             self._conn.close()
             self._conn = None
 
-    async def _connect(self) -> RedisConnection:
+    async def _connect(self) -> RedisLink:
         if self._conn is None or self._conn.closed:
-            self._conn = await RedisConnection.open(self.config.redis_url)
-            self._sha = await self._conn.execute("SCRIPT", "LOAD", BRIDGE_APPEND_LUA)
+            self._conn = await self._redis.open()
+            self._sha = await load_script(self._conn, BRIDGE_APPEND_LUA)
             self._registered.clear()
         return self._conn
 
@@ -274,20 +277,22 @@ class BridgeStore:
                 delay = min(delay * 2, self.config.backoff_max_s)
 
     async def _append(
-        self, conn: RedisConnection, by_channel: dict[Channel, tuple[list[str], list[bytes]]]
+        self, conn: RedisLink, by_channel: dict[Channel, tuple[list[str], list[bytes]]]
     ) -> StoreResult:
-        head: list[Arg] = [
-            self._new_epoch(),
-            f"bridge:{self.options.name}",
-            self._live,
-            self.options.dedupe_window,
-        ]
+        epoch_candidate = self._new_epoch()
         assert self._sha is not None
-        groups = self._groups(list(by_channel))
+        cluster = isinstance(conn, ClusterConnection)
+        groups = self._groups(list(by_channel), cluster)
         commands: list[list[Arg]] = []
         for group in groups:
             keys: list[Arg] = []
-            args: list[Arg] = list(head)
+            live = live_channel_of(conn, self._db, key_slot(group[0].stream_key))
+            args: list[Arg] = [
+                epoch_candidate,
+                f"bridge:{self.options.name}",
+                live,
+                self.options.dedupe_window,
+            ]
             for channel in group:
                 ids, bodies = by_channel[channel]
                 epoch, seq = self.positions.get(channel, ("", 0))
@@ -314,17 +319,17 @@ class BridgeStore:
         self._registered.update(new)
         return StoreResult(stored, dups)
 
-    def _groups(self, channels: list[Channel]) -> list[list[Channel]]:
-        """The channels of each append call: all in one, or one call per symbol for Redis
-        Cluster, where a call's keys must share a slot (a symbol's keys share its hash tag).
-        A round whose calls partly fail is written again whole: what carries an id is then
-        stored once, what does not may be stored twice."""
-        if not self.config.one_call_per_symbol:
+    def _groups(self, channels: list[Channel], cluster: bool) -> list[list[Channel]]:
+        """The channels of each append call: all in one, or one call per hash slot on a Redis
+        Cluster (or with `one_call_per_symbol`), where a call's keys must share a slot (a
+        symbol's keys share its hash tag). A round whose calls partly fail is written again
+        whole: what carries an id is then stored once, what does not may be stored twice."""
+        if not (cluster or self.config.one_call_per_symbol):
             return [channels]
-        by_symbol: dict[str, list[Channel]] = {}
+        by_slot: dict[int, list[Channel]] = {}
         for channel in channels:
-            by_symbol.setdefault(channel.symbol, []).append(channel)
-        return list(by_symbol.values())
+            by_slot.setdefault(key_slot(channel.stream_key), []).append(channel)
+        return list(by_slot.values())
 
 
 def seen_key(channel: Channel, bridge: str) -> str:

@@ -20,6 +20,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def free_cluster_port(host: str = "127.0.0.1") -> int:
+    """A free port whose cluster bus port (+10 000) is free too (so: below 55 536)."""
+    for _ in range(1000):
+        port = free_port(host)
+        if port < 55536:
+            try:
+                with socket.socket() as s:
+                    s.bind((host, port + 10000))
+            except OSError:
+                continue
+            return port
+    raise RedisUnavailable("no free port pair for a cluster node")
+
+
 def ensure_redis_server(install: bool = True) -> str:
     """Path of redis-server; installs the Debian package when allowed and running as root."""
     path = shutil.which("redis-server")
@@ -47,8 +61,10 @@ class RedisProcess:
         appendonly: bool = False,
         appendfsync: str = "everysec",
         data_dir: str | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.appendfsync = appendfsync
+        self.extra_args = extra_args
         self.port = port or free_port()
         self.appendonly = appendonly
         self._own_dir = data_dir is None
@@ -87,6 +103,7 @@ class RedisProcess:
             "no",
             "--logfile",
             "redis.log",
+            *self.extra_args,
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
@@ -147,6 +164,234 @@ class RedisProcess:
 
     def __enter__(self) -> RedisProcess:
         return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def redis_cli(port: int, *args: str, timeout: float = 30.0) -> str:
+    exe = shutil.which("redis-cli")
+    if exe is None:
+        raise ConfigError("redis-cli is not installed (it comes with redis-server: redis-tools)")
+    done = subprocess.run(
+        [exe, "-p", str(port), *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if done.returncode != 0:
+        raise RedisUnavailable(f"redis-cli {' '.join(args)}: {done.stderr or done.stdout}")
+    return done.stdout
+
+
+def _info_field(text: str, name: str) -> str:
+    for line in text.splitlines():
+        if line.startswith(f"{name}:"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+class RedisCluster:
+    """A private Redis Cluster on loopback: `masters` masters with `replicas` replicas each.
+
+    Nodes time out after `node_timeout_ms`, so a killed master's replica is promoted a few
+    node timeouts later (short here: a test should not wait 15 s, Redis's default)."""
+
+    def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000) -> None:
+        self.nodes = [
+            RedisProcess(
+                free_cluster_port(),
+                extra_args=(
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    str(node_timeout_ms),
+                    # A test stops a replica on purpose; its master must not drop it for that.
+                    "--repl-timeout",
+                    "60",
+                ),
+            )
+            for _ in range(masters * (1 + replicas))
+        ]
+        self.replicas = replicas
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.nodes[0].port}/0"
+
+    @property
+    def seeds_url(self) -> str:
+        return "redis://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes) + "/0"
+
+    def start(self, timeout: float = 60.0) -> RedisCluster:
+        for n in self.nodes:
+            n.start()
+        redis_cli(
+            self.nodes[0].port,
+            "--cluster",
+            "create",
+            *(f"127.0.0.1:{n.port}" for n in self.nodes),
+            "--cluster-replicas",
+            str(self.replicas),
+            "--cluster-yes",
+            timeout=timeout,
+        )
+        self.wait_ok(timeout)
+        return self
+
+    def alive(self) -> list[RedisProcess]:
+        return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+
+    def wait_ok(self, timeout: float = 60.0) -> None:
+        """Until every live node says cluster_state:ok and agrees on one slot map."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                states = [
+                    _info_field(redis_cli(n.port, "CLUSTER", "INFO"), "cluster_state")
+                    for n in self.alive()
+                ]
+                maps = {redis_cli(n.port, "CLUSTER", "SLOTS") for n in self.alive()}
+                if all(s == "ok" for s in states) and len(maps) == 1:
+                    return
+            except RedisUnavailable:
+                pass
+            if time.monotonic() > deadline:
+                raise RedisUnavailable(f"cluster not ok within {timeout} s: {states}")
+            time.sleep(0.1)
+
+    def role_of(self, node: RedisProcess) -> str:
+        return redis_cli(node.port, "ROLE").split()[0]
+
+    def masters(self) -> list[RedisProcess]:
+        return [n for n in self.alive() if self.role_of(n) == "master"]
+
+    def replica_of(self, master: RedisProcess) -> RedisProcess:
+        for n in self.alive():
+            info = redis_cli(n.port, "INFO", "replication")
+            if _info_field(info, "role") == "slave" and _info_field(info, "master_port") == str(
+                master.port
+            ):
+                return n
+        raise RedisUnavailable(f"no replica of {master.port}")
+
+    def node_at(self, port: int) -> RedisProcess:
+        return next(n for n in self.nodes if n.port == port)
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()
+
+    def __enter__(self) -> RedisCluster:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class RedisSentinelSet:
+    """A primary, its replicas and Sentinels watching them under `service`, on loopback."""
+
+    def __init__(
+        self, replicas: int = 1, sentinels: int = 3, service: str = "tw", down_after_ms: int = 1000
+    ) -> None:
+        self.service = service
+        self.primary = RedisProcess(extra_args=("--repl-timeout", "60"))
+        self.replicas = [
+            RedisProcess(
+                extra_args=(
+                    "--replicaof",
+                    "127.0.0.1",
+                    str(self.primary.port),
+                    "--repl-timeout",
+                    "60",
+                )
+            )
+            for _ in range(replicas)
+        ]
+        self.sentinel_ports = [free_port() for _ in range(sentinels)]
+        self.down_after_ms = down_after_ms
+        self._dir = Path(tempfile.mkdtemp(prefix="tickwire-sentinel-"))
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{self.service}/0"
+
+    @property
+    def data_nodes(self) -> list[RedisProcess]:
+        return [self.primary, *self.replicas]
+
+    def start(self, timeout: float = 30.0) -> RedisSentinelSet:
+        exe = ensure_redis_server()
+        self.primary.start()
+        for r in self.replicas:
+            r.start()
+        for port in self.sentinel_ports:
+            conf = self._dir / f"sentinel-{port}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {self._dir}\n"
+                f"logfile sentinel-{port}.log\n"
+                f"sentinel monitor {self.service} 127.0.0.1 {self.primary.port} 2\n"
+                f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.service} 10000\n"
+                f"sentinel parallel-syncs {self.service} 1\n"
+            )
+            self.sentinels.append(
+                subprocess.Popen(
+                    [exe, str(conf), "--sentinel"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                ready = all(
+                    "num-other-sentinels" in redis_cli(p, "SENTINEL", "master", self.service)
+                    and _info_field(
+                        redis_cli(self.primary.port, "INFO", "replication"), "connected_slaves"
+                    )
+                    == str(len(self.replicas))
+                    for p in self.sentinel_ports
+                )
+                if ready:
+                    return self
+            except RedisUnavailable:
+                pass
+            if time.monotonic() > deadline:
+                raise RedisUnavailable("Sentinel set did not come up")
+            time.sleep(0.1)
+
+    def primary_port(self) -> int:
+        """The primary's port as the first Sentinel that answers says."""
+        for p in self.sentinel_ports:
+            try:
+                out = redis_cli(p, "SENTINEL", "get-master-addr-by-name", self.service).split()
+            except RedisUnavailable:
+                continue
+            if len(out) == 2:
+                return int(out[1])
+        raise RedisUnavailable("no Sentinel answers")
+
+    def stop(self) -> None:
+        for s in self.sentinels:
+            s.kill()
+            s.wait()
+        for n in self.data_nodes:
+            n.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> RedisSentinelSet:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -79,9 +79,13 @@ class RedisSubscription:
         *,
         timeout: float = 2.0,
         max_buffer: int = 8 << 20,
+        sharded: bool = False,
     ) -> RedisSubscription:
         """Connect, authenticate and subscribe; returns once Redis has confirmed every channel,
-        so anything published from then on will arrive."""
+        so anything published from then on will arrive.
+
+        `sharded`: SSUBSCRIBE (Redis Cluster's sharded pub/sub) instead of SUBSCRIBE, one
+        command per channel (the channels of one SSUBSCRIBE must share a slot)."""
         addr = url if isinstance(url, RedisAddress) else RedisAddress.parse(url)
         transport, protocol = await addr.connect(lambda: _Pushes(max_buffer), timeout)
         sub = cls(transport, protocol)
@@ -92,10 +96,14 @@ class RedisSubscription:
                 (reply,) = await sub._replies(1, timeout)
                 if isinstance(reply, RedisReplyError):
                     raise RedisUnavailable(f"{addr} refused the connection set-up: {reply}")
-            sub._send(["SUBSCRIBE", *channels])
+            if sharded:
+                sub._send_all([["SSUBSCRIBE", c] for c in channels])
+            else:
+                sub._send(["SUBSCRIBE", *channels])
             confirmations = await sub._replies(len(channels), timeout)
+            kind = b"ssubscribe" if sharded else b"subscribe"
             for c in confirmations:
-                if isinstance(c, RedisReplyError) or c[0] != b"subscribe":
+                if isinstance(c, RedisReplyError) or c[0] != kind:
                     raise RedisUnavailable(f"{addr} refused SUBSCRIBE: {c}")
         except BaseException:
             sub.close()
@@ -156,9 +164,13 @@ class RedisSubscription:
             p.waiter = None
 
     def _send(self, command: list[Arg]) -> None:
+        self._send_all([command])
+
+    def _send_all(self, commands: list[list[Arg]]) -> None:
         if self._transport.is_closing():
             raise RedisUnavailable(self._protocol.lost or "connection is closed")
-        self._transport.write(hiredis.pack_command(tuple(command)))  # type: ignore[arg-type]
+        pack = hiredis.pack_command
+        self._transport.write(b"".join([pack(tuple(c)) for c in commands]))  # type: ignore[arg-type]
 
     async def _replies(self, n: int, timeout: float) -> list[Any]:
         out: list[Any] = []
@@ -174,3 +186,55 @@ class RedisSubscription:
         # Messages published right after the subscription may follow in the same read.
         self._early = out[n:]
         return out[:n]
+
+
+class SubscriptionGroup:
+    """Subscriptions to several Redis nodes (a cluster's masters) taken and waited on as one.
+
+    A `sunsubscribe` push means the node gave up a slot (a migration or a failover moved it):
+    what came before it is taken as usual, and the next `take` raises RedisUnavailable, so the
+    caller subscribes again on the new slot map and catches up from the streams.
+    """
+
+    def __init__(self, subs: list[RedisSubscription]) -> None:
+        self._subs = subs
+        self._moved: str | None = None
+
+    def close(self) -> None:
+        for s in self._subs:
+            s.close()
+
+    def wake(self) -> None:
+        for s in self._subs:
+            s.wake()
+
+    def ping(self) -> None:
+        for s in self._subs:
+            s.ping()
+
+    def take(self) -> list[Any]:
+        if self._moved is not None:
+            raise RedisUnavailable(self._moved)
+        out: list[Any] = []
+        for s in self._subs:
+            out += s.take()
+        for message in out:
+            if len(message) == 3 and message[0] == b"sunsubscribe":
+                self._moved = f"a slot moved away from its node ({message[1]!r})"
+        return out
+
+    async def wait(self, timeout: float) -> bool:
+        protocols = [s._protocol for s in self._subs]
+        if self._moved is not None or any(p.chunks or p.lost is not None for p in protocols):
+            return True
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        for p in protocols:
+            p.waiter = waiter
+        timer = loop.call_later(timeout, _resolve, waiter, False)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+            for p in protocols:
+                p.waiter = None

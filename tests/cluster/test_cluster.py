@@ -1,0 +1,139 @@
+"""Redis Cluster found by itself: appends per slot, live pushes per shard, reads per slot."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.server.conftest import recorder
+from tickwire.core.channels import Channel
+from tickwire.core.redis_cluster import ClusterConnection
+from tickwire.core.redis_process import RedisCluster
+from tickwire.core.redis_pubsub import SubscriptionGroup
+from tickwire.core.redis_slots import key_slot
+from tickwire.core.redis_target import RedisTarget, RedisTopology, open_redis
+from tickwire.core.stream import parse_push
+from tickwire.feeds.publisher import Publisher
+from tickwire.server.app import TickwireServer
+
+from .conftest import (
+    publish_trades,
+    publisher_config,
+    server_config,
+    stored,
+    symbols_on_each_master,
+    until,
+)
+
+pytestmark = pytest.mark.uvloop_only
+
+
+async def test_any_node_or_several_seeds_find_the_cluster(
+    cluster: RedisCluster, cluster_conn: ClusterConnection
+) -> None:
+    replica = cluster.replica_of(cluster.masters()[0])
+    for url in (cluster.url, f"redis://127.0.0.1:{replica.port}/0", cluster.seeds_url):
+        conn = await open_redis(url)
+        try:
+            assert isinstance(conn, ClusterConnection)
+            assert conn.slots.masters == cluster_conn.slots.masters
+            # Keys of every slot, in one pipeline: each goes to its owner.
+            replies = await conn.pipeline([["SET", f"k{i}", i] for i in range(50)])
+            assert replies == [b"OK"] * 50
+            assert await conn.execute("GET", "k42") == b"42"
+        finally:
+            conn.close()
+    assert len(RedisTarget.parse(cluster.seeds_url).seeds) == len(cluster.nodes)
+
+
+async def test_streams_spread_over_every_master_and_clients_get_every_event_in_order(
+    cluster: RedisCluster, cluster_conn: ClusterConnection
+) -> None:
+    symbols = symbols_on_each_master(cluster_conn, 3)
+    async with TickwireServer(server_config(cluster.url)) as srv, recorder(srv.url) as rec:
+        ack = await rec.request("subscribe", channels=["trades:*"])
+        assert ack["type"] == "subscribed"
+        async with Publisher(publisher_config(cluster.url)) as pub:
+            await publish_trades(pub, symbols, 200)
+        await rec.wait_until(
+            lambda: all(rec.last_seq(f"trades:{s}") == 200 for s in symbols), timeout=20
+        )
+        assert not rec.checker.violations
+        assert rec.checker.duplicates == 0 and rec.checker.lost == 0
+        assert srv.metrics.deliveries > 0
+    for s in symbols:
+        ch = Channel("trades", s)
+        events = await stored(cluster_conn, ch)
+        assert sorted(seq for _, seq in events) == list(range(1, 201))
+    # Every master holds streams: count each master's keys directly.
+    per_master = [int(n) for n in await cluster_conn.execute_on_all("DBSIZE")]
+    assert all(n >= 6 for n in per_master), per_master  # 3 symbols x (stream + meta) each
+
+
+async def test_a_wildcard_picks_up_a_new_symbol_on_any_shard(
+    cluster: RedisCluster, cluster_conn: ClusterConnection
+) -> None:
+    async with TickwireServer(server_config(cluster.url)) as srv, recorder(srv.url) as rec:
+        await rec.request("subscribe", channels=["trades:*"])
+        symbols = symbols_on_each_master(cluster_conn, 1)
+        async with Publisher(publisher_config(cluster.url)) as pub:
+            for s in symbols:
+                # One symbol at a time: each is new to the server when it appears.
+                await publish_trades(pub, [s], 5)
+                name = f"trades:{s}"
+                await rec.wait_until(lambda name=name: rec.last_seq(name) == 5)
+        owners = {cluster_conn.slots.owners[key_slot(f"{{{s}}}")] for s in symbols}
+        assert len(owners) == len(cluster_conn.slots.masters)
+        assert not rec.checker.violations
+
+
+async def test_catch_up_reads_per_slot_resume_a_client_across_shards(
+    cluster: RedisCluster, cluster_conn: ClusterConnection
+) -> None:
+    symbols = symbols_on_each_master(cluster_conn, 2)
+    async with Publisher(publisher_config(cluster.url)) as pub:
+        await publish_trades(pub, symbols, 50)
+        async with TickwireServer(server_config(cluster.url)) as srv, recorder(srv.url) as rec:
+            # Resume every channel from seq 10: the history comes from each channel's
+            # shard, then the live pushes continue it.
+            resume = {}
+            for s in symbols:
+                ((epoch, _), *_) = await stored(cluster_conn, Channel("trades", s))
+                resume[f"trades:{s}"] = {"epoch": epoch, "seq": 10}
+            ack = await rec.request("subscribe", channels=list(resume), resume=resume)
+            assert ack["type"] == "subscribed"
+            await publish_trades(pub, symbols, 30)
+            await rec.wait_until(
+                lambda: all(rec.last_seq(f"trades:{s}") == 80 for s in symbols), timeout=20
+            )
+            for s in symbols:
+                seqs = [e["seq"] for e in rec.events(f"trades:{s}")]
+                assert seqs == list(range(11, 81))
+            assert not rec.checker.violations
+    assert srv.metrics.events_read > 0
+
+
+async def test_each_append_is_pushed_on_its_shard_with_sharded_pub_sub(
+    cluster: RedisCluster, cluster_conn: ClusterConnection
+) -> None:
+    symbols = symbols_on_each_master(cluster_conn, 1)
+    sub = await RedisTopology(cluster.url).open_live()
+    try:
+        assert isinstance(sub, SubscriptionGroup)
+        async with Publisher(publisher_config(cluster.url)) as pub:
+            await publish_trades(pub, symbols, 3)
+        keys: set[bytes] = set()
+        kinds: set[bytes] = set()
+
+        async def pushed_all() -> bool:
+            await sub.wait(0.1)
+            for kind, _channel, payload in sub.take():
+                kinds.add(kind)
+                sections, whole = parse_push(payload)
+                assert whole
+                keys.update(section.key for section in sections)
+            return keys == {Channel("trades", s).stream_key.encode() for s in symbols}
+
+        await until(pushed_all, "a push of every symbol")
+        assert kinds == {b"smessage"}
+    finally:
+        sub.close()

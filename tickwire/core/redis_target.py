@@ -1,0 +1,272 @@
+"""Where Redis is: one server, a Redis Cluster (found by itself), or a primary named by Sentinel.
+
+URL forms (`--redis`, `TICKWIRE_REDIS_URL`):
+- `redis://[[user]:password@]host[:port][/db]` and `unix:///path/to/redis.sock[?db=N]`: one
+  Redis, or any node of a Redis Cluster; several seed nodes as `redis://h1:7000,h2:7001/0`. At
+  each connect tickwire asks the node whether cluster mode is on (`INFO cluster`) and, if so,
+  loads the slot map (`CLUSTER SLOTS`): nothing else to configure.
+- `redis+sentinel://[[user]:password@]s1:26379[,s2:26379…]/SERVICE[/db]`: the primary that the
+  Sentinels know as SERVICE, asked of each Sentinel in turn at every connect and checked with
+  `ROLE`, so a connect during a failover waits for the new primary instead of writing to a
+  demoted one. The password is the data nodes'; the Sentinels are asked without one.
+
+`open_redis` gives a command connection (`RedisConnection`, or `ClusterConnection` for a cluster)
+and `open_live` the subscription to the live pushes (one channel on one Redis; on a cluster, the
+slot channels each master owns, with sharded pub/sub). Both raise RedisUnavailable when Redis
+cannot be reached now; callers retry with backoff, and every retry finds the topology again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+from urllib.parse import unquote, urlparse
+
+from tickwire.core.channels import live_channel
+from tickwire.core.commands import Arg, RedisReplyError
+from tickwire.core.errors import ConfigError, RedisUnavailable
+from tickwire.core.redis_cluster import ClusterConnection, SlotMap
+from tickwire.core.redis_pubsub import RedisSubscription, SubscriptionGroup
+from tickwire.core.redis_slots import slot_live_channel
+from tickwire.core.redis_wire import RedisAddress, RedisConnection
+
+SENTINEL_SCHEME = "redis+sentinel"
+
+
+class RedisLink(Protocol):
+    """What the publisher, the reader and the history lanes need of a connection."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+    def send(self, commands: Sequence[Sequence[Arg]]) -> None: ...
+
+    async def replies(self, n: int, timeout: float | None = None) -> list[Any]: ...
+
+    async def pipeline(
+        self, commands: Sequence[Sequence[Arg]], timeout: float | None = None
+    ) -> list[Any]: ...
+
+    async def execute(self, *args: Arg, timeout: float | None = None) -> Any: ...
+
+
+class LiveSubscription(Protocol):
+    def close(self) -> None: ...
+
+    def wake(self) -> None: ...
+
+    def ping(self) -> None: ...
+
+    def take(self) -> list[Any]: ...
+
+    async def wait(self, timeout: float) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    #: The nodes to try in turn (Sentinels, with `service`); each carries db and credentials.
+    seeds: tuple[RedisAddress, ...]
+    #: Sentinel's name for the primary; None: the seeds are Redis nodes themselves.
+    service: str | None = None
+
+    @classmethod
+    def parse(cls, url: str | RedisTarget) -> RedisTarget:
+        if isinstance(url, RedisTarget):
+            return url
+        u = urlparse(url)
+        if u.scheme == "unix" or ("," not in u.netloc and u.scheme != SENTINEL_SCHEME):
+            return cls((RedisAddress.parse(url),))
+        creds, _, hosts = u.netloc.rpartition("@")
+        creds = f"{creds}@" if creds else ""
+        path = u.path.strip("/")
+        service = None
+        if u.scheme == SENTINEL_SCHEME:
+            service, _, path = path.partition("/")
+            if not service:
+                raise ConfigError(
+                    f"no service name in {url!r} (use redis+sentinel://host:26379/SERVICE/db)"
+                )
+            service = unquote(service)
+        elif u.scheme != "redis":
+            raise ConfigError(f"unsupported Redis URL scheme in {url!r}")
+        default_port = 26379 if service else 6379
+        seeds = []
+        for given in hosts.split(","):
+            if not given:
+                raise ConfigError(f"empty host in Redis URL {url!r}")
+            host = given if ":" in given.rpartition("]")[2] else f"{given}:{default_port}"
+            seeds.append(RedisAddress.parse(f"redis://{creds}{host}/{path}"))
+        return cls(tuple(seeds), service)
+
+    @property
+    def db(self) -> int:
+        return self.seeds[0].db
+
+    def __str__(self) -> str:
+        hosts = ",".join(f"{a.host}:{a.port}" for a in self.seeds)
+        if self.service is not None:
+            return f"{SENTINEL_SCHEME}://{hosts}/{self.service}/{self.db}"
+        if len(self.seeds) == 1:
+            return str(self.seeds[0])
+        return f"redis://{hosts}/{self.db}"
+
+
+async def sentinel_primary(target: RedisTarget, timeout: float = 2.0) -> RedisAddress:
+    """The primary's address as the first Sentinel that knows `target.service` says."""
+    assert target.service is not None
+    problems = []
+    for sentinel in target.seeds:
+        try:
+            conn = await RedisConnection.open(
+                replace(sentinel, db=0, username=None, password=None), timeout
+            )
+        except RedisUnavailable as exc:
+            problems.append(str(exc))
+            continue
+        try:
+            reply = await conn.execute(
+                "SENTINEL", "get-master-addr-by-name", target.service, timeout=timeout
+            )
+        except (RedisUnavailable, RedisReplyError) as exc:
+            problems.append(f"{sentinel.host}:{sentinel.port}: {exc}")
+            continue
+        finally:
+            conn.close()
+        if reply is None:
+            problems.append(f"{sentinel.host}:{sentinel.port} knows no {target.service!r}")
+            continue
+        return replace(sentinel, host=reply[0].decode(), port=int(reply[1]))
+    raise RedisUnavailable(f"no Sentinel named the primary of {target}: {'; '.join(problems)}")
+
+
+async def _first_node(target: RedisTarget, timeout: float) -> RedisConnection:
+    """A connection to the primary (Sentinel) or to the first seed that answers."""
+    if target.service is not None:
+        addr = await sentinel_primary(target, timeout)
+        conn = await RedisConnection.open(addr, timeout)
+        try:
+            role = await conn.execute("ROLE", timeout=timeout)
+        except BaseException:
+            conn.close()
+            raise
+        if role[0] != b"master":
+            conn.close()
+            raise RedisUnavailable(
+                f"{addr} is not a primary yet (role {role[0].decode()}): a failover is under way"
+            )
+        return conn
+    problems = []
+    for seed in target.seeds:
+        try:
+            return await RedisConnection.open(seed, timeout)
+        except RedisUnavailable as exc:
+            problems.append(str(exc))
+    raise RedisUnavailable("; ".join(problems))
+
+
+async def _cluster_slots(conn: RedisConnection, target: RedisTarget, timeout: float) -> Any:
+    """The slot map if `conn`'s node is in cluster mode, else None."""
+    info = await conn.execute("INFO", "cluster", timeout=timeout)
+    if b"cluster_enabled:1" not in info:
+        return None
+    if target.db != 0:
+        raise ConfigError(f"{target}: a Redis Cluster has only database 0")
+    return SlotMap.parse(await conn.execute("CLUSTER", "SLOTS", timeout=timeout))
+
+
+class RedisTopology:
+    """Opens connections to one target, remembering what it found: a target that answered once
+    as a single Redis (not a cluster, not Sentinel) is not asked again at each reconnect, so a
+    reconnect to a Redis that accepts connections but does not answer (paused, overloaded) fails
+    at its first command's timeout, as with a plain connection, not at a probe's."""
+
+    def __init__(self, target: str | RedisTarget, timeout: float = 2.0) -> None:
+        self.target = RedisTarget.parse(target)
+        self.timeout = timeout
+        #: Whether the seed answered as a single Redis (None: not asked yet). Sentinel names a
+        #: primary, never a cluster.
+        self.single: bool | None = True if self.target.service is not None else None
+
+    async def open(self) -> RedisConnection | ClusterConnection:
+        """A command connection: to the one Redis or primary, or to every master of a cluster."""
+        t, timeout = self.target, self.timeout
+        conn = await _first_node(t, timeout)
+        if self.single:
+            return conn
+        try:
+            slots = await _cluster_slots(conn, t, timeout)
+        except BaseException:
+            conn.close()
+            raise
+        self.single = slots is None
+        if slots is None:
+            return conn
+        conn.close()
+        return await ClusterConnection.open(slots, t.seeds[0], timeout)
+
+    async def open_live(self, max_buffer: int = 8 << 20) -> RedisSubscription | SubscriptionGroup:
+        """The subscription to every append's live push (see `tickwire.feeds.store`)."""
+        t, timeout = self.target, self.timeout
+        slots = None
+        if t.service is not None:
+            addr = await sentinel_primary(t, timeout)
+        elif self.single:
+            addr = await _answering_seed(t, timeout)
+        else:
+            conn = await _first_node(t, timeout)
+            try:
+                slots = await _cluster_slots(conn, t, timeout)
+            finally:
+                conn.close()
+            self.single = slots is None
+            addr = await _answering_seed(t, timeout)
+        if slots is None:
+            return await RedisSubscription.open(
+                addr, [live_channel(t.db)], timeout=timeout, max_buffer=max_buffer
+            )
+        subs: list[RedisSubscription] = []
+        try:
+            for host, port in slots.masters:
+                channels = [slot_live_channel(s) for s in slots.slots_of((host, port))]
+                subs.append(
+                    await RedisSubscription.open(
+                        replace(t.seeds[0], host=host, port=port, db=0),
+                        channels,
+                        timeout=timeout,
+                        max_buffer=max_buffer,
+                        sharded=True,
+                    )
+                )
+        except BaseException:
+            for s in subs:
+                s.close()
+            raise
+        return SubscriptionGroup(subs)
+
+
+async def open_redis(
+    target: str | RedisTarget, timeout: float = 2.0
+) -> RedisConnection | ClusterConnection:
+    """One command connection, the topology found afresh (see `RedisTopology`)."""
+    return await RedisTopology(target, timeout).open()
+
+
+async def _answering_seed(target: RedisTarget, timeout: float) -> RedisAddress:
+    if len(target.seeds) == 1:
+        return target.seeds[0]
+    for seed in target.seeds:
+        try:
+            conn = await RedisConnection.open(seed, timeout)
+        except RedisUnavailable:
+            continue
+        conn.close()
+        return seed
+    raise RedisUnavailable(f"no seed of {target} answers")
+
+
+def live_channel_of(link: RedisLink, db: int, slot: int) -> str:
+    """The live channel an append in `slot` pushes on over `link`."""
+    return slot_live_channel(slot, db) if isinstance(link, ClusterConnection) else live_channel(db)
