@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
-from tests.server.conftest import recorder
+from tests.server.conftest import Recorder, recorder
 from tickwire.core.channels import Channel
 from tickwire.core.redis_cluster import ClusterConnection
 from tickwire.core.redis_process import RedisCluster
@@ -25,6 +27,10 @@ from .conftest import (
 )
 
 pytestmark = pytest.mark.uvloop_only
+
+
+def _reached(rec: Recorder, channel: str, seq: int) -> bool:
+    return rec.last_seq(channel) == seq
 
 
 async def test_any_node_or_several_seeds_find_the_cluster(
@@ -79,8 +85,7 @@ async def test_a_wildcard_picks_up_a_new_symbol_on_any_shard(
             for s in symbols:
                 # One symbol at a time: each is new to the server when it appears.
                 await publish_trades(pub, [s], 5)
-                name = f"trades:{s}"
-                await rec.wait_until(lambda name=name: rec.last_seq(name) == 5)
+                await rec.wait_until(functools.partial(_reached, rec, f"trades:{s}", 5))
         owners = {cluster_conn.slots.owners[key_slot(f"{{{s}}}")] for s in symbols}
         assert len(owners) == len(cluster_conn.slots.masters)
         assert not rec.checker.violations
