@@ -34,23 +34,27 @@ Node = tuple[str, int]
 class SlotMap:
     """Which master owns each slot, from `CLUSTER SLOTS`."""
 
-    def __init__(self, owners: list[Node]) -> None:
+    def __init__(self, owners: list[Node], nodes: Sequence[Node] = ()) -> None:
         if len(owners) != SLOTS:
             raise ValueError("a slot map covers every slot")
         self.owners = owners
+        #: Every node the map names, replicas too: where to ask next time if the seeds are gone.
+        self.nodes = sorted(set(nodes) | set(owners))
 
     @classmethod
     def parse(cls, reply: list[Any]) -> SlotMap:
         owners: list[Node | None] = [None] * SLOTS
-        for start, end, master, *_replicas in reply:
+        nodes: set[Node] = set()
+        for start, end, master, *replicas in reply:
             node = (master[0].decode(), int(master[1]))
+            nodes.update((r[0].decode(), int(r[1])) for r in replicas)
             for slot in range(int(start), int(end) + 1):
                 owners[slot] = node
         uncovered = sum(o is None for o in owners)
         if uncovered:
             # cluster_state is fail while slots are unassigned; so is every command on them.
             raise RedisUnavailable(f"the cluster does not cover {uncovered} slots")
-        return cls([o for o in owners if o is not None])
+        return cls([o for o in owners if o is not None], sorted(nodes))
 
     @property
     def masters(self) -> list[Node]:

@@ -205,6 +205,9 @@ class RedisCluster:
                     "nodes.conf",
                     "--cluster-node-timeout",
                     str(node_timeout_ms),
+                    # A replica stopped for a while by a test may still be promoted.
+                    "--cluster-replica-validity-factor",
+                    "0",
                     # A test stops a replica on purpose; its master must not drop it for that.
                     "--repl-timeout",
                     "60",
@@ -241,9 +244,22 @@ class RedisCluster:
     def alive(self) -> list[RedisProcess]:
         return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
 
+    def _owners_alive(self, port: int) -> bool:
+        """Whether every master that owns slots, as the node on `port` sees it, is alive."""
+        alive = {n.port for n in self.alive()}
+        for line in redis_cli(port, "CLUSTER", "NODES").splitlines():
+            fields = line.split()
+            if len(fields) > 8 and "master" in fields[2]:
+                owner = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+                if owner not in alive or "fail" in fields[2]:
+                    return False
+        return True
+
     def wait_ok(self, timeout: float = 60.0) -> None:
-        """Until every live node says cluster_state:ok and agrees on one slot map."""
+        """Until every live node says cluster_state:ok, agrees on one slot map, and sees every
+        slot served by a live master (after a kill: once the replica was promoted)."""
         deadline = time.monotonic() + timeout
+        states: list[str] = []
         while True:
             try:
                 states = [
@@ -251,7 +267,8 @@ class RedisCluster:
                     for n in self.alive()
                 ]
                 maps = {redis_cli(n.port, "CLUSTER", "SLOTS") for n in self.alive()}
-                if all(s == "ok" for s in states) and len(maps) == 1:
+                owners_alive = all(self._owners_alive(n.port) for n in self.alive())
+                if all(s == "ok" for s in states) and len(maps) == 1 and owners_alive:
                     return
             except RedisUnavailable:
                 pass
@@ -273,6 +290,16 @@ class RedisCluster:
             ):
                 return n
         raise RedisUnavailable(f"no replica of {master.port}")
+
+    def pending_to_replicas(self, master: RedisProcess) -> int:
+        """Bytes `master` holds for its replicas that the kernel has not taken yet: lost if the
+        master dies now."""
+        total = 0
+        for line in redis_cli(master.port, "CLIENT", "LIST", "TYPE", "replica").splitlines():
+            for field in line.split():
+                if field.startswith("omem="):
+                    total += int(field[5:])
+        return total
 
     def node_at(self, port: int) -> RedisProcess:
         return next(n for n in self.nodes if n.port == port)

@@ -142,8 +142,12 @@ async def sentinel_primary(target: RedisTarget, timeout: float = 2.0) -> RedisAd
     raise RedisUnavailable(f"no Sentinel named the primary of {target}: {'; '.join(problems)}")
 
 
-async def _first_node(target: RedisTarget, timeout: float) -> RedisConnection:
-    """A connection to the primary (Sentinel) or to the first seed that answers."""
+async def _first_node(
+    target: RedisTarget, timeout: float, learned: Sequence[RedisAddress] = ()
+) -> RedisConnection:
+    """A connection to the primary (Sentinel), or to the first seed that answers, then to the
+    first node `learned` from a cluster's last slot map (the seeds may be the nodes that
+    died)."""
     if target.service is not None:
         addr = await sentinel_primary(target, timeout)
         conn = await RedisConnection.open(addr, timeout)
@@ -159,7 +163,7 @@ async def _first_node(target: RedisTarget, timeout: float) -> RedisConnection:
             )
         return conn
     problems = []
-    for seed in target.seeds:
+    for seed in (*target.seeds, *(a for a in learned if a not in target.seeds)):
         try:
             return await RedisConnection.open(seed, timeout)
         except RedisUnavailable as exc:
@@ -189,11 +193,17 @@ class RedisTopology:
         #: Whether the seed answered as a single Redis (None: not asked yet). Sentinel names a
         #: primary, never a cluster.
         self.single: bool | None = True if self.target.service is not None else None
+        #: A cluster's nodes as its last slot map named them.
+        self.learned: list[RedisAddress] = []
+
+    def _learn(self, slots: SlotMap) -> None:
+        seed = self.target.seeds[0]
+        self.learned = [replace(seed, host=h, port=p, db=0) for h, p in slots.nodes]
 
     async def open(self) -> RedisConnection | ClusterConnection:
         """A command connection: to the one Redis or primary, or to every master of a cluster."""
         t, timeout = self.target, self.timeout
-        conn = await _first_node(t, timeout)
+        conn = await _first_node(t, timeout, self.learned)
         if self.single:
             return conn
         try:
@@ -205,6 +215,7 @@ class RedisTopology:
         if slots is None:
             return conn
         conn.close()
+        self._learn(slots)
         return await ClusterConnection.open(slots, t.seeds[0], timeout)
 
     async def open_live(self, max_buffer: int = 8 << 20) -> RedisSubscription | SubscriptionGroup:
@@ -216,12 +227,14 @@ class RedisTopology:
         elif self.single:
             addr = await _answering_seed(t, timeout)
         else:
-            conn = await _first_node(t, timeout)
+            conn = await _first_node(t, timeout, self.learned)
             try:
                 slots = await _cluster_slots(conn, t, timeout)
             finally:
                 conn.close()
             self.single = slots is None
+            if slots is not None:
+                self._learn(slots)
             addr = await _answering_seed(t, timeout)
         if slots is None:
             return await RedisSubscription.open(
