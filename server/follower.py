@@ -85,6 +85,8 @@ class StreamFollower:
         self._behind: set[Channel] = set()
         #: Channels `plan_sync` started following, placed once their metas come.
         self._added: set[Channel] = set()
+        #: Channels stored behind what was read in the same epoch: (epoch, seq read).
+        self._rolled_back: dict[Channel, StreamPosition] = {}
         #: XREAD COUNT of the next read, and whether the last reply filled it for some stream.
         self._read_count = 0
         self._full = False
@@ -167,10 +169,21 @@ class StreamFollower:
                 self.epochs[c] = meta[0]
                 self.positions[c] = meta[2] - 1
                 self._behind.add(c)
+            elif meta is not None and meta[1] < self.positions[c]:
+                # Stored behind what was read, in the same epoch: Redis lost the tail. The loop
+                # gives the channel a new epoch (`take_rolled_back`) before it reads a push.
+                self._rolled_back[c] = StreamPosition(meta[0], self.positions[c])
             elif meta is not None and meta[1] > self.positions[c]:
                 # Stored past what was read: its pushes are on the way, or were lost (a
                 # reconnect) or never made. The stream tells; a push that follows is dropped.
                 self._behind.add(c)
+
+    def take_rolled_back(self) -> dict[Channel, StreamPosition]:
+        """The channels found stored behind what was read in the same epoch since the last
+        call, with where they were read to: the loop gives each a new epoch in Redis
+        (`tickwire.server.stored.FENCE_LUA`) and hands the metas after to `apply_metas`."""
+        out, self._rolled_back = self._rolled_back, {}
+        return {c: p for c, p in out.items() if c in self.positions}
 
     def _next_sweep(self, live: set[Channel]) -> list[Channel]:
         """The followed channels this poll compares with their metas: every one once per

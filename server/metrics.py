@@ -69,6 +69,9 @@ class Metrics:
     catchup_reads: int = 0
     #: Messages on the live channel that are not an append's push (ignored).
     bad_pushes: int = 0
+    #: Channels found stored behind what was read in the same epoch (Redis lost their tail: a
+    #: failover, an AOF crash), given a new epoch by this server.
+    rollbacks_fenced: int = 0
     #: The reader's pauses after costly fan-outs (`ServerConfig.fanout_pause_ratio`).
     fanout_pauses: int = 0
     fanout_pause_seconds: float = 0.0
@@ -140,6 +143,12 @@ class Metrics:
             "counter",
             self.bad_pushes,
             "Messages on the live channel that are not an append's push (ignored).",
+        )
+        emit(
+            "rollbacks_fenced_total",
+            "counter",
+            self.rollbacks_fenced,
+            "Channels stored behind what was read in the same epoch (lost tail), given a new epoch.",
         )
         emit(
             "fanout_pauses_total",

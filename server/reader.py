@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,7 +37,7 @@ from tickwire.server.follower import StreamFollower
 from tickwire.server.history import History
 from tickwire.server.hub import Hub
 from tickwire.server.metrics import Metrics
-from tickwire.server.stored import meta_commands, parse_metas
+from tickwire.server.stored import fence_commands, meta_commands, parse_metas
 
 log = logging.getLogger("tickwire.server.reader")
 
@@ -61,8 +62,10 @@ class StreamReader:
         clock_ns: Callable[[], int] = time.time_ns,
         cpu_clock: Callable[[], float] = time.thread_time,
         monotonic: Callable[[], float] = time.monotonic,
+        new_epoch: Callable[[], str] = lambda: secrets.token_hex(6),
     ) -> None:
         self.config = config
+        self.new_epoch = new_epoch
         self.follower = StreamFollower(config)
         #: CPU seconds used so far (a fan-out's cost is its CPU time, not its wall time: a
         #: fan-out the scheduler preempted was not costly).
@@ -172,6 +175,21 @@ class StreamReader:
         if check:
             replies = await conn.pipeline(meta_commands(check), timeout=5.0)
             self.follower.apply_metas(parse_metas(check, replies))
+        rolled_back = self.follower.take_rolled_back()
+        if rolled_back:
+            # Redis lost what was read: a new epoch for each, then reposition (clients get
+            # `reset`). The same channels again if the script was refused: retried next sync.
+            log.warning(
+                "%d channels are stored behind what was read (lost in a failover or crash): "
+                "starting a new epoch for each (e.g. %s)",
+                len(rolled_back),
+                next(iter(rolled_back)),
+            )
+            replies = await conn.pipeline(
+                fence_commands(rolled_back, self.new_epoch()), timeout=5.0
+            )
+            self.metrics.rollbacks_fenced += len(rolled_back)
+            self.follower.apply_metas(parse_metas(list(rolled_back), replies))
 
     async def _read_loop(self, conn: RedisLink, sub: LiveSubscription) -> None:
         # A new subscription is followed at once, not at the next push or idle turn.

@@ -7,11 +7,34 @@ from typing import Any
 from tickwire.core.channels import Channel
 from tickwire.core.commands import Arg, RedisReplyError
 from tickwire.core.errors import RedisUnavailable
-from tickwire.core.stream import epoch_of, seq_of
+from tickwire.core.stream import StreamPosition, epoch_of, seq_of
 from tickwire.server.batch import Batch
 
 #: A channel's meta: its epoch, last seq, and the epoch's first seq.
 Meta = tuple[str, int, int]
+
+# A channel stored behind what a server already read in the same epoch lost its tail (a failover
+# promoted a replica that lacked it, an AOF crash). Whoever sees that starts a new epoch, so the
+# next append, by any publisher, can never give a lost seq to a different event: the epoch
+# changes only if the meta is still the one the server saw go back. Answers the meta after.
+# KEYS: meta. ARGV: the epoch followed, the seq read in it, the new epoch.
+FENCE_LUA = r"""
+local m = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'start')
+local seq = tonumber(m[2] or '0')
+if m[1] == ARGV[1] and seq < tonumber(ARGV[2]) then
+  local start = string.format('%d', seq + 1)
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[3], 'start', start)
+  return {ARGV[3], m[2] or '0', start}
+end
+return m
+"""
+
+
+def fence_commands(rolled_back: dict[Channel, StreamPosition], new_epoch: str) -> list[list[Arg]]:
+    return [
+        ["EVAL", FENCE_LUA, 1, c.meta_key, pos.epoch, pos.seq, new_epoch]
+        for c, pos in rolled_back.items()
+    ]
 
 
 def meta_commands(channels: list[Channel]) -> list[list[Arg]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tickwire.core.channels import Channel
 from tickwire.core.config import ServerConfig
-from tickwire.core.stream import PushSection, push_payload
+from tickwire.core.stream import PushSection, StreamPosition, push_payload
 from tickwire.server.batch import Batch
 from tickwire.server.follower import StreamFollower, fanout_pause, next_count
 
@@ -177,3 +177,20 @@ def test_the_sweep_compares_every_followed_channel_once_per_period_a_share_per_p
     assert all(channels[0] not in sweep(r, fewer) for _ in range(8))
     slow = following(3600)
     assert all(sweep(slow, live) == [] for _ in range(100))
+
+
+def test_a_channel_stored_behind_what_was_read_in_its_epoch_is_fenced_then_read_anew() -> None:
+    r = follower_at({T: 10, Q: 4})
+    r.reconnected()  # a failover: compare everything
+    check = r.plan_sync({T, Q})
+    # Redis kept T only up to 7 in the epoch the server read to 10; Q is intact.
+    r.apply_metas({c: {T: ("e1", 7, 1), Q: ("e1", 4, 1)}[c] for c in check})
+    assert r.take_rolled_back() == {T: StreamPosition("e1", 10)}
+    assert r.take_rolled_back() == {}  # owed once
+    # Nothing of T moves meanwhile: its position is still what was read.
+    assert r.positions[T] == 10 and not r.behind
+    # The fence gave T a new epoch from 8: read from there (each outbox announces the reset).
+    r.apply_metas({T: ("e2", 7, 8)})
+    assert r.position_of(T) == StreamPosition("e2", 7) and r.behind == {T}
+    # A push of the old epoch reusing a lost seq is never delivered.
+    assert r.take_pushes([push(T, 8, 1, epoch="e1")]) == []
