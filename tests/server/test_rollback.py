@@ -4,6 +4,7 @@ new epoch from the server that read the lost events: nobody reuses their seqs.""
 from __future__ import annotations
 
 from tickwire.core.channels import Channel
+from tickwire.core.commands import Arg
 from tickwire.core.config import PublisherConfig
 from tickwire.core.events import encode_body
 from tickwire.core.redis_process import RedisProcess
@@ -41,10 +42,9 @@ async def test_a_lost_tail_is_fenced_with_a_new_epoch_and_a_fresh_publisher_cont
         first_epoch = rec.events(T.name)[0]["epoch"]
         # What a promoted replica that lacked the last three appends holds.
         kept = await redis.execute("XRANGE", T.stream_key, "-", "7-0")
-        await redis.pipeline(
-            [["DEL", T.stream_key], ["HSET", T.meta_key, "seq", 7]]
-            + [["XADD", T.stream_key, entry_id, *fields] for entry_id, fields in kept]
-        )
+        commands: list[list[Arg]] = [["DEL", T.stream_key], ["HSET", T.meta_key, "seq", 7]]
+        commands += [["XADD", T.stream_key, entry_id, *fields] for entry_id, fields in kept]
+        await redis.pipeline(commands)
         await eventually(lambda: srv.metrics.rollbacks_fenced == 1, "the server's fence")
         # A publisher with no memory of seqs 8-10 appends after the meta it finds.
         async with Publisher(PublisherConfig(redis_url=redis_server.url)) as fresh:
