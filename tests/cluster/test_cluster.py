@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 
 import pytest
@@ -23,6 +24,7 @@ from .conftest import (
     server_config,
     stored,
     symbols_on_each_master,
+    trade,
     until,
 )
 
@@ -142,3 +144,50 @@ async def test_each_append_is_pushed_on_its_shard_with_sharded_pub_sub(
         assert kinds == {b"smessage"}
     finally:
         sub.close()
+
+
+async def test_a_busy_symbols_slot_migrates_with_clients_attached_nothing_lost_or_repeated(
+    cluster: RedisCluster, cluster_conn: ClusterConnection
+) -> None:
+    # Last in this module: it leaves the slot map changed.
+    (busy,) = symbols_on_each_master(cluster_conn, 1)[:1]
+    ch = Channel("trades", busy)
+    owner = cluster_conn.slots.owners[key_slot(ch.stream_key)]
+    target = next(n for n in cluster.masters() if ("127.0.0.1", n.port) != owner)
+    async with (
+        TickwireServer(server_config(cluster.url)) as srv,
+        recorder(srv.url) as rec,
+        Publisher(publisher_config(cluster.url)) as pub,
+    ):
+        await rec.request("subscribe", channels=[ch.name])
+        sent = 0
+        stop = asyncio.Event()
+
+        async def flow() -> None:
+            nonlocal sent
+            while not stop.is_set():
+                await pub.publish({ch: [trade(busy, sent)]})
+                sent += 1
+                await asyncio.sleep(0.002)
+
+        flowing = asyncio.create_task(flow())
+        await rec.wait_until(lambda: rec.last_seq(ch.name) >= 50)
+        # One key per MIGRATE: appends meet the slot half moved (TRYAGAIN, ASK) for a while.
+        await asyncio.to_thread(cluster.migrate_slot, key_slot(ch.stream_key), target, 1)
+        moved_at = sent
+        await until(lambda: sent >= moved_at + 100, "events after the move")
+        stop.set()
+        await flowing
+        await pub.flush()
+        await rec.wait_until(lambda: rec.last_seq(ch.name) == sent, timeout=30)
+    events = rec.events(ch.name)
+    assert [e["seq"] for e in events] == list(range(1, sent + 1))
+    assert len({e["epoch"] for e in events}) == 1 and not rec.of_type("reset")
+    assert not rec.checker.violations
+    conn = await open_redis(cluster.url)
+    try:
+        assert isinstance(conn, ClusterConnection)
+        assert conn.slots.owners[key_slot(ch.stream_key)] == ("127.0.0.1", target.port)
+        assert len(await stored(conn, ch)) == sent
+    finally:
+        conn.close()

@@ -301,6 +301,31 @@ class RedisCluster:
                     total += int(field[5:])
         return total
 
+    def migrate_slot(self, slot: int, to: RedisProcess, keys_per_step: int = 1) -> None:
+        """Move `slot` to the master `to`, as `redis-cli --cluster reshard` does for each slot:
+        IMPORTING/MIGRATING, MIGRATE the keys a few at a time (clients meet ASK and TRYAGAIN
+        meanwhile), then SETSLOT NODE on every master."""
+        source = next(
+            n
+            for n in self.masters()
+            if int(redis_cli(n.port, "CLUSTER", "COUNTKEYSINSLOT", str(slot))) > 0
+        )
+        src_id = redis_cli(source.port, "CLUSTER", "MYID").strip()
+        dst_id = redis_cli(to.port, "CLUSTER", "MYID").strip()
+        redis_cli(to.port, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", src_id)
+        redis_cli(source.port, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", dst_id)
+        while True:
+            keys = redis_cli(
+                source.port, "CLUSTER", "GETKEYSINSLOT", str(slot), str(keys_per_step)
+            ).split()
+            if not keys:
+                break
+            redis_cli(
+                source.port, "MIGRATE", "127.0.0.1", str(to.port), "", "0", "5000", "KEYS", *keys
+            )
+        for n in [to, source, *(m for m in self.masters() if m not in (to, source))]:
+            redis_cli(n.port, "CLUSTER", "SETSLOT", str(slot), "NODE", dst_id)
+
     def node_at(self, port: int) -> RedisProcess:
         return next(n for n in self.nodes if n.port == port)
 
