@@ -13,7 +13,7 @@ import pytest
 from tests.server.conftest import Recorder, recorder
 from tickwire.core.channels import Channel
 from tickwire.core.redis_cluster import ClusterConnection
-from tickwire.core.redis_process import RedisCluster
+from tickwire.core.redis_process import RedisCluster, pending_to_replicas
 from tickwire.core.redis_slots import key_slot
 from tickwire.core.redis_target import RedisLink, open_redis
 from tickwire.feeds.publisher import Publisher
@@ -83,7 +83,7 @@ async def test_a_master_killed_with_its_replica_behind_never_reuses_a_seq(
         try:
             sent = 20
             # Until the master holds data its replica has not taken: that is what dies with it.
-            while cluster.pending_to_replicas(victim) < 1 << 20:
+            while pending_to_replicas(victim.port) < 1 << 20:
                 await publish_trades(pub, doomed, 500, "doomed")
                 sent += 500
             await rec.wait_until(

@@ -181,6 +181,17 @@ def redis_cli(port: int, *args: str, timeout: float = 30.0) -> str:
     return done.stdout
 
 
+def pending_to_replicas(port: int) -> int:
+    """Bytes the Redis on `port` holds for its replicas that the kernel has not taken yet: lost
+    if it dies now."""
+    total = 0
+    for line in redis_cli(port, "CLIENT", "LIST", "TYPE", "replica").splitlines():
+        for field in line.split():
+            if field.startswith("omem="):
+                total += int(field[5:])
+    return total
+
+
 def _info_field(text: str, name: str) -> str:
     for line in text.splitlines():
         if line.startswith(f"{name}:"):
@@ -290,16 +301,6 @@ class RedisCluster:
             ):
                 return n
         raise RedisUnavailable(f"no replica of {master.port}")
-
-    def pending_to_replicas(self, master: RedisProcess) -> int:
-        """Bytes `master` holds for its replicas that the kernel has not taken yet: lost if the
-        master dies now."""
-        total = 0
-        for line in redis_cli(master.port, "CLIENT", "LIST", "TYPE", "replica").splitlines():
-            for field in line.split():
-                if field.startswith("omem="):
-                    total += int(field[5:])
-        return total
 
     def migrate_slot(self, slot: int, to: RedisProcess, keys_per_step: int = 1) -> None:
         """Move `slot` to the master `to`, as `redis-cli --cluster reshard` does for each slot:
