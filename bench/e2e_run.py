@@ -23,7 +23,8 @@ from tickwire.bench.harness import ServerProcess, cpu_seconds, machine_cpu_secon
 from tickwire.bench.load import spread_channels
 from tickwire.bench.stats import latency_summary, server_share
 from tickwire.core.channels import REGISTRY_KEY, Channel
-from tickwire.core.redis_wire import RedisConnection
+from tickwire.core.redis_cluster import ClusterConnection
+from tickwire.core.redis_target import open_redis
 from tickwire.feeds.simulator import default_symbols
 
 
@@ -358,17 +359,23 @@ def redis_counters(url: str) -> tuple[dict[str, int], float]:
     """(events published so far per channel in the registry, Redis's CPU seconds)."""
 
     async def go() -> tuple[dict[str, int], float]:
-        conn = await RedisConnection.open(url)
+        conn = await open_redis(url)
         try:
             names = [m.decode() for m in await conn.execute("SMEMBERS", REGISTRY_KEY)]
-            info = (await conn.execute("INFO", "cpu")).decode()
+            # A cluster's CPU is every master's.
+            if isinstance(conn, ClusterConnection):
+                infos = await conn.execute_on_all("INFO", "cpu")
+            else:
+                infos = [await conn.execute("INFO", "cpu")]
             replies = await conn.pipeline(
                 [["HGET", Channel.parse(n).meta_key, "seq"] for n in names]
             )
         finally:
             conn.close()
-        cpu = dict(line.split(":", 1) for line in info.split() if ":" in line)
-        seconds = float(cpu.get("used_cpu_user", 0)) + float(cpu.get("used_cpu_sys", 0))
+        seconds = 0.0
+        for info in infos:
+            cpu = dict(line.split(":", 1) for line in info.decode().split() if ":" in line)
+            seconds += float(cpu.get("used_cpu_user", 0)) + float(cpu.get("used_cpu_sys", 0))
         seqs = {n: int(r) for n, r in zip(names, replies, strict=True) if r is not None}
         return seqs, seconds
 
@@ -377,7 +384,7 @@ def redis_counters(url: str) -> tuple[dict[str, int], float]:
 
 async def final_seqs(url: str, plan: list[list[str]]) -> dict[str, int]:
     names = sorted({ch for chans in plan for ch in chans})
-    conn = await RedisConnection.open(url)
+    conn = await open_redis(url)
     try:
         replies = await conn.pipeline([["HGET", Channel.parse(n).meta_key, "seq"] for n in names])
     finally:
@@ -387,8 +394,13 @@ async def final_seqs(url: str, plan: list[list[str]]) -> dict[str, int]:
 
 def conn_flush(url: str) -> None:
     async def go() -> None:
-        conn = await RedisConnection.open(url)
-        await conn.execute("FLUSHALL")
-        conn.close()
+        conn = await open_redis(url)
+        try:
+            if isinstance(conn, ClusterConnection):
+                await conn.execute_on_all("FLUSHALL")
+            else:
+                await conn.execute("FLUSHALL")
+        finally:
+            conn.close()
 
     asyncio.run(go())
