@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import io
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +18,7 @@ from tickwire.core.redis_slots import key_slot
 from tickwire.core.redis_target import RedisTarget, RedisTopology, open_redis
 from tickwire.core.stream import parse_push
 from tickwire.feeds.publisher import Publisher
+from tickwire.feeds.replay import record, replay, resolve_channels
 from tickwire.server.app import TickwireServer
 
 from .conftest import (
@@ -144,6 +147,26 @@ async def test_each_append_is_pushed_on_its_shard_with_sharded_pub_sub(
         assert kinds == {b"smessage"}
     finally:
         sub.close()
+
+
+async def test_record_reads_every_shard_and_replay_writes_it_back_per_slot(
+    cluster: RedisCluster, cluster_conn: ClusterConnection, tmp_path: Path
+) -> None:
+    symbols = symbols_on_each_master(cluster_conn, 1)
+    async with Publisher(publisher_config(cluster.url)) as pub:
+        await publish_trades(pub, symbols, 25)
+    channels = await resolve_channels(cluster_conn, ["trades:*"])
+    assert sorted(c.symbol for c in channels) == sorted(symbols)
+    out = io.BytesIO()
+    assert await record(cluster_conn, channels, out) == 25 * len(symbols)
+    recorded = out.getvalue().splitlines()
+    await cluster_conn.execute_on_all("FLUSHALL")
+    path = tmp_path / "rec.ndjson"
+    path.write_bytes(out.getvalue())
+    async with Publisher(publisher_config(cluster.url)) as pub:
+        assert await replay(pub, path, speed=None) == len(recorded)
+    for s in symbols:
+        assert len(await stored(cluster_conn, Channel("trades", s))) == 25
 
 
 async def test_a_busy_symbols_slot_migrates_with_clients_attached_nothing_lost_or_repeated(
