@@ -91,7 +91,7 @@ class CatchUp:
         #: Positioned channels still to replay, in order, with the seq to replay after.
         self._replays: dict[Channel, int] = {}
         #: Replays past their first page: their next pages go on the bulk lane (`History`).
-        self._long: set[Channel] = set()
+        self._long: set[Channel] | None = None
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -124,12 +124,18 @@ class CatchUp:
         for channel in channels:
             self._unpositioned.pop(channel, None)
             self._replays.pop(channel, None)
-            self._long.discard(channel)
+            self._forget_long(channel)
             self.sub.release(channel)
 
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+
+    def _forget_long(self, channel: Channel) -> None:
+        if self._long is not None:
+            self._long.discard(channel)
+            if not self._long:
+                self._long = None
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._task = None
@@ -148,7 +154,7 @@ class CatchUp:
                     continue  # dropped while the page was read
                 if done:
                     del self._replays[channel]
-                    self._long.discard(channel)
+                    self._forget_long(channel)
                     self.sub.join_live(channel)
                 else:
                     self._replays[channel] = after
@@ -158,7 +164,7 @@ class CatchUp:
                 self.sub.release(channel)
             self._unpositioned.clear()
             self._replays.clear()
-            self._long.clear()
+            self._long = None
 
     async def _position(self) -> None:
         """Fix the starting point of every target waiting for one, then run their callbacks."""
@@ -198,7 +204,7 @@ class CatchUp:
         sub = self.sub
         # A snapshot, or the first page of a resume, comes before any other client's long
         # replay: only the pages after that share the bulk lane.
-        bulk = channel in self._long
+        bulk = self._long is not None and channel in self._long
         batches = await _retrying(lambda: self.history.range(channel, after, PAGE, bulk=bulk))
         if channel not in self._replays:
             return False, after
@@ -208,6 +214,8 @@ class CatchUp:
             after = batches[-1].last_seq
             sub.flush()
         if sum(len(b.events) for b in batches) >= PAGE:
+            if self._long is None:
+                self._long = set()
             self._long.add(channel)
             await self.wait_writable()
             return False, after

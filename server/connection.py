@@ -88,17 +88,17 @@ class Connection:
         #: When the data queued for this client (outbox and socket buffer) went over
         #: `outbox_bytes` and has stayed over since; None while it is not.
         self._over_since: float | None = None
-        #: Tasks of this connection besides its catch-up: closes, and at most one `list`.
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: Tasks of this connection besides its catch-up: closes, and at most one `list`. None
+        #: while there is none, as `_timers`: most connections never have one, and an empty
+        #: set or dict per connection adds up at tens of thousands of them.
+        self._tasks: set[asyncio.Task[None]] | None = None
         self._listing: asyncio.Task[None] | None = None
-        self._writable = asyncio.Event()
-        self._writable.set()
         self.closing = False
         #: Frames can be written without the library's framing: no extension (compression)
         #: was negotiated, and tickwire never sends fragmented messages.
         self._raw = not ws.protocol.extensions
         #: Deadlines of this connection: "auth" (first auth message), "lifetime", "expiry".
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._timers: dict[str, asyncio.TimerHandle] | None = None
 
     # -- writing -------------------------------------------------------------------------------
     def flush(self) -> None:
@@ -108,7 +108,6 @@ class Connection:
             self._write()
             return
         if self._drain is None:
-            self._writable.clear()
             self._drain = asyncio.create_task(self._drain_when_writable())
         # The socket is full: the drain task writes once it takes data again. Meanwhile the
         # outbox is bounded by the slow-consumer policy.
@@ -192,10 +191,12 @@ class Connection:
                     return
         finally:
             self._drain = None
-            self._writable.set()
 
     async def wait_writable(self) -> None:
-        await self._writable.wait()
+        """Until the socket takes data again: no drain task is waiting for it (asyncio.wait, so
+        that a cancelled waiter does not cancel the drain)."""
+        while (drain := self._drain) is not None:
+            await asyncio.wait((drain,))
 
     def send_control(self, message: bytes) -> None:
         self.outbox.control(message)
@@ -203,10 +204,15 @@ class Connection:
 
     # -- deadlines -----------------------------------------------------------------------------
     def _later(self, name: str, delay: float, callback: Callable[..., None], *args: Any) -> None:
-        old = self._timers.pop(name, None)
+        old = self._take_timer(name)
         if old is not None:
             old.cancel()
+        if self._timers is None:
+            self._timers = {}
         self._timers[name] = asyncio.get_running_loop().call_later(max(0.0, delay), callback, *args)
+
+    def _take_timer(self, name: str) -> asyncio.TimerHandle | None:
+        return None if self._timers is None else self._timers.pop(name, None)
 
     def _close_in(self, name: str, delay: float, notice: str, code: int, reason: str) -> None:
         """Close with (code, reason) after `delay`, with a `notice` `lifetime_notice_s` before."""
@@ -233,11 +239,11 @@ class Connection:
     def _authorized(self, grant: Grant) -> None:
         """The client has a grant (from the handshake or an `auth` message): data may flow."""
         log.info("%s authenticated as %s", self.ws.remote_address, grant.subject)
-        timer = self._timers.pop("auth", None)
+        timer = self._take_timer("auth")
         if timer is not None:
             timer.cancel()
         self.server.hub.attach(self.sub)
-        expiry = self._timers.pop("expiry", None)  # a refresh replaces the old deadline
+        expiry = self._take_timer("expiry")  # a refresh replaces the old deadline
         if expiry is not None:
             expiry.cancel()
         if grant.expires_at is not None:
@@ -344,12 +350,17 @@ class Connection:
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
+        if self._tasks is None:
+            self._tasks = set()
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return task
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+        if self._tasks is not None:
+            self._tasks.discard(task)
+            if not self._tasks:
+                self._tasks = None
         if not task.cancelled() and task.exception() is not None:
             log.error("connection task failed", exc_info=task.exception())
 
@@ -398,11 +409,11 @@ class Connection:
 
     def cleanup(self) -> None:
         self.closing = True
-        for timer in self._timers.values():
+        for timer in (self._timers or {}).values():
             timer.cancel()
-        self._timers.clear()
+        self._timers = None
         self.catchup.close()
-        for task in self._tasks:
+        for task in list(self._tasks or ()):
             task.cancel()
         if self._drain is not None:
             self._drain.cancel()

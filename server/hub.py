@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
 
 from tickwire.core.channels import WILDCARD, Channel, ChannelPattern
 from tickwire.core.stream import StreamPosition
@@ -13,6 +14,10 @@ from tickwire.server.projection import Fields, Projection
 
 #: A group's identity: its patterns, and the fields of those that are projected.
 GroupKey = tuple[frozenset[ChannelPattern], frozenset[tuple[ChannelPattern, frozenset[str]]]]
+
+
+#: Every `Subscriber.holding` that holds nothing: read-only, so that a write to it fails.
+_NOT_HOLDING: Mapping[Channel, list[Batch]] = MappingProxyType({})
 
 
 class Subscriber:
@@ -34,15 +39,20 @@ class Subscriber:
         #: Writes a message now and returns True, or writes nothing and returns False. It gets
         #: the message and the same as one final text frame (`text_frame`), built once for all.
         self.write_now = write_now
-        #: Live batches of channels being caught up from history (see `tickwire.server.catchup`).
-        self.holding: dict[Channel, list[Batch]] = {}
+        #: Live batches of channels being caught up from history (see `tickwire.server.catchup`):
+        #: the shared empty `_NOT_HOLDING` while none is, so that an idle connection does not
+        #: keep a dict of its own (read-only: `hold_back` makes one).
+        self.holding: Mapping[Channel, list[Batch]] = _NOT_HOLDING
         #: Bytes held in all of them together, at most `hold_limit` (plus one batch).
         self.hold_limit = hold_limit
         self._held_bytes = 0
 
     def hold_back(self, channel: Channel) -> None:
         """Hold live batches of `channel` from now on (a catch-up starts)."""
-        self.holding.setdefault(channel, [])
+        holding = self.holding
+        if not isinstance(holding, dict):
+            holding = self.holding = {}
+        holding.setdefault(channel, [])
 
     def hold(self, batch: Batch) -> None:
         self.holding[batch.channel].append(batch)
@@ -57,18 +67,26 @@ class Subscriber:
 
     def release(self, channel: Channel) -> None:
         """Stop holding `channel` and drop what was held (its catch-up ended without a join)."""
+        if not isinstance(self.holding, dict):
+            return
         held = self.holding.pop(channel, None)
         if held:
             self._held_bytes = max(0, self._held_bytes - sum(b.nbytes for b in held))
+        self._settle()
 
     def join_live(self, channel: Channel) -> None:
         """The catch-up of `channel` is done: queue what was held, and take live batches again."""
-        held = self.holding.pop(channel, [])
+        held = self.holding.pop(channel, []) if isinstance(self.holding, dict) else []
         for batch in held:
             self._held_bytes -= batch.nbytes
             self.outbox.add(batch)
         self._held_bytes = max(0, self._held_bytes)
+        self._settle()
         self.flush()
+
+    def _settle(self) -> None:
+        if not self.holding:
+            self.holding = _NOT_HOLDING
 
 
 class Group:

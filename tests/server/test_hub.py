@@ -224,7 +224,7 @@ def test_held_channels_and_a_channel_twice_in_one_dispatch_go_through_the_outbox
     hub.dispatch([batch(T, 1, 1)])
     a.frames.clear()
     b.frames.clear()
-    a.sub.holding[T] = []  # a catch-up is reading history for it
+    a.sub.hold_back(T)  # a catch-up is reading history for it
     hub.dispatch([batch(T, 2, 1), batch(T, 3, 2, epoch="e2")])  # split by a new epoch
     assert a.frames == [] and [len(h.events) for h in a.sub.holding[T]] == [1, 2]
     assert [m["type"] for m in b.messages()] == ["events", "reset", "events"]
