@@ -95,6 +95,7 @@ class StreamReader:
         try:
             redis = RedisTopology(self.config.redis_url)
             quiet_at = -QUIET_RETRY_EVERY_S
+            last_error = ""
             while True:
                 conn: RedisLink | None = None
                 sub: LiveSubscription | None = None
@@ -119,6 +120,9 @@ class StreamReader:
                         continue
                     if self.up:
                         log.warning("lost Redis: %s; reconnecting with backoff", exc)
+                    elif str(exc) != last_error:
+                        log.warning("Redis still unreachable: %s", exc)
+                    last_error = str(exc)
                     self._set_up(False)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)

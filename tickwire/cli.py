@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench",
         help="measure end-to-end latency/throughput against a baseline (`bench publish`: publish "
-        "rate; `bench faults`: fault scenarios; `bench conns`: connections per box)",
+        "rate; `bench faults`: fault scenarios; `bench conns`: connections per box; `bench failover`: a Redis Cluster master killed under load)",
         add_help=False,
     )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
@@ -477,6 +477,10 @@ def cmd_bench(rest: list[str]) -> int:
         from tickwire.bench.bridge import main as bridge_main
 
         return bridge_main(rest[1:])
+    if rest and rest[0] == "failover":
+        from tickwire.bench.failover import main as failover_main
+
+        return failover_main(rest[1:])
     if rest and rest[0] == "conns":
         from tickwire.bench.conns import main as conns_main
 

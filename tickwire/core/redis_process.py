@@ -216,6 +216,9 @@ class RedisCluster:
                     "nodes.conf",
                     "--cluster-node-timeout",
                     str(node_timeout_ms),
+                    # Replicas sync at once (Redis waits 5 s for more replicas by default).
+                    "--repl-diskless-sync-delay",
+                    "0",
                     # A replica stopped for a while by a test may still be promoted.
                     "--cluster-replica-validity-factor",
                     "0",
@@ -266,6 +269,21 @@ class RedisCluster:
                     return False
         return True
 
+    def _replicas_in_sync(self) -> bool:
+        """Every live replica of a live master has its link up and no sync under way."""
+        alive = {n.port for n in self.alive()}
+        for n in self.alive():
+            info = redis_cli(n.port, "INFO", "replication")
+            if _info_field(info, "role") != "slave":
+                continue
+            if int(_info_field(info, "master_port") or 0) not in alive:
+                continue
+            if _info_field(info, "master_link_status") != "up":
+                return False
+            if _info_field(info, "master_sync_in_progress") != "0":
+                return False
+        return True
+
     def wait_ok(self, timeout: float = 60.0) -> None:
         """Until every live node says cluster_state:ok, agrees on one slot map, and sees every
         slot served by a live master (after a kill: once the replica was promoted)."""
@@ -279,7 +297,12 @@ class RedisCluster:
                 ]
                 maps = {redis_cli(n.port, "CLUSTER", "SLOTS") for n in self.alive()}
                 owners_alive = all(self._owners_alive(n.port) for n in self.alive())
-                if all(s == "ok" for s in states) and len(maps) == 1 and owners_alive:
+                if (
+                    all(s == "ok" for s in states)
+                    and len(maps) == 1
+                    and owners_alive
+                    and self._replicas_in_sync()
+                ):
                     return
             except RedisUnavailable:
                 pass

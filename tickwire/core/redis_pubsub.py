@@ -100,11 +100,9 @@ class RedisSubscription:
                 sub._send_all([["SSUBSCRIBE", c] for c in channels])
             else:
                 sub._send(["SUBSCRIBE", *channels])
-            confirmations = await sub._replies(len(channels), timeout)
-            kind = b"ssubscribe" if sharded else b"subscribe"
-            for c in confirmations:
-                if isinstance(c, RedisReplyError) or c[0] != kind:
-                    raise RedisUnavailable(f"{addr} refused SUBSCRIBE: {c}")
+            await sub._confirmations(
+                b"ssubscribe" if sharded else b"subscribe", len(channels), timeout
+            )
         except BaseException:
             sub.close()
             raise
@@ -171,6 +169,29 @@ class RedisSubscription:
             raise RedisUnavailable(self._protocol.lost or "connection is closed")
         pack = hiredis.pack_command
         self._transport.write(b"".join([pack(tuple(c)) for c in commands]))  # type: ignore[arg-type]
+
+    async def _confirmations(self, kind: bytes, n: int, timeout: float) -> None:
+        """Wait for `n` confirmations of `kind`. Messages of the channels confirmed first may
+        come between them (a busy channel, when one command subscribes thousands): they are
+        kept, in order, for the first `take`."""
+        early: list[Any] = []
+        confirmed = 0
+        try:
+            async with asyncio.timeout(timeout):
+                while confirmed < n:
+                    got = self.take()
+                    if not got:
+                        await self.wait(timeout)
+                    for reply in got:
+                        if isinstance(reply, RedisReplyError):
+                            raise RedisUnavailable(f"Redis refused the subscription: {reply}")
+                        if confirmed < n and reply[0] == kind:
+                            confirmed += 1
+                        else:
+                            early.append(reply)
+        except TimeoutError:
+            raise RedisUnavailable(f"no reply from Redis within {timeout} s") from None
+        self._early = early
 
     async def _replies(self, n: int, timeout: float) -> list[Any]:
         out: list[Any] = []
