@@ -1,0 +1,186 @@
+"""Per-subscription throttle (`max_hz`): what a hub group's channels send now, and what waits.
+
+Sans-I/O: the hub offers each group's batches with the time (`offer`), and asks at the deadlines
+the throttle names (`next_due`) for what became due (`due`); a timer at the I/O edge calls it.
+One throttle serves a whole hub group, so its cost is per distinct set of rates, not per client.
+
+Per channel, at most one batch list goes out per `1 / max_hz` seconds:
+
+- the first batch after a quiet spell goes at once; later ones wait for the channel's next
+  slot, `1 / max_hz` after the previous one;
+- quotes and bars send only their latest event, which supersedes the others: its batch says how
+  many seqs it skipped (`Batch.skipped`, `"skipped":N` in the frame), so the client's hole is
+  accounted for exactly;
+- trades are never dropped: what waited goes together, as one batch when consecutive.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Mapping
+
+from tickwire.core.channels import WILDCARD, Channel, ChannelPattern
+from tickwire.core.errors import ProtocolError
+from tickwire.server.batch import Batch
+
+#: Bounds of `max_hz` (frames per second per channel). The lowest rate still shows a dashboard
+#: moving every 10 s; above the highest, a throttle would save nothing over the live stream.
+MIN_HZ = 0.1
+MAX_HZ = 1000.0
+#: A deadline this close is due: the loop's timers round to whole milliseconds (uvloop).
+SLACK_S = 0.001
+
+#: A pattern's rate; None: not throttled.
+Rate = float | None
+
+
+def parse_max_hz(value: object) -> Rate:
+    """A `subscribe` request's `max_hz` (ProtocolError `bad_request` if out of bounds)."""
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not MIN_HZ <= value <= MAX_HZ  # NaN fails too
+    ):
+        raise ProtocolError(
+            "bad_request", f"'max_hz' must be a number from {MIN_HZ:g} to {MAX_HZ:g}"
+        )
+    return float(value)
+
+
+class _Slot:
+    """One channel's state: when it may send next, and what waits for then."""
+
+    __slots__ = ("held", "interval", "next_at")
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.next_at = 0.0
+        self.held: list[Batch] = []
+
+
+class Throttle:
+    """The rates of one hub group's patterns, and each throttled channel's slot.
+
+    A channel covered by several patterns gets the fastest of their rates, and is not throttled
+    if one of them is not (like `tickwire.server.projection.Projection`'s fields).
+    """
+
+    __slots__ = ("_deadlines", "_interval_of", "_slots", "patterns", "rates")
+
+    def __init__(
+        self, patterns: frozenset[ChannelPattern], rates: Mapping[ChannelPattern, float]
+    ) -> None:
+        self.patterns = patterns
+        self.rates = dict(rates)
+        self._interval_of: dict[Channel, float | None] = {}
+        self._slots: dict[Channel, _Slot] = {}
+        #: (deadline, channel) of each channel holding batches; stale entries are skipped.
+        self._deadlines: list[tuple[float, Channel]] = []
+
+    def interval_of(self, channel: Channel) -> float | None:
+        """Seconds between two frames of `channel`; None: it is not throttled."""
+        try:
+            return self._interval_of[channel]
+        except KeyError:
+            pass
+        hz: Rate = None
+        for pattern in (
+            ChannelPattern(channel.kind, channel.symbol),
+            ChannelPattern(channel.kind, WILDCARD),
+        ):
+            if pattern not in self.patterns:
+                continue
+            own = self.rates.get(pattern)
+            if own is None:
+                hz = None
+                break
+            hz = own if hz is None else max(hz, own)
+        interval = self._interval_of[channel] = None if hz is None else 1.0 / hz
+        return interval
+
+    def offer(self, batches: list[Batch], now: float) -> list[Batch]:
+        """The batches (of this group's channels) to send now; the rest waits for `due`."""
+        out: list[Batch] = []
+        for batch in batches:
+            channel = batch.channel
+            slot = self._slots.get(channel)
+            if slot is None:
+                interval = self.interval_of(channel)
+                if interval is None:
+                    out.append(batch)
+                    continue
+                slot = self._slots[channel] = _Slot(interval)
+            if slot.held:
+                slot.held.append(batch)
+            elif now >= slot.next_at - SLACK_S:
+                out += _render([batch])
+                slot.next_at = now + slot.interval
+            else:
+                slot.held.append(batch)
+                heapq.heappush(self._deadlines, (slot.next_at, channel))
+        return out
+
+    def next_due(self) -> float | None:
+        """When the next waiting batch is due (None: nothing waits)."""
+        return self._deadlines[0][0] if self._deadlines else None
+
+    def due(self, now: float) -> list[Batch]:
+        """The waiting batches whose slot has come, rendered (and no longer waiting)."""
+        out: list[Batch] = []
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now + SLACK_S:
+            deadline, channel = heapq.heappop(deadlines)
+            slot = self._slots.get(channel)
+            if slot is None or not slot.held or slot.next_at != deadline:
+                continue
+            out += _render(slot.held)
+            slot.held = []
+            # From the slot, not from now: a timer that fires a little late does not let the
+            # next batch follow closer than the interval.
+            slot.next_at = max(now, deadline) + slot.interval
+        return out
+
+    def waiting(self) -> list[Batch]:
+        """What waits, rendered as it would go (for a member leaving the group); it still
+        waits for the others."""
+        return [b for slot in self._slots.values() if slot.held for b in _render(slot.held)]
+
+
+def _render(batches: list[Batch]) -> list[Batch]:
+    """What goes for `batches` (of one channel, in the order read): per run of one epoch, the
+    latest event superseding the rest (quotes, bars), or the events merged (trades)."""
+    channel = batches[0].channel
+    runs: list[list[Batch]] = []
+    for batch in batches:
+        if runs and runs[-1][-1].epoch == batch.epoch and runs[-1][-1].last_seq < batch.first_seq:
+            runs[-1].append(batch)
+        else:
+            runs.append([batch])
+    out: list[Batch] = []
+    for run in runs:
+        first, last = run[0], run[-1]
+        if channel.kind != "trades":
+            if len(run) == 1:
+                out.append(last.superseding())
+            else:
+                skipped = last.last_seq - first.start
+                latest = last.events[-1:]
+                out.append(Batch(channel, last.epoch, last.last_seq, latest, False, skipped))
+            continue
+        if len(run) == 1:
+            out.append(first)
+            continue
+        # Trades: consecutive batches become one; a hole (a catch-up read's) splits them.
+        events = list(first.events)
+        begin, end = first.first_seq, first.last_seq
+        for batch in run[1:]:
+            if batch.first_seq != end + 1:
+                out.append(Batch(channel, first.epoch, begin, events))
+                events, begin = list(batch.events), batch.first_seq
+            else:
+                events += batch.events
+            end = batch.last_seq
+        out.append(Batch(channel, first.epoch, begin, events))
+    return out
