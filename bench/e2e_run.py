@@ -11,6 +11,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -20,9 +21,9 @@ import orjson
 
 from tickwire.bench.e2e_report import Run, Step, breach
 from tickwire.bench.harness import ServerProcess, cpu_seconds, machine_cpu_seconds, start_feed
-from tickwire.bench.load import spread_channels
+from tickwire.bench.load import spread_channels, view_age_file
 from tickwire.bench.stats import latency_summary, server_share
-from tickwire.core.channels import REGISTRY_KEY, Channel
+from tickwire.core.channels import REGISTRY_KEY, Channel, ChannelPattern
 from tickwire.core.redis_wire import RedisConnection
 from tickwire.feeds.simulator import default_symbols
 
@@ -43,9 +44,15 @@ class Scenario:
     max_rate: float = 1e7
     step_factor: float = 1.5
     max_p99_ms: float = 50.0
+    #: Every client subscribes these patterns instead of `channels_per_client` channels.
+    patterns: tuple[str, ...] = ()
+    #: The clients' `max_hz` (None: unthrottled).
+    max_hz: float | None = None
 
 
 def plan_channels(s: Scenario) -> list[list[str]]:
+    if s.patterns:
+        return [list(s.patterns) for _ in range(s.clients)]
     names = default_symbols(s.symbols)
     channels = [f"{kind}:{sym}" for sym in names for kind in ("quotes", "trades")]
     return spread_channels(channels, s.clients, s.channels_per_client)
@@ -128,6 +135,8 @@ class Target:
                     sys.executable, "-m", "tickwire.bench.load", "--url", url,
                     "--plan", str(plan), "--sample-every", str(s.sample_every),
                 ]  # fmt: skip
+                if s.max_hz is not None:
+                    cmd += ["--max-hz", str(s.max_hz)]
                 self.loads.append(LoadProcess(cmd, self.log))
         for p in self.loads:
             p.wait_ready(self.logname)
@@ -212,6 +221,11 @@ class Target:
         # All samples of the step in one file, for --plot.
         step.latency_file = str(self.workdir / f"{self.name}-{index}.npy")
         np.save(step.latency_file, lat)
+        # How old each sampled client's view of a channel was when a message brought it up to
+        # date: receive time minus the publish time of the oldest event it covered (skipped
+        # ones included, see `tickwire.bench.load`).
+        ages = np.concatenate([np.load(view_age_file(str(part))) for part in parts])
+        step.view_age = latency_summary(ages)
         window = after.t - before.t
         finals = asyncio.run(final_seqs(self.redis_url, self.plan))
         tail = sum(max(0, finals.get(ch, 0) - last) for r in results for ch, last in r["last_seqs"])
@@ -266,7 +280,22 @@ class Target:
 
     def _owed(self, before: dict[str, int], after: dict[str, int]) -> int:
         """Deliveries the clients are owed for what was published between two samples."""
-        return sum(after.get(ch, 0) - before.get(ch, 0) for chans in self.plan for ch in chans)
+        return sum(
+            after.get(ch, 0) - before.get(ch, 0)
+            for chans in self.plan
+            for ch in concrete(chans, after)
+        )
+
+
+def concrete(names: list[str], known: Iterable[str]) -> list[str]:
+    """`names` with each pattern (`quotes:*`) replaced by the `known` channels it covers."""
+    patterns = [ChannelPattern.parse(n) for n in names if n.endswith(":*")]
+    if not patterns:
+        return names
+    plain = [n for n in names if not n.endswith(":*")]
+    return plain + sorted(
+        {k for k in known if any(p.matches(Channel.parse(k)) for p in patterns)} - set(plain)
+    )
 
 
 class Pids(NamedTuple):
@@ -376,9 +405,10 @@ def redis_counters(url: str) -> tuple[dict[str, int], float]:
 
 
 async def final_seqs(url: str, plan: list[list[str]]) -> dict[str, int]:
-    names = sorted({ch for chans in plan for ch in chans})
     conn = await RedisConnection.open(url)
     try:
+        registry = [m.decode() for m in await conn.execute("SMEMBERS", REGISTRY_KEY)]
+        names = sorted({ch for chans in plan for ch in concrete(chans, registry)})
         replies = await conn.pipeline([["HGET", Channel.parse(n).meta_key, "seq"] for n in names])
     finally:
         conn.close()
