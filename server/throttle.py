@@ -6,8 +6,10 @@ One throttle serves a whole hub group, so its cost is per distinct set of rates,
 
 Per channel, at most one batch list goes out per `1 / max_hz` seconds:
 
-- the first batch after a quiet spell goes at once; later ones wait for the channel's next
-  slot, `1 / max_hz` after the previous one;
+- what comes waits for the next tick of a clock of `1 / max_hz` seconds shared by every channel
+  of that rate (ticks at whole multiples of the interval), then goes; so every channel of a
+  group that changed since the last tick goes at the same tick, in one frame per client, and a
+  client's view is never older than one interval plus the usual latency;
 - quotes and bars send only their latest event, which supersedes the others: its batch says how
   many seqs it skipped (`Batch.skipped`, `"skipped":N` in the frame), so the client's hole is
   accounted for exactly;
@@ -17,6 +19,7 @@ Per channel, at most one batch list goes out per `1 / max_hz` seconds:
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Mapping
 
 from tickwire.core.channels import WILDCARD, Channel, ChannelPattern
@@ -50,13 +53,17 @@ def parse_max_hz(value: object) -> Rate:
 
 
 class _Slot:
-    """One channel's state: when it may send next, and what waits for then."""
+    """One channel's state: its rate, the tick it waits for (or last went at), what waits."""
 
-    __slots__ = ("held", "interval", "next_at")
+    __slots__ = ("held", "hz", "sent_at", "tick")
 
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self.next_at = 0.0
+    def __init__(self, hz: float) -> None:
+        self.hz = hz
+        #: When it last went (a timer late for one tick does not bring the next one closer).
+        self.sent_at = -math.inf
+        #: The tick (a whole multiple of 1 / hz, as its index) `held` waits for, or the last
+        #: one it went at.
+        self.tick = 0
         self.held: list[Batch] = []
 
 
@@ -67,22 +74,27 @@ class Throttle:
     if one of them is not (like `tickwire.server.projection.Projection`'s fields).
     """
 
-    __slots__ = ("_deadlines", "_interval_of", "_slots", "patterns", "rates")
+    __slots__ = ("_deadlines", "_rate_of", "_slots", "patterns", "rates")
 
     def __init__(
         self, patterns: frozenset[ChannelPattern], rates: Mapping[ChannelPattern, float]
     ) -> None:
         self.patterns = patterns
         self.rates = dict(rates)
-        self._interval_of: dict[Channel, float | None] = {}
+        self._rate_of: dict[Channel, Rate] = {}
         self._slots: dict[Channel, _Slot] = {}
         #: (deadline, channel) of each channel holding batches; stale entries are skipped.
         self._deadlines: list[tuple[float, Channel]] = []
 
     def interval_of(self, channel: Channel) -> float | None:
         """Seconds between two frames of `channel`; None: it is not throttled."""
+        hz = self.rate_of(channel)
+        return None if hz is None else 1.0 / hz
+
+    def rate_of(self, channel: Channel) -> Rate:
+        """The `max_hz` of `channel`; None: it is not throttled."""
         try:
-            return self._interval_of[channel]
+            return self._rate_of[channel]
         except KeyError:
             pass
         hz: Rate = None
@@ -97,8 +109,8 @@ class Throttle:
                 hz = None
                 break
             hz = own if hz is None else max(hz, own)
-        interval = self._interval_of[channel] = None if hz is None else 1.0 / hz
-        return interval
+        self._rate_of[channel] = hz
+        return hz
 
     def offer(self, batches: list[Batch], now: float) -> list[Batch]:
         """The batches (of this group's channels) to send now; the rest waits for `due`."""
@@ -107,19 +119,21 @@ class Throttle:
             channel = batch.channel
             slot = self._slots.get(channel)
             if slot is None:
-                interval = self.interval_of(channel)
-                if interval is None:
+                hz = self.rate_of(channel)
+                if hz is None:
                     out.append(batch)
                     continue
-                slot = self._slots[channel] = _Slot(interval)
-            if slot.held:
-                slot.held.append(batch)
-            elif now >= slot.next_at - SLACK_S:
-                out += _render([batch])
-                slot.next_at = now + slot.interval
-            else:
-                slot.held.append(batch)
-                heapq.heappush(self._deadlines, (slot.next_at, channel))
+                slot = self._slots[channel] = _Slot(hz)
+            if not slot.held:
+                # The next tick, and never the one it last went at (a timer that fired a
+                # little early may have sent it already).
+                hz = slot.hz
+                tick = max(math.floor(now * hz) + 1, slot.tick + 1)
+                while tick / hz < slot.sent_at + 1 / hz - SLACK_S:
+                    tick += 1
+                slot.tick = tick
+                heapq.heappush(self._deadlines, (slot.tick / slot.hz, channel))
+            slot.held.append(batch)
         return out
 
     def next_due(self) -> float | None:
@@ -131,15 +145,13 @@ class Throttle:
         out: list[Batch] = []
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now + SLACK_S:
-            deadline, channel = heapq.heappop(deadlines)
+            _, channel = heapq.heappop(deadlines)
             slot = self._slots.get(channel)
-            if slot is None or not slot.held or slot.next_at != deadline:
+            if slot is None or not slot.held:
                 continue
             out += _render(slot.held)
             slot.held = []
-            # From the slot, not from now: a timer that fires a little late does not let the
-            # next batch follow closer than the interval.
-            slot.next_at = max(now, deadline) + slot.interval
+            slot.sent_at = now
         return out
 
     def waiting(self) -> list[Batch]:

@@ -51,41 +51,44 @@ def test_max_hz_bounds() -> None:
         assert info.value.code == "bad_request" and "max_hz" in info.value.message
 
 
-def test_a_quote_goes_at_once_then_the_latest_at_each_slot_saying_what_it_skipped() -> None:
+def test_quotes_wait_for_the_next_tick_and_go_as_the_latest_saying_what_it_skipped() -> None:
     t = Throttle(frozenset({QUOTES}), {QUOTES: 4.0})
-    first = t.offer([batch(Q, 1, 3)], 10.0)  # a quiet channel: at once, the latest of the three
-    assert [(b.first_seq, b.skipped, len(b.events)) for b in first] == [(3, 2, 1)]
-    assert orjson.loads(first[0].frame)["skipped"] == 2
-    assert t.offer([batch(Q, 4, 1)], 10.1) == []  # its slot is at 10.25
-    assert t.offer([batch(Q, 5, 2)], 10.2) == []
+    # Ticks at whole multiples of 1/4 s: what comes at 10.1 waits for 10.25.
+    assert t.offer([batch(Q, 1, 3)], 10.1) == []
+    assert t.offer([batch(Q, 4, 1)], 10.2) == []
     assert t.next_due() == 10.25
-    assert t.due(10.24) == []  # not yet
+    assert t.due(10.2) == []  # not yet
     (latest,) = t.due(10.25)
-    assert (latest.start, latest.first_seq, latest.skipped) == (4, 6, 2)
-    assert orjson.loads(latest.frame)["events"][0]["seq"] == 6
+    assert (latest.start, latest.first_seq, latest.skipped) == (1, 4, 3)
+    assert orjson.loads(latest.frame)["skipped"] == 3
+    assert orjson.loads(latest.frame)["events"][0]["seq"] == 4
     assert t.next_due() is None and t.due(11.0) == []
-    # The next slot is a whole interval after the last one: a batch at 10.3 waits till 10.5.
-    assert t.offer([batch(Q, 7, 1)], 10.3) == []
-    assert t.next_due() == 10.5
-    # Quiet long enough: the next batch goes at once again, as it is (it skips nothing).
-    assert [b.skipped for b in t.due(10.5)] == [0]
-    (alone,) = t.offer([batch(Q, 8, 1)], 12.0)
+    # Right on a tick: the next one. A lone update goes as it is (it skips nothing).
+    assert t.offer([batch(Q, 5, 1)], 10.5) == []
+    assert t.next_due() == 10.75
+    (alone,) = t.due(10.75)
     assert alone.skipped == 0 and b'"skipped"' not in alone.frame
+
+
+def test_a_timer_that_fires_a_little_early_does_not_send_twice_in_one_tick() -> None:
+    t = Throttle(frozenset({QUOTES}), {QUOTES: 4.0})
+    t.offer([batch(Q, 1, 1)], 10.1)
+    assert len(t.due(10.2495)) == 1  # within the timers' slack of 10.25: due
+    t.offer([batch(Q, 2, 1)], 10.2497)  # still before 10.25: waits for 10.5, not 10.25
+    assert t.next_due() == 10.5
 
 
 def test_trades_are_held_and_go_together_in_order_never_dropped() -> None:
     t = Throttle(frozenset({TRADES}), {TRADES: 2.0})
-    assert seqs(events_of(t.offer([batch(T, 1, 2)], 0.0))) == [1, 2]
-    for i, at in enumerate((0.1, 0.2, 0.3, 0.4)):
-        assert t.offer([batch(T, 3 + 2 * i, 2)], at) == []
+    for i, at in enumerate((0.0, 0.1, 0.2, 0.3, 0.4)):
+        assert t.offer([batch(T, 1 + 2 * i, 2)], at) == []
     (together,) = t.due(0.5)
-    assert (together.first_seq, together.last_seq, together.skipped) == (3, 10, 0)
-    assert seqs(events_of([together])) == list(range(3, 11))
+    assert (together.first_seq, together.last_seq, together.skipped) == (1, 10, 0)
+    assert seqs(events_of([together])) == list(range(1, 11))
 
 
 def test_a_new_epoch_or_a_hole_splits_what_waited() -> None:
     t = Throttle(frozenset({TRADES, QUOTES}), {TRADES: 1.0, QUOTES: 1.0})
-    t.offer([batch(T, 1, 1), batch(Q, 1, 1)], 0.0)
     t.offer([batch(T, 2, 2), batch(Q, 2, 3)], 0.1)
     t.offer([batch(T, 6, 1), batch(Q, 1, 2, epoch="e2"), batch(T, 1, 1, epoch="e2")], 0.2)
     out = t.due(1.0)
@@ -155,7 +158,7 @@ def throttled_client(hub: Hub, *patterns: str, max_hz: float | None, fast: bool 
 
 
 def test_clients_of_one_rate_share_a_group_and_one_throttle() -> None:
-    clock = Clock()
+    clock = Clock()  # 100.0
     hub = Hub(clock)
     wakes: list[float] = []
     hub.on_wake = wakes.append
@@ -168,23 +171,38 @@ def test_clients_of_one_rate_share_a_group_and_one_throttle() -> None:
     hub.dispatch([batch(Q, 1, 1)])
     hub.dispatch([batch(Q, 2, 1)])
     hub.dispatch([batch(Q, 3, 2)])
-    assert wakes[-1] == 100.25 and len(wakes) <= 2  # the earliest deadline, named once
+    assert wakes[-1] == 100.25 and len(wakes) <= 2  # the earliest tick, named once
     assert seqs(live.messages()) == [1, 2, 3, 4]
-    assert seqs(a.messages()) == seqs(b.messages()) == seqs(other.messages()) == [1]
+    assert a.frames == b.frames == other.frames == []
     clock.now = 100.25
     hub.release_due()
-    assert wakes[-1] == 100.5  # the 2 Hz group's slot is next
-    assert seqs(a.messages()) == [1, 4] and a.frames == b.frames  # the same bytes for both
-    assert a.messages()[-1]["skipped"] == 2
+    assert wakes[-1] == 100.5  # the 2 Hz group's tick is next
+    assert seqs(a.messages()) == [4] and a.frames == b.frames  # the same bytes for both
+    assert a.messages()[-1]["skipped"] == 3
     clock.now = 100.5
     hub.release_due()
-    assert seqs(other.messages()) == [1, 4]
+    assert seqs(other.messages()) == [4]
     for c in (a, b, live, other):
         checker = InvariantChecker()
         checker.expect_from(Q.name, "e1", 0)
         for m in c.messages():
             checker.feed(m)
         assert checker.ok, checker.violations
+
+
+def test_every_channel_of_a_group_goes_at_the_same_tick_in_one_frame() -> None:
+    clock = Clock()
+    hub = Hub(clock)
+    c = throttled_client(hub, "quotes:*", "trades:*", max_hz=4)
+    for ch in (Q, Q2, T):
+        c.outbox.expect(ch, "e1", 0)
+    for i, ch in enumerate((Q, Q2, T)):
+        clock.now = 100.01 + 0.05 * i
+        hub.dispatch([batch(ch, 1, 3)])
+    clock.now = 100.25
+    hub.release_due()
+    (frame,) = c.frames
+    assert sorted(m["ch"] for m in orjson.loads(frame)) == sorted(ch.name for ch in (Q, Q2, T))
 
 
 def test_a_client_leaving_a_throttled_group_gets_the_trades_that_waited() -> None:
@@ -194,10 +212,12 @@ def test_a_client_leaving_a_throttled_group_gets_the_trades_that_waited() -> Non
     c.outbox.expect(T, "e1", 0)
     hub.dispatch([batch(T, 1, 1)])
     hub.dispatch([batch(T, 2, 3)])  # waits for 101.0
-    assert seqs(c.messages()) == [1]
+    assert c.frames == []
     hub.subscribe(c.sub, QUOTES)  # another group now: what waited comes at once
     assert seqs(c.messages()) == [1, 2, 3, 4]
-    hub.dispatch([batch(T, 5, 1)])  # the new group's throttle: a fresh slot
+    hub.dispatch([batch(T, 5, 1)])  # the new group's throttle: the next tick
+    clock.now = 101.0
+    hub.release_due()
     assert seqs(c.messages()) == [1, 2, 3, 4, 5]
 
 
