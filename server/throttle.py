@@ -4,7 +4,7 @@ Sans-I/O: the hub offers each group's batches with the time (`offer`), and asks 
 the throttle names (`next_due`) for what became due (`due`); a timer at the I/O edge calls it.
 One throttle serves a whole hub group, so its cost is per distinct set of rates, not per client.
 
-Per channel, at most one batch list goes out per `1 / max_hz` seconds:
+Per channel, at most one message goes out per tick, ticks being `1 / max_hz` seconds apart:
 
 - what comes waits for the next tick of a clock of `1 / max_hz` seconds shared by every channel
   of that rate (ticks at whole multiples of the interval), then goes; so every channel of a
