@@ -11,7 +11,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -21,9 +20,9 @@ import orjson
 
 from tickwire.bench.e2e_report import Run, Step, breach
 from tickwire.bench.harness import ServerProcess, cpu_seconds, machine_cpu_seconds, start_feed
-from tickwire.bench.load import spread_channels, view_age_file
+from tickwire.bench.load import concrete, spread_channels, view_age_file
 from tickwire.bench.stats import latency_summary, server_share
-from tickwire.core.channels import REGISTRY_KEY, Channel, ChannelPattern
+from tickwire.core.channels import REGISTRY_KEY, Channel
 from tickwire.core.redis_wire import RedisConnection
 from tickwire.feeds.simulator import default_symbols
 
@@ -227,7 +226,9 @@ class Target:
         ages = np.concatenate([np.load(view_age_file(str(part))) for part in parts])
         step.view_age = latency_summary(ages)
         window = after.t - before.t
-        finals = asyncio.run(final_seqs(self.redis_url, self.plan))
+        # Patterns as the channels they covered by the window's end.
+        covered = [concrete(chans, after.seqs) for chans in self.plan[:1]] if s.patterns else []
+        finals = asyncio.run(final_seqs(self.redis_url, covered or self.plan))
         tail = sum(max(0, finals.get(ch, 0) - last) for r in results for ch, last in r["last_seqs"])
         step.figures = {
             "events_published_per_s": (sum(after.seqs.values()) - sum(before.seqs.values()))
@@ -285,17 +286,6 @@ class Target:
             for chans in self.plan
             for ch in concrete(chans, after)
         )
-
-
-def concrete(names: list[str], known: Iterable[str]) -> list[str]:
-    """`names` with each pattern (`quotes:*`) replaced by the `known` channels it covers."""
-    patterns = [ChannelPattern.parse(n) for n in names if n.endswith(":*")]
-    if not patterns:
-        return names
-    plain = [n for n in names if not n.endswith(":*")]
-    return plain + sorted(
-        {k for k in known if any(p.matches(Channel.parse(k)) for p in patterns)} - set(plain)
-    )
 
 
 class Pids(NamedTuple):
@@ -405,10 +395,9 @@ def redis_counters(url: str) -> tuple[dict[str, int], float]:
 
 
 async def final_seqs(url: str, plan: list[list[str]]) -> dict[str, int]:
+    names = sorted({ch for chans in plan for ch in chans})
     conn = await RedisConnection.open(url)
     try:
-        registry = [m.decode() for m in await conn.execute("SMEMBERS", REGISTRY_KEY)]
-        names = sorted({ch for chans in plan for ch in concrete(chans, registry)})
         replies = await conn.pipeline([["HGET", Channel.parse(n).meta_key, "seq"] for n in names])
     finally:
         conn.close()

@@ -16,7 +16,7 @@ import argparse
 import asyncio
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +25,7 @@ import orjson
 
 from tickwire.bench.invariant import InvariantChecker
 from tickwire.bench.sink import EventCounter, SinkProtocol, connect_sink
+from tickwire.core.channels import Channel, ChannelPattern
 from tickwire.core.runtime import tune_gc
 
 
@@ -33,6 +34,17 @@ def spread_channels(channels: list[str], clients: int, per: int) -> list[list[st
     so that every channel has about as many subscribers as any other."""
     per = min(per, len(channels))
     return [[channels[(i * per + j) % len(channels)] for j in range(per)] for i in range(clients)]
+
+
+def concrete(names: list[str], known: Iterable[str]) -> list[str]:
+    """`names` with each pattern (`quotes:*`) replaced by the `known` channels it covers."""
+    patterns = [ChannelPattern.parse(n) for n in names if n.endswith(":*")]
+    if not patterns:
+        return names
+    plain = [n for n in names if not n.endswith(":*")]
+    return plain + sorted(
+        {k for k in known if any(p.matches(Channel.parse(k)) for p in patterns)} - set(plain)
+    )
 
 
 def view_age_file(latency_file: str) -> str:

@@ -11,10 +11,10 @@ import numpy as np
 import orjson
 
 from tickwire.bench.e2e_report import Step, breach, median_step
-from tickwire.bench.e2e_run import Scenario, concrete
+from tickwire.bench.e2e_run import Scenario
 from tickwire.bench.harness import TICKWIRE, machine_cpu_seconds
 from tickwire.bench.invariant import InvariantChecker
-from tickwire.bench.load import spread_channels
+from tickwire.bench.load import concrete, spread_channels
 from tickwire.bench.sink import EventCounter, SinkProtocol, count_events
 from tickwire.bench.stats import histogram_quantile, latency_summary, ratio, server_share, table
 from tickwire.server.metrics import Metrics
