@@ -342,3 +342,56 @@ def test_a_pattern_keeps_its_rate_until_unsubscribed() -> None:
     s.receive(b'{"op":"unsubscribe","channels":["quotes:*"]}', 0.0)
     live = subscribe()
     assert isinstance(live, Subscribe) and live.added == (QUOTES,) and live.max_hz is None
+
+
+def test_clients_moving_between_throttled_groups_get_every_trade_once_in_order() -> None:
+    """A client whose other subscriptions come and go moves between groups (and throttles):
+    the trades its old group's throttle held come with the move, none twice, none lost."""
+    rng = random.Random(23)
+    clock = Clock()
+    hub = Hub(clock)
+    deadline: list[float] = []
+    hub.on_wake = deadline.append
+    clients = [
+        throttled_client(hub, T.name, max_hz=rng.choice((2, 4)), fast=rng.random() < 0.7)
+        for _ in range(8)
+    ]
+    for c in clients:
+        c.outbox.expect(T, "e1", 0)
+    channels = [T, Q, Q2]
+    next_seq = dict.fromkeys(channels, 1)
+    for _ in range(500):
+        clock.now += rng.choice((0.003, 0.03, 0.12))
+        if deadline and deadline[-1] <= clock.now:
+            deadline.clear()
+            hub.release_due()
+        for c in clients:
+            c.room = rng.random() > 0.2
+            if c.room:
+                c.flush()
+            if rng.random() < 0.05:
+                other = rng.choice((QUOTES, ChannelPattern.parse(Q2.name)))
+                if other in hub.patterns_of(c.sub):
+                    hub.unsubscribe(c.sub, other)
+                    for ch in (Q, Q2):
+                        if not hub.follows(c.sub, ch):
+                            c.outbox.forget(ch)
+                else:
+                    hub.subscribe(c.sub, other, max_hz=rng.choice((1, 4, None)))
+        batches = []
+        for ch in rng.sample(channels, rng.randint(1, 3)):
+            n = rng.randint(1, 3)
+            batches.append(batch(ch, next_seq[ch], n))
+            next_seq[ch] += n
+        hub.dispatch(batches)
+    clock.now += 10
+    hub.release_due()
+    for c in clients:
+        c.room = True
+        c.flush()
+        assert seqs([m for m in c.messages() if m.get("ch") == T.name]) == list(
+            range(1, next_seq[T])
+        )
+        for ch in (Q, Q2):
+            got = seqs([m for m in c.messages() if m.get("ch") == ch.name])
+            assert got == sorted(set(got)), ch
