@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0] if __doc__ else None,
         epilog="`tickwire bench publish --help`: the publish-throughput bench; "
         "`tickwire bench faults --help`: the fault scenarios; "
-        "`tickwire bench conns --help`: connections per box and a reconnect storm.",
+        "`tickwire bench conns --help`: connections per box and a reconnect storm; "
+        "`tickwire bench throttle --help`: max_hz subscriptions against unthrottled ones.",
     )
     p.add_argument("--rate", type=float, default=10_000, help="events/s published (default 10000)")
     p.add_argument(

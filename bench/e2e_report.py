@@ -31,6 +31,9 @@ class Step:
     #: The server's own view over the window (tickwire only): read→write and publish→write.
     server: dict[str, float] = field(default_factory=dict)
     latency_file: str = ""
+    #: How old a client's view of a channel was when a message updated it (µs percentiles):
+    #: the latency of the oldest event the message covered, skipped (throttled) ones included.
+    view_age: dict[str, float] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:

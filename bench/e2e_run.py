@@ -20,7 +20,7 @@ import orjson
 
 from tickwire.bench.e2e_report import Run, Step, breach
 from tickwire.bench.harness import ServerProcess, cpu_seconds, machine_cpu_seconds, start_feed
-from tickwire.bench.load import spread_channels
+from tickwire.bench.load import concrete, spread_channels, view_age_file
 from tickwire.bench.stats import latency_summary, server_share
 from tickwire.core.channels import REGISTRY_KEY, Channel
 from tickwire.core.redis_cluster import ClusterConnection
@@ -44,9 +44,15 @@ class Scenario:
     max_rate: float = 1e7
     step_factor: float = 1.5
     max_p99_ms: float = 50.0
+    #: Every client subscribes these patterns instead of `channels_per_client` channels.
+    patterns: tuple[str, ...] = ()
+    #: The clients' `max_hz` (None: unthrottled).
+    max_hz: float | None = None
 
 
 def plan_channels(s: Scenario) -> list[list[str]]:
+    if s.patterns:
+        return [list(s.patterns) for _ in range(s.clients)]
     names = default_symbols(s.symbols)
     channels = [f"{kind}:{sym}" for sym in names for kind in ("quotes", "trades")]
     return spread_channels(channels, s.clients, s.channels_per_client)
@@ -129,6 +135,8 @@ class Target:
                     sys.executable, "-m", "tickwire.bench.load", "--url", url,
                     "--plan", str(plan), "--sample-every", str(s.sample_every),
                 ]  # fmt: skip
+                if s.max_hz is not None:
+                    cmd += ["--max-hz", str(s.max_hz)]
                 self.loads.append(LoadProcess(cmd, self.log))
         for p in self.loads:
             p.wait_ready(self.logname)
@@ -213,8 +221,15 @@ class Target:
         # All samples of the step in one file, for --plot.
         step.latency_file = str(self.workdir / f"{self.name}-{index}.npy")
         np.save(step.latency_file, lat)
+        # How old each sampled client's view of a channel was when a message brought it up to
+        # date: receive time minus the publish time of the oldest event it covered (skipped
+        # ones included, see `tickwire.bench.load`).
+        ages = np.concatenate([np.load(view_age_file(str(part))) for part in parts])
+        step.view_age = latency_summary(ages)
         window = after.t - before.t
-        finals = asyncio.run(final_seqs(self.redis_url, self.plan))
+        # Patterns as the channels they covered by the window's end.
+        covered = [concrete(chans, after.seqs) for chans in self.plan[:1]] if s.patterns else []
+        finals = asyncio.run(final_seqs(self.redis_url, covered or self.plan))
         tail = sum(max(0, finals.get(ch, 0) - last) for r in results for ch, last in r["last_seqs"])
         step.figures = {
             "events_published_per_s": (sum(after.seqs.values()) - sum(before.seqs.values()))
@@ -267,7 +282,11 @@ class Target:
 
     def _owed(self, before: dict[str, int], after: dict[str, int]) -> int:
         """Deliveries the clients are owed for what was published between two samples."""
-        return sum(after.get(ch, 0) - before.get(ch, 0) for chans in self.plan for ch in chans)
+        return sum(
+            after.get(ch, 0) - before.get(ch, 0)
+            for chans in self.plan
+            for ch in concrete(chans, after)
+        )
 
 
 class Pids(NamedTuple):

@@ -1,8 +1,9 @@
 """Checks protocol v1's delivery invariant on what one client received, message by message.
 
 Per channel: seqs strictly increase within an epoch, and every hole between two delivered events
-is covered by exactly one `gap` (or the epoch changed with a `reset`). Used by the tests and by
-the bench on every sampled connection.
+is covered by exactly one `gap`, or by the `skipped` count of the `events` message that ends it
+(a throttled subscription's superseded quotes and bars), or the epoch changed with a `reset`.
+Used by the tests and by the bench on every sampled connection.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class InvariantChecker:
     gaps_announced: int = 0
     gap_events: int = 0
     resets: int = 0
+    #: Seqs that `events` messages said they skipped (throttled subscriptions).
+    skipped: int = 0
 
     def feed(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
@@ -59,6 +62,19 @@ class InvariantChecker:
         if t.epoch is not None and epoch != t.epoch and t.last is not None:
             self.violations.append(f"{ch}: epoch changed {t.epoch} → {epoch} without a reset")
         t.epoch = epoch
+        skipped = int(message.get("skipped", 0))
+        if skipped and events:
+            # A throttled channel's latest event: the hole before it is exactly `skipped` long
+            # (when the client stands anywhere: a channel's first events skip nothing).
+            first = int(events[0]["seq"])
+            if t.last is not None and first - t.last - 1 != skipped:
+                self.violations.append(
+                    f"{ch}: skipped {skipped} before {first}, but the hole after {t.last}"
+                    f" is {first - t.last - 1}"
+                )
+            if t.last is not None:
+                t.last = first - 1
+            self.skipped += skipped
         for ev in events:
             seq = int(ev["seq"])
             if ev.get("epoch", epoch) != epoch:

@@ -3,7 +3,10 @@
 Run by `tickwire bench` as a separate process (so the load generator does not share the server's
 event loop). Every client is a light `sink.py` connection counting frames, bytes and events;
 sampled ones also parse every message: latency (receive time minus publish time `pt`, and minus
-the event's own venue time `ts`) and the seq invariant.
+the event's own venue time `ts`), the seq invariant, and the age of the client's view that each
+message ends (receive time minus the `pt` of the oldest event it covers). With `--max-hz` the
+clients are throttled, and one extra unthrottled client (not counted) records every event's `pt`
+so that the age covers the events a throttled message skipped.
 Driven by commands on stdin (see `main_async`); prints one JSON line per report.
 """
 
@@ -13,7 +16,7 @@ import argparse
 import asyncio
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +25,7 @@ import orjson
 
 from tickwire.bench.invariant import InvariantChecker
 from tickwire.bench.sink import EventCounter, SinkProtocol, connect_sink
+from tickwire.core.channels import Channel, ChannelPattern
 from tickwire.core.runtime import tune_gc
 
 
@@ -30,6 +34,22 @@ def spread_channels(channels: list[str], clients: int, per: int) -> list[list[st
     so that every channel has about as many subscribers as any other."""
     per = min(per, len(channels))
     return [[channels[(i * per + j) % len(channels)] for j in range(per)] for i in range(clients)]
+
+
+def concrete(names: list[str], known: Iterable[str]) -> list[str]:
+    """`names` with each pattern (`quotes:*`) replaced by the `known` channels it covers."""
+    patterns = [ChannelPattern.parse(n) for n in names if n.endswith(":*")]
+    if not patterns:
+        return names
+    plain = [n for n in names if not n.endswith(":*")]
+    return plain + sorted(
+        {k for k in known if any(p.matches(Channel.parse(k)) for p in patterns)} - set(plain)
+    )
+
+
+def view_age_file(latency_file: str) -> str:
+    """Where a load process writes its view ages (ns) beside its latency samples."""
+    return latency_file.removesuffix(".npy") + "-age.npy"
 
 
 @dataclass
@@ -42,25 +62,54 @@ class ClientStats:
     error: str | None = None
     close_code: int | None = None
     live_from: int = 0
+    #: Per `events` message of the window: (channel, oldest seq it covers, receive ns), and the
+    #: view ages (ns) of those whose oldest event's `pt` it carried itself.
+    covered: list[tuple[str, int, int]] = field(default_factory=list)
+    ages: list[int] = field(default_factory=list)
 
 
 def checking(stats: ClientStats, measure_from: list[int]) -> Callable[[bytes, int], None]:
-    """The message handler of a sampled connection: latency of every event, and the invariant."""
+    """The message handler of a sampled connection: latency of every event, the invariant, and
+    the age of the view each message ends."""
     feed = stats.checker.feed
     latencies = stats.latencies
     since_event = stats.since_event
+    covered = stats.covered
+    ages = stats.ages
 
     def on_message(payload: bytes, now: int) -> None:
         doc = orjson.loads(payload)
         start = measure_from[0]
         for m in doc if isinstance(doc, list) else (doc,):
             if m.get("type") == "events":
-                for ev in m["events"]:
+                events = m["events"]
+                for ev in events:
                     pt = ev["pt"]
                     if pt >= start:
                         latencies.append(now - pt)
                         since_event.append(now - ev["ts"])
+                first = events[0]
+                if first["pt"] >= start:
+                    skipped = m.get("skipped", 0)
+                    if skipped:
+                        covered.append((m["ch"], first["seq"] - skipped, now))
+                    else:
+                        ages.append(now - first["pt"])
             feed(m)
+
+    return on_message
+
+
+def recording(published: dict[tuple[str, int], int]) -> Callable[[bytes, int], None]:
+    """The message handler of the reference connection: every event's `pt` by (channel, seq)."""
+
+    def on_message(payload: bytes, now: int) -> None:
+        doc = orjson.loads(payload)
+        for m in doc if isinstance(doc, list) else (doc,):
+            if m.get("type") == "events":
+                ch = m["ch"]
+                for ev in m["events"]:
+                    published[ch, ev["seq"]] = ev["pt"]
 
     return on_message
 
@@ -68,9 +117,15 @@ def checking(stats: ClientStats, measure_from: list[int]) -> Callable[[bytes, in
 class Load:
     """Every client of this process, and the counters a step reports."""
 
-    def __init__(self, url: str, plan: list[list[str]], sample_every: int) -> None:
+    def __init__(
+        self, url: str, plan: list[list[str]], sample_every: int, max_hz: float | None = None
+    ) -> None:
         self.url = url
         self.plan = plan
+        self.max_hz = max_hz
+        #: The reference connection's `pt` of every event (throttled loads only).
+        self.published: dict[tuple[str, int], int] = {}
+        self.reference: SinkProtocol | None = None
         self.stats = [ClientStats(sampled=i % sample_every == 0) for i in range(len(plan))]
         self.sinks: list[SinkProtocol | None] = [None] * len(plan)
         self.measure_from = [2**62]
@@ -81,6 +136,13 @@ class Load:
 
     async def open(self) -> None:
         connected = [asyncio.Event() for _ in self.plan]
+        if self.max_hz is not None and self.plan:
+            # Unthrottled, on the same channels as the first client: the publish time of the
+            # events throttled messages skip. Its frames count in no figure.
+            msg = orjson.dumps({"op": "subscribe", "id": 1, "channels": self.plan[0]})
+            self.reference = await connect_sink(
+                self.url, msg, recording(self.published), EventCounter()
+            )
         for i, channels in enumerate(self.plan):
             self.tasks.append(asyncio.create_task(self._client(i, channels, connected[i])))
             if i % 50 == 49:
@@ -88,7 +150,10 @@ class Load:
         await asyncio.gather(*(c.wait() for c in connected))
 
     async def _client(self, i: int, channels: list[str], connected: asyncio.Event) -> None:
-        msg = orjson.dumps({"op": "subscribe", "id": 1, "channels": channels})
+        request: dict[str, object] = {"op": "subscribe", "id": 1, "channels": channels}
+        if self.max_hz is not None:
+            request["max_hz"] = self.max_hz
+        msg = orjson.dumps(request)
         stats = self.stats[i]
         handler = checking(stats, self.measure_from) if stats.sampled else None
         try:
@@ -117,6 +182,8 @@ class Load:
         for s in self.stats:
             s.latencies.clear()
             s.since_event.clear()
+            s.covered.clear()
+            s.ages.clear()
             s.live_from = 0
         self._mark = self.totals()
         delay = max(0.0, (measure_from - time.time_ns()) / 1e9)
@@ -141,6 +208,14 @@ class Load:
         lat = [x for s in self.stats for x in s.latencies]
         since = [x for s in self.stats for x in s.since_event]
         np.save(latency_file, np.array([lat, since], dtype=np.int64).reshape(2, -1))
+        ages = [x for s in self.stats for x in s.ages]
+        published = self.published
+        for s in self.stats:
+            for ch, seq, at in s.covered:
+                pt = published.get((ch, seq))
+                if pt is not None:
+                    ages.append(at - pt)
+        np.save(view_age_file(latency_file), np.array(ages, dtype=np.int64))
         now = self.totals()
         sampled = [s for s in self.stats if s.sampled]
         # Per sampled (client, channel): the last seq seen, to count a lost tail against Redis.
@@ -164,7 +239,7 @@ class Load:
         }
 
     async def close(self) -> None:
-        for sink in self.sinks:
+        for sink in [*self.sinks, self.reference]:
             if sink is not None:
                 sink.close()
         for t in self.tasks:
@@ -176,7 +251,7 @@ async def main_async(args: argparse.Namespace, plan: list[list[str]]) -> None:
     """Commands on stdin, one per line: `go <unix ns>` starts a step (latency counted from then),
     `report <file.npy>` ends it (prints its figures as one JSON line), `stop` exits. While a step
     runs, a `{"live": …}` line each second feeds the bench's progress bar."""
-    load = Load(args.url, plan, args.sample_every)
+    load = Load(args.url, plan, args.sample_every, args.max_hz)
     await load.open()
     tune_gc()  # the same for both targets: collector pauses would show as their latency
     print("ready", flush=True)
@@ -211,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", required=True)
     p.add_argument("--plan", required=True, help="JSON file: a list of channels per client")
     p.add_argument("--sample-every", type=int, default=1)
+    p.add_argument("--max-hz", type=float, default=None, help="throttle every client to this")
     args = p.parse_args(argv)
     plan = orjson.loads(Path(args.plan).read_bytes())
     import uvloop

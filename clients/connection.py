@@ -314,7 +314,11 @@ class Feed:
     # -- requests ------------------------------------------------------------------------------
 
     async def subscribe(
-        self, *channels: str, snapshot: bool = False, fields: Iterable[str] | None = None
+        self,
+        *channels: str,
+        snapshot: bool = False,
+        fields: Iterable[str] | None = None,
+        max_hz: float | None = None,
     ) -> Subscribed:
         """Subscribe to channels or patterns (`trades:BTC-USD`, `quotes:*`).
 
@@ -323,12 +327,16 @@ class Feed:
         connection is down the subscription is made as soon as it is back. With `snapshot`, the
         latest event of each channel comes first. With `fields`, events carry only those type
         fields (and the common ones); the others are None (see docs/protocol.md, Projection).
+        With `max_hz`, each channel sends at most that many frames a second: the latest quote
+        or bar (`EventBatch.skipped` says how many it superseded), every trade (see
+        docs/protocol.md, Throttle).
 
             await feed.subscribe("trades:BTC-USD", "bars.1s:*", snapshot=True)
             await feed.subscribe("quotes:*", fields=["bid", "ask"])
+            await feed.subscribe("quotes:*", max_hz=4)
         """
         self._check_open()
-        req = self._session.subscribe(channels, snapshot=snapshot, fields=fields)
+        req = self._session.subscribe(channels, snapshot=snapshot, fields=fields, max_hz=max_hz)
         reply = await self._settle(req.id, req.frame)
         if reply is None:
             return Subscribed(None, self._session.subscriptions)

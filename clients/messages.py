@@ -53,6 +53,8 @@ class EventBatch:
     #: The server dropped older quotes/bars in favour of these (a `conflated` Gap came first).
     conflated: bool = False
     raw: tuple[dict[str, Any], ...] | None = field(default=None, compare=False, repr=False)
+    #: A throttled subscription (`max_hz`): the seqs just before these that they superseded.
+    skipped: int = 0
 
     def __len__(self) -> int:
         return len(self.events)

@@ -30,6 +30,11 @@ What the session does when the stream it is given is not what protocol v1 promis
 - events of another epoch without a `reset` first: the session reports a `Reset` itself;
 - a gap before any event of its channel: held, and delivered just before the first event if it
   leads up to it (before the first event, nothing was promised, so nothing else needs saying).
+
+A throttled subscription (`subscribe(..., max_hz=4)`) gets quotes and bars whose `events` frame
+says how many seqs before it were superseded (`skipped`): that hole is accounted for, not a gap.
+It is counted in `stats.skipped` and said by the `EventBatch` (`skipped`); a hole larger than
+what the frame skipped is a hole as above.
 """
 
 from __future__ import annotations
@@ -90,6 +95,8 @@ class Request:
     resume: Mapping[str, Position] = field(default_factory=dict)
     #: The event fields asked for (`subscribe(fields=…)`); None: whole events.
     fields: tuple[str, ...] | None = None
+    #: At most this many frames per second per channel (`subscribe(max_hz=…)`); None: live.
+    max_hz: float | None = None
     #: Built by `connection_made()` to restore the subscriptions on a new connection.
     resync: bool = False
 
@@ -103,6 +110,8 @@ class SessionStats:
     duplicates: int = 0
     #: Events dropped because their channel is no longer subscribed or is waiting for a resume.
     discarded: int = 0
+    #: Seqs a throttled subscription's frames said they superseded (`skipped`).
+    skipped: int = 0
 
 
 class ClientSession:
@@ -127,6 +136,8 @@ class ClientSession:
         self._subs: dict[str, bool] = {}
         # The fields asked for each projected subscription (pattern name → field names).
         self._fields: dict[str, tuple[str, ...]] = {}
+        # The rate asked for each throttled subscription (pattern name → max_hz).
+        self._rates: dict[str, float] = {}
         # Delivered position per concrete channel.
         self._positions: dict[str, Position] = {}
         # Channels whose next event may start at any seq (their epoch just changed).
@@ -179,12 +190,16 @@ class ClientSession:
         *,
         snapshot: bool = False,
         fields: Iterable[str] | None = None,
+        max_hz: float | None = None,
     ) -> Request:
         """Add subscriptions (ChannelError for a malformed name); send the request's frame.
 
         With `fields`, their events carry only those type fields (plus `v`, `type`, `sym`,
-        `ts`, `pt`, `epoch`, `seq`, and a bar's `interval`); the others decode as None. A
-        pattern keeps the fields it was first subscribed with: the server refuses other ones.
+        `ts`, `pt`, `epoch`, `seq`, and a bar's `interval`); the others decode as None. With
+        `max_hz`, each channel sends at most that many frames a second: quotes and bars only
+        their latest event (what it superseded is `EventBatch.skipped`, not a gap), trades all
+        of them, together. A pattern keeps the fields and rate it was first subscribed with:
+        the server refuses other ones.
         The wish is kept even while no connection is up: the next `connection_made()` includes it.
         """
         names = _pattern_names(channels)
@@ -192,10 +207,14 @@ class ClientSession:
         added = tuple(n for n in names if n not in self._subs)
         for n in names:
             self._subs[n] = self._subs.get(n, False) or snapshot
-        if kept is not None:
-            for n in added:
+        for n in added:
+            if kept is not None:
                 self._fields[n] = kept
-        req = self._request("subscribe", channels=names, snapshot=snapshot, fields=kept)
+            if max_hz is not None:
+                self._rates[n] = max_hz
+        req = self._request(
+            "subscribe", channels=names, snapshot=snapshot, fields=kept, max_hz=max_hz
+        )
         if self._open:
             self._added[req.id] = added
         return req
@@ -206,6 +225,7 @@ class ClientSession:
         for n in names:
             self._subs.pop(n, None)
             self._fields.pop(n, None)
+            self._rates.pop(n, None)
         self._forget_uncovered()
         return self._request("unsubscribe", channels=names)
 
@@ -237,24 +257,33 @@ class ClientSession:
         ]
         plain = [n for n in self._subs if n not in with_snapshot]
         requests: list[Request] = []
-        # One request (or run of pages) per distinct set of fields: fields go per request.
-        for kept, names in _by_fields(plain, self._fields).items():
+        # One request (or run of pages) per distinct set of fields and rate: they go per request.
+        for (kept, rate), names in _by_options(plain, self._fields, self._rates).items():
             covered = {
                 ch: p for ch, p in seen.items() if any(_pattern_covers(n, ch) for n in names)
             }
             for ch in covered:
                 del seen[ch]
-            requests += self._resume_requests(names, covered, kept)
-        for kept, names in _by_fields(with_snapshot, self._fields).items():
+            requests += self._resume_requests(names, covered, kept, rate)
+        for (kept, rate), names in _by_options(with_snapshot, self._fields, self._rates).items():
             requests.append(
                 self._request(
-                    "subscribe", channels=tuple(names), snapshot=True, resync=True, fields=kept
+                    "subscribe",
+                    channels=tuple(names),
+                    snapshot=True,
+                    resync=True,
+                    fields=kept,
+                    max_hz=rate,
                 )
             )
         return requests
 
     def _resume_requests(
-        self, plain: list[str], seen: dict[str, Position], fields: tuple[str, ...] | None
+        self,
+        plain: list[str],
+        seen: dict[str, Position],
+        fields: tuple[str, ...] | None,
+        max_hz: float | None = None,
     ) -> list[Request]:
         """Subscribe requests for `plain` resuming every channel of `seen`, each one under
         `max_request_bytes`: further pages name one pattern covering their channels again
@@ -276,7 +305,14 @@ class ClientSession:
             size += entry
         pages.append((channels, resume))
         return [
-            self._request("subscribe", channels=names, resume=page, resync=True, fields=fields)
+            self._request(
+                "subscribe",
+                channels=names,
+                resume=page,
+                resync=True,
+                fields=fields,
+                max_hz=max_hz,
+            )
             for names, page in pages
         ]
 
@@ -303,6 +339,7 @@ class ClientSession:
         resume: Mapping[str, Position] | None = None,
         resync: bool = False,
         fields: tuple[str, ...] | None = None,
+        max_hz: float | None = None,
     ) -> Request:
         rid = next(self._ids)
         doc: dict[str, Any] = {"op": op, "id": rid}
@@ -314,6 +351,8 @@ class ClientSession:
             doc["resume"] = {ch: {"epoch": p.epoch, "seq": p.seq} for ch, p in resume.items()}
         if fields is not None:
             doc["fields"] = list(fields)
+        if max_hz is not None:
+            doc["max_hz"] = max_hz
         req = Request(
             id=rid,
             op=op,
@@ -322,6 +361,7 @@ class ClientSession:
             snapshot=snapshot,
             resume=dict(resume or {}),
             fields=fields,
+            max_hz=max_hz,
             resync=resync,
         )
         if self._open:
@@ -431,6 +471,7 @@ class ClientSession:
             for n in req.channels if req.resync else added:
                 self._subs.pop(n, None)
                 self._fields.pop(n, None)
+                self._rates.pop(n, None)
             self._forget_uncovered()
         out.append(ServerError(code, message, rid if isinstance(rid, int | str) else None))
 
@@ -443,6 +484,9 @@ class ClientSession:
             self.stats.discarded += len(docs)
             return
         conflated = d.get("conflated") is True
+        skipped = d.get("skipped", 0)
+        if not isinstance(skipped, int) or isinstance(skipped, bool) or skipped < 0:
+            raise InvalidFrame(f"{ch}: 'skipped' must be a non-negative integer")
         pos = self._positions.get(ch)
         # A position without an epoch (a `subscribed` ack's for a channel with nothing stored)
         # takes the channel's first events, whatever their epoch and seq.
@@ -451,8 +495,11 @@ class ClientSession:
         run: list[Event] = []
         delivered = 0
         raws: list[dict[str, Any]] = []
+        #: What the next EventBatch says it superseded (the frame's first one only).
+        lead = 0
 
         def flush() -> None:
+            nonlocal lead
             if run:
                 out.append(
                     EventBatch(
@@ -462,8 +509,10 @@ class ClientSession:
                         now_ns,
                         conflated,
                         tuple(raws) if keep_raw else None,
+                        lead,
                     )
                 )
+                lead = 0
                 self.stats.delivered += len(run)
                 run.clear()
                 raws.clear()
@@ -484,6 +533,18 @@ class ClientSession:
                 out.append(Reset(ch, epoch))
                 loose = True
             elif pos is not None and not loose:
+                if i == 0 and skipped and seq > pos.seq + 1:
+                    # A throttled channel: the seqs just before the frame's first event were
+                    # superseded by it, no more (a larger hole is still one).
+                    covered = min(skipped, seq - 1 - pos.seq)
+                    if seq - 1 - covered > pos.seq and not self._hole(
+                        ch, pos.seq + 1, seq - 1 - covered, out
+                    ):
+                        self.stats.discarded += len(docs)
+                        break
+                    lead = covered
+                    pos = Position(pos.epoch, seq - 1)
+                    self.stats.skipped += lead
                 if seq <= pos.seq:
                     self.stats.duplicates += 1
                     continue
@@ -638,11 +699,12 @@ def _str_tuple(d: dict[str, Any], key: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _by_fields(
-    names: list[str], fields: Mapping[str, tuple[str, ...]]
-) -> dict[tuple[str, ...] | None, list[str]]:
-    """`names` grouped by the fields they were subscribed with (None: whole events)."""
-    out: dict[tuple[str, ...] | None, list[str]] = {}
+def _by_options(
+    names: list[str], fields: Mapping[str, tuple[str, ...]], rates: Mapping[str, float]
+) -> dict[tuple[tuple[str, ...] | None, float | None], list[str]]:
+    """`names` grouped by the fields (None: whole events) and rate (None: live) they were
+    subscribed with."""
+    out: dict[tuple[tuple[str, ...] | None, float | None], list[str]] = {}
     for n in names:
-        out.setdefault(fields.get(n), []).append(n)
+        out.setdefault((fields.get(n), rates.get(n)), []).append(n)
     return out

@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="start with live events only (default: the latest event of each channel first)",
     )
+    p.add_argument(
+        "--max-hz",
+        type=float,
+        default=None,
+        metavar="HZ",
+        help="at most HZ updates a second per channel: the latest quote or bar, every trade"
+        " (0.1 to 1000; default: every update)",
+    )
     return p
 
 
@@ -309,6 +317,7 @@ async def watch(
     as_json: bool = False,
     token: str | None = None,
     snapshot: bool = True,
+    max_hz: float | None = None,
     out: TextIO | None = None,
     err: TextIO | None = None,
     **options: Any,
@@ -322,7 +331,7 @@ async def watch(
     try:
         async with connect(url, token, keep_raw=as_json, **options) as feed:
             try:
-                await feed.subscribe(*channels, snapshot=snapshot)
+                await feed.subscribe(*channels, snapshot=snapshot, max_hz=max_hz)
             except ServerError as exc:
                 _say(err, f"{url} refused {' '.join(channels)}: {exc.message}")
                 return 1
@@ -347,7 +356,7 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`tickwire watch CHANNEL... [--url URL] [--json]`; returns the exit status."""
+    """`tickwire watch CHANNEL... [--url URL] [--json] [--max-hz HZ]`; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
         channels = [ChannelPattern.parse(c).name for c in args.channels]
@@ -356,7 +365,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return _run(
-            watch(channels, args.url, as_json=args.json, token=args.token, snapshot=args.snapshot)
+            watch(
+                channels,
+                args.url,
+                as_json=args.json,
+                token=args.token,
+                snapshot=args.snapshot,
+                max_hz=args.max_hz,
+            )
         )
     except KeyboardInterrupt:
         return 0

@@ -68,6 +68,8 @@ class TickwireServer:
             admitted=self._admitted.__setitem__,
         )
         self.hub = Hub()
+        self.hub.on_wake = self._wake_throttles
+        self._throttle_timer: asyncio.TimerHandle | None = None
         self.history = History(config.redis_url)
         self.reader = StreamReader(
             config, self.hub, self.metrics, self.history, on_status=self._on_status
@@ -142,6 +144,8 @@ class TickwireServer:
             await asyncio.wait_for(
                 asyncio.gather(*closing, return_exceptions=True), self.config.shutdown_timeout_s
             )
+        if self._throttle_timer is not None:
+            self._throttle_timer.cancel()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -149,6 +153,18 @@ class TickwireServer:
             await asyncio.wait_for(self._server.wait_closed(), 1.0)
         self.history.close()
         self._server = None
+
+    def _wake_throttles(self, deadline: float) -> None:
+        """The hub's throttles hold batches due at `deadline` (its clock): release them then.
+        One timer for every throttle of the process; an earlier deadline replaces it."""
+        if self._throttle_timer is not None:
+            self._throttle_timer.cancel()
+        delay = max(0.0, deadline - self.hub.clock())
+        self._throttle_timer = asyncio.get_running_loop().call_later(delay, self._release_throttled)
+
+    def _release_throttled(self) -> None:
+        self._throttle_timer = None
+        self.metrics.deliveries += self.hub.release_due()
 
     def _on_status(self, up: bool) -> None:
         if up and self.metrics.redis_reconnects == 0:

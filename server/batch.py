@@ -26,6 +26,12 @@ class Batch:
     first_seq: int
     events: list[bytes]
     conflated: bool = False
+    #: Seqs just before `first_seq` that these events supersede (a throttled subscription's
+    #: quotes or bars, see `tickwire.server.throttle`): `"skipped":N` in the frame, and the
+    #: batch continues a client that stands at `start - 1`.
+    skipped: int = 0
+    #: `first_seq - skipped`: the seq the batch continues from.
+    start: int = field(init=False)
     last_seq: int = field(init=False)
     #: (epoch, last_seq): where a subscriber stands once it has this batch, made once for all.
     end: StreamPosition = field(init=False, repr=False)
@@ -37,8 +43,9 @@ class Batch:
 
     def __post_init__(self) -> None:
         self.last_seq = self.first_seq + len(self.events) - 1
+        self.start = self.first_seq - self.skipped
         self.end = StreamPosition(self.epoch, self.last_seq)
-        head = events_head(self.channel, self.epoch, conflated=self.conflated)
+        head = events_head(self.channel, self.epoch, conflated=self.conflated, skipped=self.skipped)
         self.frame = head + b'"events":[' + b",".join(self.events) + b"]}"
         self.nbytes = len(self.frame)
 
@@ -59,7 +66,9 @@ class Batch:
             # orjson wrote the stored numbers in shortest round-trip form: decoding and encoding
             # them again gives the same text, so a kept field reads exactly as stored.
             kept = orjson.dumps([{k: v for k, v in d.items() if k in fields} for d in docs])
-            head = events_head(self.channel, self.epoch, conflated=self.conflated)
+            head = events_head(
+                self.channel, self.epoch, conflated=self.conflated, skipped=self.skipped
+            )
             frame = frames[fields] = head + b'"events":' + kept + b"}"
         return frame
 
@@ -73,3 +82,23 @@ class Batch:
 
     def latest_only(self) -> Batch:
         return Batch(self.channel, self.epoch, self.last_seq, self.events[-1:], conflated=True)
+
+    def superseding(self) -> Batch:
+        """Only the latest event, saying that it supersedes the others (and what this batch
+        skipped already): a throttled quote or bar channel's frame. Itself if nothing is."""
+        if len(self.events) == 1:
+            return self
+        return Batch(
+            self.channel,
+            self.epoch,
+            self.last_seq,
+            self.events[-1:],
+            self.conflated,
+            self.last_seq - self.start,
+        )
+
+    def with_skipped(self, skipped: int) -> Batch:
+        """The same events, saying that they supersede the `skipped` seqs before them."""
+        if skipped == self.skipped:
+            return self
+        return Batch(self.channel, self.epoch, self.first_seq, self.events, self.conflated, skipped)

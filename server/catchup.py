@@ -78,8 +78,13 @@ class CatchUp:
         wait_writable: Callable[[], Awaitable[None]],
         read_position: Callable[[Channel], int | None],
         expand: Callable[[list[ChannelPattern]], Awaitable[list[Channel]]],
+        conflates: Callable[[Channel], bool] = lambda channel: False,
     ) -> None:
         self.sub = sub
+        #: Whether a channel's history is replayed conflated: a throttled subscription's quotes
+        #: and bars (`Hub.throttles`) get the latest event of each page read, saying what it
+        #: skipped, as live they get the latest at most `max_hz` times a second.
+        self.conflates = conflates
         self.expand = expand
         self.history = history
         self.max_events = max_events
@@ -208,8 +213,9 @@ class CatchUp:
         batches = await _retrying(lambda: self.history.range(channel, after, PAGE, bulk=bulk))
         if channel not in self._replays:
             return False, after
+        conflate = bool(batches) and channel.kind != "trades" and self.conflates(channel)
         for batch in batches:
-            sub.outbox.add(batch)
+            sub.outbox.add(batch.superseding() if conflate else batch)
         if batches:
             after = batches[-1].last_seq
             sub.flush()

@@ -82,6 +82,7 @@ class Connection:
             wait_writable=self.wait_writable,
             read_position=server.reader.positions.get,
             expand=self._expand,
+            conflates=functools.partial(server.hub.throttles, self.sub),
         )
         self.last_write = time.monotonic()
         self._drain: asyncio.Task[None] | None = None
@@ -309,7 +310,7 @@ class Connection:
     def _subscribe(self, req: Subscribe) -> None:
         hub = self.server.hub
         reader = self.server.reader
-        hub.subscribe(self.sub, *req.added, fields=req.fields)
+        hub.subscribe(self.sub, *req.added, fields=req.fields, max_hz=req.max_hz)
         self.server.metrics.subscriptions += len(req.added)
         plan = plan_subscribe(
             req,

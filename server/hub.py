@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 
@@ -11,9 +12,16 @@ from tickwire.server.batch import Batch
 from tickwire.server.frames import text_frame
 from tickwire.server.outbox import Outbox, message_of, step, unstep
 from tickwire.server.projection import Fields, Projection
+from tickwire.server.throttle import Rate, Throttle
 
-#: A group's identity: its patterns, and the fields of those that are projected.
-GroupKey = tuple[frozenset[ChannelPattern], frozenset[tuple[ChannelPattern, frozenset[str]]]]
+#: A group's identity: its patterns, the fields of those that are projected, and the rates
+#: (`max_hz`) of those that are throttled.
+GroupKey = tuple[
+    frozenset[ChannelPattern],
+    frozenset[tuple[ChannelPattern, frozenset[str]]],
+    frozenset[tuple[ChannelPattern, float]],
+]
+NO_GROUP: GroupKey = (frozenset(), frozenset(), frozenset())
 
 
 #: Every `Subscriber.holding` that holds nothing: read-only, so that a write to it fails.
@@ -90,21 +98,24 @@ class Subscriber:
 
 
 class Group:
-    """The subscribers that follow exactly the same patterns with the same fields: a batch
-    reaches all or none of them, in the same bytes, so the fan-out sorts batches once per group,
-    not once per subscriber. `projection` is None when no pattern of the group is projected.
+    """The subscribers that follow exactly the same patterns with the same fields and rates: a
+    batch reaches all or none of them, in the same bytes, so the fan-out sorts batches once per
+    group, not once per subscriber. `projection` is None when no pattern of the group is
+    projected, `throttle` when none is throttled: a throttled group's batches pass its throttle
+    once for all its members.
 
     Members in step with each other share one positions dict (`Outbox.share`), moved once per
     dispatch for all of them; a member leaves it (`Outbox.own`) before anything else changes
     its positions.
     """
 
-    __slots__ = ("key", "members", "patterns", "positions", "projection")
+    __slots__ = ("key", "members", "patterns", "positions", "projection", "throttle")
 
     def __init__(self, key: GroupKey) -> None:
         self.key = key
         self.patterns = key[0]
         self.projection = Projection(key[0], dict(key[1])) if key[1] else None
+        self.throttle = Throttle(key[0], dict(key[2])) if key[2] else None
         self.members: set[Subscriber] = set()
         self.positions: dict[Channel, StreamPosition] | None = None
 
@@ -123,7 +134,9 @@ class Hub:
     the frame is lost.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        #: The throttles' time (seconds; `on_wake` deadlines are in it).
+        self.clock = clock
         self._exact: dict[Channel, set[Group]] = {}
         self._wild: dict[str, set[Group]] = {}
         self._groups: dict[GroupKey, Group] = {}
@@ -139,6 +152,11 @@ class Hub:
         self.changed = False
         #: Called then too: the reader's wake-up while it waits for pushes.
         self.on_change: Callable[[], None] | None = None
+        #: Called with a deadline (in `clock` time) when a throttle holds batches due earlier
+        #: than any deadline given before: call `release_due` then (the I/O edge's timer).
+        self.on_wake: Callable[[float], None] | None = None
+        self._wake_at: float | None = None
+        self._throttled: set[Group] = set()
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def attach(self, sub: Subscriber) -> None:
@@ -146,28 +164,43 @@ class Hub:
 
     def detach(self, sub: Subscriber) -> None:
         self.subscribers.discard(sub)
-        self._move(sub, (frozenset(), frozenset()))
+        self._move(sub, NO_GROUP)
 
-    def subscribe(self, sub: Subscriber, *patterns: ChannelPattern, fields: Fields = None) -> None:
-        """Add `patterns`, their events cut to `fields` (None: whole). A pattern `sub` follows
-        already would take the new fields: the session refuses other fields for a subscribed
-        pattern before it gets here (`ClientSession._subscribe`)."""
+    def subscribe(
+        self,
+        sub: Subscriber,
+        *patterns: ChannelPattern,
+        fields: Fields = None,
+        max_hz: Rate = None,
+    ) -> None:
+        """Add `patterns`, their events cut to `fields` (None: whole), at most `max_hz` frames
+        per second per channel (None: live). A pattern `sub` follows already would take the new
+        fields and rate: the session refuses other ones for a subscribed pattern before it gets
+        here (`ClientSession._subscribe`)."""
         old = self._group_of.get(sub)
-        kept, projected = old.key if old is not None else (frozenset(), frozenset())
+        kept, projected, rated = old.key if old is not None else NO_GROUP
         added = frozenset(patterns)
         projected = frozenset((p, f) for p, f in projected if p not in added)
         if fields is not None:
             projected |= {(p, fields) for p in added}
-        self._move(sub, (kept | added, projected))
+        rated = frozenset((p, r) for p, r in rated if p not in added)
+        if max_hz is not None:
+            rated |= {(p, max_hz) for p in added}
+        self._move(sub, (kept | added, projected, rated))
 
     def unsubscribe(self, sub: Subscriber, *patterns: ChannelPattern) -> None:
         old = self._group_of.get(sub)
         if old is None:
             return
         removed = frozenset(patterns)
-        kept, projected = old.key
+        kept, projected, rated = old.key
         self._move(
-            sub, (kept - removed, frozenset((p, f) for p, f in projected if p not in removed))
+            sub,
+            (
+                kept - removed,
+                frozenset((p, f) for p, f in projected if p not in removed),
+                frozenset((p, r) for p, r in rated if p not in removed),
+            ),
         )
 
     def patterns_of(self, sub: Subscriber) -> frozenset[ChannelPattern]:
@@ -223,22 +256,40 @@ class Hub:
             return
         sub.outbox.own()
         sub.outbox.projection = None
+        waiting: list[Batch] = []
         if old is not None:
             old.members.discard(sub)
             del self._group_of[sub]
+            if old.throttle is not None:
+                # Trades never wait in vain: what the old group's throttle holds goes now.
+                waiting = old.throttle.waiting()
             if not old.members:
                 self._index(old, remove=True)
                 del self._groups[old.key]
+                self._throttled.discard(old)
         if key[0]:
             group = self._groups.get(key)
             if group is None:
                 group = self._groups[key] = Group(key)
                 self._index(group)
+                if group.throttle is not None:
+                    self._throttled.add(group)
             group.members.add(sub)
             self._group_of[sub] = group
             # What the outbox queues is rendered with the group's projection (`Outbox.take`).
             sub.outbox.projection = group.projection
+        if waiting and sub in self.subscribers:
+            self._queue(sub, waiting)
         self._invalidate()
+
+    def throttles(self, sub: Subscriber, channel: Channel) -> bool:
+        """Whether `sub` gets `channel` throttled (its history is then replayed conflated)."""
+        group = self._group_of.get(sub)
+        return (
+            group is not None
+            and group.throttle is not None
+            and group.throttle.interval_of(channel) is not None
+        )
 
     def _index(self, group: Group, *, remove: bool = False) -> None:
         for p in group.patterns:
@@ -282,72 +333,125 @@ class Hub:
                 else:
                     mine.append(batch)
         deliveries = 0
+        now: float | None = None
         for group, mine in per_group.items():
-            frame = wire = b""
-            events = 0
-            projection = group.projection
-            common = group.positions
-            stepped = common is not None and distinct and step(common, mine)
-            if not stepped:
-                # Whoever shared it leaves it below; a stale dict must not be joined.
-                group.positions = common = None
-            sharing = 0
-            for sub in group.members:
-                outbox = sub.outbox
-                write_now = sub.write_now
-                was_shared = outbox.shared
-                if was_shared:
-                    # Its positions moved with `common` already: one write and it is done.
-                    fast = stepped and not outbox and not sub.holding
-                else:
-                    fast = (
-                        distinct
-                        and write_now is not None
-                        and not sub.holding
-                        and not outbox
-                        and outbox.step(mine)
-                    )
-                if fast and write_now is not None:
-                    if not frame:
-                        if projection is None:
-                            frame = message_of([b.frame for b in mine])
-                        else:
-                            frame = message_of(
-                                [b.frame_for(projection.of(b.channel)) for b in mine]
-                            )
-                        wire = text_frame(frame)
-                        events = sum([len(b.events) for b in mine])
-                    if write_now(frame, wire):
-                        deliveries += events
-                        if not was_shared:
-                            positions = outbox.positions
-                            if common is None:
-                                group.positions = common = positions
-                                outbox.share(common)
-                            elif len(positions) == len(common) and positions == common:
-                                outbox.share(common)
-                        sharing += outbox.shared
-                        continue
-                if was_shared:
-                    outbox.own()
-                    if stepped:
-                        unstep(outbox.positions, mine)
-                elif fast:
-                    outbox.unstep(mine)
-                touched = False
-                for batch in mine:
-                    if sub.holding and batch.channel in sub.holding:
-                        sub.hold(batch)
-                    elif outbox.add(batch):
-                        touched = True
-                        deliveries += len(batch.events)
-                if touched:
-                    sub.flush()
-            if not sharing:
-                group.positions = None
+            throttle = group.throttle
+            if throttle is None:
+                deliveries += self._deliver(group, mine, distinct)
+                continue
+            if now is None:
+                now = self.clock()
+            now_going = throttle.offer(mine, now)
+            due = throttle.next_due()
+            if due is not None and (self._wake_at is None or due < self._wake_at):
+                self._wake_at = due
+                if self.on_wake is not None:
+                    self.on_wake(due)
+            if now_going:
+                deliveries += self._deliver(group, now_going, _distinct(now_going))
+        return deliveries
+
+    def release_due(self) -> int:
+        """Send what the throttles held until now (the timer `on_wake` asked for); returns the
+        deliveries made. Names the next deadline through `on_wake`."""
+        now = self.clock()
+        self._wake_at = None
+        deliveries = 0
+        wake: float | None = None
+        for group in list(self._throttled):
+            throttle = group.throttle
+            assert throttle is not None
+            due = throttle.due(now)
+            if due:
+                deliveries += self._deliver(group, due, _distinct(due))
+            later = throttle.next_due()
+            if later is not None and (wake is None or later < wake):
+                wake = later
+        if wake is not None:
+            self._wake_at = wake
+            if self.on_wake is not None:
+                self.on_wake(wake)
+        return deliveries
+
+    def _deliver(self, group: Group, mine: list[Batch], distinct: bool) -> int:
+        """Write or queue `mine` for each member of `group`; returns the deliveries made."""
+        deliveries = 0
+        frame = wire = b""
+        events = 0
+        projection = group.projection
+        common = group.positions
+        stepped = common is not None and distinct and step(common, mine)
+        if not stepped:
+            # Whoever shared it leaves it below; a stale dict must not be joined.
+            group.positions = common = None
+        sharing = 0
+        for sub in group.members:
+            outbox = sub.outbox
+            write_now = sub.write_now
+            was_shared = outbox.shared
+            if was_shared:
+                # Its positions moved with `common` already: one write and it is done.
+                fast = stepped and not outbox and not sub.holding
+            else:
+                fast = (
+                    distinct
+                    and write_now is not None
+                    and not sub.holding
+                    and not outbox
+                    and outbox.step(mine)
+                )
+            if fast and write_now is not None:
+                if not frame:
+                    if projection is None:
+                        frame = message_of([b.frame for b in mine])
+                    else:
+                        frame = message_of([b.frame_for(projection.of(b.channel)) for b in mine])
+                    wire = text_frame(frame)
+                    events = sum([len(b.events) for b in mine])
+                if write_now(frame, wire):
+                    deliveries += events
+                    if not was_shared:
+                        positions = outbox.positions
+                        if common is None:
+                            group.positions = common = positions
+                            outbox.share(common)
+                        elif len(positions) == len(common) and positions == common:
+                            outbox.share(common)
+                    sharing += outbox.shared
+                    continue
+            if was_shared:
+                outbox.own()
+                if stepped:
+                    unstep(outbox.positions, mine)
+            elif fast:
+                outbox.unstep(mine)
+            deliveries += self._queue(sub, mine)
+        if not sharing:
+            group.positions = None
+        return deliveries
+
+    @staticmethod
+    def _queue(sub: Subscriber, batches: list[Batch]) -> int:
+        """Hold or queue `batches` for `sub` (the outbox's way); returns the deliveries."""
+        deliveries = 0
+        touched = False
+        outbox = sub.outbox
+        for batch in batches:
+            if sub.holding and batch.channel in sub.holding:
+                sub.hold(batch)
+            elif outbox.add(batch):
+                touched = True
+                deliveries += len(batch.events)
+        if touched:
+            sub.flush()
         return deliveries
 
     def broadcast_control(self, message: bytes) -> None:
         for sub in self.subscribers:
             sub.outbox.control(message)
             sub.flush()
+
+
+def _distinct(batches: list[Batch]) -> bool:
+    """No channel twice among `batches`."""
+    return len({b.channel for b in batches}) == len(batches)

@@ -21,10 +21,17 @@ PROTOCOL_VERSION = 1
 RequestId = int | str | None
 
 
-def events_head(channel: Channel, epoch: str, *, conflated: bool = False) -> bytes:
-    """An `events` message up to its list of events: `{"type":"events","ch":…,"epoch":…,`."""
+def events_head(
+    channel: Channel, epoch: str, *, conflated: bool = False, skipped: int = 0
+) -> bytes:
+    """An `events` message up to its list of events: `{"type":"events","ch":…,"epoch":…,`,
+    with `"conflated":true` and `"skipped":N` when they apply."""
     head = b'{"type":"events","ch":"%s","epoch":"%s",' % (channel.name.encode(), epoch.encode())
-    return head + b'"conflated":true,' if conflated else head
+    if conflated:
+        head += b'"conflated":true,'
+    if skipped:
+        head += b'"skipped":%d,' % skipped
+    return head
 
 
 def error_message(code: str, message: str, request_id: RequestId = None) -> bytes:

@@ -138,7 +138,7 @@ class Outbox:
         self.own()
         channel = batch.channel
         pos = self.positions.get(channel)
-        if pos is not None and pos[1] + 1 == batch.first_seq and pos[0] == batch.epoch:
+        if pos is not None and pos[1] + 1 == batch.start and pos[0] == batch.epoch:
             # The common case, inlined: the next events of a channel the client follows.
             items = self._queued.get(channel)
             if items is None:
@@ -149,17 +149,26 @@ class Outbox:
             self.positions[channel] = batch.end
             return True
         if pos is None:
-            pass  # first events this client gets on the channel: nothing before them is owed
+            # First events this client gets on the channel: nothing before them is owed, and
+            # nothing is skipped.
+            batch = batch.with_skipped(0)
         elif pos[0] != batch.epoch:
             if pos[0]:
                 self.reset(channel, batch.epoch, batch.first_seq - 1)
+            batch = batch.with_skipped(0)
         else:
             cut = batch.after(pos[1])
             if cut is None:
                 return False
-            batch = cut
-            if batch.first_seq > pos[1] + 1:
-                self.gap(channel, pos[1] + 1, batch.first_seq - 1, "trimmed")
+            hole = cut.first_seq - pos[1] - 1
+            if cut.skipped:
+                # A throttled channel's latest event (quotes, bars): it supersedes exactly
+                # what this client has not had, whatever the group it came from had sent.
+                batch = cut.with_skipped(hole)
+            else:
+                batch = cut
+                if hole:
+                    self.gap(channel, pos[1] + 1, batch.first_seq - 1, "trimmed")
         self._push(channel, batch)
         self.positions[channel] = batch.end
         return True
@@ -202,8 +211,9 @@ class Outbox:
             # goes as it is (a conflated frame always follows the gap of what it superseded).
             alone = len(batches) == 1 and len(batches[0].events) == 1
             latest = batches[0] if alone else batches[-1].latest_only()
-        first = batches[0].first_seq
-        last_dropped = latest.first_seq - 1 if latest is not None else batches[-1].last_seq
+        # What the first batch skipped (a throttled channel) is dropped with it.
+        first = batches[0].start
+        last_dropped = latest.start - 1 if latest is not None else batches[-1].last_seq
         # Gaps before the first dropped batch stay; those between dropped batches are covered
         # by the one gap announced for everything dropped.
         kept: list[Item] = [i for i in items if isinstance(i, PendingGap) and i.from_seq < first]
@@ -276,7 +286,12 @@ def step(positions: dict[Channel, StreamPosition], batches: list[Batch]) -> bool
     change nothing that matters and return False. Channels must be distinct."""
     for batch in batches:
         pos = positions.get(batch.channel)
-        if pos is not None and (pos[1] + 1 != batch.first_seq or pos[0] != batch.epoch):
+        if pos is None:
+            if batch.skipped:
+                # Nothing is owed before a channel's first events, nor skipped (`Outbox.add`).
+                unstep(positions, batches, until=batch)
+                return False
+        elif pos[1] + 1 != batch.start or pos[0] != batch.epoch:
             unstep(positions, batches, until=batch)
             return False
         positions[batch.channel] = batch.end
@@ -291,7 +306,7 @@ def unstep(
     for batch in batches:
         if batch is until:
             return
-        positions[batch.channel] = StreamPosition(batch.epoch, batch.first_seq - 1)
+        positions[batch.channel] = StreamPosition(batch.epoch, batch.start - 1)
 
 
 def message_of(parts: list[bytes]) -> bytes:

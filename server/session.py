@@ -28,6 +28,7 @@ from tickwire.core.stream import StreamPosition
 from tickwire.server.auth import Authenticator, Grant
 from tickwire.server.messages import RequestId, error_message, reply
 from tickwire.server.projection import Fields, parse_fields
+from tickwire.server.throttle import Rate, parse_max_hz
 
 log = logging.getLogger("tickwire.server.session")
 
@@ -41,6 +42,9 @@ class Subscribe:
     all_channels: tuple[str, ...]
     #: The keys the events of `added` keep (`tickwire.server.projection`); None: all.
     fields: Fields = None
+    #: At most this many frames per second per channel of `added` (`tickwire.server.throttle`);
+    #: None: live.
+    max_hz: Rate = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +177,8 @@ class ClientSession:
     subscriptions: dict[str, ChannelPattern] = field(default_factory=dict)
     #: The kept keys of each projected subscription (by name).
     projections: dict[str, frozenset[str]] = field(default_factory=dict)
+    #: The `max_hz` of each throttled subscription (by name).
+    rates: dict[str, float] = field(default_factory=dict)
     _tokens: float = field(init=False)
     _refilled_at: float | None = field(default=None, init=False)
     #: When the latest refused requests came (at most `rate_violations_before_close`; made at
@@ -316,18 +322,24 @@ class ClientSession:
         if not isinstance(snapshot, bool):
             raise ProtocolError("bad_request", "'snapshot' must be true or false")
         fields = parse_fields(doc.get("fields"), patterns)
-        # A pattern's fields are fixed while it is subscribed: one pattern, one set of bytes.
-        changed = [
-            p.name
-            for p in patterns
-            if p.name in self.subscriptions and self.projections.get(p.name) != fields
-        ]
-        if changed:
-            raise ProtocolError(
-                "bad_request",
-                f"{', '.join(dict.fromkeys(changed[:5]))} already subscribed with other fields:"
-                " unsubscribe first",
-            )
+        max_hz = parse_max_hz(doc.get("max_hz"))
+        # A pattern's fields and rate are fixed while it is subscribed: one pattern, one set of
+        # bytes, one pace.
+        for what, kept, asked in (
+            ("fields", self.projections, fields),
+            ("max_hz", self.rates, max_hz),
+        ):
+            changed = [
+                p.name
+                for p in patterns
+                if p.name in self.subscriptions and kept.get(p.name) != asked
+            ]
+            if changed:
+                raise ProtocolError(
+                    "bad_request",
+                    f"{', '.join(dict.fromkeys(changed[:5]))} already subscribed with other"
+                    f" {what}: unsubscribe first",
+                )
         added = tuple(p for p in dict.fromkeys(patterns) if p.name not in self.subscriptions)
         if len(self.subscriptions) + len(added) > self.limits.max_subscriptions:
             raise ProtocolError(
@@ -340,13 +352,18 @@ class ClientSession:
             self.subscriptions[p.name] = p
             if fields is not None:
                 self.projections[p.name] = fields
-        return Subscribe(request_id, added, snapshot, resume, tuple(self.subscriptions), fields)
+            if max_hz is not None:
+                self.rates[p.name] = max_hz
+        return Subscribe(
+            request_id, added, snapshot, resume, tuple(self.subscriptions), fields, max_hz
+        )
 
     def _unsubscribe(self, request_id: RequestId, doc: dict[str, Any]) -> Unsubscribe:
         patterns = _patterns(doc.get("channels"), self.limits.max_subscriptions)
         removed = tuple(p for p in dict.fromkeys(patterns) if self.subscriptions.pop(p.name, None))
         for p in removed:
             self.projections.pop(p.name, None)
+            self.rates.pop(p.name, None)
         return Unsubscribe(request_id, removed, tuple(self.subscriptions))
 
     def covers(self, channel: Channel) -> bool:

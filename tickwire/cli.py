@@ -485,6 +485,10 @@ def cmd_bench(rest: list[str]) -> int:
         from tickwire.bench.conns import main as conns_main
 
         return conns_main(rest[1:])
+    if rest and rest[0] == "throttle":
+        from tickwire.bench.throttle import main as throttle_main
+
+        return throttle_main(rest[1:])
     if rest and rest[0] == "faults":
         from tickwire.bench.faults import main as faults_main
 

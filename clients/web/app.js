@@ -36,6 +36,8 @@ const feed = {
   pending: new Map(), // request id -> request
   wanted: (params.get("channels")?.split(",").filter(Boolean) ?? DEFAULT_CHANNELS).slice(),
   subscribed: [], // what the server last said we are subscribed to
+  // Updates per second per channel asked of the server (`max_hz`), or null for every update.
+  maxHz: Number(params.get("max_hz")) > 0 ? Number(params.get("max_hz")) : null,
   known: new Set(), // concrete channels the server told us of
   heartbeatMs: 5000,
   maxMessageBytes: 16384,
@@ -171,10 +173,15 @@ function onWelcome(msg) {
   setState("live", msg.server);
   log("info", `connected to ${msg.server}${feed.connects > 1 ? ", resuming" : ""}`);
   send({ op: "list", id: nextId() });
-  for (const req of resubscribeRequests(feed.wanted, feed.tracker, nextId, feed.maxMessageBytes)) {
-    send(req);
-  }
+  resubscribe();
   return undefined;
+}
+
+function resubscribe() {
+  const requests = resubscribeRequests(
+    feed.wanted, feed.tracker, nextId, feed.maxMessageBytes, feed.maxHz,
+  );
+  for (const req of requests) send(req);
 }
 
 function onError(msg) {
@@ -396,8 +403,28 @@ function subscribe(pattern) {
   if (feed.wanted.includes(pattern)) return;
   feed.wanted.push(pattern);
   renderChips();
-  send({ op: "subscribe", id: nextId(), channels: [pattern], snapshot: true });
+  const rate = feed.maxHz ? { max_hz: feed.maxHz } : {};
+  send({ op: "subscribe", id: nextId(), channels: [pattern], snapshot: true, ...rate });
 }
+
+// The rate selector: a subscription keeps its rate until unsubscribed, so every pattern is
+// unsubscribed and subscribed again at the new rate, resuming where the page stands.
+function setMaxHz(value) {
+  feed.maxHz = Number(value) > 0 ? Number(value) : null;
+  log("info", feed.maxHz ? `at most ${feed.maxHz} updates/s per channel` : "every update");
+  if (feed.state !== "live" || !feed.wanted.length) return;
+  send({ op: "unsubscribe", id: nextId(), channels: feed.wanted.slice() });
+  resubscribe();
+}
+
+const rateSelect = $("#max-hz");
+rateSelect.value = String(feed.maxHz ?? 0);
+if (rateSelect.value === "") {
+  // A rate from the query string that the list does not offer: show it as an option.
+  rateSelect.add(new Option(`${feed.maxHz}/s`, String(feed.maxHz)));
+  rateSelect.value = String(feed.maxHz);
+}
+rateSelect.addEventListener("change", () => setMaxHz(rateSelect.value));
 
 function unsubscribe(pattern) {
   feed.wanted = feed.wanted.filter((p) => p !== pattern);

@@ -65,13 +65,16 @@ export class ChannelTracker {
     this.loose = new Set(); // next event may start anywhere (after a reset, or a gap of unknown epoch)
     this.stalled = new Set(); // holes on this connection: drop events until the resume
     this.attempts = new Map(); // ch -> consecutive resumes that did not fill its hole
-    this.totals = { delivered: 0, duplicates: 0, gaps: 0, resets: 0, holes: 0 };
+    this.totals = { delivered: 0, duplicates: 0, gaps: 0, resets: 0, holes: 0, skipped: 0 };
   }
 
   _channel(ch) {
     let c = this.channels.get(ch);
     if (!c) {
-      c = { epoch: null, seq: null, first: null, delivered: 0, duplicates: 0, gapped: 0, holes: 0 };
+      c = {
+        epoch: null, seq: null, first: null, delivered: 0, duplicates: 0, gapped: 0, holes: 0,
+        skipped: 0,
+      };
       this.channels.set(ch, c);
     }
     return c;
@@ -85,6 +88,18 @@ export class ChannelTracker {
     if (this.stalled.has(ch)) return { fresh, notices, stall: false };
     const c = this._channel(ch);
     if (msg.conflated) notices.push({ level: "info", text: `${ch}: conflated to the latest` });
+    // A throttled subscription (max_hz): the `skipped` seqs just before the first event were
+    // superseded by it. They are accounted for, not a hole; a larger hole still is one.
+    const skipped = Number.isInteger(msg.skipped) && msg.skipped > 0 ? msg.skipped : 0;
+    const head = msg.events[0];
+    if (
+      skipped && head && c.epoch === epoch && c.seq !== null && !this.loose.has(ch) &&
+      head.seq > c.seq + 1 && head.seq - 1 - skipped <= c.seq
+    ) {
+      c.skipped += head.seq - 1 - c.seq;
+      this.totals.skipped += head.seq - 1 - c.seq;
+      c.seq = head.seq - 1;
+    }
     for (const ev of msg.events) {
       if (ev.v !== 1) {
         notices.push({ level: "warn", text: `${ch}: skipped an event of unknown schema v=${ev.v}` });
@@ -215,17 +230,19 @@ export class ChannelTracker {
  * snapshot of a channel being resumed would arrive out of order). Requests are split so that
  * none exceeds `maxBytes`.
  */
-export function resubscribeRequests(patterns, tracker, nextId, maxBytes = 16384) {
+export function resubscribeRequests(patterns, tracker, nextId, maxBytes = 16384, maxHz = null) {
+  // A throttled page asks every request for its rate (`max_hz`), resumes included.
+  const rate = maxHz ? { max_hz: maxHz } : {};
   const resume = tracker.resume((ch) => patterns.some((p) => patternCovers(p, ch)));
   const resumed = Object.keys(resume);
   const fresh = patterns.filter((p) => !resumed.some((ch) => patternCovers(p, ch)));
   const plain = patterns.filter((p) => !fresh.includes(p));
   const requests = [];
   if (fresh.length) {
-    requests.push({ op: "subscribe", id: nextId(), channels: fresh, snapshot: true });
+    requests.push({ op: "subscribe", id: nextId(), channels: fresh, snapshot: true, ...rate });
   }
   if (plain.length) {
-    let req = { op: "subscribe", id: nextId(), channels: plain, resume: {} };
+    let req = { op: "subscribe", id: nextId(), channels: plain, resume: {}, ...rate };
     for (const ch of resumed) {
       req.resume[ch] = resume[ch];
       if (JSON.stringify(req).length > maxBytes - 64 && Object.keys(req.resume).length > 1) {
@@ -233,7 +250,9 @@ export function resubscribeRequests(patterns, tracker, nextId, maxBytes = 16384)
         requests.push(req);
         // Further pages name one covering pattern again: already subscribed, so only resumed.
         const cover = plain.find((p) => patternCovers(p, ch));
-        req = { op: "subscribe", id: nextId(), channels: [cover], resume: { [ch]: resume[ch] } };
+        req = {
+          op: "subscribe", id: nextId(), channels: [cover], resume: { [ch]: resume[ch] }, ...rate,
+        };
       }
     }
     requests.push(req);

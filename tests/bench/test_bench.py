@@ -14,7 +14,7 @@ from tickwire.bench.e2e_report import Step, breach, median_step
 from tickwire.bench.e2e_run import Scenario
 from tickwire.bench.harness import TICKWIRE, machine_cpu_seconds
 from tickwire.bench.invariant import InvariantChecker
-from tickwire.bench.load import spread_channels
+from tickwire.bench.load import concrete, spread_channels
 from tickwire.bench.sink import EventCounter, SinkProtocol, count_events
 from tickwire.bench.stats import histogram_quantile, latency_summary, ratio, server_share, table
 from tickwire.server.metrics import Metrics
@@ -318,3 +318,31 @@ def test_publish_ceiling_row_says_when_redis_benchmark_is_missing(monkeypatch: A
     monkeypatch.setattr(shutil, "which", lambda name: None)
     row = publish.run_ceiling("redis://127.0.0.1:1/0", 1000, 200, 190)
     assert row.rate == 0 and "redis-benchmark is not installed" in row.note
+
+
+def test_patterns_in_a_plan_expand_to_the_known_channels_they_cover() -> None:
+    known = ["quotes:AAPL", "trades:AAPL", "quotes:MSFT"]
+    assert concrete(["quotes:*"], known) == ["quotes:AAPL", "quotes:MSFT"]
+    assert concrete(["trades:AAPL", "quotes:*"], known) == [
+        "trades:AAPL", "quotes:AAPL", "quotes:MSFT"
+    ]  # fmt: skip
+    assert concrete(["trades:MSFT"], known) == ["trades:MSFT"]
+
+
+def test_short_throttle_run_compares_throttled_clients_with_live_ones() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, doc = run_bench(
+            tmp,
+            "throttle --max-hz 4 --clients 8 --rate 300 --symbols 4 --duration 2 --warmup 0.5 "
+            "--load-processes 1 --sample-every 2",
+        )
+    assert "correctness: PASSED" in proc.stdout and doc["passed"]
+    rows = doc["rows"]
+    # 4 quote channels at 4 Hz: at most ~16 messages a second per client, far fewer deliveries.
+    assert rows["deliveries/s"]["throttled"] < rows["deliveries/s"]["live"]
+    assert rows["deliveries/s"]["throttled"] <= 8 * 4 * 4 * 1.5
+    assert doc["view_age_samples"]["throttled"] > 0 and doc["view_age_samples"]["live"] > 0
+    # A throttled view is about 1/max_hz old when it moves, never much more.
+    assert 100 < rows["view age p99 ms"]["throttled"] < 1000
+    for run in doc["correctness"].values():
+        assert run["lost"] == run["duplicates"] == run["tail_lost"] == 0

@@ -541,3 +541,40 @@ async def test_projected_subscription_keeps_its_fields_across_a_reconnect(
     assert all(q.bid is not None and q.ask is not None for q in quotes)
     assert all(q.bid_size is None and q.ask_size is None for q in quotes)
     assert all(t.price == 10.5 and t.side == "buy" for t in trades)  # trades whole
+
+
+async def test_throttled_subscription_skips_without_gaps_and_keeps_its_rate_across_a_reconnect(
+    redis_server: RedisProcess, redis: RedisConnection
+) -> None:
+    async with (
+        TickwireServer(server_config(redis_server)) as srv,
+        TcpProxy(srv.port) as proxy,
+        publisher(redis_server) as pub,
+        connect(proxy.url, **fast_backoff()) as feed,
+    ):
+        await publish(pub, QQQ, 5)
+        await publish(pub, AAA, 5)
+        await wait_known(feed, [QQQ, AAA])
+        got = Collector(feed)
+        skipped: list[int] = []
+        await feed.subscribe("quotes:*", "trades:*", max_hz=5, snapshot=True)
+        await got.wait(lambda: got.last(QQQ) == 5 and got.last(AAA) == 5)
+        # Quotes far faster than 5 a second, across a cut connection.
+        for i in range(30):
+            await publish(pub, QQQ, 10, 5 + 10 * i)
+            await publish(pub, AAA, 2, 5 + 2 * i)
+            if i == 15:
+                assert proxy.cut() == 1
+            await asyncio.sleep(0.01)  # the feed's pace
+        await got.wait(lambda: got.last(QQQ) == 305 and got.last(AAA) == 65)
+        await got.stop()
+        skipped.append(feed.session.stats.skipped)
+    quotes = got.only_seqs(QQQ)
+    # The latest state at the end, every seq either delivered or skipped, nothing announced.
+    assert quotes[-1] == 305 and len(quotes) < 100
+    assert got.gaps == [] and got.resets == []
+    assert quotes[0] == 5  # the snapshot: the latest when subscribing, nothing owed before it
+    assert skipped[0] + len(quotes) == 305 - 4
+    # Every trade, once, in order.
+    assert got.only_seqs(AAA) == list(range(5, 66))
+    assert any(isinstance(n, Reconnected) for n in got.notices)

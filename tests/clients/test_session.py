@@ -549,3 +549,51 @@ def test_resubscribe_after_reconnect_keeps_each_patterns_fields(session: ClientS
     session.connection_lost()
     (again,) = session.connection_made()
     assert "fields" not in orjson.loads(again.frame)
+
+
+def test_a_throttled_frame_skips_exactly_its_hole_without_a_gap(session: ClientSession) -> None:
+    req = session.subscribe(["trades:*"], max_hz=4)
+    assert orjson.loads(req.frame)["max_hz"] == 4 and req.max_hz == 4
+    session.receive(frame(events(BTC, [1, 2])), NOW)
+    out = session.receive(frame(events(BTC, [9], skipped=6)), NOW)
+    assert seqs(out) == [9] and not any(isinstance(m, Gap | ResumeNeeded) for m in out)
+    assert isinstance(out[0], EventBatch) and out[0].skipped == 6
+    assert session.stats.skipped == 6 and session.positions[BTC] == Position("e1", 9)
+    # A frame that skipped less than its hole leaves a hole: a resume is asked for.
+    out = session.receive(frame(events(BTC, [20], skipped=3)), NOW)
+    assert out == [ResumeNeeded((BTC,), "trades:BTC-USD: seqs 10..16 missing")]
+    # Skipped seqs of a frame the client has had already are just a duplicate.
+    session.connection_lost()
+    (resub,) = session.connection_made()
+    assert orjson.loads(resub.frame)["max_hz"] == 4
+    out = session.receive(frame(events(BTC, [9], skipped=8), events(BTC, [10])), NOW)
+    assert seqs(out) == [10] and session.stats.duplicates == 1
+
+
+def test_a_throttled_frame_of_a_channel_with_no_position_owes_nothing(
+    session: ClientSession,
+) -> None:
+    session.subscribe(["trades:*"], max_hz=2.5)
+    out = session.receive(frame(events(ETH, [40], skipped=39)), NOW)
+    assert seqs(out) == [40] and session.stats.skipped == 0
+    with pytest.raises(InvalidFrame):
+        session.receive(frame(events(ETH, [41], skipped=-1)), NOW)
+
+
+def test_resubscribe_after_reconnect_keeps_each_patterns_rate(session: ClientSession) -> None:
+    session.subscribe(["quotes:*"], max_hz=4)
+    session.subscribe(["trades:*"], max_hz=4, fields=["price"])
+    session.subscribe(["bars.1s:*"])
+    session.connection_lost()
+    requests = [orjson.loads(r.frame) for r in session.connection_made()]
+    assert [{k: v for k, v in r.items() if k != "id"} for r in requests] == [
+        {"op": "subscribe", "channels": ["quotes:*"], "max_hz": 4},
+        {"op": "subscribe", "channels": ["trades:*"], "fields": ["price"], "max_hz": 4},
+        {"op": "subscribe", "channels": ["bars.1s:*"]},
+    ]
+    session.unsubscribe(["quotes:*"])
+    session.subscribe(["quotes:*"])
+    session.connection_lost()
+    docs = [orjson.loads(r.frame) for r in session.connection_made()]
+    rates = {ch: d.get("max_hz") for d in docs for ch in d["channels"]}
+    assert rates == {"quotes:*": None, "trades:*": 4, "bars.1s:*": None}

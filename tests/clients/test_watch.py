@@ -21,7 +21,7 @@ from tickwire.clients import watch as watch_mod
 from tickwire.clients.connection import Disconnected, Reconnected
 from tickwire.clients.errors import ServerError
 from tickwire.clients.messages import Gap, Received, Reset, Status
-from tickwire.clients.watch import Board, json_line, main, notice_line, watch
+from tickwire.clients.watch import Board, build_parser, json_line, main, notice_line, watch
 from tickwire.core.events import Bar, Quote, Trade
 from tickwire.core.redis_process import free_port
 
@@ -329,3 +329,25 @@ async def test_ctrl_c_while_watching_exits_cleanly() -> None:
         stderr = await proc.stderr.read()
     assert rc == 0, stderr
     assert stderr == b""
+
+
+async def test_max_hz_goes_into_the_subscribe_request() -> None:
+    seen: list[dict[str, object]] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send(orjson.dumps(WELCOME))
+        req = orjson.loads(await ws.recv())
+        seen.append(req)
+        await ws.send(
+            orjson.dumps({"type": "subscribed", "id": req["id"], "channels": req["channels"]})
+        )
+        await ws.close(4003, "go away")
+
+    out, err = io.StringIO(), io.StringIO()
+    async with serve(handler, "127.0.0.1", 0) as srv:
+        url = f"ws://127.0.0.1:{next(iter(srv.sockets)).getsockname()[1]}/ws"
+        args = build_parser().parse_args(["quotes:*", "--max-hz", "4", "--json"])
+        await asyncio.wait_for(
+            watch(["quotes:*"], url, as_json=True, max_hz=args.max_hz, out=out, err=err), 10
+        )
+    assert seen[0]["max_hz"] == 4.0

@@ -43,3 +43,8 @@ def test_every_kind_of_client_request_matches_the_contract() -> None:
     s.connection_lost()
     again = check(s.connection_made())  # the projected pattern keeps its fields on reconnect
     assert [orjson.loads(r.frame).get("fields") for r in again] == [None, ["close", "volume"]]
+    throttled = check([s.subscribe(["quotes:*"], max_hz=4)])
+    assert orjson.loads(throttled[0].frame)["max_hz"] == 4
+    s.connection_lost()
+    again = check(s.connection_made())  # the throttled pattern keeps its rate on reconnect
+    assert sorted(str(orjson.loads(r.frame).get("max_hz")) for r in again) == ["4", "None", "None"]

@@ -331,6 +331,9 @@ INVALID_CLIENT: list[tuple[str, Any]] = [
     ),
     ("float id", {"op": "ping", "id": 1.5}),
     ("undeclared field", {"op": "ping", "id": 1, "extra": True}),
+    ("max_hz zero", {"op": "subscribe", "channels": ["quotes:*"], "max_hz": 0}),
+    ("max_hz above 1000", {"op": "subscribe", "channels": ["quotes:*"], "max_hz": 1001}),
+    ("max_hz a string", {"op": "subscribe", "channels": ["quotes:*"], "max_hz": "4"}),
     ("auth without token", {"op": "auth", "id": 5}),
     ("auth token not a string", {"op": "auth", "id": 5, "token": 42}),
 ]
@@ -373,6 +376,8 @@ INVALID_SERVER: list[tuple[str, Any]] = [
     ("event of another epoch", events_of(with_(TRADE, epoch="other"))),
     ("seqs not consecutive", events_of(TRADE, with_(TRADE, seq=1043))),
     ("seqs repeated", events_of(TRADE, TRADE)),
+    ("skipped zero", {**events_of(TRADE), "skipped": 0}),
+    ("skipped fractional", {**events_of(TRADE), "skipped": 1.5}),
     ("heartbeat last of a pattern", {"type": "heartbeat", "ts": 1, "last": {"trades:*": 1}}),
     ("welcome auth sideways", with_(SERVER_SAMPLES[0], auth="maybe")),
     ("welcome auth ok without entitlements", with_(SERVER_SAMPLES[0], auth="ok")),

@@ -115,5 +115,21 @@ async def test_server_messages_match_the_contract(
                 {"op": "subscribe", "id": 7, "channels": ["trades:*"], "fields": ["bid"]}
             )
             assert (await talk.reply(7, "error"))["code"] == "bad_request"
+            # A throttled subscription: its frames say what they skipped, and match too.
+            await talk.send({"op": "subscribe", "id": 8, "channels": ["trades:*"], "max_hz": 1000})
+            await talk.reply(8, "subscribed")
+            await talk.send({"op": "unsubscribe", "id": 9, "channels": ["quotes:*"]})
+            await talk.reply(9, "unsubscribed")
+            await talk.send({"op": "subscribe", "id": 10, "channels": ["quotes:*"], "max_hz": 2})
+            await talk.reply(10, "subscribed")
+            await run_simulator(pub, sim, count=400, throttle=False)
+            throttled = await talk.until(
+                "throttled quotes", lambda m: m["type"] == "events" and "skipped" in m
+            )
+            assert throttled["skipped"] >= 1 and len(throttled["events"]) == 1
+            await talk.send(
+                {"op": "subscribe", "id": 11, "channels": ["quotes:*"], "max_hz": 0}, valid=False
+            )
+            assert (await talk.reply(11, "error"))["code"] == "bad_request"
             await talk.until("a heartbeat", lambda m: m["type"] == "heartbeat")
             assert talk.frames > 5

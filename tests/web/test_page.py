@@ -221,7 +221,9 @@ async def test_page_resumes_after_a_hole_and_after_the_server_leaves(
     conn.send(events("trades:AAPL", *(trade("AAPL", s, 190 + s) for s in (3, 4, 5))))
     await expect(cell(page, "AAPL", "last")).to_have_text("195")
     state = await snapshot(page)
-    assert state["totals"] == {"delivered": 7, "duplicates": 1, "gaps": 0, "resets": 0, "holes": 0}
+    assert state["totals"] == {
+        "delivered": 7, "duplicates": 1, "gaps": 0, "resets": 0, "holes": 0, "skipped": 0
+    }  # fmt: skip
 
     # The server goes away (1001). While it is down, connections fail (closed before welcome):
     # the waits between attempts grow.
@@ -535,3 +537,27 @@ async def _moved_on(chart: Callable[[], Any], before: dict[str, Any]) -> bool:
 
 async def _channel_is(chart: Callable[[], Any], channel: str) -> bool:
     return bool((await chart())["channel"] == channel)
+
+
+async def test_page_rate_selector_resubscribes_at_that_rate(
+    page: Page, page_errors: PageErrors
+) -> None:
+    mock = MockServer()
+    conn = await open_page(page, mock)
+    await handshake(conn, known=["quotes:AAPL", "trades:AAPL"])
+    conn.send(events("trades:AAPL", trade("AAPL", 1, 190.0)))
+    await expect(cell(page, "AAPL", "last")).to_have_text("190")
+
+    await page.locator("#max-hz").select_option("4")
+    unsub = await conn.request("unsubscribe")
+    assert sorted(unsub["channels"]) == ["quotes:*", "trades:*"]
+    subs = [await conn.request("subscribe") for _ in range(2)]
+    assert all(s["max_hz"] == 4 for s in subs)
+    # The delivered channel is resumed where the page stands, the other one snapshotted.
+    resumed = next(s for s in subs if "resume" in s)
+    assert resumed["resume"] == {"trades:AAPL": {"epoch": EPOCH, "seq": 1}}
+    # A throttled frame's skipped seqs are no hole: the page shows it and asks for nothing.
+    conn.send({**events("trades:AAPL", trade("AAPL", 9, 191.0)), "skipped": 7})
+    await expect(cell(page, "AAPL", "last")).to_have_text("191")
+    assert await conn.requests_until_quiet() == []
+    assert page_errors.unexpected() == []

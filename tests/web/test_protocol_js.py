@@ -125,7 +125,9 @@ async def test_tracker_drops_duplicates_and_moves_past_gaps_and_resets(js: Page)
     assert out["c"] == [[9], False]
     assert out["reset"]["text"] == "trades:AAPL: reset, epoch e1 → e2"
     assert out["d"] == [[40, 41], False]  # a new epoch may start anywhere
-    assert out["totals"] == {"delivered": 8, "duplicates": 2, "gaps": 1, "resets": 1, "holes": 0}
+    assert out["totals"] == {
+        "delivered": 8, "duplicates": 2, "gaps": 1, "resets": 1, "holes": 0, "skipped": 0
+    }  # fmt: skip
     assert out["resume"] == {"trades:AAPL": {"epoch": "e2", "seq": 41}}
 
 
@@ -240,3 +242,41 @@ async def test_subscribed_positions_resume_channels_that_had_no_event_yet(js: Pa
         }
     ]
     assert out["first"] == [[1], []]  # no "epoch changed without a reset" for a new channel
+
+
+async def test_tracker_takes_a_throttled_frames_skipped_seqs_as_no_hole(js: Page) -> None:
+    out = await run(
+        js,
+        """const t = new m.ChannelTracker();
+           const seqs = (r) => [r.fresh.map((e) => e.seq), r.stall];
+           const a = seqs(t.events(arg.first));
+           const b = seqs(t.events({...arg.throttled, skipped: 5}));
+           const c = seqs(t.events({...arg.short, skipped: 2}));
+           return {a, b, c, totals: t.totals};""",
+        {"first": trades(1, 2, 3), "throttled": trades(9), "short": trades(20)},
+    )
+    assert out["a"] == [[1, 2, 3], False]
+    assert out["b"] == [[9], False]  # 4..8 superseded by 9: no hole
+    assert out["c"] == [[], True]  # 10..17 missing beyond the 2 it skipped: a hole, resume
+    assert out["totals"]["skipped"] == 5 and out["totals"]["holes"] == 0
+
+
+async def test_resubscribe_asks_every_request_for_the_pages_rate(js: Page) -> None:
+    out = await run(
+        js,
+        """const t = new m.ChannelTracker();
+           t.events(arg.trade);
+           let id = 10;
+           return m.resubscribeRequests(['quotes:*', 'trades:*'], t, () => id++, 16384, 4);""",
+        {"trade": trades(7)},
+    )
+    assert out == [
+        {"op": "subscribe", "id": 10, "channels": ["quotes:*"], "snapshot": True, "max_hz": 4},
+        {
+            "op": "subscribe",
+            "id": 11,
+            "channels": ["trades:*"],
+            "resume": {"trades:AAPL": {"epoch": "e1", "seq": 7}},
+            "max_hz": 4,
+        },
+    ]
