@@ -210,9 +210,7 @@ class IntervalBars:
         """Trades in stream order (`pt`: their publish times)."""
         if not len(ts):
             return
-        self._lag = int(pt[-1]) - int(ts[-1])
-        top = int(ts.max())
-        self._latest_ts = top if self._latest_ts is None else max(self._latest_ts, top)
+        self.observe(int(ts.max()), int(ts[-1]), int(pt[-1]))
         on_time = ts >= self.closed_until
         if not on_time.all():
             self.late_trades += int(len(ts) - np.count_nonzero(on_time))
@@ -220,6 +218,11 @@ class IntervalBars:
         for bar in aggregate(ts, price, size, self.interval_ns):
             held = self._open.get(bar.start)
             self._open[bar.start] = bar if held is None else held.merged(bar)
+
+    def observe(self, top: int, ts: int, pt: int) -> None:
+        """Set the venue clock by trades read: `top` the highest `ts`, `ts`/`pt` the last's."""
+        self._lag = pt - ts
+        self._latest_ts = top if self._latest_ts is None else max(self._latest_ts, top)
 
     def venue_now(self, now: int) -> int:
         """The venue clock at wall-clock time `now` (ns), never going back."""

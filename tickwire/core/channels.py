@@ -48,6 +48,16 @@ WILDCARD = "*"
 KEY_PREFIX = "tw"
 #: Redis set holding every channel that has ever been published (for `list` and wildcards).
 REGISTRY_KEY = f"{KEY_PREFIX}:channels"
+#: Redis sorted set of the on-demand bar patterns servers have subscribers for (`bars.5s:*`,
+#: `bars.250ms:BTC-USD`), each scored with the time (ms since 1970) its demand lapses. Servers
+#: raise the score while subscribers stay; `tickwire bars` makes what has a score in the future.
+BAR_DEMAND_KEY = f"{KEY_PREFIX}:bars:demand"
+
+
+def bar_writer_key(channel: Channel) -> str:
+    """The lease naming the one `tickwire bars` process that writes an on-demand bar channel
+    (in the symbol's slot, beside its streams)."""
+    return f"{channel.stream_key}:writer"
 
 
 def live_channel(db: int) -> str:
