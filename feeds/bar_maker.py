@@ -56,6 +56,9 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 _MS = 1_000_000
+#: Demand that lapsed this long ago is removed from the demand set, once a minute.
+PRUNE_AFTER_NS = 3600 * 1_000_000_000
+PRUNE_EVERY_NS = 60 * 1_000_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +124,10 @@ class BarMaker:
         self._conn: RedisConnection | None = None
         self._symbols: list[str] = []
         self._registry_read = -(1 << 62)
+        self._pruned = -(1 << 62)
+        #: Channels whose lease another maker held when last tried: not tried again before this.
+        self._busy_until: dict[Channel, int] = {}
+        self._late_of_stopped = 0
         self._wakeup = asyncio.Event()
 
     # -- the loop ----------------------------------------------------------------------------
@@ -201,12 +208,19 @@ class BarMaker:
         if batches:
             await self.publisher.publish(batches)
             self.stats.bars += len(out)
-        self.stats.late_trades = sum(j.bars.late_trades for j in self.jobs.values())
+        self.stats.late_trades = self._late_of_stopped + sum(
+            j.bars.late_trades for j in self.jobs.values()
+        )
         self.stats.channels = set(self.jobs)
         return out
 
     async def _wanted(self, now: int) -> set[Channel]:
         """The on-demand bar channels some server has demand for now."""
+        if now - self._pruned >= PRUNE_EVERY_NS:
+            # Patterns that lapsed long ago: nobody will raise them again.
+            lapsed = (now - PRUNE_AFTER_NS) // _MS
+            await self._call([["ZREMRANGEBYSCORE", BAR_DEMAND_KEY, "-inf", lapsed]])
+            self._pruned = now
         (members,) = await self._call([["ZRANGEBYSCORE", BAR_DEMAND_KEY, now // _MS, "+inf"]])
         patterns: list[ChannelPattern] = []
         for m in members:
@@ -242,15 +256,23 @@ class BarMaker:
             return
         await self._call([self._release(c) for c in stopping])
         for channel in stopping:
-            del self.jobs[channel]
+            self._late_of_stopped += self.jobs.pop(channel).bars.late_trades
             self.stats.stopped += 1
             log.info("stopped %s: no demand", channel)
 
     async def _lease(self, wanted: set[Channel], now: int) -> None:
         """Renew the leases due for it, try to take the others; start the jobs taken."""
         every = self.config.lease_s * 1e9 / 3
+        busy = self._busy_until
+        for c in [c for c, until in busy.items() if until <= now or c not in wanted]:
+            del busy[c]
         due = sorted(
-            (c for c in wanted if c not in self.jobs or now - self.jobs[c].renewed >= every),
+            (
+                c
+                for c in wanted
+                if (c not in self.jobs and c not in busy)
+                or (c in self.jobs and now - self.jobs[c].renewed >= every)
+            ),
             key=str,
         )
         ms = int(self.config.lease_s * 1000)
@@ -262,7 +284,8 @@ class BarMaker:
             if not ok:
                 if job is not None:
                     log.warning("lost the writer lease of %s to another maker", channel)
-                    del self.jobs[channel]
+                    self._late_of_stopped += self.jobs.pop(channel).bars.late_trades
+                busy[channel] = now + int(every)
                 continue
             if job is not None:
                 job.renewed = now

@@ -184,7 +184,38 @@ async def test_one_writer_per_channel_and_another_takes_over(
     assert second.jobs == {}
     await first.close()  # releases its leases
     await second.step()
+    assert second.jobs == {}  # a lease found taken is tried again a third of a lease later
+    clock.now = T0 + 2 * S
+    await second.step()
     assert set(second.jobs) == set(Channel("bars.5s", s) for s in "AB")
     clock.now = T0 + 6 * S
     got = await second.step()
     assert sorted((b.symbol, b.close) for b in got) == [("A", 1.5), ("B", 2.5)]
+
+
+async def test_a_maker_taking_over_continues_after_the_last_stored_bar(
+    redis: RedisConnection, redis_server: RedisProcess, publisher: Publisher
+) -> None:
+    clock = Clock(T0)
+    channel = Channel("bars.250ms", "X")
+    first = maker(redis_server.url, publisher, clock, "m1")
+    await demand(redis, channel.name, T0 + 60 * S)
+    await first.step()
+    await publish_trades(publisher, "X", [(T0 + 100 * MS, 10.0, 1.0), (T0 + 280 * MS, 11.0, 1.0)])
+    clock.now = T0 + 310 * MS
+    (bar,) = await first.step()
+    assert bar.start == T0
+    await first.close()
+    await publish_trades(publisher, "X", [(T0 + 400 * MS, 12.0, 1.0)])
+    # A new maker reads the open interval's trades back from the stream: its first bar is
+    # whole, and it writes nothing for the interval already published.
+    second = maker(redis_server.url, publisher, clock, "m2")
+    clock.now = T0 + 320 * MS
+    assert await second.step() == []
+    clock.now = T0 + 560 * MS
+    (bar,) = await second.step()
+    assert (bar.start, bar.open, bar.close, bar.trades) == (T0 + 250 * MS, 11.0, 12.0, 2)
+    await publisher.flush()
+    stored = await stored_events(redis, channel)
+    assert [(e["seq"], e["start"]) for e in stored] == [(1, T0), (2, T0 + 250 * MS)]
+    assert second.stats.late_trades == 0
