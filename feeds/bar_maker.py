@@ -128,7 +128,6 @@ class BarMaker:
         #: Channels whose lease another maker held when last tried: not tried again before this.
         self._busy_until: dict[Channel, int] = {}
         self._late_of_stopped = 0
-        self._wakeup = asyncio.Event()
 
     # -- the loop ----------------------------------------------------------------------------
     async def run(self) -> None:
@@ -146,20 +145,15 @@ class BarMaker:
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
-                self._wakeup.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), self._sleep_s())
+                await asyncio.sleep(self._sleep_s())
         finally:
             await self.close()
-
-    def wake(self) -> None:
-        self._wakeup.set()
 
     def _sleep_s(self) -> float:
         wait = self.config.poll_s
         now = self.clock_ns()
         for job in self.jobs.values():
-            wait = min(wait, max(0.0, (job.bars.due_at() - now) / 1e9))
+            wait = min(wait, max(0.001, (job.bars.due_at() - now) / 1e9))
         return wait
 
     async def close(self) -> None:
