@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tickwire.core.channels import (
     Channel,
@@ -109,3 +111,19 @@ def test_bar_interval_grammar_refuses_with_its_own_error(name: str, why: str) ->
         ChannelPattern.parse(f"{name}:*")
     with pytest.raises(BarIntervalError):
         Channel.parse(f"{name}:BTC-USD")
+
+
+@given(st.integers(100, 86_400_000))
+def test_every_whole_ms_interval_in_bounds_has_one_name(ms: int) -> None:
+    name = canonical_interval(ms * 1_000_000)
+    assert bar_interval_ns(name) == ms * 1_000_000
+    assert ChannelPattern.parse(f"bars.{name}:*").kind == f"bars.{name}"
+
+
+@given(st.from_regex(r"\A[0-9]{1,4}(ms|s|m|h|d|x|)\Z"))
+def test_an_interval_is_canonical_or_refused(text: str) -> None:
+    try:
+        ns = bar_interval_ns(text)
+    except BarIntervalError:
+        return
+    assert canonical_interval(ns) == text
