@@ -165,6 +165,8 @@ class TickwireServer:
     def _on_status(self, up: bool) -> None:
         if up and self.metrics.redis_reconnects == 0:
             return  # the first connection is not news
+        if up:
+            self.demand.renew()  # a Redis that restarted empty has lost the demand
         self.hub.broadcast_control(status_message(up))
 
     async def _heartbeats(self) -> None:

@@ -5,8 +5,8 @@ The patterns of on-demand bar intervals the hub has subscribers for (`bars.5s:*`
 (ms since 1970) its demand lapses: now + `bar_retention_s`. One `ZADD … GT` per pass, on that
 one key, so scores only go up whichever server writes. A pass runs when a subscription to an
 on-demand interval comes or goes (`changed`), and every third of the retention while any is
-held; a pattern whose last subscriber left is written once more then, so it lapses a retention
-after that (within the pass's `min_gap_s`).
+held, and when Redis comes back after an outage; a pattern whose last subscriber left is
+written once more then, so it lapses a retention after that (within the pass's `min_gap_s`).
 """
 
 from __future__ import annotations
@@ -52,6 +52,11 @@ class BarDemand:
     def changed(self, patterns: Iterable[ChannelPattern]) -> None:
         """Subscriptions to `patterns` were added or removed: record at once if it matters."""
         if any(is_on_demand(p.kind) for p in patterns):
+            self._wakeup.set()
+
+    def renew(self) -> None:
+        """Record again now (Redis came back, and may have come back empty)."""
+        if self.recorded:
             self._wakeup.set()
 
     def wanted(self) -> frozenset[ChannelPattern]:

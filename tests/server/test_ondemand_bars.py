@@ -155,3 +155,53 @@ async def test_bad_intervals_are_refused_with_the_grammar(
         assert reply["type"] == "error" and reply["code"] == code
         assert says in reply["message"]
     assert srv.demand.recorded == frozenset()
+
+
+async def test_demand_is_shared_across_server_nodes(
+    setup: Setup, redis_server: RedisProcess, redis: RedisConnection
+) -> None:
+    """A channel wanted on two servers is made once, until a retention after its last
+    subscriber on either left."""
+    first, maker, _, clock = setup
+    t0 = clock.ns
+    cfg = replace(server_config(redis_server), bar_retention_s=RETENTION_S)
+    channel = Channel("bars.15m", "ETH-USD")
+    pattern = ChannelPattern.parse(channel.name)
+    async with (
+        TickwireServer(cfg, demand_clock=clock.seconds) as second,
+        recorder(first.url) as a,
+        recorder(second.url) as b,
+    ):
+        await a.request("subscribe", channels=[channel.name])
+        await b.request("subscribe", channels=[channel.name])
+        await eventually(lambda: first.demand.recorded == {pattern}, "first server's demand")
+        await eventually(lambda: second.demand.recorded == {pattern}, "second server's demand")
+        await maker.step()
+        assert set(maker.jobs) == {channel}  # once, for both servers' clients
+        # The first server's client leaves at once, the second server's 20 s later.
+        await a.request("unsubscribe", channels=[channel.name])
+        await eventually(lambda: first.demand.recorded == frozenset(), "first server's leave")
+        clock.ns = t0 + 20 * S
+        await b.request("unsubscribe", channels=[channel.name])
+        await eventually(lambda: second.demand.recorded == frozenset(), "second server's leave")
+        until = await redis.execute("ZSCORE", BAR_DEMAND_KEY, channel.name)
+        assert int(until) == (t0 + 20 * S) // MS + RETENTION_S * 1000
+        clock.ns = t0 + 20 * S + int(RETENTION_S * S) - MS
+        await maker.step()
+        assert set(maker.jobs) == {channel}
+        clock.ns += 2 * MS
+        await maker.step()
+        assert maker.jobs == {}
+
+
+async def test_precomputed_intervals_are_not_demanded(setup: Setup, redis: RedisConnection) -> None:
+    """bars.1s and bars.1m are the feed's: no demand is recorded, no maker writes them."""
+    srv, maker, _, _ = setup
+    async with recorder(srv.url) as client:
+        await client.request("subscribe", channels=["bars.1s:*", "bars.1m:BTC-USD", "trades:*"])
+        await client.request("subscribe", channels=["bars.5s:BTC-USD"])
+        await eventually(lambda: len(srv.demand.recorded) == 1, "demand recorded")
+    assert await redis.execute("ZRANGE", BAR_DEMAND_KEY, 0, -1) == [b"bars.5s:BTC-USD"]
+    await redis.execute("ZADD", BAR_DEMAND_KEY, "+inf", "bars.1s:*")  # a stray writer
+    await maker.step()
+    assert set(maker.jobs) == {Channel("bars.5s", "BTC-USD")}
