@@ -190,15 +190,18 @@ class BarMaker:
         wanted = await self._wanted(now)
         await self._stop(c for c in list(self.jobs) if c not in wanted)
         await self._lease(wanted, now)
+        # The trades read now include every trade stored before `now`: the bars are closed as of
+        # `now`, not of when the read ends (a trade stored meanwhile would be late for nothing).
+        now = self.clock_ns()
         await self._read_trades()
         out: list[ClosedBar] = []
         batches: dict[Channel, list[bytes]] = {}
-        now = self.clock_ns()
+        published = self.clock_ns()
         for channel, job in self.jobs.items():
             closed = job.bars.close(now)
             if closed:
                 out += closed
-                batches[channel] = [bar.encode(now) for bar in closed]
+                batches[channel] = [bar.encode(published) for bar in closed]
         if batches:
             await self.publisher.publish(batches)
             self.stats.bars += len(out)
