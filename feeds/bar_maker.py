@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import orjson
 
 from tickwire.core.channels import (
@@ -40,7 +41,7 @@ from tickwire.core.redis_wire import RedisConnection
 from tickwire.core.stream import seq_of
 from tickwire.feeds.bars import ClosedBar
 from tickwire.feeds.publisher import Publisher
-from tickwire.feeds.trade_bars import IntervalBars
+from tickwire.feeds.trade_bars import IntervalBars, aggregate_groups
 
 log = logging.getLogger("tickwire.feeds.bar_maker")
 
@@ -349,40 +350,110 @@ class BarMaker:
         return _Job(channel, trades, bars, epoch, cursor, now)
 
     async def _read_trades(self) -> None:
-        """Every trade appended since the last step, for every job, page by page."""
-        jobs = list(self.jobs.values())
+        """Every trade appended since the last step: one read per symbol for all its jobs, page
+        by page, then one numpy pass per interval for all its channels."""
+        by_symbol: dict[Channel, list[_Job]] = {}
+        for job in self.jobs.values():
+            by_symbol.setdefault(job.trades, []).append(job)
+        reading = list(by_symbol.items())
         page = self.config.page
-        while jobs:
+        read: list[tuple[_Job, _Trades]] = []
+        while reading:
             commands: list[list[Arg]] = []
-            for j in jobs:
-                commands.append(["HMGET", j.trades.meta_key, "epoch", "seq"])
-                commands.append(
-                    ["XRANGE", j.trades.stream_key, f"({j.cursor}-0", "+", "COUNT", page]
-                )
+            for trades, jobs in reading:
+                cursor = min(j.cursor for j in jobs)
+                commands.append(["HMGET", trades.meta_key, "epoch", "seq"])
+                commands.append(["XRANGE", trades.stream_key, f"({cursor}-0", "+", "COUNT", page])
             replies = await self._call(commands)
             more = []
-            for j, meta, entries in zip(jobs, replies[::2], replies[1::2], strict=True):
+            for (trades, jobs), meta, entries in zip(
+                reading, replies[::2], replies[1::2], strict=True
+            ):
                 epoch = meta[0].decode() if meta[0] is not None else ""
-                if epoch != j.epoch and j.epoch:
-                    # The trades stream was lost and recreated: read its new epoch from the start
-                    # (trades of closed intervals in it are late).
-                    log.warning("%s: trades epoch %s → %s", j.channel, j.epoch, epoch)
-                    j.epoch, j.cursor = epoch, 0
-                    more.append(j)
+                again = False
+                for j in jobs:
+                    if epoch != j.epoch and j.epoch:
+                        # The stream was lost and recreated: read its new epoch from the start
+                        # (trades of closed intervals in it are late).
+                        log.warning("%s: trades epoch %s → %s", j.channel, j.epoch, epoch)
+                        j.cursor = 0
+                        again = True
+                    j.epoch = epoch
+                if again:
+                    more.append((trades, jobs))
                     continue
-                j.epoch = epoch
                 if not entries:
                     continue
-                j.cursor = seq_of(entries[-1][0])
-                docs = [orjson.loads(fields[1]) for _, fields in entries]
-                j.bars.add(*_columns(docs))
-                self.stats.trades += len(docs)
+                columns = _Trades.of(entries)
+                self.stats.trades += len(entries)
+                for j in jobs:
+                    taken = columns.after(j.cursor)
+                    if taken is not None:
+                        read.append((j, taken))
+                        j.cursor = int(columns.seq[-1])
                 if len(entries) == page:
-                    more.append(j)
-            jobs = more
+                    more.append((trades, jobs))
+            reading = more
+        self._fold(read)
+
+    @staticmethod
+    def _fold(read: list[tuple[_Job, _Trades]]) -> None:
+        """Trades read, per job, into each job's bars: one `aggregate_groups` per interval."""
+        by_interval: dict[int, list[tuple[_Job, _Trades]]] = {}
+        for job, trades in read:
+            on_time = job.bars.admit(trades.ts, trades.pt)
+            if on_time.any():
+                by_interval.setdefault(job.bars.interval_ns, []).append((job, trades[on_time]))
+        for interval_ns, parts in by_interval.items():
+            groups = np.repeat(np.arange(len(parts)), [len(t.ts) for _, t in parts])
+            owners, bars = aggregate_groups(
+                np.concatenate([t.ts for _, t in parts]),
+                np.concatenate([t.price for _, t in parts]),
+                np.concatenate([t.size for _, t in parts]),
+                groups,
+                interval_ns,
+            )
+            for owner, bar in zip(owners, bars, strict=True):
+                parts[owner][0].bars.fold(bar)
 
 
-def _columns(docs: list[Any]) -> tuple[Any, Any, Any, Any]:
+@dataclass(frozen=True, slots=True)
+class _Trades:
+    """Trades read from one stream, as columns in stream order."""
+
+    seq: npt.NDArray[np.int64]
+    ts: npt.NDArray[np.int64]
+    pt: npt.NDArray[np.int64]
+    price: npt.NDArray[np.float64]
+    size: npt.NDArray[np.float64]
+
+    @classmethod
+    def of(cls, entries: list[Any]) -> _Trades:
+        docs = [orjson.loads(fields[1]) for _, fields in entries]
+        return cls(
+            np.array([seq_of(e[0]) for e in entries], dtype=np.int64),
+            *_columns(docs),
+        )
+
+    def after(self, seq: int) -> _Trades | None:
+        """The trades after `seq` (None if none)."""
+        if self.seq[0] > seq:
+            return self
+        if self.seq[-1] <= seq:
+            return None
+        return self[self.seq > seq]
+
+    def __getitem__(self, mask: npt.NDArray[np.bool_]) -> _Trades:
+        return _Trades(
+            self.seq[mask], self.ts[mask], self.pt[mask], self.price[mask], self.size[mask]
+        )
+
+
+def _columns(
+    docs: list[Any],
+) -> tuple[
+    npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64]
+]:
     """ts, pt, price, size columns of decoded trade events."""
     return (
         np.array([d["ts"] for d in docs], dtype=np.int64),

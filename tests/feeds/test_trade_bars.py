@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tickwire.feeds.bars import ClosedBar
-from tickwire.feeds.trade_bars import IntervalBars, aggregate, decimals_of
+from tickwire.feeds.trade_bars import IntervalBars, aggregate, aggregate_groups, decimals_of
 
 MS = 1_000_000
 S = 1_000 * MS
@@ -188,3 +188,26 @@ def test_a_replayed_feed_runs_the_venue_clock_from_its_own_timestamps() -> None:
     assert bars.late_trades == 0
     (bar,) = bars.close(T0 + 5 * S + 100 * MS)
     assert bar.start == old
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 2 * S), prices, sizes, st.integers(0, 4)).map(
+            lambda t: (T0 + t[0], t[1], t[2], t[3])
+        ),
+        min_size=1,
+        max_size=200,
+    )
+)
+def test_one_pass_over_many_channels_equals_one_per_channel(
+    rows: list[tuple[int, float, float, int]],
+) -> None:
+    ts, price, size = columns([(t, p, s) for t, p, s, _ in rows])
+    groups = np.array([g for *_, g in rows], dtype=np.int64)
+    owners, bars = aggregate_groups(ts, price, size, groups, 250 * MS)
+    expected = []
+    for g in sorted(set(groups.tolist())):
+        mine = groups == g
+        expected += [(g, b) for b in aggregate(ts[mine], price[mine], size[mine], 250 * MS)]
+    assert list(zip(owners, bars, strict=True)) == expected
