@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
+import sys
+import time
 from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
+from tests.conftest import timeout
 from tests.feeds.conftest import stored_events
 from tests.feeds.test_trade_bars import reference_bars
 from tickwire.core.channels import BAR_DEMAND_KEY, Channel, bar_writer_key
@@ -219,3 +226,44 @@ async def test_a_maker_taking_over_continues_after_the_last_stored_bar(
     stored = await stored_events(redis, channel)
     assert [(e["seq"], e["start"]) for e in stored] == [(1, T0), (2, T0 + 250 * MS)]
     assert second.stats.late_trades == 0
+
+
+async def wait_for_redis(redis: RedisConnection, *command: Any, limit: float = 10.0) -> Any:
+    """Poll a Redis command until its reply is truthy (a process's writes have no event)."""
+    deadline = time.monotonic() + timeout(limit)
+    while not (reply := await redis.execute(*command)):
+        assert time.monotonic() < deadline, f"timed out waiting for {command}"
+        await asyncio.sleep(0.02)
+    return reply
+
+
+async def test_the_bars_command_makes_bars_and_releases_its_leases_on_sigterm(
+    redis: RedisConnection, redis_server: RedisProcess, publisher: Publisher
+) -> None:
+    """`tickwire bars` as a process, on the wall clock: a bar of trades stored now comes."""
+    exe = Path(sys.executable).parent / "tickwire"
+    channel = Channel("bars.100ms", "X")
+    await demand(redis, channel.name, time.time_ns() + 60 * S)
+    proc = await asyncio.create_subprocess_exec(
+        *(str(exe), "bars", "--redis", redis_server.url, "--close-delay-ms", "20"),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await wait_for_redis(redis, "EXISTS", bar_writer_key(channel))
+        now = time.time_ns()
+        await publish_trades(publisher, "X", [(now, 1.25, 2.0), (now + 1, 1.5, 2.0)], lag=0)
+        (entry,) = await wait_for_redis(redis, "XRANGE", channel.stream_key, "-", "+")
+        bar = orjson.loads(entry[1][1])
+        assert (bar["open"], bar["close"], bar["volume"], bar["vwap"], bar["trades"]) == (
+            1.25,
+            1.5,
+            4.0,
+            1.38,  # 1.375 half-even to two decimals
+            2,
+        )
+        assert bar["start"] <= now < bar["end"] == bar["start"] + 100 * MS
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert await redis.execute("EXISTS", bar_writer_key(channel)) == 0
