@@ -99,6 +99,8 @@ class BarMakerStats:
     bars: int = 0
     trades: int = 0
     late_trades: int = 0
+    #: Trades trimmed from their stream before this maker read them (in no bar).
+    missed_trades: int = 0
     started: int = 0
     stopped: int = 0
     errors: int = 0
@@ -386,6 +388,13 @@ class BarMaker:
                     continue
                 columns = _Trades.of(entries)
                 self.stats.trades += len(entries)
+                first, cursor = int(columns.seq[0]), min(j.cursor for j in jobs)
+                if cursor and first > cursor + 1:
+                    # Trimmed (MAXLEN) before this maker read them: the bars miss them.
+                    self.stats.missed_trades += first - cursor - 1
+                    log.warning(
+                        "%s: trades %d..%d were trimmed unread", trades, cursor + 1, first - 1
+                    )
                 for j in jobs:
                     taken = columns.after(j.cursor)
                     if taken is not None:

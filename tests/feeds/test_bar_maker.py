@@ -267,3 +267,20 @@ async def test_the_bars_command_makes_bars_and_releases_its_leases_on_sigterm(
         _, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
     assert await redis.execute("EXISTS", bar_writer_key(channel)) == 0
+
+
+async def test_trades_trimmed_before_they_were_read_are_counted(
+    redis: RedisConnection, redis_server: RedisProcess, publisher: Publisher
+) -> None:
+    clock = Clock(T0)
+    bm = maker(redis_server.url, publisher, clock)
+    await demand(redis, "bars.5s:X", T0 + 60 * S)
+    await bm.step()
+    await publish_trades(publisher, "X", [(T0 + n * MS, 1.0, 1.0) for n in range(3)])
+    await bm.step()
+    await publish_trades(publisher, "X", [(T0 + n * MS, 2.0, 1.0) for n in range(3, 6)])
+    await redis.execute("XTRIM", Channel("trades", "X").stream_key, "MAXLEN", 1)
+    clock.now = T0 + 6 * S
+    (bar,) = await bm.step()
+    assert bm.stats.missed_trades == 2
+    assert (bar.trades, bar.volume) == (4, 4.0)
