@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -9,11 +10,13 @@ from dataclasses import replace
 import orjson
 import pytest
 
-from tests.conftest import eventually
+import tickwire.clients
+from tests.conftest import eventually, timeout
 from tests.feeds.test_bar_maker import decimal_bars, publish_trades
 from tests.feeds.test_trade_bars import reference_bars
 from tickwire.core.channels import BAR_DEMAND_KEY, Channel, ChannelPattern
 from tickwire.core.config import PublisherConfig
+from tickwire.core.events import Bar
 from tickwire.core.redis_process import RedisProcess
 from tickwire.core.redis_wire import RedisConnection
 from tickwire.feeds.bar_maker import BarMaker, BarMakerConfig
@@ -205,3 +208,29 @@ async def test_precomputed_intervals_are_not_demanded(setup: Setup, redis: Redis
     await redis.execute("ZADD", BAR_DEMAND_KEY, "+inf", "bars.1s:*")  # a stray writer
     await maker.step()
     assert set(maker.jobs) == {Channel("bars.5s", "BTC-USD")}
+
+
+async def test_the_python_client_gets_on_demand_bars(setup: Setup) -> None:
+    srv, maker, pub, clock = setup
+    t0 = clock.ns
+    async with tickwire.clients.connect(srv.url) as feed:
+        await feed.subscribe("bars.500ms:*", "bars.500ms:SOL-USD")
+        await eventually(lambda: len(srv.demand.recorded) == 2, "demand recorded")
+        await maker.step()
+        await publish_trades(pub, "SOL-USD", [(t0 + 100 * MS, 145.08, 3.5)])
+        clock.ns = t0 + 549 * MS
+        assert await maker.step() == []  # not yet due (end + 50 ms close delay)
+        clock.ns = t0 + 552 * MS
+        assert len(await maker.step()) == 1  # once for both patterns of the client
+        await pub.flush()
+        received = await asyncio.wait_for(anext(aiter(feed)), timeout(10))
+    assert isinstance(received, tickwire.clients.Received)
+    bar = received.event
+    assert isinstance(bar, Bar)
+    assert (received.channel, bar.interval, bar.start, bar.close, bar.volume) == (
+        "bars.500ms:SOL-USD",
+        "500ms",
+        t0,
+        145.08,
+        3.5,
+    )
