@@ -22,6 +22,7 @@ from tickwire.core.runtime import raise_open_files_limit, tune_gc
 from tickwire.server.admission import Admission, Admitted
 from tickwire.server.auth import Authenticator
 from tickwire.server.connection import FRAME_LIMIT_FACTOR, WRITE_HIGH, WRITE_LOW, Connection
+from tickwire.server.demand import BarDemand
 from tickwire.server.history import History
 from tickwire.server.http import HttpRoutes
 from tickwire.server.hub import Hub
@@ -46,7 +47,14 @@ class _NoWireDebug(logging.LoggerAdapter):  # type: ignore[type-arg]
 class TickwireServer:
     """`async with TickwireServer(config) as srv:` serves until the block ends (or `close()`)."""
 
-    def __init__(self, config: ServerConfig, *, reuse_port: bool = False) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        reuse_port: bool = False,
+        demand_clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`demand_clock`: the wall clock of on-demand bar leases (`BarDemand`), for tests."""
         self.config = config
         self.reuse_port = reuse_port
         self.metrics = Metrics()
@@ -73,6 +81,9 @@ class TickwireServer:
         self.history = History(config.redis_url)
         self.reader = StreamReader(
             config, self.hub, self.metrics, self.history, on_status=self._on_status
+        )
+        self.demand = BarDemand(
+            config.redis_url, self.hub, retention_s=config.bar_retention_s, clock=demand_clock
         )
         self.connections: set[Connection] = set()
         self._server: Server | None = None
@@ -124,6 +135,7 @@ class TickwireServer:
         self._tasks = [
             asyncio.create_task(self.reader.run(), name="tickwire-reader"),
             asyncio.create_task(self._heartbeats(), name="tickwire-heartbeat"),
+            asyncio.create_task(self.demand.run(), name="tickwire-bar-demand"),
         ]
         # Serve at once, but give the reader a moment so that the first clients find Redis read.
         with contextlib.suppress(TimeoutError):
@@ -169,6 +181,8 @@ class TickwireServer:
     def _on_status(self, up: bool) -> None:
         if up and self.metrics.redis_reconnects == 0:
             return  # the first connection is not news
+        if up:
+            self.demand.renew()  # a Redis that restarted empty has lost the demand
         self.hub.broadcast_control(status_message(up))
 
     async def _heartbeats(self) -> None:
@@ -211,6 +225,7 @@ class TickwireServer:
             pass
         finally:
             conn.cleanup()
+            self.demand.changed(self.hub.patterns_of(conn.sub))
             self.hub.detach(conn.sub)
             self.connections.discard(conn)
             self.metrics.connections -= 1

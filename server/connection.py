@@ -311,6 +311,7 @@ class Connection:
         hub = self.server.hub
         reader = self.server.reader
         hub.subscribe(self.sub, *req.added, fields=req.fields, max_hz=req.max_hz)
+        self.server.demand.changed(req.added)
         self.server.metrics.subscriptions += len(req.added)
         plan = plan_subscribe(
             req,
@@ -386,6 +387,7 @@ class Connection:
     def _unsubscribe(self, req: Unsubscribe) -> None:
         hub = self.server.hub
         hub.unsubscribe(self.sub, *req.removed)
+        self.server.demand.changed(req.removed)
         self.server.metrics.subscriptions -= len(req.removed)
         concerned = set(self.outbox.positions) | self.catchup.channels | set(self.sub.holding)
         gone = [c for c in concerned if not hub.follows(self.sub, c)]
@@ -405,6 +407,7 @@ class Connection:
     def stop_receiving(self) -> None:
         """Stop queueing data for this client (it is being closed): its memory goes at once."""
         self.closing = True
+        self.server.demand.changed(self.server.hub.patterns_of(self.sub))
         self.server.hub.detach(self.sub)
         self.outbox.take()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from tickwire.core.channels import EVENT_TYPE_OF, WILDCARD, Channel, ChannelPattern
+from tickwire.core.channels import WILDCARD, Channel, ChannelPattern, event_type_of
 from tickwire.core.errors import ProtocolError
 from tickwire.core.events import COMMON_FIELDS, FIELDS_OF
 
@@ -29,7 +29,7 @@ def parse_fields(value: object, patterns: Iterable[ChannelPattern]) -> Fields:
     asked = frozenset(value)
     every = True
     for pattern in patterns:
-        event_type = EVENT_TYPE_OF[pattern.kind]
+        event_type = event_type_of(pattern.kind)
         own = FIELDS_OF[event_type]
         unknown = sorted(f for f in asked if f not in own and f not in COMMON_FIELDS)
         if unknown:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import signal
 import sys
 import time
 from collections.abc import Coroutine
@@ -171,6 +173,37 @@ def build_parser() -> argparse.ArgumentParser:
             help="the bridge map: [bridge], [" + broker + "] and [[route]] tables "
             "(docs/feeds.md has a worked example)",
         )
+
+    bars = sub.add_parser(
+        "bars",
+        help="make on-demand bar channels (bars.250ms, bars.5s:*, …) from the trades in Redis",
+        description="Make the bar channels servers have subscribers for (any interval from 100ms "
+        "to 1d besides a feed's own 1s/1m), from the trades stored in Redis, with numpy; run one "
+        "or more (one writer per channel, by a lease in Redis). docs/protocol.md, On-demand bars.",
+    )
+    _redis_arg(bars)
+    bars.add_argument(
+        "--close-delay-ms",
+        type=float,
+        default=100.0,
+        help="a bar closes this long after its end, for trades still on their way (default 100)",
+    )
+    bars.add_argument(
+        "--poll-ms", type=float, default=50.0, help="most time between reads (default 50)"
+    )
+    bars.add_argument(
+        "--lease-s",
+        type=float,
+        default=5.0,
+        help="a channel's writer lease; another maker takes over this long after one dies "
+        "(default 5)",
+    )
+    bars.add_argument(
+        "--bar-maxlen",
+        type=int,
+        default=RetentionConfig().bars,
+        help="bars kept per channel (MAXLEN ~)",
+    )
 
     rec = sub.add_parser(
         "record",
@@ -358,6 +391,35 @@ async def cmd_feed_sim(args: argparse.Namespace) -> int:
         f"\npublished {report.events:,} events in {report.seconds:.2f} s: {report.rate:,.0f} events/s"
         + (f", and {report.bars:,} bars" if args.bars else "")
         + (f", {dropped:,} dropped while Redis was down" if dropped else ""),
+        file=sys.stderr,
+    )
+    return 0
+
+
+async def cmd_bars(args: argparse.Namespace) -> int:
+    from tickwire.feeds.bar_maker import BarMaker, BarMakerConfig
+    from tickwire.feeds.publisher import Publisher
+
+    url = args.redis or redis_url_from_env()
+    config = BarMakerConfig(
+        redis_url=url,
+        poll_s=args.poll_ms / 1000,
+        close_delay_s=args.close_delay_ms / 1000,
+        lease_s=args.lease_s,
+    )
+    retention = RetentionConfig(bars=args.bar_maxlen)
+    print(f"making on-demand bars from the trades in {url}", file=sys.stderr)
+    async with Publisher(PublisherConfig(redis_url=url, retention=retention)) as pub:
+        maker = BarMaker(config, pub)
+        task = asyncio.ensure_future(maker.run())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        stats = maker.stats
+    print(
+        f"made {stats.bars:,} bars from {stats.trades:,} trades ({stats.late_trades:,} late)",
         file=sys.stderr,
     )
     return 0
@@ -560,6 +622,8 @@ def main(argv: list[str] | None = None) -> int:
             return run(cmd_feed_replay(args))
         if args.command == "feed" and args.feed in ("nats", "rabbitmq", "mqtt"):
             return run(cmd_feed_bridge(args))
+        if args.command == "bars":
+            return run(cmd_bars(args))
         if args.command == "record":
             return run(cmd_record(args))
         if args.command == "serve":

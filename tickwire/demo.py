@@ -1,4 +1,4 @@
-"""`make demo`: a Redis (private unless REDIS_URL), the simulator feed and the server, until Ctrl-C."""
+"""`make demo`: Redis (private unless REDIS_URL), simulator, bar maker and server, until Ctrl-C."""
 
 from __future__ import annotations
 
@@ -33,6 +33,12 @@ async def run_demo(port: int, rate: float, symbols: int) -> int:
             *("--rate", str(rate), "--symbols", str(symbols), "--bars", "1s,1m"),
         ],
     )
+    # On-demand bars (250 ms, 5 s, 15 min … on the chart): made from the stored trades while
+    # someone subscribes, by their own process (docs/protocol.md, On-demand bars).
+    bars = subprocess.Popen(  # noqa: ASYNC220
+        [str(exe), "bars", "--redis", url],
+    )
+    children = {"the simulator feed": feed, "the bar maker": bars}
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -48,14 +54,17 @@ async def run_demo(port: int, rate: float, symbols: int) -> int:
             waiter = asyncio.create_task(stop.wait())
             while not waiter.done():
                 await asyncio.wait([waiter], timeout=1.0)
-                if feed.poll() is not None:
-                    print(f"the simulator feed exited with {feed.returncode}", file=sys.stderr)
-                    return 1
+                for name, child in children.items():
+                    if child.poll() is not None:
+                        print(f"{name} exited with {child.returncode}", file=sys.stderr)
+                        return 1
     finally:
-        if feed.poll() is None:
-            feed.terminate()
+        for child in children.values():
+            if child.poll() is None:
+                child.terminate()
+        for child in children.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
-                feed.wait(5)
+                child.wait(5)
         if redis is not None:
             redis.stop()
     return 0

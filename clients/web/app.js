@@ -7,6 +7,7 @@ import {
   LatencyWindow,
   PROTOCOL,
   backoffDelay,
+  intervalMs,
   parseFrame,
   patternCovers,
   resubscribeRequests,
@@ -259,10 +260,9 @@ function price(r) {
   return null;
 }
 
-// Seconds in a bar interval ("1s", "1m"): with several intervals subscribed, the row shows the
-// shortest, the freshest close, instead of whichever bar came last.
-const UNIT_S = { s: 1, m: 60, h: 3600 };
-const span = (interval) => parseInt(interval, 10) * (UNIT_S[interval.slice(-1)] ?? 1);
+// With several bar intervals subscribed, the row shows the shortest, the freshest close,
+// instead of whichever bar came last.
+const span = (interval) => intervalMs(interval);
 
 function apply(ev) {
   const r = row(ev.sym);

@@ -2,8 +2,18 @@
 // No sockets, no timers, no DOM; app.js does the I/O. Mirrors tickwire.clients.session.
 
 export const PROTOCOL = 1;
+// Types: quotes, trades and bars.<N><unit> (the server also checks the bounds, 100ms..1d, and
+// that the interval is in its largest unit: docs/protocol.md, Channels).
 export const CHANNEL_RE =
-  /^(quotes|trades|bars\.1s|bars\.1m):(\*|[A-Z0-9](?:[A-Z0-9._/-]{0,30}[A-Z0-9])?)$/;
+  /^(quotes|trades|bars\.[1-9][0-9]{0,8}(?:ms|s|m|h|d)):(\*|[A-Z0-9](?:[A-Z0-9._/-]{0,30}[A-Z0-9])?)$/;
+
+const UNIT_MS = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 };
+
+/** Milliseconds in a bar interval (`250ms`, `5s`, `15m`); NaN if it is not one. */
+export function intervalMs(interval) {
+  const m = /^([1-9][0-9]*)(ms|s|m|h|d)$/.exec(interval);
+  return m ? Number(m[1]) * UNIT_MS[m[2]] : NaN;
+}
 
 /** A server frame holds one message object or an array of them. */
 export function parseFrame(text) {

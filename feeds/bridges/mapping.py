@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import orjson
 
-from tickwire.core.channels import EVENT_TYPE_OF, Channel, validate_symbol, validate_type
+from tickwire.core.channels import Channel, event_type_of, validate_symbol, validate_type
 from tickwire.core.errors import ChannelError, ConfigError
 from tickwire.core.events import FIELDS_OF, encode_body
 
@@ -118,7 +118,7 @@ class Route:
 
     @property
     def event_type(self) -> str:
-        return EVENT_TYPE_OF[self.channel]
+        return event_type_of(self.channel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,12 +270,12 @@ def _route(table: Any, broker: Broker, where: str) -> Route:
         raise ConfigError(f'{where}: fields must map event field = "message field"')
     if not isinstance(constants, dict):
         raise ConfigError(f"{where}: const must be a table")
-    names = set(FIELDS_OF[EVENT_TYPE_OF[channel]])
+    names = set(FIELDS_OF[event_type_of(channel)])
     bad = (set(fields) | set(constants)) - names
     if bad:
         raise ConfigError(
-            f"{where}: {', '.join(sorted(bad))} not a field of {EVENT_TYPE_OF[channel]} "
-            f"events ({', '.join(FIELDS_OF[EVENT_TYPE_OF[channel]])})"
+            f"{where}: {', '.join(sorted(bad))} not a field of {event_type_of(channel)} "
+            f"events ({', '.join(FIELDS_OF[event_type_of(channel)])})"
         )
     ts_unit = str(table.get("ts_unit", "ns"))
     if ts_unit not in _TS_SCALE:

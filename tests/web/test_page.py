@@ -472,8 +472,9 @@ async def test_page_charts_a_symbols_bars_live_and_stays_responsive(
     page: Page, page_errors: PageErrors, redis: RedisConnection, redis_server: RedisProcess
 ) -> None:
     """Click a symbol: its 1 s bars (snapshot, then live) are drawn as candles; new bars move
-    the chart on, the interval can be changed (the chart's own subscription follows), and the
-    page answers at once meanwhile."""
+    the chart on, the interval can be changed (the chart's own subscription follows), to an
+    on-demand one too (250 ms, made by the bar maker), and the page answers at once meanwhile."""
+    from tickwire.feeds.bar_maker import BarMaker, BarMakerConfig
     from tickwire.feeds.runner import run_simulator
     from tickwire.feeds.simulator import MarketSimulator, make_instruments
 
@@ -486,6 +487,9 @@ async def test_page_charts_a_symbols_bars_live_and_stays_responsive(
 
     async with Publisher(PublisherConfig(redis_url=redis_server.url)) as pub:
         feed = asyncio.create_task(run_simulator(pub, sim, bar_intervals=("1s", "1m")))
+        bar_maker = asyncio.create_task(
+            BarMaker(BarMakerConfig(redis_url=redis_server.url, close_delay_s=0.05), pub).run()
+        )
         try:
             async with serving(config) as srv:
                 await page.goto(srv.http_url)
@@ -517,13 +521,21 @@ async def test_page_charts_a_symbols_bars_live_and_stays_responsive(
                 # (A 1 min bar closes at the next minute: the subscription is what is checked.)
                 wanted = (await snapshot(page))["wanted"]
                 assert "bars.1m:BTC-USD" in wanted and "bars.1s:BTC-USD" not in wanted
+                # An on-demand interval: the server records the demand, `tickwire bars` (here
+                # its loop in this process) makes the 250 ms bars, the chart draws them.
+                await page.select_option("#chart-interval", "250ms")
+                await wait_for(
+                    "the 250 ms chart", lambda: _channel_is(chart, "bars.250ms:BTC-USD"), 10
+                )
+                await wait_for("250 ms candles", lambda: _has_bars(chart, 3), 15)
                 await page.locator("#chart-close").click()
                 await expect(page.locator("#chart-panel")).to_be_hidden()
                 assert "bars.1m:BTC-USD" not in (await snapshot(page))["wanted"]
         finally:
-            feed.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await feed
+            for task in (feed, bar_maker):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
     assert page_errors.unexpected() == []
 
 

@@ -280,3 +280,18 @@ async def test_resubscribe_asks_every_request_for_the_pages_rate(js: Page) -> No
             "max_hz": 4,
         },
     ]
+
+
+async def test_channel_names_follow_the_bar_interval_grammar(js: Page) -> None:
+    out = await run(
+        js,
+        """return [['bars.250ms:BTC-USD', 'bars.5s:*', 'bars.15m:ETH-USD', 'bars.1s:X',
+                    'bars.5x:X', 'bars.05s:X', 'candles.5s:X'].map((c) => m.CHANNEL_RE.test(c)),
+                   ['250ms', '5s', '15m', '1h', '1d'].map((i) => m.intervalMs(i)),
+                   Number.isNaN(m.intervalMs('5x'))];""",
+    )
+    assert out == [
+        [True, True, True, True, False, False, False],
+        [250, 5000, 900_000, 3_600_000, 86_400_000],
+        True,
+    ]

@@ -6,16 +6,39 @@ import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from tickwire.core.errors import ChannelError, UnknownChannelType
+from tickwire.core.errors import BarIntervalError, ChannelError, UnknownChannelType
 
-#: Channel types and the event `type` each carries.
+#: Bar intervals a feed precomputes (the simulator's `--bars`); any other interval of the
+#: grammar below is made on demand by `tickwire bars` from the stored trades.
 BAR_INTERVALS = ("1s", "1m")
+#: Channel types with a fixed name, and the event `type` each carries. Besides these, every
+#: `bars.<interval>` of the bar interval grammar is a channel type (`bar_interval_ns`).
 CHANNEL_TYPES: tuple[str, ...] = ("quotes", "trades", *(f"bars.{i}" for i in BAR_INTERVALS))
 EVENT_TYPE_OF: dict[str, str] = {
     "quotes": "quote",
     "trades": "trade",
     **{f"bars.{i}": "bar" for i in BAR_INTERVALS},
 }
+BAR_PREFIX = "bars."
+
+# -- bar intervals: `<N><unit>`, N a positive integer without leading zeros, unit ms|s|m|h|d,
+# written with the largest unit that divides it (1000ms is `1s`, 90s is `90s`, 60m is `1h`),
+# from 100 ms to 1 d.
+_UNIT_NS = {
+    "ms": 1_000_000,
+    "s": 1_000_000_000,
+    "m": 60_000_000_000,
+    "h": 3_600_000_000_000,
+    "d": 86_400_000_000_000,
+}
+_INTERVAL_RE = re.compile(r"^([1-9][0-9]{0,8})(ms|s|m|h|d)$")
+MIN_BAR_NS = 100 * _UNIT_NS["ms"]
+MAX_BAR_NS = _UNIT_NS["d"]
+#: The grammar in words, for error messages and docs.
+BAR_GRAMMAR = (
+    "bars.<N><unit>: N a positive integer, unit ms, s, m, h or d, from 100ms to 1d, "
+    "in the largest unit that divides it (e.g. bars.250ms, bars.5s, bars.15m, bars.4h)"
+)
 
 # Upper-case letters and digits with `.`, `-`, `_`, `/` inside: covers tickers (BRK.B), pairs
 # (BTC-USD, EUR/USD) and futures codes, and leaves out what would break keys or patterns
@@ -25,6 +48,16 @@ WILDCARD = "*"
 KEY_PREFIX = "tw"
 #: Redis set holding every channel that has ever been published (for `list` and wildcards).
 REGISTRY_KEY = f"{KEY_PREFIX}:channels"
+#: Redis sorted set of the on-demand bar patterns servers have subscribers for (`bars.5s:*`,
+#: `bars.250ms:BTC-USD`), each scored with the time (ms since 1970) its demand lapses. Servers
+#: raise the score while subscribers stay; `tickwire bars` makes what has a score in the future.
+BAR_DEMAND_KEY = f"{KEY_PREFIX}:bars:demand"
+
+
+def bar_writer_key(channel: Channel) -> str:
+    """The lease naming the one `tickwire bars` process that writes an on-demand bar channel
+    (in the symbol's slot, beside its streams)."""
+    return f"{channel.stream_key}:writer"
 
 
 def live_channel(db: int) -> str:
@@ -46,12 +79,57 @@ def validate_symbol(symbol: str) -> str:
     return symbol
 
 
-def validate_type(kind: str) -> str:
-    if kind not in EVENT_TYPE_OF:
-        raise UnknownChannelType(
-            f"unknown channel type {kind!r}: expected one of {', '.join(CHANNEL_TYPES)}"
+def canonical_interval(ns: int) -> str:
+    """The interval's name: `ns` in the largest unit that divides it (250 ms → `250ms`)."""
+    for unit in ("d", "h", "m", "s", "ms"):
+        if ns % _UNIT_NS[unit] == 0:
+            return f"{ns // _UNIT_NS[unit]}{unit}"
+    raise BarIntervalError(f"bar interval of {ns} ns is not a whole number of milliseconds")
+
+
+def bar_interval_ns(interval: str) -> int:
+    """Length in ns of a bar interval (`250ms`, `5s`, `15m`), BarIntervalError if the grammar or
+    the bounds refuse it."""
+    match = _INTERVAL_RE.match(interval) if isinstance(interval, str) else None
+    if match is None:
+        raise BarIntervalError(f"invalid bar interval {interval!r}: use {BAR_GRAMMAR}")
+    ns = int(match[1]) * _UNIT_NS[match[2]]
+    if not MIN_BAR_NS <= ns <= MAX_BAR_NS:
+        raise BarIntervalError(
+            f"bar interval {interval!r} is out of bounds: from 100ms to 1d ({BAR_GRAMMAR})"
         )
-    return kind
+    name = canonical_interval(ns)
+    if name != interval:
+        raise BarIntervalError(f"bar interval {interval!r} is written {name!r}: bars.{name}")
+    return ns
+
+
+def is_bar_kind(kind: str) -> bool:
+    return kind.startswith(BAR_PREFIX)
+
+
+def is_on_demand(kind: str) -> bool:
+    """A bar channel type that no feed precomputes: `tickwire bars` makes it when asked."""
+    return is_bar_kind(kind) and kind not in EVENT_TYPE_OF
+
+
+def event_type_of(kind: str) -> str:
+    """The event `type` a (valid) channel type carries."""
+    return EVENT_TYPE_OF.get(kind) or "bar"
+
+
+def validate_type(kind: str) -> str:
+    """Return `kind` if it is a channel type; BarIntervalError for a `bars.` type whose
+    interval is not valid, UnknownChannelType for anything else unknown."""
+    if kind in EVENT_TYPE_OF:
+        return kind
+    if isinstance(kind, str) and is_bar_kind(kind):
+        bar_interval_ns(kind[len(BAR_PREFIX) :])
+        return kind
+    raise UnknownChannelType(
+        f"unknown channel type {kind!r}: expected one of {', '.join(CHANNEL_TYPES)} "
+        f"or another bar interval ({BAR_GRAMMAR})"
+    )
 
 
 class Channel(NamedTuple):
@@ -89,7 +167,7 @@ class Channel(NamedTuple):
 
     @property
     def event_type(self) -> str:
-        return EVENT_TYPE_OF[self.kind]
+        return event_type_of(self.kind)
 
     def __str__(self) -> str:
         return self.name

@@ -135,6 +135,10 @@ class ServerConfig:
     # a share at each poll: finds appends nobody pushed (another writer, a hand repair). Pushes
     # and reconnects find everything else at once; a check costs a meta read per channel.
     meta_recheck_s: float = 5.0
+    # On-demand bars (`bars.5s:*`): this server records the patterns it has subscribers for in
+    # Redis, for `tickwire bars`, and keeps each one wanted this long after its last subscriber
+    # here left (then its bar maker stops, if no other server wants it).
+    bar_retention_s: float = 60.0
     # After a fan-out that cost more than `fanout_pause_after_ms` of CPU and at least
     # `fanout_pause_busy` of the time since the previous one, the reader waits
     # `fanout_pause_ratio` times as long (at most `fanout_pause_max_ms`) before the next: frames

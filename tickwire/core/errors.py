@@ -3,7 +3,8 @@
 TickwireError
  ├── ConfigError            a setting or command-line value is invalid
  ├── ChannelError           a channel name or symbol is malformed
- │    └── UnknownChannelType
+ │    ├── UnknownChannelType
+ │    └── BarIntervalError   a `bars.<interval>` whose interval breaks the grammar or bounds
  ├── CodecError             bytes that are not a valid event
  ├── ReplayError            a malformed line in a recorded file (names file and line)
  ├── RedisUnavailable       Redis cannot be reached (translated at the edge)
@@ -28,6 +29,10 @@ class ChannelError(TickwireError):
 
 class UnknownChannelType(ChannelError):
     """The channel type is not one tickwire publishes."""
+
+
+class BarIntervalError(ChannelError):
+    """A bar interval outside the grammar `<N><unit>` (100ms..1d, in its largest unit)."""
 
 
 class CodecError(TickwireError):
