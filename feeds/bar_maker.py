@@ -37,7 +37,7 @@ from tickwire.core.channels import (
 )
 from tickwire.core.commands import Arg, RedisReplyError
 from tickwire.core.errors import ChannelError, RedisUnavailable
-from tickwire.core.redis_wire import RedisConnection
+from tickwire.core.redis_target import RedisLink, RedisTopology
 from tickwire.core.stream import seq_of
 from tickwire.feeds.bars import ClosedBar
 from tickwire.feeds.publisher import Publisher
@@ -124,7 +124,8 @@ class BarMaker:
         self.id = maker_id or secrets.token_hex(6)
         self.stats = BarMakerStats()
         self.jobs: dict[Channel, _Job] = {}
-        self._conn: RedisConnection | None = None
+        self._conn: RedisLink | None = None
+        self._redis = RedisTopology(config.redis_url)
         self._symbols: list[str] = []
         self._registry_read = -(1 << 62)
         self._pruned = -(1 << 62)
@@ -178,7 +179,7 @@ class BarMaker:
         if not commands:
             return []
         if self._conn is None or self._conn.closed:
-            self._conn = await RedisConnection.open(self.config.redis_url)
+            self._conn = await self._redis.open()
         replies = await self._conn.pipeline(commands, timeout=self.config.lease_s)
         for reply in replies:
             if isinstance(reply, RedisReplyError):

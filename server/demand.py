@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from tickwire.core.channels import BAR_DEMAND_KEY, ChannelPattern, is_on_demand
 from tickwire.core.commands import Arg, RedisReplyError
 from tickwire.core.errors import RedisUnavailable
-from tickwire.core.redis_wire import RedisConnection
+from tickwire.core.redis_target import RedisLink, RedisTopology
 from tickwire.server.hub import Hub
 
 log = logging.getLogger("tickwire.server.demand")
@@ -46,7 +46,8 @@ class BarDemand:
         #: Patterns written in the last pass (still subscribed then).
         self.recorded: frozenset[ChannelPattern] = frozenset()
         self.passes = 0
-        self._conn: RedisConnection | None = None
+        self._conn: RedisLink | None = None
+        self._redis = RedisTopology(self.url)
         self._wakeup = asyncio.Event()
 
     def changed(self, patterns: Iterable[ChannelPattern]) -> None:
@@ -76,7 +77,7 @@ class BarDemand:
             for p in sorted(members, key=str):
                 command += [until, p.name]
             if self._conn is None or self._conn.closed:
-                self._conn = await RedisConnection.open(self.url)
+                self._conn = await self._redis.open()
             await self._conn.execute(*command, timeout=5.0)
         self.recorded = wanted
         self.passes += 1

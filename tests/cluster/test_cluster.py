@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import io
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from tests.feeds.test_bar_maker import publish_trades as bar_trades
 from tests.server.conftest import Recorder, recorder
 from tickwire.core.channels import Channel
 from tickwire.core.redis_cluster import ClusterConnection
@@ -17,6 +20,7 @@ from tickwire.core.redis_pubsub import SubscriptionGroup
 from tickwire.core.redis_slots import key_slot
 from tickwire.core.redis_target import RedisTarget, RedisTopology, open_redis
 from tickwire.core.stream import parse_push
+from tickwire.feeds.bar_maker import BarMaker, BarMakerConfig
 from tickwire.feeds.publisher import Publisher
 from tickwire.feeds.replay import record, replay, resolve_channels
 from tickwire.server.app import TickwireServer
@@ -167,6 +171,51 @@ async def test_record_reads_every_shard_and_replay_writes_it_back_per_slot(
         assert await replay(pub, path, speed=None) == len(recorded)
     for s in symbols:
         assert len(await stored(cluster_conn, Channel("trades", s))) == 25
+
+
+async def test_on_demand_bars_are_made_per_shard_from_the_stored_trades(
+    cluster: RedisCluster, cluster_conn: ClusterConnection
+) -> None:
+    symbols = symbols_on_each_master(cluster_conn, 1)
+    now = time.time_ns() // 10**9 * 10**9
+    ms = 1_000_000
+    cfg = replace(server_config(cluster.url), bar_retention_s=30.0)
+    async with (
+        TickwireServer(cfg, demand_clock=lambda: now / 1e9) as srv,
+        recorder(srv.url) as rec,
+        Publisher(publisher_config(cluster.url)) as pub,
+    ):
+        maker = BarMaker(
+            BarMakerConfig(redis_url=cluster.url, close_delay_s=0.05),
+            pub,
+            clock_ns=lambda: clock[0],
+            maker_id="maker",
+        )
+        clock = [now]
+        try:
+            for s in symbols:  # a trades channel on every shard: the wildcard's symbols
+                await bar_trades(pub, s, [(now + 10 * ms, 100.0, 1.0)])
+            await rec.request("subscribe", channels=["bars.250ms:*"])
+            await until(lambda: srv.demand.recorded, "demand recorded")
+            await maker.step()
+            assert {c.symbol for c in maker.jobs} == set(symbols)
+            for s in symbols:
+                await bar_trades(pub, s, [(now + 300 * ms, 101.0, 2.0)])
+            clock[0] = now + 600 * ms
+            await maker.step()
+            await pub.flush()
+            await rec.wait_until(
+                lambda: all(len(rec.events(f"bars.250ms:{s}")) == 2 for s in symbols)
+            )
+        finally:
+            await maker.close()
+    for s in symbols:
+        bars = rec.events(f"bars.250ms:{s}")
+        assert [(b["start"], b["open"], b["volume"], b["trades"]) for b in bars] == [
+            (now, 100.0, 1.0, 1),
+            (now + 250 * ms, 101.0, 2.0, 1),
+        ]
+    assert rec.checker.ok
 
 
 async def test_a_busy_symbols_slot_migrates_with_clients_attached_nothing_lost_or_repeated(
