@@ -15,7 +15,7 @@ from tests.feeds.test_bar_maker import publish_trades as bar_trades
 from tests.server.conftest import Recorder, recorder
 from tickwire.core.channels import Channel
 from tickwire.core.redis_cluster import ClusterConnection
-from tickwire.core.redis_process import RedisCluster
+from tickwire.core.redis_process import RedisCluster, redis_cli
 from tickwire.core.redis_pubsub import SubscriptionGroup
 from tickwire.core.redis_slots import key_slot
 from tickwire.core.redis_target import RedisTarget, RedisTopology, open_redis
@@ -216,6 +216,36 @@ async def test_on_demand_bars_are_made_per_shard_from_the_stored_trades(
             (now + 250 * ms, 101.0, 2.0, 1),
         ]
     assert rec.checker.ok
+
+
+async def test_an_ask_is_followed_without_taking_replies_owed_to_later_commands(
+    cluster: RedisCluster, cluster_conn: ClusterConnection
+) -> None:
+    moving = "ask{moving}"
+    slot = key_slot(moving)
+    src_node = cluster_conn.slots.owners[slot]
+    dst_node = next(m for m in cluster_conn.slots.masters if m != src_node)
+    src, dst = cluster.node_at(src_node[1]), cluster.node_at(dst_node[1])
+    on_dst = [
+        f"k{i}" for i in range(200) if cluster_conn.slots.owners[key_slot(f"k{i}")] == dst_node
+    ]
+    await cluster_conn.execute("SET", moving, "here")
+    src_id = redis_cli(src.port, "CLUSTER", "MYID").strip()
+    dst_id = redis_cli(dst.port, "CLUSTER", "MYID").strip()
+    redis_cli(dst.port, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", src_id)
+    redis_cli(src.port, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", dst_id)
+    redis_cli(src.port, "MIGRATE", "127.0.0.1", str(dst.port), "", "0", "5000", "KEYS", moving)
+    try:
+        # The GET meets ASK (its key moved on); the second batch's commands on the target are
+        # sent before the first batch's replies are read, so their replies are owed meanwhile.
+        cluster_conn.send([["SET", on_dst[0], "a"], ["GET", moving]])
+        cluster_conn.send([["SET", on_dst[1], "b"], ["GET", on_dst[0]]])
+        assert await cluster_conn.replies(2, timeout=5) == [b"OK", b"here"]
+        assert await cluster_conn.replies(2, timeout=5) == [b"OK", b"a"]
+    finally:
+        for node in cluster.masters():
+            redis_cli(node.port, "CLUSTER", "SETSLOT", str(slot), "NODE", dst_id)
+        cluster.wait_ok()
 
 
 async def test_a_busy_symbols_slot_migrates_with_clients_attached_nothing_lost_or_repeated(

@@ -78,6 +78,8 @@ class ClusterConnection:
         self._any = slots.masters[0]
         #: Set by a MOVED reply: the slot map is out of date.
         self._stale = False
+        #: Connections for commands sent again after an ASK, by target node.
+        self._asking: dict[Node, RedisConnection] = {}
         self._closed = False
 
     @classmethod
@@ -102,7 +104,7 @@ class ClusterConnection:
 
     def close(self) -> None:
         self._closed = True
-        for c in self._nodes.values():
+        for c in (*self._nodes.values(), *self._asking.values()):
             c.close()
 
     def node_of(self, command: Sequence[Arg]) -> Node:
@@ -178,9 +180,11 @@ class ClusterConnection:
             return error
         host, _, port = text.split()[2].rpartition(":")
         node = (host, int(port))
-        conn = self._nodes.get(node)
+        # A connection of its own per target: the target's pipelined connection may owe
+        # replies to commands sent after this one, which ASKING's would be taken for.
+        conn = self._asking.get(node)
         if conn is None or conn.closed:
-            conn = self._nodes[node] = await RedisConnection.open(
+            conn = self._asking[node] = await RedisConnection.open(
                 replace(self._template, host=host, port=int(port), db=0)
             )
         _, reply = await conn.pipeline([["ASKING"], command])
