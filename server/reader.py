@@ -42,6 +42,14 @@ from tickwire.server.stored import fence_commands, meta_commands, parse_metas
 log = logging.getLogger("tickwire.server.reader")
 
 
+def _describe(conn: RedisLink, redis: RedisTopology) -> str:
+    if isinstance(conn, ClusterConnection):
+        return f"a Redis Cluster of {len(conn.slots.masters)} masters ({redis.target})"
+    if redis.target.service is not None:
+        return f"the primary Sentinel names {redis.target.service!r} ({redis.target})"
+    return f"one Redis ({redis.target})"
+
+
 def _slot_of(channel: Channel) -> int:
     return key_slot(channel.stream_key)
 
@@ -105,6 +113,8 @@ class StreamReader:
                     conn = await redis.open()
                     await self.refresh_registry(force=True)
                     self.follower.reconnected()
+                    if not self._started:
+                        log.info("following %s", _describe(conn, redis))
                     self._set_up(True)
                     self.ready.set()
                     delay = 0.05
