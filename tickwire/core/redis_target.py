@@ -235,7 +235,8 @@ class RedisTopology:
             self.single = slots is None
             if slots is not None:
                 self._learn(slots)
-            addr = await _answering_seed(t, timeout)
+            else:
+                addr = await _answering_seed(t, timeout)
         if slots is None:
             return await RedisSubscription.open(
                 addr, [live_channel(t.db)], timeout=timeout, max_buffer=max_buffer
