@@ -87,6 +87,8 @@ class StreamFollower:
         self._added: set[Channel] = set()
         #: Channels stored behind what was read in the same epoch: (epoch, seq read).
         self._rolled_back: dict[Channel, StreamPosition] = {}
+        #: Channels moved to a new epoch: where their new epoch starts (before its first seq).
+        self._renewed: dict[Channel, StreamPosition] = {}
         #: XREAD COUNT of the next read, and whether the last reply filled it for some stream.
         self._read_count = 0
         self._full = False
@@ -165,10 +167,11 @@ class StreamFollower:
                 continue
             elif meta is not None and self.epochs.get(c) != meta[0]:
                 # A new epoch: the stream was recreated or rolled back. Read it from its start;
-                # each outbox announces the reset.
+                # the loop announces the reset to subscribers at once (`take_renewed`).
                 self.epochs[c] = meta[0]
                 self.positions[c] = meta[2] - 1
                 self._behind.add(c)
+                self._renewed[c] = StreamPosition(meta[0], meta[2] - 1)
             elif meta is not None and meta[1] < self.positions[c]:
                 # Stored behind what was read, in the same epoch: Redis lost the tail. The loop
                 # gives the channel a new epoch (`take_rolled_back`) before it reads a push.
@@ -183,6 +186,12 @@ class StreamFollower:
         call, with where they were read to: the loop gives each a new epoch in Redis
         (`tickwire.server.stored.FENCE_LUA`) and hands the metas after to `apply_metas`."""
         out, self._rolled_back = self._rolled_back, {}
+        return {c: p for c, p in out.items() if c in self.positions}
+
+    def take_renewed(self) -> dict[Channel, StreamPosition]:
+        """The channels `apply_metas` moved to a new epoch since the last call, each with the
+        position its new epoch starts after."""
+        out, self._renewed = self._renewed, {}
         return {c: p for c, p in out.items() if c in self.positions}
 
     def _next_sweep(self, live: set[Channel]) -> list[Channel]:

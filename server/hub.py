@@ -446,6 +446,31 @@ class Hub:
             sub.flush()
         return deliveries
 
+    def announce_epoch(self, channel: Channel, position: StreamPosition) -> int:
+        """The follower moved `channel` to a new epoch (Redis lost or recreated its stream):
+        tell each subscriber who got events of another epoch at once, with a `reset` placing it
+        at `position`, rather than with the channel's next event, which may be long in coming
+        (a failover's lost tail of a quiet channel). Returns the resets sent.
+
+        Left to the next event, as before: members catching the channel up from history (their
+        catch-up places them), and groups whose throttle may still hold batches of the old
+        epoch (a reset before those would be followed by them)."""
+        sent = 0
+        for group in self.groups_of(channel):
+            if group.throttle is not None and group.throttle.interval_of(channel) is not None:
+                continue
+            for sub in group.members:
+                if channel in sub.holding:
+                    continue
+                outbox = sub.outbox
+                pos = outbox.positions.get(channel)
+                if pos is None or not pos.epoch or pos.epoch == position.epoch:
+                    continue
+                outbox.reset(channel, position.epoch, position.seq)
+                sub.flush()
+                sent += 1
+        return sent
+
     def broadcast_control(self, message: bytes) -> None:
         for sub in self.subscribers:
             sub.outbox.control(message)

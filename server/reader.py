@@ -204,6 +204,8 @@ class StreamReader:
             )
             self.metrics.rollbacks_fenced += len(rolled_back)
             self.follower.apply_metas(parse_metas(list(rolled_back), replies))
+        for channel, position in self.follower.take_renewed().items():
+            self.hub.announce_epoch(channel, position)
 
     async def _read_loop(self, conn: RedisLink, sub: LiveSubscription) -> None:
         # A new subscription is followed at once, not at the next push or idle turn.

@@ -23,7 +23,9 @@ local m = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'start')
 local seq = tonumber(m[2] or '0')
 if m[1] == ARGV[1] and seq < tonumber(ARGV[2]) then
   local start = string.format('%d', seq + 1)
-  redis.call('HSET', KEYS[1], 'epoch', ARGV[3], 'start', start)
+  -- Written by this node now: the append script's promotion check (`rid`) has nothing to add.
+  local rid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)')
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[3], 'start', start, 'rid', rid)
   return {ARGV[3], m[2] or '0', start}
 end
 return m

@@ -192,5 +192,8 @@ def test_a_channel_stored_behind_what_was_read_in_its_epoch_is_fenced_then_read_
     # The fence gave T a new epoch from 8: read from there (each outbox announces the reset).
     r.apply_metas({T: ("e2", 7, 8)})
     assert r.position_of(T) == StreamPosition("e2", 7) and r.behind == {T}
+    # The loop tells subscribers now, not with the new epoch's first event.
+    assert r.take_renewed() == {T: StreamPosition("e2", 7)}
+    assert r.take_renewed() == {}
     # A push of the old epoch reusing a lost seq is never delivered.
     assert r.take_pushes([push(T, 8, 1, epoch="e1")]) == []

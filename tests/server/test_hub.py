@@ -11,6 +11,7 @@ import orjson
 from tests.server.test_outbox import Q, T, batch, seqs
 from tickwire.bench.invariant import InvariantChecker
 from tickwire.core.channels import Channel, ChannelPattern
+from tickwire.core.stream import StreamPosition
 from tickwire.server.batch import Batch
 from tickwire.server.frames import text_frame
 from tickwire.server.hub import Hub, Subscriber
@@ -263,3 +264,28 @@ def test_random_dispatches_keep_every_client_gapless_on_both_paths() -> None:
                 e["seq"] for m in client.messages() if m["ch"] == c.name for e in m["events"]
             )
             assert last == next_seq[c] - 1
+
+
+def test_a_new_epoch_is_announced_at_once_to_those_who_got_the_old_one() -> None:
+    hub = Hub()
+    got, catching_up, idle = (Client(hub, "trades:BTC-USD") for _ in range(3))
+    slow = Client(hub, "trades:*", fast=False)
+    throttled = Client(hub)
+    hub.subscribe(throttled.sub, ChannelPattern.parse("trades:BTC-USD"), max_hz=4)
+    hub.dispatch([batch(T, 1, 5)])
+    for c in (got, catching_up, idle, slow, throttled):
+        c.frames.clear()
+    idle.outbox.forget(T)  # as if it had never had an event of the channel
+    catching_up.sub.hold_back(T)
+    assert hub.announce_epoch(T, StreamPosition("e2", 5)) == 2
+    assert [m["type"] for m in got.messages()] == ["reset"]
+    assert got.messages()[0]["epoch"] == "e2"
+    assert [m["type"] for m in slow.messages()] == ["reset"]
+    # Held back (its catch-up places it), never given an event, or throttled: no reset now.
+    assert catching_up.frames == [] and idle.frames == [] and throttled.frames == []
+    # The new epoch's events then continue the announced position: no second reset.
+    hub.dispatch([batch(T, 6, 2, epoch="e2")])
+    assert [m["type"] for m in got.messages()] == ["reset", "events"]
+    assert [e["seq"] for e in got.messages()[1]["events"]] == [6, 7]
+    # The same epoch again: nothing to say.
+    assert hub.announce_epoch(T, StreamPosition("e2", 7)) == 0
