@@ -28,6 +28,8 @@ SANS_IO_MODULES: tuple[str, ...] = (
     "server/follower.py",
     "server/stored.py",
     "server/projection.py",
+    "server/throttle.py",
+    "feeds/trade_bars.py",
     "clients/session.py",
     "clients/messages.py",
 )
