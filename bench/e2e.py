@@ -24,7 +24,7 @@ import orjson
 
 from tickwire.bench.e2e_report import Run, json_report, median_step, plot, report, rounds_report
 from tickwire.bench.e2e_run import Scenario, conn_flush, run_target
-from tickwire.core.redis_process import RedisProcess
+from tickwire.core.redis_process import RedisCluster, RedisProcess
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the median of each figure (default 1; one run is noisy on a small machine)",
     )
     p.add_argument("--redis", help="use this Redis (FLUSHALL'd!) instead of a private one")
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="run on a private Redis Cluster (3 masters, 3 replicas) instead of one Redis; "
+        "tickwire only (the baseline's multi-stream XREAD cannot run on a cluster)",
+    )
     p.add_argument(
         "--url", help="measure an already running server (ws://…/ws) instead of starting one"
     )
@@ -123,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if s.step_factor <= 1:
         raise SystemExit("--step-factor must be above 1")
+    if args.cluster and (args.redis or args.target != "tickwire"):
+        raise SystemExit("--cluster starts its own cluster and needs --target tickwire")
     if args.rounds < 1 or (args.rounds > 1 and s.saturate):
         raise SystemExit("--rounds must be 1 or more, and 1 with --saturate")
     targets = ["tickwire", "baseline"] if args.target == "both" else [args.target]
@@ -136,7 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="tickwire-bench-") as tmp:
-        redis = None if args.redis else RedisProcess().start()
+        redis: RedisProcess | RedisCluster | None = None
+        if args.cluster:
+            redis = RedisCluster().start()
+        elif not args.redis:
+            redis = RedisProcess().start()
         url = args.redis or (redis.url if redis else "")
         try:
             for i in range(args.rounds):
