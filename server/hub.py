@@ -452,13 +452,12 @@ class Hub:
         at `position`, rather than with the channel's next event, which may be long in coming
         (a failover's lost tail of a quiet channel). Returns the resets sent.
 
-        Left to the next event, as before: members catching the channel up from history (their
-        catch-up places them), and groups whose throttle may still hold batches of the old
-        epoch (a reset before those would be followed by them)."""
+        Members catching the channel up from history are left to their catch-up, which places
+        them. A throttle drops what it holds of the old epoch: it must not follow the reset."""
         sent = 0
         for group in self.groups_of(channel):
-            if group.throttle is not None and group.throttle.interval_of(channel) is not None:
-                continue
+            if group.throttle is not None:
+                group.throttle.keep_epoch(channel, position.epoch)
             for sub in group.members:
                 if channel in sub.holding:
                     continue

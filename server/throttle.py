@@ -149,6 +149,13 @@ class Throttle:
             slot.held = []
         return out
 
+    def keep_epoch(self, channel: Channel, epoch: str) -> None:
+        """`channel` moved to `epoch` (its old one was lost or recreated): what waits of any
+        other epoch is dropped, never to follow the `reset` its subscribers are sent now."""
+        slot = self._slots.get(channel)
+        if slot is not None and slot.held:
+            slot.held = [b for b in slot.held if b.epoch == epoch]
+
     def waiting(self) -> list[Batch]:
         """What waits, rendered as it would go (for a member leaving the group); it still
         waits for the others."""

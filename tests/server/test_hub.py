@@ -266,23 +266,39 @@ def test_random_dispatches_keep_every_client_gapless_on_both_paths() -> None:
             assert last == next_seq[c] - 1
 
 
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_a_new_epoch_is_announced_at_once_to_those_who_got_the_old_one() -> None:
-    hub = Hub()
+    clock = _Clock()
+    hub = Hub(clock)
     got, catching_up, idle = (Client(hub, "trades:BTC-USD") for _ in range(3))
     slow = Client(hub, "trades:*", fast=False)
     throttled = Client(hub)
     hub.subscribe(throttled.sub, ChannelPattern.parse("trades:BTC-USD"), max_hz=4)
     hub.dispatch([batch(T, 1, 5)])
+    clock.now = 100.25
+    hub.release_due()  # the throttled client gets 1..5 at its tick
+    hub.dispatch([batch(T, 6, 3)])  # 6..8: the throttled client's wait for the next tick
     for c in (got, catching_up, idle, slow, throttled):
         c.frames.clear()
     idle.outbox.forget(T)  # as if it had never had an event of the channel
     catching_up.sub.hold_back(T)
-    assert hub.announce_epoch(T, StreamPosition("e2", 5)) == 2
-    assert [m["type"] for m in got.messages()] == ["reset"]
-    assert got.messages()[0]["epoch"] == "e2"
-    assert [m["type"] for m in slow.messages()] == ["reset"]
-    # Held back (its catch-up places it), never given an event, or throttled: no reset now.
-    assert catching_up.frames == [] and idle.frames == [] and throttled.frames == []
+    # Redis lost 6..8: the channel goes on in e2 after 5.
+    assert hub.announce_epoch(T, StreamPosition("e2", 5)) == 3
+    for c in (got, slow, throttled):
+        assert [(m["type"], m["epoch"]) for m in c.messages()] == [("reset", "e2")]
+    # Held back (its catch-up places it), or never given an event: no reset now.
+    assert catching_up.frames == [] and idle.frames == []
+    # What the throttle held of the old epoch never follows the reset.
+    clock.now = 100.5
+    hub.release_due()
+    assert [m["type"] for m in throttled.messages()] == ["reset"]
     # The new epoch's events then continue the announced position: no second reset.
     hub.dispatch([batch(T, 6, 2, epoch="e2")])
     assert [m["type"] for m in got.messages()] == ["reset", "events"]
