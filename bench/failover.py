@@ -31,9 +31,9 @@ from tickwire.bench.harness import ServerProcess
 from tickwire.core.channels import Channel
 from tickwire.core.config import PublisherConfig
 from tickwire.core.events import encode_body
-from tickwire.core.redis_cluster import ClusterConnection
+from tickwire.core.redis_cluster import ClusterConnection, Node, SlotMap
 from tickwire.core.redis_process import RedisCluster, pending_to_replicas
-from tickwire.core.redis_slots import key_slot
+from tickwire.core.redis_slots import channel_slot
 from tickwire.core.redis_target import open_redis
 from tickwire.feeds.publisher import Publisher
 
@@ -75,13 +75,14 @@ async def watch(url: str, seen: Seen, ready: asyncio.Event) -> None:
                     seen.status.append((now, m.get("redis", "")))
 
 
-def symbols_per_master(slots: Any, per_master: int) -> dict[str, tuple[str, int]]:
+def symbols_per_master(slots: SlotMap, per_master: int, prefix: str = "F") -> dict[str, Node]:
+    """`per_master` symbols (`<prefix><n>`) owned by each master of `slots`, with their owner."""
     want = {m: per_master for m in slots.masters}
-    out: dict[str, tuple[str, int]] = {}
+    out: dict[str, Node] = {}
     i = 0
     while any(want.values()):
-        s = f"F{i}"
-        owner = slots.owners[key_slot(Channel("trades", s).stream_key)]
+        s = f"{prefix}{i}"
+        owner = slots.owners[channel_slot(Channel("trades", s))]
         if want[owner]:
             want[owner] -= 1
             out[s] = owner

@@ -24,7 +24,7 @@ from tickwire.core.commands import Arg, RedisReplyError
 from tickwire.core.config import PublisherConfig
 from tickwire.core.errors import RedisUnavailable
 from tickwire.core.redis_cluster import ClusterConnection
-from tickwire.core.redis_slots import key_slot
+from tickwire.core.redis_slots import channel_slot
 from tickwire.core.redis_target import RedisLink, RedisTopology, live_channel_of
 from tickwire.core.stream import StreamPosition, complete_bodies
 from tickwire.feeds.store import APPEND_LUA
@@ -89,8 +89,6 @@ class Publisher:
         self._flights: deque[Flight] = deque()
         self._conn: RedisLink | None = None
         self._registered: set[Channel] = set()
-        #: Each channel's hash slot (its symbol's), once computed.
-        self._slots: dict[Channel, int] = {}
         self._keys_of: dict[Channel, tuple[bytes, bytes, int]] = {}
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -377,12 +375,8 @@ class Publisher:
         cluster = isinstance(conn, ClusterConnection)
         if cluster or self.config.one_call_per_symbol:
             by_slot: dict[int, list[Channel]] = {}
-            slots = self._slots
             for channel in merged:
-                slot = slots.get(channel)
-                if slot is None:
-                    slot = slots[channel] = key_slot(channel.stream_key)
-                by_slot.setdefault(slot, []).append(channel)
+                by_slot.setdefault(channel_slot(channel), []).append(channel)
             return [(self._live_channel(conn, slot), group) for slot, group in by_slot.items()]
         live = self._live_channel(conn, 0)
         groups: list[tuple[str, list[Channel]]] = [(live, [])]

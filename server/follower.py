@@ -10,8 +10,8 @@ delivered twice and a hole is never skipped: it is read from the stream.
 The I/O loop around it (`tickwire.server.reader.StreamReader`) asks, in turn:
 - `plan_sync(live)`: the channels whose metas to read (new ones, and rechecks), then hands the
   answers to `apply_metas`;
-- `read_command()`: one XREAD of the channels behind (None when none is), whose reply goes to
-  `take_read`;
+- `read_commands()`: the XREADs of the channels behind (one per hash slot on a cluster), whose
+  replies go to `take_read`;
 - `take_pushes(messages)`: the pushed batches to fan out;
 - `fanned_out(...)` after each fan-out, and `take_pause()` before the next read.
 """
@@ -235,11 +235,6 @@ class StreamFollower:
             cmd += [f"{self.positions[c]}-0" for c in group]
             commands.append(cmd)
         return commands
-
-    def read_command(self) -> list[Arg] | None:
-        """One XREAD of every channel behind (one Redis), or None when none is."""
-        commands = self.read_commands()
-        return commands[0] if commands else None
 
     def take_read(self, reply: list[Any] | None) -> list[Batch]:
         """The batches of the reads' replies (joined: each is a list of [key, entries]), in

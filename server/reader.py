@@ -29,7 +29,7 @@ from tickwire.core.commands import RedisReplyError
 from tickwire.core.config import ServerConfig
 from tickwire.core.errors import RedisUnavailable
 from tickwire.core.redis_cluster import ClusterConnection
-from tickwire.core.redis_slots import key_slot
+from tickwire.core.redis_slots import channel_slot
 from tickwire.core.redis_target import LiveSubscription, RedisLink, RedisTopology
 from tickwire.core.stream import publish_ns_of
 from tickwire.server.batch import Batch
@@ -48,10 +48,6 @@ def _describe(conn: RedisLink, redis: RedisTopology) -> str:
     if redis.target.service is not None:
         return f"the primary Sentinel names {redis.target.service!r} ({redis.target})"
     return f"one Redis ({redis.target})"
-
-
-def _slot_of(channel: Channel) -> int:
-    return key_slot(channel.stream_key)
 
 
 #: At most one reconnect this often goes unannounced (no `status` down/up to clients).
@@ -255,7 +251,7 @@ class StreamReader:
     async def _catch_up(self, conn: RedisLink) -> None:
         """One XREAD (no BLOCK) of the channels behind: one per hash slot on a cluster."""
         commands = self.follower.read_commands(
-            _slot_of if isinstance(conn, ClusterConnection) else None
+            channel_slot if isinstance(conn, ClusterConnection) else None
         )
         if not commands:
             return

@@ -31,7 +31,7 @@ from tickwire.core.commands import Arg, RedisReplyError
 from tickwire.core.config import PublisherConfig
 from tickwire.core.errors import CodecError, ConfigError, RedisUnavailable
 from tickwire.core.redis_cluster import ClusterConnection
-from tickwire.core.redis_slots import key_slot
+from tickwire.core.redis_slots import channel_slot
 from tickwire.core.redis_target import RedisLink, RedisTopology, live_channel_of
 from tickwire.feeds.bridges.mapping import (
     BridgeMap,
@@ -286,7 +286,7 @@ class BridgeStore:
         commands: list[list[Arg]] = []
         for group in groups:
             keys: list[Arg] = []
-            live = live_channel_of(conn, self._db, key_slot(group[0].stream_key))
+            live = live_channel_of(conn, self._db, channel_slot(group[0]))
             args: list[Arg] = [
                 epoch_candidate,
                 f"bridge:{self.options.name}",
@@ -328,7 +328,7 @@ class BridgeStore:
             return [channels]
         by_slot: dict[int, list[Channel]] = {}
         for channel in channels:
-            by_slot.setdefault(key_slot(channel.stream_key), []).append(channel)
+            by_slot.setdefault(channel_slot(channel), []).append(channel)
         return list(by_slot.values())
 
 

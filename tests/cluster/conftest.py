@@ -10,12 +10,18 @@ from typing import Any
 import orjson
 import pytest
 
+from tests.server.conftest import Recorder
+from tickwire.bench.failover import symbols_per_master
 from tickwire.core.channels import Channel
 from tickwire.core.config import PublisherConfig, ServerConfig
 from tickwire.core.events import encode_body
 from tickwire.core.redis_cluster import ClusterConnection
-from tickwire.core.redis_process import RedisCluster, RedisSentinelSet
-from tickwire.core.redis_slots import key_slot
+from tickwire.core.redis_process import (
+    RedisCluster,
+    RedisProcess,
+    RedisSentinelSet,
+    pending_to_replicas,
+)
 from tickwire.core.redis_target import RedisLink, open_redis
 from tickwire.feeds.publisher import Publisher
 
@@ -86,17 +92,32 @@ async def stored(conn: RedisLink, channel: Channel) -> dict[tuple[str, int], byt
 
 def symbols_on_each_master(conn: ClusterConnection, per_master: int) -> list[str]:
     """Symbols chosen so that every master owns `per_master` of them."""
-    want = {m: per_master for m in conn.slots.masters}
-    out = []
-    i = 0
-    while any(want.values()):
-        s = f"S{i}"
-        owner = conn.slots.owners[key_slot(Channel("trades", s).stream_key)]
-        if want[owner]:
-            want[owner] -= 1
-            out.append(s)
-        i += 1
-    return out
+    return list(symbols_per_master(conn.slots, per_master, "S"))
+
+
+async def kill_with_replica_behind(
+    pub: Publisher,
+    rec: Recorder,
+    primary: RedisProcess,
+    replica: RedisProcess,
+    symbols: list[str],
+    sent: int,
+) -> int:
+    """Stop `replica`, publish to `symbols` until `primary` holds data its replica never took
+    (that is what dies with it), let the client have all of it, kill `primary` (SIGKILL) and
+    resume `replica`. `sent`: events per channel so far; returns the new count."""
+    replica.pause()
+    try:
+        while pending_to_replicas(primary.port) < 1 << 20:
+            await publish_trades(pub, symbols, 500, "doomed")
+            sent += 500
+        await rec.wait_until(
+            lambda: all(rec.last_seq(f"trades:{s}") == sent for s in symbols), timeout=60
+        )
+        primary.kill()
+    finally:
+        replica.resume()
+    return sent
 
 
 async def until(cond: Any, what: str, limit: float = 20.0) -> None:

@@ -13,13 +13,14 @@ import pytest
 from tests.server.conftest import Recorder, recorder
 from tickwire.core.channels import Channel
 from tickwire.core.redis_cluster import ClusterConnection
-from tickwire.core.redis_process import RedisCluster, pending_to_replicas
+from tickwire.core.redis_process import RedisCluster
 from tickwire.core.redis_slots import key_slot
 from tickwire.core.redis_target import RedisLink, open_redis
 from tickwire.feeds.publisher import Publisher
 from tickwire.server.app import TickwireServer
 
 from .conftest import (
+    kill_with_replica_behind,
     publish_trades,
     publisher_config,
     server_config,
@@ -79,19 +80,7 @@ async def test_a_master_killed_with_its_replica_behind_never_reuses_a_seq(
         pub = Publisher(publisher_config(url))
         await pub.start()
         await publish_trades(pub, symbols, 20, "before")
-        replica.pause()
-        try:
-            sent = 20
-            # Until the master holds data its replica has not taken: that is what dies with it.
-            while pending_to_replicas(victim.port) < 1 << 20:
-                await publish_trades(pub, doomed, 500, "doomed")
-                sent += 500
-            await rec.wait_until(
-                lambda: all(rec.last_seq(f"trades:{s}") == sent for s in doomed), timeout=60
-            )
-            victim.kill()
-        finally:
-            replica.resume()
+        await kill_with_replica_behind(pub, rec, victim, replica, doomed, 20)
         await pub.close()
         await asyncio.to_thread(cluster.wait_ok, 60)
         # A publisher started after the failover has no memory of the lost tail: the append

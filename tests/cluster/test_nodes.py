@@ -4,13 +4,12 @@ node is killed (`kill -9`) resumes on another with no hole and no duplicate."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 
 import pytest
 
-from tests.clients.test_integration import Collector, fast_backoff
+from tests.clients.test_integration import Collector, TcpProxy, fast_backoff
 from tickwire.bench.harness import ServerProcess
 from tickwire.clients import connect
 from tickwire.core.channels import Channel
@@ -24,7 +23,8 @@ pytestmark = pytest.mark.uvloop_only
 
 
 class Balancer:
-    """A TCP load balancer: each connection goes to the next backend that accepts it."""
+    """A TCP load balancer: each connection goes to the next backend that accepts it (piped as
+    `TcpProxy` pipes)."""
 
     def __init__(self, ports: list[int]) -> None:
         self.ports = ports
@@ -61,8 +61,8 @@ class Balancer:
                 continue
             self.routed.append(port)
             pumps = [
-                asyncio.create_task(self._pump(reader, up_writer)),
-                asyncio.create_task(self._pump(up_reader, writer)),
+                asyncio.create_task(TcpProxy._pump(reader, up_writer)),
+                asyncio.create_task(TcpProxy._pump(up_reader, writer)),
             ]
             self._tasks.update(pumps)
             try:
@@ -75,13 +75,6 @@ class Balancer:
                 up_writer.transport.abort()
             return
         writer.transport.abort()
-
-    @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError):
-            while data := await reader.read(1 << 16):
-                writer.write(data)
-                await writer.drain()
 
 
 async def test_a_client_whose_node_is_killed_resumes_on_another_node_exactly(

@@ -7,13 +7,19 @@ from __future__ import annotations
 import pytest
 
 from tests.server.conftest import recorder
-from tickwire.core.redis_process import RedisSentinelSet, pending_to_replicas
+from tickwire.core.redis_process import RedisSentinelSet
 from tickwire.core.redis_target import RedisTarget, open_redis
 from tickwire.core.redis_wire import RedisConnection
 from tickwire.feeds.publisher import Publisher
 from tickwire.server.app import TickwireServer
 
-from .conftest import publish_trades, publisher_config, server_config, until
+from .conftest import (
+    kill_with_replica_behind,
+    publish_trades,
+    publisher_config,
+    server_config,
+    until,
+)
 from .test_failover import check_no_reuse_and_resets, tagged
 
 pytestmark = pytest.mark.uvloop_only
@@ -43,18 +49,7 @@ async def test_a_primary_killed_with_its_replica_behind_never_reuses_a_seq(
         await pub.start()
         await publish_trades(pub, SYMBOLS, 20, "before")
         replica = sentinel_set.replicas[0]
-        replica.pause()
-        try:
-            sent = 20
-            while pending_to_replicas(first.port) < 1 << 20:
-                await publish_trades(pub, SYMBOLS, 500, "doomed")
-                sent += 500
-            await rec.wait_until(
-                lambda: all(rec.last_seq(f"trades:{s}") == sent for s in SYMBOLS), timeout=60
-            )
-            first.kill()
-        finally:
-            replica.resume()
+        await kill_with_replica_behind(pub, rec, first, replica, SYMBOLS, 20)
         await pub.close()
         await until(lambda: sentinel_set.primary_port() == replica.port, "the failover", 60)
         async with Publisher(publisher_config(url)) as fresh:

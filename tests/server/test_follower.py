@@ -64,7 +64,7 @@ def follower_at(positions: dict[Channel, int], epoch: str = "e1") -> StreamFollo
     assert sorted(check, key=str) == sorted(positions, key=str)
     f.apply_metas({c: (epoch, n, 1) if n else None for c, n in positions.items()})
     assert f.behind == set(positions)  # new channels are read from their streams first...
-    f.read_command()
+    f.read_commands()
     assert f.take_read([]) == [] and not f.behind  # ...which have nothing more
     assert not f.wants_sync
     return f

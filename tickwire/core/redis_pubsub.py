@@ -146,20 +146,7 @@ class RedisSubscription:
     async def wait(self, timeout: float) -> bool:
         """Wait until something arrives, the connection is lost or `wake` is called; False
         after `timeout`."""
-        p = self._protocol
-        if p.chunks or p.lost is not None:
-            return True
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[bool] = loop.create_future()
-        p.waiter = waiter
-        # A timer handle, not asyncio.timeout: the reader waits here once per push (thousands
-        # a second), and the timeout context's bookkeeping was ~5 % of the server's CPU.
-        timer = loop.call_later(timeout, _resolve, waiter, False)
-        try:
-            return await waiter
-        finally:
-            timer.cancel()
-            p.waiter = None
+        return await _wait_any([self._protocol], timeout)
 
     def _send(self, command: list[Arg]) -> None:
         self._send_all([command])
@@ -245,17 +232,25 @@ class SubscriptionGroup:
         return out
 
     async def wait(self, timeout: float) -> bool:
-        protocols = [s._protocol for s in self._subs]
-        if self._moved is not None or any(p.chunks or p.lost is not None for p in protocols):
+        if self._moved is not None:
             return True
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[bool] = loop.create_future()
+        return await _wait_any([s._protocol for s in self._subs], timeout)
+
+
+async def _wait_any(protocols: list[_Pushes], timeout: float) -> bool:
+    """Until one of `protocols` has data, is lost or is woken; False after `timeout`."""
+    if any(p.chunks or p.lost is not None for p in protocols):
+        return True
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[bool] = loop.create_future()
+    for p in protocols:
+        p.waiter = waiter
+    # A timer handle, not asyncio.timeout: the reader waits here once per push (thousands
+    # a second), and the timeout context's bookkeeping was ~5 % of the server's CPU.
+    timer = loop.call_later(timeout, _resolve, waiter, False)
+    try:
+        return await waiter
+    finally:
+        timer.cancel()
         for p in protocols:
-            p.waiter = waiter
-        timer = loop.call_later(timeout, _resolve, waiter, False)
-        try:
-            return await waiter
-        finally:
-            timer.cancel()
-            for p in protocols:
-                p.waiter = None
+            p.waiter = None

@@ -18,7 +18,7 @@ import functools
 from collections.abc import Sequence
 from itertools import product
 
-from tickwire.core.channels import KEY_PREFIX
+from tickwire.core.channels import KEY_PREFIX, Channel
 from tickwire.core.commands import Arg
 
 SLOTS = 16384
@@ -33,6 +33,12 @@ def key_slot(key: str | bytes) -> int:
         if end > start + 1:
             k = k[start + 1 : end]
     return binascii.crc_hqx(k, 0) % SLOTS
+
+
+@functools.cache
+def channel_slot(channel: Channel) -> int:
+    """A channel's slot (its symbol's hash tag): asked per channel per flush or read, so kept."""
+    return key_slot(channel.stream_key)
 
 
 @functools.cache
