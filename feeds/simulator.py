@@ -406,7 +406,8 @@ async def paced_chunks(
         elapsed = monotonic() - t0
         if duration is not None and elapsed >= duration:
             return
-        j = min(int(np.searchsorted(due, elapsed, side="right")), i + MAX_SLICE_EVENTS)
+        # The method, not np.searchsorted: its dispatch wrapper cost more than the search.
+        j = min(int(due.searchsorted(elapsed, side="right")), i + MAX_SLICE_EVENTS)
         if j == len(pending) and j - i < MAX_SLICE_EVENTS:
             # All of it is due: the next chunk's due events go in the same slice. A slice
             # stopping at the chunk's end left them a tick behind their neighbours, and a
