@@ -24,6 +24,7 @@ import orjson
 
 from tickwire.bench.e2e_report import Run, json_report, median_step, plot, report, rounds_report
 from tickwire.bench.e2e_run import Scenario, conn_flush, run_target
+from tickwire.bench.floor import Floor, measure_floor
 from tickwire.core.redis_process import RedisCluster, RedisProcess
 
 
@@ -81,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--url", help="measure an already running server (ws://…/ws) instead of starting one"
+    )
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time a timestamp relayed through 3 loopback processes with no work (the "
+        "hops of feed → Redis → server → client) and print latency against that floor",
     )
     p.add_argument("--json", help="write every figure, the configuration and versions to this file")
     p.add_argument(
@@ -171,15 +178,35 @@ def main(argv: list[str] | None = None) -> int:
                 for t in targets
             ]
         print(report(runs))
+        floor = None
+        if args.floor:
+            # At most one message a millisecond: the feed releases at most once per tick.
+            floor = measure_floor(hops=3, rate=min(s.rate, 1000.0), seconds=min(s.duration, 8.0))
+            print(floor_line(floor, runs))
         if args.plot:
             plot(rounds, args.plot)
             print(f"plot: {args.plot}", file=sys.stderr)
     if args.json:
         doc = json_report(vars(args), runs, rounds)
+        if floor is not None:
+            doc["floor"] = floor.as_dict()
         Path(args.json).write_bytes(
             orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
         )
     return 0 if all(r.passed for r in rounds) else 1
+
+
+def floor_line(floor: Floor, runs: list[Run]) -> str:
+    """The floor, and each target's latency p50 as a multiple of it."""
+    line = (
+        f"floor: a timestamp through {floor.hops} loopback hops with no work, "
+        f"{floor.rate:,.0f}/s: p50 {floor.p50_us:,.0f} us, p99 {floor.p99_us:,.0f} us"
+    )
+    for r in runs:
+        p50 = r.result.latency.get("p50_us") if r.steps else None
+        if p50 and floor.p50_us > 0:
+            line += f"; {r.target} p50 {p50 / floor.p50_us:.2f}x the floor"
+    return line
 
 
 if __name__ == "__main__":

@@ -66,13 +66,20 @@ def histogram(text: str, name: str) -> tuple[list[float], list[int]]:
 
 
 def histogram_quantile(bounds: list[float], cumulative: list[int], q: float) -> float:
-    """Upper bound of the bucket holding quantile `q` (as Prometheus would, without interpolation)."""
+    """Quantile `q`, interpolated linearly inside the bucket that holds it, as Prometheus's
+    `histogram_quantile` does (the bucket's upper bound alone made a change of a few tens of
+    microseconds invisible). In the last, unbounded bucket: the highest finite bound."""
     if not cumulative or cumulative[-1] <= 0:
         return float("nan")
     target = q * cumulative[-1]
+    lower, before = 0.0, 0
     for bound, run in zip(bounds, cumulative, strict=True):
         if run >= target:
-            return bound
+            if bound == float("inf"):
+                return lower
+            inside = run - before
+            return lower + (bound - lower) * ((target - before) / inside if inside else 1.0)
+        lower, before = bound, run
     return float("inf")
 
 

@@ -7,15 +7,18 @@ from dataclasses import dataclass, field, fields
 
 from tickwire.server.outbox import OutboxStats
 
-# Publish → server write latency buckets, in seconds (Prometheus convention).
+# Publish → server write latency buckets, in seconds (Prometheus convention); 50-100 µs apart
+# below a millisecond, where the low-load latency goals are set.
 LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1,
-    0.25, 1.0,
+    0.0001, 0.00015, 0.0002, 0.00025, 0.0003, 0.0004, 0.0005, 0.0006, 0.00075, 0.001, 0.0015,
+    0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 )  # fmt: skip
-# Read → write inside the server: finer, as it is meant to be well under a millisecond.
+# Publish → read and read → write inside the server: finer still, 25-50 µs apart up to half a
+# millisecond, as they are meant to be well under one.
 SERVER_BUCKETS = (
-    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003,
-    0.004, 0.005, 0.0075, 0.01, 0.025, 0.1,
+    0.00001, 0.000025, 0.00005, 0.000075, 0.0001, 0.000125, 0.00015, 0.000175, 0.0002, 0.00025,
+    0.0003, 0.00035, 0.0004, 0.00045, 0.0005, 0.0006, 0.0007, 0.0008, 0.0009, 0.001, 0.00125,
+    0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.025, 0.1,
 )  # fmt: skip
 
 
