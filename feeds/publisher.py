@@ -151,13 +151,13 @@ class Publisher:
                 self._pending.append(Pending(channel, first, first - 1, list(bodies)))
                 self._pending_events += len(bodies)
         self._idle.clear()
-        # Write here if a flush may go out (`max_in_flight`), then yield once: uvloop sends
-        # queued writes when the loop iteration ends, so a producer that went on to build its
-        # next batch first would hold the write back (~1 ms measured). Waiting for a reply in
-        # flight first cost a live feed ~0.15 ms per batch, and handing an idle flusher the
-        # write cost a loop turn per batch (wake it, be woken). The yield also lets the flusher
-        # read replies and send more: a producer that never waits would leave Redis idle until
-        # it is done (the publish bench ran encode and append one after the other).
+        # Write here if a flush may go out (`max_in_flight`): waiting for a reply in flight
+        # first cost a live feed ~0.15 ms per batch, and handing an idle flusher the write cost
+        # a loop turn per batch (wake it, be woken). Everything written and the flusher parked
+        # on one connection: its replies are settled as they arrive (`_on_replies`) and there
+        # is nothing to yield for. Otherwise wake the flusher and yield once, so that it reads
+        # replies and sends more: a producer that never waits would leave Redis idle until it
+        # is done (the publish bench ran encode and append one after the other).
         conn = self._conn
         if conn is not None and not conn.closed and (self._in_flight or self._parked):
             # On a lost connection the flusher requeues what this wrote: its read fails, or,
@@ -166,7 +166,7 @@ class Publisher:
                 self._send_flights(conn)
         if not (self._parked and self._listening and not self._pending and self.connected):
             self._wakeup.set()
-        await asyncio.sleep(0)
+            await asyncio.sleep(0)
         if self._pending_events > self.config.max_pending_events:
             if self.connected:
                 self._space.clear()
@@ -479,6 +479,8 @@ class Publisher:
                 by_slot.setdefault(channel_slot(channel), []).append(channel)
             return [(self._live_channel(conn, slot), group) for slot, group in by_slot.items()]
         live = self._live_channel(conn, 0)
+        if sum([len(i.bodies) for i in merged.values()]) <= EVENTS_PER_CALL:
+            return [(live, list(merged))]  # the usual flush: one call
         groups: list[tuple[str, list[Channel]]] = [(live, [])]
         n = 0
         for channel, item in merged.items():
