@@ -6,11 +6,14 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import ServerConnection, broadcast
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
 from websockets.protocol import State
 
 from tickwire.core.channels import Channel, ChannelPattern
@@ -100,6 +103,10 @@ class Connection:
         self._raw = not ws.protocol.extensions
         #: Deadlines of this connection: "auth" (first auth message), "lifetime", "expiry".
         self._timers: dict[str, asyncio.TimerHandle] | None = None
+        #: Keepalive (`keepalive`): when the next ping is due (while one is out: when it was
+        #: sent plus the interval), and the waiter of the ping that is out, if any.
+        self.ping_due = time.monotonic() + server.config.ping_interval_s
+        self.pong: asyncio.Future[float] | None = None
 
     # -- writing -------------------------------------------------------------------------------
     def flush(self) -> None:
@@ -403,6 +410,49 @@ class Connection:
             return
         if now - self.last_write >= self.server.config.heartbeat_ms / 1000 and not self.outbox:
             self.send_control(heartbeat_message(time.time_ns(), self.outbox.last_sent()))
+
+    def keepalive(self, now: float, interval: float, timeout: float) -> None:
+        """Ping the client when a ping is due; close with 1011 `keepalive ping timeout` when
+        its pong has not come `timeout` after the ping. websockets does the same with a task per
+        connection (~1 KB each, always alive); the server calls this for every connection from
+        one task (`TickwireServer._keepalive`)."""
+        pong = self.pong
+        if pong is not None:
+            if pong.done():
+                self.pong = None
+            elif now - (self.ping_due - interval) > timeout and not self.closing:
+                self.pong = None
+                log.info("closing %s: no pong within %g s", self.ws.remote_address, timeout)
+                self.stop_receiving()
+                self._spawn(self._fail_keepalive())
+            return
+        if now >= self.ping_due and not self.closing:
+            self.pong = self._ping()
+            self.ping_due = now + interval
+
+    def _ping(self) -> asyncio.Future[float] | None:
+        """Send a ping as `ServerConnection.ping` does, without its wait for the socket to
+        drain (the sweep must not wait on one slow client); its pong resolves the waiter."""
+        ws = self.ws
+        if ws.protocol.state is not State.OPEN:
+            return None
+        data = os.urandom(4)
+        while data in ws.pending_pings:
+            data = os.urandom(4)
+        waiter: asyncio.Future[float] = ws.loop.create_future()
+        ws.pending_pings[data] = (waiter, ws.loop.time())
+        ws.protocol.send_ping(data)
+        try:
+            ws.send_data()
+        except (OSError, RuntimeError):
+            return None  # the transport is gone: the handler ends and cleans up
+        return waiter
+
+    async def _fail_keepalive(self) -> None:
+        # websockets' own keepalive does exactly this on a timeout.
+        with contextlib.suppress(ConnectionClosed):
+            async with self.ws.send_context():
+                self.ws.protocol.fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
 
     def stop_receiving(self) -> None:
         """Stop queueing data for this client (it is being closed): its memory goes at once."""

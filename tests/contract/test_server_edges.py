@@ -3,6 +3,7 @@ and request limits, each as both documents state it and as a real server does it
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 from collections.abc import AsyncIterator
@@ -15,10 +16,11 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from tests.conftest import timeout
 from tests.contract.schemas import DOCUMENT_PATH, Contract
 from tests.contract.serving import serving
 from tests.contract.test_server_conformance import Conversation
-from tests.server.test_abuse import CLOSE, PING, TEXT, abuse_frames, frame, raw_ws
+from tests.server.test_abuse import CLOSE, PING, PONG, TEXT, abuse_frames, frame, raw_ws
 from tickwire.core.config import AuthConfig, Limits, PublisherConfig, ServerConfig
 from tickwire.core.events import encode_body
 from tickwire.core.redis_process import RedisProcess
@@ -170,6 +172,24 @@ async def test_misbehaving_clients_get_the_documented_close_codes(
     async with serving(server_config(redis_server)) as srv:
         got = [(await abuse_frames(srv.port, raw))[0] for _, _, raw in CLOSING_FRAMES]
     assert got == [code for code, _, _ in CLOSING_FRAMES]
+
+
+async def test_a_client_answering_pings_stays_while_a_silent_one_is_closed_1011(
+    redis: RedisConnection, redis_server: RedisProcess
+) -> None:
+    # The server pings every connection from one task: each ping's pong must reach its own
+    # connection's waiter, or the answering client would be closed after the timeout too.
+    config = server_config(redis_server, ping_interval_s=0.05, ping_timeout_s=0.1)
+    async with serving(config) as srv, raw_ws(srv.port) as silent, raw_ws(srv.port) as answering:
+        payloads: list[bytes] = []
+        while len(payloads) < 8:  # 8 intervals: 4 times the timeout
+            opcode, payload = await asyncio.wait_for(answering.read_frame(), timeout(5))
+            assert opcode != CLOSE, f"closed although it answered: {payload!r}"
+            if opcode == PING:
+                payloads.append(payload)
+                await answering.send(frame(PONG, payload))
+        assert len(set(payloads)) == len(payloads)  # a fresh payload for every ping
+        assert await silent.close_code() == (1011, "keepalive ping timeout")
 
 
 async def test_client_that_never_answers_pings_is_closed_1011_as_documented(

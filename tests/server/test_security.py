@@ -437,6 +437,8 @@ def test_config_from_toml_and_flags(tmp_path: Path) -> None:
         ('allowed_origins = ["https://a/"]', "trailing slash"),
         ("[auth]\nsecret = 'x'", "unknown key"),
         ("[auth]\njwt_secret_env = 'A'\njwt_secret_file = 'B'", "not both"),
+        ("ping_interval_s = 0", "ping_interval_s must be positive"),
+        ("ping_timeout_s = -1", "ping_timeout_s must be positive"),
     ]:
         path.write_text(text)
         with pytest.raises(ConfigError, match=message):

@@ -223,7 +223,7 @@ def _check(cfg: ServerConfig) -> None:
     for name in ("max_connections", "max_connections_per_ip", "max_connections_per_credential"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be 0 (no cap) or positive")
-    for name in ("registry_poll_s", "meta_recheck_s"):
+    for name in ("registry_poll_s", "meta_recheck_s", "ping_interval_s", "ping_timeout_s"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name} must be positive")
     for name in ("fanout_pause_ratio", "fanout_pause_after_ms", "fanout_pause_max_ms"):
