@@ -194,9 +194,7 @@ class TickwireServer:
         interval = self.config.heartbeat_ms / 2000
         while True:
             await asyncio.sleep(interval)
-            now = time.monotonic()
-            for conn in list(self.connections):
-                conn.heartbeat(now)
+            self._each_connection(Connection.heartbeat, time.monotonic())
 
     async def _keepalive(self) -> None:
         """WebSocket pings for every connection (`Connection.keepalive`), looked at four times
@@ -205,9 +203,13 @@ class TickwireServer:
         tick = max(0.01, min(interval, timeout) / 4)
         while True:
             await asyncio.sleep(tick)
-            now = time.monotonic()
-            for conn in list(self.connections):
-                conn.keepalive(now, interval, timeout)
+            self._each_connection(Connection.keepalive, time.monotonic(), interval, timeout)
+
+    def _each_connection(self, method: Callable[..., None], *args: float) -> None:
+        # In a function of its own: a loop variable in a sleeping coroutine's frame would keep
+        # the last connection (and all it holds) alive until the next round.
+        for conn in list(self.connections):
+            method(conn, *args)
 
     def reload_credentials(self) -> bool:
         """Re-read the API key file and JWT key files (SIGHUP), then check every connection's
@@ -237,6 +239,9 @@ class TickwireServer:
         if ws.request is not None:
             ws.request.headers = _NO_HEADERS
         ws.response = None
+        # websockets keeps its drain waiters in a deque, 760 bytes even empty; it only appends,
+        # removes and iterates them, which a list does in 56.
+        ws.drain_waiters = []  # type: ignore[assignment]
         conn = Connection(self, ws, self._admitted.pop(ws, None))
         self.connections.add(conn)
         self.metrics.connections += 1

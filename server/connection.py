@@ -78,15 +78,9 @@ class Connection:
         self.sub = Subscriber(
             self.outbox, self.flush, hold_limit=limits.max_held_bytes, write_now=self.write_now
         )
-        self.catchup = CatchUp(
-            self.sub,
-            server.history,
-            max_events=limits.max_resume_events,
-            wait_writable=self.wait_writable,
-            read_position=server.reader.positions.get,
-            expand=self._expand,
-            conflates=functools.partial(server.hub.throttles, self.sub),
-        )
+        #: Snapshot and resume work (`tickwire.server.catchup`), made at the first subscribe
+        #: that needs it: most connections of a big fan-out never resume.
+        self._catchup: CatchUp | None = None
         self.last_write = time.monotonic()
         self._drain: asyncio.Task[None] | None = None
         #: When the data queued for this client (outbox and socket buffer) went over
@@ -107,6 +101,21 @@ class Connection:
         #: sent plus the interval), and the waiter of the ping that is out, if any.
         self.ping_due = time.monotonic() + server.config.ping_interval_s
         self.pong: asyncio.Future[float] | None = None
+
+    @property
+    def catchup(self) -> CatchUp:
+        if self._catchup is None:
+            server, limits = self.server, self.server.config.limits
+            self._catchup = CatchUp(
+                self.sub,
+                server.history,
+                max_events=limits.max_resume_events,
+                wait_writable=self.wait_writable,
+                read_position=server.reader.positions.get,
+                expand=self._expand,
+                conflates=functools.partial(server.hub.throttles, self.sub),
+            )
+        return self._catchup
 
     # -- writing -------------------------------------------------------------------------------
     def flush(self) -> None:
@@ -396,10 +405,12 @@ class Connection:
         hub.unsubscribe(self.sub, *req.removed)
         self.server.demand.changed(req.removed)
         self.server.metrics.subscriptions -= len(req.removed)
-        concerned = set(self.outbox.positions) | self.catchup.channels | set(self.sub.holding)
+        catching_up = self._catchup.channels if self._catchup is not None else set()
+        concerned = set(self.outbox.positions) | catching_up | set(self.sub.holding)
         gone = [c for c in concerned if not hub.follows(self.sub, c)]
         # No more reads for them, nothing held: from the ack on, no event of theirs is queued.
-        self.catchup.drop(gone)
+        if self._catchup is not None:
+            self._catchup.drop(gone)
         for channel in gone:
             # Forget the position, or a later subscribe would see a hole it never asked for.
             self.outbox.forget(channel)
@@ -466,7 +477,8 @@ class Connection:
         for timer in (self._timers or {}).values():
             timer.cancel()
         self._timers = None
-        self.catchup.close()
+        if self._catchup is not None:
+            self._catchup.close()
         for task in list(self._tasks or ()):
             task.cancel()
         if self._drain is not None:
