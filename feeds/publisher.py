@@ -319,6 +319,8 @@ class Publisher:
 
     def _use(self, conn: RedisLink) -> None:
         """Write through `conn` from now on; on one connection, settle replies as they come."""
+        if isinstance(self._conn, RedisConnection):
+            self._conn.listen(None)  # a closed connection's last callbacks are not ours
         self._conn = conn
         self._listening = isinstance(conn, RedisConnection)
         if isinstance(conn, RedisConnection):
