@@ -111,6 +111,8 @@ class Publisher:
         self._keys_of: dict[Channel, tuple[bytes, bytes, int]] = {}
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        #: The highest index of this publisher's events Redis has acknowledged, per channel.
+        self._acked: dict[Channel, int] = {}
         #: Last (epoch, seq) Redis assigned per channel.
         self.positions: dict[Channel, StreamPosition] = {}
         #: Where each channel will stand once every flush sent is applied, as far as the replies
@@ -432,6 +434,7 @@ class Publisher:
         predicted = self._predicted
         positions = self.positions
         keys_of = self._keys_of
+        acked = self._acked
         for live, group in self._groups(merged):
             keys: list[Arg] = []
             args: list[Arg] = [candidate, self.id, live]
@@ -450,7 +453,12 @@ class Publisher:
                 # No guess (a new channel, or one whose replies are still owed): bare bodies,
                 # tail seq 0, and the script appends the tails.
                 epoch, seq = ("", 0) if guess is None else (guess[0], guess[1] + 1)
-                args += (maxlen, seen_epoch, seen_seq, item.first, item.prev, n, epoch, seq)
+                # A batch must follow its predecessor only while that one is unanswered: once
+                # Redis has acknowledged it, Redis holds it or lost it (a crash, a failover), and
+                # a lost one must not hold the channel back for ever with TWBEHIND (the epoch
+                # change that comes with the loss tells clients).
+                prev = item.prev if item.prev > acked.get(channel, 0) else 0
+                args += (maxlen, seen_epoch, seen_seq, item.first, prev, n, epoch, seq)
                 if guess is None:
                     args += bodies
                 else:
@@ -518,6 +526,11 @@ class Publisher:
                     if ch == channel
                 )
                 self._predicted[channel] = StreamPosition(actual.epoch, actual.seq + later)
+        acked = self._acked
+        for item in flight.taken:
+            last = item.first + len(item.bodies) - 1
+            if last > acked.get(item.channel, 0):
+                acked[item.channel] = last
         self.stats.published += sum(flight.counts)
         self._pending_events -= sum(flight.counts)
         if self._pending_events <= self.config.max_pending_events:

@@ -20,8 +20,9 @@ applies only right after the one before it: the caller names the index its batch
 a call holding a batch whose predecessor is not applied (its append failed while this one was
 already on its way) is refused whole with `TWBEHIND`, before it writes anything, so a publisher
 can keep several flushes in flight without ever storing a channel's events out of order. Index 0
-means "follows nothing": a publisher's first batch of a channel, and the first after events it
-had to drop.
+means "follows nothing": a publisher's first batch of a channel, the first after events it had to
+drop, and any batch whose predecessor Redis has already acknowledged (Redis holds it, or lost it
+in a crash or failover: waiting for it would hold the channel back for ever).
 
 Each call is also pushed, in the same atomic step, on the live pub/sub channel (`live_channel`):
 one message holding, for each batch that stored events, a line `<stream key> <epoch> <first seq>

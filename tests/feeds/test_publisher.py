@@ -18,6 +18,7 @@ from tickwire.core.redis_wire import RedisConnection
 from tickwire.core.stream import complete_body
 from tickwire.feeds.publisher import APPEND_SHA, Publisher
 from tickwire.feeds.store import APPEND_LUA
+from tickwire.server.stored import FENCE_LUA
 
 from .conftest import stored_events
 
@@ -463,3 +464,36 @@ async def test_a_flush_is_one_append_and_one_push_or_one_per_symbol_for_cluster(
             stored = await redis.execute("XRANGE", c.stream_key, "-", "+")
             assert pushed[c.stream_key] == [fields[1] for _, fields in stored]
             assert len(stored) == i + 1
+
+
+async def test_events_acknowledged_then_lost_by_redis_do_not_hold_the_channel_back(
+    redis: RedisConnection, redis_server: RedisProcess
+) -> None:
+    # A crash (an AOF losing its last second) takes events Redis had acknowledged, and a server
+    # that read them fences the channel into a new epoch before this publisher writes again. Its
+    # next batch follows one Redis no longer has: refused with TWBEHIND, it would wait for ever.
+    async with Publisher(PublisherConfig(redis_url=redis_server.url)) as pub:
+        await pub.publish({CH: bodies("kept", 2)})
+        await pub.publish({CH: bodies("lost", 3)})
+        await pub.flush()
+        old_epoch = pub.positions[CH].epoch
+        # The stream and meta as the AOF had them two events earlier (XDEL would leave the
+        # stream's last ID at 5-0; a reloaded AOF does not).
+        kept = await redis.execute("XRANGE", CH.stream_key, "-", "2-0")
+        await redis.pipeline(
+            [
+                ["DEL", CH.stream_key],
+                *(["XADD", CH.stream_key, entry_id, *fields] for entry_id, fields in kept),
+                ["HSET", CH.meta_key, "seq", 2, f"w:{pub.id}", 2],
+                ["EVAL", FENCE_LUA, 1, CH.meta_key, old_epoch, 5, "fenced000000"],
+            ]
+        )
+        await pub.publish({CH: bodies("after", 2)})
+        await asyncio.wait_for(pub.flush(), timeout(5))
+    events = await stored_events(redis, CH)
+    assert [(e["tag"], e["epoch"], e["seq"]) for e in events] == [
+        ("kept", old_epoch, 1),
+        ("kept", old_epoch, 2),
+        ("after", "fenced000000", 3),
+        ("after", "fenced000000", 4),
+    ]
