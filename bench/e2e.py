@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import orjson
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         doc = json_report(vars(args), runs, rounds)
         if floor is not None:
-            doc["floor"] = floor.as_dict()
+            doc["floor"] = asdict(floor)
         Path(args.json).write_bytes(
             orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
         )

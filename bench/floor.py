@@ -36,16 +36,6 @@ class Floor:
     p90_us: float
     p99_us: float
 
-    def as_dict(self) -> dict[str, float]:
-        return {
-            "hops": self.hops,
-            "rate": self.rate,
-            "samples": self.samples,
-            "p50_us": self.p50_us,
-            "p90_us": self.p90_us,
-            "p99_us": self.p99_us,
-        }
-
 
 class _Relay(asyncio.Protocol):
     def __init__(self, out: asyncio.Transport) -> None:

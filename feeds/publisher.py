@@ -103,8 +103,6 @@ class Publisher:
         #: Flushes written and not yet answered, oldest first.
         self._flights: deque[Flight] = deque()
         self._conn: RedisLink | None = None
-        #: Replies are settled as they arrive while the flusher is parked (`_on_replies`).
-        self._listening = False
         #: The timer of `_watch_replies` while one is armed.
         self._watchdog: asyncio.TimerHandle | None = None
         self._registered: set[Channel] = set()
@@ -313,18 +311,22 @@ class Publisher:
         replies left over for the flusher (errors, or replies that came while it was busy)."""
         conn = self._conn
         return (
-            self._listening
-            and isinstance(conn, RedisConnection)
+            isinstance(conn, RedisConnection)
             and not conn.closed
             and (not self._flights or conn.ready < len(self._flights[0].commands))
         )
+
+    @property
+    def _listening(self) -> bool:
+        """Replies are settled as they arrive while the flusher is parked (`_on_replies`): on
+        one connection, not on a cluster's."""
+        return isinstance(self._conn, RedisConnection)
 
     def _use(self, conn: RedisLink) -> None:
         """Write through `conn` from now on; on one connection, settle replies as they come."""
         if isinstance(self._conn, RedisConnection):
             self._conn.listen(None)  # a closed connection's last callbacks are not ours
         self._conn = conn
-        self._listening = isinstance(conn, RedisConnection)
         if isinstance(conn, RedisConnection):
             conn.listen(self._on_replies)
 
@@ -489,8 +491,6 @@ class Publisher:
                 by_slot.setdefault(channel_slot(channel), []).append(channel)
             return [(self._live_channel(conn, slot), group) for slot, group in by_slot.items()]
         live = self._live_channel(conn, 0)
-        if sum([len(i.bodies) for i in merged.values()]) <= EVENTS_PER_CALL:
-            return [(live, list(merged))]  # the usual flush: one call
         groups: list[tuple[str, list[Channel]]] = [(live, [])]
         n = 0
         for channel, item in merged.items():
