@@ -113,7 +113,9 @@ class CatchUp:
         for channel, target in targets.items():
             self._want(channel, target)
         self._waiting.append(_Request(set(targets), list(wildcards), on_positioned))
-        if self._task is None:
+        # A task that has returned may not have run its done callback yet: it will look at
+        # nothing more, so a new one starts.
+        if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="tickwire-catchup")
             self._task.add_done_callback(self._done)
 
@@ -143,7 +145,8 @@ class CatchUp:
                 self._long = None
 
     def _done(self, task: asyncio.Task[None]) -> None:
-        self._task = None
+        if self._task is task:
+            self._task = None
         if not task.cancelled() and task.exception() is not None:
             log.error("catch-up failed", exc_info=task.exception())
 

@@ -11,12 +11,14 @@ import orjson
 import pytest
 
 from tests.conftest import eventually
-from tickwire.core.channels import Channel
+from tickwire.core.channels import Channel, ChannelPattern
 from tickwire.core.config import AuthConfig
 from tickwire.core.redis_process import RedisProcess
 from tickwire.core.redis_wire import RedisConnection
 from tickwire.server.app import TickwireServer
 from tickwire.server.batch import Batch
+from tickwire.server.catchup import CatchUp
+from tickwire.server.history import History
 from tickwire.server.hub import Subscriber
 from tickwire.server.outbox import Outbox
 
@@ -205,3 +207,46 @@ async def test_catch_up_tasks_per_connection_stay_bounded(
         (conn,) = server.connections
         await eventually(lambda: not conn.catchup.channels, "the catch-up to be idle")
         assert len(asyncio.all_tasks()) <= tasks_before + 1
+
+
+async def test_a_request_that_comes_as_the_catch_up_task_returns_starts_a_new_one(
+    redis_server: RedisProcess, redis: RedisConnection
+) -> None:
+    """A subscribe handled after the catch-up task returned, before its done callback ran (a
+    read callback can come between the two), is positioned all the same: it found the task
+    still set and waited for ever, its ack never sent."""
+    history = History(redis_server.url)
+    sub = Subscriber(Outbox(1 << 20), lambda: None)
+
+    async def writable() -> None:
+        return None
+
+    async def expand(patterns: list[ChannelPattern]) -> list[Channel]:
+        return []
+
+    catchup = CatchUp(
+        sub,
+        history,
+        max_events=100,
+        wait_writable=writable,
+        read_position=lambda channel: 0,  # the reader follows it: nothing stored, all read
+        expand=expand,
+    )
+    positioned: list[tuple[str, list[Channel]]] = []
+    try:
+        catchup.add({ZZZ: None}, lambda fresh: positioned.append(("first", fresh)))
+        task = catchup._task
+        assert task is not None
+        # The order the race takes: the next request, then the task's own done callback.
+        task.remove_done_callback(catchup._done)
+        task.add_done_callback(
+            lambda _: catchup.add({Q: None}, lambda fresh: positioned.append(("second", fresh)))
+        )
+        task.add_done_callback(catchup._done)
+        await task
+        await eventually(lambda: len(positioned) == 2, "the second request to be positioned")
+        assert positioned == [("first", [ZZZ]), ("second", [Q])]
+        await eventually(lambda: not catchup.channels, "the catch-up to be idle")
+    finally:
+        catchup.close()
+        history.close()
