@@ -8,19 +8,17 @@ import logging
 import os
 import signal
 import time
-import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
+from websockets.extensions.base import ServerExtensionFactory
+from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
 
 from tickwire import __version__
 from tickwire.core.config import ServerConfig, check_exposure
 from tickwire.core.errors import ConfigError
 from tickwire.core.runtime import raise_open_files_limit, tune_gc
-from tickwire.server.admission import Admission, Admitted
+from tickwire.server.admission import Admission
 from tickwire.server.auth import Authenticator
 from tickwire.server.connection import FRAME_LIMIT_FACTOR, WRITE_HIGH, WRITE_LOW, Connection
 from tickwire.server.demand import BarDemand
@@ -32,10 +30,8 @@ from tickwire.server.messages import (
 )
 from tickwire.server.metrics import Metrics
 from tickwire.server.reader import StreamReader
-from tickwire.server.wsconnection import bounded_connection_class
+from tickwire.server.wire import Endpoint, Wire
 
-#: What a connection's handshake request keeps as headers once the handshake is over (read only).
-_NO_HEADERS = Headers()
 log = logging.getLogger("tickwire.server")
 
 
@@ -67,16 +63,8 @@ class TickwireServer:
         #: None when auth is off; raises ConfigError for unreadable keys or a missing secret.
         self.authenticator = Authenticator(config.auth) if config.auth.enabled else None
         self.admission = Admission(config, self.authenticator)
-        # Admission decisions (slots, grants of handshake tokens), from process_request to the
-        # connection handler.
-        self._admitted: weakref.WeakKeyDictionary[ServerConnection, Admitted] = (
-            weakref.WeakKeyDictionary()
-        )
         self.http = HttpRoutes(
-            self.admission,
-            self.metrics,
-            health=lambda: (self.reader.up, self.health()),
-            admitted=self._admitted.__setitem__,
+            self.admission, self.metrics, health=lambda: (self.reader.up, self.health())
         )
         self.hub = Hub()
         self.hub.on_wake = self._wake_throttles
@@ -89,7 +77,10 @@ class TickwireServer:
             config.redis_url, self.hub, retention_s=config.bar_retention_s, clock=demand_clock
         )
         self.connections: set[Connection] = set()
-        self._server: Server | None = None
+        self._server: asyncio.Server | None = None
+        self._serving = False
+        #: TCP connections open, in their handshake or an HTTP exchange included.
+        self.sockets = 0
         self._tasks: list[asyncio.Task[None]] = []
         self.port = config.port
 
@@ -110,30 +101,38 @@ class TickwireServer:
 
     async def start(self) -> None:
         cfg = self.config
-        self._server = await serve(
-            self._handle,
-            cfg.host,
-            cfg.port,
-            process_request=self.http.route,
-            # Past the outbox and the socket's high-water mark, only pongs can pile up.
-            create_connection=bounded_connection_class(cfg.limits.outbox_bytes + WRITE_HIGH),
-            compression="deflate" if cfg.compression else None,
+        extensions: Sequence[ServerExtensionFactory] = ()
+        if cfg.compression:
+            extensions = enable_server_permessage_deflate(None)
+        endpoint = Endpoint(
+            route=self.http.route,
+            opened=self._opened,
+            lost=self._lost,
+            serving=lambda: self._serving,
             max_size=cfg.limits.max_message_bytes * FRAME_LIMIT_FACTOR,
-            # The transport pauses writing above WRITE_HIGH and resumes below WRITE_LOW: the
-            # drain task waits on that instead of polling each full socket.
-            write_limit=(WRITE_HIGH, WRITE_LOW),
-            max_queue=16,
-            open_timeout=cfg.open_timeout_s,
-            # Pinged by `_keepalive`, one task for every connection, not one task each.
-            ping_interval=None,
-            ping_timeout=None,
-            close_timeout=cfg.close_timeout_s,
-            reuse_port=self.reuse_port,
-            server_header=f"tickwire/{__version__}",
+            extensions=tuple(extensions),
             logger=_NoWireDebug(logging.getLogger("websockets.server"))
             if self.authenticator is not None
-            else None,
+            else logging.getLogger("websockets.server"),
+            open_timeout_s=cfg.open_timeout_s,
+            close_timeout_s=cfg.close_timeout_s,
+            # Past the outbox and the socket's high-water mark, only pongs can pile up.
+            read_pause_bytes=cfg.limits.outbox_bytes + WRITE_HIGH,
+            # The transport pauses writing above WRITE_HIGH and resumes below WRITE_LOW: the
+            # drain task waits on that instead of polling each full socket.
+            write_high=WRITE_HIGH,
+            write_low=WRITE_LOW,
+            server_header=f"tickwire/{__version__}",
         )
+
+        def accept() -> Wire:
+            self.sockets += 1
+            return endpoint()
+
+        self._server = await asyncio.get_running_loop().create_server(
+            accept, cfg.host, cfg.port, reuse_port=self.reuse_port
+        )
+        self._serving = True
         sock = next(iter(self._server.sockets))
         self.port = sock.getsockname()[1]
         self._tasks = [
@@ -147,16 +146,23 @@ class TickwireServer:
             await asyncio.wait_for(self.reader.ready.wait(), 2.0)
         log.info("serving on %s (HTTP %s)", self.url, self.http_url)
 
+    def stop_serving(self) -> None:
+        """Accept no more connections, and refuse upgrades (503) on those accepted already."""
+        self._serving = False
+        if self._server is not None:
+            self._server.close()
+
     async def close(self) -> None:
         """Stop accepting, close every connection with 1001, stop reading."""
         if self._server is None:
             return
-        self._server.close(close_connections=False)
-        closing = [
-            c.ws.close(1001, "server shutting down")
-            for c in list(self.connections)
-            if not c.closing
-        ]
+        self.stop_serving()
+        closing = []
+        for conn in list(self.connections):
+            if not conn.closing:
+                conn.stop_receiving()
+                conn.wire.close(1001, "server shutting down")
+            closing.append(conn.wire.wait_lost())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
                 asyncio.gather(*closing, return_exceptions=True), self.config.shutdown_timeout_s
@@ -232,30 +238,26 @@ class TickwireServer:
                 conn.close_soon(close.code, close.reason)
         return True
 
-    async def _handle(self, ws: ServerConnection) -> None:
-        # The handshake's headers and response are read only during the handshake, here and by
-        # websockets: kept, they were ~2.9 KB of every connection. (The request itself stays:
-        # websockets takes a connection without one for one still in its handshake.)
-        if ws.request is not None:
-            ws.request.headers = _NO_HEADERS
-        ws.response = None
-        # websockets keeps its drain waiters in a deque, 760 bytes even empty; it only appends,
-        # removes and iterates them, which a list does in 56.
-        ws.drain_waiters = []  # type: ignore[assignment]
-        conn = Connection(self, ws, self._admitted.pop(ws, None))
+    def _opened(self, wire: Wire) -> Connection:
+        conn = Connection(self, wire, wire.admitted)
         self.connections.add(conn)
         self.metrics.connections += 1
         self.metrics.connections_total += 1
-        try:
-            await conn.serve()
-        except ConnectionClosed:
-            pass
-        finally:
-            conn.cleanup()
-            self.demand.changed(self.hub.patterns_of(conn.sub))
-            self.hub.detach(conn.sub)
-            self.connections.discard(conn)
-            self.metrics.connections -= 1
+        conn.start()
+        return conn
+
+    def _lost(self, wire: Wire) -> None:
+        self.sockets -= 1
+        if wire.admitted is not None:
+            self.admission.release(wire.admitted.slot)
+        conn = wire.handler
+        if not isinstance(conn, Connection):
+            return  # gone during its handshake, or an HTTP exchange
+        conn.cleanup()
+        self.demand.changed(self.hub.patterns_of(conn.sub))
+        self.hub.detach(conn.sub)
+        self.connections.discard(conn)
+        self.metrics.connections -= 1
 
     def health(self) -> dict[str, Any]:
         m = self.metrics

@@ -6,22 +6,17 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from websockets.asyncio.server import ServerConnection, broadcast
-from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
-from websockets.protocol import State
 
 from tickwire.core.channels import Channel, ChannelPattern
 from tickwire.core.errors import RedisUnavailable
 from tickwire.server.admission import Admitted
 from tickwire.server.auth import Grant
 from tickwire.server.catchup import CatchUp
-from tickwire.server.frames import text_frame
 from tickwire.server.hub import Subscriber
 from tickwire.server.messages import (
     RequestId,
@@ -44,6 +39,7 @@ from tickwire.server.session import (
     Unsubscribe,
     plan_subscribe,
 )
+from tickwire.server.wire import Wire
 
 if TYPE_CHECKING:
     from tickwire.server.app import TickwireServer
@@ -63,11 +59,29 @@ FRAME_LIMIT_FACTOR = 2
 class Connection:
     """One client: its protocol session, outbox and the writes to its socket."""
 
+    __slots__ = (
+        "_catchup",
+        "_drain",
+        "_listing",
+        "_over_since",
+        "_tasks",
+        "_timers",
+        "closing",
+        "last_write",
+        "outbox",
+        "ping_due",
+        "pinged_at",
+        "server",
+        "session",
+        "sub",
+        "wire",
+    )
+
     def __init__(
-        self, server: TickwireServer, ws: ServerConnection, admitted: Admitted | None = None
+        self, server: TickwireServer, wire: Wire, admitted: Admitted | None = None
     ) -> None:
         self.server = server
-        self.ws = ws
+        self.wire = wire
         limits = server.config.limits
         grant, claim = None, None
         if admitted is not None:
@@ -92,15 +106,12 @@ class Connection:
         self._tasks: set[asyncio.Task[None]] | None = None
         self._listing: asyncio.Task[None] | None = None
         self.closing = False
-        #: Frames can be written without the library's framing: no extension (compression)
-        #: was negotiated, and tickwire never sends fragmented messages.
-        self._raw = not ws.protocol.extensions
         #: Deadlines of this connection: "auth" (first auth message), "lifetime", "expiry".
         self._timers: dict[str, asyncio.TimerHandle] | None = None
-        #: Keepalive (`keepalive`): when the next ping is due (while one is out: when it was
-        #: sent plus the interval), and the waiter of the ping that is out, if any.
+        #: Keepalive (`keepalive`): when the next ping is due, and when the ping that awaits
+        #: its pong (`Wire.ping_out`) went out.
         self.ping_due = time.monotonic() + server.config.ping_interval_s
-        self.pong: asyncio.Future[float] | None = None
+        self.pinged_at = 0.0
 
     @property
     def catchup(self) -> CatchUp:
@@ -135,7 +146,7 @@ class Connection:
     def _note_pressure(self) -> None:
         """Start or stop the clock of a client over its limit: what is queued for it in all
         (control replies, which are never shed, and the socket's buffer included)."""
-        transport = self.ws.transport
+        transport = self.wire.transport
         buffered = transport.get_write_buffer_size() if transport is not None else 0
         if self.outbox.nbytes + buffered <= self.outbox.limit_bytes:
             self._over_since = None
@@ -152,7 +163,7 @@ class Connection:
         return True
 
     def _takes_data_now(self) -> bool:
-        transport = self.ws.transport
+        transport = self.wire.transport
         return (
             self._drain is None
             and transport is not None
@@ -165,11 +176,7 @@ class Connection:
             self._send(message)
 
     def _send(self, message: bytes, wire: bytes | None = None) -> None:
-        ws = self.ws
-        if self._raw and ws.protocol.state is State.OPEN:
-            ws.transport.write(wire if wire is not None else text_frame(message))
-        else:
-            broadcast((ws,), message, text=True)
+        self.wire.send_text(message, wire)
         self.last_write = time.monotonic()
         m = self.server.metrics
         m.frames_sent += 1
@@ -190,14 +197,14 @@ class Connection:
                     # with a thousand full sockets, polling each every few ms was most of the
                     # server's CPU.
                     async with asyncio.timeout(max(0.0, grace)):
-                        await self.ws.drain()
+                        await self.wire.drain()
                 except TimeoutError:
                     self.server.metrics.slow_disconnects += 1
-                    log.info("closing slow consumer %s", self.ws.remote_address)
+                    log.info("closing slow consumer %s", self.wire.remote_address)
                     self.stop_receiving()
-                    await self.ws.close(4008, "slow consumer")
+                    self.wire.close(4008, "slow consumer")
                     return
-                transport = self.ws.transport
+                transport = self.wire.transport
                 if transport is None or transport.is_closing():
                     return
                 # What piled up while the socket was full, before it moves to the socket (where
@@ -208,6 +215,8 @@ class Connection:
                     return
         finally:
             self._drain = None
+            # Requests held while over the limit (`on_message`) are answered now.
+            self.wire.release()
 
     async def wait_writable(self) -> None:
         """Until the socket takes data again: no drain task is waiting for it (asyncio.wait, so
@@ -241,12 +250,12 @@ class Connection:
         self._later(name, close_in, self.close_soon, code, reason)
 
     def close_soon(self, code: int, reason: str) -> None:
-        """Stop sending data and close the WebSocket with (code, reason) from a task."""
+        """Stop sending data and close the WebSocket with (code, reason)."""
         if self.closing:
             return
-        log.info("closing %s: %d %s", self.ws.remote_address, code, reason)
+        log.info("closing %s: %d %s", self.wire.remote_address, code, reason)
         self.stop_receiving()
-        self._spawn(self._close(code, reason))
+        self.wire.close(code, reason)
 
     def _auth_deadline(self) -> None:
         if self.session.awaiting_auth:
@@ -255,7 +264,7 @@ class Connection:
 
     def _authorized(self, grant: Grant) -> None:
         """The client has a grant (from the handshake or an `auth` message): data may flow."""
-        log.info("%s authenticated as %s", self.ws.remote_address, grant.subject)
+        log.info("%s authenticated as %s", self.wire.remote_address, grant.subject)
         timer = self._take_timer("auth")
         if timer is not None:
             timer.cancel()
@@ -268,7 +277,8 @@ class Connection:
             self._close_in("expiry", delay, "token_expiring", UNAUTHORIZED, "token expired")
 
     # -- requests ------------------------------------------------------------------------------
-    async def serve(self) -> None:
+    def start(self) -> None:
+        """The handshake is done: welcome the client and set its deadlines."""
         cfg = self.server.config
         session = self.session
         self.send_control(
@@ -289,39 +299,42 @@ class Connection:
             self._authorized(session.grant)
         else:
             self.server.hub.attach(self.sub)
-        async for data in self.ws:
-            if self.closing:
-                continue  # close_soon() is under way: read until it completes, act on nothing
-            if self._listing is not None:
-                # Requests are answered in order, and a client asking for lists faster than
-                # they are read back makes them queue here, not as replies.
-                await asyncio.wait((self._listing,))
-            if self._over_since is not None and self._drain is not None:
-                # Over its limit and not reading: answer nothing more (replies are never shed)
-                # until it reads; its requests wait in the socket meanwhile.
-                await self.wait_writable()
-            action = self.session.receive(data, time.monotonic(), time.time_ns())
-            if isinstance(action, Reply):
-                self.send_control(action.message)
-            elif isinstance(action, Rejected):
-                self.server.metrics.rejected_requests += 1
-                self.send_control(action.message)
-            elif isinstance(action, Authenticated):
-                self._authorized(action.grant)
-                self.send_control(action.reply)
-            elif isinstance(action, Subscribe):
-                self._subscribe(action)
-            elif isinstance(action, Unsubscribe):
-                self._unsubscribe(action)
-            elif isinstance(action, ListChannels):
-                self._list(action.id)
-            elif isinstance(action, Close):
-                if action.code == UNAUTHORIZED:
-                    self.server.metrics.auth_failures += 1
-                log.info("closing %s: %d %s", self.ws.remote_address, action.code, action.reason)
-                self.stop_receiving()
-                await self.ws.close(action.code, action.reason)
-                return
+
+    def on_message(self, data: bytes) -> bool:
+        """One request from the client; False while it has to wait (the wire holds it and
+        stops reading until `Wire.release`)."""
+        if self.closing:
+            return True  # the close is under way: act on nothing more
+        if self._listing is not None:
+            # Requests are answered in order, and a client asking for lists faster than they
+            # are read back makes them wait in its socket, not as replies.
+            return False
+        if self._over_since is not None and self._drain is not None:
+            # Over its limit and not reading: answer nothing more (replies are never shed)
+            # until it reads; its requests wait in the socket meanwhile.
+            return False
+        action = self.session.receive(data, time.monotonic(), time.time_ns())
+        if isinstance(action, Reply):
+            self.send_control(action.message)
+        elif isinstance(action, Rejected):
+            self.server.metrics.rejected_requests += 1
+            self.send_control(action.message)
+        elif isinstance(action, Authenticated):
+            self._authorized(action.grant)
+            self.send_control(action.reply)
+        elif isinstance(action, Subscribe):
+            self._subscribe(action)
+        elif isinstance(action, Unsubscribe):
+            self._unsubscribe(action)
+        elif isinstance(action, ListChannels):
+            self._list(action.id)
+        elif isinstance(action, Close):
+            if action.code == UNAUTHORIZED:
+                self.server.metrics.auth_failures += 1
+            log.info("closing %s: %d %s", self.wire.remote_address, action.code, action.reason)
+            self.stop_receiving()
+            self.wire.close(action.code, action.reason)
+        return True
 
     def _subscribe(self, req: Subscribe) -> None:
         hub = self.server.hub
@@ -382,9 +395,6 @@ class Connection:
         if not task.cancelled() and task.exception() is not None:
             log.error("connection task failed", exc_info=task.exception())
 
-    async def _close(self, code: int, reason: str) -> None:
-        await self.ws.close(code, reason)
-
     def _list(self, request_id: RequestId) -> None:
         self._listing = self._spawn(self._answer_list(request_id))
 
@@ -399,6 +409,7 @@ class Connection:
             c.name for c in self.server.hub.known if grant is None or grant.allows_channel(c)
         )
         self.send_control(reply("channels", request_id, channels=names))
+        self.wire.release()
 
     def _unsubscribe(self, req: Unsubscribe) -> None:
         hub = self.server.hub
@@ -424,46 +435,20 @@ class Connection:
 
     def keepalive(self, now: float, interval: float, timeout: float) -> None:
         """Ping the client when a ping is due; close with 1011 `keepalive ping timeout` when
-        its pong has not come `timeout` after the ping. websockets does the same with a task per
-        connection (~1 KB each, always alive); the server calls this for every connection from
-        one task (`TickwireServer._keepalive`)."""
-        pong = self.pong
-        if pong is not None:
-            if pong.done():
-                self.pong = None
-            elif now - (self.ping_due - interval) > timeout and not self.closing:
-                self.pong = None
-                log.info("closing %s: no pong within %g s", self.ws.remote_address, timeout)
-                self.stop_receiving()
-                self._spawn(self._fail_keepalive())
+        its pong has not come `timeout` after the ping, as websockets does. Called for every
+        connection from one task (`TickwireServer._keepalive`)."""
+        if self.closing:
             return
-        if now >= self.ping_due and not self.closing:
-            self.pong = self._ping()
+        wire = self.wire
+        if wire.ping_out is not None:
+            if now - self.pinged_at > timeout:
+                log.info("closing %s: no pong within %g s", wire.remote_address, timeout)
+                self.stop_receiving()
+                wire.fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+            return
+        if now >= self.ping_due and wire.ping():
+            self.pinged_at = now
             self.ping_due = now + interval
-
-    def _ping(self) -> asyncio.Future[float] | None:
-        """Send a ping as `ServerConnection.ping` does, without its wait for the socket to
-        drain (the sweep must not wait on one slow client); its pong resolves the waiter."""
-        ws = self.ws
-        if ws.protocol.state is not State.OPEN:
-            return None
-        data = os.urandom(4)
-        while data in ws.pending_pings:
-            data = os.urandom(4)
-        waiter: asyncio.Future[float] = ws.loop.create_future()
-        ws.pending_pings[data] = (waiter, ws.loop.time())
-        ws.protocol.send_ping(data)
-        try:
-            ws.send_data()
-        except (OSError, RuntimeError):
-            return None  # the transport is gone: the handler ends and cleans up
-        return waiter
-
-    async def _fail_keepalive(self) -> None:
-        # websockets' own keepalive does exactly this on a timeout.
-        with contextlib.suppress(ConnectionClosed):
-            async with self.ws.send_context():
-                self.ws.protocol.fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
 
     def stop_receiving(self) -> None:
         """Stop queueing data for this client (it is being closed): its memory goes at once."""

@@ -1,7 +1,7 @@
 """The server's HTTP side: the routes beside `/ws`, static files, and the WebSocket admission.
 
-websockets hands every request to `HttpRoutes.route` before its handshake: a response ends the
-exchange, None lets the upgrade of `/ws` go on (once `Admission` has let it in).
+Every request comes to `HttpRoutes.route` before any handshake: a response ends the exchange,
+None lets the upgrade of `/ws` go on (once `Admission` has let it in).
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from tickwire.server.admission import Admission, Admitted, Refused
+from tickwire.server.admission import Admission, Refused
 from tickwire.server.metrics import Metrics
+from tickwire.server.wire import Wire
 
 log = logging.getLogger("tickwire.server")
 
@@ -40,24 +40,21 @@ class HttpRoutes:
         metrics: Metrics,
         *,
         health: Callable[[], tuple[bool, dict[str, Any]]],
-        admitted: Callable[[ServerConnection, Admitted], None],
     ) -> None:
         self.admission = admission
         self.metrics = metrics
         #: (healthy, the document `/healthz` shows).
         self.health = health
-        #: Hands an admitted connection's decision to its handler.
-        self.admitted = admitted
 
-    def route(self, connection: ServerConnection, request: Request) -> Response | None:
+    def route(self, wire: Wire, request: Request) -> Response | None:
         if request.method != "GET":
-            # websockets hands every method to us. Every route is read-only, and a response to
+            # Every method comes here. Every route is read-only, and a response to
             # HEAD must carry no body.
             body = b"" if request.method == "HEAD" else b"method not allowed\n"
             return respond(HTTPStatus.METHOD_NOT_ALLOWED, body, "text/plain", (("Allow", "GET"),))
         path = request.path.split("?", 1)[0]
         if path == "/ws":
-            return self._admit(connection, request)
+            return self._admit(wire, request)
         if path == "/healthz":
             healthy, doc = self.health()
             return respond(
@@ -79,8 +76,8 @@ class HttpRoutes:
             return static(DOCS_DIR, "asyncapi.yaml")
         return respond(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
 
-    def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
-        remote = connection.remote_address
+    def _admit(self, wire: Wire, request: Request) -> Response | None:
+        remote = wire.remote_address
         peer = str(remote[0]) if isinstance(remote, tuple) and remote else "unix"
         decision = self.admission.admit(request.headers, request.path, peer, time.time())
         if isinstance(decision, Refused):
@@ -95,11 +92,9 @@ class HttpRoutes:
                 decision.reason,
             )
             return respond(status, f"{decision.reason}\n".encode(), "text/plain", decision.headers)
-        slot = decision.slot
-        # The slots are given back when the TCP connection goes, whether or not the handshake
-        # completes (a client may drop it half-way; the handler would never run).
-        connection.connection_lost_waiter.add_done_callback(lambda _: self.admission.release(slot))
-        self.admitted(connection, decision)
+        # Its slots are given back when the TCP connection goes, whether or not the handshake
+        # completes (`TickwireServer._lost`).
+        wire.admitted = decision
         return None
 
 

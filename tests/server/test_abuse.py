@@ -245,14 +245,12 @@ async def healthz(port: int) -> dict[str, Any]:
 
 async def settled(srv: TickwireServer, port: int, connections: int = 1) -> None:
     """Only `connections` clients remain, in every count the server keeps."""
-    assert srv._server is not None
-    tasks = srv._server.handler_tasks
     await eventually(
         lambda: (
             len(srv.connections) == connections
             and srv.metrics.connections == connections
             and srv.admission.open == connections
-            and len(tasks) == connections
+            and srv.sockets == connections
         ),
         what=f"the server to be down to {connections} connection(s)",
     )
