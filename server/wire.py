@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
+from websockets.datastructures import Headers
 from websockets.extensions.base import ServerExtensionFactory
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
@@ -45,6 +46,8 @@ _HOLD_WRITES = 1
 _HOLD_HANDLER = 2
 
 _OPEN = State.OPEN
+#: What a request keeps as headers once answered (read only).
+_NO_HEADERS = Headers()
 OP_TEXT, OP_BINARY, OP_CONT, OP_PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG
 
 
@@ -315,6 +318,9 @@ class Wire(asyncio.Protocol):
                 response = protocol.reject(
                     http.HTTPStatus.SERVICE_UNAVAILABLE, "Server is shutting down.\n"
                 )
+        # websockets' parser keeps the request in its suspended frame for the connection's
+        # life; its headers (~1.1 KB) are read by nothing after this.
+        request.headers = _NO_HEADERS
         response.headers["Server"] = endpoint.server_header
         protocol.send_response(response)
         self.send_data()
