@@ -1,15 +1,18 @@
 """Reads of stored history on the server's own connections: the registry, metas, event ranges.
 
-Two lanes, each one connection serialised by a lock: `control` for the channel registry, metas,
-`list` and the first page of every snapshot or resume, and `bulk` for the further pages of long
-replays. One client replaying 100 k events then never delays another client's snapshot, a
-`list` or the registry poll by more than one small command.
+Two lanes, each one connection: `control` for the channel registry, metas, `list` and the
+first page of every snapshot or resume, and `bulk` for the further pages of long replays. One
+client replaying 100 k events then never delays another client's snapshot, a `list` or the
+registry poll by more than one small command. On a lane, one pipeline is out at a time, and the
+requests that came meanwhile go together in the next: a storm of subscribes (thousands of
+clients reconnecting) costs a round trip per `MAX_BATCH` of them, not one each.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import Any
 
 from tickwire.core.channels import REGISTRY_KEY, Channel
@@ -22,21 +25,69 @@ from tickwire.server.stored import Meta, meta_commands, parse_metas, to_batches
 log = logging.getLogger("tickwire.server.history")
 
 
+#: Requests of one pipeline at most: a batch of first pages (up to 1 000 events each) stays a
+#: few MB, and a request never waits behind more than that.
+MAX_BATCH = 64
+
+
 class _Lane:
-    """One connection, one command (or pipeline) at a time; reopened after any failure."""
+    """One connection and one pipeline at a time; it is reopened after any failure."""
 
     def __init__(self, redis: RedisTopology) -> None:
         self.redis = redis
         self._conn: RedisLink | None = None
-        self._lock = asyncio.Lock()
+        #: Requests waiting for the next pipeline: commands, timeout, the caller's future.
+        self._queue: deque[tuple[tuple[list[Arg], ...], float, asyncio.Future[list[Any]]]] = deque()
+        self._task: asyncio.Task[None] | None = None
 
     async def call(self, commands: tuple[list[Arg], ...], timeout: float) -> list[Any]:
-        async with self._lock:
-            if self._conn is None or self._conn.closed:
-                self._conn = await self.redis.open()
-            return await self._conn.pipeline(commands, timeout=timeout)
+        """The replies to `commands`. A caller's cancellation leaves the others' pipeline be."""
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._queue.append((commands, timeout, future))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="tickwire-history")
+        return await future
+
+    async def _run(self) -> None:
+        queue = self._queue
+        batch: list[tuple[tuple[list[Arg], ...], float, asyncio.Future[list[Any]]]] = []
+        try:
+            while queue:
+                batch = []
+                while queue and len(batch) < MAX_BATCH:
+                    request = queue.popleft()
+                    if not request[2].done():  # not cancelled while it waited
+                        batch.append(request)
+                if not batch:
+                    continue
+                commands = [command for request in batch for command in request[0]]
+                try:
+                    if self._conn is None or self._conn.closed:
+                        self._conn = await self.redis.open()
+                    replies = await self._conn.pipeline(
+                        commands, timeout=max(request[1] for request in batch)
+                    )
+                except Exception as exc:
+                    for _, _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                start = 0
+                for request_commands, _, future in batch:
+                    end = start + len(request_commands)
+                    if not future.done():
+                        future.set_result(replies[start:end])
+                    start = end
+        finally:
+            # Cancelled (the server closes): nothing waits for ever.
+            for _, _, future in [*batch, *queue]:
+                if not future.done():
+                    future.set_exception(RedisUnavailable("history reads stopped"))
+            queue.clear()
 
     def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
         if self._conn is not None:
             self._conn.close()
 
