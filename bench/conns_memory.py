@@ -99,10 +99,20 @@ async def measure(args: argparse.Namespace, redis_url: str, workdir: Path) -> No
         s0, r0 = await settle()
         await phase("connect", "connected")
         s1, r1 = await settle()
+        # What subscribing holds at its peak, beyond what stays: freed objects leave their
+        # allocator pages behind, so a transient peak shows in RSS long after.
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
         await phase("subscribe", "subscribed")
+        peak = tracemalloc.get_traced_memory()[1]
         s2, r2 = await settle()
         n = len(srv.connections)
         print(f"{n} connections in one server process (tracemalloc on: RSS includes its traces)")
+        settled = tracemalloc.get_traced_memory()[0]
+        print(
+            f"subscribing: traced peak {(peak - base) / n:,.0f} B/conn above idle, "
+            f"{(settled - base) / n:,.0f} B/conn once settled"
+        )
         for label, before, after, rss in (
             ("idle (connected)", s0, s1, r1 - r0),
             ("subscribed to one channel", s0, s2, r2 - r0),

@@ -14,6 +14,7 @@ from websockets.frames import CloseCode
 
 from tickwire.core.channels import Channel, ChannelPattern
 from tickwire.core.errors import RedisUnavailable
+from tickwire.core.stream import StreamPosition
 from tickwire.server.admission import Admitted
 from tickwire.server.auth import Grant
 from tickwire.server.catchup import CatchUp
@@ -28,14 +29,17 @@ from tickwire.server.messages import (
 )
 from tickwire.server.outbox import START, Outbox
 from tickwire.server.session import (
+    FROM_NOW,
     UNAUTHORIZED,
     Authenticated,
     ClientSession,
     Close,
+    FromNow,
     ListChannels,
     Rejected,
     Reply,
     Subscribe,
+    Target,
     Unsubscribe,
     plan_subscribe,
 )
@@ -354,8 +358,21 @@ class Connection:
         placed = plan.placed
         for channel, position in placed.items():
             self.outbox.expect(channel, *position)
-        if not plan.targets and not plan.wildcards:
-            self.send_control(subscribed_message(req.id, req.all_channels, placed))
+        # Channels the reader does not follow yet, wanted from now on: placed where the reader
+        # starts them, at its next sync (`StreamReader.when_followed`), without a catch-up.
+        from_now = [c for c, target in plan.targets.items() if isinstance(target, FromNow)]
+        targets = {c: t for c, t in plan.targets.items() if not isinstance(t, FromNow)}
+        #: Parts of the request still to be placed (catch-up, reader); acknowledged at 0.
+        parts = [int(bool(targets or plan.wildcards)) + int(bool(from_now))]
+
+        def part_done() -> None:
+            parts[0] -= 1
+            if not parts[0] and not self.closing:
+                self.send_control(subscribed_message(req.id, req.all_channels, placed))
+
+        if not parts[0]:
+            parts[0] = 1
+            part_done()
             return
 
         def positioned(fresh: list[Channel]) -> None:
@@ -363,9 +380,32 @@ class Connection:
             # published after the client sees the ack comes after its snapshot or resume point.
             for channel in fresh:
                 placed[channel] = self.outbox.positions.get(channel, START)
-            self.send_control(subscribed_message(req.id, req.all_channels, placed))
+            part_done()
 
-        self.catchup.add(plan.targets, positioned, plan.wildcards)
+        def followed(positions: dict[Channel, StreamPosition | None]) -> None:
+            if self.closing:
+                return
+            late: dict[Channel, Target] = {}
+            catching_up = self._catchup.channels if self._catchup is not None else set()
+            for channel, position in positions.items():
+                if not hub.follows(self.sub, channel) or channel in catching_up:
+                    continue  # unsubscribed meanwhile, or another request catches it up
+                if channel in self.outbox.positions:
+                    placed[channel] = self.outbox.positions[channel]
+                elif position is None:
+                    late[channel] = FROM_NOW  # not followed after all: the catch-up way
+                else:
+                    self.outbox.expect(channel, *position)
+                    placed[channel] = position
+            if late:
+                self.catchup.add(late, positioned)
+            else:
+                part_done()
+
+        if targets or plan.wildcards:
+            self.catchup.add(targets, positioned, plan.wildcards)
+        if from_now:
+            reader.when_followed(from_now, followed)
 
     async def _expand(self, wildcards: list[ChannelPattern]) -> list[Channel]:
         """The channels of `wildcards` this connection still follows, after a registry read."""

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from tickwire.core.channels import Channel
@@ -31,13 +31,13 @@ from tickwire.core.errors import RedisUnavailable
 from tickwire.core.redis_cluster import ClusterConnection
 from tickwire.core.redis_slots import channel_slot
 from tickwire.core.redis_target import LiveSubscription, RedisLink, RedisTopology
-from tickwire.core.stream import publish_ns_of
+from tickwire.core.stream import StreamPosition, publish_ns_of
 from tickwire.server.batch import Batch
 from tickwire.server.follower import StreamFollower
 from tickwire.server.history import History
 from tickwire.server.hub import Hub
 from tickwire.server.metrics import Metrics
-from tickwire.server.stored import fence_commands, meta_commands, parse_metas
+from tickwire.server.stored import Meta, fence_commands, meta_commands, parse_metas
 
 log = logging.getLogger("tickwire.server.reader")
 
@@ -87,6 +87,10 @@ class StreamReader:
         self.up = False
         #: Set once the reader has connected and loaded the registry for the first time.
         self.ready = asyncio.Event()
+        #: Callers of `when_followed`, answered at the end of the next sync.
+        self._awaiting: list[
+            tuple[list[Channel], Callable[[dict[Channel, StreamPosition | None]], None]]
+        ] = []
 
     @property
     def positions(self) -> dict[Channel, int]:
@@ -175,6 +179,43 @@ class StreamReader:
             self.follower.appeared(new)
         self._registry_loaded = True
 
+    def when_followed(
+        self,
+        channels: list[Channel],
+        answer: Callable[[dict[Channel, StreamPosition | None]], None],
+    ) -> None:
+        """Call `answer` with where the reader stands on each of `channels` (None: it does not
+        follow it) at the end of its next sync, before it dispatches any event of theirs.
+
+        A subscribe to channels the reader is about to follow is placed there, as if it had come
+        just after: no catch-up of its own. In a storm of thousands of subscribes, each one's
+        catch-up (a task and its own Redis reads, all alive at once) was most of what the
+        storm cost in memory."""
+        self._awaiting.append((channels, answer))
+        self.hub.changed = True
+        if self.hub.on_change is not None:
+            self.hub.on_change()
+
+    def _answer_awaiting(self, metas: Mapping[Channel, Meta | None]) -> None:
+        """Answer `when_followed`. A channel the reader starts behind its stored end (one born
+        while it runs is read whole, for wildcard subscribers) is placed at that end, where a
+        subscribe from now starts; the reader's older events are not owed to it."""
+        awaiting, self._awaiting = self._awaiting, []
+        position_of = self.follower.position_of
+
+        def now_of(channel: Channel) -> StreamPosition | None:
+            position = position_of(channel)
+            meta = metas.get(channel)
+            if position is not None and meta is not None and meta[0] == position.epoch:
+                return StreamPosition(meta[0], max(meta[1], position.seq))
+            return position
+
+        for channels, answer in awaiting:
+            try:
+                answer({channel: now_of(channel) for channel in channels})
+            except Exception:
+                log.error("placing a subscribe failed", exc_info=True)
+
     async def _sync_channels(self, conn: RedisLink) -> None:
         """Follow the hub's live channels; read the metas the follower asks for.
 
@@ -182,9 +223,11 @@ class StreamReader:
         control connection they queued behind the registry polls and clients' history reads,
         and when Redis stopped answering, the reader waited for those to time out first."""
         check = self.follower.plan_sync(self.hub.live_channels())
+        metas: dict[Channel, Meta | None] = {}
         if check:
             replies = await conn.pipeline(meta_commands(check), timeout=5.0)
-            self.follower.apply_metas(parse_metas(check, replies))
+            metas = parse_metas(check, replies)
+            self.follower.apply_metas(metas)
         rolled_back = self.follower.take_rolled_back()
         if rolled_back:
             # Redis lost what was read: a new epoch for each, then reposition (clients get
@@ -202,6 +245,8 @@ class StreamReader:
             self.follower.apply_metas(parse_metas(list(rolled_back), replies))
         for channel, position in self.follower.take_renewed().items():
             self.hub.announce_epoch(channel, position)
+        # Nothing was dispatched since the metas were applied: the positions are exact.
+        self._answer_awaiting(metas)
 
     async def _read_loop(self, conn: RedisLink, sub: LiveSubscription) -> None:
         # A new subscription is followed at once, not at the next push or idle turn.

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import functools
 import time
 
 import jwt
@@ -250,3 +252,54 @@ async def test_a_request_that_comes_as_the_catch_up_task_returns_starts_a_new_on
     finally:
         catchup.close()
         history.close()
+
+
+async def test_a_subscribe_storm_on_channels_not_yet_followed_is_placed_by_the_reader(
+    server: TickwireServer, redis_server: RedisProcess, redis: RedisConnection
+) -> None:
+    """Many clients subscribe, all in the same moment, to channels the reader does not follow
+    yet: each is placed where the stored stream ends (the ack says it) at the reader's next
+    sync, with no catch-up of its own and no history read; then every later event reaches
+    each of them once, in order."""
+    async with publisher(redis_server) as pub:
+        await publish(pub, T, 0, 5)
+        await publish(pub, Q, 0, 3)
+        await server.reader.refresh_registry(force=True)
+        assert server.reader.follower.position_of(T) is None  # nobody subscribed yet
+        epochs = {T.name: pub.positions[T][0], Q.name: pub.positions[Q][0]}
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(recorder(server.url)) for _ in range(30)]
+            before = await calls(redis)
+            for c in clients:
+                c.checker.expect_from(T.name, epochs[T.name], 5)
+                c.checker.expect_from(Q.name, epochs[Q.name], 3)
+            # Every request written before any reply is awaited: they reach the server together.
+            await asyncio.gather(
+                *(
+                    c.ws.send(
+                        orjson.dumps(
+                            {"op": "subscribe", "id": 1, "channels": [T.name, Q.name]}
+                        ).decode()
+                    )
+                    for c in clients
+                )
+            )
+            acks = [await c.wait_for(lambda m: m.get("type") == "subscribed") for c in clients]
+            for ack in acks:
+                assert ack["positions"] == {
+                    T.name: {"epoch": epochs[T.name], "seq": 5},
+                    Q.name: {"epoch": epochs[Q.name], "seq": 3},
+                }
+            assert all(conn._catchup is None for conn in server.connections)
+            await publish(pub, T, 5, 4)
+            await publish(pub, Q, 3, 2)
+            for c in clients:
+                await c.wait_until(
+                    functools.partial(
+                        lambda r: r.last_seq(T.name) == 9 and r.last_seq(Q.name) == 5, c
+                    )
+                )
+                assert [e["seq"] for e in c.events(T.name)] == [6, 7, 8, 9]
+                assert [e["seq"] for e in c.events(Q.name)] == [4, 5]
+                assert c.checker.ok, c.checker.violations
+            assert (await calls(redis)).get("xrange", 0) == before.get("xrange", 0)
