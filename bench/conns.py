@@ -155,7 +155,7 @@ class Bench:
         out: list[dict[str, Any] | None] = [None] * len(self.loads)
         while any(o is None for o in out):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{label}: {sum(counts):,} of {total:,} after the timeout")
+                raise PhaseTimeout(f"{label}: {sum(counts):,} of {total:,} after the timeout")
             for i, p in enumerate(self.loads):
                 while out[i] is None and not p.lines.empty():
                     msg = p.lines.get_nowait()
@@ -263,7 +263,13 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         t_start = time.monotonic()
         start_ns = time.time_ns()
         server.start(b.logname, timeout=a.timeout)
-        resumed = b.phase(None, "resumed", "resuming", held)
+        try:
+            resumed = b.phase(None, "resumed", "resuming", held)
+        except PhaseTimeout as exc:
+            # What was measured before the storm still stands: report it, and the storm failed.
+            figures["storm_error"] = str(exc)
+            figures["storm_down_s"] = t_start - t_stop
+            return figures
         last_ns = max(r["at_ns"] for r in resumed)
         figures["storm_down_s"] = t_start - t_stop
         figures["storm_resume_s"] = (last_ns - start_ns) / 1e9
@@ -301,6 +307,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         server.stop()
         redis.stop()
     return figures
+
+
+class PhaseTimeout(RuntimeError):
+    """A phase did not complete within `--timeout`."""
 
 
 def wait_line(p: LoadProcess, key: str, timeout: float) -> dict[str, Any]:
@@ -344,14 +354,21 @@ def table(f: dict[str, Any]) -> str:
         ("event p50 / p99", f"{ms(ev['p50_us'])} / {ms(ev['p99_us'])} ms"),
         ("heartbeat p50 / p99", f"{ms(hb['p50_us'])} / {ms(hb['p99_us'])} ms"),
         ("CPU % server / load / machine", " / ".join(f"{v:.0f}" for v in cpu.values())),
-        (
-            "storm: all resumed in",
-            f"{f['storm_resume_s']:.1f} s (server down {f['storm_down_s']:.1f} s)",
-        ),
-        ("resumed", f"{f['resumed']:,}"),
-        ("lost (holes + never came)", f"{f['lost']} ({f['holes']} + {f['short_at_end']})"),
-        ("duplicates / gaps", f"{f['duplicates']} / {f['gaps']}"),
     ]
+    if "storm_error" in f:
+        rows.append(
+            ("storm: FAILED", f"{f['storm_error']} (server down {f['storm_down_s']:.1f} s)")
+        )
+    else:
+        rows += [
+            (
+                "storm: all resumed in",
+                f"{f['storm_resume_s']:.1f} s (server down {f['storm_down_s']:.1f} s)",
+            ),
+            ("resumed", f"{f['resumed']:,}"),
+            ("lost (holes + never came)", f"{f['lost']} ({f['holes']} + {f['short_at_end']})"),
+            ("duplicates / gaps", f"{f['duplicates']} / {f['gaps']}"),
+        ]
     return "\n".join(f"{k:30} {v}" for k, v in rows)
 
 
@@ -376,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="tickwire-conns-") as tmp:
             figures = run(args, Path(tmp))
     print(table(figures))
-    passed = figures["lost"] == 0 and figures["duplicates"] == 0
+    passed = "storm_error" not in figures
+    passed = passed and figures["lost"] == 0 and figures["duplicates"] == 0
     passed = passed and figures["resumed"] == figures["connections_held"]
     print("PASSED" if passed else "FAILED")
     if args.json:

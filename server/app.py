@@ -33,6 +33,11 @@ from tickwire.server.reader import StreamReader
 from tickwire.server.wire import Endpoint, Wire
 
 log = logging.getLogger("tickwire.server")
+#: Connections the kernel queues before the server accepts them (it caps this at
+#: net.core.somaxconn). asyncio's default of 100 overflows in a reconnect storm: tens of
+#: thousands of clients come back at once, and each dropped SYN costs its client a 1, 3, 7 s
+#: retransmission wait.
+LISTEN_BACKLOG = 4096
 
 
 class _NoWireDebug(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -130,7 +135,7 @@ class TickwireServer:
             return endpoint()
 
         self._server = await asyncio.get_running_loop().create_server(
-            accept, cfg.host, cfg.port, reuse_port=self.reuse_port
+            accept, cfg.host, cfg.port, reuse_port=self.reuse_port, backlog=LISTEN_BACKLOG
         )
         self._serving = True
         sock = next(iter(self._server.sockets))
