@@ -132,6 +132,11 @@ class Connection:
             )
         return self._catchup
 
+    @property
+    def _catching_up(self) -> set[Channel]:
+        """The channels with catch-up work left (none before the first catch-up)."""
+        return self._catchup.channels if self._catchup is not None else set()
+
     # -- writing -------------------------------------------------------------------------------
     def flush(self) -> None:
         if self.closing:
@@ -362,18 +367,16 @@ class Connection:
         # starts them, at its next sync (`StreamReader.when_followed`), without a catch-up.
         from_now = [c for c, target in plan.targets.items() if isinstance(target, FromNow)]
         targets = {c: t for c, t in plan.targets.items() if not isinstance(t, FromNow)}
+        if not targets and not plan.wildcards and not from_now:
+            self.send_control(subscribed_message(req.id, req.all_channels, placed))
+            return
         #: Parts of the request still to be placed (catch-up, reader); acknowledged at 0.
-        parts = [int(bool(targets or plan.wildcards)) + int(bool(from_now))]
+        parts = [bool(targets or plan.wildcards) + bool(from_now)]
 
         def part_done() -> None:
             parts[0] -= 1
             if not parts[0] and not self.closing:
                 self.send_control(subscribed_message(req.id, req.all_channels, placed))
-
-        if not parts[0]:
-            parts[0] = 1
-            part_done()
-            return
 
         def positioned(fresh: list[Channel]) -> None:
             # Acknowledged once the starting points are read from Redis, so that everything
@@ -386,7 +389,7 @@ class Connection:
             if self.closing:
                 return
             late: dict[Channel, Target] = {}
-            catching_up = self._catchup.channels if self._catchup is not None else set()
+            catching_up = self._catching_up
             for channel, position in positions.items():
                 if not hub.follows(self.sub, channel) or channel in catching_up:
                     continue  # unsubscribed meanwhile, or another request catches it up
@@ -456,8 +459,7 @@ class Connection:
         hub.unsubscribe(self.sub, *req.removed)
         self.server.demand.changed(req.removed)
         self.server.metrics.subscriptions -= len(req.removed)
-        catching_up = self._catchup.channels if self._catchup is not None else set()
-        concerned = set(self.outbox.positions) | catching_up | set(self.sub.holding)
+        concerned = set(self.outbox.positions) | self._catching_up | set(self.sub.holding)
         gone = [c for c in concerned if not hub.follows(self.sub, c)]
         # No more reads for them, nothing held: from the ack on, no event of theirs is queued.
         if self._catchup is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Any
+from typing import Any, NamedTuple
 
 from tickwire.core.channels import REGISTRY_KEY, Channel
 from tickwire.core.commands import Arg, RedisReplyError
@@ -30,42 +30,50 @@ log = logging.getLogger("tickwire.server.history")
 MAX_BATCH = 64
 
 
+class _Call(NamedTuple):
+    """One caller's request on a lane."""
+
+    commands: tuple[list[Arg], ...]
+    timeout: float
+    future: asyncio.Future[list[Any]]
+
+
 class _Lane:
     """One connection and one pipeline at a time; it is reopened after any failure."""
 
     def __init__(self, redis: RedisTopology) -> None:
         self.redis = redis
         self._conn: RedisLink | None = None
-        #: Requests waiting for the next pipeline: commands, timeout, the caller's future.
-        self._queue: deque[tuple[tuple[list[Arg], ...], float, asyncio.Future[list[Any]]]] = deque()
+        #: Requests waiting for the next pipeline.
+        self._queue: deque[_Call] = deque()
         self._task: asyncio.Task[None] | None = None
 
     async def call(self, commands: tuple[list[Arg], ...], timeout: float) -> list[Any]:
         """The replies to `commands`. A caller's cancellation leaves the others' pipeline be."""
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._queue.append((commands, timeout, future))
+        self._queue.append(_Call(commands, timeout, future))
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="tickwire-history")
         return await future
 
     async def _run(self) -> None:
         queue = self._queue
-        batch: list[tuple[tuple[list[Arg], ...], float, asyncio.Future[list[Any]]]] = []
+        batch: list[_Call] = []
         try:
             while queue:
                 batch = []
                 while queue and len(batch) < MAX_BATCH:
-                    request = queue.popleft()
-                    if not request[2].done():  # not cancelled while it waited
-                        batch.append(request)
+                    call = queue.popleft()
+                    if not call.future.done():  # not cancelled while it waited
+                        batch.append(call)
                 if not batch:
                     continue
-                commands = [command for request in batch for command in request[0]]
+                commands = [command for call in batch for command in call.commands]
                 try:
                     if self._conn is None or self._conn.closed:
                         self._conn = await self.redis.open()
                     replies = await self._conn.pipeline(
-                        commands, timeout=max(request[1] for request in batch)
+                        commands, timeout=max(call.timeout for call in batch)
                     )
                 except Exception as exc:
                     for _, _, future in batch:
@@ -73,10 +81,10 @@ class _Lane:
                             future.set_exception(exc)
                     continue
                 start = 0
-                for request_commands, _, future in batch:
-                    end = start + len(request_commands)
-                    if not future.done():
-                        future.set_result(replies[start:end])
+                for call in batch:
+                    end = start + len(call.commands)
+                    if not call.future.done():
+                        call.future.set_result(replies[start:end])
                     start = end
         finally:
             # Cancelled (the server closes): nothing waits for ever.

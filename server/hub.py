@@ -308,6 +308,10 @@ class Hub:
         self._cache.clear()
         self._counts.clear()
         self._live = None
+        self.mark_changed()
+
+    def mark_changed(self) -> None:
+        """The reader is owed a sync of its channels (`changed`): wake it for one."""
         self.changed = True
         if self.on_change is not None:
             self.on_change()

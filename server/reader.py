@@ -192,9 +192,7 @@ class StreamReader:
         catch-up (a task and its own Redis reads, all alive at once) was most of what the
         storm cost in memory."""
         self._awaiting.append((channels, answer))
-        self.hub.changed = True
-        if self.hub.on_change is not None:
-            self.hub.on_change()
+        self.hub.mark_changed()
 
     def _answer_awaiting(self, metas: Mapping[Channel, Meta | None]) -> None:
         """Answer `when_followed`. A channel the reader starts behind its stored end (one born
