@@ -255,6 +255,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             np.concatenate([s["heartbeats"] for s in samples])
         )
         figures["events_per_conn_per_s"] = sum(c["events"] for c in counts) / a.duration / held
+        figures["load_gc"] = {
+            "pauses": sum(c["gc_pauses"] for c in counts),
+            "longest_ms": max(c["gc_longest_ms"] for c in counts),
+        }
         say("restarting the server: reconnect storm")
         for p in b.loads:
             p.send("storm")
@@ -354,6 +358,10 @@ def table(f: dict[str, Any]) -> str:
         ("event p50 / p99", f"{ms(ev['p50_us'])} / {ms(ev['p99_us'])} ms"),
         ("heartbeat p50 / p99", f"{ms(hb['p50_us'])} / {ms(hb['p99_us'])} ms"),
         ("CPU % server / load / machine", " / ".join(f"{v:.0f}" for v in cpu.values())),
+        (
+            "load GC pauses, longest",
+            f"{f['load_gc']['pauses']:,}, {f['load_gc']['longest_ms']:.1f} ms",
+        ),
     ]
     if "storm_error" in f:
         rows.append(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import random
 import socket
 import sys
@@ -32,6 +33,7 @@ import numpy as np
 import orjson
 
 from tickwire.bench.sink import SinkProtocol, client_frame
+from tickwire.core.collector import FreezePolicy, PauseTimer
 from tickwire.core.runtime import raise_open_files_limit, tune_gc
 
 #: Linux: bind picks no port, connect does (per destination), so one source address is not
@@ -152,6 +154,9 @@ class Load:
         self.jitter_s = jitter_s
         self.clients = [Client(self, ch) for ch in channels]
         self.measure = Measure()
+        #: This process's collector pauses (its clients' latency includes them), counted from
+        #: the start of the measured window.
+        self.pauses = PauseTimer()
         self.gate = asyncio.Semaphore(IN_FLIGHT)
         self.tasks: list[asyncio.Task[None]] = []
         self.stopping = False
@@ -267,7 +272,12 @@ class Load:
             events_at=np.frombuffer(m.events_at, np.int64),
             heartbeats=np.frombuffer(m.heartbeats, np.int64),
         )
-        say(events=len(m.events), heartbeats=len(m.heartbeats))
+        say(
+            events=len(m.events),
+            heartbeats=len(m.heartbeats),
+            gc_pauses=self.pauses.count,
+            gc_longest_ms=self.pauses.longest * 1000,
+        )
 
     def check(self, path: str) -> None:
         """Lost events: holes seen, and what each client is short of its channel's final seq."""
@@ -300,10 +310,14 @@ class Load:
 async def main_async(args: argparse.Namespace, channels: list[str]) -> None:
     load = Load(args.url, channels, args.sources.split(","), args.jitter)
     tune_gc()
+    # Tens of thousands of client connections here too: the same short collector pauses as
+    # the server's, or they would show as its latency.
+    freezing = asyncio.create_task(FreezePolicy().run())
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     print("ready", flush=True)
+    gc.callbacks.append(load.pauses)
     try:
         while line := (await reader.readline()).decode().split():
             if line[0] == "connect":
@@ -312,6 +326,7 @@ async def main_async(args: argparse.Namespace, channels: list[str]) -> None:
                 await load.subscribe()
             elif line[0] == "go":
                 load.measure = Measure()
+                load.pauses.reset()
                 load.measure.on = True
                 say(go=True)
             elif line[0] == "report":
@@ -323,6 +338,7 @@ async def main_async(args: argparse.Namespace, channels: list[str]) -> None:
             elif line[0] == "stop":
                 break
     finally:
+        freezing.cancel()
         await load.close()
 
 

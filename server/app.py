@@ -15,6 +15,7 @@ from websockets.extensions.base import ServerExtensionFactory
 from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
 
 from tickwire import __version__
+from tickwire.core.collector import FreezePolicy, PauseTimer
 from tickwire.core.config import ServerConfig, check_exposure
 from tickwire.core.errors import ConfigError
 from tickwire.core.runtime import raise_open_files_limit, tune_gc
@@ -299,10 +300,22 @@ async def serve_forever(
     loop.add_signal_handler(signal.SIGHUP, srv.reload_credentials)
     async with srv:
         tune_gc()
-        if ready is not None:
-            result = ready(srv)
-            if result is not None:
-                await result
-        await stop.wait()
-        log.info("shutting down")
+        with PauseTimer(
+            lambda seconds, _generation: srv.metrics.gc_pause.observe(seconds)
+        ) as pauses:
+            freezing = None
+            if config.gc_freeze_s:
+                policy = FreezePolicy(full_every_s=config.gc_full_every_s)
+                freezing = asyncio.create_task(policy.run(config.gc_freeze_s))
+            try:
+                if ready is not None:
+                    result = ready(srv)
+                    if result is not None:
+                        await result
+                await stop.wait()
+                log.info("shutting down")
+            finally:
+                if freezing is not None:
+                    freezing.cancel()
+                log.info("process %d: %s", os.getpid(), pauses.summary())
     return 0

@@ -60,6 +60,10 @@ WRITE_LOW = 16 * 1024
 FRAME_LIMIT_FACTOR = 2
 
 
+def _nothing() -> None:
+    """A closed connection's flush."""
+
+
 class Connection:
     """One client: its protocol session, outbox and the writes to its socket."""
 
@@ -510,4 +514,9 @@ class Connection:
             task.cancel()
         if self._drain is not None:
             self._drain.cancel()
+        # Freed by reference counting alone (see `Wire.connection_lost`): the subscriber's
+        # and the catch-up's callbacks are this connection's bound methods.
+        self.sub.flush = _nothing
+        self.sub.write_now = None
+        self._catchup = None
         self.server.metrics.subscriptions -= len(self.session.subscriptions)

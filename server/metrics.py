@@ -21,6 +21,11 @@ SERVER_BUCKETS = (
     0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.025, 0.1,
 )  # fmt: skip
 
+#: Cyclic garbage collector pauses, in seconds.
+GC_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+)  # fmt: skip
+
 
 @dataclass
 class Histogram:
@@ -85,6 +90,8 @@ class Metrics:
     publish_to_read: Histogram = field(default_factory=lambda: Histogram(SERVER_BUCKETS))
     #: From that arrival to its events written to every subscriber's socket.
     read_to_write: Histogram = field(default_factory=lambda: Histogram(SERVER_BUCKETS))
+    #: The cyclic garbage collector's pauses in this process (recorded by `serve_forever`).
+    gc_pause: Histogram = field(default_factory=lambda: Histogram(GC_BUCKETS))
 
     def render(self) -> str:
         lines: list[str] = []
@@ -195,6 +202,12 @@ class Metrics:
             "read_to_write_seconds",
             "Redis reply read to socket write, per event delivery (the server's own share).",
             self.read_to_write,
+        )
+        _histogram(
+            lines,
+            "gc_pause_seconds",
+            "Pauses of the cyclic garbage collector, every generation (all of the loop stops).",
+            self.gc_pause,
         )
         return "\n".join(lines) + "\n"
 

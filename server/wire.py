@@ -300,6 +300,15 @@ class Wire(asyncio.Protocol):
         self._backlog = None
         self._fragments = None
         self.endpoint.lost(self)
+        # The server freezes long-lived objects out of the cyclic GC's reach (`gcpolicy`), so
+        # a closed connection must be freed by reference counting alone: break its cycles, to
+        # its handler and inside the protocol: its parser (a generator that holds it) and the
+        # errors its parsing stopped at (their tracebacks hold the parser's frame).
+        self.handler = None
+        protocol = self.protocol
+        protocol.parser.close()
+        protocol.parser_exc = None
+        protocol.handshake_exc = None
 
     # -- inside --------------------------------------------------------------------------------
     def _request(self, request: Request) -> None:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 from tickwire.bench.harness import ServerProcess, children
 from tickwire.core.channels import Channel
@@ -19,6 +20,7 @@ from tickwire.feeds.publisher import Publisher
 from tickwire.server.app import TickwireServer
 
 from .conftest import recorder, server_config
+from .test_faults import http_get
 
 T = Channel.parse("trades:BTC-USD")
 
@@ -113,3 +115,34 @@ async def test_idle_connection_gets_heartbeat_with_last_seqs(
         hb = await c.wait_for(lambda m: m.get("type") == "heartbeat", timeout=5)
         assert hb["ts"] > 0
         assert hb["last"] == {T.name: c.last_seq(T.name)}
+
+
+async def test_a_served_process_times_its_collector_pauses_and_runs_its_full_collections(
+    redis_server: RedisProcess, tmp_path: Path
+) -> None:
+    """`serve` keeps the collector's policy (`tickwire.core.collector`) running, and the pauses
+    show on /metrics: here a full collection every 0.2 s, so that some come at once."""
+    config = tmp_path / "server.toml"
+    config.write_text("gc_freeze_s = 0.05\ngc_full_every_s = 0.2\n")
+    server = ServerProcess(redis_server.url, extra_args=["--config", str(config)])
+    await asyncio.to_thread(server.start)
+    try:
+
+        async def pauses() -> int:
+            _, body, _ = await http_get(server.port, "/metrics")
+            (line,) = [
+                x
+                for x in body.decode().splitlines()
+                if x.startswith("tickwire_gc_pause_seconds_count")
+            ]
+            return int(line.split()[1])
+
+        for _ in range(200):  # 10 s
+            if await pauses() >= 3:
+                break
+            await asyncio.sleep(0.05)
+        # An idle server allocates too little for a collection of its own: these are the
+        # policy's full collections.
+        assert await pauses() >= 3
+    finally:
+        server.stop()

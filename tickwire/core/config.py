@@ -154,6 +154,11 @@ class ServerConfig:
     close_timeout_s: float = 2.0
     shutdown_timeout_s: float = 4.0
     compression: bool = False
+    # The cyclic GC (`tickwire.core.collector`): objects that survived into its oldest generation
+    # are frozen out of its walks every `gc_freeze_s` (0: never, CPython's collections as they
+    # are), and everything is collected, frozen objects included, every `gc_full_every_s`.
+    gc_freeze_s: float = 1.0
+    gc_full_every_s: float = 900.0
     # Security. Authentication is off unless a credential source is set; then `public` must say
     # that serving every channel to anyone on a non-loopback address is meant.
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -223,7 +228,15 @@ def _check(cfg: ServerConfig) -> None:
     for name in ("max_connections", "max_connections_per_ip", "max_connections_per_credential"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be 0 (no cap) or positive")
-    for name in ("registry_poll_s", "meta_recheck_s", "ping_interval_s", "ping_timeout_s"):
+    if cfg.gc_freeze_s < 0:
+        raise ConfigError("gc_freeze_s must be 0 (no freezing) or positive")
+    for name in (
+        "registry_poll_s",
+        "meta_recheck_s",
+        "ping_interval_s",
+        "ping_timeout_s",
+        "gc_full_every_s",
+    ):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name} must be positive")
     for name in ("fanout_pause_ratio", "fanout_pause_after_ms", "fanout_pause_max_ms"):
