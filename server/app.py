@@ -31,6 +31,7 @@ from tickwire.server.messages import (
 )
 from tickwire.server.metrics import Metrics
 from tickwire.server.reader import StreamReader
+from tickwire.server.rounds import Rounds
 from tickwire.server.wire import Endpoint, Wire
 
 log = logging.getLogger("tickwire.server")
@@ -39,6 +40,8 @@ log = logging.getLogger("tickwire.server")
 #: thousands of clients come back at once, and each dropped SYN costs its client a 1, 3, 7 s
 #: retransmission wait.
 LISTEN_BACKLOG = 4096
+#: Heartbeat and keepalive checks visit a slice of the connections about this often (s).
+VISIT_S = 0.05
 
 
 class _NoWireDebug(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -83,6 +86,14 @@ class TickwireServer:
             config.redis_url, self.hub, retention_s=config.bar_retention_s, clock=demand_clock
         )
         self.connections: set[Connection] = set()
+        # Each connection is looked at for a heartbeat once within half the heartbeat interval
+        # of its due time, and for keepalive four times per ping interval or timeout.
+        period = min(
+            config.heartbeat_ms / 2000, min(config.ping_interval_s, config.ping_timeout_s) / 4
+        )
+        slices = max(1, round(period / VISIT_S))
+        self.rounds: Rounds[Connection] = Rounds(slices)
+        self._visit_every = period / slices
         self._server: asyncio.Server | None = None
         self._serving = False
         #: TCP connections open, in their handshake or an HTTP exchange included.
@@ -143,8 +154,7 @@ class TickwireServer:
         self.port = sock.getsockname()[1]
         self._tasks = [
             asyncio.create_task(self.reader.run(), name="tickwire-reader"),
-            asyncio.create_task(self._heartbeats(), name="tickwire-heartbeat"),
-            asyncio.create_task(self._keepalive(), name="tickwire-keepalive"),
+            asyncio.create_task(self._tend(), name="tickwire-heartbeat-keepalive"),
             asyncio.create_task(self.demand.run(), name="tickwire-bar-demand"),
         ]
         # Serve at once, but give the reader a moment so that the first clients find Redis read.
@@ -202,26 +212,18 @@ class TickwireServer:
             self.demand.renew()  # a Redis that restarted empty has lost the demand
         self.hub.broadcast_control(status_message(up))
 
-    async def _heartbeats(self) -> None:
-        interval = self.config.heartbeat_ms / 2000
+    async def _tend(self) -> None:
+        """Heartbeats and keepalive pings (`Connection.tend`): every connection is looked at
+        once per `period`, a slice (`Rounds`) every `VISIT_S` or so."""
         while True:
-            await asyncio.sleep(interval)
-            self._each_connection(Connection.heartbeat, time.monotonic())
+            await asyncio.sleep(self._visit_every)
+            self._visit(time.monotonic())
 
-    async def _keepalive(self) -> None:
-        """WebSocket pings for every connection (`Connection.keepalive`), looked at four times
-        per interval or timeout, whichever is shorter."""
-        interval, timeout = self.config.ping_interval_s, self.config.ping_timeout_s
-        tick = max(0.01, min(interval, timeout) / 4)
-        while True:
-            await asyncio.sleep(tick)
-            self._each_connection(Connection.keepalive, time.monotonic(), interval, timeout)
-
-    def _each_connection(self, method: Callable[..., None], *args: float) -> None:
+    def _visit(self, now: float) -> None:
         # In a function of its own: a loop variable in a sleeping coroutine's frame would keep
-        # the last connection (and all it holds) alive until the next round.
-        for conn in list(self.connections):
-            method(conn, *args)
+        # the last connection (and all it holds) alive until the next visit.
+        for conn in self.rounds.turn():
+            conn.tend(now)
 
     def reload_credentials(self) -> bool:
         """Re-read the API key file and JWT key files (SIGHUP), then check every connection's
@@ -247,6 +249,7 @@ class TickwireServer:
     def _opened(self, wire: Wire) -> Connection:
         conn = Connection(self, wire, wire.admitted)
         self.connections.add(conn)
+        self.rounds.add(conn)
         self.metrics.connections += 1
         self.metrics.connections_total += 1
         conn.start()
@@ -263,6 +266,7 @@ class TickwireServer:
         self.demand.changed(self.hub.patterns_of(conn.sub))
         self.hub.detach(conn.sub)
         self.connections.discard(conn)
+        self.rounds.remove(conn)
         self.metrics.connections -= 1
 
     def health(self) -> dict[str, Any]:

@@ -79,6 +79,7 @@ class Connection:
         "outbox",
         "ping_due",
         "pinged_at",
+        "round_slice",
         "server",
         "session",
         "sub",
@@ -120,6 +121,8 @@ class Connection:
         #: its pong (`Wire.ping_out`) went out.
         self.ping_due = time.monotonic() + server.config.ping_interval_s
         self.pinged_at = 0.0
+        #: Its slice of the server's heartbeat and keepalive rounds (`Rounds`).
+        self.round_slice = 0
 
     @property
     def catchup(self) -> CatchUp:
@@ -473,6 +476,12 @@ class Connection:
             self.outbox.forget(channel)
         self.send_control(reply("unsubscribed", req.id, channels=list(req.all_channels)))
 
+    def tend(self, now: float) -> None:
+        """A heartbeat and a keepalive ping when either is due (`TickwireServer._tend`)."""
+        self.heartbeat(now)
+        cfg = self.server.config
+        self.keepalive(now, cfg.ping_interval_s, cfg.ping_timeout_s)
+
     def heartbeat(self, now: float) -> None:
         if self.session.awaiting_auth:
             return
@@ -482,7 +491,7 @@ class Connection:
     def keepalive(self, now: float, interval: float, timeout: float) -> None:
         """Ping the client when a ping is due; close with 1011 `keepalive ping timeout` when
         its pong has not come `timeout` after the ping, as websockets does. Called for every
-        connection from one task (`TickwireServer._keepalive`)."""
+        connection in the server's rounds (`tend`)."""
         if self.closing:
             return
         wire = self.wire
