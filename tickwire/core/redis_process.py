@@ -51,6 +51,10 @@ def ensure_redis_server(install: bool = True) -> str:
     )
 
 
+class PortTaken(Exception):
+    """The port picked for a private server was taken before it could bind it."""
+
+
 class RedisProcess:
     """Starts, kills, pauses and restarts one private redis-server."""
 
@@ -66,6 +70,9 @@ class RedisProcess:
         self.appendfsync = appendfsync
         self.extra_args = extra_args
         self.port = port or free_port()
+        #: A port picked here may be taken by someone else's socket (an outgoing connection's
+        #: ephemeral port) before redis-server binds it: then the first start picks another.
+        self._may_move = port is None
         self.appendonly = appendonly
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="tickwire-redis-"))
@@ -80,6 +87,14 @@ class RedisProcess:
         return self.data_dir / "redis.sock"
 
     def start(self, timeout: float = 10.0) -> RedisProcess:
+        for _ in range(5):
+            try:
+                return self._start(timeout)
+            except PortTaken:
+                self.port = free_port()
+        return self._start(timeout)
+
+    def _start(self, timeout: float) -> RedisProcess:
         exe = ensure_redis_server()
         args = [
             exe,
@@ -111,8 +126,12 @@ class RedisProcess:
             if self.proc.poll() is not None:
                 log = self.data_dir / "redis.log"
                 tail = log.read_text()[-500:] if log.exists() else ""
+                if self._may_move and "Address already in use" in tail:
+                    log.unlink()
+                    raise PortTaken(self.port)
                 raise RedisUnavailable(f"redis-server exited at start (port {self.port}): {tail}")
             if self._ping():
+                self._may_move = False  # restarts keep the port clients know
                 return self
             time.sleep(0.02)
         raise RedisUnavailable(f"redis-server on port {self.port} did not answer in {timeout} s")
@@ -376,18 +395,8 @@ class RedisSentinelSet:
     ) -> None:
         self.service = service
         self.primary = RedisProcess(extra_args=("--repl-timeout", "60"))
-        self.replicas = [
-            RedisProcess(
-                extra_args=(
-                    "--replicaof",
-                    "127.0.0.1",
-                    str(self.primary.port),
-                    "--repl-timeout",
-                    "60",
-                )
-            )
-            for _ in range(replicas)
-        ]
+        #: Told whom to replicate at start, once the primary's port is settled.
+        self.replicas = [RedisProcess(extra_args=("--repl-timeout", "60")) for _ in range(replicas)]
         self.sentinel_ports = [free_port() for _ in range(sentinels)]
         self.down_after_ms = down_after_ms
         self._dir = Path(tempfile.mkdtemp(prefix="tickwire-sentinel-"))
@@ -406,26 +415,19 @@ class RedisSentinelSet:
         exe = ensure_redis_server()
         self.primary.start()
         for r in self.replicas:
+            r.extra_args += ("--replicaof", "127.0.0.1", str(self.primary.port))
             r.start()
-        for port in self.sentinel_ports:
-            conf = self._dir / f"sentinel-{port}.conf"
-            conf.write_text(
-                f"port {port}\nbind 127.0.0.1\ndir {self._dir}\n"
-                f"logfile sentinel-{port}.log\n"
-                f"sentinel monitor {self.service} 127.0.0.1 {self.primary.port} 2\n"
-                f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
-                f"sentinel failover-timeout {self.service} 10000\n"
-                f"sentinel parallel-syncs {self.service} 1\n"
-            )
-            self.sentinels.append(
-                subprocess.Popen(
-                    [exe, str(conf), "--sentinel"],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
+        self.sentinels = [self._sentinel(exe, port) for port in self.sentinel_ports]
         deadline = time.monotonic() + timeout
+        moves = 0
         while True:
+            for i, proc in enumerate(self.sentinels):
+                # Its port taken before it could bind it: another port (Sentinels find each
+                # other through the primary, whatever their ports).
+                if proc.poll() is not None and moves < 10:
+                    moves += 1
+                    self.sentinel_ports[i] = free_port()
+                    self.sentinels[i] = self._sentinel(exe, self.sentinel_ports[i])
             try:
                 ready = all(
                     "num-other-sentinels" in redis_cli(p, "SENTINEL", "master", self.service)
@@ -442,6 +444,20 @@ class RedisSentinelSet:
             if time.monotonic() > deadline:
                 raise RedisUnavailable("Sentinel set did not come up")
             time.sleep(0.1)
+
+    def _sentinel(self, exe: str, port: int) -> subprocess.Popen[bytes]:
+        conf = self._dir / f"sentinel-{port}.conf"
+        conf.write_text(
+            f"port {port}\nbind 127.0.0.1\ndir {self._dir}\n"
+            f"logfile sentinel-{port}.log\n"
+            f"sentinel monitor {self.service} 127.0.0.1 {self.primary.port} 2\n"
+            f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+            f"sentinel failover-timeout {self.service} 10000\n"
+            f"sentinel parallel-syncs {self.service} 1\n"
+        )
+        return subprocess.Popen(
+            [exe, str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
 
     def primary_port(self) -> int:
         """The primary's port as the first Sentinel that answers says."""

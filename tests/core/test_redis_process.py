@@ -1,0 +1,39 @@
+"""The private redis-server the tests and benches start: a port taken before it binds it."""
+
+from __future__ import annotations
+
+import socket
+
+from tickwire.core.redis_process import RedisProcess, RedisSentinelSet, redis_cli
+
+
+def test_a_picked_port_taken_before_the_start_is_given_up_for_another() -> None:
+    proc = RedisProcess()
+    picked = proc.port
+    # Someone else's socket gets there first, as an outgoing connection's ephemeral port can
+    # (bound, not listening: a connection to it is refused).
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", picked))
+        with proc:
+            assert proc.port != picked
+            assert proc._ping()
+            moved = proc.port
+            proc.kill()
+            proc.restart()
+            assert proc.port == moved, "a restart keeps the port its clients know"
+            assert proc._ping()
+
+
+def test_a_sentinel_whose_port_was_taken_comes_up_on_another() -> None:
+    sentinels = RedisSentinelSet(replicas=1, sentinels=3)
+    picked = sentinels.sentinel_ports[0]
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", picked))
+        with sentinels:
+            assert sentinels.sentinel_ports[0] != picked
+            assert sentinels.primary_port() == sentinels.primary.port
+            # Each of the three sees the other two, the moved one included.
+            for port in sentinels.sentinel_ports:
+                assert "num-other-sentinels" in redis_cli(
+                    port, "SENTINEL", "master", sentinels.service
+                )
