@@ -103,3 +103,19 @@ def test_the_pause_timer_times_each_collection_with_its_generation() -> None:
     assert seen == [(0.25, 0), (0.5, 2)]
     assert (timer.count, timer.total, timer.longest) == (2, 0.75, 0.5)
     assert timer.summary() == "2 collector pauses, 750 ms in all, the longest 500.0 ms"
+
+
+@pytest.mark.usefixtures("collector_to_ourselves")
+def test_a_young_cycle_already_garbage_is_collected_not_frozen() -> None:
+    policy = FreezePolicy(min_objects=1_000, clock=Clock())
+    keep = [Node() for _ in range(5_000)]
+    gc.collect()  # enough old objects for a freeze
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    gone = weakref.ref(a)
+    del a, b  # garbage, in the young generation
+
+    policy.tick()
+
+    assert gone() is None
+    assert policy.frozen >= len(keep)

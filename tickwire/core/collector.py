@@ -68,7 +68,8 @@ class PauseTimer:
 
 
 class FreezePolicy:
-    """Freezes what survived into the oldest generation, and now and then collects everything.
+    """Freezes what survived into the oldest generation (after a collection of the young ones),
+    and now and then collects everything.
 
     `tick` is meant to run about once a second (`run`); it costs a list of the oldest
     generation's unfrozen objects, which the freezing keeps to about a second's worth.
@@ -97,6 +98,10 @@ class FreezePolicy:
             return
         old = len(gc.get_objects(2))
         if old >= self.min_objects:
+            # Freezing takes the young generations too: collect them first, so that no cycle
+            # that is garbage already is frozen with the survivors. A young collection walks
+            # only what is new since the last one (milliseconds).
+            gc.collect(1)
             gc.freeze()
             self.frozen += old
 
