@@ -144,28 +144,46 @@ class Bench:
         for p in self.loads:
             p.wait_ready(self.logname)
 
-    def phase(self, command: str | None, key: str, label: str, total: int) -> list[dict[str, Any]]:
-        """Send `command` (if any) to every load process; wait for each one's `key` line."""
+    def phase(
+        self,
+        command: str | None,
+        key: str,
+        label: str,
+        total: int,
+        timeline: list[tuple[float, int]] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Send `command` (if any) to every load process; wait for each one's `key` line.
+        `timeline` gets (monotonic time, count) each time the count of all of them moves."""
         for p in self.loads:
             if command is not None:
                 p.send(command)
         t0 = time.monotonic()
         deadline = t0 + self.args.timeout
         counts = [0] * len(self.loads)
+        #: What each load process last said of its clients still waiting, if anything.
+        waiting: list[dict[str, int]] = [{} for _ in self.loads]
         out: list[dict[str, Any] | None] = [None] * len(self.loads)
         while any(o is None for o in out):
             if time.monotonic() > deadline:
-                raise PhaseTimeout(f"{label}: {sum(counts):,} of {total:,} after the timeout")
+                why = f"{label}: {sum(counts):,} of {total:,} after the timeout"
+                if any(waiting):
+                    down = sum(w.get("down", 0) for w in waiting)
+                    unacked = sum(w.get("unacked", 0) for w in waiting)
+                    why += f" ({down:,} without a connection, {unacked:,} connected, no ack)"
+                raise PhaseTimeout(why)
             for i, p in enumerate(self.loads):
                 while out[i] is None and not p.lines.empty():
                     msg = p.lines.get_nowait()
                     if key in msg:
                         out[i] = msg
                     elif "progress" in msg:
-                        counts[i] = msg["progress"]
+                        counts[i] = msg.pop("progress")
+                        waiting[i] = msg
                 if p.proc.poll() is not None and out[i] is None:
                     raise RuntimeError(f"a load process exited; see {self.logname}")
             progress(label, sum(counts), total, t0)
+            if timeline is not None and (not timeline or timeline[-1][1] != sum(counts)):
+                timeline.append((time.monotonic(), sum(counts)))
             time.sleep(0.1)
         if sys.stderr.isatty():
             print(file=sys.stderr)
@@ -267,8 +285,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         t_start = time.monotonic()
         start_ns = time.time_ns()
         server.start(b.logname, timeout=a.timeout)
+        timeline: list[tuple[float, int]] = []
         try:
-            resumed = b.phase(None, "resumed", "resuming", held)
+            resumed = b.phase(None, "resumed", "resuming", held, timeline)
         except PhaseTimeout as exc:
             # What was measured before the storm still stands: report it, and the storm failed.
             figures["storm_error"] = str(exc)
@@ -277,6 +296,11 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         last_ns = max(r["at_ns"] for r in resumed)
         figures["storm_down_s"] = t_start - t_stop
         figures["storm_resume_s"] = (last_ns - start_ns) / 1e9
+        # When half, 90 % and 99 % had resumed (seen by the bench every 0.1 s, from the start).
+        figures["storm_share_s"] = {
+            str(share): next((t - t_start for t, n in timeline if n >= share * held / 100), None)
+            for share in (50, 90, 99)
+        }
         figures["resumed"] = sum(r["resumed"] for r in resumed)
         time.sleep(2.0)  # events flow again after the storm
         feed.terminate()
@@ -372,6 +396,13 @@ def table(f: dict[str, Any]) -> str:
             (
                 "storm: all resumed in",
                 f"{f['storm_resume_s']:.1f} s (server down {f['storm_down_s']:.1f} s)",
+            ),
+            (
+                "storm: 50 / 90 / 99 % in",
+                " / ".join(
+                    f"{v:.1f}" if v is not None else "-" for v in f["storm_share_s"].values()
+                )
+                + " s",
             ),
             ("resumed", f"{f['resumed']:,}"),
             ("lost (holes + never came)", f"{f['lost']} ({f['holes']} + {f['short_at_end']})"),

@@ -254,12 +254,28 @@ class Load:
 
     async def wait_storm(self) -> None:
         self.storm = True
-        await self._progress(self._all_resumed, lambda: self.resumed)
+        await self._progress(self._all_resumed, lambda: self.resumed, self._waiting)
         say(resumed=self.resumed, at_ns=self.resumed_at)
 
-    async def _progress(self, done: asyncio.Event, count: Callable[[], int]) -> None:
+    def _waiting(self) -> dict[str, int]:
+        """Of the clients not resumed yet: how many have no connection, and how many have one
+        but no `subscribed` yet (what a storm that does not end is stuck on)."""
+        down = unacked = 0
+        for c in self.clients:
+            if c.sink is None:
+                down += 1
+            elif not c.acked:
+                unacked += 1
+        return {"down": down, "unacked": unacked}
+
+    async def _progress(
+        self,
+        done: asyncio.Event,
+        count: Callable[[], int],
+        detail: Callable[[], dict[str, int]] = dict,
+    ) -> None:
         while not done.is_set():
-            say(progress=count())
+            say(progress=count(), **detail())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), 0.5)
 
