@@ -88,8 +88,9 @@ class TickwireServer:
         self.connections: set[Connection] = set()
         # Each connection is looked at for a heartbeat once within half the heartbeat interval
         # of its due time, and for keepalive four times per ping interval or timeout.
-        period = min(
-            config.heartbeat_ms / 2000, min(config.ping_interval_s, config.ping_timeout_s) / 4
+        period = max(
+            0.01,
+            min(config.heartbeat_ms / 2000, min(config.ping_interval_s, config.ping_timeout_s) / 4),
         )
         slices = max(1, round(period / VISIT_S))
         self.rounds: Rounds[Connection] = Rounds(slices)
