@@ -169,7 +169,11 @@ class Bench:
                 if any(waiting):
                     down = sum(w.get("down", 0) for w in waiting)
                     unacked = sum(w.get("unacked", 0) for w in waiting)
-                    why += f" ({down:,} without a connection, {unacked:,} connected, no ack)"
+                    before = sum(w.get("acked_before", 0) for w in waiting)
+                    why += (
+                        f" ({down:,} without a connection, {unacked:,} connected, no ack,"
+                        f" {before:,} on a connection from before the storm)"
+                    )
                 raise PhaseTimeout(why)
             for i, p in enumerate(self.loads):
                 while out[i] is None and not p.lines.empty():

@@ -85,6 +85,7 @@ class Client:
         "last",
         "load",
         "resets",
+        "resumed",
         "sink",
     )
 
@@ -95,6 +96,8 @@ class Client:
         self.last = 0
         self.connects = 0
         self.acked = False
+        #: Acknowledged since the storm began (counted once, however often it reconnects).
+        self.resumed = False
         self.holes = self.dups = self.gaps = self.resets = 0
         self.sink: Sink | None = None
 
@@ -231,7 +234,8 @@ class Load:
             self.acks += 1
             if self.acks == self.open_count:
                 self._all_acked.set()
-        elif self.storm:
+        elif self.storm and not client.resumed:
+            client.resumed = True
             self.resumed += 1
             if self.resumed == self.open_count:
                 self.resumed_at = time.time_ns()
@@ -258,15 +262,20 @@ class Load:
         say(resumed=self.resumed, at_ns=self.resumed_at)
 
     def _waiting(self) -> dict[str, int]:
-        """Of the clients not resumed yet: how many have no connection, and how many have one
-        but no `subscribed` yet (what a storm that does not end is stuck on)."""
-        down = unacked = 0
+        """Of the clients not resumed yet, what a storm that does not end is stuck on: how many
+        have no connection, how many have one but no `subscribed` yet, and how many were
+        acknowledged on a connection made before the storm began (never closed by it)."""
+        down = unacked = before = 0
         for c in self.clients:
+            if c.resumed:
+                continue
             if c.sink is None:
                 down += 1
             elif not c.acked:
                 unacked += 1
-        return {"down": down, "unacked": unacked}
+            else:
+                before += 1
+        return {"down": down, "unacked": unacked, "acked_before": before}
 
     async def _progress(
         self,
