@@ -263,9 +263,8 @@ class TickwireServer:
         conn = wire.handler
         if not isinstance(conn, Connection):
             return  # gone during its handshake, or an HTTP exchange
+        conn.stop_receiving()
         conn.cleanup()
-        self.demand.changed(self.hub.patterns_of(conn.sub))
-        self.hub.detach(conn.sub)
         self.connections.discard(conn)
         self.rounds.remove(conn)
         self.metrics.connections -= 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -38,6 +39,20 @@ async def eventually(cond: Callable[[], bool], what: str, limit: float = 5.0) ->
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def no_cyclic_gc() -> Iterator[None]:
+    """No automatic cyclic collection during the test (what it leaves is what reference
+    counting alone left), and nothing frozen after it."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.enable()
+        gc.collect()
 
 
 @pytest.fixture(scope="session")

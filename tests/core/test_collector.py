@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import Iterator
 
 import pytest
 
@@ -27,20 +26,7 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-def collector_to_ourselves() -> Iterator[None]:
-    """No automatic collection during the test, nothing frozen before or after it."""
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-        gc.enable()
-        gc.collect()
-
-
-@pytest.mark.usefixtures("collector_to_ourselves")
+@pytest.mark.usefixtures("no_cyclic_gc")
 def test_what_survived_into_the_oldest_generation_is_frozen_and_then_walked_no_more() -> None:
     policy = FreezePolicy(min_objects=1_000, clock=Clock())
     keep = [Node() for _ in range(5_000)]
@@ -56,7 +42,7 @@ def test_what_survived_into_the_oldest_generation_is_frozen_and_then_walked_no_m
     assert policy.frozen >= len(keep)
 
 
-@pytest.mark.usefixtures("collector_to_ourselves")
+@pytest.mark.usefixtures("no_cyclic_gc")
 def test_too_few_old_objects_are_left_alone() -> None:
     policy = FreezePolicy(min_objects=1_000_000, clock=Clock())
     keep = [Node() for _ in range(100)]
@@ -68,7 +54,7 @@ def test_too_few_old_objects_are_left_alone() -> None:
     assert keep
 
 
-@pytest.mark.usefixtures("collector_to_ourselves")
+@pytest.mark.usefixtures("no_cyclic_gc")
 def test_a_cycle_that_dies_frozen_outlives_collections_until_the_full_one() -> None:
     clock = Clock()
     policy = FreezePolicy(min_objects=1, full_every_s=900.0, clock=clock)
@@ -92,7 +78,7 @@ def test_a_cycle_that_dies_frozen_outlives_collections_until_the_full_one() -> N
     assert gc.get_freeze_count() > 0, "the survivors are frozen again"
 
 
-@pytest.mark.usefixtures("collector_to_ourselves")
+@pytest.mark.usefixtures("no_cyclic_gc")
 def test_the_pause_timer_times_each_collection_with_its_generation() -> None:
     ticks = iter([10.0, 10.25, 20.0, 20.5])
     seen: list[tuple[float, int]] = []
@@ -105,7 +91,7 @@ def test_the_pause_timer_times_each_collection_with_its_generation() -> None:
     assert timer.summary() == "2 collector pauses, 750 ms in all, the longest 500.0 ms"
 
 
-@pytest.mark.usefixtures("collector_to_ourselves")
+@pytest.mark.usefixtures("no_cyclic_gc")
 def test_a_young_cycle_already_garbage_is_collected_not_frozen() -> None:
     policy = FreezePolicy(min_objects=1_000, clock=Clock())
     keep = [Node() for _ in range(5_000)]

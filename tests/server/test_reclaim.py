@@ -8,7 +8,6 @@ import asyncio
 import gc
 import types
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 import websockets
@@ -35,16 +34,6 @@ def alive() -> Counter[str]:
     # By exact type: `isinstance` would touch weak proxies to dead objects.
     kinds = {*PER_CONNECTION, websockets.ServerProtocol}
     return Counter(type(o).__name__ for o in gc.get_objects() if type(o) in kinds)
-
-
-@pytest.fixture
-def no_cyclic_gc() -> Iterator[None]:
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 async def exercise(srv: TickwireServer, pub: Publisher) -> None:

@@ -51,7 +51,7 @@ def ensure_redis_server(install: bool = True) -> str:
     )
 
 
-class PortTaken(Exception):
+class PortTaken(RedisUnavailable):
     """The port picked for a private server was taken before it could bind it."""
 
 
@@ -92,7 +92,7 @@ class RedisProcess:
                 return self._start(timeout)
             except PortTaken:
                 self.port = free_port()
-        return self._start(timeout)
+        return self._start(timeout)  # a sixth time taken: PortTaken, a RedisUnavailable
 
     def _start(self, timeout: float) -> RedisProcess:
         exe = ensure_redis_server()
@@ -128,7 +128,7 @@ class RedisProcess:
                 tail = log.read_text()[-500:] if log.exists() else ""
                 if self._may_move and "Address already in use" in tail:
                     log.unlink()
-                    raise PortTaken(self.port)
+                    raise PortTaken(f"port {self.port} was taken before redis-server bound it")
                 raise RedisUnavailable(f"redis-server exited at start (port {self.port}): {tail}")
             if self._ping():
                 self._may_move = False  # restarts keep the port clients know
