@@ -170,9 +170,16 @@ class Bench:
                     down = sum(w.get("down", 0) for w in waiting)
                     unacked = sum(w.get("unacked", 0) for w in waiting)
                     before = sum(w.get("acked_before", 0) for w in waiting)
+                    oldest_down = max(w.get("oldest_down_ms", 0) for w in waiting) / 1000
+                    oldest_unacked = max(w.get("oldest_unacked_ms", 0) for w in waiting) / 1000
+                    cycles = sum(w.get("storm_connects", 0) for w in waiting)
+                    failed = sum(w.get("storm_failures", 0) for w in waiting)
                     why += (
-                        f" ({down:,} without a connection, {unacked:,} connected, no ack,"
-                        f" {before:,} on a connection from before the storm)"
+                        f" ({down:,} without a connection, the longest for {oldest_down:.1f} s;"
+                        f" {unacked:,} connected, no ack, the longest for {oldest_unacked:.1f} s;"
+                        f" {before:,} on a connection from before the storm; since the storm"
+                        f" began, the first two opened {cycles:,} connections and failed"
+                        f" {failed:,} attempts)"
                     )
                 raise PhaseTimeout(why)
             for i, p in enumerate(self.loads):

@@ -76,6 +76,7 @@ class Client:
 
     __slots__ = (
         "acked",
+        "changed_at",
         "channel",
         "connects",
         "dups",
@@ -87,6 +88,8 @@ class Client:
         "resets",
         "resumed",
         "sink",
+        "storm_connects",
+        "storm_failures",
     )
 
     def __init__(self, load: Load, channel: str) -> None:
@@ -95,6 +98,11 @@ class Client:
         self.epoch: str | None = None  # None: no position yet ("" : the channel was empty)
         self.last = 0
         self.connects = 0
+        #: Connections opened and attempts failed since the storm began, and when the last
+        #: connection opened or closed (monotonic): what a storm that does not end tells apart
+        #: (stuck, cycling, or still waiting for its turn).
+        self.storm_connects = self.storm_failures = 0
+        self.changed_at = 0.0
         self.acked = False
         #: Acknowledged since the storm began (counted once, however often it reconnects).
         self.resumed = False
@@ -203,6 +211,8 @@ class Load:
                 sink = await self._open(client, source, first)
             except (OSError, TimeoutError, ConnectionError):
                 failures += 1
+                if self.storm:
+                    client.storm_failures += 1
                 if client.connects == 0 and failures >= 5:
                     self.failed += 1
                     self._counted_open()
@@ -213,11 +223,15 @@ class Load:
             failures = 0
             client.sink = sink
             client.connects += 1
+            client.changed_at = time.monotonic()
+            if self.storm:
+                client.storm_connects += 1
             if client.connects == 1:
                 self.open_count += 1
                 self._counted_open()
             await sink.closed
             client.sink = None
+            client.changed_at = time.monotonic()
             if self.stopping:
                 return
             client.acked = False
@@ -264,18 +278,36 @@ class Load:
     def _waiting(self) -> dict[str, int]:
         """Of the clients not resumed yet, what a storm that does not end is stuck on: how many
         have no connection, how many have one but no `subscribed` yet, and how many were
-        acknowledged on a connection made before the storm began (never closed by it)."""
+        acknowledged on a connection made before the storm began (never closed by it); for the
+        first two, the longest time one has been so (ms), and the connections they opened and
+        the attempts that failed since the storm began (a client stuck on one connection, one
+        closed again and again, or one still waiting for its turn)."""
         down = unacked = before = 0
+        oldest_down = oldest_unacked = cycles = failed = 0.0
+        now = time.monotonic()
         for c in self.clients:
             if c.resumed:
                 continue
             if c.sink is None:
                 down += 1
+                oldest_down = max(oldest_down, now - c.changed_at)
             elif not c.acked:
                 unacked += 1
+                oldest_unacked = max(oldest_unacked, now - c.changed_at)
             else:
                 before += 1
-        return {"down": down, "unacked": unacked, "acked_before": before}
+                continue
+            cycles += c.storm_connects
+            failed += c.storm_failures
+        return {
+            "down": down,
+            "unacked": unacked,
+            "acked_before": before,
+            "oldest_down_ms": round(oldest_down * 1000),
+            "oldest_unacked_ms": round(oldest_unacked * 1000),
+            "storm_connects": round(cycles),
+            "storm_failures": round(failed),
+        }
 
     async def _progress(
         self,

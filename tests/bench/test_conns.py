@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import subprocess
 import tempfile
+import time
 from pathlib import Path
+from typing import cast
 
 import orjson
 
@@ -35,3 +37,23 @@ def test_a_small_connection_scale_run_resumes_every_client_and_loses_nothing() -
     assert f["lost"] == f["duplicates"] == f["gaps"] == 0
     assert f["event_latency"]["samples"] > 0 and f["handshakes_per_s"] > 0
     assert f["rss_subscribed_KiB_per_conn"] > 0
+
+
+def test_a_storm_that_does_not_end_tells_stuck_cycling_and_waiting_clients_apart() -> None:
+    from tickwire.bench.conns_load import Load, Sink
+
+    load = Load("ws://127.0.0.1:9/ws", ["quote:A"] * 5, ["127.0.0.1"], 0.0)
+    now = time.monotonic()
+    resumed, down, waiting, unacked, before = load.clients
+    resumed.resumed = True
+    down.changed_at, down.storm_connects, down.storm_failures = now - 2.0, 3, 1
+    waiting.changed_at, waiting.storm_failures = now - 9.0, 4
+    sink = cast(Sink, object())
+    unacked.sink, unacked.changed_at, unacked.storm_connects = sink, now - 0.5, 1
+    before.sink, before.acked = sink, True
+    w = load._waiting()
+    assert (w["down"], w["unacked"], w["acked_before"]) == (2, 1, 1)
+    # The longest wait of each kind, not the last one seen.
+    assert 9000 <= w["oldest_down_ms"] < 9500 and 500 <= w["oldest_unacked_ms"] < 1000
+    # Counted for the clients still down or unacknowledged, not for the others.
+    assert (w["storm_connects"], w["storm_failures"]) == (4, 5)
