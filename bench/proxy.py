@@ -58,6 +58,8 @@ class _Link:
         up: tuple[asyncio.StreamReader, asyncio.StreamWriter],
     ) -> None:
         self.proxy = proxy
+        #: Its bytes dropped whatever the proxy's mode (`Proxy.blackhole(existing_only=True)`).
+        self.blackholed = False
         self.writers = (down[1], up[1])
         self.tasks = [
             asyncio.create_task(self._pipe(down[0], up[1])),
@@ -70,7 +72,7 @@ class _Link:
         try:
             due = 0.0
             while data := await reader.read(CHUNK):
-                if self.proxy.mode is ProxyMode.BLACKHOLE:
+                if self.blackholed or self.proxy.mode is ProxyMode.BLACKHOLE:
                     self.proxy.stats.bytes_dropped += len(data)
                     continue
                 # Never earlier than the chunk before it: a smaller jitter must not reorder.
@@ -92,7 +94,7 @@ class _Link:
                 wait = due - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)
-                if self.proxy.mode is ProxyMode.BLACKHOLE:
+                if self.blackholed or self.proxy.mode is ProxyMode.BLACKHOLE:
                     self.proxy.stats.bytes_dropped += len(data)
                     continue
                 if writer.transport.is_closing():
@@ -172,8 +174,14 @@ class Proxy:
         self.delay_s, self.jitter_s = seconds, jitter_s
         self.mode = ProxyMode.DELAY
 
-    def blackhole(self) -> None:
-        self.mode = ProxyMode.BLACKHOLE
+    def blackhole(self, *, existing_only: bool = False) -> None:
+        """Drop every byte, both ways, nobody told. `existing_only`: only those of the
+        connections open now (their state lost in a middlebox), new ones pass as before."""
+        if not existing_only:
+            self.mode = ProxyMode.BLACKHOLE
+            return
+        for link in self._links:
+            link.blackholed = True
 
     def reset(self, *, refuse_new: bool = True) -> int:
         """Abort every open connection with RST; with `refuse_new`, reset new ones too until

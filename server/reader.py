@@ -27,7 +27,7 @@ from typing import Any
 from tickwire.core.channels import Channel
 from tickwire.core.commands import RedisReplyError
 from tickwire.core.config import ServerConfig
-from tickwire.core.errors import RedisUnavailable
+from tickwire.core.errors import RedisTimeout, RedisUnavailable
 from tickwire.core.redis_cluster import ClusterConnection
 from tickwire.core.redis_slots import channel_slot
 from tickwire.core.redis_target import LiveSubscription, RedisLink, RedisTopology
@@ -52,6 +52,15 @@ def _describe(conn: RedisLink, redis: RedisTopology) -> str:
 
 #: At most one reconnect this often goes unannounced (no `status` down/up to clients).
 QUIET_RETRY_EVERY_S = 5.0
+
+
+def retries_quietly(exc: RedisUnavailable, up: bool, now: float, quiet_at: float) -> bool:
+    """Whether the reader reconnects at once without telling clients Redis is down: only for
+    a connection that ended (Redis dropped a subscriber past its output limit, CLIENT KILL, a
+    proxy's reset) while Redis was up, at most once per `QUIET_RETRY_EVERY_S`. Not after a
+    timeout: nothing came for seconds already, the clients' stall has happened, and a reconnect
+    that then succeeds (the pause or the black hole just ended) would have hidden it."""
+    return up and not isinstance(exc, RedisTimeout) and now - quiet_at > QUIET_RETRY_EVERY_S
 
 
 class StreamReader:
@@ -121,10 +130,7 @@ class StreamReader:
                     await self._read_loop(conn, sub)
                 except RedisUnavailable as exc:
                     now = time.monotonic()
-                    if self.up and now - quiet_at > QUIET_RETRY_EVERY_S:
-                        # One connection lost while Redis itself may be fine (Redis dropped a
-                        # subscriber past its pubsub output limit, CLIENT KILL, a proxy reset):
-                        # reconnect at once before telling every client Redis is down.
+                    if retries_quietly(exc, self.up, now, quiet_at):
                         log.warning("lost a Redis connection: %s; reconnecting", exc)
                         quiet_at = now
                         continue
@@ -280,7 +286,7 @@ class StreamReader:
                         ping_at = now
                         sub.ping()
                     elif now - ping_at > idle_s + 5.0:
-                        raise RedisUnavailable("no reply from Redis to PING within 5 s")
+                        raise RedisTimeout("no reply from Redis to PING within 5 s")
                     continue
                 messages = sub.take()
             if messages:

@@ -140,6 +140,36 @@ async def test_blackholed_redis_connection_recovers_without_crossed_replies(
         assert c.checker.duplicates == 0 and c.checker.lost == 0
 
 
+async def test_a_redis_link_that_stops_answering_is_announced_though_a_new_one_works(
+    redis_server: RedisProcess, redis: RedisConnection
+) -> None:
+    # The server's connections go silent (their state lost in a middlebox) while Redis is
+    # fine and new connections get through: the reader finds out by a timeout, seconds
+    # after the last event came. Reconnecting unannounced would hide that stall from clients.
+    async with (
+        Proxy(redis_server.port) as proxy,
+        TickwireServer(through(proxy, redis_server)) as srv,
+        recorder(srv.url) as c,
+        Publisher(PublisherConfig(redis_url=redis_server.url)) as pub,
+    ):
+        await c.request("subscribe", channels=[T.name])
+        i = await first_events(pub, c, T, trades)
+        proxy.blackhole(existing_only=True)
+        await pub.publish({T: trades(i, 50)})  # stored, and pushed into the black hole
+        await pub.flush()
+        down = await c.wait_for(lambda m: m == {"type": "status", "redis": "down"}, 20)
+        await c.wait_for(
+            lambda m: m == {"type": "status", "redis": "up"}, 15, start=c.messages.index(down)
+        )
+        await pub.publish({T: trades(i + 50, 20)})
+        await pub.flush()
+        final = pub.positions[T][1]
+        await c.wait_until(lambda: c.last_seq(T.name) == final, timeout=15)
+        assert c.checker.ok, c.checker.violations
+        assert c.checker.duplicates == 0 and c.checker.lost == 0
+        assert_own_events(c, T, c.events(T.name)[0]["seq"], final)
+
+
 async def test_reconnect_storm_a_third_of_clients_resume_without_loss(
     redis_server: RedisProcess, redis: RedisConnection
 ) -> None:

@@ -197,3 +197,18 @@ def test_a_channel_stored_behind_what_was_read_in_its_epoch_is_fenced_then_read_
     assert r.take_renewed() == {}
     # A push of the old epoch reusing a lost seq is never delivered.
     assert r.take_pushes([push(T, 8, 1, epoch="e1")]) == []
+
+
+def test_the_reader_reconnects_unannounced_only_after_an_ended_connection_now_and_then() -> None:
+    from tickwire.core.errors import RedisTimeout, RedisUnavailable
+    from tickwire.server.reader import QUIET_RETRY_EVERY_S, retries_quietly
+
+    ended = RedisUnavailable("Redis closed the connection")
+    silent = RedisTimeout("no reply from Redis within 5.0 s")
+    long_ago = 100.0 - QUIET_RETRY_EVERY_S - 0.1
+    assert retries_quietly(ended, True, 100.0, long_ago)
+    # A timeout: the stall already happened; the clients hear of it.
+    assert not retries_quietly(silent, True, 100.0, long_ago)
+    # Already down, or a quiet retry a moment ago: announced.
+    assert not retries_quietly(ended, False, 100.0, long_ago)
+    assert not retries_quietly(ended, True, 100.0, 99.0)

@@ -53,6 +53,11 @@ class RedisUnavailable(TickwireError):
     """Redis could not be reached."""
 
 
+class RedisTimeout(RedisUnavailable):
+    """Redis did not answer in time: the connection may still be open, but for that long
+    nothing came back over it (a paused or overloaded Redis, a black-holed link)."""
+
+
 class AuthError(TickwireError):
     """A token or API key that is unknown, malformed, expired or not yet valid.
 

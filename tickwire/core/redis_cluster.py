@@ -24,7 +24,7 @@ from dataclasses import replace
 from typing import Any
 
 from tickwire.core.commands import Arg, RedisReplyError
-from tickwire.core.errors import RedisUnavailable
+from tickwire.core.errors import RedisTimeout, RedisUnavailable
 from tickwire.core.redis_slots import SLOTS, command_slot
 from tickwire.core.redis_wire import RedisAddress, RedisConnection
 
@@ -163,7 +163,7 @@ class ClusterConnection:
                         out[i] = await self._redirected(reply, taken[i][1])
         except TimeoutError:
             self.close()
-            raise RedisUnavailable(f"no reply from the cluster within {timeout} s") from None
+            raise RedisTimeout(f"no reply from the cluster within {timeout} s") from None
         except BaseException:
             self.close()
             raise

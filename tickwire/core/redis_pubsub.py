@@ -15,7 +15,7 @@ from typing import Any
 import hiredis
 
 from tickwire.core.commands import Arg, RedisReplyError
-from tickwire.core.errors import RedisUnavailable
+from tickwire.core.errors import RedisTimeout, RedisUnavailable
 from tickwire.core.redis_wire import RedisAddress
 
 
@@ -177,7 +177,7 @@ class RedisSubscription:
                         else:
                             early.append(reply)
         except TimeoutError:
-            raise RedisUnavailable(f"no reply from Redis within {timeout} s") from None
+            raise RedisTimeout(f"no reply from Redis within {timeout} s") from None
         self._early = early
 
     async def _replies(self, n: int, timeout: float) -> list[Any]:
@@ -190,7 +190,7 @@ class RedisSubscription:
                         await self.wait(timeout)
                     out += got
         except TimeoutError:
-            raise RedisUnavailable(f"no reply from Redis within {timeout} s") from None
+            raise RedisTimeout(f"no reply from Redis within {timeout} s") from None
         # Messages published right after the subscription may follow in the same read.
         self._early = out[n:]
         return out[:n]

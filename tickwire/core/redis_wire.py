@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 import hiredis
 
 from tickwire.core.commands import Arg, RedisReplyError
-from tickwire.core.errors import ConfigError, RedisUnavailable
+from tickwire.core.errors import ConfigError, RedisTimeout, RedisUnavailable
 
 _P = TypeVar("_P", bound=BaseProtocol)
 
@@ -261,5 +261,5 @@ class RedisConnection:
                 self.close()
                 if p.lost is not None:
                     raise RedisUnavailable(p.lost)
-                raise RedisUnavailable(f"no reply from Redis within {timeout} s")
+                raise RedisTimeout(f"no reply from Redis within {timeout} s")
         return self.take_ready(n)
