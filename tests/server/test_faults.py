@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -62,6 +62,21 @@ def through(proxy: Proxy, redis: RedisProcess) -> ServerConfig:
     return dataclasses.replace(server_config(redis), redis_url=f"redis://127.0.0.1:{proxy.port}/0")
 
 
+@contextlib.asynccontextmanager
+async def proxied(
+    redis_server: RedisProcess,
+) -> AsyncIterator[tuple[Proxy, TickwireServer, Recorder, Publisher]]:
+    """A server whose Redis connections go through a proxy, a client of it, and a publisher
+    straight to Redis."""
+    async with (
+        Proxy(redis_server.port) as proxy,
+        TickwireServer(through(proxy, redis_server)) as srv,
+        recorder(srv.url) as c,
+        Publisher(PublisherConfig(redis_url=redis_server.url)) as pub,
+    ):
+        yield proxy, srv, c, pub
+
+
 async def first_events(pub: Publisher, c: Recorder, channel: Channel, make: Maker) -> int:
     """Publish small batches until the client has events of `channel`; the next index to use."""
     i = 0
@@ -114,12 +129,7 @@ async def test_redis_paused_health_and_pings_answer_and_reading_resumes(
 async def test_blackholed_redis_connection_recovers_without_crossed_replies(
     redis_server: RedisProcess, redis: RedisConnection
 ) -> None:
-    async with (
-        Proxy(redis_server.port) as proxy,
-        TickwireServer(through(proxy, redis_server)) as srv,
-        recorder(srv.url) as c,
-        Publisher(PublisherConfig(redis_url=redis_server.url)) as pub,
-    ):
+    async with proxied(redis_server) as (proxy, _, c, pub):
         await c.request("subscribe", channels=[T.name])
         for i in range(0, 100, 10):
             await pub.publish({T: trades(i, 10)})
@@ -146,12 +156,7 @@ async def test_a_redis_link_that_stops_answering_is_announced_though_a_new_one_w
     # The server's connections go silent (their state lost in a middlebox) while Redis is
     # fine and new connections get through: the reader finds out by a timeout, seconds
     # after the last event came. Reconnecting unannounced would hide that stall from clients.
-    async with (
-        Proxy(redis_server.port) as proxy,
-        TickwireServer(through(proxy, redis_server)) as srv,
-        recorder(srv.url) as c,
-        Publisher(PublisherConfig(redis_url=redis_server.url)) as pub,
-    ):
+    async with proxied(redis_server) as (proxy, _, c, pub):
         await c.request("subscribe", channels=[T.name])
         i = await first_events(pub, c, T, trades)
         proxy.blackhole(existing_only=True)
@@ -263,12 +268,7 @@ async def test_reset_redis_connections_status_down_up_and_no_reply_crosses_reque
 
 
 async def reset_mid_stream(redis_server: RedisProcess) -> None:
-    async with (
-        Proxy(redis_server.port) as proxy,
-        TickwireServer(through(proxy, redis_server)) as srv,
-        recorder(srv.url) as c,
-        Publisher(PublisherConfig(redis_url=redis_server.url)) as pub,
-    ):
+    async with proxied(redis_server) as (proxy, srv, c, pub):
         await c.request("subscribe", channels=[T.name, E.name])
         i = await first_events(pub, c, T, trades)
         j = await first_events(pub, c, E, eth)
