@@ -26,6 +26,20 @@ from tickwire.feeds.bridges.core import Delivery
 from tickwire.feeds.bridges.mapping import BridgeMap
 
 log = logging.getLogger("tickwire.feeds.bridge.nats")
+#: Tokens of a JetStream reply subject in its first form: `$JS.ACK.<stream>.<consumer>.
+#: <delivered>.<stream seq>.<consumer seq>.<time>.<pending>`; the later form adds a domain
+#: and an account hash after `ACK` (and a token at the end): `Msg.Ack`'s indices.
+_V1_TOKENS = 9
+
+
+def stream_sequence(reply: str) -> int:
+    """A JetStream message's stream sequence, read off its reply subject as nats-py's
+    `Msg.metadata` reads it, without the timestamp and the objects that builds for every
+    message (a seventh of a draining bridge's CPU)."""
+    tokens = reply.split(".")
+    if len(tokens) < _V1_TOKENS or tokens[0] != Msg.Ack.Prefix0 or tokens[1] != Msg.Ack.Prefix1:
+        raise nats.errors.NotJSMessageError
+    return int(tokens[5] if len(tokens) == _V1_TOKENS else tokens[Msg.Ack.StreamSeq])
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +173,7 @@ class NatsSource:
             if msgs:
                 token = self._token
                 return [
-                    Delivery(m.subject, m.data, f"{token}{m.metadata.sequence.stream}", handle=m)
+                    Delivery(m.subject, m.data, f"{token}{stream_sequence(m.reply)}", handle=m)
                     for m in msgs
                 ]
 

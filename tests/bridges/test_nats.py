@@ -8,6 +8,7 @@ from pathlib import Path
 
 import nats
 import orjson
+import pytest
 
 from tests.bridges.conftest import (
     expected,
@@ -158,3 +159,19 @@ async def killed_between_store_and_ack(
     assert "restarting it after stream seq 0" in text
     assert "80 stored, 20 duplicates dropped" in text, text
     conn.close()
+
+
+def test_the_stream_sequence_is_read_off_either_form_of_reply_subject() -> None:
+    from nats.aio.msg import Msg
+    from nats.errors import NotJSMessageError
+
+    from tickwire.feeds.bridges.nats_source import stream_sequence
+
+    first = "$JS.ACK.MD.nt.1.4242.17.1700000000000000000.5"
+    later = "$JS.ACK._.ACCHASH.MD.nt.2.99.7.1700000000000000000.0.tok"
+    for reply in (first, later, later.rpartition(".")[0]):
+        assert stream_sequence(reply) == Msg.Metadata._from_reply(reply).sequence.stream
+    assert [stream_sequence(first), stream_sequence(later)] == [4242, 99]
+    for bad in ("_INBOX.abc", "$JS.ACK.MD.nt.1", "$JS.NAK.MD.nt.1.4242.17.1700000000000000000.5"):
+        with pytest.raises(NotJSMessageError):
+            stream_sequence(bad)
