@@ -1,8 +1,12 @@
-"""NATS JetStream adapter: a durable pull consumer, acknowledged per message after the append.
+"""NATS JetStream adapter: a durable pull consumer, acknowledged per round after the append.
 
 The id a message is stored once under is its stream sequence, prefixed with the stream's
 creation time so that a stream deleted and created again (sequences from 1 again) is never
 taken for redeliveries of the old one.
+
+Messages are pulled with JetStream's own requests (`CONSUMER.MSG.NEXT`) on an inbox whose
+callback collects them, not with nats-py's `fetch`, which awaits each message through a task
+and a `wait_for` of its own: that was most of a draining bridge's CPU.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,8 +22,10 @@ from typing import Any
 import nats
 import nats.errors
 import nats.js.errors
+import orjson
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from tickwire.core.errors import ConfigError
@@ -26,6 +33,15 @@ from tickwire.feeds.bridges.core import Delivery
 from tickwire.feeds.bridges.mapping import BridgeMap
 
 log = logging.getLogger("tickwire.feeds.bridge.nats")
+#: Pull request statuses that end a request: no messages (a `no_wait` request found none),
+#: request timeout (its `expires` passed), conflict (e.g. the consumer was deleted or changed).
+_ENDS_REQUEST = frozenset({"404", "408", "409"})
+#: An idle heartbeat or flow control: nothing to do.
+_CONTROL = "100"
+#: Seconds past a request's `expires` after which it is taken as lost (a reconnection drops it
+#: on the server's side without a word).
+_LOST_AFTER_S = 1.0
+
 #: Tokens of a JetStream reply subject in its first form: `$JS.ACK.<stream>.<consumer>.
 #: <delivered>.<stream seq>.<consumer seq>.<time>.<pending>`; the later form adds a domain
 #: and an account hash after `ACK` (and a token at the end): `Msg.Ack`'s indices.
@@ -87,8 +103,18 @@ class NatsSource:
         self.map_ = bridge_map
         self.options = NatsOptions.of(bridge_map)
         self._nc: NatsClient | None = None
-        self._sub: Any = None
+        self._sub: Subscription | None = None
         self._js: Any = None
+        #: Where pull requests go, and the inbox their messages come to.
+        self._next_subject = ""
+        self._inbox = ""
+        #: Messages pulled and not yet handed out, in stream order.
+        self._got: list[Msg] = []
+        #: Messages the open pull request may still bring (0: none open), and when it is taken
+        #: as lost (monotonic).
+        self._owed = 0
+        self._lost_at = 0.0
+        self._arrived = asyncio.Event()
         self._token = ""
         self._closing = False
         #: The error last logged: one line per outage, not one per reconnection attempt.
@@ -114,9 +140,11 @@ class NatsSource:
         if info.created is not None:
             self._token = f"{int(info.created.timestamp() * 1e6):x}:"
         await self._ensure_consumer()
-        self._sub = await self._js.pull_subscribe_bind(
-            durable=self.options.durable, stream=self.options.stream
+        self._next_subject = (
+            f"$JS.API.CONSUMER.MSG.NEXT.{self.options.stream}.{self.options.durable}"
         )
+        self._inbox = self._nc.new_inbox()
+        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_message)
 
     async def _ensure_consumer(self) -> None:
         """Create the durable consumer, or restart it from its ack floor when it has messages
@@ -160,22 +188,66 @@ class NatsSource:
             await self._nc.close()
 
     async def receive(self, limit: int) -> list[Delivery]:
-        while True:
-            try:
-                msgs: list[Msg] = await self._sub.fetch(limit, timeout=self.options.fetch_timeout_s)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue
-            except nats.errors.Error as exc:
-                # Disconnected: the client reconnects by itself; ask again shortly.
-                log.debug("fetch failed (%s); asking again", exc)
-                await asyncio.sleep(0.1)
-                continue
-            if msgs:
-                token = self._token
-                return [
-                    Delivery(m.subject, m.data, f"{token}{stream_sequence(m.reply)}", handle=m)
-                    for m in msgs
-                ]
+        """What has been pulled, up to `limit`: first whatever the stream holds now (a request
+        that does not wait), else the first messages a waiting request brings."""
+        while not self._got:
+            if self._owed and time.monotonic() > self._lost_at:
+                self._owed = 0
+            if not self._owed:
+                try:
+                    await self._pull(limit, wait=False)
+                    if not self._got:
+                        await self._pull(limit, wait=True)
+                except nats.errors.Error as exc:
+                    # Disconnected: the client reconnects by itself; ask again shortly.
+                    log.debug("pull request failed (%s); asking again", exc)
+                    await asyncio.sleep(0.1)
+                    continue
+            if not self._got:
+                self._arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), self.options.fetch_timeout_s)
+        msgs, self._got = self._got[:limit], self._got[limit:]
+        token = self._token
+        return [
+            Delivery(m.subject, m.data, f"{token}{stream_sequence(m.reply)}", handle=m)
+            for m in msgs
+        ]
+
+    async def _pull(self, limit: int, *, wait: bool) -> None:
+        """Ask for up to `limit` messages; without `wait`, also wait for the answer (JetStream
+        sends what it holds at once, then ends the request)."""
+        assert self._nc is not None
+        expires_s = self.options.fetch_timeout_s
+        request: dict[str, Any] = {"batch": limit}
+        if wait:
+            request["expires"] = int(expires_s * 1e9)
+        else:
+            request["no_wait"] = True
+        self._owed = limit
+        self._lost_at = time.monotonic() + expires_s + _LOST_AFTER_S
+        self._arrived.clear()
+        await self._nc.publish(self._next_subject, orjson.dumps(request), reply=self._inbox)
+        if not wait:
+            while self._owed and time.monotonic() < self._lost_at:
+                self._arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), expires_s + _LOST_AFTER_S)
+            self._owed = 0
+
+    async def _on_message(self, msg: Msg) -> None:
+        headers = msg.headers or {}
+        status = headers.get("Status")
+        if status is None:
+            self._got.append(msg)
+            self._owed = max(0, self._owed - 1)
+        elif status == _CONTROL:
+            return
+        else:
+            if status not in _ENDS_REQUEST:
+                log.warning("pull request refused: %s %s", status, headers.get("Description", ""))
+            self._owed = 0
+        self._arrived.set()
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         # The consumer acks "this one and every one before it" (AckPolicy.ALL): one ack a round,
