@@ -259,9 +259,11 @@ class NatsSource:
             log.debug("ack failed (%s); they will be redelivered and dropped", exc)
 
     async def hold(self, deliveries: Sequence[Delivery]) -> None:
-        for d in deliveries:
+        # The messages a waiting pull brought since the round began are held too: JetStream
+        # would redeliver them after `ack_wait` behind newer ones.
+        for m in [*(d.handle for d in deliveries), *self._got]:
             with contextlib.suppress(nats.errors.Error):
-                await d.handle.in_progress()
+                await m.in_progress()
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         headers = {"Tickwire-Reason": reason[:1000], "Tickwire-Subject": delivery.route}
