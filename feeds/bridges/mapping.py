@@ -303,6 +303,10 @@ class MappedEvent:
     msg_id: str
 
 
+#: Route keys whose route `BridgeMapper` remembers.
+ROUTE_CACHE_SIZE = 65_536
+
+
 class BridgeMapper:
     """Broker message → (channel, encoded body); sans-I/O."""
 
@@ -319,10 +323,23 @@ class BridgeMapper:
                 if name not in consts
             ]
             self._plans.append((route, plan))
+        #: `route_of`'s answers by (route key, queue): a desk's subjects repeat (one or a few
+        #: per symbol), and matching them against the templates was a tenth of a bridge's CPU.
+        self._routes: dict[tuple[str, str], tuple[Route, list[tuple[str, list[str]]], str]] = {}
 
     def route_of(
         self, route_key: str, queue: str = ""
     ) -> tuple[Route, list[tuple[str, list[str]]], str]:
+        key = (route_key, queue)
+        found = self._routes.get(key)
+        if found is None:
+            found = self._match(route_key, queue)
+            if len(self._routes) >= ROUTE_CACHE_SIZE:
+                self._routes.clear()  # subjects without bound (an id in each): start over
+            self._routes[key] = found
+        return found
+
+    def _match(self, route_key: str, queue: str) -> tuple[Route, list[tuple[str, list[str]]], str]:
         for route, plan in self._plans:
             if route.queue != queue:
                 continue

@@ -181,3 +181,26 @@ def test_map_errors_say_what_is_wrong(broker: Broker, data: dict[str, Any], mess
     data = {"bridge": {"on_unmapped": "skip"}, **data}
     with pytest.raises(ConfigError, match=message):
         parse_bridge_map(data, broker)
+
+
+def test_remembered_routes_answer_as_matching_does_within_a_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tickwire.feeds.bridges import mapping
+
+    monkeypatch.setattr(mapping, "ROUTE_CACHE_SIZE", 8)
+    m = mapper(
+        "nats",
+        {"channel": "trades", "subject": "md.trades.{symbol}"},
+        {"channel": "quotes", "subject": "md.quotes.{symbol}"},
+    )
+    keys = [f"md.{kind}.S{i % 11}" for i in range(60) for kind in ("trades", "quotes")]
+    for key in keys:
+        route, plan, symbol = m.route_of(key)
+        assert (route, plan, symbol) == m._match(key, "")
+        assert route.channel == key.split(".")[1] and symbol == key.split(".")[2]
+        assert len(m._routes) <= 8
+    # What matches nothing is refused each time, not remembered as something else.
+    for _ in range(2):
+        with pytest.raises(Unmapped, match="no route"):
+            m.route_of("md.bars.S1")
