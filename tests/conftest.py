@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
+import inspect
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+import traceback
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator, Mapping
+from typing import Any
 
 import pytest
 import uvloop
@@ -27,6 +31,88 @@ def pytest_asyncio_loop_factories(
     if item.get_closest_marker("uvloop_only"):
         return {"uvloop": uvloop.new_event_loop}
     return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+#: How long before pytest-timeout's limit an async test is cancelled by its own loop.
+GUARD_MARGIN_S = 5.0
+
+
+def time_limit_of(item: pytest.Item) -> float:
+    """pytest-timeout's limit for `item` (its `--timeout` or the ini's), 0 if none."""
+    marker = item.get_closest_marker("timeout")
+    if marker is not None and marker.args:
+        return float(marker.args[0])
+    return float(item.config.getoption("timeout", None) or item.config.getini("timeout") or 0)
+
+
+def _first_of(obj: object, *names: str) -> Any:
+    return next((getattr(obj, n) for n in names if hasattr(obj, n)), None)
+
+
+def task_stacks(loop: asyncio.AbstractEventLoop) -> str:
+    """Every task of `loop` with the chain of awaits it is suspended in (`Task.print_stack`
+    shows only the outermost coroutine)."""
+    out = []
+    for task in asyncio.all_tasks(loop):
+        frames = []
+        awaited: Any = task.get_coro()
+        # Coroutines, generators (`yield from`) and async generators name them differently.
+        while (frame := _first_of(awaited, "cr_frame", "gi_frame", "ag_frame")) is not None:
+            frames.append((frame, frame.f_lineno))
+            awaited = _first_of(awaited, "cr_await", "gi_yieldfrom", "ag_await")
+        stack = "".join(traceback.StackSummary.extract(iter(frames)).format())
+        out.append(f"{task.get_name()}:\n{stack}")
+    return "\n".join(out)
+
+
+def guarded(
+    test: Callable[..., Coroutine[Any, Any, Any]], limit: float
+) -> Callable[..., Coroutine[Any, Any, Any]]:
+    """`test` cancelled by its own loop after `limit` s, failing with every task's stack.
+
+    pytest-timeout cannot stop a test on uvloop: its SIGALRM handler runs only when the loop
+    next calls into Python, and what it raises there the loop logs as a callback's error, so a
+    hung test hung `make test` (a NATS bridge test sat 14 minutes past its 120 s limit)."""
+
+    @functools.wraps(test)
+    async def run(*args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        stacks: list[str] = []
+
+        def expire() -> None:
+            stacks.append(task_stacks(loop))
+            task.cancel()
+
+        timer = loop.call_later(limit, expire)
+        try:
+            result = await test(*args, **kwargs)
+        except asyncio.CancelledError:
+            if not stacks:
+                raise
+        finally:
+            timer.cancel()
+        if not stacks:
+            return result
+        # Also when the test went on: the cancel can end a wait the code under test takes for
+        # its stop signal, and the test then passes (40 s late).
+        pytest.fail(f"timed out after {limit:g} s; the loop's tasks:\n{stacks[0]}", pytrace=False)
+
+    return run
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
+    limit = time_limit_of(item) - GUARD_MARGIN_S
+    test = getattr(item, "obj", None)
+    if limit <= 0 or not inspect.iscoroutinefunction(test):
+        return (yield)
+    item.obj = guarded(test, limit)  # type: ignore[attr-defined]
+    try:
+        return (yield)
+    finally:
+        item.obj = test  # type: ignore[attr-defined]
 
 
 def timeout(seconds: float) -> float:

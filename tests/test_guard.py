@@ -1,0 +1,60 @@
+"""The suite's own guard: a hung async test fails with its tasks' stacks, on either loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+import pytest
+import uvloop
+
+from tests.conftest import guarded
+
+
+async def stuck_helper() -> None:
+    await asyncio.Event().wait()
+
+
+async def hung_test() -> None:
+    helper = asyncio.create_task(stuck_helper(), name="the-helper")
+    await asyncio.Event().wait()
+    helper.cancel()
+
+
+@pytest.mark.parametrize("new_loop", [asyncio.new_event_loop, uvloop.new_event_loop])
+def test_a_hung_async_test_fails_in_time_with_every_task_stack(
+    new_loop: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    with (
+        asyncio.Runner(loop_factory=new_loop) as runner,
+        pytest.raises(pytest.fail.Exception) as failed,
+    ):
+        runner.run(guarded(hung_test, 0.05)())
+    text = str(failed.value)
+    assert text.startswith("timed out after 0.05 s")
+    assert "in hung_test" in text
+    assert "the-helper" in text and "in stuck_helper" in text
+
+
+def test_a_test_that_ends_in_time_is_left_alone() -> None:
+    async def quick() -> int:
+        await asyncio.sleep(0)
+        return 7
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(guarded(quick, 5.0)()) == 7
+
+
+async def swallowing_test() -> None:
+    # Code under test that takes a cancel for its stop signal.
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.Event().wait()
+
+
+def test_a_hung_test_fails_though_its_code_takes_the_cancel_for_a_stop() -> None:
+    with (
+        asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner,
+        pytest.raises(pytest.fail.Exception, match=r"timed out after 0\.05 s"),
+    ):
+        runner.run(guarded(swallowing_test, 0.05)())
