@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import random
 import socket
@@ -35,6 +34,7 @@ import orjson
 from tickwire.bench.sink import SinkProtocol, client_frame
 from tickwire.core.collector import FreezePolicy, PauseTimer
 from tickwire.core.runtime import raise_open_files_limit, tune_gc
+from tickwire.core.waits import wait_set
 
 #: Linux: bind picks no port, connect does (per destination), so one source address is not
 #: limited to one ephemeral port range shared by every socket bound to it.
@@ -317,8 +317,7 @@ class Load:
     ) -> None:
         while not done.is_set():
             say(progress=count(), **detail())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), 0.5)
+            await wait_set(done, 0.5)
 
     def report(self, path: str) -> None:
         m = self.measure

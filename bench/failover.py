@@ -35,6 +35,7 @@ from tickwire.core.redis_cluster import ClusterConnection, Node, SlotMap
 from tickwire.core.redis_process import RedisCluster, pending_to_replicas
 from tickwire.core.redis_slots import channel_slot
 from tickwire.core.redis_target import open_redis
+from tickwire.core.waits import wait_set
 from tickwire.feeds.publisher import Publisher
 
 
@@ -149,9 +150,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 say(f"replica promoted after {promoted_at - killed_at:.2f} s")
                 seen.waiting = {f"trades:{s}" for s in owners}
                 seen.since = promoted_at
-                try:
-                    await asyncio.wait_for(seen.flowing.wait(), 60)
-                except TimeoutError:
+                if not await wait_set(seen.flowing, 60):
                     say(f"no events after the promotion on {sorted(seen.waiting)}")
 
                 await asyncio.sleep(args.after)

@@ -12,7 +12,6 @@ written once more then, so it lapses a retention after that (within the pass's `
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -21,6 +20,7 @@ from tickwire.core.channels import BAR_DEMAND_KEY, ChannelPattern, is_on_demand
 from tickwire.core.commands import Arg, RedisReplyError
 from tickwire.core.errors import RedisUnavailable
 from tickwire.core.redis_target import RedisLink, RedisTopology
+from tickwire.core.waits import wait_set
 from tickwire.server.hub import Hub
 
 log = logging.getLogger("tickwire.server.demand")
@@ -87,8 +87,7 @@ class BarDemand:
         backoff = 0.1
         try:
             while True:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), renew if self.recorded else None)
+                await wait_set(self._wakeup, renew if self.recorded else None)
                 self._wakeup.clear()
                 try:
                     await self.record()

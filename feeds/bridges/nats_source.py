@@ -29,6 +29,7 @@ from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from tickwire.core.errors import ConfigError
+from tickwire.core.waits import wait_set
 from tickwire.feeds.bridges.core import Delivery
 from tickwire.feeds.bridges.mapping import BridgeMap
 
@@ -205,8 +206,7 @@ class NatsSource:
                     continue
             if not self._got:
                 self._arrived.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._arrived.wait(), self.options.fetch_timeout_s)
+                await wait_set(self._arrived, self.options.fetch_timeout_s)
         msgs, self._got = self._got[:limit], self._got[limit:]
         token = self._token
         return [
@@ -231,8 +231,7 @@ class NatsSource:
         if not wait:
             while self._owed and time.monotonic() < self._lost_at:
                 self._arrived.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._arrived.wait(), expires_s + _LOST_AFTER_S)
+                await wait_set(self._arrived, expires_s + _LOST_AFTER_S)
             self._owed = 0
 
     async def _on_message(self, msg: Msg) -> None:

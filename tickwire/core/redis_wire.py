@@ -74,7 +74,9 @@ class RedisAddress:
                 opening = loop.create_unix_connection(factory, self.path)
             else:
                 opening = loop.create_connection(factory, self.host, self.port)
-            transport, protocol = await asyncio.wait_for(opening, timeout)
+            # Not wait_for: on Python 3.11 it can lose a cancel (`tickwire.core.waits`).
+            async with asyncio.timeout(timeout):
+                transport, protocol = await opening
         except (OSError, TimeoutError) as exc:
             raise RedisUnavailable(f"cannot connect to {self}: {exc or 'timeout'}") from None
         return transport, protocol

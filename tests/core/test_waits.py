@@ -1,0 +1,62 @@
+"""Timed waits that never lose a cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import Awaitable, Callable
+
+from tests.conftest import timeout
+from tickwire.core.waits import wait_set
+
+
+async def wait_for_set(event: asyncio.Event, limit: float) -> bool:
+    """The wait `wait_set` replaces, for comparison."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), limit)
+    return event.is_set()
+
+
+async def cancelled_as_the_event_is_set(
+    wait: Callable[[asyncio.Event, float], Awaitable[bool]],
+) -> bool:
+    """Whether a loop around `wait` stops when cancelled just as its event is set."""
+    event = asyncio.Event()
+
+    async def consume_for_ever() -> None:
+        while True:
+            await wait(event, 30.0)
+            event.clear()
+
+    task = asyncio.create_task(consume_for_ever())
+    # Two turns: the task starts its wait, then wait_for's inner task starts waiting on the event.
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    event.set()
+    task.cancel()
+    # asyncio.wait, not a timeout around `await task`: its expiry would cancel the task again.
+    await asyncio.wait({task}, timeout=timeout(0.5))
+    stopped = task.done()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return stopped
+
+
+async def test_a_cancel_that_comes_as_the_event_is_set_stops_the_waiting_loop() -> None:
+    assert await cancelled_as_the_event_is_set(wait_set)
+
+
+async def test_wait_for_loses_that_cancel_before_python_3_12() -> None:
+    # Why wait_set exists (CPython gh-86296, fixed in 3.12).
+    lost = not await cancelled_as_the_event_is_set(wait_for_set)
+    assert lost == (sys.version_info < (3, 12))
+
+
+async def test_wait_set_tells_set_from_timed_out() -> None:
+    event = asyncio.Event()
+    assert not await wait_set(event, 0.01)
+    asyncio.get_running_loop().call_soon(event.set)
+    assert await wait_set(event, timeout(5))
+    assert await wait_set(event, 0)  # already set: no wait at all
