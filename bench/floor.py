@@ -8,12 +8,13 @@ that: a source process writes its clock `rate` times a second into a chain of re
 and the last one records the arrival time. `tickwire bench --floor` prints it beside the figures
 of the same run, so a latency can be read against what the machine allows at that moment.
 
-Run as `python -m tickwire.bench.floor ROLE PORT …` by `measure_floor` itself.
+Run as `python -m tickwire.bench.floor ROLE PORT RATE SECONDS COUNT` by `measure_floor` itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import subprocess
 import sys
@@ -31,6 +32,10 @@ from tickwire.core.redis_process import free_port
 class Floor:
     hops: int
     rate: float
+    #: Timestamps the source wrote, and those the last hop received.
+    sent: int
+    received: int
+    #: Those the percentiles are of: the first fifth received is left out.
     samples: int
     p50_us: float
     p90_us: float
@@ -46,14 +51,18 @@ class _Relay(asyncio.Protocol):
 
 
 class _Sink(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, expected: int) -> None:
         self.latencies: list[int] = []
         self._rest = b""
+        self.expected = expected
+        self.complete = asyncio.Event()
 
     def data_received(self, data: bytes) -> None:
         now = time.time_ns()
         *lines, self._rest = (self._rest + data).split(b"\n")
         self.latencies += [now - int(line) for line in lines]
+        if len(self.latencies) >= self.expected:
+            self.complete.set()
 
 
 def _nodelay(transport: asyncio.BaseTransport) -> None:
@@ -62,18 +71,21 @@ def _nodelay(transport: asyncio.BaseTransport) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-async def _serve(role: str, port: int, rate: float, seconds: float) -> None:
+async def _serve(role: str, port: int, rate: float, seconds: float, count: int) -> None:
     loop = asyncio.get_running_loop()
     if role == "sink":
-        sink = _Sink()
+        sink = _Sink(count)
         server = await loop.create_server(lambda: sink, "127.0.0.1", port)
         print("ready", flush=True)
-        await asyncio.sleep(seconds)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await sink.complete.wait()
         server.close()
         # The first fifth is left out: connections and caches settling.
-        ns = np.array(sink.latencies[len(sink.latencies) // 5 :], dtype=np.float64)
+        received = len(sink.latencies)
+        ns = np.array(sink.latencies[received // 5 :], dtype=np.float64)
         p50, p90, p99 = np.percentile(ns / 1000, [50, 90, 99]) if len(ns) else (0, 0, 0)
-        print(f"{len(ns)} {p50:.1f} {p90:.1f} {p99:.1f}", flush=True)
+        print(f"{received} {len(ns)} {p50:.1f} {p90:.1f} {p99:.1f}", flush=True)
     elif role == "relay":
         out, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port + 1)
         _nodelay(out)
@@ -84,14 +96,17 @@ async def _serve(role: str, port: int, rate: float, seconds: float) -> None:
     else:
         out, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
         _nodelay(out)
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
+        # `count` timestamps on a fixed schedule: a source slowed down (a busy machine) sends
+        # late, not fewer.
+        start = time.monotonic()
+        for i in range(count):
+            await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
             out.write(b"%d\n" % time.time_ns())
-            await asyncio.sleep(1 / rate)
 
 
 def measure_floor(hops: int = 3, rate: float = 1000.0, seconds: float = 5.0) -> Floor:
     """Relay `rate` timestamps a second through `hops` loopback hops for `seconds`."""
+    count = max(1, round(rate * seconds))
     # Consecutive free ports: relay i listens on base + i and writes to base + i + 1.
     base = free_port()
     while any(not _port_free(base + i) for i in range(hops)):
@@ -103,7 +118,7 @@ def measure_floor(hops: int = 3, rate: float = 1000.0, seconds: float = 5.0) -> 
         for i in range(hops - 1, -1, -1):
             role = "sink" if i == hops - 1 else "relay"
             proc = subprocess.Popen(
-                [*cmd, role, str(base + i), str(rate), str(wait)],
+                [*cmd, role, str(base + i), str(rate), str(wait), str(count)],
                 stdout=subprocess.PIPE,
                 text=True,
                 cwd=tempfile.gettempdir(),  # not a checkout, whose `tickwire/` has no bench
@@ -113,13 +128,13 @@ def measure_floor(hops: int = 3, rate: float = 1000.0, seconds: float = 5.0) -> 
             if proc.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"the floor's {role} did not start")
         subprocess.run(
-            [*cmd, "source", str(base), str(rate), str(seconds)],
+            [*cmd, "source", str(base), str(rate), str(seconds), str(count)],
             check=True,
             cwd=tempfile.gettempdir(),
         )
         out, _ = procs[0].communicate(timeout=wait + 10)
-        n, p50, p90, p99 = out.split()
-        return Floor(hops, rate, int(n), float(p50), float(p90), float(p99))
+        received, n, p50, p90, p99 = out.split()
+        return Floor(hops, rate, count, int(received), int(n), float(p50), float(p90), float(p99))
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -137,4 +152,5 @@ def _port_free(port: int) -> bool:
 
 
 if __name__ == "__main__":
-    uvloop.run(_serve(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])))
+    role, port, rate, seconds, count = sys.argv[1:6]
+    uvloop.run(_serve(role, int(port), float(rate), float(seconds), int(count)))
