@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import functools
 import gc
 import inspect
 import os
+import sys
+import threading
 import time
 import traceback
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator, Mapping
@@ -113,6 +116,44 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
         return (yield)
     finally:
         item.obj = test  # type: ignore[attr-defined]
+
+
+def last_resort_after(limit: float) -> float:
+    """How long after an item's time limit `pytest_runtest_protocol` ends the run."""
+    return max(5.0, limit / 4)
+
+
+def end_the_run(item: pytest.Item, limit: float) -> None:
+    """Print every thread's stack and exit: `item` outlived its limit where nothing could
+    stop it (an async fixture on uvloop, say), and a hung run would hang CI with no word."""
+    capture = item.config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:
+        capture.suspend_global_capture(in_=True)  # or the words go to a capture file
+    sys.stderr.write(
+        f"\n{item.nodeid} outlived its {limit:g} s time limit by {last_resort_after(limit):g} s "
+        "and nothing stopped it: ending the run. Every thread's stack:\n"
+    )
+    faulthandler.dump_traceback(all_threads=True)
+    sys.stderr.flush()
+    os._exit(1)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(
+    item: pytest.Item, nextitem: pytest.Item | None
+) -> Generator[None, object, object]:
+    """The last resort: pytest-timeout's limit covers an item's set-up, call and tear-down,
+    but cannot interrupt uvloop, and `guarded` covers only an async test's body."""
+    limit = time_limit_of(item)
+    if limit <= 0:
+        return (yield)
+    timer = threading.Timer(limit + last_resort_after(limit), end_the_run, (item, limit))
+    timer.daemon = True
+    timer.start()
+    try:
+        return (yield)
+    finally:
+        timer.cancel()
 
 
 def timeout(seconds: float) -> float:

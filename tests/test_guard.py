@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import uvloop
 
-from tests.conftest import guarded
+from tests.conftest import guarded, timeout
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 async def stuck_helper() -> None:
@@ -58,3 +64,42 @@ def test_a_hung_test_fails_though_its_code_takes_the_cancel_for_a_stop() -> None
         pytest.raises(pytest.fail.Exception, match=r"timed out after 0\.05 s"),
     ):
         runner.run(guarded(swallowing_test, 0.05)())
+
+
+PYTEST = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"]
+HUNG_TEARDOWN = """
+import asyncio
+import pytest
+
+
+@pytest.fixture
+async def stuck():
+    yield
+    await asyncio.Event().wait()
+
+
+@pytest.mark.uvloop_only
+async def test_whose_fixture_hangs_on_uvloop(stuck):
+    pass
+"""
+
+
+def test_a_run_stuck_where_nothing_can_stop_it_ends_with_every_stack(tmp_path: Path) -> None:
+    (tmp_path / "conftest.py").write_text(
+        "from tests.conftest import (  # noqa: F401\n"
+        "    pytest_asyncio_loop_factories, pytest_runtest_call, pytest_runtest_protocol\n"
+        ")\n"
+    )
+    (tmp_path / "test_stuck.py").write_text(HUNG_TEARDOWN)
+    run = subprocess.run(
+        [*PYTEST, "-o", "asyncio_mode=auto", "--timeout", "2", "test_stuck.py"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=timeout(60),
+    )
+    assert run.returncode == 1
+    assert "test_stuck.py::test_whose_fixture_hangs_on_uvloop outlived its 2 s" in run.stderr
+    assert "Thread 0x" in run.stderr and "most recent call first" in run.stderr
