@@ -1,7 +1,16 @@
 from __future__ import annotations
 
+import orjson
+
 from tickwire.core.events import encode_body
-from tickwire.core.stream import complete_body, entry_id, epoch_of, publish_ns_of, seq_of
+from tickwire.core.stream import (
+    complete_bodies,
+    complete_body,
+    entry_id,
+    epoch_of,
+    publish_ns_of,
+    seq_of,
+)
 
 
 def test_epoch_and_publish_time_read_from_event_bytes() -> None:
@@ -19,3 +28,22 @@ def test_epoch_and_publish_time_read_from_event_bytes() -> None:
 
 def test_entry_id_round_trips_seq() -> None:
     assert seq_of(entry_id(1041)) == 1041
+
+
+def test_completed_bodies_carry_their_epoch_and_consecutive_seqs_one_or_many() -> None:
+    bodies = [
+        encode_body(
+            "trade", "AAPL", n, n, {"price": 1.5, "size": n, "side": "buy", "trade_id": str(n)}
+        )
+        for n in (1, 2, 3)
+    ]
+    for epoch in ("a1b2", "c3d4", "a1b2"):  # an epoch seen before comes from the cache
+        many = complete_bodies(bodies, epoch, 41)
+        one = complete_bodies(bodies[:1], epoch, 41)
+        assert one == many[:1]
+        events = [orjson.loads(b) for b in many]
+        assert [(e["epoch"], e["seq"], e["size"]) for e in events] == [
+            (epoch, 41, 1),
+            (epoch, 42, 2),
+            (epoch, 43, 3),
+        ]

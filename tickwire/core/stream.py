@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -35,10 +36,18 @@ TAIL_SEQ = b'","seq":'
 TAIL_FIXED = len(TAIL_HEAD) + len(TAIL_SEQ) + 1
 
 
+@functools.lru_cache(maxsize=4096)
+def _tail(epoch: str) -> bytes:
+    return TAIL_HEAD + epoch.encode() + TAIL_SEQ
+
+
 def complete_bodies(bodies: Sequence[bytes], epoch: str, first_seq: int) -> list[bytes]:
     """The full event bytes of consecutive bodies from `first_seq`: each with the tail the
     store checks (the publisher writes it, `tickwire.feeds.store`)."""
-    tail = TAIL_HEAD + epoch.encode() + TAIL_SEQ
+    tail = _tail(epoch)
+    if len(bodies) == 1:
+        # A paced feed's usual batch: one event of a channel per release.
+        return [b"%s%s%d}" % (bodies[0], tail, first_seq)]
     return [b"%s%s%d}" % (b, tail, q) for q, b in enumerate(bodies, first_seq)]
 
 
