@@ -135,13 +135,21 @@ class BridgeProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        """SIGTERM, as a service manager stops it: the bridge must end by itself, in time (a
+        kill after a quiet 10 s hid a NATS bridge that never stopped)."""
+        if self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout(10))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail(f"the bridge did not stop within 10 s of SIGTERM:\n{self.log()}")
+
+    def stopped_cleanly(self) -> bool:
+        """Whether it ended on its own with its closing summary."""
+        return self.proc.returncode == 0 and "bridge stopped:" in self.log()
 
 
 def start_bridge(

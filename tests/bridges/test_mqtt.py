@@ -128,6 +128,7 @@ async def killed_between_store_and_ack(
         await wait_stored(conn, CHANNELS, 100, second)
     finally:
         second.stop()
+    assert second.stopped_cleanly(), second.log()
     assert await trade_ids(conn, SYMBOLS) == expected(SYMBOLS, 100)
     # The broker resent what the dead bridge had stored and not acknowledged: dropped by id.
     assert f"{100 - before} stored, {before} duplicates dropped" in second.log()

@@ -153,6 +153,7 @@ async def killed_between_store_and_ack(
         await wait_stored(conn, CHANNELS, 100, second)
     finally:
         second.stop()
+    assert second.stopped_cleanly(), second.log()
     assert await trade_ids(conn, SYMBOLS) == expected(SYMBOLS, 100)
     # RabbitMQ requeued the dead bridge's unacknowledged round in place: redelivered first,
     # and dropped by message id.
