@@ -72,6 +72,7 @@ from tickwire.clients.messages import (
     Welcome,
 )
 from tickwire.clients.session import ClientSession
+from tickwire.core.waits import cancel_and_wait
 
 log = logging.getLogger("tickwire.clients")
 
@@ -276,9 +277,7 @@ class Feed:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.close(), self.config.close_timeout_s + 1)
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         self._finish(None)
 
     async def __aenter__(self) -> Feed:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import math
 import os
 import sys
@@ -30,6 +29,7 @@ from tickwire.clients.messages import EventBatch, Gap, Received, Reset, Status, 
 from tickwire.core.channels import ChannelPattern
 from tickwire.core.errors import ChannelError
 from tickwire.core.events import Bar, Quote, Trade
+from tickwire.core.waits import cancel_and_wait
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -304,9 +304,7 @@ async def show_table(feed: Feed, board: Board, clock: Callable[[], float] = time
                 else:
                     board.note(msg)
         finally:
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
+            await cancel_and_wait(refresher)
     return 0
 
 

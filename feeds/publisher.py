@@ -28,6 +28,7 @@ from tickwire.core.redis_slots import channel_slot
 from tickwire.core.redis_target import RedisLink, RedisTopology, live_channel_of
 from tickwire.core.redis_wire import RedisConnection
 from tickwire.core.stream import StreamPosition, complete_bodies
+from tickwire.core.waits import cancel_and_wait
 from tickwire.feeds.store import APPEND_LUA
 
 log = logging.getLogger("tickwire.feeds.publisher")
@@ -184,16 +185,15 @@ class Publisher:
         if self._task is None:
             return
         try:
-            await asyncio.wait_for(self.flush(), self.config.close_timeout_s)
+            async with asyncio.timeout(self.config.close_timeout_s):  # see tickwire.core.waits
+                await self.flush()
             await self._forget_marks()
         except TimeoutError:
             log.warning("closing with %d events not yet written", self._pending_events)
         finally:
             if self._watchdog is not None:
                 self._watchdog.cancel()
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             if self._conn is not None:
                 self._conn.close()
             self._task = None

@@ -19,7 +19,6 @@ to the broker. So:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -33,6 +32,7 @@ from tickwire.core.errors import CodecError, ConfigError, RedisUnavailable
 from tickwire.core.redis_cluster import ClusterConnection
 from tickwire.core.redis_slots import channel_slot
 from tickwire.core.redis_target import RedisLink, RedisTopology, live_channel_of
+from tickwire.core.waits import cancel_and_wait
 from tickwire.feeds.bridges.mapping import (
     BridgeMap,
     BridgeMapper,
@@ -430,9 +430,7 @@ async def _until(work: Awaitable[list[Delivery]], stop: asyncio.Event) -> list[D
         stopper.cancel()
     if task.done():
         return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await cancel_and_wait(task)
     return None
 
 

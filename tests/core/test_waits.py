@@ -7,8 +7,10 @@ import contextlib
 import sys
 from collections.abc import Awaitable, Callable
 
+import pytest
+
 from tests.conftest import timeout
-from tickwire.core.waits import wait_set
+from tickwire.core.waits import cancel_and_wait, wait_set
 
 
 async def wait_for_set(event: asyncio.Event, limit: float) -> bool:
@@ -60,3 +62,44 @@ async def test_wait_set_tells_set_from_timed_out() -> None:
     asyncio.get_running_loop().call_soon(event.set)
     assert await wait_set(event, timeout(5))
     assert await wait_set(event, 0)  # already set: no wait at all
+
+
+async def slow_to_stop(stopping: asyncio.Event, release: asyncio.Event) -> None:
+    """A helper whose clean-up takes a while (a last write, a close handshake)."""
+    try:
+        await asyncio.Event().wait()
+    finally:
+        stopping.set()
+        await release.wait()
+
+
+async def test_stopping_a_helper_returns_once_it_has_ended() -> None:
+    stopping, release = asyncio.Event(), asyncio.Event()
+    helper = asyncio.create_task(slow_to_stop(stopping, release))
+    await asyncio.sleep(0)
+    stopper = asyncio.create_task(cancel_and_wait(helper))
+    await stopping.wait()
+    assert not stopper.done()
+    release.set()
+    await stopper  # the helper's CancelledError is not the stopper's
+    assert helper.cancelled()
+
+
+async def test_a_caller_cancelled_while_it_stops_a_helper_is_cancelled() -> None:
+    stopping, release = asyncio.Event(), asyncio.Event()
+    helper = asyncio.create_task(slow_to_stop(stopping, release))
+    await asyncio.sleep(0)
+    went_on = False
+
+    async def close() -> None:
+        nonlocal went_on
+        await cancel_and_wait(helper)
+        went_on = True  # what `suppress(CancelledError)` let happen
+
+    closer = asyncio.create_task(close())
+    await stopping.wait()
+    closer.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await closer
+    assert not went_on and helper.cancelled()

@@ -1,8 +1,10 @@
-"""Timed waits that never lose a cancel (Python 3.11's `asyncio.wait_for` can)."""
+"""Waits that never lose a cancel: timed ones (Python 3.11's `asyncio.wait_for` can), and
+stopping a helper task."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 
 async def wait_set(event: asyncio.Event, timeout: float | None) -> bool:
@@ -20,3 +22,16 @@ async def wait_set(event: asyncio.Event, timeout: float | None) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+async def cancel_and_wait(task: asyncio.Future[Any]) -> None:
+    """Cancel `task` and wait until it has ended, without raising its CancelledError but
+    raising the caller's own: `contextlib.suppress(CancelledError)` around the wait swallowed
+    both, so a caller cancelled while it stopped a helper went on as if it had not been."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
