@@ -105,7 +105,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             ready = asyncio.Event()
             watcher = asyncio.create_task(watch(server.url, seen, ready))
-            await asyncio.wait_for(ready.wait(), 10)
+            async with asyncio.timeout(10):
+                await ready.wait()
             cfg = PublisherConfig(redis_url=cluster.seeds_url, backoff_max_s=0.2)
             stop = asyncio.Event()
             sent = 0

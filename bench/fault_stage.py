@@ -79,7 +79,8 @@ class Flow:
         if self._task is not None:
             await self._task
             self._task = None
-        await asyncio.wait_for(self.pub.flush(), 60)
+        async with asyncio.timeout(60):
+            await self.pub.flush()
         return {c.name: pos for c, pos in self.pub.positions.items()}
 
     async def close(self) -> None:

@@ -210,7 +210,8 @@ class Proxy:
             await asyncio.wait(self._handlers, timeout=1.0)
         if self._server is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await self._server.wait_closed()
             self._server = None
 
     async def __aenter__(self) -> Proxy:

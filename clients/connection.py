@@ -275,7 +275,8 @@ class Feed:
         if ws is not None:
             # The reader sees the close and ends; nothing to cancel mid-frame.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.close(), self.config.close_timeout_s + 1)
+                async with asyncio.timeout(self.config.close_timeout_s + 1):
+                    await ws.close()
         if task is not None:
             await cancel_and_wait(task)
         self._finish(None)

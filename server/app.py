@@ -19,6 +19,7 @@ from tickwire.core.collector import FreezePolicy, PauseTimer
 from tickwire.core.config import ServerConfig, check_exposure
 from tickwire.core.errors import ConfigError
 from tickwire.core.runtime import raise_open_files_limit, tune_gc
+from tickwire.core.waits import wait_set
 from tickwire.server.admission import Admission
 from tickwire.server.auth import Authenticator
 from tickwire.server.connection import FRAME_LIMIT_FACTOR, WRITE_HIGH, WRITE_LOW, Connection
@@ -159,8 +160,7 @@ class TickwireServer:
             asyncio.create_task(self.demand.run(), name="tickwire-bar-demand"),
         ]
         # Serve at once, but give the reader a moment so that the first clients find Redis read.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.reader.ready.wait(), 2.0)
+        await wait_set(self.reader.ready, 2.0)
         log.info("serving on %s (HTTP %s)", self.url, self.http_url)
 
     def stop_serving(self) -> None:
@@ -181,16 +181,16 @@ class TickwireServer:
                 conn.wire.close(1001, "server shutting down")
             closing.append(conn.wire.wait_lost())
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(
-                asyncio.gather(*closing, return_exceptions=True), self.config.shutdown_timeout_s
-            )
+            async with asyncio.timeout(self.config.shutdown_timeout_s):
+                await asyncio.gather(*closing, return_exceptions=True)
         if self._throttle_timer is not None:
             self._throttle_timer.cancel()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._server.wait_closed(), 1.0)
+            async with asyncio.timeout(1.0):
+                await self._server.wait_closed()
         self.history.close()
         self._server = None
 

@@ -124,8 +124,8 @@ class NatsSource:
     async def start(self) -> None:
         # nats-py retries even the first connection for ever when told to reconnect for ever:
         # fail at start instead, as the publisher does, if the server cannot be reached.
-        self._nc = await asyncio.wait_for(
-            nats.connect(
+        async with asyncio.timeout(self.options.connect_timeout_s):
+            self._nc = await nats.connect(
                 self.url,
                 # Ride out broker restarts: reconnect for ever, quickly; the consumer is durable.
                 max_reconnect_attempts=-1,
@@ -133,9 +133,7 @@ class NatsSource:
                 error_cb=self._on_error,
                 disconnected_cb=self._on_disconnected,
                 reconnected_cb=self._on_reconnected,
-            ),
-            self.options.connect_timeout_s,
-        )
+            )
         self._js = self._nc.jetstream()
         info = await self._js.stream_info(self.options.stream)
         if info.created is not None:
