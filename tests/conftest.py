@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
-import functools
 import gc
 import inspect
 import os
@@ -36,7 +35,7 @@ def pytest_asyncio_loop_factories(
     return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 
-#: How long before pytest-timeout's limit an async test is cancelled by its own loop.
+#: How long before pytest-timeout's limit an async test or fixture is cancelled by its own loop.
 GUARD_MARGIN_S = 5.0
 
 
@@ -68,54 +67,59 @@ def task_stacks(loop: asyncio.AbstractEventLoop) -> str:
     return "\n".join(out)
 
 
-def guarded(
-    test: Callable[..., Coroutine[Any, Any, Any]], limit: float
-) -> Callable[..., Coroutine[Any, Any, Any]]:
-    """`test` cancelled by its own loop after `limit` s, failing with every task's stack.
+async def guard(work: Coroutine[Any, Any, Any], limit: float) -> Any:
+    """`work`, cancelled by its own loop after `limit` s, failing with every task's stack.
 
     pytest-timeout cannot stop a test on uvloop: its SIGALRM handler runs only when the loop
     next calls into Python, and what it raises there the loop logs as a callback's error, so a
     hung test hung `make test` (a NATS bridge test sat 14 minutes past its 120 s limit)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    stacks: list[str] = []
 
-    @functools.wraps(test)
-    async def run(*args: Any, **kwargs: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        stacks: list[str] = []
+    def expire() -> None:
+        stacks.append(task_stacks(loop))
+        task.cancel()
 
-        def expire() -> None:
-            stacks.append(task_stacks(loop))
-            task.cancel()
-
-        timer = loop.call_later(limit, expire)
-        try:
-            result = await test(*args, **kwargs)
-        except asyncio.CancelledError:
-            if not stacks:
-                raise
-        finally:
-            timer.cancel()
-        if not stacks:
-            return result
-        # Also when the test went on: the cancel can end a wait the code under test takes for
-        # its stop signal, and the test then passes (40 s late).
-        pytest.fail(f"timed out after {limit:g} s; the loop's tasks:\n{stacks[0]}", pytrace=False)
-
-    return run
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
-    limit = time_limit_of(item) - GUARD_MARGIN_S
-    test = getattr(item, "obj", None)
-    if limit <= 0 or not inspect.iscoroutinefunction(test):
-        return (yield)
-    item.obj = guarded(test, limit)  # type: ignore[attr-defined]
+    timer = loop.call_later(limit, expire)
     try:
-        return (yield)
+        result = await work
+    except asyncio.CancelledError:
+        if not stacks:
+            raise
     finally:
-        item.obj = test  # type: ignore[attr-defined]
+        timer.cancel()
+    if not stacks:
+        return result
+    # Also when the test went on: the cancel can end a wait the code under test takes for its
+    # stop signal, and the test then passes (40 s late).
+    pytest.fail(f"timed out after {limit:g} s; the loop's tasks:\n{stacks[0]}", pytrace=False)
+
+
+#: The time limit of the item running now, for `_guarded_run`.
+_item_limit: list[float] = []
+_runner_run = asyncio.Runner.run
+
+
+def _guarded_run(
+    self: asyncio.Runner, coro: Coroutine[Any, Any, Any], *, context: Any = None
+) -> Any:
+    """`asyncio.Runner.run` with every coroutine guarded: pytest-asyncio runs each async
+    test, fixture set-up and fixture tear-down through a Runner, and `asyncio.run` runs its
+    main coroutine through one."""
+    limit = (_item_limit[-1] if _item_limit else 0.0) - GUARD_MARGIN_S
+    if limit > 0 and inspect.iscoroutine(coro):
+        coro = guard(coro, limit)
+    return _runner_run(self, coro, context=context)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    asyncio.Runner.run = _guarded_run  # type: ignore[method-assign]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    asyncio.Runner.run = _runner_run  # type: ignore[method-assign]
 
 
 def last_resort_after(limit: float) -> float:
@@ -142,17 +146,20 @@ def end_the_run(item: pytest.Item, limit: float) -> None:
 def pytest_runtest_protocol(
     item: pytest.Item, nextitem: pytest.Item | None
 ) -> Generator[None, object, object]:
-    """The last resort: pytest-timeout's limit covers an item's set-up, call and tear-down,
-    but cannot interrupt uvloop, and `guarded` covers only an async test's body."""
+    """The item's limit for `_guarded_run`, and the last resort: pytest-timeout's limit covers
+    an item's set-up, call and tear-down but cannot interrupt uvloop, and `guard` covers only
+    coroutines (not a hang in a sync test or fixture)."""
     limit = time_limit_of(item)
     if limit <= 0:
         return (yield)
     timer = threading.Timer(limit + last_resort_after(limit), end_the_run, (item, limit))
     timer.daemon = True
     timer.start()
+    _item_limit.append(limit)
     try:
         return (yield)
     finally:
+        _item_limit.pop()
         timer.cancel()
 
 

@@ -1,4 +1,5 @@
-"""The suite's own guard: a hung async test fails with its tasks' stacks, on either loop."""
+"""The suite's own guard: a hung async test or fixture fails with its tasks' stacks, on either
+loop, and a run stuck where nothing can stop it ends."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from tests.conftest import guarded, timeout
+from tests.conftest import guard, timeout
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +37,7 @@ def test_a_hung_async_test_fails_in_time_with_every_task_stack(
         asyncio.Runner(loop_factory=new_loop) as runner,
         pytest.raises(pytest.fail.Exception) as failed,
     ):
-        runner.run(guarded(hung_test, 0.05)())
+        runner.run(guard(hung_test(), 0.05))
     text = str(failed.value)
     assert text.startswith("timed out after 0.05 s")
     assert "in hung_test" in text
@@ -49,7 +50,7 @@ def test_a_test_that_ends_in_time_is_left_alone() -> None:
         return 7
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        assert runner.run(guarded(quick, 5.0)()) == 7
+        assert runner.run(guard(quick(), 5.0)) == 7
 
 
 async def swallowing_test() -> None:
@@ -63,10 +64,18 @@ def test_a_hung_test_fails_though_its_code_takes_the_cancel_for_a_stop() -> None
         asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner,
         pytest.raises(pytest.fail.Exception, match=r"timed out after 0\.05 s"),
     ):
-        runner.run(guarded(swallowing_test, 0.05)())
+        runner.run(guard(swallowing_test(), 0.05))
 
 
-PYTEST = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"]
+PYTEST = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "asyncio_mode=auto"]
+CONFTEST = """
+from tests.conftest import (  # noqa: F401
+    pytest_asyncio_loop_factories,
+    pytest_configure,
+    pytest_runtest_protocol,
+    pytest_unconfigure,
+)
+"""
 HUNG_TEARDOWN = """
 import asyncio
 import pytest
@@ -81,25 +90,51 @@ async def stuck():
 @pytest.mark.uvloop_only
 async def test_whose_fixture_hangs_on_uvloop(stuck):
     pass
+
+
+def test_after_it():
+    pass
+"""
+UNSTOPPABLE = """
+import asyncio
+import uvloop
+
+
+def test_on_a_loop_of_its_own():
+    # Neither a Runner (which the guard wraps) nor anything SIGALRM can interrupt.
+    uvloop.new_event_loop().run_until_complete(asyncio.Event().wait())
 """
 
 
-def test_a_run_stuck_where_nothing_can_stop_it_ends_with_every_stack(tmp_path: Path) -> None:
-    (tmp_path / "conftest.py").write_text(
-        "from tests.conftest import (  # noqa: F401\n"
-        "    pytest_asyncio_loop_factories, pytest_runtest_call, pytest_runtest_protocol\n"
-        ")\n"
-    )
-    (tmp_path / "test_stuck.py").write_text(HUNG_TEARDOWN)
-    run = subprocess.run(
-        [*PYTEST, "-o", "asyncio_mode=auto", "--timeout", "2", "test_stuck.py"],
-        cwd=tmp_path,
+def run_pytest(folder: Path, test: str, limit_s: int) -> subprocess.CompletedProcess[str]:
+    (folder / "conftest.py").write_text(CONFTEST)
+    (folder / "test_it.py").write_text(test)
+    return subprocess.run(
+        [*PYTEST, "--timeout", str(limit_s), "test_it.py"],
+        cwd=folder,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
         check=False,
         text=True,
         timeout=timeout(60),
     )
+
+
+def test_an_async_fixture_hung_on_uvloop_fails_its_test_and_the_run_goes_on(
+    tmp_path: Path,
+) -> None:
+    run = run_pytest(tmp_path, HUNG_TEARDOWN, 7)
     assert run.returncode == 1
-    assert "test_stuck.py::test_whose_fixture_hangs_on_uvloop outlived its 2 s" in run.stderr
+    # The fixture's test passed, then its tear-down failed; the test after it ran.
+    assert "2 passed" in run.stdout and "1 error" in run.stdout
+    assert "ERROR at teardown of test_whose_fixture_hangs_on_uvloop" in run.stdout
+    # An async generator's frame is out of reach while it is awaited through `__anext__`: the
+    # stack ends at pytest-asyncio's finalizer, and the error names the tear-down.
+    assert "timed out after 2 s" in run.stdout and "in async_finalizer" in run.stdout
+
+
+def test_a_run_stuck_where_nothing_can_stop_it_ends_with_every_stack(tmp_path: Path) -> None:
+    run = run_pytest(tmp_path, UNSTOPPABLE, 2)
+    assert run.returncode == 1
+    assert "test_it.py::test_on_a_loop_of_its_own outlived its 2 s" in run.stderr
     assert "Thread 0x" in run.stderr and "most recent call first" in run.stderr
