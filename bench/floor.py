@@ -14,7 +14,6 @@ Run as `python -m tickwire.bench.floor ROLE PORT RATE SECONDS COUNT` by `measure
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import numpy as np
 import uvloop
 
 from tickwire.core.redis_process import free_port
+from tickwire.core.waits import wait_set
 
 
 @dataclass(frozen=True)
@@ -77,9 +77,7 @@ async def _serve(role: str, port: int, rate: float, seconds: float, count: int) 
         sink = _Sink(count)
         server = await loop.create_server(lambda: sink, "127.0.0.1", port)
         print("ready", flush=True)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await sink.complete.wait()
+        await wait_set(sink.complete, seconds)
         server.close()
         # The first fifth is left out: connections and caches settling.
         received = len(sink.latencies)

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tickwire.core.waits import within
+
 CHUNK = 65536
 #: Chunks in flight per direction; past it the proxy stops reading and TCP pushes back.
 QUEUE_CHUNKS = 1024
@@ -209,9 +211,7 @@ class Proxy:
             # Let the handlers end: on 3.11 a handler cancelled at loop shutdown logs an error.
             await asyncio.wait(self._handlers, timeout=1.0)
         if self._server is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await self._server.wait_closed()
+            await within(self._server.wait_closed(), 1.0)
             self._server = None
 
     async def __aenter__(self) -> Proxy:

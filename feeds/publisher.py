@@ -185,7 +185,7 @@ class Publisher:
         if self._task is None:
             return
         try:
-            async with asyncio.timeout(self.config.close_timeout_s):  # see tickwire.core.waits
+            async with asyncio.timeout(self.config.close_timeout_s):
                 await self.flush()
             await self._forget_marks()
         except TimeoutError:

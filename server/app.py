@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -19,7 +18,7 @@ from tickwire.core.collector import FreezePolicy, PauseTimer
 from tickwire.core.config import ServerConfig, check_exposure
 from tickwire.core.errors import ConfigError
 from tickwire.core.runtime import raise_open_files_limit, tune_gc
-from tickwire.core.waits import wait_set
+from tickwire.core.waits import wait_set, within
 from tickwire.server.admission import Admission
 from tickwire.server.auth import Authenticator
 from tickwire.server.connection import FRAME_LIMIT_FACTOR, WRITE_HIGH, WRITE_LOW, Connection
@@ -180,17 +179,15 @@ class TickwireServer:
                 conn.stop_receiving()
                 conn.wire.close(1001, "server shutting down")
             closing.append(conn.wire.wait_lost())
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.config.shutdown_timeout_s):
-                await asyncio.gather(*closing, return_exceptions=True)
+        await within(
+            asyncio.gather(*closing, return_exceptions=True), self.config.shutdown_timeout_s
+        )
         if self._throttle_timer is not None:
             self._throttle_timer.cancel()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(1.0):
-                await self._server.wait_closed()
+        await within(self._server.wait_closed(), 1.0)
         self.history.close()
         self._server = None
 

@@ -97,8 +97,8 @@ async def guard(work: Coroutine[Any, Any, Any], limit: float) -> Any:
     pytest.fail(f"timed out after {limit:g} s; the loop's tasks:\n{stacks[0]}", pytrace=False)
 
 
-#: The time limit of the item running now, for `_guarded_run`.
-_item_limit: list[float] = []
+#: The time limit of the item running now (none: 0), for `_guarded_run`.
+_item_limit = [0.0]
 _runner_run = asyncio.Runner.run
 
 
@@ -108,7 +108,7 @@ def _guarded_run(
     """`asyncio.Runner.run` with every coroutine guarded: pytest-asyncio runs each async
     test, fixture set-up and fixture tear-down through a Runner, and `asyncio.run` runs its
     main coroutine through one."""
-    limit = (_item_limit[-1] if _item_limit else 0.0) - GUARD_MARGIN_S
+    limit = _item_limit[0] - GUARD_MARGIN_S
     if limit > 0 and inspect.iscoroutine(coro):
         coro = guard(coro, limit)
     return _runner_run(self, coro, context=context)
@@ -129,7 +129,7 @@ def last_resort_after(limit: float) -> float:
 
 def end_the_run(item: pytest.Item, limit: float) -> None:
     """Print every thread's stack and exit: `item` outlived its limit where nothing could
-    stop it (an async fixture on uvloop, say), and a hung run would hang CI with no word."""
+    stop it (a loop a test runs itself, say), and a hung run would hang CI with no word."""
     capture = item.config.pluginmanager.getplugin("capturemanager")
     if capture is not None:
         capture.suspend_global_capture(in_=True)  # or the words go to a capture file
@@ -155,11 +155,11 @@ def pytest_runtest_protocol(
     timer = threading.Timer(limit + last_resort_after(limit), end_the_run, (item, limit))
     timer.daemon = True
     timer.start()
-    _item_limit.append(limit)
+    _item_limit[0] = limit
     try:
         return (yield)
     finally:
-        _item_limit.pop()
+        _item_limit[0] = 0.0
         timer.cancel()
 
 

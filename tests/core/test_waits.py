@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from tests.conftest import timeout
-from tickwire.core.waits import cancel_and_wait, wait_set
+from tickwire.core.waits import cancel_and_wait, wait_set, within
 
 
 async def wait_for_set(event: asyncio.Event, limit: float) -> bool:
@@ -103,3 +103,10 @@ async def test_a_caller_cancelled_while_it_stops_a_helper_is_cancelled() -> None
     with pytest.raises(asyncio.CancelledError):
         await closer
     assert not went_on and helper.cancelled()
+
+
+async def test_within_says_whether_work_ended_in_time_and_cancels_it_if_not() -> None:
+    slow = asyncio.ensure_future(asyncio.sleep(30))
+    assert not await within(slow, 0.01)
+    assert slow.cancelled()
+    assert await within(asyncio.sleep(0), timeout(5))

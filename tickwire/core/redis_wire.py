@@ -74,7 +74,6 @@ class RedisAddress:
                 opening = loop.create_unix_connection(factory, self.path)
             else:
                 opening = loop.create_connection(factory, self.host, self.port)
-            # Not wait_for: on Python 3.11 it can lose a cancel (`tickwire.core.waits`).
             async with asyncio.timeout(timeout):
                 transport, protocol = await opening
         except (OSError, TimeoutError) as exc:

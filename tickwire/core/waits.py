@@ -4,24 +4,29 @@ stopping a helper task."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import Any
 
 
-async def wait_set(event: asyncio.Event, timeout: float | None) -> bool:
-    """Whether `event` is set within `timeout` seconds (None: no limit).
+async def within(work: Awaitable[Any], timeout: float | None) -> bool:
+    """Await `work` for at most `timeout` seconds (None: no limit), cancelling it if it takes
+    longer; whether it ended in time.
 
     Not `asyncio.wait_for`: on Python 3.11, a cancel that comes as the awaited thing finishes is
     lost (wait_for returns its result; CPython gh-86296, fixed in 3.12), and a loop around the
     wait runs on after its task was told to stop. A NATS bridge's receive loop, cancelled as a
     pull request ended, ignored the stop for good and hung its shutdown."""
-    if event.is_set():
-        return True
     try:
         async with asyncio.timeout(timeout):
-            await event.wait()
+            await work
     except TimeoutError:
         return False
     return True
+
+
+async def wait_set(event: asyncio.Event, timeout: float | None) -> bool:
+    """Whether `event` is set within `timeout` seconds (None: no limit)."""
+    return event.is_set() or await within(event.wait(), timeout)
 
 
 async def cancel_and_wait(task: asyncio.Future[Any]) -> None:
