@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import socket
 
-from tickwire.core.redis_process import RedisProcess, RedisSentinelSet, redis_cli
+from tickwire.core.redis_process import (
+    RedisProcess,
+    RedisSentinelSet,
+    free_cluster_port,
+    redis_cli,
+)
 
 
 def test_a_picked_port_taken_before_the_start_is_given_up_for_another() -> None:
@@ -21,6 +26,22 @@ def test_a_picked_port_taken_before_the_start_is_given_up_for_another() -> None:
             proc.kill()
             proc.restart()
             assert proc.port == moved, "a restart keeps the port its clients know"
+            assert proc._ping()
+
+
+def test_a_port_taken_is_given_up_for_another_of_the_same_picker() -> None:
+    # A cluster node's port needs its bus port (+10 000) free too: its picker picks again.
+    picks: list[int] = []
+
+    def pick() -> int:
+        picks.append(free_cluster_port())
+        return picks[-1]
+
+    proc = RedisProcess(pick_port=pick)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", picks[0]))
+        with proc:
+            assert len(picks) == 2 and proc.port == picks[1]
             assert proc._ping()
 
 

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tickwire.core.errors import ConfigError, RedisUnavailable
@@ -66,10 +67,12 @@ class RedisProcess:
         appendfsync: str = "everysec",
         data_dir: str | None = None,
         extra_args: tuple[str, ...] = (),
+        pick_port: Callable[[], int] = free_port,
     ) -> None:
         self.appendfsync = appendfsync
         self.extra_args = extra_args
-        self.port = port or free_port()
+        self._pick_port = pick_port
+        self.port = port or pick_port()
         #: A port picked here may be taken by someone else's socket (an outgoing connection's
         #: ephemeral port) before redis-server binds it: then the first start picks another.
         self._may_move = port is None
@@ -91,7 +94,7 @@ class RedisProcess:
             try:
                 return self._start(timeout)
             except PortTaken:
-                self.port = free_port()
+                self.port = self._pick_port()
         return self._start(timeout)  # a sixth time taken: PortTaken, a RedisUnavailable
 
     def _start(self, timeout: float) -> RedisProcess:
@@ -227,7 +230,7 @@ class RedisCluster:
     def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000) -> None:
         self.nodes = [
             RedisProcess(
-                free_cluster_port(),
+                pick_port=free_cluster_port,
                 extra_args=(
                     "--cluster-enabled",
                     "yes",
