@@ -50,8 +50,10 @@ ARGV: candidate epoch, publisher id, live channel; then per batch: maxlen, epoch
 saw ('' if none), highest seq the caller saw in it, the publisher's index of the first body, the
 index the batch must follow (0: none), the number of bodies, the epoch and the seq of the first
 body that the bodies' tails predict (seq 0: the bodies are bare, see
-`tickwire.core.events.encode_body`), then the bodies. Returns {epoch, last seq, epoch start} per
-batch, flattened.
+`tickwire.core.events.encode_body`), then the bodies. Numbers may have leading zeros. Returns
+{k, epoch, last seq} for each batch (the k-th of the call) that did not end where its tails
+predicted (bare bodies: always), flattened: a paced feed's usual reply is empty, and reading a
+triple per batch was a tenth of its publish.
 """
 
 from __future__ import annotations
@@ -102,11 +104,12 @@ for k = 1, #KEYS, 2 do
   plans[#plans + 1] = {stream, meta, epoch, seq, start, fresh, ARGV[a],
     body + skip, body + n - 1, math.max(done, first + n - 1),
     tail_seq > 0 and not fresh and tail_epoch == epoch and tail_seq + skip == seq + 1,
-    tail_seq > 0 and @TAIL_FIXED@ + #tail_epoch or 0, tail_seq - body, m[5] ~= rid}
+    tail_seq > 0 and @TAIL_FIXED@ + #tail_epoch or 0, tail_seq - body, m[5] ~= rid,
+    tail_epoch, tail_seq > 0 and tail_seq + n - 1 or -1}
   a = body + n
 end
 local out, push = {}, {}
-for _, p in ipairs(plans) do
+for k, p in ipairs(plans) do
   local stream, meta, epoch, seq, start, fresh, maxlen, from, last, applied, as_is, cut, shift =
     p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10], p[11], p[12], p[13]
   local new_rid = p[14]
@@ -141,9 +144,11 @@ for _, p in ipairs(plans) do
   else
     redis.call('HSET', meta, 'seq', seq, mark, applied)
   end
-  out[#out + 1] = epoch
-  out[#out + 1] = seq
-  out[#out + 1] = start
+  if epoch ~= p[15] or seq ~= p[16] then
+    out[#out + 1] = k
+    out[#out + 1] = epoch
+    out[#out + 1] = seq
+  end
 end
 if #push > 0 then
   -- A cluster's live channels carry their slot's hash tag: sharded pub/sub, to that shard only.

@@ -98,7 +98,8 @@ end
 local result, mark = {}, 'w:' .. ARGV[2]
 for _, b in ipairs(batches) do
   if b.at then
-    local epoch, last = out[b.at * 3 + 1], out[b.at * 3 + 2]
+    -- Bare bodies predict nothing: the append answers (k, epoch, last seq) for every batch.
+    local epoch, last = out[b.at * 3 + 2], out[b.at * 3 + 3]
     -- A new epoch is a new history: ids seen in the old one say nothing about it.
     if epoch ~= b.before then redis.call('DEL', b.seen) end
     local seq = last - #b.keep

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hiredis
 import orjson
 
 from tickwire.core.events import encode_body
@@ -8,6 +9,7 @@ from tickwire.core.stream import (
     complete_body,
     entry_id,
     epoch_of,
+    framed_bodies,
     publish_ns_of,
     seq_of,
 )
@@ -47,3 +49,17 @@ def test_completed_bodies_carry_their_epoch_and_consecutive_seqs_one_or_many() -
             (epoch, 42, 2),
             (epoch, 43, 3),
         ]
+
+
+def test_framed_bodies_are_the_completed_bodies_as_the_wire_protocol_frames_arguments() -> None:
+    fields = {"price": 1.5, "size": 2, "side": "buy", "trade_id": 7}
+    bodies = [encode_body("trade", "AAPL", n, n, fields) for n in (1, 2, 3)]
+
+    # Seqs 98-100 cross a digit: each frame's length counts its own digits.
+    def as_hiredis_frames(args: list[bytes]) -> bytes:
+        packed: bytes = hiredis.pack_command(("X", *args))  # type: ignore[arg-type]
+        return packed[packed.index(b"X\r\n") + 3 :]
+
+    framed = framed_bodies(bodies, "e1", 98)
+    assert b"".join(framed) == as_hiredis_frames(complete_bodies(bodies, "e1", 98))
+    assert b"".join(framed_bodies(bodies, "", 0)) == as_hiredis_frames(bodies)

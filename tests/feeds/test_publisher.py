@@ -425,8 +425,34 @@ async def test_a_call_with_one_batch_out_of_order_writes_none_of_its_batches(
     reply = await redis.execute(
         *append_call(section(other, 1, 0, "x", 1), section(CH, 3, 2, "b", 1))
     )
-    assert [int(x) for x in reply[1::3]] == [1, 3]  # last seq per batch, in call order
+    # Bare bodies predict nothing: each batch answers (its place, epoch, last seq).
+    assert [int(x) for x in reply[::3]] == [1, 2]
+    assert [int(x) for x in reply[2::3]] == [1, 3]
     assert [e["tag"] for e in await stored_events(redis, CH)] == ["a", "a", "b"]
+
+
+async def test_the_append_answers_only_the_batches_that_did_not_end_where_their_tails_said(
+    redis: RedisConnection,
+) -> None:
+    await redis.execute("SCRIPT", "LOAD", APPEND_LUA)
+    other = Channel.parse("quotes:BTC-USD")
+    await redis.execute(*append_call(section(CH, 1, 0, "a", 2), section(other, 1, 0, "x", 1)))
+    # Both predicted right (CH's seqs 3-4, other's 2): nothing to answer.
+    reply = await redis.execute(
+        *append_call(section(CH, 3, 2, "b", 2, ("ep", 3)), section(other, 2, 1, "y", 1, ("ep", 2)))
+    )
+    assert reply == []
+    # The second batch predicts seq 9 where 3 comes: it alone answers, with where it ended.
+    reply = await redis.execute(
+        *append_call(section(CH, 5, 4, "c", 1, ("ep", 5)), section(other, 3, 2, "z", 1, ("ep", 9)))
+    )
+    assert reply == [2, b"ep", 3]
+    # Numbers framed with leading zeros (as the publisher sends them) read the same.
+    keys, args = section(CH, 6, 5, "d", 1, ("ep", 6))
+    padded = [b"%016d" % a if isinstance(a, int) and i else a for i, a in enumerate(args)]
+    assert await redis.execute(*append_call((keys, padded))) == []
+    assert [e["seq"] for e in await stored_events(redis, CH)] == [1, 2, 3, 4, 5, 6]
+    assert [e["tag"] for e in await stored_events(redis, other)] == ["x", "y", "z"]
 
 
 async def test_a_flush_is_one_append_and_one_push_or_one_per_symbol_for_cluster(

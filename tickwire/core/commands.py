@@ -1,9 +1,37 @@
-"""Redis commands as data, without any I/O: the argument type and the error reply."""
+"""Redis commands as data, without any I/O: the argument type, packed commands, the error reply."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 #: One argument of a command, as the wire protocol takes it.
 Arg = bytes | str | int | float
+
+
+@dataclass(frozen=True, slots=True)
+class Packed:
+    """A command already in the wire protocol's bytes (RESP), and its first key (None: none).
+
+    A hot caller that builds its command from parts framed once (keys, constant arguments)
+    sends this: packing ~200 arguments a call one by one was a sixth of a paced feed's CPU."""
+
+    wire: bytes
+    key: bytes | None
+
+
+#: A command as connections take it: its arguments, or packed already.
+Command = Sequence[Arg] | Packed
+
+
+def bulk(value: bytes) -> bytes:
+    """One argument framed as RESP bulk string."""
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def array_head(count: int) -> bytes:
+    """The head of a command of `count` arguments."""
+    return b"*%d\r\n" % count
 
 
 class RedisReplyError(Exception):

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from tickwire.core.commands import Arg, RedisReplyError
+from tickwire.core.commands import Arg, Command, RedisReplyError
 from tickwire.core.errors import RedisTimeout, RedisUnavailable
 from tickwire.core.redis_slots import SLOTS, command_slot
 from tickwire.core.redis_wire import RedisAddress, RedisConnection
@@ -74,7 +74,7 @@ class ClusterConnection:
         self._nodes = nodes
         self._template = template
         #: Where each command sent and not yet answered went, in order.
-        self._order: deque[tuple[Node, Sequence[Arg]]] = deque()
+        self._order: deque[tuple[Node, Command]] = deque()
         self._any = slots.masters[0]
         #: Set by a MOVED reply: the slot map is out of date.
         self._stale = False
@@ -107,7 +107,7 @@ class ClusterConnection:
         for c in (*self._nodes.values(), *self._asking.values()):
             c.close()
 
-    def node_of(self, command: Sequence[Arg]) -> Node:
+    def node_of(self, command: Command) -> Node:
         slot = command_slot(command)
         return self._any if slot is None else self.slots.owners[slot]
 
@@ -124,15 +124,15 @@ class ClusterConnection:
         return [await c.execute(*args, timeout=timeout) for c in self._nodes.values()]
 
     async def pipeline(
-        self, commands: Sequence[Sequence[Arg]], timeout: float | None = None
+        self, commands: Sequence[Command], timeout: float | None = None
     ) -> list[Any]:
         self.send(commands)
         return await self.replies(len(commands), timeout)
 
-    def send(self, commands: Sequence[Sequence[Arg]]) -> None:
+    def send(self, commands: Sequence[Command]) -> None:
         if self.closed:
             raise RedisUnavailable("cluster connection is closed (a node was lost or moved)")
-        per_node: dict[Node, list[Sequence[Arg]]] = {}
+        per_node: dict[Node, list[Command]] = {}
         order = self._order
         for command in commands:
             node = self.node_of(command)
@@ -169,7 +169,7 @@ class ClusterConnection:
             raise
         return out
 
-    async def _redirected(self, error: RedisReplyError, command: Sequence[Arg]) -> Any:
+    async def _redirected(self, error: RedisReplyError, command: Command) -> Any:
         """The reply in place of an ASK (asked again where the key now is), or the error as it
         is (a MOVED also marks the slot map out of date)."""
         text = str(error)

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import binascii
 import functools
-from collections.abc import Sequence
 from itertools import product
 
 from tickwire.core.channels import KEY_PREFIX, Channel
-from tickwire.core.commands import Arg
+from tickwire.core.commands import Arg, Command, Packed
 
 SLOTS = 16384
 _TAG_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -75,9 +74,11 @@ def _as_bytes(a: Arg) -> bytes:
     return str(a).encode()
 
 
-def command_slot(command: Sequence[Arg]) -> int | None:
+def command_slot(command: Command) -> int | None:
     """The slot a command's keys hash to (its first key: callers keep a command's keys in one
     slot), or None for a command without keys (PING, SCRIPT LOAD, INFO, …)."""
+    if isinstance(command, Packed):
+        return None if command.key is None else key_slot(command.key)
     name = _as_bytes(command[0]).upper()
     if name in _NUMKEYS_AT:
         at = _NUMKEYS_AT[name]

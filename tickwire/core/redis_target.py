@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 
 from tickwire.core.channels import live_channel
-from tickwire.core.commands import Arg, RedisReplyError
+from tickwire.core.commands import Arg, Command, RedisReplyError
 from tickwire.core.errors import ConfigError, RedisUnavailable
 from tickwire.core.redis_cluster import ClusterConnection, SlotMap
 from tickwire.core.redis_pubsub import RedisSubscription, SubscriptionGroup
@@ -42,12 +42,12 @@ class RedisLink(Protocol):
 
     def close(self) -> None: ...
 
-    def send(self, commands: Sequence[Sequence[Arg]]) -> None: ...
+    def send(self, commands: Sequence[Command]) -> None: ...
 
     async def replies(self, n: int, timeout: float | None = None) -> list[Any]: ...
 
     async def pipeline(
-        self, commands: Sequence[Sequence[Arg]], timeout: float | None = None
+        self, commands: Sequence[Command], timeout: float | None = None
     ) -> list[Any]: ...
 
     async def execute(self, *args: Arg, timeout: float | None = None) -> Any: ...

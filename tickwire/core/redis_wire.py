@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 import hiredis
 
-from tickwire.core.commands import Arg, RedisReplyError
+from tickwire.core.commands import Arg, Command, Packed, RedisReplyError
 from tickwire.core.errors import ConfigError, RedisTimeout, RedisUnavailable
 
 _P = TypeVar("_P", bound=BaseProtocol)
@@ -211,7 +211,7 @@ class RedisConnection:
         return reply
 
     async def pipeline(
-        self, commands: Sequence[Sequence[Arg]], timeout: float | None = None
+        self, commands: Sequence[Command], timeout: float | None = None
     ) -> list[Any]:
         """Send all commands in one write, return their replies in order.
 
@@ -222,7 +222,7 @@ class RedisConnection:
         self.send(commands)
         return await self.replies(len(commands), timeout)
 
-    def send(self, commands: Sequence[Sequence[Arg]]) -> None:
+    def send(self, commands: Sequence[Command]) -> None:
         """Write commands without waiting; `replies(len(commands))` must follow."""
         if self._closed:
             raise RedisUnavailable("connection is closed")
@@ -233,7 +233,11 @@ class RedisConnection:
             raise RedisUnavailable("lost connection to Redis: closed by the peer")
         pack = hiredis.pack_command
         try:
-            self._transport.write(b"".join([pack(tuple(c)) for c in commands]))  # type: ignore[arg-type]
+            self._transport.write(
+                b"".join(
+                    [c.wire if isinstance(c, Packed) else pack(tuple(c)) for c in commands]  # type: ignore[arg-type]
+                )
+            )
         except (OSError, RuntimeError) as exc:
             self.close()
             raise RedisUnavailable(f"lost connection to Redis: {exc}") from None

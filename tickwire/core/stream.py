@@ -51,6 +51,19 @@ def complete_bodies(bodies: Sequence[bytes], epoch: str, first_seq: int) -> list
     return [b"%s%s%d}" % (b, tail, q) for q, b in enumerate(bodies, first_seq)]
 
 
+def framed_bodies(bodies: Sequence[bytes], epoch: str, first_seq: int) -> list[bytes]:
+    """The bodies as RESP bulk strings, completed as `complete_bodies` does (`first_seq` 0:
+    bare, as they are)."""
+    if not first_seq:
+        return [b"$%d\r\n%s\r\n" % (len(b), b) for b in bodies]
+    tail = _tail(epoch)
+    out = []
+    for seq, body in enumerate(bodies, first_seq):
+        event = b"%s%s%d}" % (body, tail, seq)
+        out.append(b"$%d\r\n%s\r\n" % (len(event), event))
+    return out
+
+
 def complete_body(body: bytes, epoch: str, seq: int) -> bytes:
     """One body's full event bytes (tests and in-memory stores)."""
     return complete_bodies([body], epoch, seq)[0]
