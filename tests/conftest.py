@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator, Mapping
 from typing import Any
 
@@ -51,6 +52,18 @@ def _first_of(obj: object, *names: str) -> Any:
     return next((getattr(obj, n) for n in names if hasattr(obj, n)), None)
 
 
+def _generator_of(awaitable: object) -> types.AsyncGeneratorType[Any, Any] | None:
+    """The async generator an `async_generator_asend` or `_athrow` steps, if it is one."""
+    if awaitable is None or type(awaitable).__name__ not in (
+        "async_generator_asend",
+        "async_generator_athrow",
+    ):
+        return None
+    return next(
+        (g for g in gc.get_referents(awaitable) if isinstance(g, types.AsyncGeneratorType)), None
+    )
+
+
 def task_stacks(loop: asyncio.AbstractEventLoop) -> str:
     """Every task of `loop` with the chain of awaits it is suspended in (`Task.print_stack`
     shows only the outermost coroutine)."""
@@ -59,7 +72,15 @@ def task_stacks(loop: asyncio.AbstractEventLoop) -> str:
         frames = []
         awaited: Any = task.get_coro()
         # Coroutines, generators (`yield from`) and async generators name them differently.
-        while (frame := _first_of(awaited, "cr_frame", "gi_frame", "ag_frame")) is not None:
+        while True:
+            frame = _first_of(awaited, "cr_frame", "gi_frame", "ag_frame")
+            if frame is None:
+                # An async generator awaited through `__anext__` or `athrow` (an async
+                # fixture's tear-down): the awaitable names its generator only to the GC.
+                awaited = _generator_of(awaited)
+                if awaited is None:
+                    break
+                continue
             frames.append((frame, frame.f_lineno))
             awaited = _first_of(awaited, "cr_await", "gi_yieldfrom", "ag_await")
         stack = "".join(traceback.StackSummary.extract(iter(frames)).format())

@@ -128,9 +128,10 @@ def test_an_async_fixture_hung_on_uvloop_fails_its_test_and_the_run_goes_on(
     # The fixture's test passed, then its tear-down failed; the test after it ran.
     assert "2 passed" in run.stdout and "1 error" in run.stdout
     assert "ERROR at teardown of test_whose_fixture_hangs_on_uvloop" in run.stdout
-    # An async generator's frame is out of reach while it is awaited through `__anext__`: the
-    # stack ends at pytest-asyncio's finalizer, and the error names the tear-down.
+    # The stack goes on from pytest-asyncio's finalizer into the fixture's own frame, through
+    # the `__anext__` that steps it, down to the wait it hangs in.
     assert "timed out after 2 s" in run.stdout and "in async_finalizer" in run.stdout
+    assert "in stuck\n    await asyncio.Event().wait()" in run.stdout
 
 
 def test_a_run_stuck_where_nothing_can_stop_it_ends_with_every_stack(tmp_path: Path) -> None:
