@@ -13,7 +13,13 @@ import numpy as np
 from tickwire.core.channels import Channel
 from tickwire.feeds.bars import BarAggregator, ClosedBar
 from tickwire.feeds.publisher import Publisher
-from tickwire.feeds.simulator import Chunk, Instrument, MarketSimulator, paced_chunks
+from tickwire.feeds.simulator import (
+    RELEASE_TICK_S,
+    Chunk,
+    Instrument,
+    MarketSimulator,
+    paced_chunks,
+)
 
 log = logging.getLogger("tickwire.feeds.sim")
 
@@ -46,6 +52,7 @@ async def run_simulator(
     count: int | None = None,
     duration: float | None = None,
     throttle: bool = True,
+    tick_s: float = RELEASE_TICK_S,
     progress: Callable[[int, float], None] | None = None,
     progress_every_s: float = 1.0,
     venue_clock_ns: Callable[[], int] | None = None,
@@ -55,7 +62,7 @@ async def run_simulator(
     With `bar_intervals` (e.g. `("1s",)`), the bars of the simulated trades go out too: each
     once a chunk passes its end, after that chunk's quotes and trades, at most
     `BARS_PER_RELEASE` a release. The interval in progress at the end of the run is incomplete
-    and not published. `venue_clock_ns`: see `paced_chunks`.
+    and not published. `tick_s`, `venue_clock_ns`: see `paced_chunks`.
     """
     chunk_bars = ChunkBars(sim.instruments, bar_intervals) if bar_intervals else None
     due: deque[ClosedBar] = deque()
@@ -64,7 +71,12 @@ async def run_simulator(
     bars = 0
     next_report = t0 + progress_every_s
     paced = paced_chunks(
-        sim, count=count, duration=duration, throttle=throttle, venue_clock_ns=venue_clock_ns
+        sim,
+        count=count,
+        duration=duration,
+        throttle=throttle,
+        tick_s=tick_s,
+        venue_clock_ns=venue_clock_ns,
     )
     async for chunk in paced:
         await publisher.publish(sim.encode(chunk, publisher.clock_ns()))

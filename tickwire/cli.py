@@ -42,6 +42,17 @@ def _symbols(value: str) -> int | list[str]:
     return [s.strip() for s in value.split(",") if s.strip()]
 
 
+def _tick_ms(value: str) -> float:
+    try:
+        ms = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of milliseconds: {value!r}") from None
+    # Shorter sleeps make uvloop spin (timers have millisecond resolution); NaN compares False.
+    if not 1.0 <= ms <= 1000.0:
+        raise argparse.ArgumentTypeError(f"{value} ms: use 1 to 1000")
+    return ms
+
+
 def _bar_intervals(value: str) -> tuple[str, ...]:
     from tickwire.core.channels import BAR_INTERVALS
 
@@ -111,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="a count, or a comma-separated list (default 10)",
     )
     sim.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    sim.add_argument(
+        "--tick-ms",
+        type=_tick_ms,
+        default=1.0,
+        metavar="MS",
+        help="release the events come due at most once per this many milliseconds, a tick after "
+        "the last release (default 1): a longer tick puts more events in each append call, "
+        "for less CPU (2 ms: about 0.7x at 10 000 events/s), and makes each event wait up to "
+        "that much longer before it is published",
+    )
     sim.add_argument("--duration", type=float, help="stop after this many seconds")
     sim.add_argument("--count", type=int, help="stop after this many events")
     sim.add_argument(
@@ -384,6 +405,7 @@ async def cmd_feed_sim(args: argparse.Namespace) -> int:
             count=args.count,
             duration=args.duration,
             throttle=not args.max,
+            tick_s=args.tick_ms / 1000,
             progress=progress,
             # The simulator's venue time began at its `start_ns`: the set-up since counts.
             venue_clock_ns=time.time_ns,
