@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from tickwire import __version__
@@ -37,20 +37,49 @@ def _redis_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _symbols(value: str) -> int | list[str]:
+    from tickwire.core.channels import validate_symbol
+    from tickwire.core.errors import ChannelError
+
     if value.isdigit():
-        return int(value)
-    return [s.strip() for s in value.split(",") if s.strip()]
-
-
-def _tick_ms(value: str) -> float:
+        return _count(value)
+    names = [s.strip() for s in value.split(",") if s.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("no symbols: give a count or a comma-separated list")
     try:
-        ms = float(value)
+        return [validate_symbol(n) for n in names]
+    except ChannelError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _count(value: str) -> int:
+    try:
+        n = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of milliseconds: {value!r}") from None
-    # Shorter sleeps make uvloop spin (timers have millisecond resolution); NaN compares False.
-    if not 1.0 <= ms <= 1000.0:
-        raise argparse.ArgumentTypeError(f"{value} ms: use 1 to 1000")
-    return ms
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value}: at least 1")
+    return n
+
+
+def _number(unit: str, ok: Callable[[float], bool], rule: str) -> Callable[[str], float]:
+    """An option's type: a number of `unit` for which `ok` holds (NaN never does)."""
+
+    def parse(value: str) -> float:
+        try:
+            x = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of {unit}: {value!r}") from None
+        if not ok(x):
+            raise argparse.ArgumentTypeError(f"{value} {unit}: {rule}")
+        return x
+
+    return parse
+
+
+# Not zero, not infinite: the simulator's clock advances by 1 / rate.
+_rate = _number("events/s", lambda x: 0 < x < float("inf"), "a positive number")
+# Shorter sleeps make uvloop spin (its timers have millisecond resolution).
+_tick_ms = _number("ms", lambda x: 1 <= x <= 1000, "use 1 to 1000")
 
 
 def _bar_intervals(value: str) -> tuple[str, ...]:
@@ -110,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _redis_arg(sim)
     sim.add_argument(
-        "--rate", type=float, default=1000.0, help="total events per second (default 1000)"
+        "--rate", type=_rate, default=1000.0, help="total events per second (default 1000)"
     )
     sim.add_argument(
         "--max", action="store_true", help="ignore --rate pacing: publish as fast as possible"
@@ -345,9 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--port", type=int, default=8765, help="port (default 8765)")
     demo.add_argument(
-        "--rate", type=float, default=2000.0, help="simulated events/s (default 2000)"
+        "--rate", type=_rate, default=2000.0, help="simulated events/s (default 2000)"
     )
-    demo.add_argument("--symbols", type=int, default=20, help="simulated symbols (default 20)")
+    demo.add_argument("--symbols", type=_count, default=20, help="simulated symbols (default 20)")
 
     sub.add_parser(
         "watch", help="live terminal table of channels (--json: one event per line)", add_help=False
@@ -554,31 +583,27 @@ async def cmd_record(args: argparse.Namespace) -> int:
     return 0
 
 
+#: `tickwire bench <name>`: the module whose `main(argv)` runs it (the e2e bench otherwise).
+BENCHES = {
+    name: f"tickwire.bench.{module}"
+    for name, module in (
+        ("publish", "publish"),
+        ("feed", "feed_cpu"),
+        ("bridge", "bridge"),
+        ("failover", "failover"),
+        ("conns", "conns"),
+        ("throttle", "throttle"),
+        ("faults", "faults"),
+    )
+}
+
+
 def cmd_bench(rest: list[str]) -> int:
-    if rest and rest[0] == "publish":
-        from tickwire.bench.publish import main as publish_main
+    import importlib
 
-        return publish_main(rest[1:])
-    if rest and rest[0] == "bridge":
-        from tickwire.bench.bridge import main as bridge_main
-
-        return bridge_main(rest[1:])
-    if rest and rest[0] == "failover":
-        from tickwire.bench.failover import main as failover_main
-
-        return failover_main(rest[1:])
-    if rest and rest[0] == "conns":
-        from tickwire.bench.conns import main as conns_main
-
-        return conns_main(rest[1:])
-    if rest and rest[0] == "throttle":
-        from tickwire.bench.throttle import main as throttle_main
-
-        return throttle_main(rest[1:])
-    if rest and rest[0] == "faults":
-        from tickwire.bench.faults import main as faults_main
-
-        return faults_main(rest[1:])
+    if rest and rest[0] in BENCHES:
+        bench_main = importlib.import_module(BENCHES[rest[0]]).main
+        return int(bench_main(rest[1:]))
     from tickwire.bench.e2e import main as e2e_main
 
     return e2e_main(rest)

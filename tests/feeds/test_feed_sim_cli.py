@@ -1,4 +1,4 @@
-"""The simulator feed's release tick: the `--tick-ms` option and what it bounds."""
+"""The simulator feed's command line: its options' bounds, and what the release tick bounds."""
 
 from __future__ import annotations
 
@@ -23,6 +23,28 @@ def test_the_tick_is_a_millisecond_unless_told_and_never_under_one() -> None:
     for bad in ("0.5", "0", "-1", "nan", "2000", "soon"):
         with pytest.raises(SystemExit):
             parse(["feed", "sim", "--tick-ms", bad])
+
+
+def test_rates_and_symbols_out_of_bounds_are_refused_by_name_not_with_a_traceback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    parse = build_parser().parse_args
+    assert parse(["feed", "sim", "--rate", "2.5e4"]).rate == 25_000
+    assert parse(["feed", "sim", "--symbols", "BTC-USD, AAPL"]).symbols == ["BTC-USD", "AAPL"]
+    assert parse(["demo", "--symbols", "3"]).symbols == 3
+    for argv, says in (
+        (["feed", "sim", "--rate", "-5"], "-5 events/s: a positive number"),
+        (["feed", "sim", "--rate", "0"], "0 events/s: a positive number"),
+        (["feed", "sim", "--rate", "inf"], "inf events/s: a positive number"),
+        (["demo", "--rate", "fast"], "not a number of events/s"),
+        (["feed", "sim", "--symbols", "0"], "0: at least 1"),
+        (["feed", "sim", "--symbols", ", ,"], "no symbols"),
+        (["feed", "sim", "--symbols", "BTC-USD,bad!"], "invalid symbol 'bad!'"),
+        (["demo", "--symbols", "0"], "0: at least 1"),
+    ):
+        with pytest.raises(SystemExit):
+            parse(argv)
+        assert says in capsys.readouterr().err, argv
 
 
 async def test_a_longer_tick_releases_at_most_once_per_tick_and_loses_nothing(
