@@ -76,6 +76,29 @@ def _number(unit: str, ok: Callable[[float], bool], rule: str) -> Callable[[str]
     return parse
 
 
+def _speed(value: str) -> float | None:
+    """`--speed`: a positive factor, or `max` (None: as fast as possible)."""
+    if value == "max":
+        return None
+    try:
+        factor = float(value)
+    except ValueError:
+        factor = float("nan")
+    if not 0 < factor < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r}: a positive factor (10, 0.5, …) or max")
+    return factor
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{value}: a port is 0 to 65535 (0: any free one)")
+    return port
+
+
 # Not zero, not infinite: the simulator's clock advances by 1 / rate.
 _rate = _number("events/s", lambda x: 0 < x < float("inf"), "a positive number")
 # Shorter sleeps make uvloop spin (its timers have millisecond resolution).
@@ -173,19 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument(
         "--trade-maxlen",
-        type=int,
+        type=_count,
         default=RetentionConfig().trades,
         help="trades kept per stream (MAXLEN ~)",
     )
     sim.add_argument(
         "--quote-maxlen",
-        type=int,
+        type=_count,
         default=RetentionConfig().quotes,
         help="quotes kept per stream (MAXLEN ~)",
     )
     sim.add_argument(
         "--bar-maxlen",
-        type=int,
+        type=_count,
         default=RetentionConfig().bars,
         help="bars kept per stream (MAXLEN ~)",
     )
@@ -199,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "file", help="NDJSON file, one event per line (as written by `tickwire record`)"
     )
-    rep.add_argument("--speed", default="1", help="1, 10, ... or max (default 1)")
+    rep.add_argument("--speed", type=_speed, default=1.0, help="1, 10, 0.5, ... or max (default 1)")
     rep.add_argument(
         "--skip-bad", action="store_true", help="skip malformed lines (counted) instead of stopping"
     )
@@ -252,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bars.add_argument(
         "--bar-maxlen",
-        type=int,
+        type=_count,
         default=RetentionConfig().bars,
         help="bars kept per channel (MAXLEN ~)",
     )
@@ -274,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _redis_arg(srv)
     srv.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
-    srv.add_argument("--port", type=int, default=None, help="port (default 8765)")
+    srv.add_argument("--port", type=_port, default=None, help="port (default 8765)")
     srv.add_argument(
         "--workers",
         type=int,
@@ -372,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Redis + simulator + server in one command (what `make demo` runs)",
         description="Start a private Redis (or use $REDIS_URL), the simulator feed and the server.",
     )
-    demo.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    demo.add_argument("--port", type=_port, default=8765, help="port (default 8765)")
     demo.add_argument(
         "--rate", type=_rate, default=2000.0, help="simulated events/s (default 2000)"
     )
@@ -482,11 +505,14 @@ async def cmd_feed_replay(args: argparse.Namespace) -> int:
     from tickwire.feeds.publisher import Publisher
     from tickwire.feeds.replay import replay
 
-    speed = None if args.speed == "max" else float(args.speed)
-    if speed is not None and speed <= 0:
-        raise TickwireError("--speed must be positive or 'max'")
+    try:
+        # Here, before connecting: a wrong path is the likeliest mistake.
+        with open(args.file, "rb"):
+            pass
+    except OSError as exc:
+        raise TickwireError(f"cannot read {args.file}: {exc.strerror}") from None
     async with Publisher(PublisherConfig(redis_url=args.redis or redis_url_from_env())) as pub:
-        sent = await replay(pub, args.file, speed=speed, skip_bad=args.skip_bad)
+        sent = await replay(pub, args.file, speed=args.speed, skip_bad=args.skip_bad)
     print(f"replayed {sent:,} events from {args.file}", file=sys.stderr)
     return 0
 

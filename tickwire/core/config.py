@@ -31,6 +31,14 @@ class RetentionConfig:
     trades: int = 100_000
     bars: int = 10_000
 
+    def __post_init__(self) -> None:
+        # MAXLEN 0 empties a stream at every append, and the next append's seq then fails
+        # against the stream's last ID for ever.
+        for kind in ("quotes", "trades", "bars"):
+            n = getattr(self, kind)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ConfigError(f"retention of {kind}: {n!r} events; keep at least 1")
+
     def maxlen(self, kind: str) -> int:
         if kind.startswith("bars."):
             return self.bars

@@ -1,14 +1,17 @@
-"""The simulator feed's command line: its options' bounds, and what the release tick bounds."""
+"""The feeds' command lines: options out of bounds refused by name, and what the release tick
+bounds."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
-from tickwire.cli import build_parser
+from tickwire.cli import build_parser, main
 from tickwire.core.channels import Channel
-from tickwire.core.config import PublisherConfig
+from tickwire.core.config import PublisherConfig, RetentionConfig
+from tickwire.core.errors import ConfigError
 from tickwire.core.redis_process import RedisProcess
 from tickwire.core.redis_wire import RedisConnection
 from tickwire.feeds.publisher import Publisher
@@ -45,6 +48,39 @@ def test_rates_and_symbols_out_of_bounds_are_refused_by_name_not_with_a_tracebac
         with pytest.raises(SystemExit):
             parse(argv)
         assert says in capsys.readouterr().err, argv
+
+
+def test_replay_speeds_ports_and_retention_out_of_bounds_are_refused_by_name(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    parse = build_parser().parse_args
+    assert parse(["feed", "replay", "f", "--speed", "max"]).speed is None
+    assert parse(["feed", "replay", "f", "--speed", "0.5"]).speed == 0.5
+    assert parse(["feed", "replay", "f"]).speed == 1.0
+    assert parse(["serve", "--port", "0"]).port == 0
+    for argv, says in (
+        (["feed", "replay", "f", "--speed", "0"], "'0': a positive factor"),
+        (["feed", "replay", "f", "--speed", "fast"], "'fast': a positive factor"),
+        (["serve", "--port", "-1"], "-1: a port is 0 to 65535"),
+        (["demo", "--port", "99999"], "99999: a port is 0 to 65535"),
+        (["feed", "sim", "--trade-maxlen", "0"], "--trade-maxlen: 0: at least 1"),
+        (["bars", "--bar-maxlen", "-3"], "--bar-maxlen: -3: at least 1"),
+    ):
+        with pytest.raises(SystemExit):
+            parse(argv)
+        assert says in capsys.readouterr().err, argv
+    # The same for the library: a stream kept at 0 events would refuse every append.
+    with pytest.raises(ConfigError, match="retention of trades: 0 events"):
+        RetentionConfig(trades=0)
+
+
+def test_replaying_a_file_that_cannot_be_read_says_so_before_connecting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Redis on port 1 would refuse: the file is checked first.
+    for path, says in ((tmp_path / "none.ndjson", "No such file"), (tmp_path, "Is a directory")):
+        assert main(["feed", "replay", str(path), "--redis", "redis://127.0.0.1:1/0"]) == 1
+        assert f"cannot read {path}: {says}" in capsys.readouterr().err
 
 
 async def test_a_longer_tick_releases_at_most_once_per_tick_and_loses_nothing(
