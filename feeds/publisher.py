@@ -62,6 +62,9 @@ class PublisherStats:
     dropped: int = 0
     flushes: int = 0
     reconnects: int = 0
+    #: Events Redis refused for good, dropped: their channel's stream or meta key holds
+    #: another type (see `store`).
+    refused: int = 0
     last_error: str | None = None
 
 
@@ -528,36 +531,68 @@ class Publisher:
 
     def _settle(self, flight: Flight, replies: list[Any]) -> None:
         # Every batch stored where its tails said, unless its call's reply says otherwise:
-        # (its place in the call, epoch, last seq) for each batch that was not (see `store`).
-        # The registry's SADD, if any, answers last.
-        for lane, guess in zip(flight.lanes, flight.expected, strict=True):
-            if guess is not None:
-                lane.position = guess
+        # (its place in the call, epoch, last seq) for each batch that was not, and (minus its
+        # place, Redis's error, 0) for one refused (see `store`). The registry's SADD, if any,
+        # answers last.
+        told: dict[Lane, tuple[int, bytes, int]] = {}
         for group, reply in zip(flight.calls, replies, strict=False):
             for at, epoch, seq in zip(reply[::3], reply[1::3], reply[2::3], strict=True):
-                lane = group[at - 1]
-                lane.position = actual = StreamPosition(epoch.decode(), seq)
-                # Mispredicted (or not predicted): predict again from this reply and what is
-                # still in flight on the channel. The flushes in flight were stored right, only
-                # slower (the script redid their tails).
-                later = sum(
-                    c
-                    for f in self._flights
-                    for other, c in zip(f.lanes, f.counts, strict=True)
-                    if other is lane
-                )
-                lane.predict(StreamPosition(actual.epoch, actual.seq + later))
+                told[group[abs(at) - 1]] = (at, epoch, seq)
+        for lane, guess in zip(flight.lanes, flight.expected, strict=True):
+            if guess is not None and lane not in told:
+                lane.position = guess
+                if lane.refused:
+                    self._stored_again(lane)
+        refused = 0
+        for lane, (at, epoch, seq) in told.items():
+            if at < 0:
+                refused += self._refuse(lane, flight, epoch.decode())
+                continue
+            if lane.refused:
+                self._stored_again(lane)
+            lane.position = actual = StreamPosition(epoch.decode(), seq)
+            # Mispredicted (or not predicted): predict again from this reply and what is still
+            # in flight on the channel. The flushes in flight were stored right, only slower
+            # (the script redid their tails).
+            later = sum(
+                c
+                for f in self._flights
+                for other, c in zip(f.lanes, f.counts, strict=True)
+                if other is lane
+            )
+            lane.predict(StreamPosition(actual.epoch, actual.seq + later))
         for item in flight.taken:
             last = item.first + len(item.bodies) - 1
             item.lane.acked = max(item.lane.acked, last)
         events = sum(flight.counts)
-        self.stats.published += events
+        self.stats.published += events - refused
         self._pending_events -= events
         if self._pending_events <= self.config.max_pending_events:
             self._space.set()
         for lane in flight.new:
             lane.registered = True
         self.stats.flushes += 1
+
+    def _refuse(self, lane: Lane, flight: Flight, why: str) -> int:
+        """Redis refused a lane's batch of `flight` (its stream or meta key holds another
+        type): its events are dropped, counted and logged once until it stores again, and the
+        lane's later batches neither wait for it nor predict from it. Returns the events."""
+        n = flight.counts[flight.lanes.index(lane)]
+        self.stats.refused += n
+        lane.predict(None)
+        if not lane.refused:
+            log.error(
+                "Redis refused the events of %s, which are dropped until it stores them again "
+                "(counted in stats.refused): %s",
+                lane.channel.name,
+                why,
+            )
+        lane.refused = True
+        return n
+
+    def _stored_again(self, lane: Lane) -> None:
+        lane.refused = False
+        log.warning("Redis stores the events of %s again", lane.channel.name)
 
     def _requeue(self) -> None:
         """Every unanswered flush back in front of the queue, in order."""
@@ -633,6 +668,8 @@ class Lane:
     acked: int = 0
     #: Whether the registry holds the channel (as far as this connection knows).
     registered: bool = False
+    #: Whether Redis refused its last batch (see `Publisher._refuse`).
+    refused: bool = False
     #: The last (epoch, seq) Redis assigned.
     position: StreamPosition | None = None
     #: Where the channel will stand once every flush sent is applied, as far as the replies so

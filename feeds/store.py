@@ -6,7 +6,8 @@ The entry ID is `<seq>-0`: the stream ID *is* the sequence number, so resuming f
 plain XRANGE and a trimmed head is visible from the first ID alone.
 
 A new epoch begins (meta hash fields `epoch`, `start` = its first seq) when:
-- the meta hash is missing: first publish, or Redis lost its data;
+- the meta hash is missing: first publish, or Redis lost its data (if the stream is still there,
+  its meta alone deleted, seq goes on after the stream's last ID);
 - the meta survives but the stream is gone (someone deleted it): seq starts again at 1;
 - the publisher saw a higher seq in this epoch than Redis now has: Redis rolled back (a crash lost
   the AOF tail). Seqs already handed out must never be reused under the same epoch, so the epoch
@@ -53,7 +54,9 @@ body that the bodies' tails predict (seq 0: the bodies are bare, see
 `tickwire.core.events.encode_body`), then the bodies. Numbers may have leading zeros. Returns
 {k, epoch, last seq} for each batch (the k-th of the call) that did not end where its tails
 predicted (bare bodies: always), flattened: a paced feed's usual reply is empty, and reading a
-triple per batch was a tenth of its publish.
+triple per batch was a tenth of its publish. A batch whose stream or meta key holds another type
+(someone wrote there) is refused alone, with nothing of it written: {-k, Redis's error, 0}; the
+rest of the call goes on, so one bad key never holds back other channels.
 """
 
 from __future__ import annotations
@@ -71,13 +74,24 @@ local candidate, mark = ARGV[1], 'w:' .. ARGV[2]
 local info = redis.call('INFO', 'replication')
 local rid = string.match(info, 'master_replid:(%w+)')
 local rid2 = string.match(info, 'master_replid2:(%w+)')
-local plans = {}
-local a = 4
-for k = 1, #KEYS, 2 do
-  local stream, meta = KEYS[k], KEYS[k + 1]
-  local m = redis.call('HMGET', meta, 'epoch', 'seq', 'start', mark, 'rid')
+-- Only a key of another type refuses a batch alone; any other error (OOM, READONLY, …) fails
+-- the call, which the publisher writes again.
+local function refusal(err)
+  return string.sub(err, 1, 9) == 'WRONGTYPE'
+end
+-- A batch's plan from its channel's meta, or why its keys refuse it (one holds another type:
+-- the batch is refused alone, and the call goes on), or nil if it must wait (TWBEHIND).
+local function plan_of(stream, meta, a)
+  local m = redis.pcall('HMGET', meta, 'epoch', 'seq', 'start', mark, 'rid')
+  if m.err then return refusal(m.err) and {refused = m.err} or {failed = m.err} end
   local epoch, seq, start = m[1], tonumber(m[2] or '0'), tonumber(m[3] or '1')
   local fresh = not epoch
+  if fresh then
+    -- No history: a first publish, or the meta was lost and the stream kept (deleted by
+    -- hand). Seqs then go on after its last ID, which XADD requires.
+    local top = redis.pcall('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+    if not top.err and top[1] then seq = tonumber(string.match(top[1][1], '^%d+')) end
+  end
   if epoch and m[5] and m[5] ~= rid and m[5] == rid2 then
     -- Last written by the primary this node replicated before its promotion: a failover, and
     -- replication is asynchronous, so the tail that primary pushed may be missing here.
@@ -97,22 +111,38 @@ for k = 1, #KEYS, 2 do
   local first, n = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 5])
   local done = fresh and 0 or tonumber(m[4] or '0')
   if not fresh and done < tonumber(ARGV[a + 4]) then
-    return redis.error_reply('TWBEHIND the batch before one of these is not applied')
+    -- The batch before was refused (its stream holds another type) or failed: only the
+    -- first waits. Asked only here, as TYPE per batch would cost every call.
+    local kind = redis.call('TYPE', stream)['ok']
+    if kind ~= 'stream' and kind ~= 'none' then
+      return {refused = 'WRONGTYPE ' .. stream .. ' holds a ' .. kind .. ', not a stream'}
+    end
+    return nil
   end
   local body, skip = a + 8, math.max(0, done - first + 1)
   local tail_epoch, tail_seq = ARGV[a + 6], tonumber(ARGV[a + 7])
-  plans[#plans + 1] = {stream, meta, epoch, seq, start, fresh, ARGV[a],
+  return {stream, meta, epoch, seq, start, fresh, ARGV[a],
     body + skip, body + n - 1, math.max(done, first + n - 1),
     tail_seq > 0 and not fresh and tail_epoch == epoch and tail_seq + skip == seq + 1,
     tail_seq > 0 and @TAIL_FIXED@ + #tail_epoch or 0, tail_seq - body, m[5] ~= rid,
     tail_epoch, tail_seq > 0 and tail_seq + n - 1 or -1}
-  a = body + n
 end
-local out, push = {}, {}
-for k, p in ipairs(plans) do
+local plans = {}
+local a = 4
+for k = 1, #KEYS, 2 do
+  local p = plan_of(KEYS[k], KEYS[k + 1], a)
+  if not p then
+    return redis.error_reply('TWBEHIND the batch before one of these is not applied')
+  end
+  if p.failed then return redis.error_reply(p.failed) end
+  plans[#plans + 1] = p
+  a = a + 8 + tonumber(ARGV[a + 5])
+end
+-- Appends a batch's events; returns why its stream refused the first (nothing written), or
+-- nil and the error that stopped it.
+local function append(p, push)
   local stream, meta, epoch, seq, start, fresh, maxlen, from, last, applied, as_is, cut, shift =
     p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10], p[11], p[12], p[13]
-  local new_rid = p[14]
   if from <= last then
     push[#push + 1] = stream .. ' ' .. epoch .. ' ' .. int(seq + 1) .. ' ' .. (last - from + 1)
   end
@@ -131,23 +161,46 @@ for k, p in ipairs(plans) do
     -- The ID as a number: Redis prints it as plain digits ("%.17g", exact to 2^53; newer
     -- versions as an integer), and XADD reads "<seq>" as "<seq>-0". Building "<seq>-0" here
     -- cost 8-17 % of Redis's time per appended event.
+    local r
     if i < last then
-      redis.call('XADD', stream, seq, 'd', stored)
+      r = redis.pcall('XADD', stream, seq, 'd', stored)
     else
-      redis.call('XADD', stream, 'MAXLEN', '~', maxlen, seq, 'd', stored)
+      r = redis.pcall('XADD', stream, 'MAXLEN', '~', maxlen, seq, 'd', stored)
+    end
+    if type(r) == 'table' and r.err then
+      if i > from or not refusal(r.err) then return nil, r.err end
+      return r.err
     end
   end
   if fresh then
     redis.call('HSET', meta, 'epoch', epoch, 'start', start, 'seq', seq, mark, applied, 'rid', rid)
-  elseif new_rid then
+  elseif p[14] then
     redis.call('HSET', meta, 'seq', seq, mark, applied, 'rid', rid)
   else
     redis.call('HSET', meta, 'seq', seq, mark, applied)
   end
-  if epoch ~= p[15] or seq ~= p[16] then
+  p[3], p[4] = epoch, seq
+  return nil
+end
+local out, push = {}, {}
+for k, p in ipairs(plans) do
+  local refused, failed = p.refused, nil
+  if not refused then
+    local before = #push
+    refused, failed = append(p, push)
+    if failed then return redis.error_reply(failed) end
+    if refused then
+      for i = #push, before + 1, -1 do push[i] = nil end
+    end
+  end
+  if refused then
+    out[#out + 1] = -k
+    out[#out + 1] = refused
+    out[#out + 1] = 0
+  elseif p[3] ~= p[15] or p[4] ~= p[16] then
     out[#out + 1] = k
-    out[#out + 1] = epoch
-    out[#out + 1] = seq
+    out[#out + 1] = p[3]
+    out[#out + 1] = p[4]
   end
 end
 if #push > 0 then

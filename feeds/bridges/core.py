@@ -95,8 +95,14 @@ if #akeys > 0 then
   out = append(akeys, aargv)
   if out.err then return out end
 end
-local result, mark = {}, 'w:' .. ARGV[2]
+local result, mark, refused = {}, 'w:' .. ARGV[2], nil
 for _, b in ipairs(batches) do
+  if b.at and out[b.at * 3 + 1] < 0 then
+    -- Its stream or meta holds another type: nothing of it stored. The call fails below, after
+    -- the ids of what was stored are kept (its retry stores only this batch's events).
+    refused = out[b.at * 3 + 2]
+    b.at = nil
+  end
   if b.at then
     -- Bare bodies predict nothing: the append answers (k, epoch, last seq) for every batch.
     local epoch, last = out[b.at * 3 + 2], out[b.at * 3 + 3]
@@ -126,6 +132,7 @@ for _, b in ipairs(batches) do
   result[#result + 1] = #b.keep
   result[#result + 1] = b.dups
 end
+if refused then return redis.error_reply(refused) end
 return result
 """
 )

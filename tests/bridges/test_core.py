@@ -248,3 +248,26 @@ async def test_redis_down_pauses_consuming_and_loses_nothing(fresh_redis: RedisP
     assert [e["trade_id"] for e in await stored(conn, BTC)] == list(range(1, 41))
     conn.close()
     store.close()
+
+
+async def test_a_stream_someone_overwrote_holds_its_events_and_stores_the_others_once(
+    redis: RedisConnection, redis_server: RedisProcess
+) -> None:
+    mapper, store = parts(redis_server.url)
+    store.config = PublisherConfig(redis_url=redis_server.url, backoff_max_s=0.05)
+    await redis.execute("SET", ETH.stream_key, "someone else's")
+    stats = BridgeStats()
+    source = MemorySource()
+    round_ = [trade(i, "BTC-USD" if i % 2 else "ETH-USD") for i in range(1, 7)]
+    task = asyncio.create_task(bridge_round(source, mapper, store, round_, stats, 1))
+    # Redis refuses ETH's batch: the round is retried, BTC's events stored once meanwhile.
+    await eventually(lambda: store.retries >= 3, "retries of the refused round")
+    assert not task.done()
+    assert [e["trade_id"] for e in await stored(redis, BTC)] == [1, 3, 5]
+    await redis.execute("DEL", ETH.stream_key)
+    await asyncio.wait_for(task, 10)
+    assert [e["trade_id"] for e in await stored(redis, BTC)] == [1, 3, 5]
+    assert [e["trade_id"] for e in await stored(redis, ETH)] == [2, 4, 6]
+    # The round that went through found BTC's events stored already: their ids were kept.
+    assert (stats.stored, stats.duplicates) == (3, 3)
+    store.close()

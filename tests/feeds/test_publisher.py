@@ -523,3 +523,79 @@ async def test_events_acknowledged_then_lost_by_redis_do_not_hold_the_channel_ba
         ("after", "fenced000000", 3),
         ("after", "fenced000000", 4),
     ]
+
+
+async def test_a_stream_of_another_type_refuses_its_batch_alone(
+    redis: RedisConnection, redis_server: RedisProcess
+) -> None:
+    await redis.execute("SCRIPT", "LOAD", APPEND_LUA)
+    other = Channel.parse("quotes:BTC-USD")
+    await redis.execute(*append_call(section(CH, 1, 0, "a", 2)))
+    await redis.execute("DEL", CH.stream_key)
+    await redis.execute("SET", CH.stream_key, "someone else's")
+    sub = await RedisSubscription.open(redis_server.url, ["tw:live:0"])
+    try:
+        reply = await redis.execute(
+            *append_call(section(CH, 3, 2, "b", 2), section(other, 1, 0, "x", 1))
+        )
+        assert await sub.wait(5.0), "push missing"
+        (push,) = sub.take()
+    finally:
+        sub.close()
+    assert reply[:2] == [-1, b"WRONGTYPE Operation against a key holding the wrong kind of value"]
+    assert reply[2:] == [0, 2, b"ep", 1]
+    assert await redis.execute("GET", CH.stream_key) == b"someone else's"
+    assert [e["tag"] for e in await stored_events(redis, other)] == ["x"]
+    assert push[2].split(b"\n")[0] == b"%s ep 1 1" % other.stream_key.encode()
+    # A batch behind the refused one does not wait for it (TWBEHIND), and is refused too.
+    reply = await redis.execute(*append_call(section(CH, 5, 4, "c", 1)))
+    assert reply == [-1, b"WRONGTYPE %s holds a string, not a stream" % CH.stream_key.encode(), 0]
+
+
+async def test_a_stream_whose_meta_was_deleted_goes_on_after_its_last_id(
+    redis: RedisConnection,
+) -> None:
+    await redis.execute("SCRIPT", "LOAD", APPEND_LUA)
+    await redis.execute(*append_call(section(CH, 1, 0, "a", 3)))
+    await redis.execute("DEL", CH.meta_key)
+    reply = await redis.execute(*append_call(section(CH, 4, 3, "b", 2)))
+    assert reply == [1, b"ep", 5]
+    assert [(e["tag"], e["seq"]) for e in await stored_events(redis, CH)] == [
+        ("a", 1), ("a", 2), ("a", 3), ("b", 4), ("b", 5),
+    ]  # fmt: skip
+    assert await redis.execute("HGET", CH.meta_key, "start") == b"4"
+
+
+@pytest.mark.parametrize("key", ["stream", "meta"])
+async def test_a_channel_whose_keys_someone_overwrote_holds_back_no_other(
+    redis: RedisConnection, redis_server: RedisProcess, key: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    other = Channel.parse("quotes:BTC-USD")
+    bad = CH.stream_key if key == "stream" else CH.meta_key
+    cfg = PublisherConfig(redis_url=redis_server.url, max_events_per_flush=30, max_in_flight=2)
+    async with Publisher(cfg) as pub:
+        await pub.publish({CH: bodies("a", 5), other: bodies("a", 5)})
+        await pub.flush()
+        await redis.execute("DEL", bad)
+        await redis.execute("SET", bad, "someone else's")
+        # Many small flushes in flight: later batches of CH are refused too, not TWBEHIND.
+        for tag in "bcdefg":
+            await pub.publish({CH: bodies(tag, 10), other: bodies(tag, 10)})
+        await asyncio.wait_for(pub.flush(), timeout(10))
+        assert pub.stats.refused == 60
+        assert pub.stats.published == 10 + 60
+        refusals = [r for r in caplog.records if "Redis refused the events of" in r.message]
+        assert len(refusals) == 1 and CH.name in refusals[0].message
+        # Fixed: the channel stores again, in a new epoch when its history is gone.
+        await redis.execute("DEL", bad)
+        await pub.publish({CH: bodies("h", 3)})
+        await asyncio.wait_for(pub.flush(), timeout(10))
+        assert pub.stats.refused == 60 and pub.stats.published == 73
+        assert any("stores the events of trades:BTC-USD again" in r.message for r in caplog.records)
+    assert [e["tag"] for e in await stored_events(redis, other)] == list("a" * 5) + [
+        t for t in "bcdefg" for _ in range(10)
+    ]
+    assert [e["seq"] for e in await stored_events(redis, other)] == list(range(1, 66))
+    mine = await stored_events(redis, CH)
+    assert [e["tag"] for e in mine][-3:] == ["h", "h", "h"]
+    assert len({e["epoch"] for e in mine[-3:]}) == 1
