@@ -134,6 +134,11 @@ class Publisher:
         return {c: lane.position for c, lane in self._lanes.items() if lane.position is not None}
 
     @property
+    def pending_events(self) -> int:
+        """Events queued and not yet known to be in Redis."""
+        return self._pending_events
+
+    @property
     def connected(self) -> bool:
         return self._conn is not None and not self._conn.closed
 

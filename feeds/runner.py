@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tickwire.core.channels import Channel
+from tickwire.core.waits import within
 from tickwire.feeds.bars import BarAggregator, ClosedBar
 from tickwire.feeds.publisher import Publisher
 from tickwire.feeds.simulator import (
@@ -53,6 +54,7 @@ async def run_simulator(
     duration: float | None = None,
     throttle: bool = True,
     tick_s: float = RELEASE_TICK_S,
+    flush_timeout_s: float | None = None,
     progress: Callable[[int, float], None] | None = None,
     progress_every_s: float = 1.0,
     venue_clock_ns: Callable[[], int] | None = None,
@@ -62,7 +64,9 @@ async def run_simulator(
     With `bar_intervals` (e.g. `("1s",)`), the bars of the simulated trades go out too: each
     once a chunk passes its end, after that chunk's quotes and trades, at most
     `BARS_PER_RELEASE` a release. The interval in progress at the end of the run is incomplete
-    and not published. `tick_s`, `venue_clock_ns`: see `paced_chunks`.
+    and not published. At the end it waits until Redis has every event, or for at most
+    `flush_timeout_s` (then the rest stays with the publisher: Redis is down or refuses them).
+    `tick_s`, `venue_clock_ns`: see `paced_chunks`.
     """
     chunk_bars = ChunkBars(sim.instruments, bar_intervals) if bar_intervals else None
     due: deque[ClosedBar] = deque()
@@ -89,7 +93,7 @@ async def run_simulator(
             progress(sent, now - t0)
             next_report = now + progress_every_s
     bars += await publish_bars(publisher, due, len(due))
-    await publisher.flush()
+    await within(publisher.flush(), flush_timeout_s)
     return FeedReport(sent, time.monotonic() - t0, bars)
 
 

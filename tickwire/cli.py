@@ -461,15 +461,21 @@ async def cmd_feed_sim(args: argparse.Namespace) -> int:
             progress=progress,
             # The simulator's venue time began at its `start_ns`: the set-up since counts.
             venue_clock_ns=time.time_ns,
+            # A bounded run ends even if Redis is down or refusing at its end (close tries
+            # once more, as long again, and says what it left).
+            flush_timeout_s=pub.config.close_timeout_s,
         )
-        dropped = pub.stats.dropped
+        stats = pub.stats
+    unwritten = pub.pending_events
     print(
         f"\npublished {report.events:,} events in {report.seconds:.2f} s: {report.rate:,.0f} events/s"
         + (f", and {report.bars:,} bars" if args.bars else "")
-        + (f", {dropped:,} dropped while Redis was down" if dropped else ""),
+        + (f", {stats.dropped:,} dropped while Redis was down" if stats.dropped else "")
+        + (f", {stats.refused:,} refused by Redis" if stats.refused else "")
+        + (f", {unwritten:,} not written ({stats.last_error})" if unwritten else ""),
         file=sys.stderr,
     )
-    return 0
+    return 1 if unwritten else 0
 
 
 async def cmd_bars(args: argparse.Namespace) -> int:

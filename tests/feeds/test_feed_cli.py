@@ -3,11 +3,13 @@ bounds."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import timeout
 from tickwire.cli import build_parser, main
 from tickwire.core.channels import Channel
 from tickwire.core.config import PublisherConfig, RetentionConfig
@@ -101,3 +103,23 @@ async def test_a_longer_tick_releases_at_most_once_per_tick_and_loses_nothing(
         for kind in ("quotes", "trades"):
             stored += await redis.execute("XLEN", Channel(kind, inst.symbol).stream_key)
     assert stored == report.events > 0
+
+
+async def test_a_run_ends_though_redis_refuses_at_its_end_and_the_publisher_keeps_the_rest(
+    redis: RedisConnection, redis_server: RedisProcess
+) -> None:
+    cfg = PublisherConfig(redis_url=redis_server.url, backoff_initial_s=0.01, backoff_max_s=0.05)
+    sim = MarketSimulator(make_instruments(3, 1), rate=1000, seed=1, start_ns=time.time_ns())
+    async with Publisher(cfg) as pub:
+        await redis.execute("CONFIG", "SET", "maxmemory", 1)  # every write: OOM
+        try:
+            run = run_simulator(pub, sim, count=200, throttle=False, flush_timeout_s=0.3)
+            report = await asyncio.wait_for(run, timeout(10))
+            assert report.events == 200
+            assert pub.pending_events == 200 and pub.stats.published == 0
+            assert "OOM" in (pub.stats.last_error or "")
+        finally:
+            await redis.execute("CONFIG", "SET", "maxmemory", 0)
+        # Nothing was given up: once Redis takes writes again, all of it goes in.
+        await asyncio.wait_for(pub.flush(), timeout(10))
+        assert pub.pending_events == 0 and pub.stats.published == 200
