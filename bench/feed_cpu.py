@@ -130,13 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     with RedisProcess() as server:
         client = redis.Redis.from_url(server.url)
         print(f"feed: {' '.join(feed_cmd)}, {args.duration:g} s after {args.warmup:g} s …")
-        feed = measure([*feed_cmd, "--redis", server.url], client, "evalsha", **window(args))
+        feed = measure(
+            [*feed_cmd, "--redis", server.url], client, "evalsha", args.warmup, args.duration
+        )
         floor_cmd = [
             sys.executable, "-m", "tickwire.bench.feed_cpu", "--floor-loop", server.url,
             "--tick-ms", str(args.tick_ms),
         ]  # fmt: skip
         print("floor: sleep a tick, write one command, settle its reply …")
-        floor = measure(floor_cmd, client, "set", **window(args))
+        floor = measure(floor_cmd, client, "set", args.warmup, args.duration)
         client.close()
     ratio = feed.cpu_us_per_call / floor.cpu_us_per_call if floor.cpu_us_per_call else 0.0
     print(f"{'':8} {'CPU % of a core':>16} {'releases/s':>11} {'CPU µs a release':>17}")
@@ -153,10 +155,6 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "wb") as fh:
             fh.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
     return 0
-
-
-def window(args: argparse.Namespace) -> dict[str, float]:
-    return {"warmup": args.warmup, "duration": args.duration}
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from tickwire.core.redis_cluster import ClusterConnection
 from tickwire.core.redis_slots import channel_slot
 from tickwire.core.redis_target import RedisLink, RedisTopology, live_channel_of
 from tickwire.core.redis_wire import RedisConnection
-from tickwire.core.stream import TAIL_HEAD, TAIL_SEQ, StreamPosition, framed_bodies
+from tickwire.core.stream import StreamPosition, framed_bodies, stored_tail
 from tickwire.core.waits import cancel_and_wait
 from tickwire.feeds.store import APPEND_LUA
 
@@ -689,7 +689,7 @@ class Lane:
         self.predicted = position
         if position is not None:
             self.epoch_b = position.epoch.encode()
-            self.tail = TAIL_HEAD + self.epoch_b + TAIL_SEQ
+            self.tail = stored_tail(position.epoch)
 
 
 @dataclass(slots=True)

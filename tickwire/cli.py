@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 from tickwire import __version__
 from tickwire.core.config import (
@@ -22,6 +22,7 @@ from tickwire.core.config import (
 from tickwire.core.errors import TickwireError
 
 log = logging.getLogger("tickwire.cli")
+_N = TypeVar("_N", int, float)
 
 
 def _redis_arg(p: argparse.ArgumentParser) -> None:
@@ -51,26 +52,19 @@ def _symbols(value: str) -> int | list[str]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _count(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{value}: at least 1")
-    return n
+def _bounded(
+    kind: Callable[[str], _N], what: str, unit: str, ok: Callable[[_N], bool], rule: str
+) -> Callable[[str], _N]:
+    """An option's type: `kind` of the text (`what` it must be), for which `ok` holds (NaN
+    never does), or an error saying `rule`."""
 
-
-def _number(unit: str, ok: Callable[[float], bool], rule: str) -> Callable[[str], float]:
-    """An option's type: a number of `unit` for which `ok` holds (NaN never does)."""
-
-    def parse(value: str) -> float:
+    def parse(value: str) -> _N:
         try:
-            x = float(value)
+            x = kind(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number of {unit}: {value!r}") from None
+            raise argparse.ArgumentTypeError(f"not {what}: {value!r}") from None
         if not ok(x):
-            raise argparse.ArgumentTypeError(f"{value} {unit}: {rule}")
+            raise argparse.ArgumentTypeError(f"{value}{unit}: {rule}")
         return x
 
     return parse
@@ -89,20 +83,16 @@ def _speed(value: str) -> float | None:
     return factor
 
 
-def _port(value: str) -> int:
-    try:
-        port = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{value}: a port is 0 to 65535 (0: any free one)")
-    return port
-
-
+_count = _bounded(int, "a whole number", "", lambda n: n >= 1, "at least 1")
+_port = _bounded(
+    int, "a port number", "", lambda n: 0 <= n <= 65535, "a port is 0 to 65535 (0: any free one)"
+)
 # Not zero, not infinite: the simulator's clock advances by 1 / rate.
-_rate = _number("events/s", lambda x: 0 < x < float("inf"), "a positive number")
+_rate = _bounded(
+    float, "a number of events/s", " events/s", lambda x: 0 < x < float("inf"), "a positive number"
+)
 # Shorter sleeps make uvloop spin (its timers have millisecond resolution).
-_tick_ms = _number("ms", lambda x: 1 <= x <= 1000, "use 1 to 1000")
+_tick_ms = _bounded(float, "a number of ms", " ms", lambda x: 1 <= x <= 1000, "use 1 to 1000")
 
 
 def _bar_intervals(value: str) -> tuple[str, ...]:
