@@ -562,11 +562,12 @@ async def cmd_feed_bridge(args: argparse.Namespace) -> int:
         while True:
             await asyncio.sleep(5)
             log.info(
-                "%d received, %d stored, %d duplicates dropped, %d unmapped",
+                "%d received, %d stored, %d duplicates dropped, %d unmapped, %d refused by Redis",
                 stats.received,
                 stats.stored,
                 stats.duplicates,
                 stats.unmapped,
+                stats.refused,
             )
 
     reporter = asyncio.create_task(report())
@@ -580,8 +581,8 @@ async def cmd_feed_bridge(args: argparse.Namespace) -> int:
         store.close()
     print(
         f"bridge stopped: {stats.received:,} received, {stats.stored:,} stored, "
-        f"{stats.duplicates:,} duplicates dropped, {stats.unmapped:,} unmapped "
-        f"({stats.dead_lettered:,} dead-lettered)",
+        f"{stats.duplicates:,} duplicates dropped, {stats.unmapped:,} unmapped, "
+        f"{stats.refused:,} refused by Redis ({stats.dead_lettered:,} dead-lettered)",
         file=sys.stderr,
     )
     return 0

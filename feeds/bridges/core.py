@@ -13,7 +13,10 @@ to the broker. So:
 - Redis slow or down stops consumption: the round is retried with backoff until Redis takes it,
   and no message is asked from the broker meanwhile (bounded by the broker's prefetch);
 - a message that does not map is counted, logged with its subject/topic and reason, and
-  republished to the dead-letter destination or skipped, per the map; never a crash.
+  republished to the dead-letter destination or skipped, per the map; never a crash;
+- a message whose channel Redis refuses (its stream or meta key holds another type: someone
+  overwrote it) goes the same way, counted apart; the rest of the round is stored, so one
+  broken key never stops the bridge.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -53,7 +56,8 @@ log = logging.getLogger("tickwire.feeds.bridge")
 #
 # KEYS: per batch: stream, meta, seen. ARGV: candidate epoch, writer id, live channel, window;
 # then per batch: maxlen, epoch last seen, seq last seen, n, n ids ('' : none), n bare bodies.
-# Returns per batch: epoch, last seq, events stored, duplicates dropped.
+# Returns per batch: epoch, last seq, events stored, duplicates dropped; for a batch Redis
+# refused (its stream or meta holds another type): Redis's error, -1, 0, 0.
 BRIDGE_APPEND_LUA = (
     "local function append(KEYS, ARGV)\n"
     + APPEND_LUA
@@ -67,18 +71,32 @@ for k = 1, #KEYS, 3 do
   local n = tonumber(ARGV[a + 3])
   local ids, bodies = a + 4, a + 4 + n
   local keep, here, dups = {}, {}, 0
+  -- A meta or an id set someone overwrote with another type refuses the batch, as the
+  -- append does for its stream and meta; another error fails the call.
+  local before = redis.pcall('HGET', meta, 'epoch')
+  local refused = type(before) == 'table' and before.err
   for i = 0, n - 1 do
     local id = ARGV[ids + i]
-    if id ~= '' and (here[id] or redis.call('ZSCORE', seen, id)) then
+    local hit = here[id]
+    if id ~= '' and not hit and not refused then
+      hit = redis.pcall('ZSCORE', seen, id)
+      if type(hit) == 'table' and hit.err then refused = hit.err end
+    end
+    if refused then
+      break
+    elseif id ~= '' and hit then
       dups = dups + 1
     else
       if id ~= '' then here[id] = true end
       keep[#keep + 1] = i
     end
   end
-  local b = {seen = seen, meta = meta, ids = ids, keep = keep, dups = dups}
-  if #keep > 0 then
-    b.before = redis.call('HGET', meta, 'epoch')
+  if refused and string.sub(refused, 1, 9) ~= 'WRONGTYPE' then return {err = refused} end
+  local b = {seen = seen, meta = meta, ids = ids, keep = keep, dups = dups, refused = refused}
+  if refused then
+    b.keep, b.dups = {}, 0
+  elseif #keep > 0 then
+    b.before = before
     b.at = #akeys / 2
     akeys[#akeys + 1] = KEYS[k]
     akeys[#akeys + 1] = meta
@@ -95,15 +113,22 @@ if #akeys > 0 then
   out = append(akeys, aargv)
   if out.err then return out end
 end
-local result, mark, refused = {}, 'w:' .. ARGV[2], nil
+local result, mark = {}, 'w:' .. ARGV[2]
 for _, b in ipairs(batches) do
+  local stored = 0
   if b.at and out[b.at * 3 + 1] < 0 then
-    -- Its stream or meta holds another type: nothing of it stored. The call fails below, after
-    -- the ids of what was stored are kept (its retry stores only this batch's events).
-    refused = out[b.at * 3 + 2]
-    b.at = nil
+    -- Its stream or meta holds another type: nothing of it stored, and the rest goes on.
+    -- Its duplicates count as refused too: what they duplicate went with the overwritten key.
+    b.refused, b.dups = out[b.at * 3 + 2], 0
   end
-  if b.at then
+  if b.refused then
+    result[#result + 1] = b.refused
+    result[#result + 1] = -1
+  elseif not b.at then
+    result[#result + 1] = ''
+    result[#result + 1] = 0
+  else
+    stored = #b.keep
     -- Bare bodies predict nothing: the append answers (k, epoch, last seq) for every batch.
     local epoch, last = out[b.at * 3 + 2], out[b.at * 3 + 3]
     -- A new epoch is a new history: ids seen in the old one say nothing about it.
@@ -125,14 +150,10 @@ for _, b in ipairs(batches) do
     redis.call('HDEL', b.meta, mark)
     result[#result + 1] = epoch
     result[#result + 1] = last
-  else
-    result[#result + 1] = ''
-    result[#result + 1] = 0
   end
-  result[#result + 1] = #b.keep
+  result[#result + 1] = stored
   result[#result + 1] = b.dups
 end
-if refused then return redis.error_reply(refused) end
 return result
 """
 )
@@ -182,12 +203,14 @@ MAX_REASON_KINDS = 64
 @dataclass
 class BridgeStats:
     """What a bridge did, counted: every message received is stored, a duplicate dropped by
-    id, or unmapped (and dead-lettered or skipped)."""
+    id, unmapped, or refused by Redis (those two dead-lettered or skipped)."""
 
     received: int = 0
     stored: int = 0
     duplicates: int = 0
     unmapped: int = 0
+    #: Mapped, but Redis refused its channel (see `BridgeStore`).
+    refused: int = 0
     dead_lettered: int = 0
     rounds: int = 0
     redis_retries: int = 0
@@ -200,10 +223,17 @@ class BridgeStats:
 class StoreResult:
     stored: int
     duplicates: int
+    #: Channels whose events Redis refused, none of them stored, with Redis's error.
+    refused: Mapping[Channel, str] = field(default_factory=dict)
 
 
 class BridgeStore:
-    """Appends mapped events to Redis, each broker id once; retries until Redis takes them."""
+    """Appends mapped events to Redis, each broker id once; retries until Redis takes them.
+
+    A channel whose stream or meta key holds another type (someone overwrote it) is refused
+    alone: none of its events stored, the rest of the round stored, and the channel named in
+    `StoreResult.refused`, logged once until it stores again. Retrying would never succeed
+    and held every other channel of the bridge with it."""
 
     def __init__(
         self,
@@ -223,6 +253,8 @@ class BridgeStore:
         #: Last (epoch, seq) Redis assigned per channel: lets the append see a rollback.
         self.positions: dict[Channel, tuple[str, int]] = {}
         self.retries = 0
+        #: Channels whose last batch Redis refused.
+        self.refused: set[Channel] = set()
 
     async def start(self) -> None:
         """Connect now: fail fast (RedisUnavailable) if Redis is unreachable at start."""
@@ -317,15 +349,34 @@ class BridgeStore:
             if isinstance(reply, RedisReplyError):
                 raise reply
         stored = dups = 0
+        refused: dict[Channel, str] = {}
         for group, out in zip(groups, replies, strict=False):
             for i, channel in enumerate(group):
                 epoch, last, n, d = out[4 * i : 4 * i + 4]
+                if last < 0:
+                    refused[channel] = epoch.decode()
+                    self._refused(channel, refused[channel])
+                    continue
                 if n:
                     self.positions[channel] = (epoch.decode(), int(last))
+                if channel in self.refused:
+                    self.refused.discard(channel)
+                    log.warning("Redis stores the events of %s again", channel.name)
                 stored += n
                 dups += d
         self._registered.update(new)
-        return StoreResult(stored, dups)
+        return StoreResult(stored, dups, refused)
+
+    def _refused(self, channel: Channel, why: str) -> None:
+        if channel not in self.refused:
+            self.refused.add(channel)
+            log.error(
+                "Redis refused the events of %s, which go the unmapped way (%s) until it "
+                "stores them again: %s",
+                channel.name,
+                self.options.on_unmapped,
+                why,
+            )
 
     def _groups(self, channels: list[Channel], cluster: bool) -> list[list[Channel]]:
         """The channels of each append call: all in one, or one call per hash slot on a Redis
@@ -386,11 +437,14 @@ async def bridge_round(
     options = mapper.map_.options
     stats.received += len(deliveries)
     events: list[MappedEvent] = []
+    #: The delivery each event came from.
+    origins: list[Delivery] = []
     for d in deliveries:
         try:
             events.append(
                 mapper.map(d.route, d.payload, now_ns=now_ns, broker_id=d.broker_id, queue=d.queue)
             )
+            origins.append(d)
         except (Unmapped, CodecError) as exc:
             reason = str(exc)
             stats.unmapped += 1
@@ -400,9 +454,7 @@ async def bridge_round(
                 kind = "other"
             kinds[kind] = kinds.get(kind, 0) + 1
             where = f"{d.queue}:{d.route}" if d.queue else d.route
-            if options.on_unmapped == "dead-letter":
-                await source.dead_letter(d, reason)
-                stats.dead_lettered += 1
+            if await _divert(source, options, stats, d, reason):
                 log.warning(
                     "unmapped message on %s: %s; dead-lettered to %s (%d unmapped so far)",
                     where,
@@ -425,7 +477,26 @@ async def bridge_round(
     result = await store.store(events, on_wait=hold)
     stats.stored += result.stored
     stats.duplicates += result.duplicates
+    if result.refused:
+        # Logged by the store, once per channel until it stores again.
+        for event, d in zip(events, origins, strict=True):
+            why = result.refused.get(event.channel)
+            if why is not None:
+                stats.refused += 1
+                await _divert(source, options, stats, d, f"Redis refused {event.channel}: {why}")
     stats.rounds += 1
+
+
+async def _divert(
+    source: BrokerSource, options: BridgeOptions, stats: BridgeStats, d: Delivery, reason: str
+) -> bool:
+    """A message that will not be stored: dead-lettered with `reason`, or skipped, per the map.
+    Returns whether it was dead-lettered."""
+    if options.on_unmapped != "dead-letter":
+        return False
+    await source.dead_letter(d, reason)
+    stats.dead_lettered += 1
+    return True
 
 
 async def _until(work: Awaitable[list[Delivery]], stop: asyncio.Event) -> list[Delivery] | None:

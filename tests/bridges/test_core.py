@@ -250,24 +250,49 @@ async def test_redis_down_pauses_consuming_and_loses_nothing(fresh_redis: RedisP
     store.close()
 
 
-async def test_a_stream_someone_overwrote_holds_its_events_and_stores_the_others_once(
+async def test_a_stream_someone_overwrote_dead_letters_its_events_and_stores_the_others(
     redis: RedisConnection, redis_server: RedisProcess
 ) -> None:
     mapper, store = parts(redis_server.url)
-    store.config = PublisherConfig(redis_url=redis_server.url, backoff_max_s=0.05)
     await redis.execute("SET", ETH.stream_key, "someone else's")
     stats = BridgeStats()
     source = MemorySource()
     round_ = [trade(i, "BTC-USD" if i % 2 else "ETH-USD") for i in range(1, 7)]
-    task = asyncio.create_task(bridge_round(source, mapper, store, round_, stats, 1))
-    # Redis refuses ETH's batch: the round is retried, BTC's events stored once meanwhile.
-    await eventually(lambda: store.retries >= 3, "retries of the refused round")
-    assert not task.done()
+    # Redis refuses ETH's batch: the round is not retried (it never would succeed), BTC's
+    # events are stored and ETH's go the unmapped way, with the reason.
+    await asyncio.wait_for(bridge_round(source, mapper, store, round_, stats, 1), 10)
     assert [e["trade_id"] for e in await stored(redis, BTC)] == [1, 3, 5]
+    assert await redis.execute("GET", ETH.stream_key) == b"someone else's"
+    assert [d.broker_id for d, _ in source.dead] == ["2", "4", "6"]
+    assert all("Redis refused trades:ETH-USD" in r and "WRONGTYPE" in r for _, r in source.dead)
+    assert (stats.stored, stats.refused, stats.dead_lettered, store.retries) == (3, 3, 3, 0)
+    assert store.refused == {ETH}
+    # Once the key is gone the channel stores again; BTC's redelivered ids stay stored once.
     await redis.execute("DEL", ETH.stream_key)
-    await asyncio.wait_for(task, 10)
-    assert [e["trade_id"] for e in await stored(redis, BTC)] == [1, 3, 5]
-    assert [e["trade_id"] for e in await stored(redis, ETH)] == [2, 4, 6]
-    # The round that went through found BTC's events stored already: their ids were kept.
-    assert (stats.stored, stats.duplicates) == (3, 3)
+    again = [trade(i, "BTC-USD" if i % 2 else "ETH-USD") for i in range(5, 9)]
+    await asyncio.wait_for(bridge_round(source, mapper, store, again, stats, 1), 10)
+    assert [e["trade_id"] for e in await stored(redis, BTC)] == [1, 3, 5, 7]
+    assert [e["trade_id"] for e in await stored(redis, ETH)] == [6, 8]
+    assert (stats.stored, stats.duplicates, stats.refused) == (6, 1, 3)
+    assert stats.received == stats.stored + stats.duplicates + stats.unmapped + stats.refused
+    assert store.refused == set()
+    store.close()
+
+
+async def test_a_refused_channel_is_skipped_when_told(
+    redis: RedisConnection, redis_server: RedisProcess
+) -> None:
+    mapper, store = parts(redis_server.url, on_unmapped="skip")
+    # The meta and the id set are checked by the bridge's own prelude, before the append.
+    await redis.execute("SET", BTC.meta_key, "not a hash")
+    await redis.execute("SET", seen_key(ETH, "t"), "not a sorted set")
+    stats = BridgeStats()
+    source = MemorySource()
+    round_ = [trade(1), trade(2, "ETH-USD"), trade(3, "SOL-USD")]
+    await asyncio.wait_for(bridge_round(source, mapper, store, round_, stats, 1), 10)
+    assert source.dead == []
+    assert (stats.stored, stats.refused, stats.dead_lettered) == (1, 2, 0)
+    assert store.refused == {BTC, ETH}
+    assert [e["trade_id"] for e in await stored(redis, Channel("trades", "SOL-USD"))] == [3]
+    assert await redis.execute("EXISTS", ETH.stream_key) == 0
     store.close()
