@@ -4,6 +4,10 @@ The producer calls `publish()`; a background flusher owns the Redis connection. 
 reachable the producer is held back once `max_pending_events` are waiting (backpressure). While
 Redis is down the producer is never blocked: the oldest pending events are dropped past the bound,
 counted in `stats.dropped` and logged, never silently.
+
+On a Redis Cluster a master that is down holds only its own slots' channels: their events wait
+(held, and past the bound the oldest of them dropped, as above) while the other masters' go on,
+and the slot map is asked for again every `CLUSTER_REFRESH_S` until a replica takes them over.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from tickwire.core.channels import REGISTRY_KEY, Channel
 from tickwire.core.commands import Command, Packed, RedisReplyError, array_head, bulk
 from tickwire.core.config import PublisherConfig
 from tickwire.core.errors import RedisUnavailable
-from tickwire.core.redis_cluster import ClusterConnection
-from tickwire.core.redis_slots import channel_slot
+from tickwire.core.redis_cluster import CLUSTER_REFRESH_S, ClusterConnection, NodeDown
+from tickwire.core.redis_slots import channel_slot, key_slot
 from tickwire.core.redis_target import RedisLink, RedisTopology, live_channel_of
 from tickwire.core.redis_wire import RedisConnection
 from tickwire.core.stream import StreamPosition, framed_bodies, stored_tail
@@ -85,6 +89,11 @@ class Publisher:
         self._new_epoch = new_epoch or RandomEpochs()
         #: Channel batches not yet known to be written, in publish order.
         self._pending: deque[Pending] = deque()
+        #: Batches of channels whose cluster master is down, waiting for it or its replica (in
+        #: order per channel once sorted by index; see `_release_held`).
+        self._held: list[Pending] = []
+        #: When to ask a cluster with a master down for its slot map next (`time.monotonic`).
+        self._refresh_at = 0.0
         #: Each channel's state in this publisher (see `Lane`).
         self._lanes: dict[Channel, Lane] = {}
         self.id = publisher_id or secrets.token_hex(6)
@@ -176,7 +185,12 @@ class Publisher:
             self._wakeup.set()
             await asyncio.sleep(0)
         if self._pending_events > self.config.max_pending_events:
-            if self.connected:
+            if self._held:
+                # A cluster master is down: its channels' oldest events go, not the others'.
+                self._drop_oldest(held=True)
+            if self._pending_events <= self.config.max_pending_events:
+                pass
+            elif self.connected:
                 self._space.clear()
                 await self._space.wait()
             else:
@@ -217,32 +231,41 @@ class Publisher:
                 [["HDEL", c.meta_key, f"w:{self.id}"] for c in self.positions], timeout=1.0
             )
 
-    def _drop_oldest(self) -> None:
+    def _drop_oldest(self, *, held: bool = False) -> None:
+        """Drop the oldest events past `max_pending_events`: of those pending (Redis is down),
+        or only of those `held` (a cluster master is down)."""
+        if held:
+            self._held.sort(key=_index)
+        queue: deque[Pending] = deque(self._held) if held else self._pending
         over = self._pending_events - self.config.max_pending_events
         dropped = 0
         cut: set[Lane] = set()
-        while over > 0 and self._pending:
-            item = self._pending[0]
+        while over > 0 and queue:
+            item = queue[0]
             if len(item.bodies) <= over:
-                self._pending.popleft()
+                queue.popleft()
                 n = len(item.bodies)
             else:
-                self._pending[0] = Pending(item.lane, item.first + over, 0, item.bodies[over:])
+                queue[0] = Pending(item.lane, item.first + over, 0, item.bodies[over:])
                 n = over
             cut.add(item.lane)
             over -= n
             dropped += n
         # What now comes first on a channel follows events that will never be written.
-        for i, item in enumerate(self._pending):
-            if item.lane in cut:
-                cut.discard(item.lane)
-                self._pending[i] = Pending(item.lane, item.first, 0, item.bodies)
-                if not cut:
-                    break
+        for q in (queue, self._pending) if held else (queue,):
+            for i, item in enumerate(q):
+                if item.lane in cut:
+                    cut.discard(item.lane)
+                    q[i] = Pending(item.lane, item.first, 0, item.bodies)
+                    if not cut:
+                        break
+        if held:
+            self._held = list(queue)
         self._pending_events -= dropped
         self.stats.dropped += dropped
         log.warning(
-            "Redis unreachable: dropped %d oldest pending events (%d dropped in total)",
+            "%s: dropped %d oldest pending events (%d dropped in total)",
+            "A Redis Cluster master is down" if held else "Redis unreachable",
             dropped,
             self.stats.dropped,
         )
@@ -250,15 +273,19 @@ class Publisher:
     async def _run(self) -> None:
         delay = self.config.backoff_initial_s
         while True:
+            conn = self._conn
+            if isinstance(conn, ClusterConnection) and not self._flights and not conn.closed:
+                await self._mend(conn)
             if not self._pending and (not self._flights or self._listener_settles()):
                 await self._park()
                 continue
             try:
                 if not self.connected:
                     # Flushes written on the lost connection (by a producer, while this waited
-                    # for work) go again, in front.
+                    # for work) go again, in front, and so does what a master's loss held.
                     if self._flights:
                         self._requeue()
+                    self._release_held()
                     self._use(await self._redis.open())
                     for lane in self._lanes.values():
                         lane.registered = False
@@ -284,16 +311,56 @@ class Publisher:
     async def _park(self) -> None:
         """Wait for work. Replies to the flushes a producer writes meanwhile are settled as
         they arrive, by `_on_replies` (one connection), or by this task once woken (a cluster):
-        the flusher's two task switches per flush were a fifth of a paced feed's CPU."""
-        if not self._flights:
+        the flusher's two task switches per flush were a fifth of a paced feed's CPU. With a
+        cluster master down, wake in time to ask for the slot map again."""
+        if not self._flights and not self._held:
             self._idle.set()
+        if not self._flights:
             self._space.set()
         self._wakeup.clear()
         self._parked = True
+        conn = self._conn
+        mending = isinstance(conn, ClusterConnection) and bool(conn.down)
         try:
-            await self._wakeup.wait()
+            if mending:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(
+                        asyncio.get_running_loop().time() + self._refresh_at - time.monotonic()
+                    ):
+                        await self._wakeup.wait()
+            else:
+                await self._wakeup.wait()
         finally:
             self._parked = False
+
+    async def _mend(self, conn: ClusterConnection) -> None:
+        """With a master down, ask for the slot map again every `CLUSTER_REFRESH_S`; once a
+        master comes up (its replica promoted, or itself back), what it held goes again."""
+        if not conn.down:
+            self._release_held()
+            return
+        now = time.monotonic()
+        if now < self._refresh_at:
+            return
+        self._refresh_at = now + CLUSTER_REFRESH_S
+        try:
+            changed = await conn.refresh()
+        except RedisUnavailable as exc:
+            log.warning("asking the cluster for its slot map failed: %s", exc)
+            return
+        if changed:
+            if conn.down:
+                log.warning("Redis Cluster masters still down: %s", ", ".join(conn.down.values()))
+            else:
+                log.info("every Redis Cluster master is up again")
+            self._release_held()
+
+    def _release_held(self) -> None:
+        """What a master's loss held goes in front of the queue again, in order per channel."""
+        if self._held:
+            held, self._held = sorted(self._held, key=_index), []
+            self._pending.extendleft(reversed(held))
+            log.info("writing %d held channel batches", len(held))
 
     def _watch_replies(self) -> None:
         """Close the connection once the oldest flush has had no reply for `reply_timeout_s`
@@ -388,6 +455,10 @@ class Publisher:
                 finally:
                     self._in_flight = False
                 errors = [r for r in replies if isinstance(r, RedisReplyError)]
+                if errors and all(isinstance(e, NodeDown) for e in errors):
+                    # A cluster master is down: the others' batches are stored.
+                    self._settle_partly(flights.popleft(), replies, errors)
+                    continue
                 if errors:
                     # Drain the flushes behind it (their replies are on the way), then retry.
                     for later in list(flights)[1:]:
@@ -405,9 +476,12 @@ class Publisher:
         """Write flushes of what is pending while fewer than `max_in_flight` are unanswered."""
         flights = self._flights
         while self._pending and len(flights) < self.config.max_in_flight:
+            flight = self._next_flight()
+            if not flight.commands:
+                return  # all of it held: its master is down
             # In `flights` before it is sent: whatever fails from here puts it back.
-            flights.append(self._next_flight())
-            conn.send(flights[-1].commands)
+            flights.append(flight)
+            conn.send(flight.commands)
             if self._listening and self._watchdog is None:
                 self._watchdog = asyncio.get_running_loop().call_later(
                     self.config.reply_timeout_s, self._watch_replies
@@ -419,8 +493,13 @@ class Publisher:
         n = 0
         limit = self.config.max_events_per_flush
         pending = self._pending
+        conn = self._conn
+        down = conn.down if isinstance(conn, ClusterConnection) else None
         while pending and n < limit:
             item = pending.popleft()
+            if down and conn.slots.owners[item.lane.slot] in down:  # type: ignore[union-attr]
+                self._held.append(item)
+                continue
             taken.append(item)
             n += len(item.bodies)
         # A channel's batches merged in order: its indices run on without a break (its events
@@ -506,7 +585,9 @@ class Publisher:
         fifth of the flush's cost)."""
         stream, meta = channel.stream_key.encode(), channel.meta_key.encode()
         maxlen = self.config.retention.maxlen(channel.kind)
-        return Lane(channel, stream, bulk(stream) + bulk(meta), bulk(b"%d" % maxlen))
+        return Lane(
+            channel, stream, bulk(stream) + bulk(meta), bulk(b"%d" % maxlen), key_slot(stream)
+        )
 
     def _groups(self, merged: Mapping[Lane, Pending]) -> list[tuple[str, list[Lane]]]:
         """The live channel and the lanes of each append call: as many as `EVENTS_PER_CALL`
@@ -578,6 +659,46 @@ class Publisher:
             lane.registered = True
         self.stats.flushes += 1
 
+    def _settle_partly(
+        self, flight: Flight, replies: list[Any], errors: list[RedisReplyError]
+    ) -> None:
+        """Settle the calls of `flight` that the masters up answered; hold the batches of those
+        answered `NodeDown` until their master (or its replica) is up. Redis may have applied
+        them: written again, the append skips what it holds."""
+        calls = len(flight.calls)
+        failed = {
+            lane
+            for group, reply in zip(flight.calls, replies, strict=False)
+            if isinstance(reply, NodeDown)
+            for lane in group
+        }
+        ok = [i for i in range(calls) if not isinstance(replies[i], NodeDown)]
+        keep = [i for i, lane in enumerate(flight.lanes) if lane not in failed]
+        registered = len(replies) == calls or not isinstance(replies[calls], NodeDown)
+        self._settle(
+            Flight(
+                [item for item in flight.taken if item.lane not in failed],
+                [flight.calls[i] for i in ok],
+                [flight.lanes[i] for i in keep],
+                [flight.counts[i] for i in keep],
+                [flight.expected[i] for i in keep],
+                flight.new if registered else [],
+                [],
+                flight.sent_at,
+            ),
+            [replies[i] for i in ok],
+        )
+        self._held += [item for item in flight.taken if item.lane in failed]
+        for lane in failed:
+            # Where Redis left it is known again only from its reply once the master is up.
+            lane.predict(lane.position)
+        why = str(errors[0])
+        if self.stats.last_error != why:
+            log.warning(
+                "%s; holding its channels' events, the other masters' go on", why.partition(" ")[2]
+            )
+            self.stats.last_error = why
+
     def _refuse(self, lane: Lane, flight: Flight, why: str) -> int:
         """Redis refused a lane's batch of `flight` (its stream or meta key holds another
         type): its events are dropped, counted and logged once until it stores again, and the
@@ -648,6 +769,10 @@ BATCH_ONE = (
 )
 
 
+def _index(item: Pending) -> int:
+    return item.first
+
+
 #: Where a channel stands before Redis has answered for it.
 NOWHERE = StreamPosition("", 0)
 
@@ -665,6 +790,8 @@ class Lane:
     stream: bytes
     keys: bytes
     maxlen: bytes
+    #: The hash slot of its keys (which cluster master holds it).
+    slot: int
     #: This publisher's index of the last event queued (from 1). Redis keeps the last index it
     #: applied per publisher, so a batch written twice (its reply lost, then retried) is
     #: appended once.

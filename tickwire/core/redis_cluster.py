@@ -5,14 +5,20 @@ so the publisher, the server's reader and its history lanes use a cluster exactl
 one Redis: commands are written to their slots' masters in one write per master, and replies come
 back in the order the commands were sent.
 
-Topology changes are handled by throwing the connection away, as after any failure:
-- `MOVED` (the slot has a new owner: a failover or a finished migration) comes back to the caller
-  as the error reply it is, and marks the connection closed; the caller's usual reconnect loads
-  the slot map again.
+A master that cannot be reached (at open, or its connection fails or stops answering) is *down*:
+the commands of its slots are answered with `NodeDown` in place of their replies, at once, and
+the other masters go on. `refresh` asks a live node for the slot map again and connects to the
+masters it names, so a failover's promoted replica takes its slots over; callers that want the
+other shards to go on during a failover (the publisher, the reader) call it while any master is
+down. A caller that treats `NodeDown` as the `RedisUnavailable` it also is reconnects, as before.
+
+Other topology changes are handled by throwing the connection away, as after any failure:
+- `MOVED` (the slot has a new owner: a finished migration, or a failover seen first from a live
+  node) comes back to the caller as the error reply it is, and marks the connection closed; the
+  caller's usual reconnect loads the slot map again.
 - `ASK` (the slot is migrating and this key is already on the target) is followed here at once:
   `ASKING` and the command again on the target, whose reply takes the place of the error.
-A failure on any master's connection closes them all: the replies still owed could not be put
-back in order.
+The connection is closed once every master is down.
 """
 
 from __future__ import annotations
@@ -24,11 +30,26 @@ from dataclasses import replace
 from typing import Any
 
 from tickwire.core.commands import Arg, Command, RedisReplyError
-from tickwire.core.errors import RedisTimeout, RedisUnavailable
-from tickwire.core.redis_slots import SLOTS, command_slot
+from tickwire.core.errors import RedisUnavailable
+from tickwire.core.redis_slots import SLOTS, command_slot, key_slot
 from tickwire.core.redis_wire import RedisAddress, RedisConnection
 
 Node = tuple[str, int]
+
+#: How often a caller with a master down asks for the slot map again (`refresh`): a failover
+#: promotes a replica within about `cluster-node-timeout` plus a second, and a refresh costs a
+#: connection and one CLUSTER SLOTS.
+CLUSTER_REFRESH_S = 0.25
+
+
+class NodeDown(RedisReplyError, RedisUnavailable):
+    """In place of a reply a cluster's master could not give: it is down (unreachable, its
+    connection lost, or no reply within the timeout). Whether the command was applied is not
+    known. Also a `RedisUnavailable`, for callers that reconnect on any failure."""
+
+    def __init__(self, node: Node, why: str) -> None:
+        super().__init__(f"TWNODEDOWN {node[0]}:{node[1]} is down: {why}")
+        self.node = node
 
 
 class SlotMap:
@@ -68,14 +89,22 @@ class ClusterConnection:
     """Connections to every master of a cluster, used by one task at a time."""
 
     def __init__(
-        self, slots: SlotMap, nodes: dict[Node, RedisConnection], template: RedisAddress
+        self,
+        slots: SlotMap,
+        nodes: dict[Node, RedisConnection],
+        template: RedisAddress,
+        down: dict[Node, str] | None = None,
+        timeout: float = 2.0,
     ) -> None:
         self.slots = slots
         self._nodes = nodes
         self._template = template
-        #: Where each command sent and not yet answered went, in order.
-        self._order: deque[tuple[Node, Command]] = deque()
-        self._any = slots.masters[0]
+        self._timeout = timeout
+        #: Masters that cannot be reached now, and why.
+        self.down: dict[Node, str] = dict(down or {})
+        #: Where each command sent and not yet answered went, in order: its master and the
+        #: connection it was written on (None: the master was down, nothing was written).
+        self._order: deque[tuple[Node, RedisConnection | None, Command]] = deque()
         #: Set by a MOVED reply: the slot map is out of date.
         self._stale = False
         #: Connections for commands sent again after an ASK, by target node.
@@ -86,21 +115,31 @@ class ClusterConnection:
     async def open(
         cls, slots: SlotMap, template: RedisAddress, timeout: float = 2.0
     ) -> ClusterConnection:
+        """Connections to the masters that answer; RedisUnavailable if none does."""
         nodes: dict[Node, RedisConnection] = {}
-        try:
-            for host, port in slots.masters:
-                nodes[(host, port)] = await RedisConnection.open(
-                    replace(template, host=host, port=port, db=0), timeout
-                )
-        except BaseException:
-            for c in nodes.values():
-                c.close()
-            raise
-        return cls(slots, nodes, template)
+        down: dict[Node, str] = {}
+        for node in slots.masters:
+            try:
+                nodes[node] = await cls._connect(template, node, timeout)
+            except RedisUnavailable as exc:
+                down[node] = str(exc)
+            except BaseException:
+                for c in nodes.values():
+                    c.close()
+                raise
+        if not nodes:
+            raise RedisUnavailable(f"no master of the cluster answers: {'; '.join(down.values())}")
+        return cls(slots, nodes, template, down, timeout)
+
+    @staticmethod
+    async def _connect(template: RedisAddress, node: Node, timeout: float) -> RedisConnection:
+        return await RedisConnection.open(
+            replace(template, host=node[0], port=node[1], db=0), timeout
+        )
 
     @property
     def closed(self) -> bool:
-        return self._closed or self._stale or any(c.closed for c in self._nodes.values())
+        return self._closed or self._stale or len(self.down) >= len(self.slots.masters)
 
     def close(self) -> None:
         self._closed = True
@@ -109,7 +148,61 @@ class ClusterConnection:
 
     def node_of(self, command: Command) -> Node:
         slot = command_slot(command)
-        return self._any if slot is None else self.slots.owners[slot]
+        if slot is not None:
+            return self.slots.owners[slot]
+        # A command without a key: any master that is up.
+        down = self.down
+        return next((n for n in self.slots.masters if n not in down), self.slots.masters[0])
+
+    def is_down(self, key: bytes | str) -> bool:
+        """Whether the master that owns `key`'s slot is down."""
+        return bool(self.down) and self.slots.owners[key_slot(key)] in self.down
+
+    async def refresh(self) -> bool:
+        """Load the slot map from a master that is up (or any node the map names) and connect
+        to the masters it names that are down or new (a failover's promoted replica). Returns
+        whether a master came up or the map changed. Commands sent before keep their nodes."""
+        reply = None
+        problems: list[str] = []
+        candidates = [n for n in self.slots.masters if n not in self.down]
+        candidates += [n for n in self.slots.nodes if n not in candidates]
+        for node in candidates:
+            try:
+                conn = await self._connect(self._template, node, self._timeout)
+            except RedisUnavailable as exc:
+                problems.append(str(exc))
+                continue
+            try:
+                reply = await conn.execute("CLUSTER", "SLOTS", timeout=self._timeout)
+                break
+            except (RedisUnavailable, RedisReplyError) as exc:
+                problems.append(f"{node[0]}:{node[1]}: {exc}")
+            finally:
+                conn.close()
+        if reply is None:
+            raise RedisUnavailable(f"no node gave the slot map: {'; '.join(problems)}")
+        slots = SlotMap.parse(reply)
+        changed = slots.owners != self.slots.owners
+        came_up = False
+        down: dict[Node, str] = {}
+        for node in slots.masters:
+            known = self._nodes.get(node)
+            if known is not None and not known.closed and node not in self.down:
+                continue
+            try:
+                self._nodes[node] = await self._connect(self._template, node, self._timeout)
+                came_up = True
+            except RedisUnavailable as exc:
+                down[node] = str(exc)
+        self.slots = slots
+        self.down = down
+        return changed or came_up
+
+    def _lose(self, node: Node, why: str) -> None:
+        self.down[node] = why
+        conn = self._nodes.get(node)
+        if conn is not None:
+            conn.close()
 
     async def execute(self, *args: Arg, timeout: float | None = None) -> Any:
         (reply,) = await self.pipeline([args], timeout=timeout)
@@ -118,10 +211,20 @@ class ClusterConnection:
         return reply
 
     async def execute_on_all(self, *args: Arg, timeout: float | None = None) -> list[Any]:
-        """One command on every master (SCRIPT LOAD: each keeps its own script cache)."""
+        """One command on every master that is up (SCRIPT LOAD: each keeps its own script
+        cache; a master that comes up later answers NOSCRIPT, and the caller loads it again)."""
         if self._order:
             raise RuntimeError("replies are owed: the masters' connections are not idle")
-        return [await c.execute(*args, timeout=timeout) for c in self._nodes.values()]
+        out = []
+        for node in self.slots.masters:
+            if node in self.down:
+                continue
+            try:
+                out.append(await self._nodes[node].execute(*args, timeout=timeout))
+            except RedisUnavailable as exc:
+                self._lose(node, str(exc))
+                raise NodeDown(node, str(exc)) from None
+        return out
 
     async def pipeline(
         self, commands: Sequence[Command], timeout: float | None = None
@@ -131,42 +234,67 @@ class ClusterConnection:
 
     def send(self, commands: Sequence[Command]) -> None:
         if self.closed:
-            raise RedisUnavailable("cluster connection is closed (a node was lost or moved)")
+            raise RedisUnavailable(
+                "cluster connection is closed (every master was lost, or a slot moved)"
+            )
         per_node: dict[Node, list[Command]] = {}
         order = self._order
+        down, nodes = self.down, self._nodes
         for command in commands:
             node = self.node_of(command)
-            order.append((node, command))
-            per_node.setdefault(node, []).append(command)
-        try:
-            for node, batch in per_node.items():
-                self._nodes[node].send(batch)
-        except BaseException:
-            self.close()
-            raise
+            if node in down:
+                order.append((node, None, command))
+            else:
+                order.append((node, nodes[node], command))
+                per_node.setdefault(node, []).append(command)
+        for node, batch in per_node.items():
+            try:
+                nodes[node].send(batch)
+            except RedisUnavailable as exc:
+                # Its replies are owed by a closed connection: NodeDown, in `replies`.
+                self._lose(node, str(exc))
+            except BaseException:
+                self.close()
+                raise
 
     async def replies(self, n: int, timeout: float | None = None) -> list[Any]:
+        """The next `n` replies; a master that fails or does not answer within `timeout`
+        answers `NodeDown` for its share (and for everything sent to it until `refresh`)."""
         if n > len(self._order):
             raise RuntimeError(f"{n} replies asked for, {len(self._order)} owed")
         taken = [self._order.popleft() for _ in range(n)]
-        counts: dict[Node, int] = {}
-        for node, _ in taken:
-            counts[node] = counts.get(node, 0) + 1
+        counts: dict[tuple[Node, RedisConnection | None], int] = {}
+        for node, conn, _ in taken:
+            counts[node, conn] = counts.get((node, conn), 0) + 1
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        got: dict[tuple[Node, RedisConnection | None], deque[Any]] = {}
         try:
-            async with asyncio.timeout(timeout):
-                got = {
-                    node: deque(await self._nodes[node].replies(k)) for node, k in counts.items()
-                }
-                out = [got[node].popleft() for node, _ in taken]
-                for i, reply in enumerate(out):
-                    if isinstance(reply, RedisReplyError):
-                        out[i] = await self._redirected(reply, taken[i][1])
-        except TimeoutError:
-            self.close()
-            raise RedisTimeout(f"no reply from the cluster within {timeout} s") from None
+            for (node, conn), k in counts.items():
+                why = self.down.get(node, "its connection was lost")
+                if conn is not None and not conn.closed:
+                    # After another master's timeout, a short grace: what is here is taken.
+                    left = None if deadline is None else max(deadline - loop.time(), 0.05)
+                    try:
+                        got[node, conn] = deque(await conn.replies(k, timeout=left))
+                        continue
+                    except RedisUnavailable as exc:
+                        why = str(exc)
+                        if self._nodes.get(node) is conn:
+                            self._lose(node, why)
+                got[node, conn] = deque(NodeDown(node, why) for _ in range(k))
+            out = [got[node, conn].popleft() for node, conn, _ in taken]
+            for i, reply in enumerate(out):
+                if isinstance(reply, RedisReplyError) and not isinstance(reply, NodeDown):
+                    out[i] = await self._redirected(reply, taken[i][2])
         except BaseException:
             self.close()
             raise
+        if len(self.down) >= len(self.slots.masters):
+            self.close()
+            raise RedisUnavailable(
+                f"every master of the cluster is down: {'; '.join(self.down.values())}"
+            )
         return out
 
     async def _redirected(self, error: RedisReplyError, command: Command) -> Any:

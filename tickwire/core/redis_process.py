@@ -225,9 +225,19 @@ class RedisCluster:
     """A private Redis Cluster on loopback: `masters` masters with `replicas` replicas each.
 
     Nodes time out after `node_timeout_ms`, so a killed master's replica is promoted a few
-    node timeouts later (short here: a test should not wait 15 s, Redis's default)."""
+    node timeouts later (short here: a test should not wait 15 s, Redis's default). With
+    `full_coverage` off (`cluster-require-full-coverage no`), the masters up keep serving their
+    slots while another's are not served; on (Redis's default), every master answers
+    CLUSTERDOWN from the moment a master is marked failed until its replica is promoted."""
 
-    def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000) -> None:
+    def __init__(
+        self,
+        masters: int = 3,
+        replicas: int = 1,
+        node_timeout_ms: int = 1000,
+        *,
+        full_coverage: bool = True,
+    ) -> None:
         self.nodes = [
             RedisProcess(
                 pick_port=free_cluster_port,
@@ -247,6 +257,8 @@ class RedisCluster:
                     # A test stops a replica on purpose; its master must not drop it for that.
                     "--repl-timeout",
                     "60",
+                    "--cluster-require-full-coverage",
+                    "yes" if full_coverage else "no",
                 ),
             )
             for _ in range(masters * (1 + replicas))

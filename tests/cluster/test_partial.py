@@ -1,0 +1,113 @@
+"""A Redis Cluster with a master down: the other masters' channels go on, and the down one's
+resume once it is back, nothing lost or repeated. The cluster has no replicas and does not
+require full coverage, so a killed master stays down until the test restarts it: what happens
+meanwhile does not race a failover. (With replicas and full coverage, `test_failover` and
+`tickwire bench failover`.)"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import orjson
+import pytest
+
+from tickwire.core.channels import Channel
+from tickwire.core.redis_cluster import ClusterConnection, NodeDown
+from tickwire.core.redis_process import RedisCluster
+from tickwire.core.redis_slots import key_slot
+from tickwire.core.redis_target import open_redis
+from tickwire.feeds.publisher import Publisher
+
+from .conftest import (
+    publish_trades,
+    publisher_config,
+    stored,
+    symbols_on_each_master,
+    trade,
+    until,
+)
+
+pytestmark = pytest.mark.uvloop_only
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisCluster]:
+    with RedisCluster(masters=3, replicas=0, full_coverage=False) as c:
+        yield c
+
+
+def trade_ids(events: dict[tuple[str, int], bytes]) -> list[int]:
+    docs = sorted((orjson.loads(b) for b in events.values()), key=lambda d: d["seq"])
+    assert [d["seq"] for d in docs] == list(range(1, len(docs) + 1)), "seqs not dense"
+    assert len({d["epoch"] for d in docs}) <= 1
+    return [d["trade_id"] for d in docs]
+
+
+async def test_a_cluster_connection_answers_node_down_for_a_dead_master_and_comes_back(
+    cluster: RedisCluster, cluster_conn: ClusterConnection
+) -> None:
+    symbols = symbols_on_each_master(cluster_conn, 1)
+    keys = [Channel("trades", s).stream_key for s in symbols]
+    victim_node = cluster_conn.slots.owners[key_slot(keys[0])]
+    victim = cluster.node_at(victim_node[1])
+    for key in keys:
+        await cluster_conn.execute("XADD", key, "*", "d", "x")
+    victim.kill()
+    replies = await cluster_conn.pipeline([["XLEN", k] for k in keys], timeout=2.0)
+    assert isinstance(replies[0], NodeDown) and replies[0].node == victim_node
+    assert replies[1:] == [1, 1]
+    assert not cluster_conn.closed and cluster_conn.is_down(keys[0])
+    # Opened while it is down: the others answer, from the slot map any node gives.
+    fresh = await open_redis(cluster.seeds_url)
+    assert isinstance(fresh, ClusterConnection) and set(fresh.down) == {victim_node}
+    assert (await fresh.pipeline([["XLEN", k] for k in keys[1:]])) == [1, 1]
+    fresh.close()
+    victim.start()
+    await until(cluster_conn.refresh, "the master back in the slot map")
+    assert not cluster_conn.down
+    await until(
+        lambda: cluster_conn.pipeline([["XLEN", keys[0]]]),
+        "the restarted master answering",
+    )
+
+
+async def test_a_publisher_stores_the_other_masters_channels_while_one_is_down(
+    cluster: RedisCluster, cluster_conn: ClusterConnection
+) -> None:
+    symbols = symbols_on_each_master(cluster_conn, 2)
+    victim_node = cluster_conn.slots.owners[key_slot(f"{{{symbols[0]}}}")]
+    victim = cluster.node_at(victim_node[1])
+    doomed = [s for s in symbols if cluster_conn.slots.owners[key_slot(f"{{{s}}}")] == victim_node]
+    others = [s for s in symbols if s not in doomed]
+    async with Publisher(publisher_config(cluster.seeds_url)) as pub:
+        await publish_trades(pub, symbols, 5)
+        victim.kill()
+        for i in range(5, 25):
+            await pub.publish({Channel("trades", s): [trade(s, i)] for s in symbols})
+        # The others' events are all stored while the master is down; its channels' are held.
+        for s in others:
+            await until(
+                lambda s=s: _count(cluster.seeds_url, s, 25), f"trades:{s} stored", limit=20
+            )
+        assert pub.pending_events == 20 * len(doomed)
+        assert not pub._idle.is_set()
+        victim.start()  # its data is gone (no persistence): the held events start a new epoch
+        await asyncio.wait_for(pub.flush(), 30)
+        assert pub.pending_events == 0
+    conn = await open_redis(cluster.seeds_url)
+    try:
+        for s in others:
+            assert trade_ids(await stored(conn, Channel("trades", s))) == list(range(25))
+        for s in doomed:
+            assert trade_ids(await stored(conn, Channel("trades", s))) == list(range(5, 25))
+    finally:
+        conn.close()
+
+
+async def _count(url: str, symbol: str, n: int) -> bool:
+    conn = await open_redis(url)
+    try:
+        return bool(await conn.execute("XLEN", Channel("trades", symbol).stream_key) == n)
+    finally:
+        conn.close()
