@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import replace
 
 import orjson
 import pytest
@@ -109,5 +110,38 @@ async def _count(url: str, symbol: str, n: int) -> bool:
     conn = await open_redis(url)
     try:
         return bool(await conn.execute("XLEN", Channel("trades", symbol).stream_key) == n)
+    finally:
+        conn.close()
+
+
+async def test_past_the_bound_a_down_masters_oldest_events_are_dropped_not_the_others(
+    cluster: RedisCluster, cluster_conn: ClusterConnection
+) -> None:
+    symbols = symbols_on_each_master(cluster_conn, 1)
+    victim_node = cluster_conn.slots.owners[key_slot(f"{{{symbols[0]}}}")]
+    victim = cluster.node_at(victim_node[1])
+    config = replace(publisher_config(cluster.seeds_url), max_pending_events=10)
+    async with Publisher(config) as pub:
+        await publish_trades(pub, symbols, 1)
+        victim.kill()
+        for i in range(1, 31):
+            # Never held back: the bound is kept by dropping the held events.
+            await asyncio.wait_for(
+                pub.publish({Channel("trades", s): [trade(s, i)] for s in symbols}), 5
+            )
+        for s in symbols[1:]:
+            await until(lambda s=s: _count(cluster.seeds_url, s, 31), f"trades:{s} stored")
+        # At least what is over the bound (events in flight to the others count too).
+        dropped = pub.stats.dropped
+        assert dropped >= 20 and pub.pending_events <= 10
+        victim.start()
+        await asyncio.wait_for(pub.flush(), 30)
+    conn = await open_redis(cluster.seeds_url)
+    try:
+        # The newest held, in order (the one stored before the kill went with the restart).
+        kept = list(range(1 + dropped, 31))
+        assert trade_ids(await stored(conn, Channel("trades", symbols[0]))) == kept
+        for s in symbols[1:]:
+            assert trade_ids(await stored(conn, Channel("trades", s))) == list(range(31))
     finally:
         conn.close()
