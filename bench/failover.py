@@ -1,6 +1,7 @@
 """Failover bench: a Redis Cluster master killed under load, and what clients see, timed.
 
     tickwire bench failover [--node-timeout-ms 2000] [--rate 2000] [--symbols 12] [--behind]
+                            [--no-full-coverage]
 
 Starts a private 3-master, 3-replica cluster, one `tickwire serve` on it, a publisher (in this
 process) at `--rate` events/s spread over symbols on every master, and one WebSocket client
@@ -10,6 +11,11 @@ really lost) and keeps publishing until every channel flows again. It reports, f
 of the dead master and for the others: how long live events paused at the client, the time to
 the replica's promotion, the `reset`s, the events the client saw that Redis lost, and the
 `(channel, epoch, seq)` that name two events (must be 0).
+
+With Redis's default `cluster-require-full-coverage yes`, every master refuses commands
+(CLUSTERDOWN) from the moment the dead one is marked failed until its replica is promoted, so
+the other shards pause for that window too; `--no-full-coverage` runs the cluster with it off,
+where they should not pause at all.
 """
 
 from __future__ import annotations
@@ -92,7 +98,9 @@ def symbols_per_master(slots: SlotMap, per_master: int, prefix: str = "F") -> di
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    with RedisCluster(node_timeout_ms=args.node_timeout_ms) as cluster:
+    with RedisCluster(
+        node_timeout_ms=args.node_timeout_ms, full_coverage=args.full_coverage
+    ) as cluster:
         conn = await open_redis(cluster.url)
         assert isinstance(conn, ClusterConnection)
         owners = symbols_per_master(conn.slots, max(1, args.symbols // len(conn.slots.masters)))
@@ -256,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--behind",
         action="store_true",
         help="stop the replica first until the master holds appends it never got (real loss)",
+    )
+    p.add_argument(
+        "--no-full-coverage",
+        dest="full_coverage",
+        action="store_false",
+        help="cluster-require-full-coverage no: the masters up keep serving during a failover",
     )
     p.add_argument("--json", help="write the figures to this file")
     p.add_argument("--server-log", type=Path, help="append the server's output to this file")

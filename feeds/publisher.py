@@ -7,7 +7,7 @@ counted in `stats.dropped` and logged, never silently.
 
 On a Redis Cluster a master that is down holds only its own slots' channels: their events wait
 (held, and past the bound the oldest of them dropped, as above) while the other masters' go on,
-and the slot map is asked for again every `CLUSTER_REFRESH_S` until a replica takes them over.
+and the slot map is asked for again (`ClusterConnection.mend`) until a replica takes them over.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from tickwire.core.channels import REGISTRY_KEY, Channel
 from tickwire.core.commands import Command, Packed, RedisReplyError, array_head, bulk
 from tickwire.core.config import PublisherConfig
 from tickwire.core.errors import RedisUnavailable
-from tickwire.core.redis_cluster import CLUSTER_REFRESH_S, ClusterConnection, NodeDown
+from tickwire.core.redis_cluster import ClusterConnection, NodeDown
 from tickwire.core.redis_slots import channel_slot, key_slot
 from tickwire.core.redis_target import RedisLink, RedisTopology, live_channel_of
 from tickwire.core.redis_wire import RedisConnection
@@ -92,8 +92,6 @@ class Publisher:
         #: Batches of channels whose cluster master is down, waiting for it or its replica (in
         #: order per channel once sorted by index; see `_release_held`).
         self._held: list[Pending] = []
-        #: When to ask a cluster with a master down for its slot map next (`time.monotonic`).
-        self._refresh_at = 0.0
         #: Each channel's state in this publisher (see `Lane`).
         self._lanes: dict[Channel, Lane] = {}
         self.id = publisher_id or secrets.token_hex(6)
@@ -320,13 +318,11 @@ class Publisher:
         self._wakeup.clear()
         self._parked = True
         conn = self._conn
-        mending = isinstance(conn, ClusterConnection) and bool(conn.down)
+        mend_in = conn.refresh_in() if isinstance(conn, ClusterConnection) else None
         try:
-            if mending:
+            if mend_in is not None:
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout_at(
-                        asyncio.get_running_loop().time() + self._refresh_at - time.monotonic()
-                    ):
+                    async with asyncio.timeout(mend_in):
                         await self._wakeup.wait()
             else:
                 await self._wakeup.wait()
@@ -339,16 +335,7 @@ class Publisher:
         if not conn.down:
             self._release_held()
             return
-        now = time.monotonic()
-        if now < self._refresh_at:
-            return
-        self._refresh_at = now + CLUSTER_REFRESH_S
-        try:
-            changed = await conn.refresh()
-        except RedisUnavailable as exc:
-            log.warning("asking the cluster for its slot map failed: %s", exc)
-            return
-        if changed:
+        if await conn.mend():
             if conn.down:
                 log.warning("Redis Cluster masters still down: %s", ", ".join(conn.down.values()))
             else:

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 from tickwire.core.channels import REGISTRY_KEY, Channel
 from tickwire.core.commands import Arg, RedisReplyError
 from tickwire.core.errors import ChannelError, RedisUnavailable
+from tickwire.core.redis_cluster import NodeDown
 from tickwire.core.redis_target import RedisLink, RedisTopology
 from tickwire.server.batch import Batch
 from tickwire.server.stored import Meta, meta_commands, parse_metas, to_batches
@@ -132,16 +133,15 @@ class History:
         (entries,) = await lane.call(
             (["XRANGE", channel.stream_key, f"{after + 1}-0", "+", "COUNT", count],), 5.0
         )
-        if isinstance(entries, RedisReplyError):
-            raise RedisUnavailable(f"XRANGE refused: {entries}")
-        return to_batches(channel, entries)
+        return to_batches(channel, _checked(entries, "XRANGE"))
 
     async def registry_size(self) -> int:
         (size,) = await self.call(["SCARD", REGISTRY_KEY])
-        return int(size)
+        return int(_checked(size, "SCARD"))
 
     async def registry(self) -> list[Channel]:
         (members,) = await self.call(["SMEMBERS", REGISTRY_KEY])
+        members = _checked(members, "SMEMBERS")
         out = []
         parsed = self._parsed
         for m in members:
@@ -155,3 +155,13 @@ class History:
             if channel is not None:
                 out.append(channel)
         return out
+
+
+def _checked(reply: Any, command: str) -> Any:
+    """The reply, or RedisUnavailable for an error reply (LOADING while Redis replays its
+    AOF, CLUSTERDOWN during a failover): the caller backs off and reads again."""
+    if isinstance(reply, NodeDown):
+        raise reply  # a RedisUnavailable already, and callers may tell it apart
+    if isinstance(reply, RedisReplyError):
+        raise RedisUnavailable(f"{command} refused: {reply}")
+    return reply

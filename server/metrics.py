@@ -73,6 +73,8 @@ class Metrics:
     auth_failures: int = 0
     redis_up: int = 0
     redis_reconnects: int = 0
+    #: Redis Cluster masters the stream reader cannot reach (their channels wait).
+    redis_masters_down: int = 0
     #: Stream reads to catch up (a new channel, a hole in the pushes, stored past what was read).
     catchup_reads: int = 0
     #: Messages on the live channel that are not an append's push (ignored).
@@ -142,6 +144,12 @@ class Metrics:
         )
         emit("redis_up", "gauge", self.redis_up, "1 when the stream reader is connected to Redis.")
         emit("redis_reconnects_total", "counter", self.redis_reconnects, "Reconnections to Redis.")
+        emit(
+            "redis_masters_down",
+            "gauge",
+            self.redis_masters_down,
+            "Redis Cluster masters the stream reader cannot reach: their channels wait.",
+        )
         emit(
             "catchup_reads_total",
             "counter",

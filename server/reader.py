@@ -12,6 +12,12 @@ reads per flush), and building and parsing those reads was a fifth of the server
 Two connections of its own, each with one user: the subscription, and the reader's own for metas
 and catch-up reads (any failure throws it away: see `tickwire.core.redis_wire`). The channel
 registry is read through `History` (`tickwire.server.history`).
+
+On a Redis Cluster both are per master, and a master that is down stops only its own slots'
+channels: their metas and reads are skipped (`NodeDown`), the other masters' pushes go on, and the
+slot map is asked for every `CLUSTER_REFRESH_S` until the slots have a master up again (a
+failover's promoted replica); then they are subscribed there and every channel is compared with
+its meta, as after a reconnect (lost tails get a new epoch and clients `reset`).
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from tickwire.core.channels import Channel
 from tickwire.core.commands import RedisReplyError
 from tickwire.core.config import ServerConfig
 from tickwire.core.errors import RedisTimeout, RedisUnavailable
-from tickwire.core.redis_cluster import ClusterConnection
+from tickwire.core.redis_cluster import CLUSTER_REFRESH_S, ClusterConnection, NodeDown
+from tickwire.core.redis_pubsub import SubscriptionGroup
 from tickwire.core.redis_slots import channel_slot
 from tickwire.core.redis_target import LiveSubscription, RedisLink, RedisTopology
 from tickwire.core.stream import StreamPosition, publish_ns_of
@@ -90,6 +97,9 @@ class StreamReader:
         self.on_status = on_status
         self.clock_ns = clock_ns
         self._started = False
+        self._redis = RedisTopology(config.redis_url)
+        #: When to ask a cluster with a master down for its slot map next (`monotonic`).
+        self._mend_at = 0.0
         self._registry_loaded = False
         #: The registry's size when last read whole (-1: never).
         self._registry_size = -1
@@ -110,7 +120,7 @@ class StreamReader:
         delay = 0.05
         poller = asyncio.create_task(self._poll_registry(), name="tickwire-registry")
         try:
-            redis = RedisTopology(self.config.redis_url)
+            redis = self._redis
             quiet_at = -QUIET_RETRY_EVERY_S
             last_error = ""
             while True:
@@ -120,15 +130,31 @@ class StreamReader:
                     # Subscribed first: whatever the catch-up reads miss arrives as a push.
                     sub = await redis.open_live()
                     conn = await redis.open()
-                    await self.refresh_registry(force=True)
+                    try:
+                        await self.refresh_registry(force=True)
+                    except NodeDown:
+                        if not self._registry_loaded:
+                            raise
+                        # Its master is down: the registry as last read, and the poll reads
+                        # it again; the other masters' channels go on meanwhile.
                     self.follower.reconnected()
+                    # Up once Redis answers reads, not only connections: a cluster answers
+                    # CLUSTERDOWN to every read while a failover is under way, and clients
+                    # were told up and down again at each retry.
+                    self.hub.changed = False
+                    await self._sync_channels(conn)
                     if not self._started:
                         log.info("following %s", _describe(conn, redis))
                     self._set_up(True)
                     self.ready.set()
                     delay = 0.05
                     await self._read_loop(conn, sub)
-                except RedisUnavailable as exc:
+                except Exception as exc:
+                    if not isinstance(exc, RedisUnavailable):
+                        # A bug must not stop every client's live events for good: it is
+                        # logged, and the reader starts again as after losing Redis.
+                        log.exception("the stream reader failed; starting it again")
+                        exc = RedisUnavailable(f"the reader failed: {exc!r}")
                     now = time.monotonic()
                     if retries_quietly(exc, self.up, now, quiet_at):
                         log.warning("lost a Redis connection: %s; reconnecting", exc)
@@ -265,6 +291,13 @@ class StreamReader:
         idle_s = self.config.read_block_ms / 1000
         #: When a PING went out on the idle subscription (0: none owed).
         ping_at = 0.0
+        cluster = (
+            (conn, sub)
+            if isinstance(conn, ClusterConnection) and isinstance(sub, SubscriptionGroup)
+            else None
+        )
+        self.metrics.redis_masters_down = 0
+        generation = conn.generation if isinstance(conn, ClusterConnection) else 0
         while True:
             pause = follower.take_pause()
             if pause:
@@ -272,6 +305,18 @@ class StreamReader:
                 self.metrics.fanout_pause_seconds += pause
                 await asyncio.sleep(pause)
                 follower.resumed(self.monotonic())
+            mend_in = None
+            if cluster is not None:
+                if cluster[0].generation != generation:
+                    # A master came up (or the map changed) for the reads: compare every
+                    # channel with its meta, what they skipped meanwhile is read then.
+                    generation = cluster[0].generation
+                    follower.reconnected()
+                if cluster[0].down or cluster[1].unfollowed:
+                    mend_in = self._mend_at - self.monotonic()
+                    if mend_in <= 0:
+                        await self._mend(*cluster)
+                        continue
             if self.hub.changed or follower.wants_sync:
                 self.hub.changed = False
                 await self._sync_channels(conn)
@@ -279,7 +324,9 @@ class StreamReader:
                 await self._catch_up(conn)
             messages = sub.take()
             if not messages and not follower.behind and not self.hub.changed:
-                if not await sub.wait(idle_s):
+                if not await sub.wait(idle_s if mend_in is None else min(idle_s, mend_in)):
+                    if mend_in is not None and mend_in < idle_s:
+                        continue  # time to ask for the slot map, not an idle link
                     # Quiet, or Redis stopped answering (a pause, a dead link): a PING tells.
                     now = time.monotonic()
                     if not ping_at:
@@ -297,6 +344,38 @@ class StreamReader:
                 self.metrics.bad_pushes += follower.bad_pushes - bad
                 self._fanout(batches, read_ns)
 
+    async def _mend(self, conn: ClusterConnection, sub: SubscriptionGroup) -> None:
+        """A cluster master is down for the reader: ask for the slot map again (in
+        `CLUSTER_REFRESH_S`), subscribe the slots nobody follows where it now puts them, and
+        once a master is back compare every channel with its meta (what was pushed meanwhile is
+        lost, and a promoted replica may lack a tail that was read)."""
+        self._mend_at = self.monotonic() + CLUSTER_REFRESH_S
+        was_down = len(conn.down)
+        try:
+            # Whether the connection's down or not: a lost subscription's slots may have
+            # moved (a failover seen first by the subscription).
+            await conn.refresh()
+        except RedisUnavailable as exc:
+            log.warning("asking the cluster for its slot map failed: %s", exc)
+            return
+        # A subscription to a master the connection finds down, or that no longer is one (a
+        # black hole that stays silent, a failover seen first here), goes.
+        stale = {n for n in sub.nodes if n in conn.down or n not in conn.slots.masters}
+        if stale:
+            sub.drop(stale, "its master is down")
+        unfollowed = len(sub.unfollowed)
+        followed = await self._redis.follow_unfollowed(sub, conn.slots, conn.down)
+        self.metrics.redis_masters_down = len(conn.down)
+        if followed:
+            self.follower.reconnected()
+        if conn.down and len(conn.down) != was_down:
+            log.warning(
+                "Redis Cluster masters down: %s; their channels wait, the others go on",
+                "; ".join(conn.down.values()),
+            )
+        if followed and not sub.unfollowed:
+            log.info("every slot is followed again (%d were not)", unfollowed)
+
     async def _catch_up(self, conn: RedisLink) -> None:
         """One XREAD (no BLOCK) of the channels behind: one per hash slot on a cluster."""
         commands = self.follower.read_commands(
@@ -307,6 +386,9 @@ class StreamReader:
         self.metrics.catchup_reads += 1
         joined: list[Any] = []
         for reply in await conn.pipeline(commands, timeout=5.0):
+            if isinstance(reply, NodeDown):
+                # Its master is down: read again once it or its replica is up (`_mend`).
+                continue
             if isinstance(reply, RedisReplyError):
                 # E.g. LOADING while Redis replays its AOF, MOVED after a failover: back off,
                 # find the topology again and read again.

@@ -7,6 +7,7 @@ from typing import Any
 from tickwire.core.channels import Channel
 from tickwire.core.commands import Arg, RedisReplyError
 from tickwire.core.errors import RedisUnavailable
+from tickwire.core.redis_cluster import NodeDown
 from tickwire.core.stream import StreamPosition, epoch_of, seq_of
 from tickwire.server.batch import Batch
 
@@ -44,8 +45,12 @@ def meta_commands(channels: list[Channel]) -> list[list[Arg]]:
 
 
 def parse_metas(channels: list[Channel], replies: list[Any]) -> dict[Channel, Meta | None]:
+    """The metas of `channels` by their replies; a channel whose cluster master is down
+    (`NodeDown`) is left out, to be compared once it is back."""
     out: dict[Channel, Meta | None] = {}
     for c, reply in zip(channels, replies, strict=True):
+        if isinstance(reply, NodeDown):
+            continue
         if isinstance(reply, RedisReplyError):
             # E.g. LOADING while Redis replays its AOF: back off and read again.
             raise RedisUnavailable(f"meta read refused: {reply}")

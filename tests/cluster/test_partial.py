@@ -13,16 +13,19 @@ from dataclasses import replace
 import orjson
 import pytest
 
+from tests.server.conftest import Recorder, recorder
 from tickwire.core.channels import Channel
 from tickwire.core.redis_cluster import ClusterConnection, NodeDown
 from tickwire.core.redis_process import RedisCluster
 from tickwire.core.redis_slots import key_slot
 from tickwire.core.redis_target import open_redis
 from tickwire.feeds.publisher import Publisher
+from tickwire.server.app import TickwireServer
 
 from .conftest import (
     publish_trades,
     publisher_config,
+    server_config,
     stored,
     symbols_on_each_master,
     trade,
@@ -145,3 +148,39 @@ async def test_past_the_bound_a_down_masters_oldest_events_are_dropped_not_the_o
             assert trade_ids(await stored(conn, Channel("trades", s))) == list(range(31))
     finally:
         conn.close()
+
+
+def tagged(rec: Recorder, symbols: list[str], tag: str) -> list[int]:
+    """How many events tagged `tag` the client got on each symbol's trades."""
+    return [sum(e.get("tag") == tag for e in rec.events(f"trades:{s}")) for s in symbols]
+
+
+async def test_clients_get_the_other_masters_events_live_while_one_is_down(
+    cluster: RedisCluster, cluster_conn: ClusterConnection
+) -> None:
+    symbols = symbols_on_each_master(cluster_conn, 2)
+    victim_node = cluster_conn.slots.owners[key_slot(f"{{{symbols[0]}}}")]
+    victim = cluster.node_at(victim_node[1])
+    doomed = [s for s in symbols if cluster_conn.slots.owners[key_slot(f"{{{s}}}")] == victim_node]
+    others = [s for s in symbols if s not in doomed]
+    config = server_config(cluster.seeds_url)
+    async with TickwireServer(config) as srv, recorder(srv.url) as rec:
+        await rec.request("subscribe", channels=["trades:*"])
+        async with Publisher(publisher_config(cluster.seeds_url)) as pub:
+            await publish_trades(pub, symbols, 5, "before")
+            await rec.wait_until(lambda: tagged(rec, symbols, "before") == [5] * 6, timeout=20)
+            victim.kill()
+            for i in range(20):
+                await pub.publish({Channel("trades", s): [trade(s, i, "down")] for s in symbols})
+            # Live, while the master is down: its channels wait, Redis as a whole is up.
+            await rec.wait_until(lambda: tagged(rec, others, "down") == [20] * 4, timeout=20)
+            assert tagged(rec, doomed, "down") == [0, 0]
+            assert srv.metrics.redis_masters_down == 1
+            assert rec.of_type("status") == []
+            victim.start()  # empty (no persistence): its channels begin a new epoch
+            await asyncio.wait_for(pub.flush(), 30)
+            await rec.wait_until(lambda: tagged(rec, doomed, "down") == [20, 20], timeout=30)
+        assert not rec.checker.violations, rec.checker.violations[:5]
+        assert not rec.contract_errors
+        assert {m["ch"] for m in rec.of_type("reset")} == {f"trades:{s}" for s in doomed}
+        assert srv.metrics.redis_masters_down == 0

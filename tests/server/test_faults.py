@@ -13,7 +13,7 @@ import orjson
 
 from tests.conftest import timeout
 from tickwire.bench.proxy import Proxy
-from tickwire.core.channels import Channel
+from tickwire.core.channels import REGISTRY_KEY, Channel
 from tickwire.core.config import PublisherConfig, ServerConfig
 from tickwire.core.events import encode_body
 from tickwire.core.redis_process import RedisProcess
@@ -307,3 +307,62 @@ async def reset_mid_stream(redis_server: RedisProcess) -> None:
         assert c.checker.duplicates == 0 and c.checker.lost == 0
         assert_own_events(c, T, c.events(T.name)[0]["seq"], i)
         assert_own_events(c, E, c.events(E.name)[0]["seq"], j)
+
+
+async def test_a_registry_someone_overwrote_stops_reading_only_until_it_is_mended(
+    fresh_redis: RedisProcess,
+) -> None:
+    """An error reply to the registry's read (here WRONGTYPE; CLUSTERDOWN during a failover)
+    is Redis refusing for now, not a crash of the reader: it backs off, clients are told, and
+    it goes on once Redis answers again."""
+    conn = await RedisConnection.open(fresh_redis.url)
+    async with (
+        TickwireServer(server_config(fresh_redis)) as srv,
+        recorder(srv.url) as c,
+        Publisher(PublisherConfig(redis_url=fresh_redis.url)) as pub,
+    ):
+        await c.request("subscribe", channels=[T.name])
+        await pub.publish({T: trades(0, 10)})
+        await reach(c, 10)
+        await conn.execute("RENAME", REGISTRY_KEY, "saved")
+        await conn.execute("SET", REGISTRY_KEY, "someone else's")
+        # The reader's subscription dropped: it reconnects and reads the registry again.
+        await conn.execute("CLIENT", "KILL", "TYPE", "pubsub")
+        await c.wait_for(lambda m: m.get("type") == "status" and m["redis"] == "down")
+        await conn.execute("RENAME", "saved", REGISTRY_KEY)
+        await pub.publish({T: trades(10, 10)})
+        await reach(c, 20)
+        assert_own_events(c, T, 1, 20)
+        assert c.checker.ok
+        assert any(m.get("redis") == "up" for m in c.of_type("status"))
+        assert not srv._tasks[0].done()
+    conn.close()
+
+
+async def test_a_reader_that_fails_unexpectedly_starts_again_and_loses_nothing(
+    redis_server: RedisProcess, redis: RedisConnection
+) -> None:
+    async with (
+        TickwireServer(server_config(redis_server)) as srv,
+        recorder(srv.url) as c,
+        Publisher(PublisherConfig(redis_url=redis_server.url)) as pub,
+    ):
+        await c.request("subscribe", channels=[T.name])
+        await pub.publish({T: trades(0, 10)})
+        await reach(c, 10)
+        # A stand-in for a bug in the reader: its next push fails to parse, once.
+        follower = srv.reader.follower
+        take = follower.take_pushes
+
+        def fail_once(messages: list[Any]) -> Any:
+            follower.take_pushes = take  # type: ignore[method-assign]
+            raise TypeError("a bug")
+
+        follower.take_pushes = fail_once  # type: ignore[method-assign]
+        await pub.publish({T: trades(10, 10)})
+        await pub.publish({T: trades(20, 10)})
+        await reach(c, 30)
+        assert_own_events(c, T, 1, 30)
+        assert c.checker.ok
+        assert follower.take_pushes == take
+        assert not srv._tasks[0].done()

@@ -8,9 +8,11 @@ back in the order the commands were sent.
 A master that cannot be reached (at open, or its connection fails or stops answering) is *down*:
 the commands of its slots are answered with `NodeDown` in place of their replies, at once, and
 the other masters go on. `refresh` asks a live node for the slot map again and connects to the
-masters it names, so a failover's promoted replica takes its slots over; callers that want the
-other shards to go on during a failover (the publisher, the reader) call it while any master is
-down. A caller that treats `NodeDown` as the `RedisUnavailable` it also is reconnects, as before.
+masters it names, so a failover's promoted replica takes its slots over. While a master is down,
+`pipeline` and `execute` do so first at most every `CLUSTER_REFRESH_S` (`mend`), so an occasional
+user (history reads) needs nothing more; the publisher and the reader, which write with `send`,
+call `mend` themselves. A caller that treats `NodeDown` as the `RedisUnavailable` it also is
+reconnects, as before.
 
 Other topology changes are handled by throwing the connection away, as after any failure:
 - `MOVED` (the slot has a new owner: a finished migration, or a failover seen first from a live
@@ -24,6 +26,7 @@ The connection is closed once every master is down.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import replace
@@ -102,6 +105,11 @@ class ClusterConnection:
         self._timeout = timeout
         #: Masters that cannot be reached now, and why.
         self.down: dict[Node, str] = dict(down or {})
+        #: Counts the refreshes that brought a master up or changed the slot map: a caller
+        #: that compares it knows when to read again what it skipped.
+        self.generation = 0
+        #: When `mend` may refresh next (`time.monotonic`).
+        self._refresh_at = 0.0
         #: Where each command sent and not yet answered went, in order: its master and the
         #: connection it was written on (None: the master was down, nothing was written).
         self._order: deque[tuple[Node, RedisConnection | None, Command]] = deque()
@@ -196,7 +204,25 @@ class ClusterConnection:
                 down[node] = str(exc)
         self.slots = slots
         self.down = down
+        if changed or came_up:
+            self.generation += 1
         return changed or came_up
+
+    def refresh_in(self) -> float | None:
+        """Seconds until `mend` refreshes (None: no master is down)."""
+        return None if not self.down else max(0.0, self._refresh_at - time.monotonic())
+
+    async def mend(self) -> bool:
+        """With a master down, `refresh` if it is time (every `CLUSTER_REFRESH_S`); returns
+        whether that brought a master up or changed the slot map. A failed refresh is tried
+        again at the next turn."""
+        if not self.down or time.monotonic() < self._refresh_at:
+            return False
+        self._refresh_at = time.monotonic() + CLUSTER_REFRESH_S
+        try:
+            return await self.refresh()
+        except RedisUnavailable:
+            return False
 
     def _lose(self, node: Node, why: str) -> None:
         self.down[node] = why
@@ -229,6 +255,8 @@ class ClusterConnection:
     async def pipeline(
         self, commands: Sequence[Command], timeout: float | None = None
     ) -> list[Any]:
+        if self.down:
+            await self.mend()
         self.send(commands)
         return await self.replies(len(commands), timeout)
 

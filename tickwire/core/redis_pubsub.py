@@ -199,33 +199,76 @@ class RedisSubscription:
 class SubscriptionGroup:
     """Subscriptions to several Redis nodes (a cluster's masters) taken and waited on as one.
 
-    A `sunsubscribe` push means the node gave up a slot (a migration or a failover moved it):
-    what came before it is taken as usual, and the next `take` raises RedisUnavailable, so the
-    caller subscribes again on the new slot map and catches up from the streams.
+    Each subscription follows the live channels of some hash slots. One that is lost (its
+    master died, or dropped it past its output buffer limit) leaves the group: its slots are
+    `unfollowed` and the others go on, until the caller subscribes them again where the slot
+    map now puts them (`RedisTopology.follow_unfollowed`). Only when every subscription is lost
+    does `take` raise RedisUnavailable.
+
+    A `sunsubscribe` push means a live node gave up a slot (a migration moved it): what came
+    before it is taken as usual, and the next `take` raises RedisUnavailable, so the caller
+    subscribes again on the new slot map and catches up from the streams.
     """
 
-    def __init__(self, subs: list[RedisSubscription]) -> None:
+    def __init__(
+        self,
+        subs: list[tuple[RedisSubscription, tuple[str, int], list[int]]],
+        unfollowed: set[int] | None = None,
+    ) -> None:
+        #: Each subscription, its node, and the slots it follows.
         self._subs = subs
+        self.unfollowed: set[int] = set(unfollowed or ())
         self._moved: str | None = None
+        #: Why the last subscription was lost.
+        self.lost: str | None = None
+
+    @property
+    def nodes(self) -> set[tuple[str, int]]:
+        """The nodes subscribed to."""
+        return {node for _, node, _ in self._subs}
+
+    def add(self, sub: RedisSubscription, node: tuple[str, int], slots: list[int]) -> None:
+        self._subs.append((sub, node, slots))
+        self.unfollowed.difference_update(slots)
+
+    def drop(self, nodes: set[tuple[str, int]], why: str) -> None:
+        """Close the subscriptions to `nodes`; their slots are unfollowed."""
+        for entry in [e for e in self._subs if e[1] in nodes]:
+            self._lose(entry, why)
+
+    def _lose(self, entry: tuple[RedisSubscription, tuple[str, int], list[int]], why: str) -> None:
+        sub, _, slots = entry
+        sub.close()
+        self._subs.remove(entry)
+        self.unfollowed.update(slots)
+        self.lost = why
 
     def close(self) -> None:
-        for s in self._subs:
+        for s, _, _ in self._subs:
             s.close()
 
     def wake(self) -> None:
-        for s in self._subs:
+        for s, _, _ in self._subs:
             s.wake()
 
     def ping(self) -> None:
-        for s in self._subs:
-            s.ping()
+        for entry in list(self._subs):
+            try:
+                entry[0].ping()
+            except RedisUnavailable as exc:
+                self._lose(entry, str(exc))
 
     def take(self) -> list[Any]:
         if self._moved is not None:
             raise RedisUnavailable(self._moved)
         out: list[Any] = []
-        for s in self._subs:
-            out += s.take()
+        for entry in list(self._subs):
+            try:
+                out += entry[0].take()
+            except RedisUnavailable as exc:
+                self._lose(entry, str(exc))
+        if not self._subs:
+            raise RedisUnavailable(self.lost or "no subscription left")
         for message in out:
             if len(message) == 3 and message[0] == b"sunsubscribe":
                 self._moved = f"a slot moved away from its node ({message[1]!r})"
@@ -234,7 +277,7 @@ class SubscriptionGroup:
     async def wait(self, timeout: float) -> bool:
         if self._moved is not None:
             return True
-        return await _wait_any([s._protocol for s in self._subs], timeout)
+        return await _wait_any([s._protocol for s, _, _ in self._subs], timeout)
 
 
 async def _wait_any(protocols: list[_Pushes], timeout: float) -> bool:

@@ -18,7 +18,7 @@ cannot be reached now; callers retry with backoff, and every retry finds the top
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
@@ -26,9 +26,9 @@ from urllib.parse import unquote, urlparse
 from tickwire.core.channels import live_channel
 from tickwire.core.commands import Arg, Command, RedisReplyError
 from tickwire.core.errors import ConfigError, RedisUnavailable
-from tickwire.core.redis_cluster import ClusterConnection, SlotMap
+from tickwire.core.redis_cluster import ClusterConnection, Node, SlotMap
 from tickwire.core.redis_pubsub import RedisSubscription, SubscriptionGroup
-from tickwire.core.redis_slots import slot_live_channel
+from tickwire.core.redis_slots import SLOTS, slot_live_channel
 from tickwire.core.redis_wire import RedisAddress, RedisConnection
 
 SENTINEL_SCHEME = "redis+sentinel"
@@ -241,24 +241,47 @@ class RedisTopology:
             return await RedisSubscription.open(
                 addr, [live_channel(t.db)], timeout=timeout, max_buffer=max_buffer
             )
-        subs: list[RedisSubscription] = []
+        group = SubscriptionGroup([], set(range(SLOTS)))
         try:
-            for host, port in slots.masters:
-                channels = [slot_live_channel(s) for s in slots.slots_of((host, port))]
-                subs.append(
-                    await RedisSubscription.open(
-                        replace(t.seeds[0], host=host, port=port, db=0),
-                        channels,
-                        timeout=timeout,
-                        max_buffer=max_buffer,
-                        sharded=True,
-                    )
-                )
+            await self.follow_unfollowed(group, slots, max_buffer=max_buffer)
         except BaseException:
-            for s in subs:
-                s.close()
+            group.close()
             raise
-        return SubscriptionGroup(subs)
+        if not group.nodes:
+            raise RedisUnavailable(f"no master of the cluster answers: {group.lost}")
+        return group
+
+    async def follow_unfollowed(
+        self,
+        group: SubscriptionGroup,
+        slots: SlotMap,
+        down: Collection[Node] = (),
+        max_buffer: int = 8 << 20,
+    ) -> set[int]:
+        """Subscribe the group's unfollowed slots on the masters `slots` names for them (those
+        not `down`); returns the slots followed now. A master that cannot be subscribed stays
+        unfollowed (the group says why in `lost`)."""
+        owners: dict[Node, list[int]] = {}
+        for slot in sorted(group.unfollowed):
+            node = slots.owners[slot]
+            if node not in down:
+                owners.setdefault(node, []).append(slot)
+        followed: set[int] = set()
+        for (host, port), mine in owners.items():
+            try:
+                sub = await RedisSubscription.open(
+                    replace(self.target.seeds[0], host=host, port=port, db=0),
+                    [slot_live_channel(s) for s in mine],
+                    timeout=self.timeout,
+                    max_buffer=max_buffer,
+                    sharded=True,
+                )
+            except RedisUnavailable as exc:
+                group.lost = str(exc)
+                continue
+            group.add(sub, (host, port), mine)
+            followed.update(mine)
+        return followed
 
 
 async def open_redis(
