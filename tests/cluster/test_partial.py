@@ -16,7 +16,7 @@ import pytest
 from tests.server.conftest import Recorder, recorder
 from tickwire.core.channels import Channel
 from tickwire.core.redis_cluster import ClusterConnection, NodeDown
-from tickwire.core.redis_process import RedisCluster
+from tickwire.core.redis_process import RedisCluster, RedisProcess
 from tickwire.core.redis_slots import key_slot
 from tickwire.core.redis_target import open_redis
 from tickwire.feeds.publisher import Publisher
@@ -39,6 +39,16 @@ pytestmark = pytest.mark.uvloop_only
 def cluster() -> Iterator[RedisCluster]:
     with RedisCluster(masters=3, replicas=0, full_coverage=False) as c:
         yield c
+
+
+def split(
+    cluster: RedisCluster, conn: ClusterConnection, symbols: list[str]
+) -> tuple[RedisProcess, list[str], list[str]]:
+    """The master of the first symbol (to be killed), its symbols, and the others'."""
+    owner_of = {s: conn.slots.owners[key_slot(f"{{{s}}}")] for s in symbols}
+    victim = owner_of[symbols[0]]
+    doomed = [s for s in symbols if owner_of[s] == victim]
+    return cluster.node_at(victim[1]), doomed, [s for s in symbols if s not in doomed]
 
 
 def trade_ids(events: dict[tuple[str, int], bytes]) -> list[int]:
@@ -80,10 +90,7 @@ async def test_a_publisher_stores_the_other_masters_channels_while_one_is_down(
     cluster: RedisCluster, cluster_conn: ClusterConnection
 ) -> None:
     symbols = symbols_on_each_master(cluster_conn, 2)
-    victim_node = cluster_conn.slots.owners[key_slot(f"{{{symbols[0]}}}")]
-    victim = cluster.node_at(victim_node[1])
-    doomed = [s for s in symbols if cluster_conn.slots.owners[key_slot(f"{{{s}}}")] == victim_node]
-    others = [s for s in symbols if s not in doomed]
+    victim, doomed, others = split(cluster, cluster_conn, symbols)
     async with Publisher(publisher_config(cluster.seeds_url)) as pub:
         await publish_trades(pub, symbols, 5)
         victim.kill()
@@ -159,10 +166,7 @@ async def test_clients_get_the_other_masters_events_live_while_one_is_down(
     cluster: RedisCluster, cluster_conn: ClusterConnection
 ) -> None:
     symbols = symbols_on_each_master(cluster_conn, 2)
-    victim_node = cluster_conn.slots.owners[key_slot(f"{{{symbols[0]}}}")]
-    victim = cluster.node_at(victim_node[1])
-    doomed = [s for s in symbols if cluster_conn.slots.owners[key_slot(f"{{{s}}}")] == victim_node]
-    others = [s for s in symbols if s not in doomed]
+    victim, doomed, others = split(cluster, cluster_conn, symbols)
     config = server_config(cluster.seeds_url)
     async with TickwireServer(config) as srv, recorder(srv.url) as rec:
         await rec.request("subscribe", channels=["trades:*"])

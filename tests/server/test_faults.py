@@ -309,6 +309,22 @@ async def reset_mid_stream(redis_server: RedisProcess) -> None:
         assert_own_events(c, E, c.events(E.name)[0]["seq"], j)
 
 
+@contextlib.asynccontextmanager
+async def following_ten(
+    redis: RedisProcess,
+) -> AsyncIterator[tuple[TickwireServer, Recorder, Publisher]]:
+    """A server, a client of it on `T` and a publisher, the first 10 events delivered."""
+    async with (
+        TickwireServer(server_config(redis)) as srv,
+        recorder(srv.url) as c,
+        Publisher(PublisherConfig(redis_url=redis.url)) as pub,
+    ):
+        await c.request("subscribe", channels=[T.name])
+        await pub.publish({T: trades(0, 10)})
+        await reach(c, 10)
+        yield srv, c, pub
+
+
 async def test_a_registry_someone_overwrote_stops_reading_only_until_it_is_mended(
     fresh_redis: RedisProcess,
 ) -> None:
@@ -316,14 +332,7 @@ async def test_a_registry_someone_overwrote_stops_reading_only_until_it_is_mende
     is Redis refusing for now, not a crash of the reader: it backs off, clients are told, and
     it goes on once Redis answers again."""
     conn = await RedisConnection.open(fresh_redis.url)
-    async with (
-        TickwireServer(server_config(fresh_redis)) as srv,
-        recorder(srv.url) as c,
-        Publisher(PublisherConfig(redis_url=fresh_redis.url)) as pub,
-    ):
-        await c.request("subscribe", channels=[T.name])
-        await pub.publish({T: trades(0, 10)})
-        await reach(c, 10)
+    async with following_ten(fresh_redis) as (srv, c, pub):
         await conn.execute("RENAME", REGISTRY_KEY, "saved")
         await conn.execute("SET", REGISTRY_KEY, "someone else's")
         # The reader's subscription dropped: it reconnects and reads the registry again.
@@ -342,14 +351,7 @@ async def test_a_registry_someone_overwrote_stops_reading_only_until_it_is_mende
 async def test_a_reader_that_fails_unexpectedly_starts_again_and_loses_nothing(
     redis_server: RedisProcess, redis: RedisConnection
 ) -> None:
-    async with (
-        TickwireServer(server_config(redis_server)) as srv,
-        recorder(srv.url) as c,
-        Publisher(PublisherConfig(redis_url=redis_server.url)) as pub,
-    ):
-        await c.request("subscribe", channels=[T.name])
-        await pub.publish({T: trades(0, 10)})
-        await reach(c, 10)
+    async with following_ten(redis_server) as (srv, c, pub):
         # A stand-in for a bug in the reader: its next push fails to parse, once.
         follower = srv.reader.follower
         take = follower.take_pushes
