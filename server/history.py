@@ -123,7 +123,13 @@ class History:
         """(epoch, last seq, epoch's first seq) per channel; None where the channel has no meta."""
         if not channels:
             return {}
-        return parse_metas(channels, await self.call(*meta_commands(channels)))
+        replies = await self.call(*meta_commands(channels))
+        down = next((r for r in replies if isinstance(r, NodeDown)), None)
+        if down is not None:
+            # Every meta or none (a RedisUnavailable): callers place each channel from its
+            # meta, and retry until the master or its replica is up.
+            raise down
+        return parse_metas(channels, replies)
 
     async def range(
         self, channel: Channel, after: int, count: int, *, bulk: bool = False

@@ -7,6 +7,7 @@ meanwhile does not race a failover. (With replicas and full coverage, `test_fail
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -168,7 +169,11 @@ async def test_clients_get_the_other_masters_events_live_while_one_is_down(
     symbols = symbols_on_each_master(cluster_conn, 2)
     victim, doomed, others = split(cluster, cluster_conn, symbols)
     config = server_config(cluster.seeds_url)
-    async with TickwireServer(config) as srv, recorder(srv.url) as rec:
+    async with (
+        TickwireServer(config) as srv,
+        recorder(srv.url) as rec,
+        contextlib.AsyncExitStack() as stack,
+    ):
         await rec.request("subscribe", channels=["trades:*"])
         async with Publisher(publisher_config(cluster.seeds_url)) as pub:
             await publish_trades(pub, symbols, 5, "before")
@@ -181,9 +186,26 @@ async def test_clients_get_the_other_masters_events_live_while_one_is_down(
             assert tagged(rec, doomed, "down") == [0, 0]
             assert srv.metrics.redis_masters_down == 1
             assert rec.of_type("status") == []
+            # A client resuming meanwhile: its history from the masters up comes at once; the
+            # down master's, once it is back.
+            late = await stack.enter_async_context(recorder(srv.url))
+            epoch = rec.events(f"trades:{others[0]}")[0]["epoch"]
+            resumed = await late.request(
+                "subscribe",
+                channels=[f"trades:{others[0]}"],
+                resume={f"trades:{others[0]}": {"epoch": epoch, "seq": 3}},
+            )
+            assert resumed["type"] == "subscribed"
+            await late.wait_until(lambda: late.last_seq(f"trades:{others[0]}") == 25)
+            waiting = asyncio.create_task(
+                late.request("subscribe", channels=[f"trades:{doomed[0]}"], snapshot=True)
+            )
             victim.start()  # empty (no persistence): its channels begin a new epoch
             await asyncio.wait_for(pub.flush(), 30)
             await rec.wait_until(lambda: tagged(rec, doomed, "down") == [20, 20], timeout=30)
+            assert (await asyncio.wait_for(waiting, 30))["type"] == "subscribed"
+            await late.wait_until(lambda: tagged(late, doomed[:1], "down") != [0], timeout=30)
+            assert not late.checker.violations, late.checker.violations[:5]
         assert not rec.checker.violations, rec.checker.violations[:5]
         assert not rec.contract_errors
         assert {m["ch"] for m in rec.of_type("reset")} == {f"trades:{s}" for s in doomed}
