@@ -132,11 +132,10 @@ class StreamReader:
                     conn = await redis.open()
                     try:
                         await self.refresh_registry(force=True)
-                    except NodeDown:
-                        if not self._registry_loaded:
-                            raise
-                        # Its master is down: the registry as last read, and the poll reads
-                        # it again; the other masters' channels go on meanwhile.
+                    except NodeDown as exc:
+                        # Its master is down: the registry as last read (if ever), and the
+                        # poll reads it again; the other masters' channels go on meanwhile.
+                        log.warning("cannot read the channel registry now: %s", exc)
                     self.follower.reconnected()
                     # Up once Redis answers reads, not only connections: a cluster answers
                     # CLUSTERDOWN to every read while a failover is under way, and clients

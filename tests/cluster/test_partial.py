@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from tests.server.conftest import Recorder, recorder
-from tickwire.core.channels import Channel
+from tickwire.core.channels import REGISTRY_KEY, Channel
 from tickwire.core.redis_cluster import ClusterConnection, NodeDown
 from tickwire.core.redis_process import RedisCluster, RedisProcess
 from tickwire.core.redis_slots import key_slot
@@ -43,11 +43,14 @@ def cluster() -> Iterator[RedisCluster]:
 
 
 def split(
-    cluster: RedisCluster, conn: ClusterConnection, symbols: list[str]
+    cluster: RedisCluster,
+    conn: ClusterConnection,
+    symbols: list[str],
+    victim: tuple[str, int] | None = None,
 ) -> tuple[RedisProcess, list[str], list[str]]:
-    """The master of the first symbol (to be killed), its symbols, and the others'."""
+    """The master to kill (by default the first symbol's), its symbols, and the others'."""
     owner_of = {s: conn.slots.owners[key_slot(f"{{{s}}}")] for s in symbols}
-    victim = owner_of[symbols[0]]
+    victim = victim or owner_of[symbols[0]]
     doomed = [s for s in symbols if owner_of[s] == victim]
     return cluster.node_at(victim[1]), doomed, [s for s in symbols if s not in doomed]
 
@@ -210,3 +213,28 @@ async def test_clients_get_the_other_masters_events_live_while_one_is_down(
         assert not rec.contract_errors
         assert {m["ch"] for m in rec.of_type("reset")} == {f"trades:{s}" for s in doomed}
         assert srv.metrics.redis_masters_down == 0
+
+
+async def test_a_server_started_while_the_registrys_master_is_down_serves_the_others(
+    cluster: RedisCluster, cluster_conn: ClusterConnection
+) -> None:
+    symbols = symbols_on_each_master(cluster_conn, 1)
+    registry_master = cluster_conn.slots.owners[key_slot(REGISTRY_KEY)]
+    victim, doomed, others = split(cluster, cluster_conn, symbols, registry_master)
+    async with Publisher(publisher_config(cluster.seeds_url)) as pub:
+        victim.kill()
+        config = server_config(cluster.seeds_url)
+        async with TickwireServer(config) as srv, recorder(srv.url) as rec:
+            # (A subscribe naming a down master's channel is answered once it is back.)
+            await rec.request("subscribe", channels=[f"trades:{s}" for s in others])
+            for i in range(5):  # not flushed: the dead master's are held
+                await pub.publish({Channel("trades", s): [trade(s, i)] for s in symbols})
+            # The registry unread, the masters up serve their channels (and none is "down").
+            await rec.wait_until(lambda: [rec.last_seq(f"trades:{s}") for s in others] == [5, 5])
+            assert srv.reader.up and rec.of_type("status") == []
+            victim.start()
+            await asyncio.wait_for(pub.flush(), 30)
+            await rec.request("subscribe", channels=[f"trades:{doomed[0]}"])
+            await publish_trades(pub, symbols, 3, "after")
+            await rec.wait_until(lambda: tagged(rec, symbols, "after") == [3, 3, 3], timeout=30)
+            assert not rec.checker.violations, rec.checker.violations[:5]
