@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from tickwire.core.channels import REGISTRY_KEY, Channel
-from tickwire.core.commands import Command, Packed, RedisReplyError, array_head, bulk
+from tickwire.core.commands import Command, NodeDown, Packed, RedisReplyError, array_head, bulk
 from tickwire.core.config import PublisherConfig
 from tickwire.core.errors import RedisUnavailable
-from tickwire.core.redis_cluster import ClusterConnection, NodeDown
+from tickwire.core.redis_cluster import ClusterConnection
 from tickwire.core.redis_slots import channel_slot, key_slot
 from tickwire.core.redis_target import RedisLink, RedisTopology, live_channel_of
 from tickwire.core.redis_wire import RedisConnection

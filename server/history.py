@@ -16,9 +16,8 @@ from collections import deque
 from typing import Any, NamedTuple
 
 from tickwire.core.channels import REGISTRY_KEY, Channel
-from tickwire.core.commands import Arg, RedisReplyError
+from tickwire.core.commands import Arg, NodeDown, RedisReplyError
 from tickwire.core.errors import ChannelError, RedisUnavailable
-from tickwire.core.redis_cluster import NodeDown
 from tickwire.core.redis_target import RedisLink, RedisTopology
 from tickwire.server.batch import Batch
 from tickwire.server.stored import Meta, meta_commands, parse_metas, to_batches

@@ -31,10 +31,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from tickwire.core.channels import Channel
-from tickwire.core.commands import RedisReplyError
+from tickwire.core.commands import NodeDown, RedisReplyError
 from tickwire.core.config import ServerConfig
 from tickwire.core.errors import RedisTimeout, RedisUnavailable
-from tickwire.core.redis_cluster import CLUSTER_REFRESH_S, ClusterConnection, NodeDown
+from tickwire.core.redis_cluster import CLUSTER_REFRESH_S, ClusterConnection
 from tickwire.core.redis_pubsub import SubscriptionGroup
 from tickwire.core.redis_slots import channel_slot
 from tickwire.core.redis_target import LiveSubscription, RedisLink, RedisTopology

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from tickwire.core.channels import Channel
-from tickwire.core.commands import Arg, RedisReplyError
+from tickwire.core.commands import Arg, NodeDown, RedisReplyError
 from tickwire.core.errors import RedisUnavailable
-from tickwire.core.redis_cluster import NodeDown
 from tickwire.core.stream import StreamPosition, epoch_of, seq_of
 from tickwire.server.batch import Batch
 

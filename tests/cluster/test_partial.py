@@ -16,7 +16,8 @@ import pytest
 
 from tests.server.conftest import Recorder, recorder
 from tickwire.core.channels import REGISTRY_KEY, Channel
-from tickwire.core.redis_cluster import ClusterConnection, NodeDown
+from tickwire.core.commands import NodeDown
+from tickwire.core.redis_cluster import ClusterConnection
 from tickwire.core.redis_process import RedisCluster, RedisProcess
 from tickwire.core.redis_slots import key_slot
 from tickwire.core.redis_target import open_redis

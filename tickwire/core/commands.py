@@ -1,9 +1,11 @@
-"""Redis commands as data, without any I/O: the argument type, packed commands, the error reply."""
+"""Redis commands as data, without any I/O: the argument type, packed commands, the error replies."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from tickwire.core.errors import RedisUnavailable
 
 #: One argument of a command, as the wire protocol takes it.
 Arg = bytes | str | int | float
@@ -36,3 +38,13 @@ def array_head(count: int) -> bytes:
 
 class RedisReplyError(Exception):
     """Redis answered a command with an error reply (the connection stays usable)."""
+
+
+class NodeDown(RedisReplyError, RedisUnavailable):
+    """In place of a reply a cluster's master could not give: it is down (unreachable, its
+    connection lost, or no reply within the timeout). Whether the command was applied is not
+    known. Also a `RedisUnavailable`, for callers that reconnect on any failure."""
+
+    def __init__(self, node: tuple[str, int], why: str) -> None:
+        super().__init__(f"TWNODEDOWN {node[0]}:{node[1]} is down: {why}")
+        self.node = node

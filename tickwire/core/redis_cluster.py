@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from tickwire.core.commands import Arg, Command, RedisReplyError
+from tickwire.core.commands import Arg, Command, NodeDown, RedisReplyError
 from tickwire.core.errors import RedisUnavailable
 from tickwire.core.redis_slots import SLOTS, command_slot, key_slot
 from tickwire.core.redis_wire import RedisAddress, RedisConnection
@@ -43,16 +43,6 @@ Node = tuple[str, int]
 #: promotes a replica within about `cluster-node-timeout` plus a second, and a refresh costs a
 #: connection and one CLUSTER SLOTS.
 CLUSTER_REFRESH_S = 0.25
-
-
-class NodeDown(RedisReplyError, RedisUnavailable):
-    """In place of a reply a cluster's master could not give: it is down (unreachable, its
-    connection lost, or no reply within the timeout). Whether the command was applied is not
-    known. Also a `RedisUnavailable`, for callers that reconnect on any failure."""
-
-    def __init__(self, node: Node, why: str) -> None:
-        super().__init__(f"TWNODEDOWN {node[0]}:{node[1]} is down: {why}")
-        self.node = node
 
 
 class SlotMap:
