@@ -89,9 +89,12 @@ class Publisher:
         self._new_epoch = new_epoch or RandomEpochs()
         #: Channel batches not yet known to be written, in publish order.
         self._pending: deque[Pending] = deque()
-        #: Batches of channels whose cluster master is down, waiting for it or its replica (in
-        #: order per channel once sorted by index; see `_release_held`).
+        #: Batches of channels whose cluster master is down, waiting for it or its replica
+        #: (oldest first once sorted by `Pending.at`: flushes that failed put theirs back
+        #: after later batches were held).
         self._held: list[Pending] = []
+        #: `publish` calls so far (`Pending.at`).
+        self._publishes = 0
         #: Each channel's state in this publisher (see `Lane`).
         self._lanes: dict[Channel, Lane] = {}
         self.id = publisher_id or secrets.token_hex(6)
@@ -156,6 +159,7 @@ class Publisher:
         # `dict` first: an ABC's isinstance check costs a microsecond or two per release.
         items = batches.items() if isinstance(batches, (dict, Mapping)) else batches
         lanes = self._lanes
+        at = self._publishes = self._publishes + 1
         for channel, bodies in items:
             if bodies:
                 lane = lanes.get(channel)
@@ -163,7 +167,7 @@ class Publisher:
                     lane = lanes[channel] = self._lane(channel)
                 first = lane.queued + 1
                 lane.queued += len(bodies)
-                self._pending.append(Pending(lane, first, first - 1, list(bodies)))
+                self._pending.append(Pending(lane, first, first - 1, list(bodies), at))
                 self._pending_events += len(bodies)
         self._idle.clear()
         # Write here if a flush may go out (`max_in_flight`): waiting for a reply in flight
@@ -182,13 +186,11 @@ class Publisher:
         if not (self._parked and self._listening and not self._pending and self.connected):
             self._wakeup.set()
             await asyncio.sleep(0)
+        if self._pending_events > self.config.max_pending_events and self._held:
+            # A cluster master is down: its channels' oldest events go, not the others'.
+            self._drop_oldest(held=True)
         if self._pending_events > self.config.max_pending_events:
-            if self._held:
-                # A cluster master is down: its channels' oldest events go, not the others'.
-                self._drop_oldest(held=True)
-            if self._pending_events <= self.config.max_pending_events:
-                pass
-            elif self.connected:
+            if self.connected:
                 self._space.clear()
                 await self._space.wait()
             else:
@@ -233,7 +235,7 @@ class Publisher:
         """Drop the oldest events past `max_pending_events`: of those pending (Redis is down),
         or only of those `held` (a cluster master is down)."""
         if held:
-            self._held.sort(key=_index)
+            self._held.sort(key=_published)
         queue: deque[Pending] = deque(self._held) if held else self._pending
         over = self._pending_events - self.config.max_pending_events
         dropped = 0
@@ -244,7 +246,7 @@ class Publisher:
                 queue.popleft()
                 n = len(item.bodies)
             else:
-                queue[0] = Pending(item.lane, item.first + over, 0, item.bodies[over:])
+                queue[0] = Pending(item.lane, item.first + over, 0, item.bodies[over:], item.at)
                 n = over
             cut.add(item.lane)
             over -= n
@@ -254,7 +256,7 @@ class Publisher:
             for i, item in enumerate(q):
                 if item.lane in cut:
                     cut.discard(item.lane)
-                    q[i] = Pending(item.lane, item.first, 0, item.bodies)
+                    q[i] = Pending(item.lane, item.first, 0, item.bodies, item.at)
                     if not cut:
                         break
         if held:
@@ -343,9 +345,9 @@ class Publisher:
             self._release_held()
 
     def _release_held(self) -> None:
-        """What a master's loss held goes in front of the queue again, in order per channel."""
+        """What a master's loss held goes in front of the queue again, oldest first."""
         if self._held:
-            held, self._held = sorted(self._held, key=_index), []
+            held, self._held = sorted(self._held, key=_published), []
             self._pending.extendleft(reversed(held))
             log.info("writing %d held channel batches", len(held))
 
@@ -498,7 +500,7 @@ class Publisher:
                 merged[item.lane] = item
             else:
                 merged[item.lane] = Pending(
-                    item.lane, before.first, before.prev, before.bodies + item.bodies
+                    item.lane, before.first, before.prev, before.bodies + item.bodies, before.at
                 )
         # The epoch a channel takes if this flush starts a new one. One candidate serves every
         # channel of the flush: epochs identify a channel's history, not a flush.
@@ -756,8 +758,8 @@ BATCH_ONE = (
 )
 
 
-def _index(item: Pending) -> int:
-    return item.first
+def _published(item: Pending) -> int:
+    return item.at
 
 
 #: Where a channel stands before Redis has answered for it.
@@ -809,7 +811,7 @@ class Lane:
 @dataclass(slots=True)
 class Pending:
     """A channel batch waiting to be written: this publisher's index of its first event, the
-    index it must follow in Redis (0: none), and the encoded bodies.
+    index it must follow in Redis (0: none), the encoded bodies, and when it was published.
 
     Never changed once made (a change makes a new one); not frozen only because a frozen
     dataclass's `__init__` costs three times as much (1.6 against 0.5 µs), once per channel
@@ -819,6 +821,8 @@ class Pending:
     first: int
     prev: int
     bodies: list[bytes]
+    #: Which `publish` call queued it (from 1): the order of batches across channels.
+    at: int
 
 
 @dataclass(frozen=True, slots=True)
