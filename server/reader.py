@@ -100,6 +100,8 @@ class StreamReader:
         self._redis = RedisTopology(config.redis_url)
         #: When to ask a cluster with a master down for its slot map next (`monotonic`).
         self._mend_at = 0.0
+        #: The last refresh's failure, logged once.
+        self._mend_error = ""
         self._registry_loaded = False
         #: The registry's size when last read whole (-1: never).
         self._registry_size = -1
@@ -355,8 +357,11 @@ class StreamReader:
             # moved (a failover seen first by the subscription).
             await conn.refresh()
         except RedisUnavailable as exc:
-            log.warning("asking the cluster for its slot map failed: %s", exc)
+            if str(exc) != self._mend_error:
+                log.warning("asking the cluster for its slot map failed: %s", exc)
+            self._mend_error = str(exc)
             return
+        self._mend_error = ""
         # A subscription to a master the connection finds down, or that no longer is one (a
         # black hole that stays silent, a failover seen first here), goes.
         stale = {n for n in sub.nodes if n in conn.down or n not in conn.slots.masters}

@@ -290,7 +290,8 @@ class ClusterConnection:
         try:
             for (node, conn), k in counts.items():
                 why = self.down.get(node, "its connection was lost")
-                if conn is not None and not conn.closed:
+                if conn is not None:
+                    # (A connection lost since still gives the replies it read before.)
                     # After another master's timeout, a short grace: what is here is taken.
                     left = None if deadline is None else max(deadline - loop.time(), 0.05)
                     try:
