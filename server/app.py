@@ -269,8 +269,11 @@ class TickwireServer:
     def health(self) -> dict[str, Any]:
         m = self.metrics
         return {
-            "status": "ok" if self.reader.up else "degraded",
+            # Degraded too with a cluster master down: its channels wait (still 200: another
+            # server node on the same cluster would not do better).
+            "status": "ok" if self.reader.up and not m.redis_masters_down else "degraded",
             "redis": self.reader.up,
+            "redis_masters_down": m.redis_masters_down,
             "read_lag_ms": round(m.read_lag_seconds * 1000, 3),
             "connections": m.connections,
             "channels_read": len(self.reader.positions),

@@ -10,11 +10,12 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import Any
 
 import orjson
 import pytest
 
-from tests.server.conftest import Recorder, recorder
+from tests.server.conftest import Recorder, http_get, recorder
 from tickwire.core.channels import REGISTRY_KEY, Channel
 from tickwire.core.commands import NodeDown
 from tickwire.core.redis_cluster import ClusterConnection
@@ -190,6 +191,8 @@ async def test_clients_get_the_other_masters_events_live_while_one_is_down(
             assert tagged(rec, doomed, "down") == [0, 0]
             assert srv.metrics.redis_masters_down == 1
             assert rec.of_type("status") == []
+            health = await http_json(srv.port, "/healthz")
+            assert (health["status"], health["redis_masters_down"]) == ("degraded", 1)
             # A client resuming meanwhile: its history from the masters up comes at once; the
             # down master's, once it is back.
             late = await stack.enter_async_context(recorder(srv.url))
@@ -214,6 +217,7 @@ async def test_clients_get_the_other_masters_events_live_while_one_is_down(
         assert not rec.contract_errors
         assert {m["ch"] for m in rec.of_type("reset")} == {f"trades:{s}" for s in doomed}
         assert srv.metrics.redis_masters_down == 0
+        assert (await http_json(srv.port, "/healthz"))["status"] == "ok"
 
 
 async def test_a_server_started_while_the_registrys_master_is_down_serves_the_others(
@@ -239,3 +243,9 @@ async def test_a_server_started_while_the_registrys_master_is_down_serves_the_ot
             await publish_trades(pub, symbols, 3, "after")
             await rec.wait_until(lambda: tagged(rec, symbols, "after") == [3, 3, 3], timeout=30)
             assert not rec.checker.violations, rec.checker.violations[:5]
+
+
+async def http_json(port: int, path: str) -> Any:
+    status, body, _ = await http_get(port, path)
+    assert status == 200, status
+    return orjson.loads(body)

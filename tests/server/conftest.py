@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -153,3 +154,14 @@ def server_config(redis: RedisProcess, **limits: Any) -> ServerConfig:
 async def server(redis_server: RedisProcess, redis: Any) -> AsyncIterator[TickwireServer]:
     async with TickwireServer(server_config(redis_server)) as srv:
         yield srv
+
+
+async def http_get(port: int, path: str) -> tuple[int, bytes, float]:
+    """A plain HTTP GET on loopback: status, body, and how long it took."""
+    t0 = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    data = await reader.read()
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body, time.monotonic() - t0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -21,7 +20,7 @@ from tickwire.core.redis_wire import RedisConnection
 from tickwire.feeds.publisher import Publisher
 from tickwire.server.app import TickwireServer
 
-from .conftest import Recorder, recorder, server_config
+from .conftest import Recorder, http_get, recorder, server_config
 
 T = Channel.parse("trades:BTC-USD")
 E = Channel.parse("trades:ETH-USD")
@@ -88,16 +87,6 @@ async def first_events(pub: Publisher, c: Recorder, channel: Channel, make: Make
         with contextlib.suppress(TimeoutError):
             await c.wait_until(lambda: c.last_seq(channel.name) > 0, timeout=0.2)
     return i
-
-
-async def http_get(port: int, path: str) -> tuple[int, bytes, float]:
-    t0 = time.monotonic()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-    data = await reader.read()
-    writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body, time.monotonic() - t0
 
 
 async def test_redis_paused_health_and_pings_answer_and_reading_resumes(

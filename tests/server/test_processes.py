@@ -19,8 +19,7 @@ from tickwire.core.redis_wire import RedisConnection
 from tickwire.feeds.publisher import Publisher
 from tickwire.server.app import TickwireServer
 
-from .conftest import recorder, server_config
-from .test_faults import http_get
+from .conftest import http_get, recorder, server_config
 
 T = Channel.parse("trades:BTC-USD")
 
