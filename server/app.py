@@ -12,6 +12,7 @@ from typing import Any
 
 from websockets.extensions.base import ServerExtensionFactory
 from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
+from websockets.frames import CloseCode
 
 from tickwire import __version__
 from tickwire.core.collector import FreezePolicy, PauseTimer
@@ -221,7 +222,12 @@ class TickwireServer:
         # In a function of its own: a loop variable in a sleeping coroutine's frame would keep
         # the last connection (and all it holds) alive until the next visit.
         for conn in self.rounds.turn():
-            conn.tend(now)
+            try:
+                conn.tend(now)
+            except Exception:
+                # One connection's failure never stops every other's heartbeats and pings.
+                log.error("tending a connection failed; closing it", exc_info=True)
+                conn.wire.fail(CloseCode.INTERNAL_ERROR, "internal error")
 
     def reload_credentials(self) -> bool:
         """Re-read the API key file and JWT key files (SIGHUP), then check every connection's

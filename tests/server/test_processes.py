@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.conftest import eventually
 from tickwire.bench.harness import ServerProcess, children
 from tickwire.core.channels import Channel
 from tickwire.core.config import PublisherConfig
@@ -145,3 +146,21 @@ async def test_a_served_process_times_its_collector_pauses_and_runs_its_full_col
         assert await pauses() >= 3
     finally:
         server.stop()
+
+
+async def test_a_connection_that_fails_to_be_tended_goes_and_the_others_keep_their_heartbeats(
+    redis_server: RedisProcess, redis: RedisConnection
+) -> None:
+    cfg = dataclasses.replace(server_config(redis_server), heartbeat_ms=200)
+    async with TickwireServer(cfg) as srv, recorder(srv.url) as a, recorder(srv.url) as b:
+        await a.wait_for(lambda m: m.get("type") == "heartbeat", timeout=5)
+        await b.wait_for(lambda m: m.get("type") == "heartbeat", timeout=5)
+        # A stand-in for a bug in one connection's tending: its heartbeat raises TypeError.
+        first = next(iter(srv.connections))
+        first.last_write = None  # type: ignore[assignment]
+        await eventually(lambda: a.closed is not None or b.closed is not None, "one closed")
+        bad, good = (a, b) if a.closed is not None else (b, a)
+        assert bad.closed is not None and bad.closed[0] == 1011
+        seen = len(good.of_type("heartbeat"))
+        await good.wait_until(lambda: len(good.of_type("heartbeat")) >= seen + 2, timeout=5)
+        assert good.closed is None
