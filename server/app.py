@@ -19,7 +19,7 @@ from tickwire.core.collector import FreezePolicy, PauseTimer
 from tickwire.core.config import ServerConfig, check_exposure
 from tickwire.core.errors import ConfigError
 from tickwire.core.runtime import raise_open_files_limit, tune_gc
-from tickwire.core.waits import wait_set, within
+from tickwire.core.waits import report_end, wait_set, within
 from tickwire.server.admission import Admission
 from tickwire.server.auth import Authenticator
 from tickwire.server.connection import FRAME_LIMIT_FACTOR, WRITE_HIGH, WRITE_LOW, Connection
@@ -159,6 +159,8 @@ class TickwireServer:
             asyncio.create_task(self._tend(), name="tickwire-heartbeat-keepalive"),
             asyncio.create_task(self.demand.run(), name="tickwire-bar-demand"),
         ]
+        for task in self._tasks:
+            task.add_done_callback(report_end)
         # Serve at once, but give the reader a moment so that the first clients find Redis read.
         await wait_set(self.reader.ready, 2.0)
         log.info("serving on %s (HTTP %s)", self.url, self.http_url)

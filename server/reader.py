@@ -39,6 +39,7 @@ from tickwire.core.redis_pubsub import SubscriptionGroup
 from tickwire.core.redis_slots import channel_slot
 from tickwire.core.redis_target import LiveSubscription, RedisLink, RedisTopology
 from tickwire.core.stream import StreamPosition, publish_ns_of
+from tickwire.core.waits import report_end
 from tickwire.server.batch import Batch
 from tickwire.server.follower import StreamFollower
 from tickwire.server.history import History
@@ -121,6 +122,7 @@ class StreamReader:
     async def run(self) -> None:
         delay = 0.05
         poller = asyncio.create_task(self._poll_registry(), name="tickwire-registry")
+        poller.add_done_callback(report_end)
         try:
             redis = self._redis
             quiet_at = -QUIET_RETRY_EVERY_S

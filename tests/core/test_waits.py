@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from tests.conftest import timeout
-from tickwire.core.waits import cancel_and_wait, wait_set, within
+from tickwire.core.waits import cancel_and_wait, report_end, wait_set, within
 
 
 async def wait_for_set(event: asyncio.Event, limit: float) -> bool:
@@ -110,3 +110,33 @@ async def test_within_says_whether_work_ended_in_time_and_cancels_it_if_not() ->
     assert not await within(slow, 0.01)
     assert slow.cancelled()
     assert await within(asyncio.sleep(0), timeout(5))
+
+
+async def test_report_end_says_when_a_task_meant_to_run_ends_and_not_when_it_is_stopped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def fails() -> None:
+        raise TypeError("a bug")
+
+    async def returns() -> None:
+        return None
+
+    async def runs() -> None:
+        await asyncio.Event().wait()
+
+    tasks = [
+        asyncio.create_task(fails(), name="failing"),
+        asyncio.create_task(returns(), name="returning"),
+        asyncio.create_task(runs(), name="stopped"),
+    ]
+    for task in tasks:
+        task.add_done_callback(report_end)
+    await asyncio.sleep(0)
+    await cancel_and_wait(tasks[2])
+    await asyncio.sleep(0)  # the done callbacks run
+    mine = [r for r in caplog.records if r.name == "tickwire.tasks"]
+    assert [(r.levelname, r.getMessage()) for r in mine] == [
+        ("ERROR", "failing ended with an error; the process goes on without it"),
+        ("ERROR", "returning ended; the process goes on without it"),
+    ]
+    assert mine[0].exc_info is not None and mine[1].exc_info is None

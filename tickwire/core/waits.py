@@ -1,11 +1,15 @@
 """Waits that never lose a cancel: timed ones (Python 3.11's `asyncio.wait_for` can), and
-stopping a helper task."""
+stopping a helper task; and saying at once when a helper task that should run until stopped
+ends."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable
 from typing import Any
+
+log = logging.getLogger("tickwire.tasks")
 
 
 async def within(work: Awaitable[Any], timeout: float | None) -> bool:
@@ -40,3 +44,18 @@ async def cancel_and_wait(task: asyncio.Future[Any]) -> None:
         current = asyncio.current_task()
         if current is not None and current.cancelling():
             raise
+
+
+def report_end(task: asyncio.Task[Any]) -> None:
+    """A done callback for a task meant to run until cancelled: one that ends otherwise is
+    logged at once, with its error (`gather(return_exceptions=True)` at shutdown would swallow
+    it, and the process would go on without the task, silently)."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    log.error(
+        "%s ended%s; the process goes on without it",
+        task.get_name(),
+        "" if exc is None else " with an error",
+        exc_info=exc,
+    )
