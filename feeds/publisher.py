@@ -7,7 +7,8 @@ counted in `stats.dropped` and logged, never silently.
 
 On a Redis Cluster a master that is down holds only its own slots' channels: their events wait
 (held, and past the bound the oldest of them dropped, as above) while the other masters' go on,
-and the slot map is asked for again (`ClusterConnection.mend`) until a replica takes them over.
+and the slot map is asked for again (`ClusterConnection.refresh_soon`) until a replica takes them
+over.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tickwire.core.channels import REGISTRY_KEY, Channel
 from tickwire.core.commands import Command, NodeDown, Packed, RedisReplyError, array_head, bulk
 from tickwire.core.config import PublisherConfig
 from tickwire.core.errors import RedisUnavailable
-from tickwire.core.redis_cluster import ClusterConnection
+from tickwire.core.redis_cluster import CLUSTER_REFRESH_S, ClusterConnection
 from tickwire.core.redis_slots import channel_slot, key_slot
 from tickwire.core.redis_target import RedisLink, RedisTopology, live_channel_of
 from tickwire.core.redis_wire import RedisConnection
@@ -95,6 +96,8 @@ class Publisher:
         self._held: list[Pending] = []
         #: `publish` calls so far (`Pending.at`).
         self._publishes = 0
+        #: The cluster connection's `generation` when held batches were last released.
+        self._generation = 0
         #: Each channel's state in this publisher (see `Lane`).
         self._lanes: dict[Channel, Lane] = {}
         self.id = publisher_id or secrets.token_hex(6)
@@ -275,7 +278,7 @@ class Publisher:
         while True:
             conn = self._conn
             if isinstance(conn, ClusterConnection) and not self._flights and not conn.closed:
-                await self._mend(conn)
+                self._mend(conn)
             if not self._pending and (not self._flights or self._listener_settles()):
                 await self._park()
                 continue
@@ -320,29 +323,32 @@ class Publisher:
         self._wakeup.clear()
         self._parked = True
         conn = self._conn
-        mend_in = conn.refresh_in() if isinstance(conn, ClusterConnection) else None
+        mending = isinstance(conn, ClusterConnection) and bool(conn.down)
         try:
-            if mend_in is not None:
+            if mending:
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(mend_in):
+                    async with asyncio.timeout(CLUSTER_REFRESH_S):
                         await self._wakeup.wait()
             else:
                 await self._wakeup.wait()
         finally:
             self._parked = False
 
-    async def _mend(self, conn: ClusterConnection) -> None:
-        """With a master down, ask for the slot map again every `CLUSTER_REFRESH_S`; once a
-        master comes up (its replica promoted, or itself back), what it held goes again."""
-        if not conn.down:
-            self._release_held()
-            return
-        if await conn.mend():
+    def _mend(self, conn: ClusterConnection) -> None:
+        """With a master down, have the slot map asked for again (every `CLUSTER_REFRESH_S`,
+        never waiting for it); once a refresh brings a master up (its replica promoted, or
+        itself back), what it held goes again."""
+        if conn.generation != self._generation:
+            self._generation = conn.generation
             if conn.down:
                 log.warning("Redis Cluster masters still down: %s", ", ".join(conn.down.values()))
             else:
                 log.info("every Redis Cluster master is up again")
             self._release_held()
+        if conn.down:
+            conn.refresh_soon()
+        else:
+            self._release_held()  # e.g. after a reconnect
 
     def _release_held(self) -> None:
         """What a master's loss held goes in front of the queue again, oldest first."""
@@ -393,6 +399,8 @@ class Publisher:
         self._conn = conn
         if isinstance(conn, RedisConnection):
             conn.listen(self._on_replies)
+        elif isinstance(conn, ClusterConnection):
+            self._generation = conn.generation
 
     def _on_replies(self) -> None:
         """Replies came in (or the connection ended): while the flusher is parked, settle the

@@ -348,22 +348,20 @@ class StreamReader:
                 self._fanout(batches, read_ns)
 
     async def _mend(self, conn: ClusterConnection, sub: SubscriptionGroup) -> None:
-        """A cluster master is down for the reader: ask for the slot map again (in
-        `CLUSTER_REFRESH_S`), subscribe the slots nobody follows where it now puts them, and
-        once a master is back compare every channel with its meta (what was pushed meanwhile is
-        lost, and a promoted replica may lack a tail that was read)."""
+        """A cluster master is down for the reader: have the slot map asked for again (every
+        `CLUSTER_REFRESH_S`), subscribe the slots nobody follows where the last map puts them,
+        and once a master is back compare every channel with its meta (what was pushed meanwhile
+        is lost, and a promoted replica may lack a tail that was read)."""
         self._mend_at = self.monotonic() + CLUSTER_REFRESH_S
         was_down = len(conn.down)
-        try:
-            # Whether the connection's down or not: a lost subscription's slots may have
-            # moved (a failover seen first by the subscription).
-            await conn.refresh()
-        except RedisUnavailable as exc:
-            if str(exc) != self._mend_error:
-                log.warning("asking the cluster for its slot map failed: %s", exc)
-            self._mend_error = str(exc)
-            return
-        self._mend_error = ""
+        # Whether the connection's down or not: a lost subscription's slots may have moved (a
+        # failover seen first by the subscription). In a task of its own: a master that does
+        # not answer takes the whole connect timeout, and the other masters' pushes go on.
+        conn.refresh_soon(force=True)
+        error = conn.refresh_error
+        if error and error != self._mend_error:
+            log.warning("asking the cluster for its slot map failed: %s", error)
+        self._mend_error = error or ""
         # A subscription to a master the connection finds down, or that no longer is one (a
         # black hole that stays silent, a failover seen first here), goes.
         stale = {n for n in sub.nodes if n in conn.down or n not in conn.slots.masters}

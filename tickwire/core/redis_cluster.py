@@ -8,10 +8,12 @@ back in the order the commands were sent.
 A master that cannot be reached (at open, or its connection fails or stops answering) is *down*:
 the commands of its slots are answered with `NodeDown` in place of their replies, at once, and
 the other masters go on. `refresh` asks a live node for the slot map again and connects to the
-masters it names, so a failover's promoted replica takes its slots over. While a master is down,
-`pipeline` and `execute` do so first at most every `CLUSTER_REFRESH_S` (`mend`), so an occasional
+masters it names, so a failover's promoted replica takes its slots over. `refresh_soon` does that
+in a task of its own, at most every `CLUSTER_REFRESH_S`, so that no caller waits on a master that
+does not answer (a dead host takes the whole connect timeout); `generation` counts the refreshes
+that changed something. `pipeline` and `execute` call it while a master is down, so an occasional
 user (history reads) needs nothing more; the publisher and the reader, which write with `send`,
-call `mend` themselves. A caller that treats `NodeDown` as the `RedisUnavailable` it also is
+call it themselves. A caller that treats `NodeDown` as the `RedisUnavailable` it also is
 reconnects, as before.
 
 Other topology changes are handled by throwing the connection away, as after any failure:
@@ -98,8 +100,11 @@ class ClusterConnection:
         #: Counts the refreshes that brought a master up or changed the slot map: a caller
         #: that compares it knows when to read again what it skipped.
         self.generation = 0
-        #: When `mend` may refresh next (`time.monotonic`).
+        #: When `refresh_soon` may start the next refresh (`time.monotonic`), the one running,
+        #: and why the last one failed (None: it did not).
         self._refresh_at = 0.0
+        self._refreshing: asyncio.Task[None] | None = None
+        self.refresh_error: str | None = None
         #: Where each command sent and not yet answered went, in order: its master and the
         #: connection it was written on (None: the master was down, nothing was written).
         self._order: deque[tuple[Node, RedisConnection | None, Command]] = deque()
@@ -141,6 +146,8 @@ class ClusterConnection:
 
     def close(self) -> None:
         self._closed = True
+        if self._refreshing is not None:
+            self._refreshing.cancel()
         for c in (*self._nodes.values(), *self._asking.values()):
             c.close()
 
@@ -183,36 +190,61 @@ class ClusterConnection:
         changed = slots.owners != self.slots.owners
         came_up = False
         down: dict[Node, str] = {}
-        for node in slots.masters:
-            known = self._nodes.get(node)
-            if known is not None and not known.closed and node not in self.down:
-                continue
-            try:
-                self._nodes[node] = await self._connect(self._template, node, self._timeout)
+        wanted = [
+            node
+            for node in slots.masters
+            if node in self.down or (known := self._nodes.get(node)) is None or known.closed
+        ]
+        # At once, not in turn: each master that does not answer takes the whole timeout.
+        opened = await asyncio.gather(*(self._answering(n) for n in wanted), return_exceptions=True)
+        for node, conn_or_error in zip(wanted, opened, strict=True):
+            if isinstance(conn_or_error, RedisConnection):
+                if self._closed:
+                    conn_or_error.close()
+                    continue
+                self._nodes[node] = conn_or_error
                 came_up = True
-            except RedisUnavailable as exc:
-                down[node] = str(exc)
+            elif isinstance(conn_or_error, RedisUnavailable):
+                down[node] = str(conn_or_error)
+            else:
+                raise conn_or_error
         self.slots = slots
         self.down = down
         if changed or came_up:
             self.generation += 1
         return changed or came_up
 
-    def refresh_in(self) -> float | None:
-        """Seconds until `mend` refreshes (None: no master is down)."""
-        return None if not self.down else max(0.0, self._refresh_at - time.monotonic())
-
-    async def mend(self) -> bool:
-        """With a master down, `refresh` if it is time (every `CLUSTER_REFRESH_S`); returns
-        whether that brought a master up or changed the slot map. A failed refresh is tried
-        again at the next turn."""
-        if not self.down or time.monotonic() < self._refresh_at:
-            return False
-        self._refresh_at = time.monotonic() + CLUSTER_REFRESH_S
+    async def _answering(self, node: Node) -> RedisConnection:
+        """A connection to `node` that has answered a PING: a paused or overloaded master
+        accepts connections (the kernel does) and answers nothing."""
+        conn = await self._connect(self._template, node, self._timeout)
         try:
-            return await self.refresh()
-        except RedisUnavailable:
-            return False
+            await conn.execute("PING", timeout=self._timeout)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def refresh_soon(self, *, force: bool = False) -> None:
+        """Start a `refresh` in a task of its own, if a master is down (or `force`), none is
+        running and the last began `CLUSTER_REFRESH_S` ago or more. Its outcome shows in
+        `generation`, `down` and `refresh_error`; the caller never waits for it."""
+        if self._closed or not (force or self.down):
+            return
+        if self._refreshing is not None and not self._refreshing.done():
+            return
+        now = time.monotonic()
+        if now < self._refresh_at:
+            return
+        self._refresh_at = now + CLUSTER_REFRESH_S
+        self._refreshing = asyncio.create_task(self._refresh(), name="tickwire-cluster-refresh")
+
+    async def _refresh(self) -> None:
+        try:
+            await self.refresh()
+            self.refresh_error = None
+        except RedisUnavailable as exc:
+            self.refresh_error = str(exc)
 
     def _lose(self, node: Node, why: str) -> None:
         self.down[node] = why
@@ -246,7 +278,7 @@ class ClusterConnection:
         self, commands: Sequence[Command], timeout: float | None = None
     ) -> list[Any]:
         if self.down:
-            await self.mend()
+            self.refresh_soon()
         self.send(commands)
         return await self.replies(len(commands), timeout)
 
