@@ -29,7 +29,7 @@ from tickwire.core.commands import Command, NodeDown, Packed, RedisReplyError, a
 from tickwire.core.config import PublisherConfig
 from tickwire.core.errors import RedisUnavailable
 from tickwire.core.redis_cluster import CLUSTER_REFRESH_S, ClusterConnection
-from tickwire.core.redis_slots import channel_slot, key_slot
+from tickwire.core.redis_slots import channel_slot
 from tickwire.core.redis_target import RedisLink, RedisTopology, live_channel_of
 from tickwire.core.redis_wire import RedisConnection
 from tickwire.core.stream import StreamPosition, framed_bodies, stored_tail
@@ -491,10 +491,10 @@ class Publisher:
         limit = self.config.max_events_per_flush
         pending = self._pending
         conn = self._conn
-        down = conn.down if isinstance(conn, ClusterConnection) else None
+        cluster = conn if isinstance(conn, ClusterConnection) and conn.down else None
         while pending and n < limit:
             item = pending.popleft()
-            if down and conn.slots.owners[item.lane.slot] in down:  # type: ignore[union-attr]
+            if cluster is not None and cluster.slot_down(item.lane.slot):
                 self._held.append(item)
                 continue
             taken.append(item)
@@ -583,7 +583,7 @@ class Publisher:
         stream, meta = channel.stream_key.encode(), channel.meta_key.encode()
         maxlen = self.config.retention.maxlen(channel.kind)
         return Lane(
-            channel, stream, bulk(stream) + bulk(meta), bulk(b"%d" % maxlen), key_slot(stream)
+            channel, stream, bulk(stream) + bulk(meta), bulk(b"%d" % maxlen), channel_slot(channel)
         )
 
     def _groups(self, merged: Mapping[Lane, Pending]) -> list[tuple[str, list[Lane]]]:
@@ -594,7 +594,7 @@ class Publisher:
         if cluster or self.config.one_call_per_symbol:
             by_slot: dict[int, list[Lane]] = {}
             for lane in merged:
-                by_slot.setdefault(channel_slot(lane.channel), []).append(lane)
+                by_slot.setdefault(lane.slot, []).append(lane)
             return [(self._live_channel(conn, slot), group) for slot, group in by_slot.items()]
         live = self._live_channel(conn, 0)
         groups: list[tuple[str, list[Lane]]] = [(live, [])]

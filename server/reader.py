@@ -294,13 +294,14 @@ class StreamReader:
         idle_s = self.config.read_block_ms / 1000
         #: When a PING went out on the idle subscription (0: none owed).
         ping_at = 0.0
-        cluster = (
+        # On a cluster: its masters' connections and subscriptions, and the refreshes seen.
+        nodes, group = (
             (conn, sub)
             if isinstance(conn, ClusterConnection) and isinstance(sub, SubscriptionGroup)
-            else None
+            else (None, None)
         )
         self.metrics.redis_masters_down = 0
-        generation = conn.generation if isinstance(conn, ClusterConnection) else 0
+        generation = nodes.generation if nodes is not None else 0
         while True:
             pause = follower.take_pause()
             if pause:
@@ -309,16 +310,16 @@ class StreamReader:
                 await asyncio.sleep(pause)
                 follower.resumed(self.monotonic())
             mend_in = None
-            if cluster is not None:
-                if cluster[0].generation != generation:
+            if nodes is not None and group is not None:
+                if nodes.generation != generation:
                     # A master came up (or the map changed) for the reads: compare every
                     # channel with its meta, what they skipped meanwhile is read then.
-                    generation = cluster[0].generation
+                    generation = nodes.generation
                     follower.reconnected()
-                if cluster[0].down or cluster[1].unfollowed:
+                if nodes.down or group.unfollowed:
                     mend_in = self._mend_at - self.monotonic()
                     if mend_in <= 0:
-                        await self._mend(*cluster)
+                        await self._mend(nodes, group)
                         continue
             if self.hub.changed or follower.wants_sync:
                 self.hub.changed = False

@@ -78,7 +78,7 @@ async def test_a_cluster_connection_answers_node_down_for_a_dead_master_and_come
     replies = await cluster_conn.pipeline([["XLEN", k] for k in keys], timeout=2.0)
     assert isinstance(replies[0], NodeDown) and replies[0].node == victim_node
     assert replies[1:] == [1, 1]
-    assert not cluster_conn.closed and cluster_conn.is_down(keys[0])
+    assert not cluster_conn.closed and cluster_conn.slot_down(key_slot(keys[0]))
     # Opened while it is down: the others answer, from the slot map any node gives.
     fresh = await open_redis(cluster.seeds_url)
     assert isinstance(fresh, ClusterConnection) and set(fresh.down) == {victim_node}

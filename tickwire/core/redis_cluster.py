@@ -36,7 +36,7 @@ from typing import Any
 
 from tickwire.core.commands import Arg, Command, NodeDown, RedisReplyError
 from tickwire.core.errors import RedisUnavailable
-from tickwire.core.redis_slots import SLOTS, command_slot, key_slot
+from tickwire.core.redis_slots import SLOTS, command_slot
 from tickwire.core.redis_wire import RedisAddress, RedisConnection
 
 Node = tuple[str, int]
@@ -159,9 +159,9 @@ class ClusterConnection:
         down = self.down
         return next((n for n in self.slots.masters if n not in down), self.slots.masters[0])
 
-    def is_down(self, key: bytes | str) -> bool:
-        """Whether the master that owns `key`'s slot is down."""
-        return bool(self.down) and self.slots.owners[key_slot(key)] in self.down
+    def slot_down(self, slot: int) -> bool:
+        """Whether the master that owns `slot` is down."""
+        return bool(self.down) and self.slots.owners[slot] in self.down
 
     async def refresh(self) -> bool:
         """Load the slot map from a master that is up (or any node the map names) and connect
