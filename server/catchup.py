@@ -10,6 +10,11 @@ asks: the starting points of every new target are read first (one meta read for 
 later subscribe is acknowledged without waiting for an earlier one's long replay), then the
 replays, a page at a time. A channel the client unsubscribes from is dropped at once: from then on
 no Redis command is issued for it, and the other channels of the same subscribe go on.
+
+On a Redis Cluster with a master down, that master's channels wait aside (their live batches still
+held) and are tried again every `DOWN_RETRY_S`, while the rest of the work goes on: a
+subscribe naming channels of several masters is acknowledged once those of the masters that are
+up are placed, and the others' snapshot or resume follows once their master is back.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from tickwire.core.channels import Channel, ChannelPattern
+from tickwire.core.commands import NodeDown
 from tickwire.core.errors import RedisUnavailable
 from tickwire.server.history import History
 from tickwire.server.hub import Subscriber
@@ -33,6 +39,9 @@ PAGE = 1000
 #: How often a replay that has reached the stream's end looks again for the reader to follow its
 #: channel (it does once the hub says the channel is live: normally the next turn).
 FOLLOW_POLL_S = 0.005
+#: How long channels of a down cluster master wait before their next try: the cluster connection
+#: looks for the master's return as often, and answers for a master it knows down at once.
+DOWN_RETRY_S = 0.25
 
 _DROPPED = object()
 
@@ -43,6 +52,8 @@ async def _retrying(op: Callable[[], Awaitable[T]]) -> T:
     while True:
         try:
             return await op()
+        except NodeDown:
+            raise  # the caller sets the channel aside and goes on with the others
         except RedisUnavailable:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
@@ -97,12 +108,24 @@ class CatchUp:
         self._replays: dict[Channel, int] = {}
         #: Replays past their first page: their next pages go on the bulk lane (`History`).
         self._long: set[Channel] | None = None
+        #: Targets and replays of channels whose cluster master is down, tried again at
+        #: `_retry_at` (loop time).
+        self._down_targets: dict[Channel, Target] = {}
+        self._down_replays: dict[Channel, int] = {}
+        self._retry_at = 0.0
+        #: Set while the task waits for the channels set aside only (`_nap`).
+        self._woken: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
 
     @property
     def channels(self) -> set[Channel]:
         """The channels with catch-up work left."""
-        return set(self._unpositioned) | set(self._replays)
+        return (
+            set(self._unpositioned)
+            | set(self._replays)
+            | set(self._down_targets)
+            | set(self._down_replays)
+        )
 
     def add(
         self,
@@ -113,6 +136,8 @@ class CatchUp:
         for channel, target in targets.items():
             self._want(channel, target)
         self._waiting.append(_Request(set(targets), list(wildcards), on_positioned))
+        if self._woken is not None:
+            _wake(self._woken)
         # A task that has returned may not have run its done callback yet: it will look at
         # nothing more, so a new one starts.
         if self._task is None or self._task.done():
@@ -122,7 +147,10 @@ class CatchUp:
     def _want(self, channel: Channel, target: Target) -> None:
         # A channel already being replayed keeps its replay: the outbox position it set is
         # where the client stands (`_start` would not rewind it either).
+        if channel in self._down_replays:
+            return
         if channel not in self._replays:
+            self._down_targets.pop(channel, None)
             self.sub.hold_back(channel)
             self._unpositioned[channel] = target
 
@@ -131,6 +159,8 @@ class CatchUp:
         for channel in channels:
             self._unpositioned.pop(channel, None)
             self._replays.pop(channel, None)
+            self._down_targets.pop(channel, None)
+            self._down_replays.pop(channel, None)
             self._forget_long(channel)
             self.sub.release(channel)
 
@@ -151,13 +181,27 @@ class CatchUp:
             log.error("catch-up failed", exc_info=task.exception())
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            while self._unpositioned or self._waiting or self._replays:
+            while True:
+                aside = self._down_targets or self._down_replays
+                if aside and loop.time() >= self._retry_at:
+                    self._try_down_again()
                 if self._unpositioned or self._waiting:
                     await self._position()
                     continue
+                if not self._replays:
+                    if not aside:
+                        return
+                    await self._nap(self._retry_at - loop.time())
+                    continue
                 channel, after = next(iter(self._replays.items()))
-                done, after = await self._replay_page(channel, after)
+                try:
+                    done, after = await self._replay_page(channel, after)
+                except NodeDown:
+                    if self._replays.pop(channel, None) is not None:
+                        self._set_aside({}, {channel: after})
+                    continue
                 if channel not in self._replays:
                     continue  # dropped while the page was read
                 if done:
@@ -172,7 +216,34 @@ class CatchUp:
                 self.sub.release(channel)
             self._unpositioned.clear()
             self._replays.clear()
+            self._down_targets.clear()
+            self._down_replays.clear()
             self._long = None
+
+    async def _nap(self, delay: float) -> None:
+        """Wait `delay` seconds, or less if a request comes (`add` wakes it)."""
+        loop = asyncio.get_running_loop()
+        self._woken = woken = loop.create_future()
+        timer = loop.call_later(max(0.0, delay), _wake, woken)
+        try:
+            await woken
+        finally:
+            timer.cancel()
+            self._woken = None
+
+    def _set_aside(self, targets: dict[Channel, Target], replays: dict[Channel, int]) -> None:
+        """Channels whose master is down wait aside, the rest of the work goes on."""
+        if not self._down_targets and not self._down_replays:
+            self._retry_at = asyncio.get_running_loop().time() + DOWN_RETRY_S
+        self._down_targets.update(targets)
+        self._down_replays.update(replays)
+
+    def _try_down_again(self) -> None:
+        self._unpositioned.update(self._down_targets)
+        # Behind the replays under way: they are the ones that can make progress.
+        self._replays.update(self._down_replays)
+        self._down_targets.clear()
+        self._down_replays.clear()
 
     async def _position(self) -> None:
         """Fix the starting point of every target waiting for one, then run their callbacks."""
@@ -187,10 +258,16 @@ class CatchUp:
         metas = await _retrying(lambda: self.history.metas(list(targets))) if targets else {}
         positions = self.sub.outbox.positions
         fresh: set[Channel] = set()
+        down: dict[Channel, Target] = {}
         for channel, target in targets.items():
             if self._unpositioned.get(channel, _DROPPED) is not target:
                 continue  # dropped meanwhile (or dropped and asked for again: next round)
             del self._unpositioned[channel]
+            if channel not in metas:
+                # Its master is down: the request is acknowledged without it (the client has
+                # no position on it from this request) and it is placed once the master is back.
+                down[channel] = target
+                continue
             if channel not in positions:
                 fresh.add(channel)
             self._replays[channel] = _start(
@@ -200,6 +277,8 @@ class CatchUp:
             # Only channels this connection had sent nothing of: the others' positions move
             # with what is queued for them.
             request.on_positioned(sorted(request.channels & fresh, key=str))
+        if down:
+            self._set_aside(down, {})
 
     async def _replay_page(self, channel: Channel, after: int) -> tuple[bool, int]:
         """Replay one page after `after`; (True, _) once the replay reaches the reader's
@@ -235,6 +314,11 @@ class CatchUp:
             await asyncio.sleep(FOLLOW_POLL_S)
             position = self.read_position(channel)
         return position is not None and position <= after, after
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _start(

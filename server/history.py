@@ -119,16 +119,13 @@ class History:
         self._bulk.close()
 
     async def metas(self, channels: list[Channel]) -> dict[Channel, Meta | None]:
-        """(epoch, last seq, epoch's first seq) per channel; None where the channel has no meta."""
+        """(epoch, last seq, epoch's first seq) per channel; None where the channel has no meta.
+
+        A channel whose Redis Cluster master is down is left out (`parse_metas`): the caller
+        places the others now and asks again for it. Redis down as a whole raises."""
         if not channels:
             return {}
-        replies = await self.call(*meta_commands(channels))
-        down = next((r for r in replies if isinstance(r, NodeDown)), None)
-        if down is not None:
-            # Every meta or none (a RedisUnavailable): callers place each channel from its
-            # meta, and retry until the master or its replica is up.
-            raise down
-        return parse_metas(channels, replies)
+        return parse_metas(channels, await self.call(*meta_commands(channels)))
 
     async def range(
         self, channel: Channel, after: int, count: int, *, bulk: bool = False

@@ -198,25 +198,35 @@ async def test_clients_get_the_other_masters_events_live_while_one_is_down(
             assert rec.of_type("status") == []
             health = await http_json(srv.port, "/healthz")
             assert (health["status"], health["redis_masters_down"]) == ("degraded", 1)
-            # A client resuming meanwhile: its history from the masters up comes at once; the
+            # A client resuming meanwhile, and asking for snapshots, on channels of the master
+            # that is down and of one that is up: acknowledged at once, placed on the channels
+            # up (the ack leaves the others out), their history and snapshots come at once; the
             # down master's, once it is back.
             late = await stack.enter_async_context(recorder(srv.url))
-            epoch = rec.events(f"trades:{others[0]}")[0]["epoch"]
+            up, gone = f"trades:{others[0]}", f"trades:{doomed[1]}"
             resumed = await late.request(
                 "subscribe",
-                channels=[f"trades:{others[0]}"],
-                resume={f"trades:{others[0]}": {"epoch": epoch, "seq": 3}},
+                channels=[up, gone],
+                resume={
+                    up: {"epoch": rec.events(up)[0]["epoch"], "seq": 3},
+                    gone: {"epoch": rec.events(gone)[0]["epoch"], "seq": 2},
+                },
             )
-            assert resumed["type"] == "subscribed"
-            await late.wait_until(lambda: late.last_seq(f"trades:{others[0]}") == 25)
-            waiting = asyncio.create_task(
-                late.request("subscribe", channels=[f"trades:{doomed[0]}"], snapshot=True)
+            assert (resumed["type"], list(resumed["positions"])) == ("subscribed", [up])
+            await late.wait_until(lambda: late.last_seq(up) == 25)
+            snapshots = await late.request(
+                "subscribe", channels=[f"trades:{others[1]}", f"trades:{doomed[0]}"], snapshot=True
             )
+            assert list(snapshots["positions"]) == [f"trades:{others[1]}"]
+            await late.wait_until(lambda: late.last_seq(f"trades:{others[1]}") == 25)
+            assert tagged(late, doomed, "down") == [0, 0]
             victim.start()  # empty (no persistence): its channels begin a new epoch
             await asyncio.wait_for(pub.flush(), 30)
             await rec.wait_until(lambda: tagged(rec, doomed, "down") == [20, 20], timeout=30)
-            assert (await asyncio.wait_for(waiting, 30))["type"] == "subscribed"
-            await late.wait_until(lambda: tagged(late, doomed[:1], "down") != [0], timeout=30)
+            # The resume is reset to the new epoch and gets all of it; the snapshot, its latest.
+            await late.wait_until(lambda: tagged(late, doomed, "down")[1] == 20, timeout=30)
+            await late.wait_until(lambda: late.last_seq(f"trades:{doomed[0]}") == 20, timeout=30)
+            assert [m["ch"] for m in late.of_type("reset")] == [gone]
             assert not late.checker.violations, late.checker.violations[:5]
         assert not rec.checker.violations, rec.checker.violations[:5]
         assert not rec.contract_errors
@@ -235,7 +245,6 @@ async def test_a_server_started_while_the_registrys_master_is_down_serves_the_ot
         victim.kill()
         config = server_config(cluster.seeds_url)
         async with TickwireServer(config) as srv, recorder(srv.url) as rec:
-            # (A subscribe naming a down master's channel is answered once it is back.)
             await rec.request("subscribe", channels=[f"trades:{s}" for s in others])
             for i in range(5):  # not flushed: the dead master's are held
                 await pub.publish({Channel("trades", s): [trade(s, i)] for s in symbols})

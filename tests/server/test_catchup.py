@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import secrets
 import time
 
 import jwt
@@ -14,15 +15,18 @@ import pytest
 
 from tests.conftest import eventually
 from tickwire.core.channels import Channel, ChannelPattern
+from tickwire.core.commands import NodeDown
 from tickwire.core.config import AuthConfig
 from tickwire.core.redis_process import RedisProcess
 from tickwire.core.redis_wire import RedisConnection
+from tickwire.core.stream import StreamPosition
 from tickwire.server.app import TickwireServer
 from tickwire.server.batch import Batch
 from tickwire.server.catchup import CatchUp
 from tickwire.server.history import History
 from tickwire.server.hub import Subscriber
 from tickwire.server.outbox import Outbox
+from tickwire.server.stored import Meta
 
 from .conftest import recorder, server_config
 from .test_registry import calls
@@ -211,14 +215,9 @@ async def test_catch_up_tasks_per_connection_stay_bounded(
         assert len(asyncio.all_tasks()) <= tasks_before + 1
 
 
-async def test_a_request_that_comes_as_the_catch_up_task_returns_starts_a_new_one(
-    redis_server: RedisProcess, redis: RedisConnection
-) -> None:
-    """A subscribe handled after the catch-up task returned, before its done callback ran (a
-    read callback can come between the two), is positioned all the same: it found the task
-    still set and waited for ever, its ack never sent."""
-    history = History(redis_server.url)
-    sub = Subscriber(Outbox(1 << 20), lambda: None)
+def alone(history: History, read_position: int) -> tuple[Subscriber, CatchUp]:
+    """A subscriber and its catch-up, without a server: the socket always writable, no
+    wildcard, the reader at `read_position` on every channel."""
 
     async def writable() -> None:
         return None
@@ -226,14 +225,27 @@ async def test_a_request_that_comes_as_the_catch_up_task_returns_starts_a_new_on
     async def expand(patterns: list[ChannelPattern]) -> list[Channel]:
         return []
 
+    sub = Subscriber(Outbox(1 << 20), lambda: None)
     catchup = CatchUp(
         sub,
         history,
         max_events=100,
         wait_writable=writable,
-        read_position=lambda channel: 0,  # the reader follows it: nothing stored, all read
+        read_position=lambda channel: read_position,
         expand=expand,
     )
+    return sub, catchup
+
+
+async def test_a_request_that_comes_as_the_catch_up_task_returns_starts_a_new_one(
+    redis_server: RedisProcess, redis: RedisConnection
+) -> None:
+    """A subscribe handled after the catch-up task returned, before its done callback ran (a
+    read callback can come between the two), is positioned all the same: it found the task
+    still set and waited for ever, its ack never sent."""
+    history = History(redis_server.url)
+    # The reader follows it: nothing stored, all read.
+    _, catchup = alone(history, read_position=0)
     positioned: list[tuple[str, list[Channel]]] = []
     try:
         catchup.add({ZZZ: None}, lambda fresh: positioned.append(("first", fresh)))
@@ -303,3 +315,76 @@ async def test_a_subscribe_storm_on_channels_not_yet_followed_is_placed_by_the_r
                 assert [e["seq"] for e in c.events(Q.name)] == [4, 5]
                 assert c.checker.ok, c.checker.violations
             assert (await calls(redis)).get("xrange", 0) == before.get("xrange", 0)
+
+
+class MasterDown(History):
+    """History as a Redis Cluster with one master down answers it: the metas of `no_meta` are
+    left out and the reads of `no_range` answered `NodeDown`, until they are emptied."""
+
+    def __init__(self, url: str, no_meta: set[Channel], no_range: set[Channel]) -> None:
+        super().__init__(url)
+        self.no_meta, self.no_range = no_meta, no_range
+        self.tries: list[Channel] = []
+
+    async def metas(self, channels: list[Channel]) -> dict[Channel, Meta | None]:
+        self.tries += [c for c in channels if c in self.no_meta]
+        metas = await super().metas(channels)
+        return {c: m for c, m in metas.items() if c not in self.no_meta}
+
+    async def range(
+        self, channel: Channel, after: int, count: int, *, bulk: bool = False
+    ) -> list[Batch]:
+        if channel in self.no_range:
+            self.tries.append(channel)
+            raise NodeDown(("127.0.0.1", 1), "killed by the test")
+        return await super().range(channel, after, count, bulk=bulk)
+
+
+async def test_channels_of_a_down_cluster_master_wait_aside_and_the_rest_goes_on(
+    redis_server: RedisProcess,
+) -> None:
+    """A resume of three channels, one whose master is down before its meta is read and one
+    whose master goes down before its history is: the third is placed, acknowledged, replayed
+    and joined live meanwhile; the two others are placed and replayed once their master is
+    back, from where the client asked, nothing missing."""
+    run = secrets.token_hex(4).upper()  # (the Redis is shared; the test runs on two loops)
+    up, down_meta, down_range = (
+        Channel.parse(f"trades:{name}-{run}") for name in ("UP", "DOWN-META", "DOWN-RANGE")
+    )
+    channels = [up, down_meta, down_range]
+    async with publisher(redis_server) as pub:
+        for channel in channels:
+            await publish(pub, channel, 0, 5)
+        epochs = {c: p.epoch for c, p in pub.positions.items()}
+    history = MasterDown(redis_server.url, {down_meta}, {down_range})
+    sub, catchup = alone(history, read_position=5)  # the reader at the last event stored
+    positioned: list[list[Channel]] = []
+    try:
+        catchup.add({c: StreamPosition(epochs[c], 2) for c in channels}, positioned.append)
+        await eventually(
+            lambda: catchup.channels == {down_meta, down_range}, "the channel up to join live"
+        )
+        assert positioned == [[down_range, up]]  # acknowledged, the channels read placed
+        assert sub.outbox.positions[up] == (epochs[up], 5)
+        assert set(sub.holding) == {down_meta, down_range}  # their live batches held meanwhile
+        # Tried again while the master is down, but not in a busy loop.
+        await eventually(lambda: history.tries.count(down_meta) >= 2, "a second try")
+        assert history.tries.count(down_meta) <= 10
+        history.no_meta.clear()
+        history.no_range.clear()
+        await eventually(lambda: not catchup.channels, "the master's channels to join live")
+        assert not sub.holding
+        for channel in channels:
+            assert sub.outbox.positions[channel] == (epochs[channel], 5)
+        frame = sub.outbox.take()
+        assert frame is not None
+        doc = orjson.loads(frame)
+        sent = doc if isinstance(doc, list) else [doc]
+        got = {
+            c: [e["seq"] for m in sent if m["ch"] == c.name for e in m.get("events", [])]
+            for c in channels
+        }
+        assert got == {c: [3, 4, 5] for c in channels}
+    finally:
+        catchup.close()
+        history.close()
