@@ -99,7 +99,11 @@ class Connection:
         self.session = ClientSession(limits, server.authenticator, grant, claim)
         self.outbox = Outbox(limits.outbox_bytes, server.metrics.outbox)
         self.sub = Subscriber(
-            self.outbox, self.flush, hold_limit=limits.max_held_bytes, write_now=self.write_now
+            self.outbox,
+            self.flush,
+            hold_limit=limits.max_held_bytes,
+            write_now=self.write_now,
+            on_error=self._delivery_failed,
         )
         #: Snapshot and resume work (`tickwire.server.catchup`), made at the first subscribe
         #: that needs it: most connections of a big fan-out never resume.
@@ -239,6 +243,13 @@ class Connection:
         that a cancelled waiter does not cancel the drain)."""
         while (drain := self._drain) is not None:
             await asyncio.wait((drain,))
+
+    def _delivery_failed(self, exc: Exception) -> None:
+        """Delivering to this connection raised: the hub let it go (the others got their
+        events); it is closed, as it may have lost some."""
+        log.error("delivering to %s failed; closing it", self.wire.remote_address, exc_info=exc)
+        self.stop_receiving()
+        self.wire.fail(CloseCode.INTERNAL_ERROR, "internal error")
 
     def send_control(self, message: bytes) -> None:
         self.outbox.control(message)
@@ -527,5 +538,6 @@ class Connection:
         # and the catch-up's callbacks are this connection's bound methods.
         self.sub.flush = _nothing
         self.sub.write_now = None
+        self.sub.on_error = None
         self._catchup = None
         self.server.metrics.subscriptions -= len(self.session.subscriptions)

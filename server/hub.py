@@ -31,9 +31,18 @@ _NOT_HOLDING: Mapping[Channel, list[Batch]] = MappingProxyType({})
 class Subscriber:
     """The hub's view of one connection: its outbox, the channels held back during catch-up,
     a callback that writes what the outbox holds, and, optionally, one that writes a message
-    at once if the connection can take it right now (the fan-out's shortcut, see `Hub`)."""
+    at once if the connection can take it right now (the fan-out's shortcut, see `Hub`), and
+    one told when delivering to it raised (see `Hub`)."""
 
-    __slots__ = ("_held_bytes", "flush", "hold_limit", "holding", "outbox", "write_now")
+    __slots__ = (
+        "_held_bytes",
+        "flush",
+        "hold_limit",
+        "holding",
+        "on_error",
+        "outbox",
+        "write_now",
+    )
 
     def __init__(
         self,
@@ -41,9 +50,13 @@ class Subscriber:
         flush: Callable[[], None],
         hold_limit: int = 8 * 1024 * 1024,
         write_now: Callable[[bytes, bytes], bool] | None = None,
+        on_error: Callable[[Exception], None] | None = None,
     ) -> None:
         self.outbox = outbox
         self.flush = flush
+        #: Told, once the hub has let the subscriber go, of an exception delivering to it
+        #: raised (the connection closes); None: the exception propagates.
+        self.on_error = on_error
         #: Writes a message now and returns True, or writes nothing and returns False. It gets
         #: the message and the same as one final text frame (`text_frame`), built once for all.
         self.write_now = write_now
@@ -132,6 +145,10 @@ class Hub:
     through its outbox, batch by batch. The bytes a member gets are the same either way. When
     every client follows different channels, each group has one member and only the saving on
     the frame is lost.
+
+    A subscriber whose delivery raises (a bug in its connection, say) is detached and its
+    `on_error` told, after the others of its group got their batches: one connection's failure
+    never stops the fan-out to the rest, nor the reader that dispatches.
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -389,50 +406,71 @@ class Hub:
             # Whoever shared it leaves it below; a stale dict must not be joined.
             group.positions = common = None
         sharing = 0
+        failed: list[tuple[Subscriber, Exception]] | None = None
         for sub in group.members:
-            outbox = sub.outbox
-            write_now = sub.write_now
-            was_shared = outbox.shared
-            if was_shared:
-                # Its positions moved with `common` already: one write and it is done.
-                fast = stepped and not outbox and not sub.holding
-            else:
-                fast = (
-                    distinct
-                    and write_now is not None
-                    and not sub.holding
-                    and not outbox
-                    and outbox.step(mine)
-                )
-            if fast and write_now is not None:
-                if not frame:
-                    if projection is None:
-                        frame = message_of([b.frame for b in mine])
-                    else:
-                        frame = message_of([b.frame_for(projection.of(b.channel)) for b in mine])
-                    wire = text_frame(frame)
-                    events = sum([len(b.events) for b in mine])
-                if write_now(frame, wire):
-                    deliveries += events
-                    if not was_shared:
-                        positions = outbox.positions
-                        if common is None:
-                            group.positions = common = positions
-                            outbox.share(common)
-                        elif len(positions) == len(common) and positions == common:
-                            outbox.share(common)
-                    sharing += outbox.shared
-                    continue
-            if was_shared:
-                outbox.own()
-                if stepped:
-                    unstep(outbox.positions, mine)
-            elif fast:
-                outbox.unstep(mine)
-            deliveries += self._queue(sub, mine)
+            # (A try costs nothing in CPython 3.11 while nothing raises.)
+            try:
+                outbox = sub.outbox
+                write_now = sub.write_now
+                was_shared = outbox.shared
+                if was_shared:
+                    # Its positions moved with `common` already: one write and it is done.
+                    fast = stepped and not outbox and not sub.holding
+                else:
+                    fast = (
+                        distinct
+                        and write_now is not None
+                        and not sub.holding
+                        and not outbox
+                        and outbox.step(mine)
+                    )
+                if fast and write_now is not None:
+                    if not frame:
+                        if projection is None:
+                            frame = message_of([b.frame for b in mine])
+                        else:
+                            frame = message_of(
+                                [b.frame_for(projection.of(b.channel)) for b in mine]
+                            )
+                        wire = text_frame(frame)
+                        events = sum([len(b.events) for b in mine])
+                    if write_now(frame, wire):
+                        deliveries += events
+                        if not was_shared:
+                            positions = outbox.positions
+                            if common is None:
+                                group.positions = common = positions
+                                outbox.share(common)
+                            elif len(positions) == len(common) and positions == common:
+                                outbox.share(common)
+                        sharing += outbox.shared
+                        continue
+                if was_shared:
+                    outbox.own()
+                    if stepped:
+                        unstep(outbox.positions, mine)
+                elif fast:
+                    outbox.unstep(mine)
+                deliveries += self._queue(sub, mine)
+            except Exception as exc:
+                if failed is None:
+                    failed = []
+                failed.append((sub, exc))
         if not sharing:
             group.positions = None
+        if failed is not None:
+            self._let_go(failed)
         return deliveries
+
+    def _let_go(self, failed: list[tuple[Subscriber, Exception]]) -> None:
+        """Detach the subscribers whose delivery raised (after the loop over the members: that
+        changes them), then tell each; one without `on_error` gets the exception back."""
+        for sub, _ in failed:
+            self.detach(sub)
+        for sub, exc in failed:
+            if sub.on_error is None:
+                raise exc
+            sub.on_error(exc)
 
     @staticmethod
     def _queue(sub: Subscriber, batches: list[Batch]) -> int:
@@ -462,6 +500,7 @@ class Hub:
         for group in self.groups_of(channel):
             if group.throttle is not None:
                 group.throttle.keep_epoch(channel, position.epoch)
+            failed: list[tuple[Subscriber, Exception]] = []
             for sub in group.members:
                 if channel in sub.holding:
                     continue
@@ -469,15 +508,27 @@ class Hub:
                 pos = outbox.positions.get(channel)
                 if pos is None or not pos.epoch or pos.epoch == position.epoch:
                     continue
-                outbox.reset(channel, position.epoch, position.seq)
-                sub.flush()
+                try:
+                    outbox.reset(channel, position.epoch, position.seq)
+                    sub.flush()
+                except Exception as exc:
+                    failed.append((sub, exc))
+                    continue
                 sent += 1
+            if failed:
+                self._let_go(failed)
         return sent
 
     def broadcast_control(self, message: bytes) -> None:
+        failed: list[tuple[Subscriber, Exception]] = []
         for sub in self.subscribers:
-            sub.outbox.control(message)
-            sub.flush()
+            try:
+                sub.outbox.control(message)
+                sub.flush()
+            except Exception as exc:
+                failed.append((sub, exc))
+        if failed:
+            self._let_go(failed)
 
 
 def _distinct(batches: list[Batch]) -> bool:

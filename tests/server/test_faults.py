@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from tests.conftest import timeout
+from tests.conftest import eventually, timeout
 from tickwire.bench.proxy import Proxy
 from tickwire.core.channels import REGISTRY_KEY, Channel
 from tickwire.core.config import PublisherConfig, ServerConfig
@@ -356,4 +356,31 @@ async def test_a_reader_that_fails_unexpectedly_starts_again_and_loses_nothing(
         assert_own_events(c, T, 1, 30)
         assert c.checker.ok
         assert follower.take_pushes == take
+        assert not srv._tasks[0].done()
+
+
+async def test_a_connection_whose_delivery_raises_is_closed_and_the_others_get_every_event(
+    redis_server: RedisProcess, redis: RedisConnection
+) -> None:
+    async with following_ten(redis_server) as (srv, c, pub), recorder(srv.url) as d:
+        await d.request("subscribe", channels=[T.name])
+        # A stand-in for a bug in one connection's writing: its next write raises.
+        bad = next(iter(srv.connections))
+
+        def broken(message: bytes, frame: bytes) -> bool:
+            raise TypeError("a bug")
+
+        def broken_flush() -> None:
+            raise TypeError("a bug")
+
+        bad.sub.write_now, bad.sub.flush = broken, broken_flush
+        await pub.publish({T: trades(10, 10)})
+        await eventually(lambda: c.closed is not None or d.closed is not None, "one closed")
+        closed, good = (c, d) if c.closed is not None else (d, c)
+        assert closed.closed is not None and closed.closed[0] == 1011
+        await pub.publish({T: trades(20, 10)})
+        await reach(good, 30)
+        assert_own_events(good, T, good.events(T.name)[0]["seq"], 30)
+        # The reader went on: no restart, no status told.
+        assert good.checker.ok and good.of_type("status") == [] and good.closed is None
         assert not srv._tasks[0].done()

@@ -7,6 +7,7 @@ from itertools import pairwise
 from typing import Any
 
 import orjson
+import pytest
 
 from tests.server.test_outbox import Q, T, batch, seqs
 from tickwire.bench.invariant import InvariantChecker
@@ -305,3 +306,58 @@ def test_a_new_epoch_is_announced_at_once_to_those_who_got_the_old_one() -> None
     assert [e["seq"] for e in got.messages()[1]["events"]] == [6, 7]
     # The same epoch again: nothing to say.
     assert hub.announce_epoch(T, StreamPosition("e2", 7)) == 0
+
+
+class Broken(Client):
+    """A client whose writes raise from the `n`th on: a stand-in for a bug in its connection."""
+
+    def __init__(self, hub: Hub, *patterns: str, fast: bool = True, after: int = 0) -> None:
+        super().__init__(hub, *patterns, fast=fast)
+        self.writes_left = after
+        self.errors: list[Exception] = []
+        self.sub.on_error = self.errors.append
+
+    def write_now(self, message: bytes, wire: bytes) -> bool:
+        self._count()
+        return super().write_now(message, wire)
+
+    def flush(self) -> None:
+        self._count()
+        super().flush()
+
+    def _count(self) -> None:
+        self.writes_left -= 1
+        if self.writes_left < 0:
+            raise TypeError("a bug in one connection")
+
+
+def test_a_subscriber_whose_delivery_raises_is_let_go_and_the_others_get_theirs() -> None:
+    hub = Hub()
+    # Each way a delivery can go: the shared shortcut, the outbox, a control broadcast.
+    before = Client(hub, "trades:*")
+    fast = Broken(hub, "trades:*", after=1)
+    slow = Broken(hub, "trades:*", fast=False, after=1)
+    after = Client(hub, "trades:*", fast=False)
+    control = Broken(hub, "quotes:*", after=1)
+    hub.dispatch([batch(T, 1, 2)])  # the first write of each goes through
+    hub.dispatch([batch(T, 3, 2), batch(Q, 1, 1)])
+    for broken in (fast, slow):
+        assert [str(e) for e in broken.errors] == ["a bug in one connection"]
+        assert broken.sub not in hub.subscribers and not hub.patterns_of(broken.sub)
+    for client in (before, after):
+        assert seqs(client.messages()) == [1, 2, 3, 4]
+    hub.dispatch([batch(T, 5, 1)])  # the detached ones are not asked again
+    assert seqs(before.messages())[-1] == seqs(after.messages())[-1] == 5
+    assert len(fast.errors) == len(slow.errors) == 1
+    assert control.errors == []
+    hub.broadcast_control(b'{"type":"status","redis":"down"}')
+    assert len(control.errors) == 1 and control.sub not in hub.subscribers
+    assert before.messages()[-1]["type"] == after.messages()[-1]["type"] == "status"
+
+
+def test_without_on_error_a_delivery_that_raises_propagates() -> None:
+    hub = Hub()
+    broken = Broken(hub, "trades:*")
+    broken.sub.on_error = None
+    with pytest.raises(TypeError, match="a bug"):
+        hub.dispatch([batch(T, 1, 1)])
