@@ -211,16 +211,24 @@ class Publisher:
         try:
             async with asyncio.timeout(self.config.close_timeout_s):
                 await self.flush()
-            await self._forget_marks()
         except TimeoutError:
-            log.warning("closing with %d events not yet written", self._pending_events)
+            pass
         finally:
             if self._watchdog is not None:
                 self._watchdog.cancel()
-            await cancel_and_wait(self._task)
-            if self._conn is not None:
-                self._conn.close()
-            self._task = None
+            try:
+                await cancel_and_wait(self._task)
+                # The flusher is gone, the connection this call's alone: a producer still
+                # publishing had its flushes cross these replies. Not if it left anything
+                # unanswered on it (the replies owed would be taken for these).
+                if self._pending_events == 0:
+                    await self._forget_marks()
+                if self._pending_events:
+                    log.warning("closing with %d events not yet written", self._pending_events)
+            finally:
+                if self._conn is not None:
+                    self._conn.close()
+                self._task = None
 
     async def _forget_marks(self) -> None:
         """Everything is written and nothing will be sent again: drop this publisher's `w:<id>`

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from typing import Any
 
 import pytest
@@ -599,3 +600,30 @@ async def test_a_channel_whose_keys_someone_overwrote_holds_back_no_other(
     mine = await stored_events(redis, CH)
     assert [e["tag"] for e in mine][-3:] == ["h", "h", "h"]
     assert len({e["epoch"] for e in mine[-3:]}) == 1
+
+
+async def test_publishing_while_the_publisher_closes_crosses_no_replies(
+    redis: RedisConnection, redis_server: RedisProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A producer that goes on publishing while `close` runs (an exception unwinding past the
+    publisher, say): the flusher's writes and the close's own (dropping the publisher's marks)
+    must not share the connection, whose replies went to the wrong caller (an HDEL's taken for
+    an append's: TypeError). What is published once the close has begun is not written, and
+    is logged."""
+    run = secrets.token_hex(4).upper()  # (the Redis is shared; the test runs on two loops)
+    channels = [Channel("trades", f"CLOSE{i}-{run}") for i in range(20)]
+
+    class Racing(Publisher):
+        async def _forget_marks(self) -> None:
+            # The producer's publish lands just as the close writes.
+            await self.publish({c: bodies("late", 1) for c in channels})
+            await super()._forget_marks()
+
+    pub = Racing(PublisherConfig(redis_url=redis_server.url))
+    await pub.start()
+    await pub.publish({c: bodies("a", 1) for c in channels})
+    await asyncio.wait_for(pub.close(), 10)
+    assert "closing with 20 events not yet written" in caplog.text
+    for channel in channels:
+        assert [e["tag"] for e in await stored_events(redis, channel)] == ["a"]
+        assert await redis.execute("HEXISTS", channel.meta_key, f"w:{pub.id}") == 0
