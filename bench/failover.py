@@ -1,7 +1,7 @@
 """Failover bench: a Redis Cluster master killed under load, and what clients see, timed.
 
     tickwire bench failover [--node-timeout-ms 2000] [--rate 2000] [--symbols 12] [--behind]
-                            [--no-full-coverage]
+                            [--no-full-coverage] [--hang]
 
 Starts a private 3-master, 3-replica cluster, one `tickwire serve` on it, a publisher (in this
 process) at `--rate` events/s spread over symbols on every master, and one WebSocket client
@@ -16,6 +16,10 @@ With Redis's default `cluster-require-full-coverage yes`, every master refuses c
 (CLUSTERDOWN) from the moment the dead one is marked failed until its replica is promoted, so
 the other shards pause for that window too; `--no-full-coverage` runs the cluster with it off,
 where they should not pause at all.
+
+`--hang` stops the master with SIGSTOP instead of killing it: a hung host or a lost network,
+whose connections stay open and answer nothing (a killed process's are closed at once). It
+stays so until the end of the run.
 """
 
 from __future__ import annotations
@@ -146,13 +150,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         await pub.flush()
                         await asyncio.sleep(0.5)  # the client takes them
                         killed_at = time.monotonic()
-                        victim.kill()
+                        if args.hang:
+                            victim.pause()
+                        else:
+                            victim.kill()
                     finally:
                         replica.resume()
                 else:
                     killed_at = time.monotonic()
-                    victim.kill()
-                say(f"killed master :{victim.port} (replica :{replica.port})")
+                    if args.hang:
+                        victim.pause()
+                    else:
+                        victim.kill()
+                how = "stopped" if args.hang else "killed"
+                say(f"{how} master :{victim.port} (replica :{replica.port})")
                 await asyncio.to_thread(cluster.wait_ok, 120)
                 promoted_at = time.monotonic()
 
@@ -165,6 +176,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.sleep(args.after)
                 stop.set()
                 await flowing
+            if args.hang:
+                victim.kill()  # hung until now, as a host that never comes back
             await asyncio.sleep(1.0)  # the last events reach the client
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
@@ -228,6 +241,8 @@ def figures(
         "seen_then_lost": lost,
         "lost_without_reset": lost_without_reset,
         "seq_naming_two_events": reused,
+        # Channels that got no event once the replica was promoted (must be 0).
+        "not_flowing_again": len(seen.waiting),
     }
 
 
@@ -271,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="cluster-require-full-coverage no: the masters up keep serving during a failover",
     )
+    p.add_argument(
+        "--hang",
+        action="store_true",
+        help="stop the master (SIGSTOP: its connections stay open and silent, as a hung host's) "
+        "instead of killing it",
+    )
     p.add_argument("--json", help="write the figures to this file")
     p.add_argument("--server-log", type=Path, help="append the server's output to this file")
     return p
@@ -282,7 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     width = max(len(k) for k in result)
     for k, v in result.items():
         print(f"{k:<{width}}  {v}")
-    ok = result["seq_naming_two_events"] == 0 and result["lost_without_reset"] == 0
+    ok = (
+        result["seq_naming_two_events"] == 0
+        and result["lost_without_reset"] == 0
+        and result["not_flowing_again"] == 0
+    )
     print("PASSED" if ok else "FAILED")
     if args.json:
         with open(args.json, "wb") as fh:

@@ -22,7 +22,7 @@ from tickwire.core.errors import RedisUnavailable
 from tickwire.core.redis_cluster import ClusterConnection
 from tickwire.core.redis_process import RedisCluster, RedisProcess
 from tickwire.core.redis_slots import key_slot
-from tickwire.core.redis_target import open_redis
+from tickwire.core.redis_target import RedisTarget, open_redis
 from tickwire.feeds.publisher import Publisher
 from tickwire.server.app import TickwireServer
 
@@ -91,6 +91,54 @@ async def test_a_cluster_connection_answers_node_down_for_a_dead_master_and_come
         lambda: cluster_conn.pipeline([["XLEN", keys[0]]]),
         "the restarted master answering",
     )
+
+
+async def test_a_master_silent_while_the_others_answer_is_down_before_the_reply_timeout(
+    cluster: RedisCluster, cluster_conn: ClusterConnection
+) -> None:
+    """A hung host or a lost network leaves the connection open and silent (here SIGSTOP): the
+    other masters' replies do not wait the whole reply timeout for it (`STRAGGLER_S`)."""
+    symbols = symbols_on_each_master(cluster_conn, 1)
+    keys = [Channel("trades", s).stream_key for s in symbols]
+    victim_node = cluster_conn.slots.owners[key_slot(keys[0])]
+    victim = cluster.node_at(victim_node[1])
+    for key in keys:
+        await cluster_conn.execute("DEL", key)
+    # Asked alone (another master is asked for a PING), then with the others.
+    for asked in ([keys[0]], keys):
+        victim.pause()
+        try:
+            # Bounded well below the reply timeout: only the straggler rule answers in time.
+            replies = await asyncio.wait_for(
+                cluster_conn.pipeline([["XLEN", k] for k in asked], timeout=120.0), 30
+            )
+        finally:
+            victim.resume()
+        assert isinstance(replies[0], NodeDown) and "no reply within" in str(replies[0])
+        assert replies[1:] == [0] * (len(asked) - 1)
+        assert not cluster_conn.closed and cluster_conn.slot_down(key_slot(keys[0]))
+        await until(cluster_conn.refresh, "the master answering again")
+        assert await cluster_conn.pipeline([["XLEN", k] for k in keys]) == [0, 0, 0]
+
+
+async def test_a_connection_opens_past_a_seed_that_takes_it_and_answers_nothing(
+    cluster: RedisCluster,
+) -> None:
+    """A hung node's kernel still accepts connections: the first seed paused, the topology is
+    read from the next one (and a master paused is left down, not waited for)."""
+    first = RedisTarget.parse(cluster.seeds_url).seeds[0]
+    node = cluster.node_at(first.port)
+    node.pause()
+    try:
+        conn = await asyncio.wait_for(open_redis(cluster.seeds_url), 30)
+    finally:
+        node.resume()
+    try:
+        assert isinstance(conn, ClusterConnection)
+        paused = (first.host, first.port)
+        assert set(conn.down) == ({paused} if paused in conn.slots.masters else set())
+    finally:
+        conn.close()
 
 
 async def test_a_publisher_stores_the_other_masters_channels_while_one_is_down(
@@ -269,11 +317,12 @@ async def test_a_master_that_stops_answering_is_held_like_a_dead_one(
     cluster: RedisCluster, cluster_conn: ClusterConnection
 ) -> None:
     """Paused (SIGSTOP), a master accepts connections and answers nothing, as a dead host's
-    does not even accept them: it is found down by its replies' timeout, not taken for up again
-    because a connection opens, and the others are stored meanwhile."""
+    does not even accept them: it is found down once the others have answered and it has not
+    (the reply timeout is far longer here), not taken for up again because a connection opens,
+    and the others are stored meanwhile."""
     symbols = symbols_on_each_master(cluster_conn, 1)
     victim, _, others = split(cluster, cluster_conn, symbols)
-    config = replace(publisher_config(cluster.seeds_url), reply_timeout_s=1.0)
+    config = replace(publisher_config(cluster.seeds_url), reply_timeout_s=120.0)
     async with Publisher(config) as pub:
         await publish_trades(pub, symbols, 1)
         victim.pause()

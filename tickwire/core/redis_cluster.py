@@ -45,6 +45,13 @@ Node = tuple[str, int]
 #: promotes a replica within about `cluster-node-timeout` plus a second, and a refresh costs a
 #: connection and one CLUSTER SLOTS.
 CLUSTER_REFRESH_S = 0.25
+#: A master that has not answered this long after the other masters of the same pipeline did
+#: is taken for down then, not at the caller's reply timeout (seconds): a hung host or a lost
+#: network leaves its connection open and silent, and every master's replies waited for it.
+#: Redis answers in microseconds to milliseconds; one stalled this long (a fork, a slow disk
+#: under `appendfsync always`) costs a reconnect and its commands answered `NodeDown`, which
+#: callers write again once it is up.
+STRAGGLER_S = 1.0
 
 
 class SlotMap:
@@ -113,23 +120,31 @@ class ClusterConnection:
         #: Connections for commands sent again after an ASK, by target node.
         self._asking: dict[Node, RedisConnection] = {}
         self._closed = False
+        #: See `STRAGGLER_S` (None: wait for every master up to the reply timeout).
+        self.straggler_s: float | None = STRAGGLER_S
 
     @classmethod
     async def open(
         cls, slots: SlotMap, template: RedisAddress, timeout: float = 2.0
     ) -> ClusterConnection:
-        """Connections to the masters that answer; RedisUnavailable if none does."""
+        """Connections to the masters that answer a PING (all at once: a dead host takes the
+        whole connect timeout, a hung one the PING's); RedisUnavailable if none does."""
         nodes: dict[Node, RedisConnection] = {}
         down: dict[Node, str] = {}
-        for node in slots.masters:
-            try:
-                nodes[node] = await cls._connect(template, node, timeout)
-            except RedisUnavailable as exc:
-                down[node] = str(exc)
-            except BaseException:
-                for c in nodes.values():
-                    c.close()
-                raise
+        opened = await asyncio.gather(
+            *(_answering(template, node, timeout) for node in slots.masters),
+            return_exceptions=True,
+        )
+        for node, conn_or_error in zip(slots.masters, opened, strict=True):
+            if isinstance(conn_or_error, RedisConnection):
+                nodes[node] = conn_or_error
+            elif isinstance(conn_or_error, RedisUnavailable):
+                down[node] = str(conn_or_error)
+        failed = next((e for e in opened if isinstance(e, BaseException)), None)
+        if failed is not None and not isinstance(failed, RedisUnavailable):
+            for c in nodes.values():
+                c.close()
+            raise failed
         if not nodes:
             raise RedisUnavailable(f"no master of the cluster answers: {'; '.join(down.values())}")
         return cls(slots, nodes, template, down, timeout)
@@ -196,7 +211,9 @@ class ClusterConnection:
             if node in self.down or (known := self._nodes.get(node)) is None or known.closed
         ]
         # At once, not in turn: each master that does not answer takes the whole timeout.
-        opened = await asyncio.gather(*(self._answering(n) for n in wanted), return_exceptions=True)
+        opened = await asyncio.gather(
+            *(_answering(self._template, n, self._timeout) for n in wanted), return_exceptions=True
+        )
         for node, conn_or_error in zip(wanted, opened, strict=True):
             if isinstance(conn_or_error, RedisConnection):
                 if self._closed:
@@ -213,17 +230,6 @@ class ClusterConnection:
         if changed or came_up:
             self.generation += 1
         return changed or came_up
-
-    async def _answering(self, node: Node) -> RedisConnection:
-        """A connection to `node` that has answered a PING: a paused or overloaded master
-        accepts connections (the kernel does) and answers nothing."""
-        conn = await self._connect(self._template, node, self._timeout)
-        try:
-            await conn.execute("PING", timeout=self._timeout)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
 
     def refresh_soon(self, *, force: bool = False) -> None:
         """Start a `refresh` in a task of its own, if a master is down (or `force`), none is
@@ -319,15 +325,28 @@ class ClusterConnection:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         got: dict[tuple[Node, RedisConnection | None], deque[Any]] = {}
+        straggler = self.straggler_s
+        #: The masters whose replies were taken.
+        answered: set[Node] = set()
         try:
             for (node, conn), k in counts.items():
                 why = self.down.get(node, "its connection was lost")
                 if conn is not None:
                     # (A connection lost since still gives the replies it read before.)
                     # After another master's timeout, a short grace: what is here is taken.
+                    if straggler is not None and await self._silent(
+                        counts, node, conn, deadline, answered, straggler
+                    ):
+                        why = f"no reply within {straggler} s of the other masters'"
+                        conn.close()
+                        if self._nodes.get(node) is conn:
+                            self._lose(node, why)
+                        got[node, conn] = deque(NodeDown(node, why) for _ in range(k))
+                        continue
                     left = None if deadline is None else max(deadline - loop.time(), 0.05)
                     try:
                         got[node, conn] = deque(await conn.replies(k, timeout=left))
+                        answered.add(node)
                         continue
                     except RedisUnavailable as exc:
                         why = str(exc)
@@ -347,6 +366,44 @@ class ClusterConnection:
                 f"every master of the cluster is down: {'; '.join(self.down.values())}"
             )
         return out
+
+    async def _silent(
+        self,
+        counts: dict[tuple[Node, RedisConnection | None], int],
+        node: Node,
+        conn: RedisConnection,
+        deadline: float | None,
+        answered: set[Node],
+        straggler: float,
+    ) -> bool:
+        """Wait for `node`'s replies on `conn`: True once the other masters have answered and it
+        has not, `straggler` seconds on; False when they are in, or the deadline is near enough
+        for the reply timeout to decide. A pipeline to `node` alone asks another master for a
+        PING instead: whether the cluster answers, and this master does not."""
+        loop = asyncio.get_running_loop()
+        k = counts[node, conn]
+        alone = not any(n != node and c is not None for n, c in counts)
+        while deadline is None or deadline - loop.time() > straggler:
+            if await conn.wait_ready(k, straggler):
+                return False
+            if _others_answered(counts, node, answered) or (
+                alone and await self._another_answers(node, straggler) and conn.ready < k
+            ):
+                return True
+        return False
+
+    async def _another_answers(self, silent: Node, timeout: float) -> bool:
+        """Whether a master up other than `silent` answers a PING within `timeout`, on a
+        connection of its own (those in use may owe replies)."""
+        for node in self.slots.masters:
+            if node == silent or node in self.down:
+                continue
+            try:
+                (await _answering(self._template, node, timeout)).close()
+                return True
+            except (RedisUnavailable, RedisReplyError):
+                continue
+        return False
 
     async def _redirected(self, error: RedisReplyError, command: Command) -> Any:
         """The reply in place of an ASK (asked again where the key now is), or the error as it
@@ -368,3 +425,32 @@ class ClusterConnection:
             )
         _, reply = await conn.pipeline([["ASKING"], command])
         return reply
+
+
+def _others_answered(
+    counts: dict[tuple[Node, RedisConnection | None], int], straggler: Node, taken: set[Node]
+) -> bool:
+    """Whether every other master written to in the pipeline has answered (its replies
+    `taken`, or all arrived) or lost its connection, one at least answering: then `straggler`
+    alone is silent."""
+    some = False
+    for (node, conn), k in counts.items():
+        if node == straggler or conn is None:
+            continue
+        if node in taken or conn.ready >= k:
+            some = True
+        elif not conn.closed:
+            return False
+    return some
+
+
+async def _answering(template: RedisAddress, node: Node, timeout: float) -> RedisConnection:
+    """A connection to `node` that has answered a PING: a paused or overloaded master accepts
+    connections (the kernel does) and answers nothing."""
+    conn = await ClusterConnection._connect(template, node, timeout)
+    try:
+        await conn.execute("PING", timeout=timeout)
+    except BaseException:
+        conn.close()
+        raise
+    return conn

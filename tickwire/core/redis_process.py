@@ -80,6 +80,8 @@ class RedisProcess:
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="tickwire-redis-"))
         self.proc: subprocess.Popen[bytes] | None = None
+        #: Stopped with SIGSTOP (`pause`): running, answering nothing.
+        self.paused = False
 
     @property
     def url(self) -> str:
@@ -152,14 +154,17 @@ class RedisProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self.paused = False
 
     def pause(self) -> None:
         if self.proc is not None:
             self.proc.send_signal(signal.SIGSTOP)
+            self.paused = True
 
     def resume(self) -> None:
         if self.proc is not None:
             self.proc.send_signal(signal.SIGCONT)
+            self.paused = False
 
     def wipe(self) -> None:
         """Forget all data on disk (a restart after this is a restart without persistence)."""
@@ -290,7 +295,10 @@ class RedisCluster:
         return self
 
     def alive(self) -> list[RedisProcess]:
-        return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+        """The nodes running and not paused (a paused one would not answer `redis-cli`)."""
+        return [
+            n for n in self.nodes if n.proc is not None and n.proc.poll() is None and not n.paused
+        ]
 
     def _owners_alive(self, port: int) -> bool:
         """Whether every master that owns slots, as the node on `port` sees it, is alive."""

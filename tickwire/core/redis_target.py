@@ -163,12 +163,16 @@ async def _first_node(
             )
         return conn
     problems = []
-    for seed in (*target.seeds, *(a for a in learned if a not in target.seeds)):
+    for seed in _candidates(target, learned):
         try:
             return await RedisConnection.open(seed, timeout)
         except RedisUnavailable as exc:
             problems.append(str(exc))
     raise RedisUnavailable("; ".join(problems))
+
+
+def _candidates(target: RedisTarget, learned: Sequence[RedisAddress]) -> list[RedisAddress]:
+    return [*target.seeds, *(a for a in learned if a not in target.seeds)]
 
 
 async def _cluster_slots(conn: RedisConnection, target: RedisTarget, timeout: float) -> Any:
@@ -203,20 +207,41 @@ class RedisTopology:
     async def open(self) -> RedisConnection | ClusterConnection:
         """A command connection: to the one Redis or primary, or to every master of a cluster."""
         t, timeout = self.target, self.timeout
-        conn = await _first_node(t, timeout, self.learned)
         if self.single:
-            return conn
-        try:
-            slots = await _cluster_slots(conn, t, timeout)
-        except BaseException:
-            conn.close()
-            raise
-        self.single = slots is None
+            return await _first_node(t, timeout, self.learned)
+        conn, slots = await self._topology()
         if slots is None:
             return conn
         conn.close()
-        self._learn(slots)
         return await ClusterConnection.open(slots, t.seeds[0], timeout)
+
+    async def _topology(self) -> tuple[RedisConnection, SlotMap | None]:
+        """A connection to the first node that answers, and its cluster's slot map (None: not a
+        cluster). A node that takes the connection and answers nothing (a hung host, a paused
+        process: the kernel accepts for it) is passed over, as one that refuses it is."""
+        t, timeout = self.target, self.timeout
+        # (Not with Sentinel, which names a primary, never a cluster: `single` from the start.)
+        problems = []
+        for node in _candidates(t, self.learned):
+            try:
+                conn = await RedisConnection.open(node, timeout)
+            except RedisUnavailable as exc:
+                problems.append(str(exc))
+                continue
+            try:
+                slots = await _cluster_slots(conn, t, timeout)
+            except RedisUnavailable as exc:
+                conn.close()
+                problems.append(f"{node}: {exc}")
+                continue
+            except BaseException:
+                conn.close()
+                raise
+            self.single = slots is None
+            if slots is not None:
+                self._learn(slots)
+            return conn, slots
+        raise RedisUnavailable("; ".join(problems))
 
     async def open_live(self, max_buffer: int = 8 << 20) -> RedisSubscription | SubscriptionGroup:
         """The subscription to every append's live push (see `tickwire.feeds.store`)."""
@@ -227,15 +252,9 @@ class RedisTopology:
         elif self.single:
             addr = await _answering_seed(t, timeout)
         else:
-            conn = await _first_node(t, timeout, self.learned)
-            try:
-                slots = await _cluster_slots(conn, t, timeout)
-            finally:
-                conn.close()
-            self.single = slots is None
-            if slots is not None:
-                self._learn(slots)
-            else:
+            conn, slots = await self._topology()
+            conn.close()
+            if slots is None:
                 addr = await _answering_seed(t, timeout)
         if slots is None:
             return await RedisSubscription.open(

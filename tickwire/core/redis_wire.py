@@ -242,26 +242,36 @@ class RedisConnection:
             self.close()
             raise RedisUnavailable(f"lost connection to Redis: {exc}") from None
 
+    async def wait_ready(self, n: int, timeout: float | None = None) -> bool:
+        """Until `n` replies have arrived or the connection ends (True; `replies` then takes
+        them or says why), or `timeout` passes (False). The connection stays open either way:
+        a caller may go on waiting."""
+        p = self._protocol
+        if len(p.ready) >= n or self._closed or p.lost is not None:
+            return True
+        loop = asyncio.get_running_loop()
+        waiter = p.waiter = loop.create_future()
+        p.wanted = n
+        timer = None if timeout is None else loop.call_later(timeout, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            p.waiter = None
+            if timer is not None:
+                timer.cancel()
+        return len(p.ready) >= n or p.lost is not None
+
     async def replies(self, n: int, timeout: float | None = None) -> list[Any]:
         """The next `n` replies (see `pipeline` for errors)."""
         p = self._protocol
         if len(p.ready) < n:
             if self._closed:
                 raise RedisUnavailable("connection is closed")
-            if p.lost is None:
-                loop = asyncio.get_running_loop()
-                waiter = p.waiter = loop.create_future()
-                p.wanted = n
-                timer = None if timeout is None else loop.call_later(timeout, _wake, waiter)
-                try:
-                    await waiter
-                except BaseException:
-                    self.close()
-                    raise
-                finally:
-                    p.waiter = None
-                    if timer is not None:
-                        timer.cancel()
+            try:
+                await self.wait_ready(n, timeout)
+            except BaseException:
+                self.close()
+                raise
             if len(p.ready) < n:
                 self.close()
                 if p.lost is not None:
