@@ -16,7 +16,12 @@ to the broker. So:
   republished to the dead-letter destination or skipped, per the map; never a crash;
 - a message whose channel Redis refuses (its stream or meta key holds another type: someone
   overwrote it) goes the same way, counted apart; the rest of the round is stored, so one
-  broken key never stops the bridge.
+  broken key never stops the bridge;
+- on a Redis Cluster with a master down, the other masters' channels are stored and the down
+  master's events held by the bridge, in order, and stored with the next rounds once it (or its
+  replica) is up. Acknowledgements are cumulative, so the broker is told only of the messages
+  before the oldest one held: a crash meanwhile redelivers the rest, and the ids drop what was
+  stored. Consumption goes on until `max_in_flight` messages are unacknowledged.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tickwire.core.channels import REGISTRY_KEY, Channel
-from tickwire.core.commands import Arg, RedisReplyError
+from tickwire.core.commands import Arg, NodeDown, RedisReplyError
 from tickwire.core.config import PublisherConfig
 from tickwire.core.errors import CodecError, ConfigError, RedisUnavailable
 from tickwire.core.redis_cluster import ClusterConnection
@@ -47,6 +52,10 @@ from tickwire.feeds.publisher import load_script, random_epoch
 from tickwire.feeds.store import APPEND_LUA
 
 log = logging.getLogger("tickwire.feeds.bridge")
+
+#: While events wait for a down cluster master, how long a round waits for messages before it
+#: tries them again (seconds): the cluster connection looks for the master as often.
+HELD_RETRY_S = 0.25
 
 # The publisher's append, unchanged, as a function of its own KEYS and ARGV (Lua resolves the
 # names to the parameters), wrapped by a prelude that drops ids already stored and an epilogue
@@ -225,6 +234,9 @@ class StoreResult:
     duplicates: int
     #: Channels whose events Redis refused, none of them stored, with Redis's error.
     refused: Mapping[Channel, str] = field(default_factory=dict)
+    #: Channels whose Redis Cluster master is down: none of their events stored (Redis may have
+    #: applied them: written again, each id is stored once).
+    held: frozenset[Channel] = frozenset()
 
 
 class BridgeStore:
@@ -255,6 +267,8 @@ class BridgeStore:
         self.retries = 0
         #: Channels whose last batch Redis refused.
         self.refused: set[Channel] = set()
+        #: Whether the last store held channels of a down cluster master (`StoreResult.held`).
+        self.holding = False
 
     async def start(self) -> None:
         """Connect now: fail fast (RedisUnavailable) if Redis is unreachable at start."""
@@ -346,11 +360,15 @@ class BridgeStore:
             commands.append(["SADD", REGISTRY_KEY, *(c.name for c in new)])
         replies = await conn.pipeline(commands, timeout=self.config.reply_timeout_s)
         for reply in replies:
-            if isinstance(reply, RedisReplyError):
+            if isinstance(reply, RedisReplyError) and not isinstance(reply, NodeDown):
                 raise reply
         stored = dups = 0
         refused: dict[Channel, str] = {}
+        held: set[Channel] = set()
         for group, out in zip(groups, replies, strict=False):
+            if isinstance(out, NodeDown):
+                held.update(group)
+                continue
             for i, channel in enumerate(group):
                 epoch, last, n, d = out[4 * i : 4 * i + 4]
                 if last < 0:
@@ -364,8 +382,19 @@ class BridgeStore:
                     log.warning("Redis stores the events of %s again", channel.name)
                 stored += n
                 dups += d
-        self._registered.update(new)
-        return StoreResult(stored, dups, refused)
+        if new and not isinstance(replies[-1], NodeDown):
+            self._registered.update(new)
+        if held and not self.holding:
+            log.warning(
+                "a Redis Cluster master is down (%s): holding the events of its channels "
+                "(e.g. %s), the others are stored",
+                next(r for r in replies if isinstance(r, NodeDown)),
+                min(c.name for c in held),
+            )
+        elif self.holding and not held:
+            log.info("every channel stores again")
+        self.holding = bool(held)
+        return StoreResult(stored, dups, refused, frozenset(held))
 
     def _refused(self, channel: Channel, why: str) -> None:
         if channel not in self.refused:
@@ -410,19 +439,73 @@ async def run_bridge(
     crash tests' hook)."""
     stats = stats if stats is not None else BridgeStats()
     options = mapper.map_.options
+    #: Events of a down cluster master's channels, oldest first, with their messages; and the
+    #: messages received and not acknowledged (those from the oldest held one on), in order.
+    held: list[tuple[MappedEvent, Delivery]] = []
+    unacked: list[Delivery] = []
+    backoff = store.config.backoff_initial_s
     while stop is None or not stop.is_set():
-        if stop is None:
-            deliveries = await source.receive(options.batch)
+        if not held:
+            got = await _receive(source, options.batch, stop)
+        elif len(unacked) < options.max_in_flight:
+            got = await _receive(source, options.batch, stop, HELD_RETRY_S)
         else:
-            got = await _until(source.receive(options.batch), stop)
-            if got is None:
-                break
-            deliveries = got
-        await bridge_round(source, mapper, store, deliveries, stats, clock_ns())
+            # As many unacknowledged as the broker hands out: only what is held is tried again.
+            got = await _nothing_for(backoff, stop)
+            backoff = min(backoff * 2, store.config.backoff_max_s)
+        if got is None:
+            break
+        if not got and not held:
+            continue
+        held = await bridge_round(source, mapper, store, got, stats, clock_ns(), held)
         if after_store is not None:
             after_store(stats.rounds)
-        await source.ack(deliveries)
+        unacked += got
+        cut = len(unacked)
+        if held:
+            first_held = held[0][1]
+            cut = next(i for i, d in enumerate(unacked) if d is first_held)
+        if cut:
+            await source.ack(unacked[:cut])
+            del unacked[:cut]
+            backoff = store.config.backoff_initial_s
+        if unacked:
+            # Stored or held, not acknowledged: no redelivery meanwhile (NATS's `ack_wait`).
+            await source.hold(unacked)
     return stats
+
+
+async def _receive(
+    source: BrokerSource, limit: int, stop: asyncio.Event | None, timeout: float | None = None
+) -> list[Delivery] | None:
+    """Up to `limit` messages; [] if none came within `timeout`, None once `stop` is set."""
+    work = source.receive(limit)
+    if timeout is not None:
+        work = _within(work, timeout)
+    if stop is None:
+        return await work
+    return await _until(work, stop)
+
+
+async def _within(work: Awaitable[list[Delivery]], timeout: float) -> list[Delivery]:
+    try:
+        async with asyncio.timeout(timeout):
+            return await work
+    except TimeoutError:
+        return []
+
+
+async def _nothing_for(delay: float, stop: asyncio.Event | None) -> list[Delivery] | None:
+    """[] after `delay`, or None once `stop` is set."""
+    if stop is None:
+        await asyncio.sleep(delay)
+        return []
+    return await _until(_after(delay), stop)
+
+
+async def _after(delay: float) -> list[Delivery]:
+    await asyncio.sleep(delay)
+    return []
 
 
 async def bridge_round(
@@ -432,13 +515,16 @@ async def bridge_round(
     deliveries: Sequence[Delivery],
     stats: BridgeStats,
     now_ns: int,
-) -> None:
-    """Map, dead-letter or skip what does not map, store the rest: everything but the ack."""
+    held: Sequence[tuple[MappedEvent, Delivery]] = (),
+) -> list[tuple[MappedEvent, Delivery]]:
+    """Map, dead-letter or skip what does not map, store the rest, after the events `held`
+    from earlier rounds: everything but the ack. Returns the events held now (their cluster
+    master is down), oldest first, with the message each came from."""
     options = mapper.map_.options
     stats.received += len(deliveries)
-    events: list[MappedEvent] = []
+    events: list[MappedEvent] = [e for e, _ in held]
     #: The delivery each event came from.
-    origins: list[Delivery] = []
+    origins: list[Delivery] = [d for _, d in held]
     for d in deliveries:
         try:
             events.append(
@@ -472,7 +558,7 @@ async def bridge_round(
 
     async def hold() -> None:
         stats.redis_retries += 1
-        await source.hold(deliveries)
+        await source.hold([*(d for _, d in held), *deliveries])
 
     result = await store.store(events, on_wait=hold)
     stats.stored += result.stored
@@ -485,6 +571,9 @@ async def bridge_round(
                 stats.refused += 1
                 await _divert(source, options, stats, d, f"Redis refused {event.channel}: {why}")
     stats.rounds += 1
+    if not result.held:
+        return []
+    return [(e, d) for e, d in zip(events, origins, strict=True) if e.channel in result.held]
 
 
 async def _divert(

@@ -21,6 +21,7 @@ from tickwire.bench.brokers import MosquittoProcess, NatsProcess, RabbitProcess
 from tickwire.core.channels import Channel
 from tickwire.core.config import PublisherConfig
 from tickwire.core.redis_process import RedisProcess
+from tickwire.core.redis_target import RedisLink
 from tickwire.core.redis_wire import RedisConnection
 from tickwire.core.stream import seq_of
 from tickwire.feeds.bridges.core import BridgeStats, BridgeStore, open_source, run_bridge
@@ -51,7 +52,7 @@ def rabbitmq() -> Iterator[RabbitProcess]:
         yield proc
 
 
-async def stored(conn: RedisConnection, channel: Channel) -> list[dict[str, Any]]:
+async def stored(conn: RedisLink, channel: Channel) -> list[dict[str, Any]]:
     """A channel's stored events, checked for dense seqs from 1 in one epoch."""
     entries = await conn.execute("XRANGE", channel.stream_key, "-", "+")
     out = [orjson.loads(fields[1]) for _id, fields in entries]

@@ -15,7 +15,11 @@ from typing import Any
 import orjson
 import pytest
 
+from tests.bridges.conftest import stored as bridge_stored
+from tests.bridges.test_core import MemorySource, parts
+from tests.bridges.test_core import trade as bridge_trade
 from tests.server.conftest import Recorder, http_get, recorder
+from tickwire.bench.failover import symbols_per_master
 from tickwire.core.channels import REGISTRY_KEY, Channel
 from tickwire.core.commands import NodeDown
 from tickwire.core.errors import RedisUnavailable
@@ -23,6 +27,7 @@ from tickwire.core.redis_cluster import ClusterConnection
 from tickwire.core.redis_process import RedisCluster, RedisProcess
 from tickwire.core.redis_slots import key_slot
 from tickwire.core.redis_target import RedisTarget, open_redis
+from tickwire.feeds.bridges.core import run_bridge
 from tickwire.feeds.publisher import Publisher
 from tickwire.server.app import TickwireServer
 
@@ -339,5 +344,51 @@ async def test_a_master_that_stops_answering_is_held_like_a_dead_one(
     try:
         for s in symbols:
             assert trade_ids(await stored(conn, Channel("trades", s))) == list(range(21))
+    finally:
+        conn.close()
+
+
+async def test_a_bridge_stores_the_other_masters_channels_while_one_is_down(
+    cluster: RedisCluster, cluster_conn: ClusterConnection
+) -> None:
+    """The bridge holds the down master's events and stores the others'; the broker is told
+    only of the messages before the oldest one held (acknowledgements are cumulative)."""
+    symbols = list(symbols_per_master(cluster_conn.slots, 1, "BR"))
+    victim, doomed, others = split(cluster, cluster_conn, symbols)
+    mapper, store = parts(cluster.seeds_url)
+    source = MemorySource()
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_bridge(source, mapper, store, stop=stop))
+
+    def put(first: int) -> None:
+        """Five trades on each symbol, interleaved, the down master's first."""
+        for n in range(first, first + 5):
+            for s in symbols:
+                source.queue.put_nowait(bridge_trade(n, s, f"{s}-{n}"))
+
+    try:
+        put(1)
+        await until(lambda: len(source.acked) == 15, "the first trades acknowledged")
+        victim.kill()
+        put(6)
+        for s in others:
+            await until(lambda s=s: _count(cluster.seeds_url, s, 10), f"trades:{s} stored")
+        assert len(source.acked) == 15 and source.held > 0
+        victim.start()  # empty (no persistence): its channel begins a new epoch
+        await until(lambda: len(source.acked) == 30, "everything acknowledged once it is back")
+    finally:
+        stop.set()
+        await task
+        store.close()
+    conn = await open_redis(cluster.seeds_url)
+    try:
+        for s in others:
+            assert [e["trade_id"] for e in await bridge_stored(conn, Channel("trades", s))] == list(
+                range(1, 11)
+            )
+        (s,) = doomed
+        assert [e["trade_id"] for e in await bridge_stored(conn, Channel("trades", s))] == list(
+            range(6, 11)
+        )
     finally:
         conn.close()
