@@ -443,68 +443,67 @@ async def run_bridge(
     #: messages received and not acknowledged (those from the oldest held one on), in order.
     held: list[tuple[MappedEvent, Delivery]] = []
     unacked: list[Delivery] = []
-    backoff = store.config.backoff_initial_s
-    while stop is None or not stop.is_set():
-        if not held:
-            got = await _receive(source, options.batch, stop)
-        elif len(unacked) < options.max_in_flight:
-            got = await _receive(source, options.batch, stop, HELD_RETRY_S)
-        else:
-            # As many unacknowledged as the broker hands out: only what is held is tried again.
-            got = await _nothing_for(backoff, stop)
-            backoff = min(backoff * 2, store.config.backoff_max_s)
-        if got is None:
-            break
-        if not got and not held:
-            continue
-        held = await bridge_round(source, mapper, store, got, stats, clock_ns(), held)
-        if after_store is not None:
-            after_store(stats.rounds)
-        unacked += got
-        cut = len(unacked)
-        if held:
-            first_held = held[0][1]
-            cut = next(i for i, d in enumerate(unacked) if d is first_held)
-        if cut:
-            await source.ack(unacked[:cut])
-            del unacked[:cut]
-            backoff = store.config.backoff_initial_s
-        if unacked:
-            # Stored or held, not acknowledged: no redelivery meanwhile (NATS's `ack_wait`).
-            await source.hold(unacked)
+    #: The broker's next messages, asked for once and waited for across rounds: cancelled in
+    #: the middle, a receive could drop messages it had taken.
+    receiving: asyncio.Future[list[Delivery]] | None = None
+    try:
+        while stop is None or not stop.is_set():
+            if held and len(unacked) >= options.max_in_flight:
+                # As many unacknowledged as the broker hands out: try what is held again.
+                got = await _take(None, stop, HELD_RETRY_S)
+            else:
+                if receiving is None:
+                    receiving = asyncio.ensure_future(source.receive(options.batch))
+                got = await _take(receiving, stop, HELD_RETRY_S if held else None)
+                if receiving.done():
+                    receiving = None
+            if got is None:
+                break
+            if not got and not held:
+                continue
+            held = await bridge_round(source, mapper, store, got, stats, clock_ns(), held)
+            if after_store is not None:
+                after_store(stats.rounds)
+            unacked += got
+            cut = len(unacked)
+            if held:
+                first_held = held[0][1]
+                cut = next(i for i, d in enumerate(unacked) if d is first_held)
+            if cut:
+                await source.ack(unacked[:cut])
+                del unacked[:cut]
+            if unacked:
+                # Stored or held, not acknowledged: no redelivery meanwhile (NATS's `ack_wait`).
+                await source.hold(unacked)
+    finally:
+        if receiving is not None:
+            await cancel_and_wait(receiving)
     return stats
 
 
-async def _receive(
-    source: BrokerSource, limit: int, stop: asyncio.Event | None, timeout: float | None = None
+async def _take(
+    receiving: asyncio.Future[list[Delivery]] | None,
+    stop: asyncio.Event | None,
+    timeout: float | None,
 ) -> list[Delivery] | None:
-    """Up to `limit` messages; [] if none came within `timeout`, None once `stop` is set."""
-    work = source.receive(limit)
-    if timeout is not None:
-        work = _within(work, timeout)
-    if stop is None:
-        return await work
-    return await _until(work, stop)
-
-
-async def _within(work: Awaitable[list[Delivery]], timeout: float) -> list[Delivery]:
+    """`receiving`'s messages once it is done; [] if it is not within `timeout` (it goes on);
+    None once `stop` is set."""
+    waits: set[asyncio.Future[Any]] = set() if receiving is None else {receiving}
+    stopper = None if stop is None else asyncio.ensure_future(stop.wait())
+    if stopper is not None:
+        waits.add(stopper)
     try:
-        async with asyncio.timeout(timeout):
-            return await work
-    except TimeoutError:
-        return []
-
-
-async def _nothing_for(delay: float, stop: asyncio.Event | None) -> list[Delivery] | None:
-    """[] after `delay`, or None once `stop` is set."""
-    if stop is None:
-        await asyncio.sleep(delay)
-        return []
-    return await _until(_after(delay), stop)
-
-
-async def _after(delay: float) -> list[Delivery]:
-    await asyncio.sleep(delay)
+        if waits:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        elif timeout is not None:
+            await asyncio.sleep(timeout)
+    finally:
+        if stopper is not None:
+            stopper.cancel()
+    if receiving is not None and receiving.done():
+        return receiving.result()
+    if stop is not None and stop.is_set():
+        return None
     return []
 
 
@@ -586,20 +585,6 @@ async def _divert(
     await source.dead_letter(d, reason)
     stats.dead_lettered += 1
     return True
-
-
-async def _until(work: Awaitable[list[Delivery]], stop: asyncio.Event) -> list[Delivery] | None:
-    """`work`'s result, or None if `stop` is set first (then `work` is cancelled)."""
-    task = asyncio.ensure_future(work)
-    stopper = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopper.cancel()
-    if task.done():
-        return task.result()
-    await cancel_and_wait(task)
-    return None
 
 
 class ClosableSource(BrokerSource, Protocol):

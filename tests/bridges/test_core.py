@@ -56,11 +56,17 @@ class MemorySource:
         self.acked: list[Delivery] = []
         self.dead: list[tuple[Delivery, str]] = []
         self.receives = 0
+        self.cancelled = 0
         self.held = 0
 
     async def receive(self, limit: int) -> list[Delivery]:
         self.receives += 1
-        out = [await self.queue.get()]
+        try:
+            out = [await self.queue.get()]
+        except asyncio.CancelledError:
+            # A real broker's receive may have taken messages when it is cancelled.
+            self.cancelled += 1
+            raise
         while len(out) < limit and not self.queue.empty():
             out.append(self.queue.get_nowait())
         return out

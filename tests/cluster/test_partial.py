@@ -27,7 +27,7 @@ from tickwire.core.redis_cluster import ClusterConnection
 from tickwire.core.redis_process import RedisCluster, RedisProcess
 from tickwire.core.redis_slots import key_slot
 from tickwire.core.redis_target import RedisTarget, open_redis
-from tickwire.feeds.bridges.core import run_bridge
+from tickwire.feeds.bridges.core import BridgeStats, run_bridge
 from tickwire.feeds.publisher import Publisher
 from tickwire.server.app import TickwireServer
 
@@ -358,7 +358,8 @@ async def test_a_bridge_stores_the_other_masters_channels_while_one_is_down(
     mapper, store = parts(cluster.seeds_url)
     source = MemorySource()
     stop = asyncio.Event()
-    task = asyncio.create_task(run_bridge(source, mapper, store, stop=stop))
+    stats = BridgeStats()
+    task = asyncio.create_task(run_bridge(source, mapper, store, stats=stats, stop=stop))
 
     def put(first: int) -> None:
         """Five trades on each symbol, interleaved, the down master's first."""
@@ -374,6 +375,10 @@ async def test_a_bridge_stores_the_other_masters_channels_while_one_is_down(
         for s in others:
             await until(lambda s=s: _count(cluster.seeds_url, s, 10), f"trades:{s} stored")
         assert len(source.acked) == 15 and source.held > 0
+        # Tried again every 0.25 s meanwhile, without a receive given up half way.
+        rounds = stats.rounds
+        await until(lambda: stats.rounds >= rounds + 2, "the held events tried again")
+        assert source.cancelled == 0
         victim.start()  # empty (no persistence): its channel begins a new epoch
         await until(lambda: len(source.acked) == 30, "everything acknowledged once it is back")
     finally:
