@@ -90,8 +90,12 @@ class CatchUp:
         read_position: Callable[[Channel], int | None],
         expand: Callable[[list[ChannelPattern]], Awaitable[list[Channel]]],
         conflates: Callable[[Channel], bool] = lambda channel: False,
+        on_error: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.sub = sub
+        #: Told when the catch-up task fails unexpectedly (None: it is logged): its requests
+        #: are owed acknowledgements that will not come.
+        self.on_error = on_error
         #: Whether a channel's history is replayed conflated: a throttled subscription's quotes
         #: and bars (`Hub.throttles`) get the latest event of each page read, saying what it
         #: skipped, as live they get the latest at most `max_hz` times a second.
@@ -177,8 +181,11 @@ class CatchUp:
     def _done(self, task: asyncio.Task[None]) -> None:
         if self._task is task:
             self._task = None
-        if not task.cancelled() and task.exception() is not None:
-            log.error("catch-up failed", exc_info=task.exception())
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            if self.on_error is not None:
+                self.on_error(exc)
+            else:
+                log.error("catch-up failed", exc_info=exc)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -103,7 +103,7 @@ class Connection:
             self.flush,
             hold_limit=limits.max_held_bytes,
             write_now=self.write_now,
-            on_error=self._delivery_failed,
+            on_error=functools.partial(self._failed, "delivering"),
         )
         #: Snapshot and resume work (`tickwire.server.catchup`), made at the first subscribe
         #: that needs it: most connections of a big fan-out never resume.
@@ -140,6 +140,7 @@ class Connection:
                 read_position=server.reader.positions.get,
                 expand=self._expand,
                 conflates=functools.partial(server.hub.throttles, self.sub),
+                on_error=functools.partial(self._failed, "a catch-up"),
             )
         return self._catchup
 
@@ -244,10 +245,11 @@ class Connection:
         while (drain := self._drain) is not None:
             await asyncio.wait((drain,))
 
-    def _delivery_failed(self, exc: Exception) -> None:
-        """Delivering to this connection raised: the hub let it go (the others got their
-        events); it is closed, as it may have lost some."""
-        log.error("delivering to %s failed; closing it", self.wire.remote_address, exc_info=exc)
+    def _failed(self, what: str, exc: BaseException) -> None:
+        """Work for this connection raised unexpectedly (delivering: the hub let it go, and
+        the others got their events; a catch-up; a request): it is closed, as it may have lost
+        events or be owed an answer that will not come."""
+        log.error("%s for %s failed; closing it", what, self.wire.remote_address, exc_info=exc)
         self.stop_receiving()
         self.wire.fail(CloseCode.INTERNAL_ERROR, "internal error")
 
@@ -453,8 +455,8 @@ class Connection:
             self._tasks.discard(task)
             if not self._tasks:
                 self._tasks = None
-        if not task.cancelled() and task.exception() is not None:
-            log.error("connection task failed", exc_info=task.exception())
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._failed("a request", exc)
 
     def _list(self, request_id: RequestId) -> None:
         self._listing = self._spawn(self._answer_list(request_id))

@@ -384,3 +384,32 @@ async def test_a_connection_whose_delivery_raises_is_closed_and_the_others_get_e
         # The reader went on: no restart, no status told.
         assert good.checker.ok and good.of_type("status") == [] and good.closed is None
         assert not srv._tasks[0].done()
+
+
+async def test_a_catch_up_that_fails_unexpectedly_closes_its_connection_only(
+    redis_server: RedisProcess, redis: RedisConnection
+) -> None:
+    """Its subscribe would never be acknowledged: the client is told by the close (1011), and
+    reconnects; the others go on."""
+    async with following_ten(redis_server) as (srv, c, pub), recorder(srv.url) as d:
+        history = srv.history
+        read = history.range
+
+        async def fail_once(*args: Any, **kwargs: Any) -> Any:
+            history.range = read  # type: ignore[method-assign]
+            raise TypeError("a bug")
+
+        history.range = fail_once  # type: ignore[method-assign]
+        await d.ws.send(
+            orjson.dumps({"op": "subscribe", "id": 1, "channels": [T.name], "snapshot": True})
+        )
+        await d.wait_until(lambda: d.closed is not None)
+        assert d.closed is not None and d.closed[0] == 1011
+        await pub.publish({T: trades(10, 10)})
+        await reach(c, 20)
+        assert_own_events(c, T, 1, 20)
+        assert c.checker.ok and c.closed is None and c.of_type("status") == []
+        async with recorder(srv.url) as again:
+            ack = await again.request("subscribe", channels=[T.name], snapshot=True)
+            assert ack["type"] == "subscribed"
+            await again.wait_until(lambda: again.last_seq(T.name) == 20)
