@@ -60,6 +60,11 @@ WRITE_LOW = 16 * 1024
 FRAME_LIMIT_FACTOR = 2
 
 
+def _closed_already(exc: Exception) -> None:
+    """A closed connection's subscriber, should the hub still deliver to it: nothing to close."""
+    log.debug("delivering to a closed connection failed", exc_info=exc)
+
+
 def _nothing() -> None:
     """A closed connection's flush."""
 
@@ -540,6 +545,6 @@ class Connection:
         # and the catch-up's callbacks are this connection's bound methods.
         self.sub.flush = _nothing
         self.sub.write_now = None
-        self.sub.on_error = None
+        self.sub.on_error = _closed_already
         self._catchup = None
         self.server.metrics.subscriptions -= len(self.session.subscriptions)
