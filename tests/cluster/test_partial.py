@@ -135,7 +135,7 @@ async def test_a_connection_opens_past_a_seed_that_takes_it_and_answers_nothing(
     node = cluster.node_at(first.port)
     node.pause()
     try:
-        conn = await asyncio.wait_for(open_redis(cluster.seeds_url), 30)
+        conn = await asyncio.wait_for(open_redis(cluster.seeds_url, timeout=0.5), 30)
     finally:
         node.resume()
     try:
