@@ -79,7 +79,7 @@ class TickwireServer:
         self.hub = Hub()
         self.hub.on_wake = self._wake_throttles
         self._throttle_timer: asyncio.TimerHandle | None = None
-        self.history = History(config.redis_url)
+        self.history = History(config.redis_url, config.redis_reply_timeout_s)
         self.reader = StreamReader(
             config, self.hub, self.metrics, self.history, on_status=self._on_status
         )

@@ -103,16 +103,18 @@ class _Lane:
 class History:
     """Registry, meta and history reads."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, timeout: float = 5.0) -> None:
         self.url = url
+        #: Seconds a read may take before Redis counts as not answering.
+        self.timeout = timeout
         redis = RedisTopology(url)
         self._control = _Lane(redis)
         self._bulk = _Lane(redis)
         #: Registry entries parsed so far: a registry of thousands is read whole when it grows.
         self._parsed: dict[bytes, Channel | None] = {}
 
-    async def call(self, *commands: list[Arg], timeout: float = 5.0) -> list[Any]:
-        return await self._control.call(commands, timeout)
+    async def call(self, *commands: list[Arg], timeout: float | None = None) -> list[Any]:
+        return await self._control.call(commands, self.timeout if timeout is None else timeout)
 
     def close(self) -> None:
         self._control.close()
@@ -133,7 +135,7 @@ class History:
         """Up to `count` stored events with seq > `after`, as consecutive batches."""
         lane = self._bulk if bulk else self._control
         (entries,) = await lane.call(
-            (["XRANGE", channel.stream_key, f"{after + 1}-0", "+", "COUNT", count],), 5.0
+            (["XRANGE", channel.stream_key, f"{after + 1}-0", "+", "COUNT", count],), self.timeout
         )
         return to_batches(channel, _checked(entries, "XRANGE"))
 

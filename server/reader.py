@@ -258,7 +258,9 @@ class StreamReader:
         check = self.follower.plan_sync(self.hub.live_channels())
         metas: dict[Channel, Meta | None] = {}
         if check:
-            replies = await conn.pipeline(meta_commands(check), timeout=5.0)
+            replies = await conn.pipeline(
+                meta_commands(check), timeout=self.config.redis_reply_timeout_s
+            )
             metas = parse_metas(check, replies)
             self.follower.apply_metas(metas)
         rolled_back = self.follower.take_rolled_back()
@@ -272,7 +274,8 @@ class StreamReader:
                 next(iter(rolled_back)),
             )
             replies = await conn.pipeline(
-                fence_commands(rolled_back, self.new_epoch()), timeout=5.0
+                fence_commands(rolled_back, self.new_epoch()),
+                timeout=self.config.redis_reply_timeout_s,
             )
             self.metrics.rollbacks_fenced += len(rolled_back)
             self.follower.apply_metas(parse_metas(list(rolled_back), replies))
@@ -336,8 +339,10 @@ class StreamReader:
                     if not ping_at:
                         ping_at = now
                         sub.ping()
-                    elif now - ping_at > idle_s + 5.0:
-                        raise RedisTimeout("no reply from Redis to PING within 5 s")
+                    elif now - ping_at > idle_s + self.config.redis_reply_timeout_s:
+                        raise RedisTimeout(
+                            f"no reply from Redis to PING within {self.config.redis_reply_timeout_s} s"
+                        )
                     continue
                 messages = sub.take()
             if messages:
@@ -390,7 +395,7 @@ class StreamReader:
             return
         self.metrics.catchup_reads += 1
         joined: list[Any] = []
-        for reply in await conn.pipeline(commands, timeout=5.0):
+        for reply in await conn.pipeline(commands, timeout=self.config.redis_reply_timeout_s):
             if isinstance(reply, NodeDown):
                 # Its master is down: read again once it or its replica is up (`_mend`).
                 continue

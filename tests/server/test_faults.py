@@ -58,8 +58,13 @@ async def reach(c: Recorder, seq: int, timeout: float = 20) -> None:
 
 
 def through(proxy: Proxy, redis: RedisProcess) -> ServerConfig:
-    """The test server's config with its Redis connections going through `proxy`."""
-    return dataclasses.replace(server_config(redis), redis_url=f"redis://127.0.0.1:{proxy.port}/0")
+    """The test server's config with its Redis connections going through `proxy`, finding a
+    link that stopped answering after 1.5 s (the proxy delays by 0.2 s at most)."""
+    return dataclasses.replace(
+        server_config(redis),
+        redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+        redis_reply_timeout_s=1.5,
+    )
 
 
 @contextlib.asynccontextmanager

@@ -439,6 +439,7 @@ def test_config_from_toml_and_flags(tmp_path: Path) -> None:
         ("[auth]\njwt_secret_env = 'A'\njwt_secret_file = 'B'", "not both"),
         ("ping_interval_s = 0", "ping_interval_s must be positive"),
         ("ping_timeout_s = -1", "ping_timeout_s must be positive"),
+        ("redis_reply_timeout_s = 0", "redis_reply_timeout_s must be positive"),
         ("gc_freeze_s = -1", "gc_freeze_s must be 0"),
         ("gc_full_every_s = 0", "gc_full_every_s must be positive"),
     ]:

@@ -138,6 +138,11 @@ class ServerConfig:
     # Following Redis: live pushes, XREAD COUNT for catching up, PING after this long idle.
     read_count: int = 1000
     read_block_ms: int = 100
+    # The server's Redis reads (live catch-up, metas, history, the registry) and the live
+    # link's PING: no answer this long means Redis or the link stopped answering (clients are
+    # told, and the server reconnects). On a Redis Cluster, a master silent while the others
+    # answer is found down sooner (`tickwire.core.redis_cluster.STRAGGLER_S`).
+    redis_reply_timeout_s: float = 5.0
     registry_poll_s: float = 0.25
     # Every followed channel's stored seq and epoch compared with what was read once this often,
     # a share at each poll: finds appends nobody pushed (another writer, a hand repair). Pushes
@@ -241,6 +246,7 @@ def _check(cfg: ServerConfig) -> None:
     for name in (
         "registry_poll_s",
         "meta_recheck_s",
+        "redis_reply_timeout_s",
         "ping_interval_s",
         "ping_timeout_s",
         "gc_full_every_s",
