@@ -465,8 +465,27 @@ class RedisSentinelSet:
             except RedisUnavailable:
                 pass
             if time.monotonic() > deadline:
-                raise RedisUnavailable("Sentinel set did not come up")
+                raise RedisUnavailable(f"Sentinel set did not come up: {self._state()}")
             time.sleep(0.1)
+
+    def _state(self) -> str:
+        """What each part answers, and the end of each Sentinel's log: why it is not up."""
+        parts = []
+        for port, proc in [
+            (self.primary.port, None),
+            *zip(self.sentinel_ports, self.sentinels, strict=True),
+        ]:
+            command = ("INFO", "replication") if proc is None else ("SENTINEL", "master")
+            try:
+                args = command if proc is None else (*command, self.service)
+                answer = " ".join(redis_cli(port, *args).split()[:12])
+            except RedisUnavailable as exc:
+                answer = f"no answer ({exc})"
+            log = self._dir / f"sentinel-{port}.log"
+            tail = log.read_text(errors="replace").splitlines()[-3:] if log.exists() else []
+            exited = proc is not None and proc.poll() is not None
+            parts.append(f":{port}{' (exited)' if exited else ''} {answer} {tail}")
+        return "; ".join(parts)
 
     def _sentinel(self, exe: str, port: int) -> subprocess.Popen[bytes]:
         conf = self._dir / f"sentinel-{port}.conf"
