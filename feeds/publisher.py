@@ -346,17 +346,17 @@ class Publisher:
         """With a master down, have the slot map asked for again (every `CLUSTER_REFRESH_S`,
         never waiting for it); once a refresh brings a master up (its replica promoted, or
         itself back), what it held goes again."""
-        if conn.generation != self._generation:
+        changed = conn.generation != self._generation
+        if changed:
             self._generation = conn.generation
             if conn.down:
                 log.warning("Redis Cluster masters still down: %s", ", ".join(conn.down.values()))
             else:
                 log.info("every Redis Cluster master is up again")
+        if changed or not conn.down:  # (not down: e.g. after a reconnect)
             self._release_held()
         if conn.down:
             conn.refresh_soon()
-        else:
-            self._release_held()  # e.g. after a reconnect
 
     def _release_held(self) -> None:
         """What a master's loss held goes in front of the queue again, oldest first."""

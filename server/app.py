@@ -12,7 +12,6 @@ from typing import Any
 
 from websockets.extensions.base import ServerExtensionFactory
 from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
-from websockets.frames import CloseCode
 
 from tickwire import __version__
 from tickwire.core.collector import FreezePolicy, PauseTimer
@@ -226,10 +225,9 @@ class TickwireServer:
         for conn in self.rounds.turn():
             try:
                 conn.tend(now)
-            except Exception:
+            except Exception as exc:
                 # One connection's failure never stops every other's heartbeats and pings.
-                log.error("tending a connection failed; closing it", exc_info=True)
-                conn.wire.fail(CloseCode.INTERNAL_ERROR, "internal error")
+                conn.failed("tending", exc)
 
     def reload_credentials(self) -> bool:
         """Re-read the API key file and JWT key files (SIGHUP), then check every connection's

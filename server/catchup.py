@@ -28,6 +28,7 @@ from typing import TypeVar
 from tickwire.core.channels import Channel, ChannelPattern
 from tickwire.core.commands import NodeDown
 from tickwire.core.errors import RedisUnavailable
+from tickwire.core.waits import wait_set
 from tickwire.server.history import History
 from tickwire.server.hub import Subscriber
 from tickwire.server.session import FromNow, Target
@@ -117,8 +118,8 @@ class CatchUp:
         self._down_targets: dict[Channel, Target] = {}
         self._down_replays: dict[Channel, int] = {}
         self._retry_at = 0.0
-        #: Set while the task waits for the channels set aside only (`_nap`).
-        self._woken: asyncio.Future[None] | None = None
+        #: Set by `add`: wakes the task while it waits for the channels set aside only.
+        self._added = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -140,8 +141,7 @@ class CatchUp:
         for channel, target in targets.items():
             self._want(channel, target)
         self._waiting.append(_Request(set(targets), list(wildcards), on_positioned))
-        if self._woken is not None:
-            _wake(self._woken)
+        self._added.set()
         # A task that has returned may not have run its done callback yet: it will look at
         # nothing more, so a new one starts.
         if self._task is None or self._task.done():
@@ -200,7 +200,8 @@ class CatchUp:
                 if not self._replays:
                     if not aside:
                         return
-                    await self._nap(self._retry_at - loop.time())
+                    self._added.clear()
+                    await wait_set(self._added, max(0.0, self._retry_at - loop.time()))
                     continue
                 channel, after = next(iter(self._replays.items()))
                 try:
@@ -226,17 +227,6 @@ class CatchUp:
             self._down_targets.clear()
             self._down_replays.clear()
             self._long = None
-
-    async def _nap(self, delay: float) -> None:
-        """Wait `delay` seconds, or less if a request comes (`add` wakes it)."""
-        loop = asyncio.get_running_loop()
-        self._woken = woken = loop.create_future()
-        timer = loop.call_later(max(0.0, delay), _wake, woken)
-        try:
-            await woken
-        finally:
-            timer.cancel()
-            self._woken = None
 
     def _set_aside(self, targets: dict[Channel, Target], replays: dict[Channel, int]) -> None:
         """Channels whose master is down wait aside, the rest of the work goes on."""
@@ -321,11 +311,6 @@ class CatchUp:
             await asyncio.sleep(FOLLOW_POLL_S)
             position = self.read_position(channel)
         return position is not None and position <= after, after
-
-
-def _wake(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 def _start(

@@ -108,7 +108,7 @@ class Connection:
             self.flush,
             hold_limit=limits.max_held_bytes,
             write_now=self.write_now,
-            on_error=functools.partial(self._failed, "delivering"),
+            on_error=functools.partial(self.failed, "delivering"),
         )
         #: Snapshot and resume work (`tickwire.server.catchup`), made at the first subscribe
         #: that needs it: most connections of a big fan-out never resume.
@@ -145,7 +145,7 @@ class Connection:
                 read_position=server.reader.positions.get,
                 expand=self._expand,
                 conflates=functools.partial(server.hub.throttles, self.sub),
-                on_error=functools.partial(self._failed, "a catch-up"),
+                on_error=functools.partial(self.failed, "a catch-up"),
             )
         return self._catchup
 
@@ -250,10 +250,10 @@ class Connection:
         while (drain := self._drain) is not None:
             await asyncio.wait((drain,))
 
-    def _failed(self, what: str, exc: BaseException) -> None:
+    def failed(self, what: str, exc: BaseException) -> None:
         """Work for this connection raised unexpectedly (delivering: the hub let it go, and
-        the others got their events; a catch-up; a request): it is closed, as it may have lost
-        events or be owed an answer that will not come."""
+        the others got their events; a catch-up; a request; its heartbeat or keepalive): it is
+        closed, as it may have lost events or be owed an answer that will not come."""
         log.error("%s for %s failed; closing it", what, self.wire.remote_address, exc_info=exc)
         self.stop_receiving()
         self.wire.fail(CloseCode.INTERNAL_ERROR, "internal error")
@@ -461,7 +461,7 @@ class Connection:
             if not self._tasks:
                 self._tasks = None
         if not task.cancelled() and (exc := task.exception()) is not None:
-            self._failed("a request", exc)
+            self.failed("a request", exc)
 
     def _list(self, request_id: RequestId) -> None:
         self._listing = self._spawn(self._answer_list(request_id))

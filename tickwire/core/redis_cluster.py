@@ -129,22 +129,7 @@ class ClusterConnection:
     ) -> ClusterConnection:
         """Connections to the masters that answer a PING (all at once: a dead host takes the
         whole connect timeout, a hung one the PING's); RedisUnavailable if none does."""
-        nodes: dict[Node, RedisConnection] = {}
-        down: dict[Node, str] = {}
-        opened = await asyncio.gather(
-            *(_answering(template, node, timeout) for node in slots.masters),
-            return_exceptions=True,
-        )
-        for node, conn_or_error in zip(slots.masters, opened, strict=True):
-            if isinstance(conn_or_error, RedisConnection):
-                nodes[node] = conn_or_error
-            elif isinstance(conn_or_error, RedisUnavailable):
-                down[node] = str(conn_or_error)
-        failed = next((e for e in opened if isinstance(e, BaseException)), None)
-        if failed is not None and not isinstance(failed, RedisUnavailable):
-            for c in nodes.values():
-                c.close()
-            raise failed
+        nodes, down = await _open_masters(template, slots.masters, timeout)
         if not nodes:
             raise RedisUnavailable(f"no master of the cluster answers: {'; '.join(down.values())}")
         return cls(slots, nodes, template, down, timeout)
@@ -203,28 +188,18 @@ class ClusterConnection:
             raise RedisUnavailable(f"no node gave the slot map: {'; '.join(problems)}")
         slots = SlotMap.parse(reply)
         changed = slots.owners != self.slots.owners
-        came_up = False
-        down: dict[Node, str] = {}
         wanted = [
             node
             for node in slots.masters
             if node in self.down or (known := self._nodes.get(node)) is None or known.closed
         ]
-        # At once, not in turn: each master that does not answer takes the whole timeout.
-        opened = await asyncio.gather(
-            *(_answering(self._template, n, self._timeout) for n in wanted), return_exceptions=True
-        )
-        for node, conn_or_error in zip(wanted, opened, strict=True):
-            if isinstance(conn_or_error, RedisConnection):
-                if self._closed:
-                    conn_or_error.close()
-                    continue
-                self._nodes[node] = conn_or_error
-                came_up = True
-            elif isinstance(conn_or_error, RedisUnavailable):
-                down[node] = str(conn_or_error)
-            else:
-                raise conn_or_error
+        opened, down = await _open_masters(self._template, wanted, self._timeout)
+        if self._closed:
+            for conn in opened.values():
+                conn.close()
+            opened = {}
+        self._nodes.update(opened)
+        came_up = bool(opened)
         self.slots = slots
         self.down = down
         if changed or came_up:
@@ -382,13 +357,13 @@ class ClusterConnection:
         PING instead: whether the cluster answers, and this master does not."""
         loop = asyncio.get_running_loop()
         k = counts[node, conn]
-        alone = not any(n != node and c is not None for n, c in counts)
         while deadline is None or deadline - loop.time() > straggler:
             if await conn.wait_ready(k, straggler):
                 return False
-            if _others_answered(counts, node, answered) or (
-                alone and await self._another_answers(node, straggler) and conn.ready < k
-            ):
+            if _others_answered(counts, node, answered):
+                return True
+            alone = not any(n != node and c is not None for n, c in counts)
+            if alone and await self._another_answers(node, straggler) and conn.ready < k:
                 return True
         return False
 
@@ -442,6 +417,29 @@ def _others_answered(
         elif not conn.closed:
             return False
     return some
+
+
+async def _open_masters(
+    template: RedisAddress, nodes: Sequence[Node], timeout: float
+) -> tuple[dict[Node, RedisConnection], dict[Node, str]]:
+    """Connections to those of `nodes` that answer a PING, and why each other does not. All at
+    once, not in turn: a dead host takes the whole connect timeout, a hung one the PING's."""
+    opened = await asyncio.gather(
+        *(_answering(template, node, timeout) for node in nodes), return_exceptions=True
+    )
+    conns: dict[Node, RedisConnection] = {}
+    down: dict[Node, str] = {}
+    for node, conn_or_error in zip(nodes, opened, strict=True):
+        if isinstance(conn_or_error, RedisConnection):
+            conns[node] = conn_or_error
+        elif isinstance(conn_or_error, RedisUnavailable):
+            down[node] = str(conn_or_error)
+    failed = next((e for e in opened if isinstance(e, BaseException)), None)
+    if failed is not None and not isinstance(failed, RedisUnavailable):
+        for conn in conns.values():
+            conn.close()
+        raise failed
+    return conns, down
 
 
 async def _answering(template: RedisAddress, node: Node, timeout: float) -> RedisConnection:
