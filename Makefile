@@ -3,6 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Test processes (pytest-xdist): the tests mostly wait on the processes they start, so two
+# workers halve the run on two cores. 0 runs them in this process.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint typecheck unit venv clean
 
@@ -29,7 +32,7 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	scripts/ensure-chromium.sh
 	scripts/ensure-brokers.sh
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test: lint typecheck unit
 
