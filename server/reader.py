@@ -17,7 +17,9 @@ On a Redis Cluster both are per master, and a master that is down stops only its
 channels: their metas and reads are skipped (`NodeDown`), the other masters' pushes go on, and the
 slot map is asked for every `CLUSTER_REFRESH_S` until the slots have a master up again (a
 failover's promoted replica); then they are subscribed there and every channel is compared with
-its meta, as after a reconnect (lost tails get a new epoch and clients `reset`).
+its meta, as after a reconnect (lost tails get a new epoch and clients `reset`). A master that
+hangs (its subscription open and silent while the others push) is found by
+`SubscriptionGroup.watch`, every `SILENCE_WATCH_S`, and taken for down the same way.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from tickwire.core.channels import Channel
 from tickwire.core.commands import NodeDown, RedisReplyError
 from tickwire.core.config import ServerConfig
 from tickwire.core.errors import RedisTimeout, RedisUnavailable
-from tickwire.core.redis_cluster import CLUSTER_REFRESH_S, ClusterConnection
+from tickwire.core.redis_cluster import CLUSTER_REFRESH_S, STRAGGLER_S, ClusterConnection
 from tickwire.core.redis_pubsub import SubscriptionGroup
 from tickwire.core.redis_slots import channel_slot
 from tickwire.core.redis_target import LiveSubscription, RedisLink, RedisTopology
@@ -48,6 +50,10 @@ from tickwire.server.metrics import Metrics
 from tickwire.server.stored import Meta, fence_commands, meta_commands, parse_metas
 
 log = logging.getLogger("tickwire.server.reader")
+
+#: How often the reader looks for a cluster master whose subscription went silent while the
+#: others push (`SubscriptionGroup.watch`; one is found within about `STRAGGLER_S` of its PING).
+SILENCE_WATCH_S = 0.25
 
 
 def _describe(conn: RedisLink, redis: RedisTopology) -> str:
@@ -305,6 +311,7 @@ class StreamReader:
         )
         self.metrics.redis_masters_down = 0
         generation = nodes.generation if nodes is not None else 0
+        watch_at = 0.0
         while True:
             pause = follower.take_pause()
             if pause:
@@ -314,6 +321,17 @@ class StreamReader:
                 follower.resumed(self.monotonic())
             mend_in = None
             if nodes is not None and group is not None:
+                if (now := self.monotonic()) >= watch_at:
+                    watch_at = now + SILENCE_WATCH_S
+                    for node in group.watch(now, STRAGGLER_S):
+                        log.warning(
+                            "Redis Cluster master %s:%d is down: %s; its channels wait, the "
+                            "others go on",
+                            *node,
+                            group.lost,
+                        )
+                        nodes.lose(node, f"{node[0]}:{node[1]}: {group.lost}")
+                        self._mend_at = now
                 if nodes.generation != generation:
                     # A master came up (or the map changed) for the reads: compare every
                     # channel with its meta, what they skipped meanwhile is read then.

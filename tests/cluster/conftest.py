@@ -64,14 +64,12 @@ def publisher_config(url: str) -> PublisherConfig:
 
 
 def server_config(url: str, **fields: Any) -> ServerConfig:
-    return ServerConfig(
-        redis_url=url,
-        port=0,
-        registry_poll_s=0.05,
-        meta_recheck_s=0.5,
-        heartbeat_ms=60_000,
-        **fields,
-    )
+    defaults: dict[str, Any] = {
+        "registry_poll_s": 0.05,
+        "meta_recheck_s": 0.5,
+        "heartbeat_ms": 60_000,
+    }
+    return ServerConfig(redis_url=url, port=0, **(defaults | fields))
 
 
 async def publish_trades(pub: Publisher, symbols: list[str], rounds: int, tag: str = "") -> None:

@@ -126,6 +126,38 @@ async def test_a_master_silent_while_the_others_answer_is_down_before_the_reply_
         assert await cluster_conn.pipeline([["XLEN", k] for k in keys]) == [0, 0, 0]
 
 
+async def test_a_refresh_does_not_wait_the_whole_timeout_for_a_master_hung_already(
+    cluster: RedisCluster,
+) -> None:
+    """A master found down and still hung is asked again only briefly (`DOWN_PROBE_S`): a
+    refresh held for the connection's whole timeout would hold the next one, the one that
+    finds a failover's promoted replica, as long."""
+    conn = await open_redis(cluster.seeds_url, timeout=120.0)
+    assert isinstance(conn, ClusterConnection)
+    try:
+        symbols = symbols_on_each_master(conn, 1)
+        keys = [Channel("trades", s).stream_key for s in symbols]
+        victim_node = conn.slots.owners[key_slot(keys[0])]
+        victim = cluster.node_at(victim_node[1])
+        victim.pause()
+        try:
+            replies = await asyncio.wait_for(
+                conn.pipeline([["XLEN", k] for k in keys], timeout=120.0), 30
+            )
+            assert isinstance(replies[0], NodeDown)
+            assert conn.down.keys() == {victim_node}
+            # Bounded far below the connection's timeout: only the short probe returns.
+            assert not await asyncio.wait_for(conn.refresh(), 30)
+            assert conn.down.keys() == {victim_node}
+        finally:
+            victim.resume()
+        await until(conn.refresh, "the master answering again")
+        assert not conn.down
+        assert await conn.pipeline([["XLEN", k] for k in keys]) == [0, 0, 0]
+    finally:
+        conn.close()
+
+
 async def test_a_connection_opens_past_a_seed_that_takes_it_and_answers_nothing(
     cluster: RedisCluster,
 ) -> None:
@@ -346,6 +378,44 @@ async def test_a_master_that_stops_answering_is_held_like_a_dead_one(
             assert trade_ids(await stored(conn, Channel("trades", s))) == list(range(21))
     finally:
         conn.close()
+
+
+async def test_the_server_finds_a_hung_master_down_and_catches_up_once_it_answers(
+    cluster: RedisCluster, cluster_conn: ClusterConnection
+) -> None:
+    """Paused (SIGSTOP), a master's subscription stays open and silent while the others push:
+    the reader finds it down (counted, health degraded) instead of waiting on it unseen, and
+    once it answers again its channels are read from where they were: nothing lost or
+    repeated, and no reset (it kept everything). The metas are not rechecked meanwhile: a
+    recheck's reads would find it down too, but only every `meta_recheck_s` (5 s by default)."""
+    symbols = symbols_on_each_master(cluster_conn, 2)
+    victim, doomed, others = split(cluster, cluster_conn, symbols)
+    async with (
+        TickwireServer(server_config(cluster.seeds_url, meta_recheck_s=600.0)) as srv,
+        recorder(srv.url) as rec,
+        Publisher(publisher_config(cluster.seeds_url)) as pub,
+    ):
+        await rec.request("subscribe", channels=["trades:*"])
+        await publish_trades(pub, symbols, 5, "before")
+        await rec.wait_until(lambda: tagged(rec, symbols, "before") == [5] * 6, timeout=20)
+        victim.pause()
+        try:
+            for i in range(20):
+                await pub.publish({Channel("trades", s): [trade(s, i, "hung")] for s in symbols})
+            await rec.wait_until(lambda: tagged(rec, others, "hung") == [20] * 4, timeout=20)
+            await until(lambda: srv.metrics.redis_masters_down == 1, "the hung master counted")
+            health = await http_json(srv.port, "/healthz")
+            assert (health["status"], health["redis_masters_down"]) == ("degraded", 1)
+            assert tagged(rec, doomed, "hung") == [0, 0]
+        finally:
+            victim.resume()
+        await asyncio.wait_for(pub.flush(), 30)
+        await rec.wait_until(lambda: tagged(rec, doomed, "hung") == [20, 20], timeout=30)
+        await until(lambda: srv.metrics.redis_masters_down == 0, "no master counted down")
+        assert (await http_json(srv.port, "/healthz"))["status"] == "ok"
+    assert rec.of_type("reset") == []
+    assert not rec.checker.violations, rec.checker.violations[:5]
+    assert not rec.contract_errors
 
 
 async def test_a_bridge_stores_the_other_masters_channels_while_one_is_down(

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -52,6 +52,12 @@ CLUSTER_REFRESH_S = 0.25
 #: under `appendfsync always`) costs a reconnect and its commands answered `NodeDown`, which
 #: callers write again once it is up.
 STRAGGLER_S = 1.0
+#: How long a refresh waits for a master that was down already to answer (seconds, or the
+#: connection's timeout if shorter). A dead one refuses at once; a hung one (a paused process,
+#: a lost network) would hold each refresh for the whole timeout, and with it the next one,
+#: which is the one that finds a failover's promoted replica: the dead shard stayed stopped up
+#: to that long after the promotion. A master back up answers in well under this.
+DOWN_PROBE_S = 0.5
 
 
 class SlotMap:
@@ -193,7 +199,7 @@ class ClusterConnection:
             for node in slots.masters
             if node in self.down or (known := self._nodes.get(node)) is None or known.closed
         ]
-        opened, down = await _open_masters(self._template, wanted, self._timeout)
+        opened, down = await _open_masters(self._template, wanted, self._timeout, self.down)
         if self._closed:
             for conn in opened.values():
                 conn.close()
@@ -227,7 +233,9 @@ class ClusterConnection:
         except RedisUnavailable as exc:
             self.refresh_error = str(exc)
 
-    def _lose(self, node: Node, why: str) -> None:
+    def lose(self, node: Node, why: str) -> None:
+        """Take `node` for down (also when another link to it found it so): its commands are
+        answered `NodeDown` until a refresh finds it, or the new master of its slots, up."""
         self.down[node] = why
         conn = self._nodes.get(node)
         if conn is not None:
@@ -251,7 +259,7 @@ class ClusterConnection:
             try:
                 out.append(await self._nodes[node].execute(*args, timeout=timeout))
             except RedisUnavailable as exc:
-                self._lose(node, str(exc))
+                self.lose(node, str(exc))
                 raise NodeDown(node, str(exc)) from None
         return out
 
@@ -283,7 +291,7 @@ class ClusterConnection:
                 nodes[node].send(batch)
             except RedisUnavailable as exc:
                 # Its replies are owed by a closed connection: NodeDown, in `replies`.
-                self._lose(node, str(exc))
+                self.lose(node, str(exc))
             except BaseException:
                 self.close()
                 raise
@@ -315,7 +323,7 @@ class ClusterConnection:
                         why = f"no reply within {straggler} s of the other masters'"
                         conn.close()
                         if self._nodes.get(node) is conn:
-                            self._lose(node, why)
+                            self.lose(node, why)
                         got[node, conn] = deque(NodeDown(node, why) for _ in range(k))
                         continue
                     left = None if deadline is None else max(deadline - loop.time(), 0.05)
@@ -326,7 +334,7 @@ class ClusterConnection:
                     except RedisUnavailable as exc:
                         why = str(exc)
                         if self._nodes.get(node) is conn:
-                            self._lose(node, why)
+                            self.lose(node, why)
                 got[node, conn] = deque(NodeDown(node, why) for _ in range(k))
             out = [got[node, conn].popleft() for node, conn, _ in taken]
             for i, reply in enumerate(out):
@@ -420,12 +428,18 @@ def _others_answered(
 
 
 async def _open_masters(
-    template: RedisAddress, nodes: Sequence[Node], timeout: float
+    template: RedisAddress,
+    nodes: Sequence[Node],
+    timeout: float,
+    down_before: Collection[Node] = (),
 ) -> tuple[dict[Node, RedisConnection], dict[Node, str]]:
     """Connections to those of `nodes` that answer a PING, and why each other does not. All at
-    once, not in turn: a dead host takes the whole connect timeout, a hung one the PING's."""
+    once, not in turn: a dead host takes the whole connect timeout, a hung one the PING's.
+    Those `down_before` get `DOWN_PROBE_S` at most."""
+    probe = min(timeout, DOWN_PROBE_S)
     opened = await asyncio.gather(
-        *(_answering(template, node, timeout) for node in nodes), return_exceptions=True
+        *(_answering(template, node, probe if node in down_before else timeout) for node in nodes),
+        return_exceptions=True,
     )
     conns: dict[Node, RedisConnection] = {}
     down: dict[Node, str] = {}

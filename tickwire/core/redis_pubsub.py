@@ -27,6 +27,8 @@ class _Pushes(asyncio.Protocol):
         self.buffered = 0
         self.paused = False
         self.lost: str | None = None
+        #: Bytes received in all: that they grow proves Redis still serves the connection.
+        self.received = 0
         #: Resolved True by `wake`, False by the timer of `RedisSubscription.wait`.
         self.waiter: asyncio.Future[bool] | None = None
 
@@ -37,6 +39,7 @@ class _Pushes(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.chunks.append(data)
         self.buffered += len(data)
+        self.received += len(data)
         if self.buffered > self.max_buffer and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()  # type: ignore[attr-defined]
@@ -118,6 +121,11 @@ class RedisSubscription:
     def ping(self) -> None:
         """Ask for a `pong` push: proof, when it comes, that Redis still serves this connection."""
         self._send(["PING"])
+
+    @property
+    def received(self) -> int:
+        """Bytes received so far, taken or not."""
+        return self._protocol.received
 
     def take(self) -> list[Any]:
         """Every message that has arrived, in order ([] if none); raises RedisUnavailable once
@@ -208,6 +216,10 @@ class SubscriptionGroup:
     A `sunsubscribe` push means a live node gave up a slot (a migration moved it): what came
     before it is taken as usual, and the next `take` raises RedisUnavailable, so the caller
     subscribes again on the new slot map and catches up from the streams.
+
+    A hung master (a paused process, a lost network) keeps its connection open and silent, and
+    the others' pushes keep the group from ever being idle: `watch` pings each subscription
+    that has received nothing lately and drops one that stays silent while the others answer.
     """
 
     def __init__(
@@ -221,6 +233,10 @@ class SubscriptionGroup:
         self._moved: str | None = None
         #: Why the last subscription was lost.
         self.lost: str | None = None
+        #: For `watch`: each subscription's bytes received at the last watch, and, for one
+        #: pinged since, when and what the others had received by then.
+        self._heard: dict[RedisSubscription, int] = {}
+        self._pinged: dict[RedisSubscription, tuple[float, int]] = {}
 
     @property
     def nodes(self) -> set[tuple[str, int]]:
@@ -240,8 +256,40 @@ class SubscriptionGroup:
         sub, _, slots = entry
         sub.close()
         self._subs.remove(entry)
+        self._heard.pop(sub, None)
+        self._pinged.pop(sub, None)
         self.unfollowed.update(slots)
         self.lost = why
+
+    def watch(self, now: float, silent_s: float) -> list[tuple[str, int]]:
+        """Ping each subscription that has received nothing since the last watch; drop one
+        that has received nothing `silent_s` after its PING while another received something
+        (one alone, or all silent, is left to the caller's own PING deadline: a pause of
+        Redis as a whole, or of this process). Call it every fraction of `silent_s`; `now` is
+        any monotonic clock's. Returns the nodes dropped."""
+        total = sum(sub.received for sub, _, _ in self._subs)
+        dropped: list[tuple[str, int]] = []
+        for entry in list(self._subs):
+            sub, node, _ = entry
+            got = sub.received
+            if got != self._heard.get(sub):
+                self._heard[sub] = got
+                self._pinged.pop(sub, None)
+                continue
+            pinged = self._pinged.get(sub)
+            if pinged is None:
+                try:
+                    sub.ping()
+                except RedisUnavailable as exc:
+                    self._lose(entry, str(exc))
+                    continue
+                self._pinged[sub] = (now, total - got)
+            elif now - pinged[0] >= silent_s and total - got > pinged[1]:
+                self._lose(
+                    entry, f"no reply to PING within {silent_s:g} s, the other masters answering"
+                )
+                dropped.append(node)
+        return dropped
 
     def close(self) -> None:
         for s, _, _ in self._subs:
