@@ -25,8 +25,9 @@ from tickwire.core.commands import NodeDown
 from tickwire.core.errors import RedisUnavailable
 from tickwire.core.redis_cluster import ClusterConnection
 from tickwire.core.redis_process import RedisCluster, RedisProcess
+from tickwire.core.redis_pubsub import SubscriptionGroup
 from tickwire.core.redis_slots import key_slot
-from tickwire.core.redis_target import RedisTarget, open_redis
+from tickwire.core.redis_target import RedisTarget, RedisTopology, open_redis
 from tickwire.feeds.bridges.core import BridgeStats, run_bridge
 from tickwire.feeds.publisher import Publisher
 from tickwire.server.app import TickwireServer
@@ -162,20 +163,29 @@ async def test_a_connection_opens_past_a_seed_that_takes_it_and_answers_nothing(
     cluster: RedisCluster,
 ) -> None:
     """A hung node's kernel still accepts connections: the first seed paused, the topology is
-    read from the next one (and a master paused is left down, not waited for)."""
+    read from the next one, asked a moment later (`SEED_STAGGER_S`), and the paused master is
+    left down once the others have answered (`DOWN_PROBE_S`), its subscription too: neither
+    waits the whole timeout (far longer here) for it."""
     first = RedisTarget.parse(cluster.seeds_url).seeds[0]
     node = cluster.node_at(first.port)
+    paused = (first.host, first.port)
     node.pause()
     try:
-        conn = await asyncio.wait_for(open_redis(cluster.seeds_url, timeout=0.5), 30)
+        conn = await asyncio.wait_for(open_redis(cluster.seeds_url, timeout=120), 30)
+        live = await asyncio.wait_for(RedisTopology(cluster.seeds_url, 120).open_live(), 30)
     finally:
         node.resume()
     try:
-        assert isinstance(conn, ClusterConnection)
-        paused = (first.host, first.port)
-        assert set(conn.down) == ({paused} if paused in conn.slots.masters else set())
+        assert isinstance(conn, ClusterConnection) and paused in conn.slots.masters
+        assert set(conn.down) == {paused}
+        assert "within 0.5 s of the first" in conn.down[paused]
+        assert isinstance(live, SubscriptionGroup)
+        assert live.nodes == set(conn.slots.masters) - {paused}
+        owned = {slot for slot, owner in enumerate(conn.slots.owners) if owner == paused}
+        assert live.unfollowed == owned
     finally:
         conn.close()
+        live.close()
 
 
 async def test_a_publisher_stores_the_other_masters_channels_while_one_is_down(

@@ -36,6 +36,7 @@ from typing import Any
 
 from tickwire.core.commands import Arg, Command, NodeDown, RedisReplyError
 from tickwire.core.errors import RedisUnavailable
+from tickwire.core.races import all_within_grace
 from tickwire.core.redis_slots import SLOTS, command_slot
 from tickwire.core.redis_wire import RedisAddress, RedisConnection
 
@@ -52,11 +53,12 @@ CLUSTER_REFRESH_S = 0.25
 #: under `appendfsync always`) costs a reconnect and its commands answered `NodeDown`, which
 #: callers write again once it is up.
 STRAGGLER_S = 1.0
-#: How long a refresh waits for a master that was down already to answer (seconds, or the
-#: connection's timeout if shorter). A dead one refuses at once; a hung one (a paused process,
-#: a lost network) would hold each refresh for the whole timeout, and with it the next one,
-#: which is the one that finds a failover's promoted replica: the dead shard stayed stopped up
-#: to that long after the promotion. A master back up answers in well under this.
+#: How long a refresh waits for a master that was down already to answer, and an open or a
+#: refresh for one after another has answered (seconds, or the connection's timeout if
+#: shorter). A dead one refuses at once; a hung one (a paused process, a lost network) held each
+#: refresh for the whole timeout, and with it the next one, the one that finds a failover's
+#: promoted replica; and every reconnect during the failover as long. A master up answers a
+#: PING in well under this.
 DOWN_PROBE_S = 0.5
 
 
@@ -435,11 +437,12 @@ async def _open_masters(
 ) -> tuple[dict[Node, RedisConnection], dict[Node, str]]:
     """Connections to those of `nodes` that answer a PING, and why each other does not. All at
     once, not in turn: a dead host takes the whole connect timeout, a hung one the PING's.
-    Those `down_before` get `DOWN_PROBE_S` at most."""
+    Those `down_before`, and all once one has answered, get `DOWN_PROBE_S` at most."""
     probe = min(timeout, DOWN_PROBE_S)
-    opened = await asyncio.gather(
-        *(_answering(template, node, probe if node in down_before else timeout) for node in nodes),
-        return_exceptions=True,
+    opened = await all_within_grace(
+        [_answering(template, node, probe if node in down_before else timeout) for node in nodes],
+        probe,
+        RedisConnection.close,
     )
     conns: dict[Node, RedisConnection] = {}
     down: dict[Node, str] = {}
@@ -448,8 +451,10 @@ async def _open_masters(
             conns[node] = conn_or_error
         elif isinstance(conn_or_error, RedisUnavailable):
             down[node] = str(conn_or_error)
+        elif isinstance(conn_or_error, TimeoutError):
+            down[node] = f"{node[0]}:{node[1]}: {conn_or_error}"
     failed = next((e for e in opened if isinstance(e, BaseException)), None)
-    if failed is not None and not isinstance(failed, RedisUnavailable):
+    if failed is not None and not isinstance(failed, (RedisUnavailable, TimeoutError)):
         for conn in conns.values():
             conn.close()
         raise failed

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 
 from tickwire.core.channels import live_channel
 from tickwire.core.commands import Arg, Command, RedisReplyError
 from tickwire.core.errors import ConfigError, RedisUnavailable
-from tickwire.core.redis_cluster import ClusterConnection, Node, SlotMap
+from tickwire.core.races import AllFailed, all_within_grace, first_success
+from tickwire.core.redis_cluster import DOWN_PROBE_S, ClusterConnection, Node, SlotMap
 from tickwire.core.redis_pubsub import RedisSubscription, SubscriptionGroup
 from tickwire.core.redis_slots import SLOTS, slot_live_channel
 from tickwire.core.redis_wire import RedisAddress, RedisConnection
@@ -185,6 +187,12 @@ async def _cluster_slots(conn: RedisConnection, target: RedisTarget, timeout: fl
     return SlotMap.parse(await conn.execute("CLUSTER", "SLOTS", timeout=timeout))
 
 
+#: A reconnect asks the next seed for the topology if the last has not answered in this long
+#: (seconds), without giving up on it: a hung seed (a paused process, a lost host) answers
+#: nothing until the whole timeout, and in a failover every reconnect waited that long for it.
+SEED_STAGGER_S = 0.25
+
+
 class RedisTopology:
     """Opens connections to one target, remembering what it found: a target that answered once
     as a single Redis (not a cluster, not Sentinel) is not asked again at each reconnect, so a
@@ -221,27 +229,27 @@ class RedisTopology:
         process: the kernel accepts for it) is passed over, as one that refuses it is."""
         t, timeout = self.target, self.timeout
         # (Not with Sentinel, which names a primary, never a cluster: `single` from the start.)
-        problems = []
-        for node in _candidates(t, self.learned):
+
+        async def ask(node: RedisAddress) -> tuple[RedisConnection, SlotMap | None]:
+            conn = await RedisConnection.open(node, timeout)
             try:
-                conn = await RedisConnection.open(node, timeout)
-            except RedisUnavailable as exc:
-                problems.append(str(exc))
-                continue
-            try:
-                slots = await _cluster_slots(conn, t, timeout)
+                return conn, await _cluster_slots(conn, t, timeout)
             except RedisUnavailable as exc:
                 conn.close()
-                problems.append(f"{node}: {exc}")
-                continue
+                raise RedisUnavailable(f"{node}: {exc}") from None
             except BaseException:
                 conn.close()
                 raise
-            self.single = slots is None
-            if slots is not None:
-                self._learn(slots)
-            return conn, slots
-        raise RedisUnavailable("; ".join(problems))
+
+        asks = [partial(ask, node) for node in _candidates(t, self.learned)]
+        try:
+            conn, slots = await first_success(asks, SEED_STAGGER_S, RedisUnavailable, _close_answer)
+        except AllFailed as exc:
+            raise RedisUnavailable(str(exc)) from None
+        self.single = slots is None
+        if slots is not None:
+            self._learn(slots)
+        return conn, slots
 
     async def open_live(self, max_buffer: int = 8 << 20) -> RedisSubscription | SubscriptionGroup:
         """The subscription to every append's live push (see `tickwire.feeds.store`)."""
@@ -286,20 +294,33 @@ class RedisTopology:
             if node not in down:
                 owners.setdefault(node, []).append(slot)
         followed: set[int] = set()
-        for (host, port), mine in owners.items():
-            try:
-                sub = await RedisSubscription.open(
+        subs = await all_within_grace(
+            [
+                RedisSubscription.open(
                     replace(self.target.seeds[0], host=host, port=port, db=0),
                     [slot_live_channel(s) for s in mine],
                     timeout=self.timeout,
                     max_buffer=max_buffer,
                     sharded=True,
                 )
-            except RedisUnavailable as exc:
-                group.lost = str(exc)
-                continue
-            group.add(sub, (host, port), mine)
-            followed.update(mine)
+                for (host, port), mine in owners.items()
+            ],
+            min(self.timeout, DOWN_PROBE_S),
+            RedisSubscription.close,
+        )
+        failed = (RedisSubscription, RedisUnavailable, TimeoutError)
+        unexpected = next((sub for sub in subs if not isinstance(sub, failed)), None)
+        if unexpected is not None:
+            for sub in subs:
+                if isinstance(sub, RedisSubscription):
+                    sub.close()
+            raise unexpected
+        for (node, mine), sub in zip(owners.items(), subs, strict=True):
+            if isinstance(sub, RedisSubscription):
+                group.add(sub, node, mine)
+                followed.update(mine)
+            else:
+                group.lost = f"{node[0]}:{node[1]}: {sub}"
         return followed
 
 
@@ -321,6 +342,10 @@ async def _answering_seed(target: RedisTarget, timeout: float) -> RedisAddress:
         conn.close()
         return seed
     raise RedisUnavailable(f"no seed of {target} answers")
+
+
+def _close_answer(answer: tuple[RedisConnection, SlotMap | None]) -> None:
+    answer[0].close()
 
 
 def live_channel_of(link: RedisLink, db: int, slot: int) -> str:
