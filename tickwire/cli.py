@@ -20,6 +20,7 @@ from tickwire.core.config import (
     redis_url_from_env,
 )
 from tickwire.core.errors import TickwireError
+from tickwire.core.urls import redact_url
 
 log = logging.getLogger("tickwire.cli")
 _N = TypeVar("_N", int, float)
@@ -431,14 +432,22 @@ async def cmd_feed_sim(args: argparse.Namespace) -> int:
     )
     bars = f", bars {','.join(args.bars)}" if args.bars else ""
     print(
-        f"simulating {len(sim.instruments)} symbols at {'max' if args.max else f'{args.rate:,.0f}'} events/s{bars} into {url}",
+        f"simulating {len(sim.instruments)} symbols at {'max' if args.max else f'{args.rate:,.0f}'} events/s{bars} into {redact_url(url)}",
         file=sys.stderr,
     )
 
-    def progress(sent: int, seconds: float) -> None:
-        print(f"\r{sent:,} events, {sent / seconds:,.0f}/s", end="", file=sys.stderr, flush=True)
-
     async with Publisher(PublisherConfig(redis_url=url, retention=retention)) as pub:
+
+        def progress(sent: int, seconds: float) -> None:
+            # Stored, not only sent: a Redis that refuses every append (an ACL without
+            # EVALSHA, OOM) must not look like a feed at full rate.
+            print(
+                f"\r{sent:,} events ({pub.stats.published:,} stored), {sent / seconds:,.0f}/s",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+
         tune_gc()
         report = await run_simulator(
             pub,
@@ -480,7 +489,7 @@ async def cmd_bars(args: argparse.Namespace) -> int:
         lease_s=args.lease_s,
     )
     retention = RetentionConfig(bars=args.bar_maxlen)
-    print(f"making on-demand bars from the trades in {url}", file=sys.stderr)
+    print(f"making on-demand bars from the trades in {redact_url(url)}", file=sys.stderr)
     async with Publisher(PublisherConfig(redis_url=url, retention=retention)) as pub:
         maker = BarMaker(config, pub)
         task = asyncio.ensure_future(maker.run())
@@ -538,7 +547,8 @@ async def cmd_feed_bridge(args: argparse.Namespace) -> int:
         # The client libraries' own errors (refused, timed out, no such stream or queue),
         # said once here rather than as a traceback.
         raise TickwireError(
-            f"cannot start the {args.feed} bridge on {args.url}: {str(exc) or type(exc).__name__}"
+            f"cannot start the {args.feed} bridge on {redact_url(args.url)}: "
+            f"{str(exc) or type(exc).__name__}"
         ) from None
     stats = BridgeStats()
     stop = asyncio.Event()
@@ -552,7 +562,7 @@ async def cmd_feed_bridge(args: argparse.Namespace) -> int:
             os.kill(os.getpid(), signal.SIGKILL)
 
     print(
-        f"bridge {bridge_map.options.name}: {args.feed} {args.url} → {url}, "
+        f"bridge {bridge_map.options.name}: {args.feed} {redact_url(args.url)} → {redact_url(url)}, "
         f"{len(bridge_map.routes)} routes",
         file=sys.stderr,
         flush=True,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tickwire.core.config import ServerConfig
 from tickwire.core.redis_process import RedisProcess
+from tickwire.core.urls import redact_url
 from tickwire.server.app import TickwireServer
 
 
@@ -23,7 +24,7 @@ async def run_demo(port: int, rate: float, symbols: int) -> int:
         url = redis.url
         print(f"started a private redis-server on {url} (data in {redis.data_dir})", flush=True)
     else:
-        print(f"using Redis at {url} (REDIS_URL)", flush=True)
+        print(f"using Redis at {redact_url(url)} (REDIS_URL)", flush=True)
     exe = Path(sys.executable).parent / "tickwire"
     # Popen only forks; it does not wait for the child.
     # 1 s and 1 min bars: the intervals the page's chart offers.

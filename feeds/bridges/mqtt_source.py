@@ -21,6 +21,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from tickwire.core.errors import ConfigError
+from tickwire.core.urls import redact_url
 from tickwire.feeds.bridges.core import Delivery
 from tickwire.feeds.bridges.mapping import BridgeMap
 
@@ -56,7 +57,9 @@ class MqttSource:
     def __init__(self, url: str, bridge_map: BridgeMap) -> None:
         u = urlparse(url)
         if u.scheme not in ("mqtt", "tcp", ""):
-            raise ConfigError(f"MQTT URL {url!r}: expected mqtt://[user:password@]host[:port]")
+            raise ConfigError(
+                f"MQTT URL {redact_url(url)!r}: expected mqtt://[user:password@]host[:port]"
+            )
         self.host = u.hostname or "127.0.0.1"
         self.port = u.port or 1883
         self.username = unquote(u.username) if u.username else None

@@ -4,6 +4,7 @@ bounds."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
 
@@ -123,3 +124,28 @@ async def test_a_run_ends_though_redis_refuses_at_its_end_and_the_publisher_keep
         # Nothing was given up: once Redis takes writes again, all of it goes in.
         await asyncio.wait_for(pub.flush(), timeout(10))
         assert pub.pending_events == 0 and pub.stats.published == 200
+
+
+def test_the_feed_never_shows_its_redis_password(
+    fresh_redis: RedisProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def protect() -> None:
+        admin = await RedisConnection.open(fresh_redis.url)
+        await admin.execute("CONFIG", "SET", "requirepass", "s3cret")
+        admin.close()
+
+    asyncio.run(protect())
+    where = f"127.0.0.1:{fresh_redis.port}/0"
+    argv = ["feed", "sim", "--symbols", "2", "--duration", "1.3", "--redis"]
+    assert main([*argv, f"redis://:s3cret@{where}"]) == 0
+    err = capsys.readouterr().err
+    assert f"into redis://:***@{where}" in err and "s3cret" not in err
+    # The progress line (once a second) says how many Redis has stored, not only sent.
+    progress = re.search(r"\r([\d,]+) events \(([\d,]+) stored\), [\d,]+/s", err)
+    assert progress is not None, err
+    sent, stored = (int(n.replace(",", "")) for n in progress.groups())
+    assert 0 < stored <= sent
+    # Refused: the error names the server, not the password tried.
+    assert main([*argv, f"redis://:wr0ng@{where}"]) == 1
+    err = capsys.readouterr().err
+    assert "WRONGPASS" in err and "wr0ng" not in err

@@ -32,6 +32,7 @@ from tickwire.core.redis_cluster import DOWN_PROBE_S, ClusterConnection, Node, S
 from tickwire.core.redis_pubsub import RedisSubscription, SubscriptionGroup
 from tickwire.core.redis_slots import SLOTS, slot_live_channel
 from tickwire.core.redis_wire import RedisAddress, RedisConnection
+from tickwire.core.urls import redact_url
 
 SENTINEL_SCHEME = "redis+sentinel"
 
@@ -89,16 +90,16 @@ class RedisTarget:
             service, _, path = path.partition("/")
             if not service:
                 raise ConfigError(
-                    f"no service name in {url!r} (use redis+sentinel://host:26379/SERVICE/db)"
+                    f"no service name in {redact_url(url)!r} (use redis+sentinel://host:26379/SERVICE/db)"
                 )
             service = unquote(service)
         elif u.scheme != "redis":
-            raise ConfigError(f"unsupported Redis URL scheme in {url!r}")
+            raise ConfigError(f"unsupported Redis URL scheme in {redact_url(url)!r}")
         default_port = 26379 if service else 6379
         seeds = []
         for given in hosts.split(","):
             if not given:
-                raise ConfigError(f"empty host in Redis URL {url!r}")
+                raise ConfigError(f"empty host in Redis URL {redact_url(url)!r}")
             host = given if ":" in given.rpartition("]")[2] else f"{given}:{default_port}"
             seeds.append(RedisAddress.parse(f"redis://{creds}{host}/{path}"))
         return cls(tuple(seeds), service)

@@ -21,6 +21,7 @@ import hiredis
 
 from tickwire.core.commands import Arg, Command, Packed, RedisReplyError
 from tickwire.core.errors import ConfigError, RedisTimeout, RedisUnavailable
+from tickwire.core.urls import redact_url
 
 _P = TypeVar("_P", bound=BaseProtocol)
 
@@ -44,19 +45,19 @@ class RedisAddress:
         u = urlparse(url)
         if u.scheme not in ("redis", "unix", ""):
             raise ConfigError(
-                f"unsupported Redis URL scheme in {url!r} "
+                f"unsupported Redis URL scheme in {redact_url(url)!r} "
                 "(use redis://host:port/db or unix:///path/to/redis.sock?db=N)"
             )
         try:
             if u.scheme == "unix":
                 if not u.path:
-                    raise ConfigError(f"no socket path in Redis URL {url!r}")
+                    raise ConfigError(f"no socket path in Redis URL {redact_url(url)!r}")
                 db_text = parse_qs(u.query).get("db", ["0"])[-1]
                 db, port, path = int(db_text), 0, unquote(u.path)
             else:
                 db, port, path = int(u.path.lstrip("/") or 0), u.port or 6379, None
         except ValueError:
-            raise ConfigError(f"invalid Redis URL {url!r}") from None
+            raise ConfigError(f"invalid Redis URL {redact_url(url)!r}") from None
         return cls(
             host=u.hostname or "127.0.0.1",
             port=port,
