@@ -66,7 +66,8 @@ async def run_simulator(
     `BARS_PER_RELEASE` a release. The interval in progress at the end of the run is incomplete
     and not published. At the end it waits until Redis has every event, or for at most
     `flush_timeout_s` (then the rest stays with the publisher: Redis is down or refuses them).
-    `tick_s`, `venue_clock_ns`: see `paced_chunks`.
+    `tick_s`, `venue_clock_ns`: see `paced_chunks`. `progress` is told the events handed to
+    the publisher so far, bars included, and the seconds since the start.
     """
     chunk_bars = ChunkBars(sim.instruments, bar_intervals) if bar_intervals else None
     due: deque[ClosedBar] = deque()
@@ -90,7 +91,7 @@ async def run_simulator(
             bars += await publish_bars(publisher, due, BARS_PER_RELEASE)
         now = time.monotonic()
         if progress is not None and now >= next_report:
-            progress(sent, now - t0)
+            progress(sent + bars, now - t0)
             next_report = now + progress_every_s
     bars += await publish_bars(publisher, due, len(due))
     await within(publisher.flush(), flush_timeout_s)

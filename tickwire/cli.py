@@ -13,6 +13,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from tickwire import __version__
+from tickwire.core.acl import ROLES as ACL_ROLES
+from tickwire.core.acl import acl_rules
 from tickwire.core.config import (
     DEFAULT_REDIS_URL,
     PublisherConfig,
@@ -392,6 +394,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--symbols", type=_count, default=20, help="simulated symbols (default 20)")
 
+    acl = sub.add_parser(
+        "acl",
+        help="the Redis ACL rules a feed, bridge, bar maker or server needs (docs/operations.md)",
+        description="Print the Redis command that gives a Redis user the least a tickwire "
+        "process needs: keys and channels under tw:, and its commands. Add the user's password "
+        'and hand it to redis-cli: echo "$(tickwire acl feed) >s3cret" | redis-cli -h HOST; '
+        "then use --redis redis://feed:s3cret@HOST:6379/0.",
+    )
+    acl.add_argument("role", choices=list(ACL_ROLES), help="what the user runs")
+    acl.add_argument("--user", help="the user's name (default: the role's)")
     sub.add_parser(
         "watch", help="live terminal table of channels (--json: one event per line)", add_help=False
     )
@@ -710,6 +722,9 @@ def main(argv: list[str] | None = None) -> int:
             return run(cmd_record(args))
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "acl":
+            print(f"ACL SETUSER {args.user or args.role} {' '.join(acl_rules(args.role))} on")
+            return 0
         if args.command == "demo":
             from tickwire.demo import run_demo
 
