@@ -26,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
+from tickwire.core.acl import acl_hint
 from tickwire.core.channels import (
     BAR_DEMAND_KEY,
     BAR_PREFIX,
@@ -144,7 +145,7 @@ class BarMaker:
                     backoff = 0.1
                 except RedisUnavailable as exc:
                     self.stats.errors += 1
-                    log.warning("Redis: %s; retrying in %.1f s", exc, backoff)
+                    log.warning("Redis: %s%s; retrying in %.1f s", exc, acl_hint(exc), backoff)
                     self._drop_connection()
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tickwire.core.acl import acl_hint
 from tickwire.core.channels import REGISTRY_KEY, Channel
 from tickwire.core.commands import Command, NodeDown, Packed, RedisReplyError, array_head, bulk
 from tickwire.core.config import PublisherConfig
@@ -311,7 +312,10 @@ class Publisher:
                 self._space.set()  # never hold the producer back while Redis is away
                 if self.stats.last_error != str(exc):
                     log.warning(
-                        "%s; retrying with backoff (up to %.1f s)", exc, self.config.backoff_max_s
+                        "%s%s; retrying with backoff (up to %.1f s)",
+                        exc,
+                        acl_hint(exc),
+                        self.config.backoff_max_s,
                     )
                 self.stats.last_error = str(exc)
                 await asyncio.sleep(delay)

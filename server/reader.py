@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from tickwire.core.acl import acl_hint
 from tickwire.core.channels import Channel
 from tickwire.core.commands import NodeDown, RedisReplyError
 from tickwire.core.config import ServerConfig
@@ -166,13 +167,17 @@ class StreamReader:
                         exc = RedisUnavailable(f"the reader failed: {exc!r}")
                     now = time.monotonic()
                     if retries_quietly(exc, self.up, now, quiet_at):
-                        log.warning("lost a Redis connection: %s; reconnecting", exc)
+                        log.warning(
+                            "lost a Redis connection: %s%s; reconnecting", exc, acl_hint(exc)
+                        )
                         quiet_at = now
                         continue
                     if self.up:
-                        log.warning("lost Redis: %s; reconnecting with backoff", exc)
+                        log.warning(
+                            "lost Redis: %s%s; reconnecting with backoff", exc, acl_hint(exc)
+                        )
                     elif str(exc) != last_error:
-                        log.warning("Redis still unreachable: %s", exc)
+                        log.warning("Redis still unreachable: %s%s", exc, acl_hint(exc))
                     last_error = str(exc)
                     self._set_up(False)
                     await asyncio.sleep(delay)

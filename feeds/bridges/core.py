@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from tickwire.core.acl import acl_hint
 from tickwire.core.channels import REGISTRY_KEY, Channel
 from tickwire.core.commands import Arg, NodeDown, RedisReplyError
 from tickwire.core.config import PublisherConfig
@@ -319,9 +320,10 @@ class BridgeStore:
                 self.retries += 1
                 if failing != str(exc):
                     log.warning(
-                        "Redis refused or is unreachable (%s): holding %d events, consuming "
+                        "Redis refused or is unreachable (%s)%s: holding %d events, consuming "
                         "paused, retrying with backoff",
                         exc,
+                        acl_hint(exc),
                         len(events),
                     )
                     failing = str(exc)

@@ -13,6 +13,7 @@ import pytest
 
 from tests.bridges.test_core import MemorySource, parts
 from tests.bridges.test_core import trade as bridge_trade
+from tests.conftest import eventually
 from tickwire.cli import main
 from tickwire.core.acl import ROLES, acl_rules
 from tickwire.core.channels import Channel
@@ -131,3 +132,20 @@ def test_the_acl_command_prints_the_redis_command_for_a_role(
     out = capsys.readouterr().out
     assert out == f"ACL SETUSER md-feed {' '.join(acl_rules('feed'))} on\n"
     assert out.startswith("ACL SETUSER md-feed reset ~tw:* &tw:* +ping")
+
+
+async def test_a_refused_command_is_logged_with_where_to_find_the_rules(
+    fresh_redis: RedisProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    admin = await RedisConnection.open(fresh_redis.url)
+    lacking = [r for r in acl_rules("feed") if r != "+evalsha"]
+    await admin.execute("ACL", "SETUSER", "thin", *lacking, "on", ">pw")
+    admin.close()
+    url = f"redis://thin:pw@127.0.0.1:{fresh_redis.port}/0"
+    async with Publisher(PublisherConfig(redis_url=url, close_timeout_s=0.2)) as pub:
+        await pub.publish({BTC: trades(1, 1)})
+        await eventually(lambda: pub.stats.last_error is not None, "the append refused")
+        assert "NOPERM" in str(pub.stats.last_error)
+        assert pub.stats.published == 0
+    logged = [r.getMessage() for r in caplog.records if "NOPERM" in r.getMessage()]
+    assert logged and all("`tickwire acl ROLE` prints each role's rules" in m for m in logged)

@@ -61,3 +61,14 @@ def acl_rules(role: str) -> list[str]:
     except KeyError:
         raise ValueError(f"unknown role {role!r}: one of {', '.join(ROLES)}") from None
     return ["reset", f"~{KEY_PREFIX}:*", f"&{KEY_PREFIX}:*", *commands]
+
+
+def acl_hint(error: object) -> str:
+    """What to add to a Redis error logged, if an ACL refused something (NOPERM): where to find
+    the rules each process needs. Empty otherwise."""
+    if "NOPERM" not in str(error):
+        return ""
+    return (
+        " (the Redis user lacks a command, key or channel this process needs: `tickwire acl "
+        "ROLE` prints each role's rules; docs/operations.md, Redis ACLs)"
+    )
