@@ -453,8 +453,9 @@ async def _open_masters(
             down[node] = str(conn_or_error)
         elif isinstance(conn_or_error, TimeoutError):
             down[node] = f"{node[0]}:{node[1]}: {conn_or_error}"
-    failed = next((e for e in opened if isinstance(e, BaseException)), None)
-    if failed is not None and not isinstance(failed, (RedisUnavailable, TimeoutError)):
+    expected = (RedisConnection, RedisUnavailable, TimeoutError)
+    failed = next((e for e in opened if not isinstance(e, expected)), None)
+    if failed is not None:
         for conn in conns.values():
             conn.close()
         raise failed
