@@ -224,6 +224,7 @@ class Publisher:
                 # unanswered on it (the replies owed would be taken for these).
                 if self._pending_events == 0:
                     await self._forget_marks()
+                # Asked again, not `else`: a producer may publish while the marks go.
                 if self._pending_events:
                     log.warning("closing with %d events not yet written", self._pending_events)
             finally:

@@ -114,7 +114,7 @@ async def test_a_second_success_in_the_same_turn_is_discarded() -> None:
 async def test_all_within_grace_cuts_off_a_hung_attempt_once_another_has_answered() -> None:
     a = Attempts()
     got = await all_within_grace(
-        [a.succeeds("m1")(), a.hangs("m2")(), a.fails("m3")()], 0.01, a.discard
+        [a.succeeds("m1")(), a.hangs("m2")(), a.fails("m3")()], 0.01, ConnectionError, a.discard
     )
     assert got[0] == "m1"
     assert isinstance(got[1], TimeoutError) and "within 0.01 s of the first" in str(got[1])
@@ -127,7 +127,12 @@ async def test_all_within_grace_waits_for_all_while_none_has_answered() -> None:
     for whole (each has its own timeout)."""
     a = Attempts()
     task = asyncio.ensure_future(
-        all_within_grace([a.fails("m1")(), a.succeeds("m2", when_released=True)()], 0.0, a.discard)
+        all_within_grace(
+            [a.fails("m1")(), a.succeeds("m2", when_released=True)()],
+            0.0,
+            ConnectionError,
+            a.discard,
+        )
     )
     await a.until_started(2)
     await asyncio.sleep(0.05)  # past the grace, were it counting: it is not
@@ -140,7 +145,7 @@ async def test_all_within_grace_waits_for_all_while_none_has_answered() -> None:
 async def test_all_within_grace_cancelled_discards_what_succeeded() -> None:
     a = Attempts()
     task = asyncio.ensure_future(
-        all_within_grace([a.succeeds("m1")(), a.hangs("m2")()], 3600, a.discard)
+        all_within_grace([a.succeeds("m1")(), a.hangs("m2")()], 3600, ConnectionError, a.discard)
     )
     await a.until_started(2)
     await asyncio.sleep(0)  # m1's result is in
@@ -148,3 +153,15 @@ async def test_all_within_grace_cancelled_discards_what_succeeded() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert a.discarded == ["m1"] and a.cancelled == ["m2"]
+
+
+async def test_all_within_grace_raises_an_unexpected_failure_and_discards_what_succeeded() -> None:
+    a = Attempts()
+    with pytest.raises(ValueError, match="bad config"):
+        await all_within_grace(
+            [a.succeeds("m1")(), a.fails("m2", ValueError("bad config"))(), a.fails("m3")()],
+            3600,
+            ConnectionError,
+            a.discard,
+        )
+    assert a.discarded == ["m1"]

@@ -73,11 +73,15 @@ async def first_success(
 
 
 async def all_within_grace(
-    attempts: Sequence[Awaitable[T]], grace: float, discard: Callable[[T], None]
+    attempts: Sequence[Awaitable[T]],
+    grace: float,
+    expected: type[BaseException],
+    discard: Callable[[T], None],
 ) -> list[T | BaseException]:
     """Run the attempts at once; once one has succeeded, wait at most `grace` seconds more for
-    the others. Each one's result or exception, in order; one cut off gets a TimeoutError. If
-    the caller is cancelled, every attempt is, and what succeeded goes to `discard`."""
+    the others. Each one's result or `expected` exception, in order; one cut off gets a
+    TimeoutError. If one failed otherwise, or the caller is cancelled, what succeeded goes to
+    `discard` and that failure (or the cancel) is raised."""
     tasks = [asyncio.ensure_future(a) for a in attempts]
     pending: set[asyncio.Future[T]] = set(tasks)
     deadline: float | None = None
@@ -96,6 +100,13 @@ async def all_within_grace(
         await _stop(set(tasks), discard)
         raise
     await _stop(pending, None)
+    failures = [t.exception() for t in tasks if not t.cancelled()]
+    unexpected = next((e for e in failures if e and not isinstance(e, expected)), None)
+    if unexpected is not None:
+        for task in tasks:
+            if not task.cancelled() and task.exception() is None:
+                discard(task.result())
+        raise unexpected
     return [
         TimeoutError(f"no answer within {grace:g} s of the first")
         if t.cancelled()

@@ -442,6 +442,7 @@ async def _open_masters(
     opened = await all_within_grace(
         [_answering(template, node, probe if node in down_before else timeout) for node in nodes],
         probe,
+        RedisUnavailable,
         RedisConnection.close,
     )
     conns: dict[Node, RedisConnection] = {}
@@ -451,14 +452,8 @@ async def _open_masters(
             conns[node] = conn_or_error
         elif isinstance(conn_or_error, RedisUnavailable):
             down[node] = str(conn_or_error)
-        elif isinstance(conn_or_error, TimeoutError):
+        else:  # cut off (TimeoutError)
             down[node] = f"{node[0]}:{node[1]}: {conn_or_error}"
-    expected = (RedisConnection, RedisUnavailable, TimeoutError)
-    failed = next((e for e in opened if not isinstance(e, expected)), None)
-    if failed is not None:
-        for conn in conns.values():
-            conn.close()
-        raise failed
     return conns, down
 
 

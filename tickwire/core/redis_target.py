@@ -307,15 +307,9 @@ class RedisTopology:
                 for (host, port), mine in owners.items()
             ],
             min(self.timeout, DOWN_PROBE_S),
+            RedisUnavailable,
             RedisSubscription.close,
         )
-        failed = (RedisSubscription, RedisUnavailable, TimeoutError)
-        unexpected = next((sub for sub in subs if not isinstance(sub, failed)), None)
-        if unexpected is not None:
-            for sub in subs:
-                if isinstance(sub, RedisSubscription):
-                    sub.close()
-            raise unexpected
         for (node, mine), sub in zip(owners.items(), subs, strict=True):
             if isinstance(sub, RedisSubscription):
                 group.add(sub, node, mine)
