@@ -20,6 +20,14 @@ from tickwire.core.urls import redact_url
         ("amqp://desk:p%40ss@rabbit:5672/md", "amqp://desk:***@rabbit:5672/md"),
         ("nats://bridge:s3cret@nats:4222", "nats://bridge:***@nats:4222"),
         ("mqtt://u:pa:ss@broker", "mqtt://u:***@broker"),
+        (
+            "redis+sentinel://s1,s2/tw/0?sentinel_username=app&sentinel_password=s3cret",
+            "redis+sentinel://s1,s2/tw/0?sentinel_username=app&sentinel_password=***",
+        ),
+        (
+            "redis+sentinel://:d%40ta@s1/tw?sentinel_password=s3%26cret",
+            "redis+sentinel://:***@s1/tw?sentinel_password=***",
+        ),
     ],
 )
 def test_the_password_is_starred_and_nothing_else_changes(url: str, shown: str) -> None:
@@ -35,6 +43,7 @@ def test_the_password_is_starred_and_nothing_else_changes(url: str, shown: str) 
         "not a url",
         "",
         "redis://[::1/0",  # unparseable: as it is
+        "redis+sentinel://s1/tw/0?sentinel_username=app",
     ],
 )
 def test_a_url_without_a_password_is_left_as_it_is(url: str) -> None:

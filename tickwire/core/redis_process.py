@@ -11,6 +11,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import quote
 
 from tickwire.core.errors import ConfigError, RedisUnavailable
 
@@ -196,12 +197,17 @@ class RedisProcess:
         self.stop()
 
 
-def redis_cli(port: int, *args: str, timeout: float = 30.0) -> str:
+def redis_cli(port: int, *args: str, timeout: float = 30.0, password: str | None = None) -> str:
     exe = shutil.which("redis-cli")
     if exe is None:
         raise ConfigError("redis-cli is not installed (it comes with redis-server: redis-tools)")
+    auth = ("--no-auth-warning", "-a", password) if password is not None else ()
     done = subprocess.run(
-        [exe, "-p", str(port), *args], capture_output=True, text=True, timeout=timeout, check=False
+        [exe, "-p", str(port), *auth, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
     if done.returncode != 0:
         raise RedisUnavailable(f"redis-cli {' '.join(args)}: {done.stderr or done.stdout}")
@@ -411,12 +417,22 @@ class RedisCluster:
 
 
 class RedisSentinelSet:
-    """A primary, its replicas and Sentinels watching them under `service`, on loopback."""
+    """A primary, its replicas and Sentinels watching them under `service`, on loopback. With
+    `password`, the Sentinels require it (`requirepass`: they use it with each other too);
+    `sentinel_conf` adds lines to each Sentinel's configuration (an ACL `user`, say)."""
 
     def __init__(
-        self, replicas: int = 1, sentinels: int = 3, service: str = "tw", down_after_ms: int = 1000
+        self,
+        replicas: int = 1,
+        sentinels: int = 3,
+        service: str = "tw",
+        down_after_ms: int = 1000,
+        password: str | None = None,
+        sentinel_conf: tuple[str, ...] = (),
     ) -> None:
         self.service = service
+        self.password = password
+        self.sentinel_conf = sentinel_conf
         self.primary = RedisProcess(extra_args=("--repl-timeout", "60"))
         #: Told whom to replicate at start, once the primary's port is settled.
         self.replicas = [RedisProcess(extra_args=("--repl-timeout", "60")) for _ in range(replicas)]
@@ -428,7 +444,8 @@ class RedisSentinelSet:
     @property
     def url(self) -> str:
         hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
-        return f"redis+sentinel://{hosts}/{self.service}/0"
+        query = "" if self.password is None else f"?sentinel_password={quote(self.password)}"
+        return f"redis+sentinel://{hosts}/{self.service}/0{query}"
 
     @property
     def data_nodes(self) -> list[RedisProcess]:
@@ -453,7 +470,7 @@ class RedisSentinelSet:
                     self.sentinels[i] = self._sentinel(exe, self.sentinel_ports[i])
             try:
                 ready = all(
-                    "num-other-sentinels" in redis_cli(p, "SENTINEL", "master", self.service)
+                    "num-other-sentinels" in self._ask(p, "SENTINEL", "master", self.service)
                     and _info_field(
                         redis_cli(self.primary.port, "INFO", "replication"), "connected_slaves"
                     )
@@ -478,7 +495,7 @@ class RedisSentinelSet:
             command = ("INFO", "replication") if proc is None else ("SENTINEL", "master")
             try:
                 args = command if proc is None else (*command, self.service)
-                answer = " ".join(redis_cli(port, *args).split()[:12])
+                answer = " ".join(self._ask(port, *args).split()[:12])
             except RedisUnavailable as exc:
                 answer = f"no answer ({exc})"
             log = self._dir / f"sentinel-{port}.log"
@@ -496,6 +513,8 @@ class RedisSentinelSet:
             f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
             f"sentinel failover-timeout {self.service} 10000\n"
             f"sentinel parallel-syncs {self.service} 1\n"
+            + (f"requirepass {self.password}\n" if self.password is not None else "")
+            + "".join(f"{line}\n" for line in self.sentinel_conf)
         )
         return subprocess.Popen(
             [exe, str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -505,12 +524,24 @@ class RedisSentinelSet:
         """The primary's port as the first Sentinel that answers says."""
         for p in self.sentinel_ports:
             try:
-                out = redis_cli(p, "SENTINEL", "get-master-addr-by-name", self.service).split()
+                out = self._ask(p, "SENTINEL", "get-master-addr-by-name", self.service).split()
             except RedisUnavailable:
                 continue
             if len(out) == 2:
                 return int(out[1])
         raise RedisUnavailable("no Sentinel answers")
+
+    def pause_sentinel(self, i: int) -> None:
+        """Stop Sentinel `i` (SIGSTOP): it still takes connections, and answers nothing."""
+        self.sentinels[i].send_signal(signal.SIGSTOP)
+
+    def resume_sentinel(self, i: int) -> None:
+        self.sentinels[i].send_signal(signal.SIGCONT)
+
+    def _ask(self, port: int, *args: str) -> str:
+        """redis-cli to a Sentinel, or to a data node (which has no password here)."""
+        sentinel = port in self.sentinel_ports
+        return redis_cli(port, *args, password=self.password if sentinel else None)
 
     def stop(self) -> None:
         for s in self.sentinels:

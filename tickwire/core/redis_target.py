@@ -5,10 +5,11 @@ URL forms (`--redis`, `TICKWIRE_REDIS_URL`):
   Redis, or any node of a Redis Cluster; several seed nodes as `redis://h1:7000,h2:7001/0`. At
   each connect tickwire asks the node whether cluster mode is on (`INFO cluster`) and, if so,
   loads the slot map (`CLUSTER SLOTS`): nothing else to configure.
-- `redis+sentinel://[[user]:password@]s1:26379[,s2:26379…]/SERVICE[/db]`: the primary that the
-  Sentinels know as SERVICE, asked of each Sentinel in turn at every connect and checked with
-  `ROLE`, so a connect during a failover waits for the new primary instead of writing to a
-  demoted one. The password is the data nodes'; the Sentinels are asked without one.
+- `redis+sentinel://[[user]:password@]s1:26379[,s2:26379…]/SERVICE[/db][?sentinel_password=…]`:
+  the primary that the Sentinels know as SERVICE, asked of them at every connect and checked
+  with `ROLE`, so a connect during a failover waits for the new primary instead of writing to a
+  demoted one. `user:password@` is the data nodes'; Sentinels with a password of their own
+  (`requirepass`, or an ACL user) take `sentinel_password` and `sentinel_username`.
 
 `open_redis` gives a command connection (`RedisConnection`, or `ClusterConnection` for a cluster)
 and `open_live` the subscription to the live pushes (one channel on one Redis; on a cluster, the
@@ -22,7 +23,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Protocol
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 from tickwire.core.channels import live_channel
 from tickwire.core.commands import Arg, Command, RedisReplyError
@@ -35,6 +36,13 @@ from tickwire.core.redis_wire import RedisAddress, RedisConnection
 from tickwire.core.urls import redact_url
 
 SENTINEL_SCHEME = "redis+sentinel"
+#: What a Sentinel URL's query may say.
+SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
+
+#: A connect asks the next seed (or Sentinel) if the last has not answered in this long
+#: (seconds), without giving up on it: a hung one (a paused process, a lost host) answers
+#: nothing until the whole timeout, and in a failover every reconnect waited that long for it.
+SEED_STAGGER_S = 0.25
 
 
 class RedisLink(Protocol):
@@ -74,6 +82,9 @@ class RedisTarget:
     seeds: tuple[RedisAddress, ...]
     #: Sentinel's name for the primary; None: the seeds are Redis nodes themselves.
     service: str | None = None
+    #: The Sentinels' own credentials (None: asked without).
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
 
     @classmethod
     def parse(cls, url: str | RedisTarget) -> RedisTarget:
@@ -86,7 +97,15 @@ class RedisTarget:
         creds = f"{creds}@" if creds else ""
         path = u.path.strip("/")
         service = None
+        options: dict[str, str] = {}
         if u.scheme == SENTINEL_SCHEME:
+            options = {k: v[-1] for k, v in parse_qs(u.query, keep_blank_values=True).items()}
+            unknown = sorted(set(options) - set(SENTINEL_OPTIONS))
+            if unknown:
+                raise ConfigError(
+                    f"unknown option {', '.join(unknown)} in {redact_url(url)!r} "
+                    f"(a Sentinel URL takes {' and '.join(SENTINEL_OPTIONS)})"
+                )
             service, _, path = path.partition("/")
             if not service:
                 raise ConfigError(
@@ -102,7 +121,12 @@ class RedisTarget:
                 raise ConfigError(f"empty host in Redis URL {redact_url(url)!r}")
             host = given if ":" in given.rpartition("]")[2] else f"{given}:{default_port}"
             seeds.append(RedisAddress.parse(f"redis://{creds}{host}/{path}"))
-        return cls(tuple(seeds), service)
+        return cls(
+            tuple(seeds),
+            service,
+            options.get("sentinel_username") or None,
+            options.get("sentinel_password") or None,
+        )
 
     @property
     def db(self) -> int:
@@ -118,31 +142,53 @@ class RedisTarget:
 
 
 async def sentinel_primary(target: RedisTarget, timeout: float = 2.0) -> RedisAddress:
-    """The primary's address as the first Sentinel that knows `target.service` says."""
-    assert target.service is not None
-    problems = []
-    for sentinel in target.seeds:
+    """The primary's address as the first Sentinel to answer that knows `target.service` says
+    (the next one asked after `SEED_STAGGER_S` or a failure, as for seeds)."""
+    service = target.service
+    assert service is not None
+    username, password = target.sentinel_username, target.sentinel_password
+
+    async def ask(sentinel: RedisAddress) -> RedisAddress:
+        where = f"{sentinel.host}:{sentinel.port}"
         try:
             conn = await RedisConnection.open(
-                replace(sentinel, db=0, username=None, password=None), timeout
+                replace(sentinel, db=0, username=username, password=password), timeout
             )
         except RedisUnavailable as exc:
-            problems.append(str(exc))
-            continue
+            raise RedisUnavailable(f"{exc}{_sentinel_auth_hint(exc)}") from None
         try:
             reply = await conn.execute(
-                "SENTINEL", "get-master-addr-by-name", target.service, timeout=timeout
+                "SENTINEL", "get-master-addr-by-name", service, timeout=timeout
             )
         except (RedisUnavailable, RedisReplyError) as exc:
-            problems.append(f"{sentinel.host}:{sentinel.port}: {exc}")
-            continue
+            raise RedisUnavailable(f"{where}: {exc}{_sentinel_auth_hint(exc)}") from None
         finally:
             conn.close()
         if reply is None:
-            problems.append(f"{sentinel.host}:{sentinel.port} knows no {target.service!r}")
-            continue
+            raise RedisUnavailable(f"{where} knows no {service!r}")
         return replace(sentinel, host=reply[0].decode(), port=int(reply[1]))
-    raise RedisUnavailable(f"no Sentinel named the primary of {target}: {'; '.join(problems)}")
+
+    try:
+        return await first_success(
+            [partial(ask, s) for s in target.seeds], SEED_STAGGER_S, RedisUnavailable, _keep
+        )
+    except AllFailed as exc:
+        raise RedisUnavailable(f"no Sentinel named the primary of {target}: {exc}") from None
+
+
+def _sentinel_auth_hint(exc: Exception) -> str:
+    """Where a Sentinel's password goes, if `exc` is about one (users put it in `user:pw@`)."""
+    said = str(exc).upper()
+    if "AUTH" not in said and "WRONGPASS" not in said:
+        return ""
+    return (
+        " (a Sentinel's own password goes in the URL's ?sentinel_password=…, its ACL user in "
+        "&sentinel_username=…; user:password@ is the data nodes')"
+    )
+
+
+def _keep(_answer: object) -> None:
+    """Nothing to close: a spare answer that is only an address."""
 
 
 async def _first_node(
@@ -165,13 +211,11 @@ async def _first_node(
                 f"{addr} is not a primary yet (role {role[0].decode()}): a failover is under way"
             )
         return conn
-    problems = []
-    for seed in _candidates(target, learned):
-        try:
-            return await RedisConnection.open(seed, timeout)
-        except RedisUnavailable as exc:
-            problems.append(str(exc))
-    raise RedisUnavailable("; ".join(problems))
+    opens = [partial(RedisConnection.open, seed, timeout) for seed in _candidates(target, learned)]
+    try:
+        return await first_success(opens, SEED_STAGGER_S, RedisUnavailable, RedisConnection.close)
+    except AllFailed as exc:
+        raise RedisUnavailable(str(exc)) from None
 
 
 def _candidates(target: RedisTarget, learned: Sequence[RedisAddress]) -> list[RedisAddress]:
@@ -186,12 +230,6 @@ async def _cluster_slots(conn: RedisConnection, target: RedisTarget, timeout: fl
     if target.db != 0:
         raise ConfigError(f"{target}: a Redis Cluster has only database 0")
     return SlotMap.parse(await conn.execute("CLUSTER", "SLOTS", timeout=timeout))
-
-
-#: A reconnect asks the next seed for the topology if the last has not answered in this long
-#: (seconds), without giving up on it: a hung seed (a paused process, a lost host) answers
-#: nothing until the whole timeout, and in a failover every reconnect waited that long for it.
-SEED_STAGGER_S = 0.25
 
 
 class RedisTopology:
@@ -329,14 +367,16 @@ async def open_redis(
 async def _answering_seed(target: RedisTarget, timeout: float) -> RedisAddress:
     if len(target.seeds) == 1:
         return target.seeds[0]
-    for seed in target.seeds:
-        try:
-            conn = await RedisConnection.open(seed, timeout)
-        except RedisUnavailable:
-            continue
-        conn.close()
+
+    async def ask(seed: RedisAddress) -> RedisAddress:
+        (await RedisConnection.open(seed, timeout)).close()
         return seed
-    raise RedisUnavailable(f"no seed of {target} answers")
+
+    asks = [partial(ask, seed) for seed in target.seeds]
+    try:
+        return await first_success(asks, SEED_STAGGER_S, RedisUnavailable, _keep)
+    except AllFailed as exc:
+        raise RedisUnavailable(f"no seed of {target} answers: {exc}") from None
 
 
 def _close_answer(answer: tuple[RedisConnection, SlotMap | None]) -> None:
