@@ -16,9 +16,10 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Itera
 from typing import Any
 
 import pytest
+import trustme
 import uvloop
 
-from tickwire.core.redis_process import RedisProcess
+from tickwire.core.redis_process import RedisProcess, TlsFiles
 from tickwire.core.redis_wire import RedisConnection
 
 #: Multiply test timeouts on slow machines: TICKWIRE_TIMEOUT_FACTOR=3 make test
@@ -208,6 +209,19 @@ def no_cyclic_gc() -> Iterator[None]:
         gc.unfreeze()
         gc.enable()
         gc.collect()
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """A throwaway CA (`ca.pem`) and a certificate it signed for localhost and 127.0.0.1, its
+    key in the same file (`server.pem`): for redis-server's TLS port and as a client's own."""
+    where = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(where / "ca.pem")
+    ca.issue_cert("localhost", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+        where / "server.pem"
+    )
+    return TlsFiles(where / "ca.pem", where / "server.pem", where / "server.pem")
 
 
 @pytest.fixture(scope="session")

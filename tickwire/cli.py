@@ -36,6 +36,8 @@ def _redis_arg(p: argparse.ArgumentParser) -> None:
         help=f"Redis URL: redis://host:port/db or unix:///path/redis.sock?db=N; any node of a "
         "Redis Cluster (found by itself), several seeds as redis://h1:7000,h2:7001/0; or "
         "redis+sentinel://s1:26379,s2:26379/SERVICE/db for a Sentinel-managed primary "
+        "(?sentinel_password=… for Sentinels with their own); over TLS rediss://… and "
+        "rediss+sentinel://… (?ssl_ca_certs=ca.pem, see docs/operations.md) "
         f"(default: $REDIS_URL or {DEFAULT_REDIS_URL})",
     )
 

@@ -4,13 +4,13 @@ helpers to read what is stored and to check what clients saw against it."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import orjson
 import pytest
 
-from tests.server.conftest import Recorder
+from tests.server.conftest import Recorder, recorder
 from tickwire.bench.failover import symbols_per_master
 from tickwire.core.channels import Channel
 from tickwire.core.config import PublisherConfig, ServerConfig
@@ -24,6 +24,7 @@ from tickwire.core.redis_process import (
 )
 from tickwire.core.redis_target import RedisLink, open_redis
 from tickwire.feeds.publisher import Publisher
+from tickwire.server.app import TickwireServer
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,29 @@ async def stored(conn: RedisLink, channel: Channel) -> dict[tuple[str, int], byt
         doc = orjson.loads(fields[1])
         out[(doc["epoch"], doc["seq"])] = fields[1]
     return out
+
+
+async def check_feed_and_server(
+    url: str,
+    symbols: list[str],
+    rounds: int = 5,
+    while_connected: Callable[[], None] | None = None,
+) -> None:
+    """Run a server and a publisher on `url`, publish `rounds` trades to each symbol and check
+    that a subscriber gets seqs 1..rounds of each, in order; `while_connected` is called while
+    both hold their Redis connections."""
+    async with TickwireServer(server_config(url)) as srv, recorder(srv.url) as rec:
+        await rec.request("subscribe", channels=[f"trades:{s}" for s in symbols])
+        async with Publisher(publisher_config(url)) as pub:
+            await publish_trades(pub, symbols, rounds)
+            if while_connected is not None:
+                while_connected()
+        await rec.wait_until(
+            lambda: all(rec.last_seq(f"trades:{s}") == rounds for s in symbols), timeout=30
+        )
+        for s in symbols:
+            assert [e["seq"] for e in rec.events(f"trades:{s}")] == list(range(1, rounds + 1))
+        assert not rec.checker.violations, rec.checker.violations[:5]
 
 
 def symbols_on_each_master(conn: ClusterConnection, per_master: int) -> list[str]:

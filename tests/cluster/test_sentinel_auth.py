@@ -9,15 +9,12 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.server.conftest import recorder
 from tickwire.core.errors import ConfigError, RedisUnavailable
 from tickwire.core.redis_process import RedisSentinelSet
 from tickwire.core.redis_target import RedisTarget, open_redis
 from tickwire.core.redis_wire import RedisConnection
-from tickwire.feeds.publisher import Publisher
-from tickwire.server.app import TickwireServer
 
-from .conftest import publish_trades, publisher_config, server_config
+from .conftest import check_feed_and_server
 
 pytestmark = pytest.mark.uvloop_only
 
@@ -104,11 +101,4 @@ async def test_a_hung_sentinel_is_passed_over_at_once(guarded: RedisSentinelSet)
 async def test_a_feed_and_a_server_run_through_sentinels_with_a_password(
     guarded: RedisSentinelSet,
 ) -> None:
-    url = guarded.url
-    async with TickwireServer(server_config(url)) as srv, recorder(srv.url) as rec:
-        await rec.request("subscribe", channels=["trades:AAA"])
-        async with Publisher(publisher_config(url)) as pub:
-            await publish_trades(pub, ["AAA"], 5)
-        await rec.wait_until(lambda: rec.last_seq("trades:AAA") == 5, timeout=20)
-        assert [m["seq"] for m in rec.events("trades:AAA")] == [1, 2, 3, 4, 5]
-        assert not rec.checker.violations, rec.checker.violations[:5]
+    await check_feed_and_server(guarded.url, ["AAA"])

@@ -10,8 +10,9 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import urlencode
 
 from tickwire.core.errors import ConfigError, RedisUnavailable
 
@@ -57,8 +58,33 @@ class PortTaken(RedisUnavailable):
     """The port picked for a private server was taken before it could bind it."""
 
 
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """PEM files for a redis-server's TLS port: the CA it trusts for client certificates, and
+    its own certificate and key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def settings(self, port: int) -> list[tuple[str, str]]:
+        """redis-server's TLS settings for a TLS port on `port`."""
+        return [
+            ("tls-port", str(port)),
+            ("tls-ca-cert-file", str(self.ca)),
+            ("tls-cert-file", str(self.cert)),
+            ("tls-key-file", str(self.key)),
+            # Client certificates taken if given, not required (a test may require them).
+            ("tls-auth-clients", "optional"),
+        ]
+
+    def args(self, port: int) -> tuple[str, ...]:
+        return tuple(arg for name, value in self.settings(port) for arg in (f"--{name}", value))
+
+
 class RedisProcess:
-    """Starts, kills, pauses and restarts one private redis-server."""
+    """Starts, kills, pauses and restarts one private redis-server (with `tls`, a TLS port
+    too, `tls_port`, beside the plain one)."""
 
     def __init__(
         self,
@@ -69,9 +95,12 @@ class RedisProcess:
         data_dir: str | None = None,
         extra_args: tuple[str, ...] = (),
         pick_port: Callable[[], int] = free_port,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.appendfsync = appendfsync
-        self.extra_args = extra_args
+        # (Picked as the plain one: a cluster's bus port is 10 000 above its TLS port then.)
+        self.tls_port = pick_port() if tls is not None else 0
+        self.extra_args = extra_args + (tls.args(self.tls_port) if tls is not None else ())
         self._pick_port = pick_port
         self.port = port or pick_port()
         #: A port picked here may be taken by someone else's socket (an outgoing connection's
@@ -87,6 +116,9 @@ class RedisProcess:
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def tls_url(self, host: str = "localhost", query: str = "") -> str:
+        return f"rediss://{host}:{self.tls_port}/0{'?' if query else ''}{query}"
 
     @property
     def socket_path(self) -> Path:
@@ -248,11 +280,17 @@ class RedisCluster:
         node_timeout_ms: int = 1000,
         *,
         full_coverage: bool = True,
+        tls: TlsFiles | None = None,
     ) -> None:
+        # Over TLS the cluster bus and replication are too, so that the slot map a TLS client
+        # is given names the nodes' TLS ports (Redis names the port of the client's kind).
+        tls_args = ("--tls-cluster", "yes", "--tls-replication", "yes") if tls is not None else ()
         self.nodes = [
             RedisProcess(
                 pick_port=free_cluster_port,
+                tls=tls,
                 extra_args=(
+                    *tls_args,
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
@@ -279,6 +317,9 @@ class RedisCluster:
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.nodes[0].port}/0"
+
+    def tls_url(self, query: str = "") -> str:
+        return self.nodes[0].tls_url("127.0.0.1", query)
 
     @property
     def seeds_url(self) -> str:
@@ -419,7 +460,9 @@ class RedisCluster:
 class RedisSentinelSet:
     """A primary, its replicas and Sentinels watching them under `service`, on loopback. With
     `password`, the Sentinels require it (`requirepass`: they use it with each other too);
-    `sentinel_conf` adds lines to each Sentinel's configuration (an ACL `user`, say)."""
+    `sentinel_conf` adds lines to each Sentinel's configuration (an ACL `user`, say). With
+    `tls`, every part has a TLS port besides its plain one (kept for redis-cli here), and
+    replication, the Sentinels' links and the addresses they give are TLS ones."""
 
     def __init__(
         self,
@@ -429,23 +472,36 @@ class RedisSentinelSet:
         down_after_ms: int = 1000,
         password: str | None = None,
         sentinel_conf: tuple[str, ...] = (),
+        tls: TlsFiles | None = None,
     ) -> None:
         self.service = service
         self.password = password
         self.sentinel_conf = sentinel_conf
-        self.primary = RedisProcess(extra_args=("--repl-timeout", "60"))
+        self.tls = tls
+        args = ("--repl-timeout", "60", *(("--tls-replication", "yes") if tls else ()))
+        self.primary = RedisProcess(extra_args=args, tls=tls)
         #: Told whom to replicate at start, once the primary's port is settled.
-        self.replicas = [RedisProcess(extra_args=("--repl-timeout", "60")) for _ in range(replicas)]
+        self.replicas = [RedisProcess(extra_args=args, tls=tls) for _ in range(replicas)]
         self.sentinel_ports = [free_port() for _ in range(sentinels)]
+        self.sentinel_tls_ports = [free_port() if tls else 0 for _ in range(sentinels)]
         self.down_after_ms = down_after_ms
         self._dir = Path(tempfile.mkdtemp(prefix="tickwire-sentinel-"))
         self.sentinels: list[subprocess.Popen[bytes]] = []
 
     @property
     def url(self) -> str:
-        hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
-        query = "" if self.password is None else f"?sentinel_password={quote(self.password)}"
-        return f"redis+sentinel://{hosts}/{self.service}/0{query}"
+        ports = self.sentinel_tls_ports if self.tls else self.sentinel_ports
+        hosts = ",".join(f"127.0.0.1:{p}" for p in ports)
+        options = [("sentinel_password", self.password)] if self.password is not None else []
+        if self.tls is not None:
+            options.append(("ssl_ca_certs", str(self.tls.ca)))
+        query = f"?{urlencode(options)}" if options else ""
+        scheme = "rediss+sentinel" if self.tls else "redis+sentinel"
+        return f"{scheme}://{hosts}/{self.service}/0{query}"
+
+    def _primary_port(self, node: RedisProcess) -> int:
+        """The port the Sentinels and replicas know `node` by."""
+        return node.tls_port if self.tls else node.port
 
     @property
     def data_nodes(self) -> list[RedisProcess]:
@@ -455,7 +511,7 @@ class RedisSentinelSet:
         exe = ensure_redis_server()
         self.primary.start()
         for r in self.replicas:
-            r.extra_args += ("--replicaof", "127.0.0.1", str(self.primary.port))
+            r.extra_args += ("--replicaof", "127.0.0.1", str(self._primary_port(self.primary)))
             r.start()
         self.sentinels = [self._sentinel(exe, port) for port in self.sentinel_ports]
         deadline = time.monotonic() + timeout
@@ -509,16 +565,23 @@ class RedisSentinelSet:
         conf.write_text(
             f"port {port}\nbind 127.0.0.1\ndir {self._dir}\n"
             f"logfile sentinel-{port}.log\n"
-            f"sentinel monitor {self.service} 127.0.0.1 {self.primary.port} 2\n"
+            f"sentinel monitor {self.service} 127.0.0.1 {self._primary_port(self.primary)} 2\n"
             f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
             f"sentinel failover-timeout {self.service} 10000\n"
             f"sentinel parallel-syncs {self.service} 1\n"
             + (f"requirepass {self.password}\n" if self.password is not None else "")
-            + "".join(f"{line}\n" for line in self.sentinel_conf)
+            + "".join(f"{line}\n" for line in self.sentinel_conf + self._tls_conf(port))
         )
         return subprocess.Popen(
             [exe, str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
+
+    def _tls_conf(self, port: int) -> tuple[str, ...]:
+        if self.tls is None:
+            return ()
+        tls_port = self.sentinel_tls_ports[self.sentinel_ports.index(port)]
+        settings = [*self.tls.settings(tls_port), ("tls-replication", "yes")]
+        return tuple(f"{name} {value}" for name, value in settings)
 
     def primary_port(self) -> int:
         """The primary's port as the first Sentinel that answers says."""

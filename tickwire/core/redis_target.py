@@ -10,6 +10,8 @@ URL forms (`--redis`, `TICKWIRE_REDIS_URL`):
   with `ROLE`, so a connect during a failover waits for the new primary instead of writing to a
   demoted one. `user:password@` is the data nodes'; Sentinels with a password of their own
   (`requirepass`, or an ACL user) take `sentinel_password` and `sentinel_username`.
+- Over TLS: `rediss://…` and `rediss+sentinel://…`, with the `ssl_*` options of
+  `tickwire.core.redis_tls` (a cluster's nodes and a Sentinel's primary are reached the same way).
 
 `open_redis` gives a command connection (`RedisConnection`, or `ClusterConnection` for a cluster)
 and `open_live` the subscription to the live pushes (one channel on one Redis; on a cluster, the
@@ -23,7 +25,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Protocol
-from urllib.parse import parse_qs, unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlencode, urlparse
 
 from tickwire.core.channels import live_channel
 from tickwire.core.commands import Arg, Command, RedisReplyError
@@ -32,10 +34,13 @@ from tickwire.core.races import AllFailed, all_within_grace, first_success
 from tickwire.core.redis_cluster import DOWN_PROBE_S, ClusterConnection, Node, SlotMap
 from tickwire.core.redis_pubsub import RedisSubscription, SubscriptionGroup
 from tickwire.core.redis_slots import SLOTS, slot_live_channel
+from tickwire.core.redis_tls import TLS_OPTIONS
 from tickwire.core.redis_wire import RedisAddress, RedisConnection
 from tickwire.core.urls import redact_url
 
 SENTINEL_SCHEME = "redis+sentinel"
+#: Sentinels and data nodes alike over TLS, with `rediss://`'s options.
+TLS_SENTINEL_SCHEME = "rediss+sentinel"
 #: What a Sentinel URL's query may say.
 SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
 
@@ -91,28 +96,32 @@ class RedisTarget:
         if isinstance(url, RedisTarget):
             return url
         u = urlparse(url)
-        if u.scheme == "unix" or ("," not in u.netloc and u.scheme != SENTINEL_SCHEME):
+        sentinel = u.scheme in (SENTINEL_SCHEME, TLS_SENTINEL_SCHEME)
+        if u.scheme == "unix" or ("," not in u.netloc and not sentinel):
             return cls((RedisAddress.parse(url),))
         creds, _, hosts = u.netloc.rpartition("@")
         creds = f"{creds}@" if creds else ""
         path = u.path.strip("/")
         service = None
         options: dict[str, str] = {}
-        if u.scheme == SENTINEL_SCHEME:
+        seed_scheme, seed_query = ("rediss" if u.scheme.startswith("rediss") else "redis"), u.query
+        if sentinel:
             options = {k: v[-1] for k, v in parse_qs(u.query, keep_blank_values=True).items()}
-            unknown = sorted(set(options) - set(SENTINEL_OPTIONS))
+            takes = SENTINEL_OPTIONS + (TLS_OPTIONS if seed_scheme == "rediss" else ())
+            unknown = sorted(set(options) - set(takes))
             if unknown:
                 raise ConfigError(
                     f"unknown option {', '.join(unknown)} in {redact_url(url)!r} "
-                    f"(a Sentinel URL takes {' and '.join(SENTINEL_OPTIONS)})"
+                    f"(this Sentinel URL takes {', '.join(takes)})"
                 )
+            seed_query = urlencode([(k, v) for k, v in options.items() if k in TLS_OPTIONS])
             service, _, path = path.partition("/")
             if not service:
                 raise ConfigError(
                     f"no service name in {redact_url(url)!r} (use redis+sentinel://host:26379/SERVICE/db)"
                 )
             service = unquote(service)
-        elif u.scheme != "redis":
+        elif u.scheme not in ("redis", "rediss"):
             raise ConfigError(f"unsupported Redis URL scheme in {redact_url(url)!r}")
         default_port = 26379 if service else 6379
         seeds = []
@@ -120,7 +129,7 @@ class RedisTarget:
             if not given:
                 raise ConfigError(f"empty host in Redis URL {redact_url(url)!r}")
             host = given if ":" in given.rpartition("]")[2] else f"{given}:{default_port}"
-            seeds.append(RedisAddress.parse(f"redis://{creds}{host}/{path}"))
+            seeds.append(RedisAddress.parse(f"{seed_scheme}://{creds}{host}/{path}?{seed_query}"))
         return cls(
             tuple(seeds),
             service,
@@ -134,11 +143,13 @@ class RedisTarget:
 
     def __str__(self) -> str:
         hosts = ",".join(f"{a.host}:{a.port}" for a in self.seeds)
+        tls = self.seeds[0].tls is not None
         if self.service is not None:
-            return f"{SENTINEL_SCHEME}://{hosts}/{self.service}/{self.db}"
+            scheme = TLS_SENTINEL_SCHEME if tls else SENTINEL_SCHEME
+            return f"{scheme}://{hosts}/{self.service}/{self.db}"
         if len(self.seeds) == 1:
             return str(self.seeds[0])
-        return f"redis://{hosts}/{self.db}"
+        return f"{'rediss' if tls else 'redis'}://{hosts}/{self.db}"
 
 
 async def sentinel_primary(target: RedisTarget, timeout: float = 2.0) -> RedisAddress:

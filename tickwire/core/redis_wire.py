@@ -21,6 +21,7 @@ import hiredis
 
 from tickwire.core.commands import Arg, Command, Packed, RedisReplyError
 from tickwire.core.errors import ConfigError, RedisTimeout, RedisUnavailable
+from tickwire.core.redis_tls import TLS_OPTIONS, RedisTls
 from tickwire.core.urls import redact_url
 
 _P = TypeVar("_P", bound=BaseProtocol)
@@ -37,17 +38,21 @@ class RedisAddress:
     #: Unix socket costs about a third less per round trip than loopback TCP (redis-benchmark
     #: PING on a 2-core development machine: 28 k against 18 k round trips/s).
     path: str | None = None
+    #: TLS (`rediss://`), None: plain TCP.
+    tls: RedisTls | None = None
 
     @classmethod
     def parse(cls, url: str) -> RedisAddress:
-        """`redis://[[user]:password@]host[:port][/db]` or, as redis-py spells it,
-        `unix://[[user]:password@]/path/to/redis.sock[?db=N]`."""
+        """`redis://[[user]:password@]host[:port][/db]`, the same over TLS as
+        `rediss://…[?ssl_ca_certs=…]` (see `tickwire.core.redis_tls`) or, as redis-py spells
+        it, `unix://[[user]:password@]/path/to/redis.sock[?db=N]`."""
         u = urlparse(url)
-        if u.scheme not in ("redis", "unix", ""):
+        if u.scheme not in ("redis", "rediss", "unix", ""):
             raise ConfigError(
-                f"unsupported Redis URL scheme in {redact_url(url)!r} "
-                "(use redis://host:port/db or unix:///path/to/redis.sock?db=N)"
+                f"unsupported Redis URL scheme in {redact_url(url)!r} (use redis://host:port/db, "
+                "rediss://host:port/db for TLS or unix:///path/to/redis.sock?db=N)"
             )
+        tls = _tls_of(u.scheme, u.query, url)
         try:
             if u.scheme == "unix":
                 if not u.path:
@@ -65,6 +70,7 @@ class RedisAddress:
             username=unquote(u.username) if u.username else None,
             password=unquote(u.password) if u.password else None,
             path=path,
+            tls=tls,
         )
 
     async def connect(self, factory: Callable[[], _P], timeout: float) -> tuple[Transport, _P]:
@@ -73,12 +79,21 @@ class RedisAddress:
         try:
             if self.path is not None:
                 opening = loop.create_unix_connection(factory, self.path)
+            elif self.tls is not None:
+                opening = loop.create_connection(
+                    factory, self.host, self.port, ssl=self.tls.context(), server_hostname=self.host
+                )
             else:
                 opening = loop.create_connection(factory, self.host, self.port)
             async with asyncio.timeout(timeout):
                 transport, protocol = await opening
         except (OSError, TimeoutError) as exc:
-            raise RedisUnavailable(f"cannot connect to {self}: {exc or 'timeout'}") from None
+            why = str(exc) or "timeout"
+            # A TLS handshake unanswered (Redis takes it for an unfinished inline command) or
+            # answered in plain text: the usual mistake, the plain port.
+            if self.tls is not None and (why == "timeout" or "WRONG_VERSION_NUMBER" in why):
+                why += " (not a TLS port? rediss:// needs Redis's tls-port)"
+            raise RedisUnavailable(f"cannot connect to {self}: {why}") from None
         return transport, protocol
 
     def auth_command(self) -> list[Arg] | None:
@@ -91,7 +106,27 @@ class RedisAddress:
         # Never shows the password.
         if self.path is not None:
             return f"unix://{self.path}?db={self.db}"
-        return f"redis://{self.host}:{self.port}/{self.db}"
+        return f"{'rediss' if self.tls else 'redis'}://{self.host}:{self.port}/{self.db}"
+
+
+def _tls_of(scheme: str, query: str, url: str) -> RedisTls | None:
+    """The TLS a URL asks for: `rediss://` with its `ssl_*` options, None for the others (where
+    an `ssl_*` option is a mistake worth saying: it would be ignored)."""
+    options = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+    ssl_given = sorted(k for k in options if k.startswith("ssl"))
+    if scheme != "rediss":
+        if ssl_given:
+            raise ConfigError(
+                f"{', '.join(ssl_given)} in {redact_url(url)!r}: TLS options need rediss://"
+            )
+        return None
+    unknown = sorted(set(options) - set(TLS_OPTIONS))
+    if unknown:
+        raise ConfigError(
+            f"unknown option {', '.join(unknown)} in {redact_url(url)!r} "
+            f"(a rediss:// URL takes {', '.join(TLS_OPTIONS)})"
+        )
+    return RedisTls.from_options(options, repr(redact_url(url)))
 
 
 class _Replies(asyncio.Protocol):
