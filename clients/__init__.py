@@ -29,6 +29,7 @@ from tickwire.clients.connection import (
 )
 from tickwire.clients.errors import (
     AuthenticationFailed,
+    CertificateRefused,
     ClientError,
     ConnectFailed,
     ConnectionLost,
@@ -60,6 +61,7 @@ __all__ = [
     "AuthenticationFailed",
     "Backoff",
     "Bar",
+    "CertificateRefused",
     "ChannelList",
     "ClientConfig",
     "ClientError",

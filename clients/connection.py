@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl as ssl_module
 import time
 from asyncio import FIRST_COMPLETED
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator
@@ -49,6 +50,7 @@ from websockets.protocol import State
 from tickwire import __version__
 from tickwire.clients.errors import (
     AuthenticationFailed,
+    CertificateRefused,
     ConnectFailed,
     ConnectionLost,
     FeedClosed,
@@ -112,6 +114,9 @@ class ClientConfig:
     max_resume_attempts: int = 3
     #: Extra HTTP headers for the opening handshake.
     headers: tuple[tuple[str, str], ...] = ()
+    #: For a `wss://` URL, whom to trust: e.g. `ssl.create_default_context(cafile="ca.pem")`
+    #: for a private CA. None: the system's CAs.
+    ssl: ssl_module.SSLContext | None = None
 
 
 class Backoff:
@@ -478,9 +483,14 @@ class Feed:
         headers = list(cfg.headers)
         if self._token is not None:
             headers.append(("Authorization", f"Bearer {self._token}"))
+        # Only for wss://: websockets refuses `ssl` with ws://, and takes None as "no TLS".
+        tls: dict[str, Any] = (
+            {"ssl": cfg.ssl} if cfg.ssl is not None and self.url.startswith("wss:") else {}
+        )
         try:
             ws = await ws_connect(
                 self.url,
+                **tls,
                 additional_headers=headers,
                 compression=None,
                 user_agent_header=f"tickwire-client/{__version__}",
@@ -500,6 +510,12 @@ class Feed:
                 ) from None
             self.stats.failed_attempts += 1
             raise _Retry(f"HTTP {status} {exc.response.reason_phrase}".strip()) from None
+        except ssl_module.SSLCertVerificationError as exc:
+            # Not a server that is down: one that will never be trusted until configured.
+            raise CertificateRefused(
+                f"{self.url}: the server's certificate was refused: {exc.verify_message} "
+                "(a private CA: ClientConfig.ssl, or --cafile for tickwire watch)"
+            ) from None
         except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as exc:
             self.stats.failed_attempts += 1
             raise _Retry(_describe(exc)) from None

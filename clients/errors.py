@@ -44,6 +44,11 @@ class ConnectFailed(ClientError):
     """The server could not be reached."""
 
 
+class CertificateRefused(ConnectFailed):
+    """The server's TLS certificate is not trusted (another CA, another name); retrying would
+    not help until `ClientConfig.ssl` trusts it."""
+
+
 class AuthenticationFailed(ClientError):
     """The server refused the credentials; retrying would not help."""
 

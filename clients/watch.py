@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import math
 import os
+import ssl
 import sys
 import time
 from collections import deque
@@ -24,7 +25,12 @@ from typing import TYPE_CHECKING, Any, TextIO
 import orjson
 
 from tickwire.clients.connection import Disconnected, Feed, Reconnected, connect
-from tickwire.clients.errors import AuthenticationFailed, ConnectFailed, ServerError
+from tickwire.clients.errors import (
+    AuthenticationFailed,
+    CertificateRefused,
+    ConnectFailed,
+    ServerError,
+)
 from tickwire.clients.messages import EventBatch, Gap, Received, Reset, Status, event_to_dict
 from tickwire.core.channels import ChannelPattern
 from tickwire.core.errors import ChannelError
@@ -62,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="print each event as one JSON line on stdout (notices go to stderr)",
     )
     p.add_argument("--token", default=None, help="bearer token, if the server asks for one")
+    p.add_argument(
+        "--cafile",
+        default=None,
+        metavar="PEM",
+        help="for a wss:// URL, the CA that signed the server's certificate (default: the "
+        "system's CAs)",
+    )
     p.add_argument(
         "--no-snapshot",
         dest="snapshot",
@@ -338,11 +351,18 @@ async def watch(
             return await show_table(feed, Board(f"{' '.join(channels)} · {url}"))
     except AuthenticationFailed as exc:
         _say(err, str(exc))
+    except CertificateRefused as exc:
+        _say(err, str(exc))
     except ConnectFailed as exc:
         _say(err, f"{exc} (is `tickwire serve` running?)")
     except TimeoutError:
         _say(err, f"{url} did not answer in time")
     return 1
+
+
+def tls_options(cafile: str | None) -> dict[str, Any]:
+    """`connect()`'s `ssl` option trusting `cafile`, if given."""
+    return {"ssl": ssl.create_default_context(cafile=cafile)} if cafile else {}
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
@@ -362,6 +382,11 @@ def main(argv: list[str] | None = None) -> int:
         _say(sys.stderr, str(exc))
         return 2
     try:
+        tls = tls_options(args.cafile)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        _say(sys.stderr, f"cannot read --cafile {args.cafile}: {exc}")
+        return 2
+    try:
         return _run(
             watch(
                 channels,
@@ -370,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                 token=args.token,
                 snapshot=args.snapshot,
                 max_hz=args.max_hz,
+                **tls,
             )
         )
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ from tickwire.core.collector import FreezePolicy, PauseTimer
 from tickwire.core.config import ServerConfig, check_exposure
 from tickwire.core.errors import ConfigError
 from tickwire.core.runtime import raise_open_files_limit, tune_gc
+from tickwire.core.tls import server_context
 from tickwire.core.waits import report_end, wait_set, within
 from tickwire.server.admission import Admission
 from tickwire.server.auth import Authenticator
@@ -104,11 +105,13 @@ class TickwireServer:
 
     @property
     def url(self) -> str:
-        return f"ws://{self.config.host}:{self.port}/ws"
+        scheme = "wss" if self.config.tls_cert_file else "ws"
+        return f"{scheme}://{self.config.host}:{self.port}/ws"
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.config.host}:{self.port}/"
+        scheme = "https" if self.config.tls_cert_file else "http"
+        return f"{scheme}://{self.config.host}:{self.port}/"
 
     async def __aenter__(self) -> TickwireServer:
         await self.start()
@@ -147,8 +150,17 @@ class TickwireServer:
             self.sockets += 1
             return endpoint()
 
+        tls = server_context(cfg.tls_cert_file, cfg.tls_key_file) if cfg.tls_cert_file else None
         self._server = await asyncio.get_running_loop().create_server(
-            accept, cfg.host, cfg.port, reuse_port=self.reuse_port, backlog=LISTEN_BACKLOG
+            accept,
+            cfg.host,
+            cfg.port,
+            reuse_port=self.reuse_port,
+            backlog=LISTEN_BACKLOG,
+            ssl=tls,
+            # A client that connects and never finishes its TLS handshake is dropped as one
+            # that never finishes its WebSocket handshake.
+            ssl_handshake_timeout=cfg.open_timeout_s if tls is not None else None,
         )
         self._serving = True
         sock = next(iter(self._server.sockets))

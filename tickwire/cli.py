@@ -287,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser(
         "serve",
         help="run the WebSocket fan-out server",
-        description="Serve Redis Streams to WebSocket clients: ws://HOST:PORT/ws, the web page on /, "
-        "/healthz and /metrics.",
+        description="Serve Redis Streams to WebSocket clients: ws://HOST:PORT/ws (wss:// with "
+        "--tls-cert), the web page on /, /healthz and /metrics.",
     )
     _redis_arg(srv)
     srv.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
@@ -306,6 +306,19 @@ def build_parser() -> argparse.ArgumentParser:
         "security (see docs/operations.md, Security, for an internet-facing checklist)",
         "Secrets are read from an environment variable or a file, never from a flag. "
         "Without credentials, a --host other than loopback needs --public.",
+    )
+    sec.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        default=None,
+        help="serve wss:// and https:// with this PEM certificate chain (config: tls_cert_file); "
+        "without it, ws:// (put a TLS proxy in front)",
+    )
+    sec.add_argument(
+        "--tls-key",
+        metavar="FILE",
+        default=None,
+        help="the certificate's private key, PEM (config: tls_key_file; default: in --tls-cert)",
     )
     sec.add_argument(
         "--public",
@@ -677,6 +690,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_connections_per_ip=args.max_connections_per_ip,
         max_connections_per_credential=args.max_connections_per_credential,
         public=args.public,
+        tls_cert_file=args.tls_cert,
+        tls_key_file=args.tls_key,
         auth={
             "api_keys_file": args.api_keys,
             "jwt_secret_env": args.jwt_secret_env,

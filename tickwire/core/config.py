@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from tickwire.core.channels import CHANNEL_TYPES
 from tickwire.core.errors import ConfigError
+from tickwire.core.tls import server_context
 
 _T = TypeVar("_T")
 
@@ -191,6 +192,10 @@ class ServerConfig:
     # Behind a proxy: the header carrying the client IP (`X-Forwarded-For`: its last entry,
     # `X-Real-IP`). Set it only when the proxy overwrites that header, or clients can forge it.
     client_ip_header: str = ""
+    # TLS served here (`wss://`, `https://`): the PEM certificate chain and its key (empty: in
+    # the chain's file). Empty: plain `ws://`, for loopback or behind a TLS-terminating proxy.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
 
 
 def is_loopback(host: str) -> bool:
@@ -236,6 +241,10 @@ def load_server_config(
 
 
 def _check(cfg: ServerConfig) -> None:
+    if cfg.tls_key_file and not cfg.tls_cert_file:
+        raise ConfigError("tls_key_file without tls_cert_file (the certificate to serve)")
+    if cfg.tls_cert_file:
+        server_context(cfg.tls_cert_file, cfg.tls_key_file)  # here, not in every worker
     if cfg.workers < 1:
         raise ConfigError("workers must be at least 1")
     for name in ("max_connections", "max_connections_per_ip", "max_connections_per_credential"):

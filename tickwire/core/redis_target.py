@@ -11,7 +11,7 @@ URL forms (`--redis`, `TICKWIRE_REDIS_URL`):
   demoted one. `user:password@` is the data nodes'; Sentinels with a password of their own
   (`requirepass`, or an ACL user) take `sentinel_password` and `sentinel_username`.
 - Over TLS: `rediss://…` and `rediss+sentinel://…`, with the `ssl_*` options of
-  `tickwire.core.redis_tls` (a cluster's nodes and a Sentinel's primary are reached the same way).
+  `tickwire.core.tls` (a cluster's nodes and a Sentinel's primary are reached the same way).
 
 `open_redis` gives a command connection (`RedisConnection`, or `ClusterConnection` for a cluster)
 and `open_live` the subscription to the live pushes (one channel on one Redis; on a cluster, the
@@ -34,8 +34,8 @@ from tickwire.core.races import AllFailed, all_within_grace, first_success
 from tickwire.core.redis_cluster import DOWN_PROBE_S, ClusterConnection, Node, SlotMap
 from tickwire.core.redis_pubsub import RedisSubscription, SubscriptionGroup
 from tickwire.core.redis_slots import SLOTS, slot_live_channel
-from tickwire.core.redis_tls import TLS_OPTIONS
 from tickwire.core.redis_wire import RedisAddress, RedisConnection
+from tickwire.core.tls import TLS_OPTIONS
 from tickwire.core.urls import redact_url
 
 SENTINEL_SCHEME = "redis+sentinel"

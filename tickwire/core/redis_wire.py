@@ -21,7 +21,7 @@ import hiredis
 
 from tickwire.core.commands import Arg, Command, Packed, RedisReplyError
 from tickwire.core.errors import ConfigError, RedisTimeout, RedisUnavailable
-from tickwire.core.redis_tls import TLS_OPTIONS, RedisTls
+from tickwire.core.tls import TLS_OPTIONS, RedisTls
 from tickwire.core.urls import redact_url
 
 _P = TypeVar("_P", bound=BaseProtocol)
@@ -44,7 +44,7 @@ class RedisAddress:
     @classmethod
     def parse(cls, url: str) -> RedisAddress:
         """`redis://[[user]:password@]host[:port][/db]`, the same over TLS as
-        `rediss://…[?ssl_ca_certs=…]` (see `tickwire.core.redis_tls`) or, as redis-py spells
+        `rediss://…[?ssl_ca_certs=…]` (see `tickwire.core.tls`) or, as redis-py spells
         it, `unix://[[user]:password@]/path/to/redis.sock[?db=N]`."""
         u = urlparse(url)
         if u.scheme not in ("redis", "rediss", "unix", ""):

@@ -9,8 +9,8 @@ import pytest
 from tickwire.core.errors import ConfigError
 from tickwire.core.redis_process import TlsFiles
 from tickwire.core.redis_target import RedisTarget
-from tickwire.core.redis_tls import RedisTls
 from tickwire.core.redis_wire import RedisAddress
+from tickwire.core.tls import RedisTls
 
 
 def test_rediss_takes_the_ssl_options_and_shows_as_rediss(tls_files: TlsFiles) -> None:

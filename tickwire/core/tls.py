@@ -1,6 +1,6 @@
-"""TLS to Redis (`rediss://`): the options a URL's query gives, and the SSL context they make.
+"""TLS contexts: to Redis (`rediss://` and its options) and for the server's own `wss://`.
 
-The option names are redis-py's, so a URL that works there works here:
+The `rediss://` option names are redis-py's, so a URL that works there works here:
 `ssl_ca_certs` (a PEM file of the CAs to trust; default: the system's), `ssl_certfile` and
 `ssl_keyfile` (a client certificate, for Redis's `tls-auth-clients yes`), `ssl_cert_reqs`
 (`required`, the default, or `none`: encrypted but any certificate taken, for tests only) and
@@ -73,4 +73,19 @@ def _context(tls: RedisTls) -> ssl.SSLContext:
         ctx.verify_mode = ssl.CERT_NONE
     if tls.certfile:
         ctx.load_cert_chain(tls.certfile, tls.keyfile)
+    return ctx
+
+
+def server_context(cert_file: str, key_file: str = "") -> ssl.SSLContext:
+    """The context `tickwire serve` listens with for `wss://` and `https://`: the certificate
+    chain in `cert_file` (PEM), its key in `key_file` or, if empty, in the same file. A file
+    that cannot be read or a key that does not match is a ConfigError."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # WebSocket upgrades are HTTP/1.1: say so to clients that offer h2 first.
+    ctx.set_alpn_protocols(["http/1.1"])
+    try:
+        ctx.load_cert_chain(cert_file, key_file or None)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise ConfigError(f"cannot load the TLS certificate {cert_file!r}: {exc}") from None
     return ctx
