@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -102,6 +103,8 @@ class TickwireServer:
         self.sockets = 0
         self._tasks: list[asyncio.Task[None]] = []
         self.port = config.port
+        #: The listening socket's TLS context, if TLS is served here (`reload_tls`).
+        self._tls: ssl.SSLContext | None = None
 
     @property
     def url(self) -> str:
@@ -150,7 +153,9 @@ class TickwireServer:
             self.sockets += 1
             return endpoint()
 
-        tls = server_context(cfg.tls_cert_file, cfg.tls_key_file) if cfg.tls_cert_file else None
+        tls = self._tls = (
+            server_context(cfg.tls_cert_file, cfg.tls_key_file) if cfg.tls_cert_file else None
+        )
         self._server = await asyncio.get_running_loop().create_server(
             accept,
             cfg.host,
@@ -241,6 +246,29 @@ class TickwireServer:
                 # One connection's failure never stops every other's heartbeats and pings.
                 conn.failed("tending", exc)
 
+    def reload(self) -> bool:
+        """SIGHUP: the credentials and the TLS certificate read again; False if either failed
+        (that one's previous state kept)."""
+        credentials = self.reload_credentials()
+        return self.reload_tls() and credentials
+
+    def reload_tls(self) -> bool:
+        """Read the TLS certificate and key again (a renewal): connections opened from now on
+        get the new one, open ones keep theirs. False (and the old one kept) when the files
+        cannot be loaded."""
+        cfg = self.config
+        if self._tls is None:
+            return True
+        try:
+            server_context(cfg.tls_cert_file, cfg.tls_key_file)  # all of it loads, or nothing
+        except ConfigError as exc:
+            log.error("reload failed, keeping the previous TLS certificate: %s", exc)
+            return False
+        # Into the listening context itself: the next handshakes read it from there.
+        self._tls.load_cert_chain(cfg.tls_cert_file, cfg.tls_key_file or None)
+        log.info("reload: TLS certificate %s loaded", cfg.tls_cert_file)
+        return True
+
     def reload_credentials(self) -> bool:
         """Re-read the API key file and JWT key files (SIGHUP), then check every connection's
         grant again: a removed key closes with 4001, narrowed entitlements that no longer cover
@@ -305,7 +333,8 @@ async def serve_forever(
     reuse_port: bool = False,
     ready: Callable[[TickwireServer], Awaitable[None] | None] | None = None,
 ) -> int:
-    """Run until SIGTERM/SIGINT, then shut down gracefully; SIGHUP reloads credentials."""
+    """Run until SIGTERM/SIGINT, then shut down gracefully; SIGHUP reloads credentials and
+    the TLS certificate."""
     # Every connection is a file descriptor: each process (each worker) takes what it may.
     soft, hard = raise_open_files_limit()
     log.info(
@@ -319,7 +348,7 @@ async def serve_forever(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     srv = TickwireServer(config, reuse_port=reuse_port)
-    loop.add_signal_handler(signal.SIGHUP, srv.reload_credentials)
+    loop.add_signal_handler(signal.SIGHUP, srv.reload)
     async with srv:
         tune_gc()
         with PauseTimer(

@@ -28,7 +28,7 @@ def _worker(config: ServerConfig) -> None:
 
 def run_workers(config: ServerConfig) -> int:
     """Start `config.workers` processes; restart any that dies; stop all on SIGTERM/SIGINT;
-    pass SIGHUP (reload credentials) on to each."""
+    pass SIGHUP (reload credentials and the TLS certificate) on to each."""
     if config.port == 0:
         raise ConfigError("--workers > 1 needs a fixed --port (processes share it)")
     ctx = mp.get_context("fork")

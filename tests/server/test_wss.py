@@ -14,15 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
-from tickwire.bench.harness import TICKWIRE, children, start_group
+from tickwire.bench.harness import ServerProcess, start_group
 from tickwire.clients import CertificateRefused, Received, connect
 from tickwire.clients.watch import main as watch_main
 from tickwire.core.channels import Channel
 from tickwire.core.config import PublisherConfig, ServerConfig, load_server_config
 from tickwire.core.errors import ConfigError
 from tickwire.core.events import encode_body
-from tickwire.core.redis_process import RedisProcess, TlsFiles, free_port
+from tickwire.core.redis_process import RedisProcess, TlsFiles
 from tickwire.core.redis_wire import RedisConnection
 from tickwire.feeds.publisher import Publisher
 from tickwire.server.app import TickwireServer
@@ -132,32 +133,63 @@ def test_watch_says_when_its_cafile_cannot_be_read(
     assert f"cannot read --cafile {missing}" in capsys.readouterr().err
 
 
-async def test_tickwire_serve_with_tls_cert_serves_wss_from_every_worker(
-    redis_server: RedisProcess, redis: RedisConnection, tls_files: TlsFiles
+def issue(path: Path) -> ssl.SSLContext:
+    """A certificate for localhost from a new CA, written to `path`; a context trusting it."""
+    ca = trustme.CA()
+    ca.issue_cert("localhost", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(path)
+    return ssl.create_default_context(cadata=ca.cert_pem.bytes().decode())
+
+
+async def test_a_reload_serves_a_renewed_certificate_to_new_connections_only(
+    redis_server: RedisProcess, redis: RedisConnection, tmp_path: Path
 ) -> None:
-    port = free_port()
-    cmd = [TICKWIRE, "serve", "--redis", redis_server.url, "--port", str(port)]
-    proc = start_group(
-        [*cmd, "--workers", "2", "--tls-cert", str(tls_files.cert)], subprocess.DEVNULL
-    )
-    try:
+    chain = tmp_path / "chain.pem"
+    trust_old = issue(chain)
+    async with (
+        TickwireServer(replace(server_config(redis_server), tls_cert_file=str(chain))) as srv,
+        connect(srv.url, ssl=trust_old) as kept,
+    ):
+        trust_new = issue(chain)  # renewed, here by another CA so that it shows
+        assert srv.reload()
+        async with connect(srv.url, ssl=trust_new) as fresh:
+            assert await fresh.ping() > 0
+        with pytest.raises(CertificateRefused):
+            await connect(srv.url, ssl=trust_old)
+        assert await kept.ping() > 0  # an open connection keeps its session
+        chain.write_text("a renewal gone wrong")
+        assert not srv.reload()
+        async with connect(srv.url, ssl=trust_new) as again:  # the last good one kept
+            assert await again.ping() > 0
 
-        def serving() -> bool:
-            url = f"https://localhost:{port}/healthz"
-            try:
-                with urllib.request.urlopen(url, context=trusting(tls_files), timeout=1) as r:
-                    return r.status == 200 and len(children(proc.pid)) == 2
-            except OSError:
-                return False
 
+async def test_tickwire_serve_with_tls_cert_serves_wss_from_every_worker_and_reloads_on_sighup(
+    redis_server: RedisProcess, redis: RedisConnection, tmp_path: Path
+) -> None:
+    chain = tmp_path / "chain.pem"
+    trust = issue(chain)
+    server = ServerProcess(redis_server.url, workers=2, extra_args=["--tls-cert", str(chain)])
+    proc = server.proc = start_group(server.command(), subprocess.DEVNULL)
+    url = f"wss://localhost:{server.port}/ws"
+
+    async def workers_serving(ctx: ssl.SSLContext) -> None:
+        """Until each worker has served a connection that trusts only `ctx` (a worker that has
+        not loaded that certificate yet refuses it; connections land on either worker)."""
+        served: set[int] = set()
         async with asyncio.timeout(30):
-            while not await asyncio.to_thread(serving):
-                assert proc.poll() is None, "tickwire serve exited at start"
-                await asyncio.sleep(0.05)  # polling a child process: nothing to wait on
-        # Each connection lands on either worker: several, so that both are likely asked.
-        for _ in range(4):
-            async with connect(f"wss://localhost:{port}/ws", ssl=trusting(tls_files)) as feed:
-                assert await feed.ping() > 0
+            while len(served) < 2:
+                assert proc.poll() is None, "tickwire serve exited"
+                try:
+                    async with connect(url, ssl=ctx, wait_for_server=True) as feed:
+                        assert await feed.ping() > 0
+                        served |= {w for w, n in server.connections_by_worker().items() if n}
+                except CertificateRefused:
+                    await asyncio.sleep(0.05)  # a worker still on the old one: ask again
+
+    try:
+        await workers_serving(trust)
+        trust = issue(chain)
+        proc.send_signal(signal.SIGHUP)  # the supervisor passes it on to each worker
+        await workers_serving(trust)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 10) == 0
