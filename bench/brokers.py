@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Self
 
 from tickwire.core.errors import ConfigError, TickwireError
-from tickwire.core.redis_process import free_port
+from tickwire.core.redis_process import TlsFiles, free_port
 
 #: Broker → (program, Debian package).
 PROGRAMS = {
@@ -51,14 +51,22 @@ class BrokerProcess:
 
     broker = ""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, tls: TlsFiles | None = None) -> None:
         self.port = port or free_port()
+        #: With `tls`: a TLS listener on `tls_port` (NATS: the one port requires TLS).
+        self.tls = tls
+        self.tls_port = free_port() if tls is not None else 0
         self.data_dir = Path(tempfile.mkdtemp(prefix=f"tickwire-{self.broker}-"))
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.data_dir / "broker.log"
 
     @property
     def url(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def tls_url(self) -> str:
+        """The URL of the TLS listener, by the name its certificate carries."""
         raise NotImplementedError
 
     def command(self, exe: str) -> tuple[list[str], dict[str, str]]:
@@ -134,9 +142,17 @@ class NatsProcess(BrokerProcess):
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
+    @property
+    def tls_url(self) -> str:
+        return f"tls://localhost:{self.port}"
+
     def command(self, exe: str) -> tuple[list[str], dict[str, str]]:
         store = self.data_dir / "js"
-        return [exe, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(store)], {}
+        args = [exe, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(store)]
+        if self.tls is not None:
+            # (Its INFO still comes first in plain text: `ready` reads it as without TLS.)
+            args += ["--tls", "--tlscert", str(self.tls.cert), "--tlskey", str(self.tls.key)]
+        return args, {}
 
     def ready(self) -> bool:
         # The client port answers with INFO once the server (and JetStream) is up.
@@ -157,6 +173,10 @@ class MosquittoProcess(BrokerProcess):
     @property
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def tls_url(self) -> str:
+        return f"mqtts://localhost:{self.tls_port}"
 
     def command(self, exe: str) -> tuple[list[str], dict[str, str]]:
         conf = self.data_dir / "mosquitto.conf"
@@ -179,6 +199,12 @@ class MosquittoProcess(BrokerProcess):
             "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
             "log_type subscribe\n"
         )
+        if self.tls is not None:
+            with conf.open("a") as fh:
+                fh.write(
+                    f"listener {self.tls_port} 127.0.0.1\n"
+                    f"cafile {self.tls.ca}\ncertfile {self.tls.cert}\nkeyfile {self.tls.key}\n"
+                )
         return [exe, "-c", str(conf)], {}
 
 
@@ -187,8 +213,8 @@ class RabbitProcess(BrokerProcess):
 
     broker = "rabbitmq"
 
-    def __init__(self, port: int | None = None) -> None:
-        super().__init__(port)
+    def __init__(self, port: int | None = None, *, tls: TlsFiles | None = None) -> None:
+        super().__init__(port, tls=tls)
         self.dist_port = free_port()
         self.node = f"tickwire-{self.port}@localhost"
 
@@ -196,12 +222,26 @@ class RabbitProcess(BrokerProcess):
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}/"
 
+    @property
+    def tls_url(self) -> str:
+        return f"amqps://guest:guest@localhost:{self.tls_port}/"
+
     def command(self, exe: str) -> tuple[list[str], dict[str, str]]:
         d = self.data_dir
         for sub in ("home", "mnesia", "log"):
             (d / sub).mkdir(exist_ok=True)
         (d / "enabled_plugins").write_text("[].\n")
-        (d / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\n")
+        conf = f"listeners.tcp.local = 127.0.0.1:{self.port}\n"
+        if self.tls is not None:
+            conf += (
+                f"listeners.ssl.local = 127.0.0.1:{self.tls_port}\n"
+                f"ssl_options.cacertfile = {self.tls.ca}\n"
+                f"ssl_options.certfile = {self.tls.cert}\n"
+                f"ssl_options.keyfile = {self.tls.key}\n"
+                "ssl_options.verify = verify_none\n"
+                "ssl_options.fail_if_no_peer_cert = false\n"
+            )
+        (d / "rabbitmq.conf").write_text(conf)
         (d / "rabbitmq-env.conf").write_text("")
         env = {
             # Never the machine's own settings (/etc/rabbitmq), node or cookie.

@@ -115,19 +115,24 @@ def _bar_intervals(value: str) -> tuple[str, ...]:
     return intervals
 
 
-#: The bridges: broker, what it consumes (help), an URL, the description's words.
+#: The bridges: broker, what it consumes (help), URLs, the description's words.
 BRIDGES = (
     (
         "nats",
         "NATS JetStream",
-        "nats://127.0.0.1:4222",
+        "nats://127.0.0.1:4222 (tls://… over TLS)",
         "a NATS JetStream stream (durable pull consumer)",
     ),
-    ("rabbitmq", "RabbitMQ queues", "amqp://guest:guest@127.0.0.1:5672/", "RabbitMQ queues"),
+    (
+        "rabbitmq",
+        "RabbitMQ queues",
+        "amqp://guest:guest@127.0.0.1:5672/ (amqps://… over TLS)",
+        "RabbitMQ queues",
+    ),
     (
         "mqtt",
         "MQTT topics",
-        "mqtt://127.0.0.1:1883",
+        "mqtt://127.0.0.1:1883 (mqtts://… over TLS)",
         "MQTT topics (MQTT 5, QoS 1, persistent session)",
     ),
 )
@@ -241,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
             required=True,
             metavar="MAP.toml",
             help="the bridge map: [bridge], [" + broker + "] and [[route]] tables "
-            "(docs/feeds.md has a worked example)",
+            "(docs/feeds.md has a worked example; a private CA: tls_ca_file in [" + broker + "])",
         )
 
     bars = sub.add_parser(

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote, urlparse
@@ -24,6 +25,9 @@ from tickwire.core.errors import ConfigError
 from tickwire.core.urls import redact_url
 from tickwire.feeds.bridges.core import Delivery
 from tickwire.feeds.bridges.mapping import BridgeMap
+
+#: URL schemes of MQTT over TLS (`ssl://` as paho and mosquitto's tools spell it).
+TLS_SCHEMES = ("mqtts", "ssl")
 
 log = logging.getLogger("tickwire.feeds.bridge.mqtt")
 
@@ -56,12 +60,20 @@ class MqttSource:
 
     def __init__(self, url: str, bridge_map: BridgeMap) -> None:
         u = urlparse(url)
-        if u.scheme not in ("mqtt", "tcp", ""):
+        if u.scheme not in ("mqtt", "tcp", "", *TLS_SCHEMES):
             raise ConfigError(
-                f"MQTT URL {redact_url(url)!r}: expected mqtt://[user:password@]host[:port]"
+                f"MQTT URL {redact_url(url)!r}: expected mqtt://[user:password@]host[:port] "
+                "or, over TLS, mqtts://…"
             )
+        tls = u.scheme in TLS_SCHEMES
+        if bridge_map.tls is not None and not tls:
+            raise ConfigError(f"[mqtt] tls_* keys need an mqtts:// URL, not {redact_url(url)!r}")
+        #: TLS: the map's keys, or the system's CAs; None: plain TCP.
+        self.tls: ssl.SSLContext | None = None
+        if tls:
+            self.tls = bridge_map.tls.context() if bridge_map.tls else ssl.create_default_context()
         self.host = u.hostname or "127.0.0.1"
-        self.port = u.port or 1883
+        self.port = u.port or (8883 if tls else 1883)
         self.username = unquote(u.username) if u.username else None
         self.password = unquote(u.password) if u.password else None
         self.map_ = bridge_map
@@ -106,6 +118,7 @@ class MqttSource:
             properties=props,
             # paho opens its own socket: without this, Nagle holds PUBACKs back.
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            tls_context=self.tls,
         )
         # aiomqtt has no manual acknowledgement of its own; paho's, underneath it, does.
         client._client.manual_ack_set(True)

@@ -127,6 +127,9 @@ class NatsSource:
         async with asyncio.timeout(self.options.connect_timeout_s):
             self._nc = await nats.connect(
                 self.url,
+                # The map's TLS keys (a private CA); without, a TLS server (or tls://) is
+                # checked against the system's CAs.
+                tls=self.map_.tls.context() if self.map_.tls is not None else None,
                 # Ride out broker restarts: reconnect for ever, quickly; the consumer is durable.
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.25,

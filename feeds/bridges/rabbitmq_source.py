@@ -19,6 +19,7 @@ import aio_pika.abc
 import aiormq.exceptions
 
 from tickwire.core.errors import ConfigError
+from tickwire.core.urls import redact_url
 from tickwire.feeds.bridges.core import Delivery
 from tickwire.feeds.bridges.mapping import BridgeMap
 
@@ -51,6 +52,10 @@ class RabbitSource:
         self.url = url
         self.map_ = bridge_map
         self.options = RabbitOptions.of(bridge_map)
+        if bridge_map.tls is not None and not url.startswith("amqps:"):
+            raise ConfigError(
+                f"[rabbitmq] tls_* keys need an amqps:// URL, not {redact_url(url)!r}"
+            )
         self._conn: aio_pika.abc.AbstractRobustConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
         # Never more than the prefetch: RabbitMQ sends no more until some are acknowledged.
@@ -66,7 +71,13 @@ class RabbitSource:
         }
 
     async def start(self) -> None:
-        self._conn = await aio_pika.connect_robust(self.url, reconnect_interval=0.5)
+        tls = self.map_.tls
+        self._conn = await aio_pika.connect_robust(
+            self.url,
+            reconnect_interval=0.5,
+            # amqps:// without the map's TLS keys: the system's CAs.
+            ssl_context=tls.context() if tls is not None else None,
+        )
         channel = await self._conn.channel()
         await channel.set_qos(prefetch_count=self.map_.options.max_in_flight)
         self._channel = channel

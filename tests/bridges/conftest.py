@@ -20,7 +20,7 @@ from tests.conftest import eventually, timeout
 from tickwire.bench.brokers import MosquittoProcess, NatsProcess, RabbitProcess
 from tickwire.core.channels import Channel
 from tickwire.core.config import PublisherConfig
-from tickwire.core.redis_process import RedisProcess
+from tickwire.core.redis_process import RedisProcess, TlsFiles
 from tickwire.core.redis_target import RedisLink
 from tickwire.core.redis_wire import RedisConnection
 from tickwire.core.stream import seq_of
@@ -46,10 +46,19 @@ def mosquitto() -> Iterator[MosquittoProcess]:
 
 
 @pytest.fixture(scope="session")
-def rabbitmq() -> Iterator[RabbitProcess]:
-    # Several seconds to start: one node per session; tests use queues of their own.
-    with RabbitProcess() as proc:
+def rabbitmq(tls_files: TlsFiles) -> Iterator[RabbitProcess]:
+    # Several seconds to start: one node per session; tests use queues of their own. A TLS
+    # listener too (`tls_url`), for the test that needs one.
+    with RabbitProcess(tls=tls_files) as proc:
         yield proc
+
+
+def with_tls(text: str, broker: str, files: TlsFiles) -> str:
+    """A map's text with its broker table (made if missing) trusting the test CA."""
+    line = f'tls_ca_file = "{files.ca}"\n'
+    if f"[{broker}]\n" in text:
+        return text.replace(f"[{broker}]\n", f"[{broker}]\n{line}", 1)
+    return f"{text}\n[{broker}]\n{line}"
 
 
 async def stored(conn: RedisLink, channel: Channel) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import aiomqtt
 import orjson
+import pytest
 
 from tests.bridges.conftest import (
     BridgeProcess,
@@ -16,12 +17,14 @@ from tests.bridges.conftest import (
     start_bridge,
     trade_ids,
     wait_stored,
+    with_tls,
     write_map,
 )
 from tests.conftest import timeout
 from tickwire.bench.brokers import MosquittoProcess
 from tickwire.core.channels import Channel
-from tickwire.core.redis_process import RedisProcess
+from tickwire.core.errors import ConfigError
+from tickwire.core.redis_process import RedisProcess, TlsFiles
 from tickwire.core.redis_wire import RedisConnection
 from tickwire.feeds.bridges.mapping import load_bridge_map
 from tickwire.feeds.bridges.mqtt_source import MqttSource
@@ -142,3 +145,25 @@ async def wait_subscribed(mosquitto: MosquittoProcess, proc: BridgeProcess) -> N
     while not log.exists() or b"tickwire-mq 1 md/+/trades" not in log.read_bytes():
         assert asyncio.get_running_loop().time() < deadline, proc.log()
         await asyncio.sleep(0.02)
+
+
+async def test_mqtt_bridge_consumes_over_tls_trusting_the_maps_ca(
+    redis: RedisConnection, redis_server: RedisProcess, tmp_path: Path, tls_files: TlsFiles
+) -> None:
+    with MosquittoProcess(tls=tls_files) as broker:
+        map_path = write_map(tmp_path, with_tls(MAP, "mqtt", tls_files))
+        async with running_bridge("mqtt", broker.tls_url, redis_server.url, map_path):
+            await publish(broker.port, [trade(n) for n in range(1, 21)])
+            await wait_stored(redis, CHANNELS, 20)
+        assert await trade_ids(redis, SYMBOLS) == expected(SYMBOLS, 20)
+        # The system's CAs do not know the test's: the bridge does not start.
+        plain_map = load_bridge_map(write_map(tmp_path, MAP), "mqtt")
+        with pytest.raises(aiomqtt.MqttError, match="CERTIFICATE_VERIFY_FAILED"):
+            await MqttSource(broker.tls_url, plain_map).start()
+
+
+def test_mqtt_tls_keys_need_an_mqtts_url(tmp_path: Path, tls_files: TlsFiles) -> None:
+    bridge_map = load_bridge_map(write_map(tmp_path, with_tls(MAP, "mqtt", tls_files)), "mqtt")
+    with pytest.raises(ConfigError, match="need an mqtts:// URL"):
+        MqttSource("mqtt://127.0.0.1:1883", bridge_map)
+    assert MqttSource("mqtts://broker.example", bridge_map).port == 8883

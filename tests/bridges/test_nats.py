@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from pathlib import Path
 
 import nats
@@ -16,13 +17,15 @@ from tests.bridges.conftest import (
     start_bridge,
     trade_ids,
     wait_stored,
+    with_tls,
     write_map,
 )
 from tests.conftest import eventually, timeout
 from tickwire.bench.brokers import NatsProcess
 from tickwire.core.channels import Channel
-from tickwire.core.redis_process import RedisProcess
+from tickwire.core.redis_process import RedisProcess, TlsFiles
 from tickwire.core.redis_wire import RedisConnection
+from tickwire.core.tls import client_context
 
 MAP = """
 [bridge]
@@ -52,8 +55,10 @@ def trade(n: int) -> tuple[str, bytes]:
     return f"md.trades.{sym}", orjson.dumps(body)
 
 
-async def publish(url: str, messages: list[tuple[str, bytes]]) -> None:
-    nc = await nats.connect(url)
+async def publish(
+    url: str, messages: list[tuple[str, bytes]], tls: ssl.SSLContext | None = None
+) -> None:
+    nc = await nats.connect(url, tls=tls)
     js = nc.jetstream()
     with contextlib.suppress(Exception):
         await js.add_stream(name="MD", subjects=["md.>"])
@@ -176,3 +181,16 @@ def test_the_stream_sequence_is_read_off_either_form_of_reply_subject() -> None:
     for bad in ("_INBOX.abc", "$JS.ACK.MD.nt.1", "$JS.NAK.MD.nt.1.4242.17.1700000000000000000.5"):
         with pytest.raises(NotJSMessageError):
             stream_sequence(bad)
+
+
+async def test_nats_bridge_consumes_from_a_server_that_requires_tls(
+    redis: RedisConnection, redis_server: RedisProcess, tmp_path: Path, tls_files: TlsFiles
+) -> None:
+    with NatsProcess(tls=tls_files) as server:
+        await publish(
+            server.tls_url, [trade(n) for n in range(1, 31)], client_context(str(tls_files.ca))
+        )
+        map_path = write_map(tmp_path, with_tls(MAP.format(batch=50), "nats", tls_files))
+        async with running_bridge("nats", server.tls_url, redis_server.url, map_path) as stats:
+            await eventually(lambda: stats.stored == 30, "stored", limit=15)
+        assert await trade_ids(redis, SYMBOLS) == expected(SYMBOLS, 30)

@@ -9,6 +9,7 @@ from pathlib import Path
 import aio_pika
 import aio_pika.abc
 import orjson
+import pytest
 
 from tests.bridges.conftest import (
     expected,
@@ -18,12 +19,14 @@ from tests.bridges.conftest import (
     stored,
     trade_ids,
     wait_stored,
+    with_tls,
     write_map,
 )
 from tests.conftest import eventually, timeout
 from tickwire.bench.brokers import RabbitProcess
 from tickwire.core.channels import Channel
-from tickwire.core.redis_process import RedisProcess
+from tickwire.core.errors import ConfigError
+from tickwire.core.redis_process import RedisProcess, TlsFiles
 from tickwire.core.redis_wire import RedisConnection
 from tickwire.feeds.bridges.mapping import load_bridge_map
 from tickwire.feeds.bridges.rabbitmq_source import RabbitSource
@@ -185,3 +188,21 @@ async def broker_restart(
     assert await trade_ids(redis, SYMBOLS) == expected(SYMBOLS, 60)
     assert stats.received == stats.stored + stats.duplicates
     redis.close()
+
+
+async def test_rabbitmq_bridge_consumes_over_amqps_trusting_the_maps_ca(
+    rabbitmq: RabbitProcess,
+    redis: RedisConnection,
+    redis_server: RedisProcess,
+    tmp_path: Path,
+    tls_files: TlsFiles,
+) -> None:
+    uid = secrets.token_hex(4)
+    map_path = write_map(tmp_path, with_tls(MAP.format(uid=uid), "rabbitmq", tls_files))
+    async with running_bridge("rabbitmq", rabbitmq.tls_url, redis_server.url, map_path):
+        await declare(rabbitmq.url, uid)
+        await publish(rabbitmq.url, uid, [trade(n) for n in range(1, 31)], 1)
+        await wait_stored(redis, CHANNELS, 30)
+    assert await trade_ids(redis, SYMBOLS) == expected(SYMBOLS, 30)
+    with pytest.raises(ConfigError, match="need an amqps:// URL"):
+        RabbitSource(rabbitmq.url, load_bridge_map(map_path, "rabbitmq"))

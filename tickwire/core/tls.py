@@ -67,12 +67,25 @@ class RedisTls:
 def _context(tls: RedisTls) -> ssl.SSLContext:
     """One context per set of options: loading the trust store costs milliseconds, and every
     connection of a cluster, each reconnect, shares it."""
-    ctx = ssl.create_default_context(cafile=tls.ca_certs)
-    ctx.check_hostname = tls.check_hostname
-    if not tls.verify:
+    return client_context(tls.ca_certs, tls.certfile, tls.keyfile, tls.verify, tls.check_hostname)
+
+
+def client_context(
+    ca_file: str | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+    verify: bool = True,
+    check_hostname: bool = True,
+) -> ssl.SSLContext:
+    """A client's context: trusting `ca_file` (None: the system's CAs), presenting `cert_file`
+    (its key in `key_file` or in the same file) when the server asks for a certificate.
+    Raises OSError or ValueError (ssl.SSLError) when a file cannot be loaded."""
+    ctx = ssl.create_default_context(cafile=ca_file)
+    ctx.check_hostname = check_hostname and verify
+    if not verify:
         ctx.verify_mode = ssl.CERT_NONE
-    if tls.certfile:
-        ctx.load_cert_chain(tls.certfile, tls.keyfile)
+    if cert_file:
+        ctx.load_cert_chain(cert_file, key_file or None)
     return ctx
 
 
