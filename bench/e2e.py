@@ -2,7 +2,7 @@
 
     tickwire bench [--rate 10000] [--symbols 100] [--clients 100] [--channels-per-client 10]
                    [--duration 30] [--warmup 5] [--workers 1] [--target both] [--rounds 1]
-                   [--saturate] [--json FILE] [--plot FILE.png]
+                   [--saturate] [--tls] [--json FILE] [--plot FILE.png]
 
 Starts a private Redis, the server under test (tickwire, then the naive baseline of
 `tickwire.bench.baseline`), client load in separate processes and the simulator as publisher;
@@ -10,7 +10,8 @@ runs the same scenario against each, then prints one table with the ratios tickw
 `--saturate` raises the rate step by step until p99, loss, the publisher or delivery gives out
 (clients receiving under 90 % of what was published to them: the rest is queueing somewhere), and
 reports the highest sustained step. A run in which any sampled connection saw a duplicate or an
-unannounced hole is FAILED.
+unannounced hole is FAILED. `--tls` compares tickwire over `wss://` with tickwire over `ws://`
+instead.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import orjson
 
 from tickwire.bench.e2e_report import Run, json_report, median_step, plot, report, rounds_report
-from tickwire.bench.e2e_run import Scenario, conn_flush, run_target
+from tickwire.bench.e2e_run import TLS_TARGET, Scenario, conn_flush, run_target
 from tickwire.bench.floor import Floor, measure_floor
+from tickwire.bench.harness import self_signed_pem
 from tickwire.core.redis_process import RedisCluster, RedisProcess
 
 
@@ -85,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--url", help="measure an already running server (ws://…/ws) instead of starting one"
     )
     p.add_argument(
+        "--tls",
+        action="store_true",
+        help="measure tickwire serving wss:// (a throwaway self-signed certificate) against "
+        "tickwire serving ws://, in place of the baseline: what TLS costs",
+    )
+    p.add_argument(
         "--floor",
         action="store_true",
         help="also time a timestamp relayed through 3 loopback processes with no work (the "
@@ -142,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1 or (args.rounds > 1 and s.saturate):
         raise SystemExit("--rounds must be 1 or more, and 1 with --saturate")
     targets = ["tickwire", "baseline"] if args.target == "both" else [args.target]
+    if args.tls:
+        if args.url or args.target == "baseline":
+            raise SystemExit("--tls starts tickwire itself: not with --url or --target baseline")
+        targets = ["tickwire", TLS_TARGET]
     if args.url:
         targets = targets[:1]
     print(
@@ -152,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="tickwire-bench-") as tmp:
+        if args.tls:
+            s = replace(s, tls_cert=str(self_signed_pem(Path(tmp) / "bench-tls.pem")))
         redis: RedisProcess | RedisCluster | None = None
         if args.cluster:
             redis = RedisCluster().start()

@@ -77,10 +77,16 @@ def median_step(steps: list[Step]) -> Step:
     )
 
 
+def compared(runs: list[Run]) -> str:
+    """The target tickwire is compared with: the baseline, or tickwire over TLS (`--tls`)."""
+    return next((r.target for r in runs if r.target != "tickwire"), "baseline")
+
+
 def rounds_report(runs: list[Run]) -> str:
     """One line per round: each target's p50/p99/p99.9 and the p99 ratio of that round."""
+    other = compared(runs)
     tw = [r.result for r in runs if r.target == "tickwire" and r.steps]
-    base = [r.result for r in runs if r.target == "baseline" and r.steps]
+    base = [r.result for r in runs if r.target == other and r.steps]
 
     def ms(st: Step) -> str:
         return "/".join(
@@ -92,7 +98,7 @@ def rounds_report(runs: list[Run]) -> str:
         line = f"round {i + 1}: tickwire p50/p99/p99.9 {ms(t)}"
         if i < len(base):
             b = base[i]
-            line += f" ms, baseline {ms(b)}"
+            line += f" ms, {other} {ms(b)}"
             r = ratio(t.latency.get("p99_us", math.nan), b.latency.get("p99_us", math.nan))
             line += f" ms, p99 ratio {r:.2f}x" if r is not None else " ms"
         out.append(line)
@@ -138,8 +144,9 @@ def breach(step: Step, s: Scenario) -> str | None:
 
 
 def report(runs: list[Run]) -> str:
+    other = compared(runs)
     tw = next((r.result for r in runs if r.target == "tickwire" and r.steps), None)
-    base = next((r.result for r in runs if r.target == "baseline" and r.steps), None)
+    base = next((r.result for r in runs if r.target == other and r.steps), None)
     out: list[str] = []
     saturate = any(r.scenario.saturate for r in runs)
     if saturate:
@@ -204,7 +211,7 @@ def report(runs: list[Run]) -> str:
                 base.correctness.get(key) if base else None,
             )
         )
-    out.append(table(rows, ("tickwire", "baseline")))
+    out.append(table(rows, ("tickwire", other)))
     for r in runs:
         verdict = "PASSED" if r.passed else "FAILED (silent loss or duplicates)"
         out.append(f"{r.target}: {verdict}")
@@ -259,8 +266,9 @@ def plot(runs: list[Run], path: str) -> None:
 
 
 def ratios(runs: list[Run]) -> dict[str, float | None]:
+    other = compared(runs)
     tw = next((r.result for r in runs if r.target == "tickwire" and r.steps), None)
-    base = next((r.result for r in runs if r.target == "baseline" and r.steps), None)
+    base = next((r.result for r in runs if r.target == other and r.steps), None)
     if tw is None or base is None:
         return {}
     out = {k: ratio(v, base.latency.get(k, float("nan"))) for k, v in tw.latency.items()}

@@ -48,6 +48,12 @@ class Scenario:
     patterns: tuple[str, ...] = ()
     #: The clients' `max_hz` (None: unthrottled).
     max_hz: float | None = None
+    #: The certificate the `TLS_TARGET` serves (PEM with its key; the clients trust it).
+    tls_cert: str | None = None
+
+
+#: tickwire served over TLS (`wss://`): the second target of `tickwire bench --tls`.
+TLS_TARGET = "tickwire-tls"
 
 
 def plan_channels(s: Scenario) -> list[list[str]]:
@@ -116,9 +122,13 @@ class Target:
 
     def _start(self) -> None:
         s = self.s
+        tls_cert = s.tls_cert if self.name == TLS_TARGET else None
         if s.url is None:
             server = ServerProcess(
-                self.redis_url, workers=s.workers, baseline=self.name == "baseline"
+                self.redis_url,
+                workers=s.workers,
+                baseline=self.name == "baseline",
+                tls_cert=tls_cert,
             )
             self.server = server  # stopped by __exit__ even if it fails to start
             server.start(self.log)
@@ -137,6 +147,8 @@ class Target:
                 ]  # fmt: skip
                 if s.max_hz is not None:
                     cmd += ["--max-hz", str(s.max_hz)]
+                if tls_cert is not None:
+                    cmd += ["--cafile", tls_cert]
                 self.loads.append(LoadProcess(cmd, self.log))
         for p in self.loads:
             p.wait_ready(self.logname)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import http.client
+import ipaddress
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -59,6 +62,51 @@ def start_feed(
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, cwd=tempfile.gettempdir())
 
 
+def self_signed_pem(path: Path) -> Path:
+    """Write a throwaway self-signed certificate for localhost and 127.0.0.1, its key in the
+    same file, to `path` (for a bench over TLS: the server serves it, the clients trust it as
+    its own CA). With `cryptography`, which PyJWT's RS256 support brings already."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tickwire bench")])
+    now = datetime.datetime.now(datetime.UTC)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(ski, critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        + cert.public_bytes(serialization.Encoding.PEM)
+    )
+    return path
+
+
 # -- ports and probes ---------------------------------------------------------------------------
 
 
@@ -71,9 +119,16 @@ def port_open(port: int) -> bool:
         return False
 
 
-def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    """(status, body) of GET `path` on 127.0.0.1:`port`; OSError when nothing answers."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+def http_get(
+    port: int, path: str, timeout: float = 5.0, tls: ssl.SSLContext | None = None
+) -> tuple[int, bytes]:
+    """(status, body) of GET `path` on 127.0.0.1:`port` (HTTPS with `tls`, the context that
+    trusts the server); OSError when nothing answers."""
+    conn = (
+        http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=tls)
+        if tls is not None
+        else http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    )
     try:
         conn.request("GET", path)
         response = conn.getresponse()
@@ -128,17 +183,22 @@ class ServerProcess:
         workers: int = 1,
         baseline: bool = False,
         extra_args: Sequence[str] = (),
+        tls_cert: str | None = None,
     ) -> None:
         self.redis_url = redis_url
         self.workers = workers
         self.baseline = baseline
         self.extra_args = list(extra_args)
+        #: Served over TLS with this certificate (PEM, its key in the same file), trusted as
+        #: its own CA by what asks the server here (a self-signed one: `self_signed_pem`).
+        self.tls_cert = tls_cert
+        self.tls = ssl.create_default_context(cafile=tls_cert) if tls_cert else None
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
+        return f"{'wss' if self.tls else 'ws'}://127.0.0.1:{self.port}/ws"
 
     @property
     def pid(self) -> int:
@@ -157,6 +217,8 @@ class ServerProcess:
                 *port,
             ]
         cmd = [TICKWIRE, "serve", "--redis", self.redis_url, *port, "--workers", str(self.workers)]
+        if self.tls_cert:
+            cmd += ["--tls-cert", self.tls_cert]
         return cmd + self.extra_args
 
     def start(self, log: Log = subprocess.DEVNULL, timeout: float = 30.0) -> ServerProcess:
@@ -182,7 +244,7 @@ class ServerProcess:
         if self.baseline:
             return port_open(self.port)
         try:
-            status, _ = http_get(self.port, "/healthz", timeout=1.0)
+            status, _ = http_get(self.port, "/healthz", timeout=1.0, tls=self.tls)
         except OSError:
             return False
         return status == 200 and (self.workers == 1 or len(self.worker_pids()) >= self.workers)
@@ -220,13 +282,13 @@ class ServerProcess:
         if self.baseline or self.proc is None:
             return ""
         try:
-            return http_get(self.port, "/metrics", timeout)[1].decode()
+            return http_get(self.port, "/metrics", timeout, self.tls)[1].decode()
         except OSError:
             return ""
 
     def metric(self, name: str) -> float:
         """One figure of /metrics (`name` with or without the `tickwire_` prefix); 0 if absent."""
-        _, body = http_get(self.port, "/metrics")
+        _, body = http_get(self.port, "/metrics", tls=self.tls)
         for line in body.decode().splitlines():
             key, _, value = line.partition(" ")
             if key in (name, "tickwire_" + name):

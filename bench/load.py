@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ssl
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -118,9 +119,16 @@ class Load:
     """Every client of this process, and the counters a step reports."""
 
     def __init__(
-        self, url: str, plan: list[list[str]], sample_every: int, max_hz: float | None = None
+        self,
+        url: str,
+        plan: list[list[str]],
+        sample_every: int,
+        max_hz: float | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.url = url
+        #: For a wss:// URL: the context that trusts the server's certificate.
+        self.tls = tls
         self.plan = plan
         self.max_hz = max_hz
         #: The reference connection's `pt` of every event (throttled loads only).
@@ -141,7 +149,7 @@ class Load:
             # events throttled messages skip. Its frames count in no figure.
             msg = orjson.dumps({"op": "subscribe", "id": 1, "channels": self.plan[0]})
             self.reference = await connect_sink(
-                self.url, msg, recording(self.published), EventCounter()
+                self.url, msg, recording(self.published), EventCounter(), self.tls
             )
         for i, channels in enumerate(self.plan):
             self.tasks.append(asyncio.create_task(self._client(i, channels, connected[i])))
@@ -157,7 +165,7 @@ class Load:
         stats = self.stats[i]
         handler = checking(stats, self.measure_from) if stats.sampled else None
         try:
-            sink = await connect_sink(self.url, msg, handler, self.counter)
+            sink = await connect_sink(self.url, msg, handler, self.counter, self.tls)
         except (OSError, TimeoutError) as exc:
             stats.error = f"{type(exc).__name__}: {exc}"
             return
@@ -251,7 +259,8 @@ async def main_async(args: argparse.Namespace, plan: list[list[str]]) -> None:
     """Commands on stdin, one per line: `go <unix ns>` starts a step (latency counted from then),
     `report <file.npy>` ends it (prints its figures as one JSON line), `stop` exits. While a step
     runs, a `{"live": …}` line each second feeds the bench's progress bar."""
-    load = Load(args.url, plan, args.sample_every, args.max_hz)
+    tls = ssl.create_default_context(cafile=args.cafile) if args.cafile else None
+    load = Load(args.url, plan, args.sample_every, args.max_hz, tls)
     await load.open()
     tune_gc()  # the same for both targets: collector pauses would show as their latency
     print("ready", flush=True)
@@ -287,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plan", required=True, help="JSON file: a list of channels per client")
     p.add_argument("--sample-every", type=int, default=1)
     p.add_argument("--max-hz", type=float, default=None, help="throttle every client to this")
+    p.add_argument("--cafile", default=None, help="for a wss:// URL: the CA to trust (PEM)")
     args = p.parse_args(argv)
     plan = orjson.loads(Path(args.plan).read_bytes())
     import uvloop

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import ssl
 import time
 from collections.abc import Callable
 from typing import cast
@@ -271,12 +272,17 @@ async def connect_sink(
     first_message: bytes,
     on_message: Callable[[bytes, int], None] | None = None,
     counter: Callable[[Buffer, int, int], int] = count_events,
+    tls: ssl.SSLContext | None = None,
 ) -> SinkProtocol:
-    """Open a sink on `url` (ws://host:port/path) and send `first_message` once it is open;
-    `on_message(payload, receive time ns)` gets every message if given; `counter` counts the
-    events of a whole frame's payload (an `EventCounter` may serve every sink of a process)."""
+    """Open a sink on `url` (ws://host:port/path, or wss:// with `tls`, the context trusting
+    the server) and send `first_message` once it is open; `on_message(payload, receive time
+    ns)` gets every message if given; `counter` counts the events of a whole frame's payload
+    (an `EventCounter` may serve every sink of a process)."""
     parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    secure = parts.scheme == "wss"
+    if secure and tls is None:
+        tls = ssl.create_default_context()
+    host, port = parts.hostname or "127.0.0.1", parts.port or (443 if secure else 80)
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(30):
         _, proto = await loop.create_connection(
@@ -285,6 +291,7 @@ async def connect_sink(
             ),
             host,
             port,
+            ssl=tls if secure else None,
         )
         await proto.opened
     return proto

@@ -92,6 +92,24 @@ def run_bench(tmp: str, options: str) -> tuple[subprocess.CompletedProcess[str],
     return proc, orjson.loads(out.read_bytes())
 
 
+def test_tls_runs_tickwire_over_wss_beside_ws_in_place_of_the_baseline() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, doc = run_bench(
+            tmp,
+            "--tls --rate 500 --symbols 5 --clients 4 --channels-per-client 3 --duration 1.5 "
+            "--warmup 0.5",
+        )
+    assert "tickwire: PASSED" in proc.stdout and "tickwire-tls: PASSED" in proc.stdout
+    assert [r["target"] for r in doc["runs"]] == ["tickwire", "tickwire-tls"]
+    for run in doc["runs"]:
+        c = run["correctness"]
+        assert c["sampled_events"] > 0 and c["lost"] == c["duplicates"] == 0
+        # Read over HTTPS from the TLS server's /metrics, as over HTTP from the other's.
+        assert run["server"]["read→write p99_us"] > 0
+    assert "p99_us" in doc["ratios"]
+    assert "tickwire-tls" in proc.stdout.splitlines()[0]  # the table's second column
+
+
 def test_short_end_to_end_run_reports_correctness_for_both_targets() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / "bench.png"
