@@ -237,7 +237,7 @@ class Wire(asyncio.Protocol):
                 with contextlib.suppress(OSError, RuntimeError):
                     transport.write_eof()
             else:
-                transport.close()
+                self._close_transport()  # TLS: no half-close
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -311,6 +311,13 @@ class Wire(asyncio.Protocol):
         protocol.handshake_exc = None
 
     # -- inside --------------------------------------------------------------------------------
+    def _close_transport(self) -> None:
+        """Close the transport once: asyncio's TLS transport, closed a second time, drops its
+        protocol, and every call on it after that raises AttributeError (CPython 3.11)."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+
     def _request(self, request: Request) -> None:
         protocol, endpoint = self.protocol, self.endpoint
         try:
@@ -335,8 +342,7 @@ class Wire(asyncio.Protocol):
         self.send_data()
         if protocol.state is not _OPEN:
             # An HTTP answer or a refusal: the stream is ended; close once it is written.
-            assert self.transport is not None
-            self.transport.close()
+            self._close_transport()
             return
         if self._timer is not None:
             self._timer.cancel()

@@ -15,16 +15,21 @@ from tickwire.core.errors import RedisUnavailable
 from tickwire.core.redis_process import RedisProcess, TlsFiles, redis_cli
 from tickwire.core.redis_target import open_redis
 
-pytestmark = pytest.mark.uvloop_only
-
 
 @pytest.fixture(scope="module")
-def tls_redis(tls_files: TlsFiles) -> Iterator[RedisProcess]:
+def tls_redis_process(tls_files: TlsFiles) -> Iterator[RedisProcess]:
     proc = RedisProcess(tls=tls_files).start()
     try:
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture
+def tls_redis(tls_redis_process: RedisProcess) -> RedisProcess:
+    """The module's TLS redis-server, emptied first (each test runs on both loops)."""
+    redis_cli(tls_redis_process.port, "FLUSHALL")
+    return tls_redis_process
 
 
 def trusted(proc: RedisProcess, files: TlsFiles, host: str = "localhost", more: str = "") -> str:

@@ -30,8 +30,6 @@ from tickwire.server.app import TickwireServer
 
 from .conftest import server_config
 
-pytestmark = pytest.mark.uvloop_only
-
 AAA = Channel("trades", "AAA")
 
 

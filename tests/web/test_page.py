@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from playwright.async_api import Page, expect
+from playwright.async_api import Browser, Page, expect
 
 from tests.conftest import timeout
 from tests.contract.schemas import validate_client_message
@@ -28,7 +28,7 @@ from tests.web.harness import (
     wait_for,
 )
 from tickwire.core.config import PublisherConfig, ServerConfig
-from tickwire.core.redis_process import RedisProcess
+from tickwire.core.redis_process import RedisProcess, TlsFiles
 from tickwire.core.redis_wire import RedisConnection
 from tickwire.feeds.publisher import Publisher
 
@@ -573,3 +573,47 @@ async def test_page_rate_selector_resubscribes_at_that_rate(
     await expect(cell(page, "AAPL", "last")).to_have_text("191")
     assert await conn.requests_until_quiet() == []
     assert page_errors.unexpected() == []
+
+
+async def test_page_served_over_https_streams_over_wss(
+    browser: Browser,
+    redis: RedisConnection,
+    redis_server: RedisProcess,
+    tls_files: TlsFiles,
+) -> None:
+    """`tickwire serve --tls-cert`: the page comes over https:// and opens wss:// itself."""
+    from tickwire.feeds.runner import run_simulator
+    from tickwire.feeds.simulator import MarketSimulator, make_instruments
+
+    symbols = ["BTC-USD", "ETH-USD"]
+    sim = MarketSimulator(make_instruments(symbols, seed=3), rate=200.0, seed=3)
+    # The test's CA is not the browser's: told to accept it, as a user adding it would.
+    context = await browser.new_context(ignore_https_errors=True)
+    page = await context.new_page()
+    errors = PageErrors()
+    errors.attach(page)
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    config = ServerConfig(redis_url=redis_server.url, port=0, tls_cert_file=str(tls_files.cert))
+    try:
+        async with Publisher(PublisherConfig(redis_url=redis_server.url)) as pub:
+            feed = asyncio.create_task(run_simulator(pub, sim))
+            try:
+                await wait_for("the feed to publish", lambda: pub.stats.published > 20)
+                async with serving(config) as srv:
+                    assert srv.http_url.startswith("https://")
+                    await page.goto(srv.http_url)
+                    await expect(page.locator("#state")).to_have_text(
+                        "live", timeout=timeout(10_000)
+                    )
+                    await expect(page.locator("#quotes tbody tr")).to_have_count(
+                        len(symbols), timeout=timeout(10_000)
+                    )
+            finally:
+                feed.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await feed
+        assert sockets and all(u.startswith(f"wss://127.0.0.1:{srv.port}/") for u in sockets)
+        assert not errors.unexpected(), errors.unexpected()
+    finally:
+        await context.close()
