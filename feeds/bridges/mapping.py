@@ -10,7 +10,6 @@ bytes and returns the channel and encoded body, or the reason it does not map.
 from __future__ import annotations
 
 import math
-import ssl
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ import orjson
 from tickwire.core.channels import Channel, event_type_of, validate_symbol, validate_type
 from tickwire.core.errors import ChannelError, ConfigError
 from tickwire.core.events import FIELDS_OF, encode_body
-from tickwire.core.tls import client_context
+from tickwire.core.tls import ClientTls
 
 Broker = Literal["nats", "rabbitmq", "mqtt"]
 BROKERS: tuple[Broker, ...] = ("nats", "rabbitmq", "mqtt")
@@ -152,7 +151,7 @@ class BridgeMap:
     #: The broker table (`[nats]`, `[rabbitmq]`, `[mqtt]`), read by that broker's adapter.
     broker_options: dict[str, Any] = field(default_factory=dict)
     #: The broker table's TLS keys (`tls_ca_file`, …), None if it has none.
-    tls: BrokerTls | None = None
+    tls: ClientTls | None = None
 
     @property
     def queues(self) -> list[str]:
@@ -175,14 +174,14 @@ def parse_bridge_map(data: dict[str, Any], broker: Broker, where: str = "map") -
     options = _options(data.pop("bridge", {}), f"{where} [bridge]")
     routes_data = data.pop("route", [])
     broker_options: dict[str, Any] = {}
-    tls: BrokerTls | None = None
+    tls: ClientTls | None = None
     for name in BROKERS:
         table = data.pop(name, {})
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: [{name}] must be a table")
         if name == broker:
             broker_options = dict(table)
-            tls = BrokerTls.pop_from(broker_options, f"{where} [{name}]")
+            tls = _pop_tls(broker_options, f"{where} [{name}]")
     if data:
         raise ConfigError(f"{where}: unknown table(s) {', '.join(sorted(data))}")
     if not isinstance(routes_data, list) or not routes_data:
@@ -198,36 +197,18 @@ def parse_bridge_map(data: dict[str, Any], broker: Broker, where: str = "map") -
     return BridgeMap(broker, options, routes, broker_options, tls)
 
 
-@dataclass(frozen=True, slots=True)
-class BrokerTls:
-    """The broker table's TLS keys: whom to trust, and a client certificate if the broker asks
-    for one. Used with a TLS URL (`amqps://`, `tls://`, `mqtts://`); a TLS URL without them
-    trusts the system's CAs."""
+#: A broker table's TLS keys (used with a TLS URL: `amqps://`, `tls://`, `mqtts://`; a TLS URL
+#: without them trusts the system's CAs).
+TLS_KEYS = ("tls_ca_file", "tls_cert_file", "tls_key_file")
 
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
 
-    KEYS = ("tls_ca_file", "tls_cert_file", "tls_key_file")
-
-    @classmethod
-    def pop_from(cls, table: dict[str, Any], where: str) -> BrokerTls | None:
-        """Take the TLS keys out of `table`; None if it has none. The context is made here, so
-        that a file that cannot be read stops the bridge at start."""
-        given = {k: str(table.pop(k)) for k in cls.KEYS if k in table}
-        if not given:
-            return None
-        if "tls_key_file" in given and "tls_cert_file" not in given:
-            raise ConfigError(f"{where}: tls_key_file without tls_cert_file")
-        tls = cls(given.get("tls_ca_file"), given.get("tls_cert_file"), given.get("tls_key_file"))
-        try:
-            tls.context()
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{where}: cannot set up TLS: {exc}") from None
-        return tls
-
-    def context(self) -> ssl.SSLContext:
-        return client_context(self.ca_file, self.cert_file, self.key_file)
+def _pop_tls(table: dict[str, Any], where: str) -> ClientTls | None:
+    """Take the TLS keys out of a broker table; None if it has none."""
+    given = {k: str(table.pop(k)) for k in TLS_KEYS if k in table}
+    if not given:
+        return None
+    tls = ClientTls(given.get("tls_ca_file"), given.get("tls_cert_file"), given.get("tls_key_file"))
+    return tls.checked(where, "tls_key_file without tls_cert_file")
 
 
 def _options(table: Any, where: str) -> BridgeOptions:

@@ -175,6 +175,19 @@ def test_rabbitmq_routes_are_chosen_by_queue_then_routing_key() -> None:
         ("mqtt", {"bridge": {"name": "a.b"}, "route": [QUOTES]}, "name must be"),
         ("mqtt", {"bridge": {"on_unmapped": "dead-letter"}, "route": [QUOTES]}, "dead_letter ="),
         ("mqtt", {"kafka": {}, "route": [QUOTES]}, "unknown table"),
+        (
+            "mqtt",
+            {"mqtt": {"tls_key_file": "/k.pem"}, "route": [QUOTES]},
+            r"tls_key_file without tls_cert_file in map \[mqtt\]",
+        ),
+        (
+            "nats",
+            {
+                "nats": {"tls_ca_file": "/nowhere/ca.pem"},
+                "route": [{"channel": "trades", "subject": "md.{symbol}"}],
+            },
+            r"cannot set up TLS for map \[nats\]",
+        ),
     ],
 )
 def test_map_errors_say_what_is_wrong(broker: Broker, data: dict[str, Any], message: str) -> None:

@@ -10,7 +10,7 @@ from tickwire.core.errors import ConfigError
 from tickwire.core.redis_process import TlsFiles
 from tickwire.core.redis_target import RedisTarget
 from tickwire.core.redis_wire import RedisAddress
-from tickwire.core.tls import RedisTls
+from tickwire.core.tls import ClientTls
 
 
 def test_rediss_takes_the_ssl_options_and_shows_as_rediss(tls_files: TlsFiles) -> None:
@@ -19,11 +19,11 @@ def test_rediss_takes_the_ssl_options_and_shows_as_rediss(tls_files: TlsFiles) -
         f"&ssl_certfile={tls_files.cert}&ssl_keyfile={tls_files.key}&ssl_check_hostname=false"
     )
     assert (a.host, a.port, a.db, a.username, a.password) == ("cache.example", 6380, 3, "u", "pw")
-    assert a.tls == RedisTls(
+    assert a.tls == ClientTls(
         str(tls_files.ca), str(tls_files.cert), str(tls_files.key), True, False
     )
     assert str(a) == "rediss://cache.example:6380/3"
-    assert RedisAddress.parse("rediss://h").tls == RedisTls()  # the system's CAs, checked
+    assert RedisAddress.parse("rediss://h").tls == ClientTls()  # the system's CAs, checked
     assert RedisAddress.parse("redis://h").tls is None
 
 
@@ -34,12 +34,12 @@ def test_ssl_cert_reqs_none_turns_the_name_check_off_too() -> None:
 
 def test_the_seeds_of_a_cluster_and_the_sentinels_all_get_the_tls(tls_files: TlsFiles) -> None:
     cluster = RedisTarget.parse(f"rediss://h1:7000,h2:7001/0?ssl_ca_certs={tls_files.ca}")
-    assert [s.tls for s in cluster.seeds] == [RedisTls(str(tls_files.ca))] * 2
+    assert [s.tls for s in cluster.seeds] == [ClientTls(str(tls_files.ca))] * 2
     assert str(cluster) == "rediss://h1:7000,h2:7001/0"
     sentinel = RedisTarget.parse(
         f"rediss+sentinel://:d@s1,s2/tw/1?sentinel_password=sp&ssl_ca_certs={tls_files.ca}"
     )
-    assert [s.tls for s in sentinel.seeds] == [RedisTls(str(tls_files.ca))] * 2
+    assert [s.tls for s in sentinel.seeds] == [ClientTls(str(tls_files.ca))] * 2
     assert sentinel.sentinel_password == "sp" and sentinel.seeds[0].password == "d"
     assert str(sentinel) == "rediss+sentinel://s1:26379,s2:26379/tw/1"
     assert RedisTarget.parse("redis+sentinel://s1/tw").seeds[0].tls is None

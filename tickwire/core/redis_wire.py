@@ -21,7 +21,7 @@ import hiredis
 
 from tickwire.core.commands import Arg, Command, Packed, RedisReplyError
 from tickwire.core.errors import ConfigError, RedisTimeout, RedisUnavailable
-from tickwire.core.tls import TLS_OPTIONS, RedisTls
+from tickwire.core.tls import TLS_OPTIONS, ClientTls
 from tickwire.core.urls import redact_url
 
 _P = TypeVar("_P", bound=BaseProtocol)
@@ -39,7 +39,7 @@ class RedisAddress:
     #: PING on a 2-core development machine: 28 k against 18 k round trips/s).
     path: str | None = None
     #: TLS (`rediss://`), None: plain TCP.
-    tls: RedisTls | None = None
+    tls: ClientTls | None = None
 
     @classmethod
     def parse(cls, url: str) -> RedisAddress:
@@ -109,7 +109,7 @@ class RedisAddress:
         return f"{'rediss' if self.tls else 'redis'}://{self.host}:{self.port}/{self.db}"
 
 
-def _tls_of(scheme: str, query: str, url: str) -> RedisTls | None:
+def _tls_of(scheme: str, query: str, url: str) -> ClientTls | None:
     """The TLS a URL asks for: `rediss://` with its `ssl_*` options, None for the others (where
     an `ssl_*` option is a mistake worth saying: it would be ignored)."""
     options = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
@@ -126,7 +126,7 @@ def _tls_of(scheme: str, query: str, url: str) -> RedisTls | None:
             f"unknown option {', '.join(unknown)} in {redact_url(url)!r} "
             f"(a rediss:// URL takes {', '.join(TLS_OPTIONS)})"
         )
-    return RedisTls.from_options(options, repr(redact_url(url)))
+    return ClientTls.from_redis_options(options, repr(redact_url(url)))
 
 
 class _Replies(asyncio.Protocol):

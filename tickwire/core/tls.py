@@ -1,4 +1,5 @@
-"""TLS contexts: to Redis (`rediss://` and its options) and for the server's own `wss://`.
+"""TLS contexts: as a client (to Redis with `rediss://` and its options, to a broker) and for
+the server's own `wss://`.
 
 The `rediss://` option names are redis-py's, so a URL that works there works here:
 `ssl_ca_certs` (a PEM file of the CAs to trust; default: the system's), `ssl_certfile` and
@@ -23,18 +24,20 @@ _TRUTH = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0"
 
 
 @dataclass(frozen=True, slots=True)
-class RedisTls:
-    ca_certs: str | None = None
-    certfile: str | None = None
-    keyfile: str | None = None
+class ClientTls:
+    """TLS as a client (to Redis, to a broker): whom to trust (None: the system's CAs), the
+    certificate to present if the server asks for one (its key in `key_file` or in the same
+    file), and whether to check the certificate and the name it carries."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
     verify: bool = True
     check_hostname: bool = True
 
     @classmethod
-    def from_options(cls, options: Mapping[str, str], shown: str) -> RedisTls:
-        """From a URL's `ssl_*` options (`shown`: the URL as errors name it). The context is
-        made here once, so a missing or unreadable file is a ConfigError at start, not a
-        connect that fails and is retried for ever."""
+    def from_redis_options(cls, options: Mapping[str, str], shown: str) -> ClientTls:
+        """From a `rediss://` URL's `ssl_*` options (`shown`: the URL as errors name it)."""
         reqs = options.get("ssl_cert_reqs", "required").lower()
         if reqs not in ("required", "none"):
             raise ConfigError(f"ssl_cert_reqs must be required or none, not {reqs!r}, in {shown}")
@@ -43,31 +46,36 @@ class RedisTls:
             raise ConfigError(
                 f"ssl_check_hostname must be true or false, not {check!r}, in {shown}"
             )
-        certfile, keyfile = options.get("ssl_certfile"), options.get("ssl_keyfile")
-        if keyfile and not certfile:
-            raise ConfigError(f"ssl_keyfile without ssl_certfile in {shown}")
         tls = cls(
-            ca_certs=options.get("ssl_ca_certs") or None,
-            certfile=certfile or None,
-            keyfile=keyfile or None,
+            ca_file=options.get("ssl_ca_certs") or None,
+            cert_file=options.get("ssl_certfile") or None,
+            key_file=options.get("ssl_keyfile") or None,
             verify=reqs == "required",
             check_hostname=_TRUTH[check] and reqs == "required",
         )
+        return tls.checked(shown, "ssl_keyfile without ssl_certfile")
+
+    def checked(self, where: str, key_alone: str) -> ClientTls:
+        """Itself, once its context could be made: a missing or unreadable file is a
+        ConfigError at start (`key_alone`: what to say of a key without a certificate), not a
+        connect that fails and is retried for ever."""
+        if self.key_file and not self.cert_file:
+            raise ConfigError(f"{key_alone} in {where}")
         try:
-            tls.context()
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot set up TLS for {shown}: {exc}") from None
-        return tls
+            self.context()
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(f"cannot set up TLS for {where}: {exc}") from None
+        return self
 
     def context(self) -> ssl.SSLContext:
         return _context(self)
 
 
 @functools.cache
-def _context(tls: RedisTls) -> ssl.SSLContext:
+def _context(tls: ClientTls) -> ssl.SSLContext:
     """One context per set of options: loading the trust store costs milliseconds, and every
     connection of a cluster, each reconnect, shares it."""
-    return client_context(tls.ca_certs, tls.certfile, tls.keyfile, tls.verify, tls.check_hostname)
+    return client_context(tls.ca_file, tls.cert_file, tls.key_file, tls.verify, tls.check_hostname)
 
 
 def client_context(
@@ -77,9 +85,8 @@ def client_context(
     verify: bool = True,
     check_hostname: bool = True,
 ) -> ssl.SSLContext:
-    """A client's context: trusting `ca_file` (None: the system's CAs), presenting `cert_file`
-    (its key in `key_file` or in the same file) when the server asks for a certificate.
-    Raises OSError or ValueError (ssl.SSLError) when a file cannot be loaded."""
+    """A new client context (`ClientTls.context` shares them). Raises OSError or ValueError
+    (ssl.SSLError) when a file cannot be loaded."""
     ctx = ssl.create_default_context(cafile=ca_file)
     ctx.check_hostname = check_hostname and verify
     if not verify:
