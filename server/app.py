@@ -103,7 +103,8 @@ class TickwireServer:
         self.sockets = 0
         self._tasks: list[asyncio.Task[None]] = []
         self.port = config.port
-        #: The listening socket's TLS context, if TLS is served here (`reload_tls`).
+        #: The TLS context handshakes take, if TLS is served here: the one listening, or the
+        #: one the last reload made (`reload_tls`).
         self._tls: ssl.SSLContext | None = None
 
     @property
@@ -156,6 +157,8 @@ class TickwireServer:
         tls = self._tls = (
             server_context(cfg.tls_cert_file, cfg.tls_key_file) if cfg.tls_cert_file else None
         )
+        if tls is not None:
+            tls.sni_callback = self._latest_tls
         self._server = await asyncio.get_running_loop().create_server(
             accept,
             cfg.host,
@@ -260,14 +263,21 @@ class TickwireServer:
         if self._tls is None:
             return True
         try:
-            server_context(cfg.tls_cert_file, cfg.tls_key_file)  # all of it loads, or nothing
+            # A context of its own, swapped in whole: loading into the live one could leave it
+            # with a new certificate and the old key if the files changed between the reads.
+            fresh = server_context(cfg.tls_cert_file, cfg.tls_key_file)
         except ConfigError as exc:
             log.error("reload failed, keeping the previous TLS certificate: %s", exc)
             return False
-        # Into the listening context itself: the next handshakes read it from there.
-        self._tls.load_cert_chain(cfg.tls_cert_file, cfg.tls_key_file or None)
+        self._tls = fresh
         log.info("reload: TLS certificate %s loaded", cfg.tls_cert_file)
         return True
+
+    def _latest_tls(self, conn: ssl.SSLObject, _name: str | None, ctx: ssl.SSLContext) -> None:
+        """The listening context's `sni_callback`, which OpenSSL calls at every ClientHello,
+        with a server name or without: the handshake takes the last context loaded."""
+        if self._tls is not None and ctx is not self._tls:
+            conn.context = self._tls
 
     def reload_credentials(self) -> bool:
         """Re-read the API key file and JWT key files (SIGHUP), then check every connection's
