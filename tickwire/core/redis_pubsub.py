@@ -112,7 +112,10 @@ class RedisSubscription:
         return sub
 
     def close(self) -> None:
-        self._transport.close()
+        # Once: asyncio's TLS transport, closed again, drops its protocol (CPython 3.11), and
+        # a `take` after that would fail inside the TLS layer.
+        if not self._transport.is_closing():
+            self._transport.close()
 
     def wake(self) -> None:
         """End a `wait` now, as if something had arrived."""

@@ -217,7 +217,9 @@ class RedisConnection:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._transport.close()
+            # Not again after a parse error closed it: see `RedisSubscription.close`.
+            if not self._transport.is_closing():
+                self._transport.close()
 
     def listen(self, listener: Callable[[], None] | None) -> None:
         """Call `listener` after replies arrive and when the connection ends (None: stop).
