@@ -1,10 +1,11 @@
 """Who may open a WebSocket: origin policy, connection caps and handshake credentials.
 
-Sans-I/O: `Admission.admit(headers, path, peer, now)` answers `Admitted` (connection slots are
-taken: give them back with `release(slot)` when the connection is gone) or `Refused` (the HTTP
-status to answer with). Checks run cheapest first: repeated headers (400), origin (403), total
-cap (503), per-IP cap (429), the token in an `Authorization: Bearer` header or a `token` query
-parameter (401), per-credential cap (429). A credential presented later (`{"op":"auth"}`) takes
+Sans-I/O: `Admission.admit(headers, path, peer, now, client_common_name)` answers `Admitted`
+(connection slots are taken: give them back with `release(slot)` when the connection is gone) or
+`Refused` (the HTTP status to answer with). Checks run cheapest first: repeated headers (400),
+origin (403), total cap (503), per-IP cap (429), the token in an `Authorization: Bearer` header
+or a `token` query parameter, else the client certificate's common name (401), per-credential
+cap (429). A credential presented later (`{"op":"auth"}`) takes
 its slot with `claim(slot, grant)`.
 """
 
@@ -73,7 +74,16 @@ class Admission:
         self.per_ip: dict[str, int] = {}
         self.per_credential: dict[str, int] = {}
 
-    def admit(self, headers: Headers, path: str, peer: str, now: float) -> Admitted | Refused:
+    def admit(
+        self,
+        headers: Headers,
+        path: str,
+        peer: str,
+        now: float,
+        client_common_name: str | None = None,
+    ) -> Admitted | Refused:
+        """`client_common_name`: of the client certificate the TLS layer verified, if any; a
+        token in the handshake is taken before it."""
         cfg = self.config
         for name in self._single_headers:
             if len(headers.get_all(name)) > 1:
@@ -96,19 +106,19 @@ class Admission:
         grant: Grant | None = None
         if self.authenticator is not None:
             token = handshake_token(headers, path)
-            if token is not None:
-                try:
+            try:
+                if token is not None:
                     grant = self.authenticator.authenticate(token, now)
-                except AuthError as exc:
-                    return Refused(
-                        HTTPStatus.UNAUTHORIZED,
-                        str(exc),
-                        (("WWW-Authenticate", 'Bearer realm="tickwire", error="invalid_token"'),),
-                    )
-                if self._credential_full(grant.credential):
-                    return Refused(
-                        HTTPStatus.TOO_MANY_REQUESTS, CREDENTIAL_CAP_REASON, _RETRY_AFTER
-                    )
+                elif client_common_name is not None:
+                    grant = self.authenticator.authenticate_certificate(client_common_name)
+            except AuthError as exc:
+                return Refused(
+                    HTTPStatus.UNAUTHORIZED,
+                    str(exc),
+                    (("WWW-Authenticate", 'Bearer realm="tickwire", error="invalid_token"'),),
+                )
+            if grant is not None and self._credential_full(grant.credential):
+                return Refused(HTTPStatus.TOO_MANY_REQUESTS, CREDENTIAL_CAP_REASON, _RETRY_AFTER)
         slot = Slot(ip, group)
         self.open += 1
         if group is not None:

@@ -154,9 +154,7 @@ class TickwireServer:
             self.sockets += 1
             return endpoint()
 
-        tls = self._tls = (
-            server_context(cfg.tls_cert_file, cfg.tls_key_file) if cfg.tls_cert_file else None
-        )
+        tls = self._tls = self._tls_context() if cfg.tls_cert_file else None
         if tls is not None:
             tls.sni_callback = self._latest_tls
         self._server = await asyncio.get_running_loop().create_server(
@@ -265,13 +263,17 @@ class TickwireServer:
         try:
             # A context of its own, swapped in whole: loading into the live one could leave it
             # with a new certificate and the old key if the files changed between the reads.
-            fresh = server_context(cfg.tls_cert_file, cfg.tls_key_file)
+            fresh = self._tls_context()
         except ConfigError as exc:
             log.error("reload failed, keeping the previous TLS certificate: %s", exc)
             return False
         self._tls = fresh
         log.info("reload: TLS certificate %s loaded", cfg.tls_cert_file)
         return True
+
+    def _tls_context(self) -> ssl.SSLContext:
+        cfg = self.config
+        return server_context(cfg.tls_cert_file, cfg.tls_key_file, cfg.auth.tls_client_ca_file)
 
     def _latest_tls(self, conn: ssl.SSLObject, _name: str | None, ctx: ssl.SSLContext) -> None:
         """The listening context's `sni_callback`, which OpenSSL calls at every ClientHello,

@@ -44,6 +44,8 @@ MAX_TOKEN_CHARS = 8192
 MIN_HMAC_SECRET_BYTES = 32
 _PREFIX_RE = re.compile(r"^[A-Z0-9][A-Z0-9._/-]{0,30}$")
 _HASH_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
+#: How the key file names a client certificate: by its subject's common name.
+CERT_PREFIX = "cn:"
 
 
 # -- entitlements --------------------------------------------------------------------------------
@@ -134,10 +136,12 @@ def key_id(token: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class ApiKeys:
-    """The key file's contents: SHA-256 of each key → its grant.
+    """The key file's contents: SHA-256 of each key (or a client certificate's name) → its grant.
 
     One key per line, `sha256:<64 hex> <name> <pattern>[,<pattern>...]`; `#` starts a comment.
-    Keys must be random (128 bits or more), which is why a plain SHA-256 is enough.
+    Keys must be random (128 bits or more), which is why a plain SHA-256 is enough. A line
+    `cn:<common name> <name> <patterns>` grants a client certificate whose subject has that
+    common name (`[auth] tls_client_ca_file`: one the server's client CA signed).
     """
 
     grants: Mapping[str, Grant]
@@ -156,10 +160,17 @@ class ApiKeys:
                     f"{where}: expected `sha256:<hex> <name> <pattern>[,<pattern>...]`"
                 )
             digest, name, patterns = parts
-            m = _HASH_RE.match(digest.lower())
-            if m is None:
-                raise ConfigError(f"{where}: the key must be written as sha256:<64 hex digits>")
-            if m.group(1) in grants:
+            if digest.startswith(CERT_PREFIX) and len(digest) > len(CERT_PREFIX):
+                ident, credential = digest, "cert:" + digest[len(CERT_PREFIX) :]
+            else:
+                m = _HASH_RE.match(digest.lower())
+                if m is None:
+                    raise ConfigError(
+                        f"{where}: the key must be written as sha256:<64 hex digits> (or a "
+                        "client certificate as cn:<common name>)"
+                    )
+                ident, credential = m.group(1), "key:" + m.group(1)
+            if ident in grants:
                 raise ConfigError(f"{where}: the same key appears twice")
             try:
                 entitlements = parse_entitlements(p for p in patterns.split(",") if p)
@@ -167,9 +178,7 @@ class ApiKeys:
                 raise ConfigError(f"{where}: {exc}") from None
             if not entitlements:
                 raise ConfigError(f"{where}: a key needs at least one channel pattern")
-            grants[m.group(1)] = Grant(
-                name, entitlements, key_id=m.group(1), credential="key:" + m.group(1)
-            )
+            grants[ident] = Grant(name, entitlements, key_id=ident, credential=credential)
         return cls(grants)
 
     @classmethod
@@ -268,6 +277,16 @@ class Authenticator:
         if self.jwt_keys.configured and token.count(".") == 2:
             return self._jwt(token, now)
         raise AuthError("invalid credentials")
+
+    def authenticate_certificate(self, common_name: str) -> Grant:
+        """The grant of a client certificate (verified by the TLS layer against the client CA)
+        whose subject has `common_name`, or AuthError: a `cn:` line of the key file names it."""
+        grant = None
+        if self.api_keys is not None:
+            grant = self.api_keys.grants.get(CERT_PREFIX + common_name)
+        if grant is None:
+            raise AuthError("client certificate not granted any channel")
+        return grant
 
     def current(self, grant: Grant) -> Grant | None:
         """The grant an API key has now (after a reload), None if the key is gone.

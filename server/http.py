@@ -79,7 +79,9 @@ class HttpRoutes:
     def _admit(self, wire: Wire, request: Request) -> Response | None:
         remote = wire.remote_address
         peer = str(remote[0]) if isinstance(remote, tuple) and remote else "unix"
-        decision = self.admission.admit(request.headers, request.path, peer, time.time())
+        decision = self.admission.admit(
+            request.headers, request.path, peer, time.time(), wire.client_common_name
+        )
         if isinstance(decision, Refused):
             status = decision.status
             refused = self.metrics.handshakes_refused

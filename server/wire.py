@@ -155,6 +155,17 @@ class Wire(asyncio.Protocol):
     def remote_address(self) -> Any:
         return None if self.transport is None else self.transport.get_extra_info("peername")
 
+    @property
+    def client_common_name(self) -> str | None:
+        """The subject common name of the certificate the client presented over TLS, verified
+        against the server's client CA; None without one."""
+        cert = None if self.transport is None else self.transport.get_extra_info("peercert")
+        for rdn in (cert or {}).get("subject", ()):
+            for key, value in rdn:
+                if key == "commonName":
+                    return str(value)
+        return None
+
     def send_text(self, message: bytes, frame: bytes | None = None) -> None:
         """Send `message` (UTF-8) as one text frame; `frame` is it framed already
         (`text_frame`), shared by every client it goes to. Nothing when not open."""

@@ -326,6 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the certificate's private key, PEM (config: tls_key_file; default: in --tls-cert)",
     )
     sec.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        default=None,
+        help="with --tls-cert and --api-keys: client certificates signed by this CA (PEM) are "
+        "credentials, granted channels by the key file's cn:<common name> lines "
+        "(config: [auth] tls_client_ca_file)",
+    )
+    sec.add_argument(
         "--public",
         action="store_true",
         default=None,
@@ -704,6 +712,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "jwt_public_key_file": args.jwt_public_key,
             "jwt_audience": args.jwt_audience,
             "jwt_issuer": args.jwt_issuer,
+            "tls_client_ca_file": args.tls_client_ca,
         },
     )
     if cfg.auth.enabled:

@@ -128,8 +128,10 @@ class Recorder:
 
 
 @contextlib.asynccontextmanager
-async def recorder(url: str) -> AsyncIterator[Recorder]:
-    ws = await websockets.connect(url, compression=None, max_size=None)
+async def recorder(url: str, **connect: Any) -> AsyncIterator[Recorder]:
+    """A recording client on `url`, once welcomed; `connect` goes to websockets' connect (an
+    `ssl` context, `additional_headers`)."""
+    ws = await websockets.connect(url, compression=None, max_size=None, **connect)
     rec = Recorder(ws)
     await rec.wait_for(lambda m: m.get("type") == "welcome")
     try:

@@ -117,6 +117,9 @@ class AuthConfig:
     jwt_channels_claim: str = "channels"
     # A connection without a token in the handshake must send `{"op":"auth"}` within this time.
     timeout_s: float = 5.0
+    # Client certificates as credentials (with `tls_cert_file`): the CA that signs them (PEM).
+    # A client may present one; the key file's `cn:<common name>` lines grant it its channels.
+    tls_client_ca_file: str = ""
 
     @property
     def enabled(self) -> bool:
@@ -243,8 +246,14 @@ def load_server_config(
 def _check(cfg: ServerConfig) -> None:
     if cfg.tls_key_file and not cfg.tls_cert_file:
         raise ConfigError("tls_key_file without tls_cert_file (the certificate to serve)")
+    if cfg.auth.tls_client_ca_file and not (cfg.tls_cert_file and cfg.auth.api_keys_file):
+        raise ConfigError(
+            "tls_client_ca_file needs tls_cert_file (TLS served here) and api_keys_file (whose "
+            "cn:<common name> lines grant client certificates their channels)"
+        )
     if cfg.tls_cert_file:
-        server_context(cfg.tls_cert_file, cfg.tls_key_file)  # here, not in every worker
+        # Here, not in every worker.
+        server_context(cfg.tls_cert_file, cfg.tls_key_file, cfg.auth.tls_client_ca_file)
     if cfg.workers < 1:
         raise ConfigError("workers must be at least 1")
     for name in ("max_connections", "max_connections_per_ip", "max_connections_per_credential"):

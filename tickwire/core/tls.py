@@ -96,10 +96,12 @@ def client_context(
     return ctx
 
 
-def server_context(cert_file: str, key_file: str = "") -> ssl.SSLContext:
+def server_context(cert_file: str, key_file: str = "", client_ca_file: str = "") -> ssl.SSLContext:
     """The context `tickwire serve` listens with for `wss://` and `https://`: the certificate
-    chain in `cert_file` (PEM), its key in `key_file` or, if empty, in the same file. A file
-    that cannot be read or a key that does not match is a ConfigError."""
+    chain in `cert_file` (PEM), its key in `key_file` or, if empty, in the same file. With
+    `client_ca_file`, a client may present a certificate, which must come from that CA (one
+    from elsewhere fails the handshake); without one it authenticates as it would otherwise.
+    A file that cannot be read or a key that does not match is a ConfigError."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     # WebSocket upgrades are HTTP/1.1: say so to clients that offer h2 first.
@@ -108,4 +110,10 @@ def server_context(cert_file: str, key_file: str = "") -> ssl.SSLContext:
         ctx.load_cert_chain(cert_file, key_file or None)
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         raise ConfigError(f"cannot load the TLS certificate {cert_file!r}: {exc}") from None
+    if client_ca_file:
+        try:
+            ctx.load_verify_locations(cafile=client_ca_file)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load the client CA {client_ca_file!r}: {exc}") from None
+        ctx.verify_mode = ssl.CERT_OPTIONAL
     return ctx
