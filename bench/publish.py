@@ -91,7 +91,8 @@ def run_ceiling(url: str, events: int, streams: int, size: int) -> Result:
         return Result(CEILING, 0, 0.0, "redis-benchmark is not installed (apt install redis-tools)")
     address = RedisAddress.parse(url)
     target = ["-s", address.path] if address.path else ["-h", address.host, "-p", str(address.port)]
-    command = [binary, *target, "-n", str(events), "-P", "100", "-r", str(streams), "--csv"]
+    command = [binary, *target, *_benchmark_auth(address)]
+    command += ["-n", str(events), "-P", "100", "-r", str(streams), "--csv"]
     command += ["XADD", "tw:bench:__rand_int__", "MAXLEN", "~", "100000", "*", "d", "x" * size]
     t0 = time.perf_counter()
     out = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
@@ -100,6 +101,26 @@ def run_ceiling(url: str, events: int, streams: int, size: int) -> Result:
     rps = float(rows[-1][1])
     # redis-benchmark's own rate, as seconds for the events (its start-up left out).
     return Result(CEILING, events, events / rps if rps > 0 else seconds)
+
+
+def _benchmark_auth(address: RedisAddress) -> list[str]:
+    """redis-benchmark's options for the URL's credentials and TLS, as tickwire connects."""
+    args = []
+    if address.password is not None:
+        args += ["-a", address.password]
+        if address.username:
+            args += ["--user", address.username]
+    tls = address.tls
+    if tls is not None:
+        args += ["--tls", "--sni", address.host]
+        args += ["--cacert", tls.ca_file] if tls.ca_file else []
+        args += (
+            ["--cert", tls.cert_file, "--key", tls.key_file or tls.cert_file]
+            if tls.cert_file
+            else []
+        )
+        args += [] if tls.verify else ["--insecure"]
+    return args
 
 
 async def run_redis_py(

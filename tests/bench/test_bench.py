@@ -19,6 +19,7 @@ from tickwire.bench.invariant import InvariantChecker
 from tickwire.bench.load import concrete, spread_channels
 from tickwire.bench.sink import EventCounter, SinkProtocol, count_events
 from tickwire.bench.stats import histogram_quantile, latency_summary, ratio, server_share, table
+from tickwire.core.redis_process import RedisProcess, TlsFiles, redis_cli
 from tickwire.server.metrics import Metrics
 
 
@@ -339,6 +340,19 @@ def test_publish_ceiling_row_says_when_redis_benchmark_is_missing(monkeypatch: A
     monkeypatch.setattr(shutil, "which", lambda name: None)
     row = publish.run_ceiling("redis://127.0.0.1:1/0", 1000, 200, 190)
     assert row.rate == 0 and "redis-benchmark is not installed" in row.note
+
+
+def test_publish_ceiling_reaches_redis_as_tickwire_does_over_tls_with_a_password(
+    tls_files: TlsFiles,
+) -> None:
+    from tickwire.bench import publish
+
+    with RedisProcess(tls=tls_files) as proc:
+        redis_cli(proc.port, "CONFIG", "SET", "requirepass", "s3cret")  # once it answered
+        url = proc.tls_url(query=f"ssl_ca_certs={tls_files.ca}").replace("//", "//:s3cret@", 1)
+        row = publish.run_ceiling(url, 2000, 20, 100)
+        assert row.events == 2000 and row.rate > 0
+        assert int(redis_cli(proc.port, "DBSIZE", password="s3cret")) > 0  # its streams
 
 
 def test_patterns_in_a_plan_expand_to_the_known_channels_they_cover() -> None:
