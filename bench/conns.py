@@ -34,6 +34,7 @@ from tickwire.bench.harness import (
     cpu_seconds,
     machine_cpu_seconds,
     rss_mb,
+    self_signed_pem,
     start_feed,
 )
 from tickwire.bench.stats import latency_summary
@@ -92,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=120,
         help="give up on a phase (connect, subscribe, storm) after this many s (default 120)",
     )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="the server serves wss:// (a throwaway self-signed certificate): what TLS costs "
+        "per connection",
+    )
     p.add_argument("--json", help="write every figure and the configuration to this file")
     p.add_argument(
         "--keep", metavar="DIR", help="keep the logs and latency samples in DIR (default: none)"
@@ -131,7 +138,7 @@ class Bench:
         addrs = [f"127.0.{2 + i // 250}.{2 + i % 250}" for i in range(n)]
         return [addrs[i :: a.load_processes] for i in range(a.load_processes)]
 
-    def start_loads(self, url: str) -> None:
+    def start_loads(self, url: str, cafile: str | None = None) -> None:
         a = self.args
         for i, sources in enumerate(self.sources()):
             plan = self.workdir / f"plan-{i}.json"
@@ -139,6 +146,7 @@ class Bench:
             cmd = [
                 sys.executable, "-m", "tickwire.bench.conns_load", "--url", url, "--plan",
                 str(plan), "--sources", ",".join(sources), "--jitter", str(a.jitter),
+                *(["--cafile", cafile] if cafile else []),
             ]  # fmt: skip
             self.loads.append(LoadProcess(cmd, self.log))
         for p in self.loads:
@@ -225,7 +233,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     b = Bench(a, workdir)
     figures: dict[str, Any] = {}
     redis = RedisProcess().start()
-    server = ServerProcess(redis.url, workers=a.workers)
+    cert = str(self_signed_pem(workdir / "tls.pem")) if a.tls else None
+    server = ServerProcess(redis.url, workers=a.workers, tls_cert=cert)
     feed = None
     try:
         # The feed runs throughout: channels exist before anyone subscribes, and events keep
@@ -236,7 +245,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         server.start(b.logname)
         time.sleep(1.0)
         rss0 = worker_rss(server)
-        b.start_loads(server.url)
+        b.start_loads(server.url, cert)
         say(f"connecting {a.clients:,} clients ({a.load_processes} load processes)")
         t0 = time.monotonic()
         done = b.phase("connect", "connected", "connecting", a.clients)

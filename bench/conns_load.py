@@ -20,6 +20,7 @@ import asyncio
 import gc
 import random
 import socket
+import ssl
 import sys
 import time
 from array import array
@@ -157,9 +158,18 @@ class Client:
 class Load:
     """Every client of this process and the phases it goes through."""
 
-    def __init__(self, url: str, channels: list[str], sources: list[str], jitter_s: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        channels: list[str],
+        sources: list[str],
+        jitter_s: float,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         parts = urlsplit(url)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        #: For a wss:// URL: the context that trusts the server.
+        self.tls = tls if parts.scheme == "wss" else None
         self.path = parts.path or "/"
         self.sources = sources
         self.jitter_s = jitter_s
@@ -193,6 +203,8 @@ class Load:
                 _, sink = await loop.create_connection(
                     lambda: Sink(f"{self.host}:{self.port}", self.path, first, client.on_message),
                     sock=sock,
+                    ssl=self.tls,
+                    server_hostname=self.host if self.tls is not None else None,
                 )
                 await sink.opened
         except BaseException:
@@ -364,7 +376,8 @@ class Load:
 
 
 async def main_async(args: argparse.Namespace, channels: list[str]) -> None:
-    load = Load(args.url, channels, args.sources.split(","), args.jitter)
+    tls = ssl.create_default_context(cafile=args.cafile) if args.url.startswith("wss:") else None
+    load = Load(args.url, channels, args.sources.split(","), args.jitter, tls)
     tune_gc()
     # Tens of thousands of client connections here too: the same short collector pauses as
     # the server's, or they would show as its latency.
@@ -404,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plan", required=True, help="JSON file: the channel of each client")
     p.add_argument("--sources", required=True, help="loopback source addresses, comma-separated")
     p.add_argument("--jitter", type=float, default=2.0, help="reconnect delay: uniform 0..this s")
+    p.add_argument("--cafile", default=None, help="for a wss:// URL: the CA to trust (PEM)")
     args = p.parse_args(argv)
     soft, _ = raise_open_files_limit()
     print(f"load: open files limit {soft}", file=sys.stderr)

@@ -1,13 +1,14 @@
 """Where a connection's server memory goes: tracemalloc over one in-process server, by owner.
 
-    python -m tickwire.bench.conns_memory [--clients 2000] [--top 15]
+    python -m tickwire.bench.conns_memory [--clients 2000] [--top 15] [--tls]
 
 Runs one server in this process with tracemalloc on, connects `--clients` light clients from a
 load process (`tickwire.bench.conns_load`), and prints the bytes per connection that Python
 allocations grew by, idle (connected) and subscribed to one channel: by owner (websockets'
 connection, protocol and parser; asyncio and uvloop; each tickwire module) and by source line,
 beside the RSS growth per connection. What RSS has beyond the traced bytes is C memory Python
-does not see (libuv handles, allocator overhead and fragmentation).
+does not see (libuv handles, allocator overhead and fragmentation; with `--tls`, the clients on
+`wss://`, OpenSSL's state and buffers per connection).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import orjson
 
 from tickwire.bench.conns import QUOTE_SHARE
 from tickwire.bench.e2e_run import LoadProcess
-from tickwire.bench.harness import rss_mb, start_feed
+from tickwire.bench.harness import rss_mb, self_signed_pem, start_feed
 from tickwire.core.config import ServerConfig
 from tickwire.core.redis_process import RedisProcess
 from tickwire.core.runtime import raise_open_files_limit
@@ -67,7 +68,8 @@ def per_connection(
 
 async def measure(args: argparse.Namespace, redis_url: str, workdir: Path) -> None:
     tracemalloc.start(1)
-    srv = TickwireServer(ServerConfig(redis_url=redis_url, port=0, workers=1))
+    cert = str(self_signed_pem(workdir / "tls.pem")) if args.tls else ""
+    srv = TickwireServer(ServerConfig(redis_url=redis_url, port=0, workers=1, tls_cert_file=cert))
     await srv.start()
     symbols = default_symbols(args.symbols)
     plan = workdir / "plan.json"
@@ -76,7 +78,7 @@ async def measure(args: argparse.Namespace, redis_url: str, workdir: Path) -> No
     )
     cmd = [
         sys.executable, "-m", "tickwire.bench.conns_load", "--url", srv.url, "--plan", str(plan),
-        "--sources", "127.0.0.2",
+        "--sources", "127.0.0.2", *(["--cafile", cert] if cert else []),
     ]  # fmt: skip
     log = open(workdir / "load.log", "wb")  # noqa: SIM115 - the load's life
     load = LoadProcess(cmd, log)
@@ -141,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=2000)
     p.add_argument("--symbols", type=int, default=100)
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--tls", action="store_true", help="the server serves wss:// (self-signed)")
     args = p.parse_args(argv)
     raise_open_files_limit()
     redis = RedisProcess().start()

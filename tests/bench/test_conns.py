@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import cast
 
 import orjson
+import pytest
 
 from tickwire.bench.harness import TICKWIRE
 
@@ -15,11 +16,23 @@ ARGS = (
 )
 
 
-def test_a_small_connection_scale_run_resumes_every_client_and_loses_nothing() -> None:
+@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
+def test_a_small_connection_scale_run_resumes_every_client_and_loses_nothing(tls: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "conns.json"
+        more = ["--tls"] if tls else []
         proc = subprocess.run(
-            [TICKWIRE, "bench", "conns", *ARGS.split(), "--timeout", "30", "--json", str(out)],
+            [
+                TICKWIRE,
+                "bench",
+                "conns",
+                *ARGS.split(),
+                *more,
+                "--timeout",
+                "30",
+                "--json",
+                str(out),
+            ],
             check=False,
             capture_output=True,
             text=True,
