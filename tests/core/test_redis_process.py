@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import socket
 
+import pytest
+
+from tickwire.core.errors import RedisUnavailable
 from tickwire.core.redis_process import (
     RedisProcess,
     RedisSentinelSet,
@@ -58,3 +61,14 @@ def test_a_sentinel_whose_port_was_taken_comes_up_on_another() -> None:
                 assert "num-other-sentinels" in redis_cli(
                     port, "SENTINEL", "master", sentinels.service
                 )
+
+
+def test_a_server_that_never_answers_its_start_is_not_left_running() -> None:
+    # With a password, its PING answers NOAUTH: never the PONG the start waits for.
+    proc = RedisProcess(extra_args=("--requirepass", "s3cret"))
+    try:
+        with pytest.raises(RedisUnavailable, match="did not answer"):
+            proc.start(timeout=0.5)
+        assert proc.proc is not None and proc.proc.poll() is not None
+    finally:
+        proc.stop()

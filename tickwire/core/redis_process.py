@@ -172,6 +172,8 @@ class RedisProcess:
                 self._may_move = False  # restarts keep the port clients know
                 return self
             time.sleep(0.02)
+        # Not left running behind the error (a `with` block's exit never runs for it).
+        self.kill()
         raise RedisUnavailable(f"redis-server on port {self.port} did not answer in {timeout} s")
 
     def _ping(self) -> bool:
