@@ -14,6 +14,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -21,6 +22,7 @@ from tickwire.core.channels import Channel, event_type_of, validate_symbol, vali
 from tickwire.core.errors import ChannelError, ConfigError
 from tickwire.core.events import FIELDS_OF, encode_body
 from tickwire.core.tls import ClientTls
+from tickwire.core.urls import redact_url
 
 Broker = Literal["nats", "rabbitmq", "mqtt"]
 BROKERS: tuple[Broker, ...] = ("nats", "rabbitmq", "mqtt")
@@ -152,6 +154,16 @@ class BridgeMap:
     broker_options: dict[str, Any] = field(default_factory=dict)
     #: The broker table's TLS keys (`tls_ca_file`, …), None if it has none.
     tls: ClientTls | None = None
+
+    def over_tls(self, url: str, schemes: tuple[str, ...]) -> bool:
+        """Whether `url` is a TLS one (its scheme among `schemes`, the first the usual one);
+        ConfigError if the broker table has TLS keys and it is not (they would be ignored)."""
+        tls = urlsplit(url).scheme in schemes
+        if self.tls is not None and not tls:
+            raise ConfigError(
+                f"[{self.broker}] tls_* keys need an {schemes[0]}:// URL, not {redact_url(url)!r}"
+            )
+        return tls
 
     @property
     def queues(self) -> list[str]:

@@ -65,9 +65,7 @@ class MqttSource:
                 f"MQTT URL {redact_url(url)!r}: expected mqtt://[user:password@]host[:port] "
                 "or, over TLS, mqtts://…"
             )
-        tls = u.scheme in TLS_SCHEMES
-        if bridge_map.tls is not None and not tls:
-            raise ConfigError(f"[mqtt] tls_* keys need an mqtts:// URL, not {redact_url(url)!r}")
+        tls = bridge_map.over_tls(url, TLS_SCHEMES)
         #: TLS: the map's keys, or the system's CAs; None: plain TCP.
         self.tls: ssl.SSLContext | None = None
         if tls:

@@ -19,7 +19,6 @@ import aio_pika.abc
 import aiormq.exceptions
 
 from tickwire.core.errors import ConfigError
-from tickwire.core.urls import redact_url
 from tickwire.feeds.bridges.core import Delivery
 from tickwire.feeds.bridges.mapping import BridgeMap
 
@@ -52,10 +51,7 @@ class RabbitSource:
         self.url = url
         self.map_ = bridge_map
         self.options = RabbitOptions.of(bridge_map)
-        if bridge_map.tls is not None and not url.startswith("amqps:"):
-            raise ConfigError(
-                f"[rabbitmq] tls_* keys need an amqps:// URL, not {redact_url(url)!r}"
-            )
+        bridge_map.over_tls(url, ("amqps",))  # refuses tls_* keys with a plain amqp:// URL
         self._conn: aio_pika.abc.AbstractRobustConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
         # Never more than the prefetch: RabbitMQ sends no more until some are acknowledged.

@@ -22,6 +22,7 @@ from tickwire.core.redis_process import (
     RedisSentinelSet,
     pending_to_replicas,
 )
+from tickwire.core.redis_slots import key_slot
 from tickwire.core.redis_target import RedisLink, open_redis
 from tickwire.feeds.publisher import Publisher
 from tickwire.server.app import TickwireServer
@@ -110,6 +111,19 @@ async def check_feed_and_server(
         for s in symbols:
             assert [e["seq"] for e in rec.events(f"trades:{s}")] == list(range(1, rounds + 1))
         assert not rec.checker.violations, rec.checker.violations[:5]
+
+
+def split(
+    cluster: RedisCluster,
+    conn: ClusterConnection,
+    symbols: list[str],
+    victim: tuple[str, int] | None = None,
+) -> tuple[RedisProcess, list[str], list[str]]:
+    """The master to kill (by default the first symbol's), its symbols, and the others'."""
+    owner_of = {s: conn.slots.owners[key_slot(f"{{{s}}}")] for s in symbols}
+    victim = victim or owner_of[symbols[0]]
+    doomed = [s for s in symbols if owner_of[s] == victim]
+    return cluster.node_at(victim[1]), doomed, [s for s in symbols if s not in doomed]
 
 
 def symbols_on_each_master(conn: ClusterConnection, per_master: int) -> list[str]:

@@ -14,7 +14,6 @@ from tests.server.conftest import Recorder, recorder
 from tickwire.core.channels import Channel
 from tickwire.core.redis_cluster import ClusterConnection
 from tickwire.core.redis_process import RedisCluster
-from tickwire.core.redis_slots import key_slot
 from tickwire.core.redis_target import RedisLink, open_redis
 from tickwire.feeds.publisher import Publisher
 from tickwire.server.app import TickwireServer
@@ -24,6 +23,7 @@ from .conftest import (
     publish_trades,
     publisher_config,
     server_config,
+    split,
     stored,
     symbols_on_each_master,
 )
@@ -36,10 +36,21 @@ def tagged(rec: Recorder, channel: str, tag: str) -> int:
 
 
 async def check_no_reuse_and_resets(
+    url: str, rec: Recorder, symbols: list[str]
+) -> dict[str, list[tuple[str, int]]]:
+    """Every event a client saw that is still stored (in the Redis at `url`) is stored with the
+    same content; the ones Redis lost are returned per channel, each checked to be followed by
+    a `reset`."""
+    conn = await open_redis(url)
+    try:
+        return await _lost_and_reset(conn, rec, symbols)
+    finally:
+        conn.close()
+
+
+async def _lost_and_reset(
     conn: RedisLink, rec: Recorder, symbols: list[str]
 ) -> dict[str, list[tuple[str, int]]]:
-    """Every event a client saw that is still stored is stored with the same content; the ones
-    Redis lost are returned per channel, each checked to be followed by a `reset`."""
     lost: dict[str, list[tuple[str, int]]] = {}
     for s in symbols:
         name = f"trades:{s}"
@@ -69,10 +80,8 @@ async def test_a_master_killed_with_its_replica_behind_never_reuses_a_seq(
     cluster: RedisCluster, cluster_conn: ClusterConnection
 ) -> None:
     symbols = symbols_on_each_master(cluster_conn, 2)
-    owner = cluster_conn.slots.owners[key_slot(Channel("trades", symbols[0]).stream_key)]
-    victim = cluster.node_at(owner[1])
+    victim, doomed, _ = split(cluster, cluster_conn, symbols)
     replica = cluster.replica_of(victim)
-    doomed = [s for s in symbols if cluster_conn.slots.owners[key_slot(f"{{{s}}}")] == owner]
     # Everything is pointed at the node that dies: the slot map names the others.
     url = f"redis://127.0.0.1:{victim.port}/0"
     async with TickwireServer(server_config(url)) as srv, recorder(srv.url) as rec:
@@ -92,11 +101,7 @@ async def test_a_master_killed_with_its_replica_behind_never_reuses_a_seq(
             lambda: all(tagged(rec, f"trades:{s}", "after") == 10 for s in symbols), timeout=60
         )
         assert not rec.checker.violations, rec.checker.violations[:5]
-    conn = await open_redis(cluster.seeds_url)
-    try:
-        lost = await check_no_reuse_and_resets(conn, rec, symbols)
-    finally:
-        conn.close()
+    lost = await check_no_reuse_and_resets(cluster.seeds_url, rec, symbols)
     assert all(lost[f"trades:{s}"] for s in doomed), "the test meant to lose writes"
     assert not any(lost[f"trades:{s}"] for s in symbols if s not in doomed)
     # Only the channels of the dead master began a new epoch.

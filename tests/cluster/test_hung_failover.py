@@ -11,15 +11,18 @@ import asyncio
 import pytest
 
 from tests.server.conftest import recorder
-from tickwire.core.channels import Channel
 from tickwire.core.redis_cluster import ClusterConnection
 from tickwire.core.redis_process import RedisCluster
-from tickwire.core.redis_slots import key_slot
-from tickwire.core.redis_target import open_redis
 from tickwire.feeds.publisher import Publisher
 from tickwire.server.app import TickwireServer
 
-from .conftest import publish_trades, publisher_config, server_config, symbols_on_each_master
+from .conftest import (
+    publish_trades,
+    publisher_config,
+    server_config,
+    split,
+    symbols_on_each_master,
+)
 from .test_failover import check_no_reuse_and_resets, tagged
 
 pytestmark = pytest.mark.uvloop_only
@@ -29,9 +32,7 @@ async def test_a_hung_master_is_left_for_its_promoted_replica_under_full_coverag
     cluster: RedisCluster, cluster_conn: ClusterConnection
 ) -> None:
     symbols = symbols_on_each_master(cluster_conn, 2)
-    owner = cluster_conn.slots.owners[key_slot(Channel("trades", symbols[0]).stream_key)]
-    victim = cluster.node_at(owner[1])
-    doomed = [s for s in symbols if cluster_conn.slots.owners[key_slot(f"{{{s}}}")] == owner]
+    victim, doomed, _ = split(cluster, cluster_conn, symbols)
     url = cluster.seeds_url
     # A meta recheck would find the hung master too, every 5 s by default: not here, so that
     # only the reader's watch of its silent subscription can.
@@ -57,11 +58,7 @@ async def test_a_hung_master_is_left_for_its_promoted_replica_under_full_coverag
         finally:
             victim.resume()
         assert not rec.checker.violations, rec.checker.violations[:5]
-    conn = await open_redis(url)
-    try:
-        lost = await check_no_reuse_and_resets(conn, rec, symbols)
-    finally:
-        conn.close()
+    lost = await check_no_reuse_and_resets(url, rec, symbols)
     # Paused, not killed: what its replica had not taken may be lost, never another master's.
     assert not any(lost[f"trades:{s}"] for s in symbols if s not in doomed)
     assert {m["ch"] for m in rec.of_type("reset")} <= {f"trades:{s}" for s in doomed}

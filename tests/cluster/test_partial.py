@@ -24,7 +24,7 @@ from tickwire.core.channels import REGISTRY_KEY, Channel
 from tickwire.core.commands import NodeDown
 from tickwire.core.errors import RedisUnavailable
 from tickwire.core.redis_cluster import ClusterConnection
-from tickwire.core.redis_process import RedisCluster, RedisProcess
+from tickwire.core.redis_process import RedisCluster
 from tickwire.core.redis_pubsub import SubscriptionGroup
 from tickwire.core.redis_slots import key_slot
 from tickwire.core.redis_target import RedisTarget, RedisTopology, open_redis
@@ -36,6 +36,7 @@ from .conftest import (
     publish_trades,
     publisher_config,
     server_config,
+    split,
     stored,
     symbols_on_each_master,
     trade,
@@ -49,19 +50,6 @@ pytestmark = pytest.mark.uvloop_only
 def cluster() -> Iterator[RedisCluster]:
     with RedisCluster(masters=3, replicas=0, full_coverage=False) as c:
         yield c
-
-
-def split(
-    cluster: RedisCluster,
-    conn: ClusterConnection,
-    symbols: list[str],
-    victim: tuple[str, int] | None = None,
-) -> tuple[RedisProcess, list[str], list[str]]:
-    """The master to kill (by default the first symbol's), its symbols, and the others'."""
-    owner_of = {s: conn.slots.owners[key_slot(f"{{{s}}}")] for s in symbols}
-    victim = victim or owner_of[symbols[0]]
-    doomed = [s for s in symbols if owner_of[s] == victim]
-    return cluster.node_at(victim[1]), doomed, [s for s in symbols if s not in doomed]
 
 
 def trade_ids(events: dict[tuple[str, int], bytes]) -> list[int]:

@@ -58,10 +58,6 @@ async def test_a_primary_killed_with_its_replica_behind_never_reuses_a_seq(
             lambda: all(tagged(rec, f"trades:{s}", "after") == 10 for s in SYMBOLS), timeout=60
         )
         assert not rec.checker.violations, rec.checker.violations[:5]
-    conn = await open_redis(url)
-    try:
-        lost = await check_no_reuse_and_resets(conn, rec, SYMBOLS)
-    finally:
-        conn.close()
+    lost = await check_no_reuse_and_resets(url, rec, SYMBOLS)
     assert all(lost[f"trades:{s}"] for s in SYMBOLS), "the test meant to lose writes"
     assert {m["ch"] for m in rec.of_type("reset")} == {f"trades:{s}" for s in SYMBOLS}

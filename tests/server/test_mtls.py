@@ -41,25 +41,36 @@ def identities(
     return make
 
 
-def mtls_config(redis: RedisProcess, files: TlsFiles, tmp_path: Path, keys: str) -> ServerConfig:
-    (tmp_path / "keys").write_text(keys)
-    auth = AuthConfig(
-        api_keys_file=str(tmp_path / "keys"), tls_client_ca_file=str(tmp_path / "clients-ca.pem")
-    )
-    return ServerConfig(
-        redis_url=redis.url, port=0, heartbeat_ms=60_000, tls_cert_file=str(files.cert), auth=auth
-    )
+@pytest.fixture
+def mtls_config(
+    redis_server: RedisProcess, redis: RedisConnection, tls_files: TlsFiles, tmp_path: Path
+) -> Callable[[str], ServerConfig]:
+    """A maker of the config of a server on the session's Redis (emptied) that serves TLS and
+    takes certificates from the client CA, its key file (`tmp_path/keys`) holding `keys`."""
+
+    def make(keys: str) -> ServerConfig:
+        (tmp_path / "keys").write_text(keys)
+        auth = AuthConfig(
+            api_keys_file=str(tmp_path / "keys"),
+            tls_client_ca_file=str(tmp_path / "clients-ca.pem"),
+        )
+        return ServerConfig(
+            redis_url=redis_server.url,
+            port=0,
+            heartbeat_ms=60_000,
+            tls_cert_file=str(tls_files.cert),
+            auth=auth,
+        )
+
+    return make
 
 
 async def test_a_client_certificate_named_in_the_key_file_is_a_credential(
-    redis_server: RedisProcess,
-    redis: RedisConnection,
-    tls_files: TlsFiles,
-    tmp_path: Path,
+    mtls_config: Callable[[str], ServerConfig],
     identities: Callable[[str, trustme.CA | None], ssl.SSLContext],
 ) -> None:
     keys = "cn:desk-a desk-a trades:*\n" + key_line(KEY_QUOTES, "quotes", "quotes:*")
-    async with TickwireServer(mtls_config(redis_server, tls_files, tmp_path, keys)) as srv:
+    async with TickwireServer(mtls_config(keys)) as srv:
         desk_a = identities("desk-a", None)
         async with recorder(srv.url, ssl=desk_a) as rec:
             assert rec.of_type("welcome")[0]["entitlements"] == ["trades:*"]
@@ -83,16 +94,13 @@ async def test_a_client_certificate_named_in_the_key_file_is_a_credential(
 
 
 async def test_a_reload_that_drops_a_certificates_line_closes_its_connections(
-    redis_server: RedisProcess,
-    redis: RedisConnection,
-    tls_files: TlsFiles,
-    tmp_path: Path,
+    mtls_config: Callable[[str], ServerConfig],
     identities: Callable[[str, trustme.CA | None], ssl.SSLContext],
+    tmp_path: Path,
 ) -> None:
     keys = "cn:desk-a desk-a trades:*\ncn:desk-b desk-b trades:*\n"
-    config = mtls_config(redis_server, tls_files, tmp_path, keys)
     async with (
-        TickwireServer(config) as srv,
+        TickwireServer(mtls_config(keys)) as srv,
         recorder(srv.url, ssl=identities("desk-a", None)) as revoked,
         recorder(srv.url, ssl=identities("desk-b", None)) as kept,
     ):
