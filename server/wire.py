@@ -156,6 +156,12 @@ class Wire(asyncio.Protocol):
         return None if self.transport is None else self.transport.get_extra_info("peername")
 
     @property
+    def client_certificate(self) -> bytes | None:
+        """The certificate the client presented over TLS (DER), verified; None without one."""
+        tls = None if self.transport is None else self.transport.get_extra_info("ssl_object")
+        return None if tls is None else tls.getpeercert(True)
+
+    @property
     def client_common_name(self) -> str | None:
         """The subject common name of the certificate the client presented over TLS, verified
         against the server's client CA; None without one."""

@@ -334,6 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(config: [auth] tls_client_ca_file)",
     )
     sec.add_argument(
+        "--tls-client-crl",
+        metavar="FILE",
+        default=None,
+        help="with --tls-client-ca: its revocation lists (PEM, a current CRL for each CA); a "
+        "revoked certificate fails the handshake, and SIGHUP re-reads the file and closes the "
+        "connections of certificates revoked since (config: [auth] tls_client_crl_file)",
+    )
+    sec.add_argument(
         "--public",
         action="store_true",
         default=None,
@@ -713,6 +721,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "jwt_audience": args.jwt_audience,
             "jwt_issuer": args.jwt_issuer,
             "tls_client_ca_file": args.tls_client_ca,
+            "tls_client_crl_file": args.tls_client_crl,
         },
     )
     if cfg.auth.enabled:

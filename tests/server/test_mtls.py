@@ -6,12 +6,16 @@ and a reload that drops the name closes the connection as a revoked key does."""
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 import trustme
 import websockets
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 
 from tickwire.core.config import AuthConfig, ServerConfig, load_server_config
 from tickwire.core.errors import ConfigError
@@ -23,36 +27,86 @@ from .conftest import recorder
 from .test_security import KEY_QUOTES, key_line, wait_closed
 
 
-@pytest.fixture
-def identities(
-    tmp_path: Path, tls_files: TlsFiles
-) -> Callable[[str, trustme.CA | None], ssl.SSLContext]:
-    """A client CA (written to `clients-ca.pem`), and a maker of client contexts: trusting the
-    server, presenting a certificate for a common name from that CA (or from `other`)."""
-    ca = trustme.CA()
-    ca.cert_pem.write_to_path(tmp_path / "clients-ca.pem")
+class Identities:
+    """A client CA (written to `clients-ca.pem`), client contexts with certificates from it, and
+    its revocation lists."""
 
-    def make(common_name: str, other: trustme.CA | None = None) -> ssl.SSLContext:
-        cert = (other or ca).issue_cert(f"{common_name}.clients.example", common_name=common_name)
-        ctx = ssl.create_default_context(cafile=str(tls_files.ca))
+    def __init__(self, directory: Path, server_ca: Path) -> None:
+        self.ca = trustme.CA()
+        self.ca.cert_pem.write_to_path(directory / "clients-ca.pem")
+        self._server_ca = server_ca
+
+    def __call__(self, common_name: str, other: trustme.CA | None = None) -> ssl.SSLContext:
+        """A context trusting the server that presents a certificate for `common_name` from
+        the client CA (or from `other`)."""
+        return self.issue(common_name, other)[0]
+
+    def issue(
+        self, common_name: str, other: trustme.CA | None = None
+    ) -> tuple[ssl.SSLContext, int]:
+        """As calling it, with the certificate's serial number."""
+        cert = (other or self.ca).issue_cert(
+            f"{common_name}.clients.example", common_name=common_name
+        )
+        ctx = ssl.create_default_context(cafile=str(self._server_ca))
         cert.configure_cert(ctx)
-        return ctx
+        serial = x509.load_pem_x509_certificate(cert.cert_chain_pems[0].bytes()).serial_number
+        return ctx, serial
 
-    return make
+    def write_crl(
+        self,
+        path: Path,
+        revoked: Sequence[int] = (),
+        *,
+        ca: trustme.CA | None = None,
+        valid_for: timedelta = timedelta(days=1),
+    ) -> Path:
+        """A CRL of the client CA (or `ca`) revoking the serials `revoked`, at `path`."""
+        ca = ca or self.ca
+        key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), None)
+        issuer = x509.load_pem_x509_certificate(ca.cert_pem.bytes()).subject
+        now = datetime.now(UTC)
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(issuer)
+            .last_update(now - timedelta(days=2))
+            .next_update(now + valid_for)
+        )
+        for serial in revoked:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder()
+                .serial_number(serial)
+                .revocation_date(now - timedelta(minutes=1))
+                .build()
+            )
+        crl = builder.sign(key, hashes.SHA256())  # type: ignore[arg-type]
+        path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+        return path
+
+
+@pytest.fixture
+def identities(tmp_path: Path, tls_files: TlsFiles) -> Identities:
+    return Identities(tmp_path, tls_files.ca)
+
+
+class MakeConfig(Protocol):
+    def __call__(self, keys: str, crl: Path | None = None) -> ServerConfig: ...
 
 
 @pytest.fixture
 def mtls_config(
     redis_server: RedisProcess, redis: RedisConnection, tls_files: TlsFiles, tmp_path: Path
-) -> Callable[[str], ServerConfig]:
+) -> MakeConfig:
     """A maker of the config of a server on the session's Redis (emptied) that serves TLS and
-    takes certificates from the client CA, its key file (`tmp_path/keys`) holding `keys`."""
+    takes certificates from the client CA, its key file (`tmp_path/keys`) holding `keys`, and
+    the CRL file `crl` if given."""
 
-    def make(keys: str) -> ServerConfig:
+    def make(keys: str, crl: Path | None = None) -> ServerConfig:
         (tmp_path / "keys").write_text(keys)
         auth = AuthConfig(
             api_keys_file=str(tmp_path / "keys"),
             tls_client_ca_file=str(tmp_path / "clients-ca.pem"),
+            tls_client_crl_file=str(crl or ""),
         )
         return ServerConfig(
             redis_url=redis_server.url,
@@ -66,8 +120,8 @@ def mtls_config(
 
 
 async def test_a_client_certificate_named_in_the_key_file_is_a_credential(
-    mtls_config: Callable[[str], ServerConfig],
-    identities: Callable[[str, trustme.CA | None], ssl.SSLContext],
+    mtls_config: MakeConfig,
+    identities: Identities,
 ) -> None:
     keys = "cn:desk-a desk-a trades:*\n" + key_line(KEY_QUOTES, "quotes", "quotes:*")
     async with TickwireServer(mtls_config(keys)) as srv:
@@ -94,8 +148,8 @@ async def test_a_client_certificate_named_in_the_key_file_is_a_credential(
 
 
 async def test_a_reload_that_drops_a_certificates_line_closes_its_connections(
-    mtls_config: Callable[[str], ServerConfig],
-    identities: Callable[[str, trustme.CA | None], ssl.SSLContext],
+    mtls_config: MakeConfig,
+    identities: Identities,
     tmp_path: Path,
 ) -> None:
     keys = "cn:desk-a desk-a trades:*\ncn:desk-b desk-b trades:*\n"
@@ -116,3 +170,72 @@ def test_client_certificates_need_tls_served_here_and_a_key_file(tls_files: TlsF
         load_server_config(None, auth={"tls_client_ca_file": ca, "api_keys_file": "/k"})
     with pytest.raises(ConfigError, match="tls_client_ca_file needs"):
         load_server_config(None, tls_cert_file=str(tls_files.cert), auth={"tls_client_ca_file": ca})
+
+
+async def test_a_revoked_client_certificate_is_refused_and_a_reload_closes_its_connections(
+    mtls_config: MakeConfig, identities: Identities, tmp_path: Path
+) -> None:
+    keys = "cn:desk-a desk-a trades:*\n"
+    revoked_first, serial_first = identities.issue("desk-a")
+    revoked_later, serial_later = identities.issue("desk-a")
+    crl = identities.write_crl(tmp_path / "clients-crl.pem", [serial_first])
+    async with TickwireServer(mtls_config(keys, crl)) as srv:
+        # The CN is granted; the CRL refuses this one certificate of it, in the handshake.
+        with pytest.raises((OSError, websockets.InvalidMessage)):
+            async with recorder(srv.url, ssl=revoked_first):
+                pass
+        async with (
+            recorder(srv.url, ssl=revoked_later) as closed,
+            recorder(srv.url, ssl=identities("desk-a")) as kept,
+        ):
+            # A CRL that cannot be used is refused whole: the previous one stays.
+            crl.write_text("not a CRL\n")
+            assert not srv.reload()
+            assert (await closed.request("ping"))["type"] == "pong"
+            # Revoked since: its open connection closes, the other certificate of the same
+            # name stays; and it can no longer connect.
+            identities.write_crl(crl, [serial_first, serial_later])
+            assert srv.reload()
+            assert await wait_closed(closed) == (4001, "certificate revoked")
+            assert (await kept.request("ping"))["type"] == "pong"
+            with pytest.raises((OSError, websockets.InvalidMessage)):
+                async with recorder(srv.url, ssl=revoked_later):
+                    pass
+
+
+def test_a_crl_that_would_refuse_every_certificate_is_a_config_error(
+    identities: Identities, tls_files: TlsFiles, tmp_path: Path
+) -> None:
+    ca_file = str(tmp_path / "clients-ca.pem")
+    auth = {"tls_client_ca_file": ca_file, "api_keys_file": str(tmp_path / "keys")}
+    (tmp_path / "keys").write_text("cn:desk-a desk-a trades:*\n")
+
+    def check(crl: Path, ca: str = ca_file) -> None:
+        load_server_config(
+            None,
+            tls_cert_file=str(tls_files.cert),
+            auth={**auth, "tls_client_ca_file": ca, "tls_client_crl_file": str(crl)},
+        )
+
+    good = identities.write_crl(tmp_path / "good.pem", [12345])
+    check(good)
+    with pytest.raises(ConfigError, match="tls_client_crl_file needs tls_client_ca_file"):
+        load_server_config(None, auth={"tls_client_crl_file": str(good)})
+    with pytest.raises(ConfigError, match="cannot read the client CRL"):
+        check(tmp_path / "missing.pem")
+    (tmp_path / "empty.pem").write_bytes(identities.ca.cert_pem.bytes())
+    with pytest.raises(ConfigError, match="holds no CRL"):
+        check(tmp_path / "empty.pem")
+    other = trustme.CA()
+    with pytest.raises(ConfigError, match="is not signed by a client CA"):
+        check(identities.write_crl(tmp_path / "other.pem", ca=other))
+    with pytest.raises(ConfigError, match="expired at"):
+        check(identities.write_crl(tmp_path / "old.pem", valid_for=timedelta(days=-1)))
+    # Two client CAs, a CRL for one: the other's certificates would all be refused.
+    both = tmp_path / "two-cas.pem"
+    both.write_bytes(identities.ca.cert_pem.bytes() + other.cert_pem.bytes())
+    with pytest.raises(ConfigError, match=r"no CRL .* for the client CA"):
+        check(good, str(both))
+    both_crls = tmp_path / "both-crls.pem"
+    both_crls.write_bytes(good.read_bytes() + (tmp_path / "other.pem").read_bytes())
+    check(both_crls, str(both))
