@@ -42,6 +42,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import (
     ConnectionClosed,
     InvalidHandshake,
+    InvalidMessage,
     InvalidStatus,
     InvalidURI,
 )
@@ -518,7 +519,7 @@ class Feed:
             ) from None
         except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as exc:
             self.stats.failed_attempts += 1
-            raise _Retry(_describe(exc)) from None
+            raise _Retry(_describe(exc, tls=self.url.startswith("wss:"))) from None
         self.stats.connects += 1
         return ws
 
@@ -704,7 +705,18 @@ class Feed:
             self._queue.put_nowait(_END)
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, *, tls: bool = False) -> str:
+    """Why an attempt failed, for logs and `Disconnected`; `tls`: over `wss://`."""
+    if isinstance(exc, InvalidMessage) and isinstance(exc.__cause__, EOFError):
+        # A server restarting does this, so it is retried; but a TLS server refusing a client
+        # certificate tells nothing more either (its asyncio TLS closes without the alert).
+        if tls:
+            return (
+                "the server ended the connection after the TLS handshake without answering "
+                "(if this client presents a certificate, the server may have refused it: "
+                "from another CA, or revoked)"
+            )
+        return "the server ended the connection without answering"
     if isinstance(exc, ConnectionClosed):
         rcvd = exc.rcvd
         if rcvd is None:

@@ -17,6 +17,7 @@ import websockets
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from tickwire.clients import ConnectFailed, connect
 from tickwire.core.config import AuthConfig, ServerConfig, load_server_config
 from tickwire.core.errors import ConfigError
 from tickwire.core.redis_process import RedisProcess, TlsFiles
@@ -201,6 +202,10 @@ async def test_a_revoked_client_certificate_is_refused_and_a_reload_closes_its_c
             with pytest.raises((OSError, websockets.InvalidMessage)):
                 async with recorder(srv.url, ssl=revoked_later):
                     pass
+            # The client library cannot tell why (the TLS layer sends no alert) and retries,
+            # but it says what may be the cause.
+            with pytest.raises(ConnectFailed, match="may have refused it"):
+                await connect(srv.url, ssl=revoked_later)
 
 
 def test_a_crl_that_would_refuse_every_certificate_is_a_config_error(
