@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import jwt
 import orjson
@@ -141,7 +142,8 @@ class ApiKeys:
     One key per line, `sha256:<64 hex> <name> <pattern>[,<pattern>...]`; `#` starts a comment.
     Keys must be random (128 bits or more), which is why a plain SHA-256 is enough. A line
     `cn:<common name> <name> <patterns>` grants a client certificate whose subject has that
-    common name (`[auth] tls_client_ca_file`: one the server's client CA signed).
+    common name (`[auth] tls_client_ca_file`: one the server's client CA signed), percent-encoded
+    where it holds what the file's syntax takes: a space as %20, `#` as %23, `%` as %25.
     """
 
     grants: Mapping[str, Grant]
@@ -161,7 +163,13 @@ class ApiKeys:
                 )
             digest, name, patterns = parts
             if digest.startswith(CERT_PREFIX) and len(digest) > len(CERT_PREFIX):
-                ident, credential = digest, "cert:" + digest[len(CERT_PREFIX) :]
+                try:
+                    common_name = unquote(digest[len(CERT_PREFIX) :], errors="strict")
+                except UnicodeDecodeError:
+                    raise ConfigError(
+                        f"{where}: the common name's %-escapes are not UTF-8"
+                    ) from None
+                ident, credential = CERT_PREFIX + common_name, "cert:" + common_name
             else:
                 m = _HASH_RE.match(digest.lower())
                 if m is None:

@@ -5,6 +5,7 @@ and a reload that drops the name closes the connection as a revoked key does."""
 
 from __future__ import annotations
 
+import re
 import ssl
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,7 @@ from tickwire.core.errors import ConfigError
 from tickwire.core.redis_process import RedisProcess, TlsFiles
 from tickwire.core.redis_wire import RedisConnection
 from tickwire.server.app import TickwireServer
+from tickwire.server.auth import ApiKeys
 
 from .conftest import recorder
 from .test_security import KEY_QUOTES, key_line, wait_closed
@@ -46,9 +48,8 @@ class Identities:
         self, common_name: str, other: trustme.CA | None = None
     ) -> tuple[ssl.SSLContext, int]:
         """As calling it, with the certificate's serial number."""
-        cert = (other or self.ca).issue_cert(
-            f"{common_name}.clients.example", common_name=common_name
-        )
+        host = re.sub(r"[^a-z0-9-]+", "-", common_name.lower())
+        cert = (other or self.ca).issue_cert(f"{host}.clients.example", common_name=common_name)
         ctx = ssl.create_default_context(cafile=str(self._server_ca))
         cert.configure_cert(ctx)
         serial = x509.load_pem_x509_certificate(cert.cert_chain_pems[0].bytes()).serial_number
@@ -163,6 +164,21 @@ async def test_a_reload_that_drops_a_certificates_line_closes_its_connections(
         assert srv.reload()
         assert await wait_closed(revoked) == (4001, "credentials revoked")
         assert (await kept.request("ping"))["type"] == "pong"
+
+
+async def test_a_common_name_with_spaces_is_written_percent_encoded(
+    mtls_config: MakeConfig, identities: Identities
+) -> None:
+    keys = "cn:Desk%20A%20%231 desk-a trades:*  # Desk A #1\n"
+    async with TickwireServer(mtls_config(keys)) as srv:
+        async with recorder(srv.url, ssl=identities("Desk A #1")) as rec:
+            assert rec.of_type("welcome")[0]["entitlements"] == ["trades:*"]
+        with pytest.raises(websockets.InvalidStatus) as info:
+            async with recorder(srv.url, ssl=identities("Desk A")):
+                pass
+        assert info.value.response.status_code == 401
+    with pytest.raises(ConfigError, match="keys:1: the common name's %-escapes are not UTF-8"):
+        ApiKeys.parse("cn:desk%ff desk trades:*\n", "keys")
 
 
 def test_client_certificates_need_tls_served_here_and_a_key_file(tls_files: TlsFiles) -> None:
