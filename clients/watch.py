@@ -76,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
         "system's CAs)",
     )
     p.add_argument(
+        "--cert",
+        default=None,
+        metavar="PEM",
+        help="for a wss:// URL, a client certificate to present (where the server takes them "
+        "as credentials), with its key unless --key gives it",
+    )
+    p.add_argument(
+        "--key", default=None, metavar="PEM", help="the private key of --cert, if not in it"
+    )
+    p.add_argument(
         "--no-snapshot",
         dest="snapshot",
         action="store_false",
@@ -360,9 +370,23 @@ async def watch(
     return 1
 
 
-def tls_options(cafile: str | None) -> dict[str, Any]:
-    """`connect()`'s `ssl` option trusting `cafile`, if given."""
-    return {"ssl": ssl.create_default_context(cafile=cafile)} if cafile else {}
+def tls_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`connect()`'s `ssl` option from `--cafile`, `--cert` and `--key` (none without the first
+    two), or ValueError saying which file cannot be loaded and why."""
+    if args.key and not args.cert:
+        raise ValueError("--key needs --cert (the certificate it is the key of)")
+    if not (args.cafile or args.cert):
+        return {}
+    try:
+        ctx = ssl.create_default_context(cafile=args.cafile)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise ValueError(f"cannot read --cafile {args.cafile}: {exc}") from None
+    if args.cert:
+        try:
+            ctx.load_cert_chain(args.cert, args.key)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot load --cert {args.cert}: {exc}") from None
+    return {"ssl": ctx}
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
@@ -382,9 +406,9 @@ def main(argv: list[str] | None = None) -> int:
         _say(sys.stderr, str(exc))
         return 2
     try:
-        tls = tls_options(args.cafile)
-    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-        _say(sys.stderr, f"cannot read --cafile {args.cafile}: {exc}")
+        tls = tls_options(args)
+    except ValueError as exc:
+        _say(sys.stderr, str(exc))
         return 2
     try:
         return _run(

@@ -5,6 +5,7 @@ and a reload that drops the name closes the connection as a revoked key does."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import ssl
 from collections.abc import Sequence
@@ -18,7 +19,9 @@ import websockets
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from tests.conftest import eventually
 from tickwire.clients import ConnectFailed, connect
+from tickwire.clients.watch import main as watch_main
 from tickwire.core.config import AuthConfig, ServerConfig, load_server_config
 from tickwire.core.errors import ConfigError
 from tickwire.core.redis_process import RedisProcess, TlsFiles
@@ -54,6 +57,14 @@ class Identities:
         cert.configure_cert(ctx)
         serial = x509.load_pem_x509_certificate(cert.cert_chain_pems[0].bytes()).serial_number
         return ctx, serial
+
+    def write(self, common_name: str, directory: Path) -> tuple[Path, Path]:
+        """A certificate for `common_name` from the client CA and its key, as files."""
+        cert = self.ca.issue_cert("watch.clients.example", common_name=common_name)
+        cert_file, key_file = directory / f"{common_name}.pem", directory / f"{common_name}.key"
+        cert.cert_chain_pems[0].write_to_path(cert_file)
+        cert.private_key_pem.write_to_path(key_file)
+        return cert_file, key_file
 
     def write_crl(
         self,
@@ -260,3 +271,44 @@ def test_a_crl_that_would_refuse_every_certificate_is_a_config_error(
     both_crls = tmp_path / "both-crls.pem"
     both_crls.write_bytes(good.read_bytes() + (tmp_path / "other.pem").read_bytes())
     check(both_crls, str(both))
+
+
+async def test_tickwire_watch_presents_a_client_certificate(
+    mtls_config: MakeConfig,
+    identities: Identities,
+    tls_files: TlsFiles,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    granted = identities.write("desk-a", tmp_path)
+    ungranted = identities.write("mallory", tmp_path)
+    async with TickwireServer(mtls_config("cn:desk-a desk-a trades:*\n")) as srv:
+
+        def run(*args: str) -> int:
+            return watch_main(
+                ["trades:AAA", "--url", srv.url, "--cafile", str(tls_files.ca), *args]
+            )
+
+        # The watch runs until told to go: what it asks for is seen from the server's side.
+        watching = asyncio.create_task(
+            asyncio.to_thread(run, "--json", "--cert", str(granted[0]), "--key", str(granted[1]))
+        )
+        await eventually(
+            lambda: any(c.session.subscriptions for c in srv.connections), "the watch's subscribe"
+        )
+        (conn,) = srv.connections
+        assert conn.wire.client_common_name == "desk-a"
+        conn.close_soon(4003, "done")
+        assert await watching == 1
+        assert "closed the connection: 4003 done" in capsys.readouterr().err
+        # Refused by name: the certificate was presented (without one, the server would let the
+        # connection in and wait for an auth message).
+        assert (
+            await asyncio.to_thread(run, "--cert", str(ungranted[0]), "--key", str(ungranted[1]))
+            == 1
+        )
+        assert "refused the credentials (HTTP 401)" in capsys.readouterr().err
+    assert watch_main(["trades:AAA", "--key", str(granted[1])]) == 2
+    assert "--key needs --cert" in capsys.readouterr().err
+    assert watch_main(["trades:AAA", "--cert", str(granted[1])]) == 2
+    assert f"cannot load --cert {granted[1]}" in capsys.readouterr().err
