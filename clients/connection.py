@@ -506,8 +506,11 @@ class Feed:
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status in AUTH_HTTP_STATUSES:
+                # The server's reason (tickwire's: a line of text), so the user knows which.
+                said = exc.response.body.decode("utf-8", "replace").strip()[:200]
                 raise AuthenticationFailed(
-                    f"{self.url} refused the credentials (HTTP {status})"
+                    f"{self.url} refused the credentials (HTTP {status}"
+                    + (f": {said})" if said and said.isprintable() else ")")
                 ) from None
             self.stats.failed_attempts += 1
             raise _Retry(f"HTTP {status} {exc.response.reason_phrase}".strip()) from None

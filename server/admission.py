@@ -1,11 +1,11 @@
 """Who may open a WebSocket: origin policy, connection caps and handshake credentials.
 
-Sans-I/O: `Admission.admit(headers, path, peer, now, client_common_name)` answers `Admitted`
+Sans-I/O: `Admission.admit(headers, path, peer, now, client_certificate)` answers `Admitted`
 (connection slots are taken: give them back with `release(slot)` when the connection is gone) or
 `Refused` (the HTTP status to answer with). Checks run cheapest first: repeated headers (400),
 origin (403), total cap (503), per-IP cap (429), the token in an `Authorization: Bearer` header
-or a `token` query parameter, else the client certificate's common name (401), per-credential
-cap (429). A credential presented later (`{"op":"auth"}`) takes
+or a `token` query parameter, else the client certificate (revoked, or its common name not
+granted: 401), per-credential cap (429). A credential presented later (`{"op":"auth"}`) takes
 its slot with `claim(slot, grant)`.
 """
 
@@ -21,7 +21,7 @@ from websockets.datastructures import Headers
 
 from tickwire.core.config import ANY_ORIGIN, ServerConfig
 from tickwire.core.errors import AuthError
-from tickwire.server.auth import Authenticator, Grant
+from tickwire.server.auth import Authenticator, ClientCertificate, Grant
 
 #: The refusal of a credential over `max_connections_per_credential`.
 CREDENTIAL_CAP_REASON = "too many connections for this credential"
@@ -80,10 +80,10 @@ class Admission:
         path: str,
         peer: str,
         now: float,
-        client_common_name: str | None = None,
+        client_certificate: ClientCertificate | None = None,
     ) -> Admitted | Refused:
-        """`client_common_name`: of the client certificate the TLS layer verified, if any; a
-        token in the handshake is taken before it."""
+        """`client_certificate`: the one the TLS layer verified, if any; a token in the
+        handshake is taken before it."""
         cfg = self.config
         for name in self._single_headers:
             if len(headers.get_all(name)) > 1:
@@ -109,8 +109,8 @@ class Admission:
             try:
                 if token is not None:
                     grant = self.authenticator.authenticate(token, now)
-                elif client_common_name is not None:
-                    grant = self.authenticator.authenticate_certificate(client_common_name)
+                elif client_certificate is not None:
+                    grant = self.authenticator.authenticate_certificate(client_certificate)
             except AuthError as exc:
                 return Refused(
                     HTTPStatus.UNAUTHORIZED,

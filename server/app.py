@@ -9,16 +9,17 @@ import signal
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from websockets.extensions.base import ServerExtensionFactory
 from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
 
 from tickwire import __version__
 from tickwire.core.collector import FreezePolicy, PauseTimer
-from tickwire.core.config import ServerConfig, check_exposure, served_tls
+from tickwire.core.config import ServerConfig, check_exposure
 from tickwire.core.errors import ConfigError
 from tickwire.core.runtime import raise_open_files_limit, tune_gc
+from tickwire.core.tls import server_context
 from tickwire.core.waits import report_end, wait_set, within
 from tickwire.server.admission import Admission
 from tickwire.server.auth import Authenticator
@@ -33,11 +34,7 @@ from tickwire.server.messages import (
 from tickwire.server.metrics import Metrics
 from tickwire.server.reader import StreamReader
 from tickwire.server.rounds import Rounds
-from tickwire.server.session import UNAUTHORIZED
 from tickwire.server.wire import Endpoint, Wire
-
-if TYPE_CHECKING:
-    from tickwire.core.crl import Revocations
 
 log = logging.getLogger("tickwire.server")
 #: Connections the kernel queues before the server accepts them (it caps this at
@@ -109,8 +106,6 @@ class TickwireServer:
         #: The TLS context handshakes take, if TLS is served here: the one listening, or the
         #: one the last reload made (`reload_tls`).
         self._tls: ssl.SSLContext | None = None
-        #: The client certificates its CRLs revoke (`[auth] tls_client_crl_file`).
-        self._revocations: Revocations | None = None
 
     @property
     def url(self) -> str:
@@ -159,10 +154,7 @@ class TickwireServer:
             self.sockets += 1
             return endpoint()
 
-        tls = None
-        if cfg.tls_cert_file:
-            tls, self._revocations = served_tls(cfg)
-            self._tls = tls
+        tls = self._tls = self._tls_context() if cfg.tls_cert_file else None
         if tls is not None:
             tls.sni_callback = self._latest_tls
         self._server = await asyncio.get_running_loop().create_server(
@@ -262,36 +254,26 @@ class TickwireServer:
         return self.reload_tls() and credentials
 
     def reload_tls(self) -> bool:
-        """Read the TLS certificate and key again (a renewal), and the client CRLs: connections
-        opened from now on get the new certificate, open ones keep theirs, but close with 4001
-        if the client certificate they were let in with is now revoked. False (and the old ones
-        kept) when the files cannot be loaded."""
+        """Read the TLS certificate and key again (a renewal): connections opened from now on
+        get the new one, open ones keep theirs. False (and the old one kept) when the files
+        cannot be loaded."""
         cfg = self.config
         if self._tls is None:
             return True
         try:
             # A context of its own, swapped in whole: loading into the live one could leave it
             # with a new certificate and the old key if the files changed between the reads.
-            fresh, revocations = served_tls(cfg)
+            fresh = self._tls_context()
         except ConfigError as exc:
-            log.error("reload failed, keeping the previous TLS certificate and CRLs: %s", exc)
+            log.error("reload failed, keeping the previous TLS certificate: %s", exc)
             return False
-        self._tls, self._revocations = fresh, revocations
+        self._tls = fresh
         log.info("reload: TLS certificate %s loaded", cfg.tls_cert_file)
-        if revocations is not None:
-            self._close_revoked(revocations)
         return True
 
-    def _close_revoked(self, revocations: Revocations) -> None:
-        """Close the connections let in with a client certificate `revocations` revokes (a
-        handshake checks only new ones)."""
-        for conn in list(self.connections):
-            cert = conn.wire.client_certificate
-            if cert is not None and not conn.closing and revocations.revokes(cert):
-                log.info(
-                    "closing %s: its client certificate is revoked", conn.wire.client_common_name
-                )
-                conn.close_soon(UNAUTHORIZED, "certificate revoked")
+    def _tls_context(self) -> ssl.SSLContext:
+        cfg = self.config
+        return server_context(cfg.tls_cert_file, cfg.tls_key_file, cfg.auth.tls_client_ca_file)
 
     def _latest_tls(self, conn: ssl.SSLObject, _name: str | None, ctx: ssl.SSLContext) -> None:
         """The listening context's `sni_callback`, which OpenSSL calls at every ClientHello,

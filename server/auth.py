@@ -23,7 +23,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from tickwire.core.channels import WILDCARD, Channel, ChannelPattern, validate_symbol, validate_type
 from tickwire.core.config import AuthConfig
+from tickwire.core.crl import CertificateId, Revocations, certificate_id, load_revocations
 from tickwire.core.errors import AuthError, ChannelError, ConfigError
 
 log = logging.getLogger("tickwire.server.auth")
@@ -106,6 +107,15 @@ def parse_entitlements(items: Iterable[str]) -> tuple[Entitlement, ...]:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientCertificate:
+    """A certificate a client presented over TLS, verified against the client CA: its
+    subject's common name, and itself (DER)."""
+
+    common_name: str
+    der: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Grant:
     """What an authenticated connection is: who (for logs), what it may read, until when."""
 
@@ -118,6 +128,9 @@ class Grant:
     #: Who connections are counted under for `max_connections_per_credential`: the API key,
     #: or the JWT's issuer and subject (the token itself when it names no subject).
     credential: str = ""
+    #: The client certificate it was given to, with client CRLs configured: checked against
+    #: them again at each reload.
+    certificate: CertificateId | None = None
 
     def allows(self, pattern: ChannelPattern) -> bool:
         return any(e.covers(pattern) for e in self.entitlements)
@@ -259,16 +272,20 @@ class Authenticator:
             raise ConfigError("no credential source is configured")
         self.config = config
         self._environ = os.environ if environ is None else environ
-        self.api_keys, self.jwt_keys = self._load()
+        self.api_keys, self.jwt_keys, self.revocations = self._load()
 
-    def _load(self) -> tuple[ApiKeys | None, JwtKeys]:
+    def _load(self) -> tuple[ApiKeys | None, JwtKeys, Revocations | None]:
         cfg = self.config
         api_keys = ApiKeys.load(cfg.api_keys_file) if cfg.api_keys_file else None
-        return api_keys, JwtKeys.load(cfg, self._environ)
+        revocations = None
+        if cfg.tls_client_crl_file:
+            revocations = load_revocations(cfg.tls_client_crl_file, cfg.tls_client_ca_file)
+        return api_keys, JwtKeys.load(cfg, self._environ), revocations
 
     def reload(self) -> None:
-        """Read the key file and key files again; on any error keep what was loaded before."""
-        self.api_keys, self.jwt_keys = self._load()
+        """Read the key file, key files and CRLs again; on any error keep what was loaded
+        before."""
+        self.api_keys, self.jwt_keys, self.revocations = self._load()
         log.info(
             "credentials reloaded: %d API keys",
             len(self.api_keys.grants) if self.api_keys else 0,
@@ -286,18 +303,28 @@ class Authenticator:
             return self._jwt(token, now)
         raise AuthError("invalid credentials")
 
-    def authenticate_certificate(self, common_name: str) -> Grant:
-        """The grant of a client certificate (verified by the TLS layer against the client CA)
-        whose subject has `common_name`, or AuthError: a `cn:` line of the key file names it."""
+    def authenticate_certificate(self, certificate: ClientCertificate) -> Grant:
+        """The grant of a client certificate (verified by the TLS layer against the client CA),
+        or AuthError: revoked by a client CRL, or no `cn:` line of the key file names it.
+
+        Revocation is checked here, not by OpenSSL in the handshake: a handshake that fails
+        ends the connection without a word (asyncio's TLS sends no alert), and a client would
+        retry for ever; a 401 tells it to stop."""
+        revocations, ident = self.revocations, None
+        if revocations is not None:
+            ident = certificate_id(certificate.der)
+            if revocations.revokes(ident):
+                raise AuthError("client certificate revoked")
         grant = None
         if self.api_keys is not None:
-            grant = self.api_keys.grants.get(CERT_PREFIX + common_name)
+            grant = self.api_keys.grants.get(CERT_PREFIX + certificate.common_name)
         if grant is None:
             raise AuthError("client certificate not granted any channel")
-        return grant
+        return grant if ident is None else replace(grant, certificate=ident)
 
     def current(self, grant: Grant) -> Grant | None:
-        """The grant an API key has now (after a reload), None if the key is gone.
+        """The grant an API key (or a client certificate) has now, after a reload: None if the
+        key or the certificate's line is gone, or the certificate revoked.
 
         A JWT grant stays as it is: it carries its own entitlements and expiry.
         """
@@ -305,7 +332,12 @@ class Authenticator:
             return grant
         if self.api_keys is None:
             return None
-        return self.api_keys.grants.get(grant.key_id)
+        now = self.api_keys.grants.get(grant.key_id)
+        if now is None or grant.certificate is None:
+            return now
+        if self.revocations is not None and self.revocations.revokes(grant.certificate):
+            return None
+        return replace(now, certificate=grant.certificate)
 
     def _jwt(self, token: str, now: float) -> Grant:
         cfg = self.config

@@ -80,7 +80,7 @@ class HttpRoutes:
         remote = wire.remote_address
         peer = str(remote[0]) if isinstance(remote, tuple) and remote else "unix"
         decision = self.admission.admit(
-            request.headers, request.path, peer, time.time(), wire.client_common_name
+            request.headers, request.path, peer, time.time(), wire.client_certificate
         )
         if isinstance(decision, Refused):
             status = decision.status

@@ -26,6 +26,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+from tickwire.server.auth import ClientCertificate
 from tickwire.server.frames import text_frame
 
 if TYPE_CHECKING:
@@ -156,20 +157,16 @@ class Wire(asyncio.Protocol):
         return None if self.transport is None else self.transport.get_extra_info("peername")
 
     @property
-    def client_certificate(self) -> bytes | None:
-        """The certificate the client presented over TLS (DER), verified; None without one."""
+    def client_certificate(self) -> ClientCertificate | None:
+        """The certificate the client presented over TLS, verified against the server's client
+        CA; None without one, or if it names no common name."""
         tls = None if self.transport is None else self.transport.get_extra_info("ssl_object")
-        return None if tls is None else tls.getpeercert(True)
-
-    @property
-    def client_common_name(self) -> str | None:
-        """The subject common name of the certificate the client presented over TLS, verified
-        against the server's client CA; None without one."""
-        cert = None if self.transport is None else self.transport.get_extra_info("peercert")
-        for rdn in (cert or {}).get("subject", ()):
+        if tls is None:
+            return None
+        for rdn in (tls.getpeercert() or {}).get("subject", ()):
             for key, value in rdn:
                 if key == "commonName":
-                    return str(value)
+                    return ClientCertificate(str(value), tls.getpeercert(True))
         return None
 
     def send_text(self, message: bytes, frame: bytes | None = None) -> None:

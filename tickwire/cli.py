@@ -337,9 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-client-crl",
         metavar="FILE",
         default=None,
-        help="with --tls-client-ca: its revocation lists (PEM, a current CRL for each CA); a "
-        "revoked certificate fails the handshake, and SIGHUP re-reads the file and closes the "
-        "connections of certificates revoked since (config: [auth] tls_client_crl_file)",
+        help="with --tls-client-ca: its CAs' revocation lists (PEM); a revoked certificate is "
+        "refused (401), and SIGHUP re-reads the file and closes the connections of certificates "
+        "revoked since (config: [auth] tls_client_crl_file)",
     )
     sec.add_argument(
         "--public",

@@ -117,7 +117,6 @@ def test_close_codes_and_notice_codes_match_protocol_md(contract: Contract) -> N
         (4001, "auth timeout"),
         (4001, "token expired"),
         (4001, "credentials revoked"),
-        (4001, "certificate revoked"),
         (4003, "forbidden"),
         (1013, "too many connections for this credential"),
     ]:

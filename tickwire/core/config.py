@@ -7,16 +7,11 @@ import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from tickwire.core.channels import CHANNEL_TYPES
 from tickwire.core.errors import ConfigError
 from tickwire.core.tls import server_context
-
-if TYPE_CHECKING:
-    import ssl
-
-    from tickwire.core.crl import Revocations
 
 _T = TypeVar("_T")
 
@@ -125,8 +120,8 @@ class AuthConfig:
     # Client certificates as credentials (with `tls_cert_file`): the CA that signs them (PEM).
     # A client may present one; the key file's `cn:<common name>` lines grant it its channels.
     tls_client_ca_file: str = ""
-    # Their revocation lists (PEM, one current CRL per CA of `tls_client_ca_file`); re-read on
-    # SIGHUP, when open connections with a certificate revoked since close with 4001.
+    # Their CAs' revocation lists (PEM): a revoked certificate is refused (401); re-read on
+    # SIGHUP, when the connections of certificates revoked since close with 4001.
     tls_client_crl_file: str = ""
 
     @property
@@ -251,20 +246,6 @@ def load_server_config(
     return cfg
 
 
-def served_tls(cfg: ServerConfig) -> tuple[ssl.SSLContext, Revocations | None]:
-    """The context `wss://` is served with, from the files `cfg` names, and the revocations of
-    client certificates loaded into it (None without a CRL); a ConfigError if any is unusable."""
-    auth = cfg.auth
-    revocations = None
-    if auth.tls_client_crl_file:
-        # Imported here: `cryptography.x509` takes ~85 ms, for a CRL few configure.
-        from tickwire.core.crl import load_revocations
-
-        revocations = load_revocations(auth.tls_client_crl_file, auth.tls_client_ca_file)
-    ctx = server_context(cfg.tls_cert_file, cfg.tls_key_file, auth.tls_client_ca_file, revocations)
-    return ctx, revocations
-
-
 def _check(cfg: ServerConfig) -> None:
     if cfg.tls_key_file and not cfg.tls_cert_file:
         raise ConfigError("tls_key_file without tls_cert_file (the certificate to serve)")
@@ -279,7 +260,7 @@ def _check(cfg: ServerConfig) -> None:
         )
     if cfg.tls_cert_file:
         # Here, not in every worker.
-        served_tls(cfg)
+        server_context(cfg.tls_cert_file, cfg.tls_key_file, cfg.auth.tls_client_ca_file)
     if cfg.workers < 1:
         raise ConfigError("workers must be at least 1")
     for name in ("max_connections", "max_connections_per_ip", "max_connections_per_credential"):

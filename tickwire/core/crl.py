@@ -1,14 +1,11 @@
-"""Certificate revocation lists for client certificates: read and checked once, loaded into the
-server's TLS context, and matched against the certificates of connections already open."""
+"""Certificate revocation lists of the client CAs: read and checked once, then asked whether a
+client certificate is revoked."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import os
 import re
-import ssl
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,33 +16,24 @@ from tickwire.core.errors import ConfigError
 
 _PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
 
+#: A certificate as a CRL names it: its issuer's name (DER) and its serial number.
+CertificateId = tuple[bytes, int]
+
+
+def certificate_id(certificate_der: bytes) -> CertificateId:
+    """The id of a certificate (DER, as `SSLObject.getpeercert(True)` gives it)."""
+    cert = x509.load_der_x509_certificate(certificate_der)
+    return cert.issuer.public_bytes(), cert.serial_number
+
 
 @dataclass(frozen=True, slots=True)
 class Revocations:
-    """The CRLs of a file, one per client CA: the PEM as read (loaded into the TLS context as
-    it was checked, whatever the file holds by then) and the certificates they revoke."""
+    """The certificates the CRLs of a file revoke."""
 
-    pem: bytes
-    #: (issuer name as DER, serial number) of each revoked certificate.
-    revoked: frozenset[tuple[bytes, int]]
+    revoked: frozenset[CertificateId]
 
-    def revokes(self, certificate_der: bytes) -> bool:
-        """Whether a certificate (DER, as `SSLObject.getpeercert(True)` gives it) is revoked."""
-        cert = x509.load_der_x509_certificate(certificate_der)
-        return (cert.issuer.public_bytes(), cert.serial_number) in self.revoked
-
-    def load_into(self, ctx: ssl.SSLContext) -> None:
-        """Have `ctx` refuse the revoked certificates in the handshake. OpenSSL reads CRLs from
-        a file only (`cadata` takes certificates), so from a private copy of the checked PEM."""
-        fd, path = tempfile.mkstemp(suffix=".pem")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.pem)
-            ctx.load_verify_locations(cafile=path)
-        finally:
-            os.unlink(path)
-        # The leaf only: a client CA's own revocation is its issuer's business.
-        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    def revokes(self, certificate: CertificateId) -> bool:
+        return certificate in self.revoked
 
 
 def load_revocations(
@@ -53,10 +41,9 @@ def load_revocations(
     ca_file: str,
     now: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
 ) -> Revocations:
-    """The CRLs in `crl_file` (PEM), each signed by a CA of `ca_file`, every CA of which must
-    have one that is current. Anything else is a ConfigError now: OpenSSL, checking CRLs,
-    refuses every certificate of a CA without a current CRL, and a handshake failure would be
-    all the clients saw of it."""
+    """The CRLs in `crl_file` (PEM, one or more), or a ConfigError: the file cannot be read or
+    holds no CRL, a CRL is not signed by a CA of `ca_file` (it would revoke nothing that CA
+    let in), or one is past its next update (what it leaves out may have been revoked since)."""
     try:
         pem = Path(crl_file).read_bytes()
         cas = x509.load_pem_x509_certificates(Path(ca_file).read_bytes())
@@ -71,8 +58,7 @@ def load_revocations(
     if not crls:
         raise ConfigError(f"{crl_file!r} holds no CRL (PEM, -----BEGIN X509 CRL-----)")
     at = now()
-    covered: set[bytes] = set()
-    revoked: set[tuple[bytes, int]] = set()
+    revoked: set[CertificateId] = set()
     for crl in crls:
         issuer = crl.issuer.rfc4514_string()
         ca = next((c for c in cas if c.subject == crl.issuer), None)
@@ -82,17 +68,10 @@ def load_revocations(
         if expiry is not None and expiry <= at:
             raise ConfigError(
                 f"the CRL of {issuer} in {crl_file!r} expired at {expiry:%Y-%m-%d %H:%M} UTC: "
-                "OpenSSL would refuse every certificate of its CA"
+                "publish a current one"
             )
-        covered.add(ca.subject.public_bytes())
         revoked.update((crl.issuer.public_bytes(), r.serial_number) for r in crl)
-    missing = [c.subject.rfc4514_string() for c in cas if c.subject.public_bytes() not in covered]
-    if missing:
-        raise ConfigError(
-            f"no CRL in {crl_file!r} for the client CA {', '.join(missing)}: OpenSSL would refuse "
-            "every certificate it signed"
-        )
-    return Revocations(pem, frozenset(revoked))
+    return Revocations(frozenset(revoked))
 
 
 def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:

@@ -14,13 +14,8 @@ import functools
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from tickwire.core.errors import ConfigError
-
-if TYPE_CHECKING:
-    # Not at run time: `cryptography.x509` takes ~85 ms to import, for a CRL few configure.
-    from tickwire.core.crl import Revocations
 
 #: The query options a `rediss://` URL takes.
 TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
@@ -101,18 +96,12 @@ def client_context(
     return ctx
 
 
-def server_context(
-    cert_file: str,
-    key_file: str = "",
-    client_ca_file: str = "",
-    revocations: Revocations | None = None,
-) -> ssl.SSLContext:
+def server_context(cert_file: str, key_file: str = "", client_ca_file: str = "") -> ssl.SSLContext:
     """The context `tickwire serve` listens with for `wss://` and `https://`: the certificate
     chain in `cert_file` (PEM), its key in `key_file` or, if empty, in the same file. With
     `client_ca_file`, a client may present a certificate, which must come from that CA (one
     from elsewhere fails the handshake); without one it authenticates as it would otherwise.
-    With `revocations` (of that CA), a revoked one fails the handshake too. A file that cannot
-    be read or a key that does not match is a ConfigError."""
+    A file that cannot be read or a key that does not match is a ConfigError."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     # WebSocket upgrades are HTTP/1.1: say so to clients that offer h2 first.
@@ -127,6 +116,4 @@ def server_context(
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot load the client CA {client_ca_file!r}: {exc}") from None
         ctx.verify_mode = ssl.CERT_OPTIONAL
-        if revocations is not None:
-            revocations.load_into(ctx)
     return ctx
