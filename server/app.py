@@ -131,6 +131,7 @@ class TickwireServer:
             extensions = enable_server_permessage_deflate(None)
         endpoint = Endpoint(
             route=self.http.route,
+            made=self._made,
             opened=self._opened,
             lost=self._lost,
             serving=lambda: self._serving,
@@ -150,15 +151,11 @@ class TickwireServer:
             server_header=f"tickwire/{__version__}",
         )
 
-        def accept() -> Wire:
-            self.sockets += 1
-            return endpoint()
-
         tls = self._tls = self._tls_context() if cfg.tls_cert_file else None
         if tls is not None:
             tls.sni_callback = self._latest_tls
         self._server = await asyncio.get_running_loop().create_server(
-            accept,
+            endpoint,
             cfg.host,
             cfg.port,
             reuse_port=self.reuse_port,
@@ -310,6 +307,11 @@ class TickwireServer:
         self.metrics.connections_total += 1
         conn.start()
         return conn
+
+    def _made(self, _wire: Wire) -> None:
+        # Here, not in the protocol factory: a connection whose TLS handshake fails is made by
+        # the factory and never reported lost (counted there, each stayed counted for ever).
+        self.sockets += 1
 
     def _lost(self, wire: Wire) -> None:
         self.sockets -= 1

@@ -68,9 +68,12 @@ class Endpoint:
     #: Answers a request (`process_request` in websockets): a response ends the exchange,
     #: None upgrades it to a WebSocket.
     route: Callable[[Wire, Request], Response | None]
-    #: Called once the handshake is done; returns the connection's handler.
+    #: Called once the connection is made: accepted, and over TLS its TLS handshake done (a
+    #: connection whose TLS handshake fails is never made, and never lost).
+    made: Callable[[Wire], None]
+    #: Called once the WebSocket handshake is done; returns the connection's handler.
     opened: Callable[[Wire], Handler]
-    #: Called once when the TCP connection is gone, whether or not the handshake completed.
+    #: Called once when a connection made is gone, whether or not its handshake completed.
     lost: Callable[[Wire], None]
     #: False once the server is shutting down: upgrades are refused with 503.
     serving: Callable[[], bool]
@@ -263,6 +266,7 @@ class Wire(asyncio.Protocol):
         self._timer = asyncio.get_running_loop().call_later(
             endpoint.open_timeout_s, transport.abort
         )
+        endpoint.made(self)
 
     def data_received(self, data: bytes) -> None:
         protocol = self.protocol

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import trustme
 
+from tests.conftest import eventually
 from tickwire.bench.harness import ServerProcess, start_group
 from tickwire.clients import CertificateRefused, Received, connect
 from tickwire.clients.watch import main as watch_main
@@ -105,6 +106,9 @@ async def test_clients_that_do_not_speak_tls_are_dropped_and_the_others_served(
         writer.close()
         async with connect(srv.url, ssl=trusting(tls_files)) as feed:
             assert await feed.ping() > 0
+            assert srv.sockets == 1
+        # The failed handshakes were never counted as connections (they stayed counted).
+        await eventually(lambda: srv.sockets == 0, "the last connection to be counted out")
 
 
 def test_a_certificate_that_cannot_be_loaded_stops_the_server_at_start(
