@@ -10,6 +10,7 @@ from tickwire.core.errors import RedisUnavailable
 from tickwire.core.redis_process import (
     RedisProcess,
     RedisSentinelSet,
+    TlsFiles,
     free_cluster_port,
     redis_cli,
 )
@@ -46,6 +47,19 @@ def test_a_port_taken_is_given_up_for_another_of_the_same_picker() -> None:
         with proc:
             assert len(picks) == 2 and proc.port == picks[1]
             assert proc._ping()
+
+
+def test_a_tls_port_taken_before_the_start_is_given_up_for_another(tls_files: TlsFiles) -> None:
+    proc = RedisProcess(tls=tls_files)
+    picked = proc.tls_port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", picked))
+        with proc:
+            assert proc.tls_port != picked
+            assert f"tls-port {proc.tls_port}" in " ".join(proc.extra_args).replace("--", "")
+            assert redis_cli(proc.port, "CONFIG", "GET", "tls-port").split()[-1] == str(
+                proc.tls_port
+            )
 
 
 def test_a_sentinel_whose_port_was_taken_comes_up_on_another() -> None:

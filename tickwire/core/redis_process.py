@@ -101,6 +101,7 @@ class RedisProcess:
         # (Picked as the plain one: a cluster's bus port is 10 000 above its TLS port then.)
         self.tls_port = pick_port() if tls is not None else 0
         self.extra_args = extra_args + (tls.args(self.tls_port) if tls is not None else ())
+        self._plain_args, self._tls = extra_args, tls
         self._pick_port = pick_port
         self.port = port or pick_port()
         #: A port picked here may be taken by someone else's socket (an outgoing connection's
@@ -129,7 +130,12 @@ class RedisProcess:
             try:
                 return self._start(timeout)
             except PortTaken:
+                # Redis says only that one of its ports was taken: pick each again (a cluster's
+                # TLS port too, with its bus port above it).
                 self.port = self._pick_port()
+                if self._tls is not None:
+                    self.tls_port = self._pick_port()
+                    self.extra_args = self._plain_args + self._tls.args(self.tls_port)
         return self._start(timeout)  # a sixth time taken: PortTaken, a RedisUnavailable
 
     def _start(self, timeout: float) -> RedisProcess:
