@@ -31,6 +31,7 @@ import orjson
 from tickwire.bench.brokers import BROKER_PROCESSES, BrokerProcess
 from tickwire.bench.harness import cpu_seconds, start_group, stop_group
 from tickwire.bench.stats import latency_summary, table
+from tickwire.core.argtypes import count, rate, seconds
 from tickwire.core.channels import Channel, live_channel
 from tickwire.core.config import PublisherConfig
 from tickwire.core.events import encode_body
@@ -299,11 +300,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="tickwire bench bridge", description=__doc__)
     p.add_argument("--broker", choices=sorted(BROKER_PROCESSES), required=True)
-    p.add_argument("--count", type=int, default=50_000, help="trades in the throughput phase")
-    p.add_argument("--symbols", type=int, default=20)
-    p.add_argument("--rate", type=float, default=1000.0, help="events/s in the latency phase")
-    p.add_argument("--seconds", type=float, default=5.0, help="length of the latency phase")
-    p.add_argument("--timeout", type=float, default=60.0, help="give up waiting after this")
+    p.add_argument("--count", type=count, default=50_000, help="trades in the throughput phase")
+    p.add_argument("--symbols", type=count, default=20)
+    p.add_argument("--rate", type=rate, default=1000.0, help="events/s in the latency phase")
+    p.add_argument("--seconds", type=seconds, default=5.0, help="length of the latency phase")
+    p.add_argument("--timeout", type=seconds, default=60.0, help="give up waiting after this")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     # The publishing child's own options.
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -38,6 +38,7 @@ from tickwire.bench.harness import (
     start_feed,
 )
 from tickwire.bench.stats import latency_summary
+from tickwire.core.argtypes import count, rate, seconds, seconds_or_none
 from tickwire.core.channels import Channel
 from tickwire.core.redis_process import RedisProcess
 from tickwire.core.redis_wire import RedisConnection
@@ -56,40 +57,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tickwire bench conns", description=__doc__.split("\n\n")[0] if __doc__ else None
     )
-    p.add_argument("--clients", type=int, default=20_000, help="connections (default 20000)")
-    p.add_argument("--workers", type=int, default=2, help="server processes (default 2)")
+    p.add_argument("--clients", type=count, default=20_000, help="connections (default 20000)")
+    p.add_argument("--workers", type=count, default=2, help="server processes (default 2)")
     p.add_argument(
-        "--load-processes", type=int, default=2, help="client load processes (default 2)"
+        "--load-processes", type=count, default=2, help="client load processes (default 2)"
     )
     p.add_argument(
         "--symbols",
-        type=int,
+        type=count,
         default=100,
         help="symbols; clients spread over their quotes channels (default 100)",
     )
     p.add_argument(
         "--rate",
-        type=float,
+        type=rate,
         default=None,
         help="events/s published (default symbols / 0.75: one event/s per connection on average)",
     )
-    p.add_argument("--duration", type=float, default=20, help="measured seconds (default 20)")
+    p.add_argument("--duration", type=seconds, default=20, help="measured seconds (default 20)")
     p.add_argument(
         "--warmup",
-        type=float,
+        type=seconds_or_none,
         default=5,
         help="seconds between the last subscribe ack and the measured window (default 5)",
     )
     p.add_argument(
         "--jitter",
-        type=float,
+        type=seconds_or_none,
         default=2.0,
         help="after the server goes, each client waits uniform 0..this s before reconnecting "
         "(default 2)",
     )
     p.add_argument(
         "--timeout",
-        type=float,
+        type=seconds,
         default=120,
         help="give up on a phase (connect, subscribe, storm) after this many s (default 120)",
     )

@@ -28,6 +28,7 @@ import orjson
 from tickwire.bench.conns import QUOTE_SHARE
 from tickwire.bench.e2e_run import LoadProcess
 from tickwire.bench.harness import rss_mb, self_signed_pem, start_feed
+from tickwire.core.argtypes import count
 from tickwire.core.config import ServerConfig
 from tickwire.core.redis_process import RedisProcess
 from tickwire.core.runtime import raise_open_files_limit
@@ -140,9 +141,9 @@ async def measure(args: argparse.Namespace, redis_url: str, workdir: Path) -> No
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
-    p.add_argument("--clients", type=int, default=2000)
-    p.add_argument("--symbols", type=int, default=100)
-    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--clients", type=count, default=2000)
+    p.add_argument("--symbols", type=count, default=100)
+    p.add_argument("--top", type=count, default=15)
     p.add_argument("--tls", action="store_true", help="the server serves wss:// (self-signed)")
     args = p.parse_args(argv)
     raise_open_files_limit()

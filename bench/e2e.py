@@ -28,6 +28,7 @@ from tickwire.bench.e2e_report import Run, json_report, median_step, plot, repor
 from tickwire.bench.e2e_run import TLS_TARGET, Scenario, conn_flush, run_target
 from tickwire.bench.floor import Floor, measure_floor
 from tickwire.bench.harness import self_signed_pem
+from tickwire.core.argtypes import count, positive, rate, seconds, seconds_or_none
 from tickwire.core.redis_process import RedisCluster, RedisProcess
 
 
@@ -40,20 +41,22 @@ def build_parser() -> argparse.ArgumentParser:
         "`tickwire bench conns --help`: connections per box and a reconnect storm; "
         "`tickwire bench throttle --help`: max_hz subscriptions against unthrottled ones.",
     )
-    p.add_argument("--rate", type=float, default=10_000, help="events/s published (default 10000)")
+    p.add_argument("--rate", type=rate, default=10_000, help="events/s published (default 10000)")
     p.add_argument(
-        "--symbols", type=int, default=100, help="symbols (2 channels each; default 100)"
+        "--symbols", type=count, default=100, help="symbols (2 channels each; default 100)"
     )
-    p.add_argument("--clients", type=int, default=100, help="WebSocket clients (default 100)")
+    p.add_argument("--clients", type=count, default=100, help="WebSocket clients (default 100)")
     p.add_argument(
         "--channels-per-client",
-        type=int,
+        type=count,
         default=10,
         help="channels each client subscribes (default 10)",
     )
-    p.add_argument("--duration", type=float, default=30, help="measured seconds (default 30)")
-    p.add_argument("--warmup", type=float, default=5, help="seconds before measuring (default 5)")
-    p.add_argument("--workers", type=int, default=1, help="tickwire server processes (default 1)")
+    p.add_argument("--duration", type=seconds, default=30, help="measured seconds (default 30)")
+    p.add_argument(
+        "--warmup", type=seconds_or_none, default=5, help="seconds before measuring (default 5)"
+    )
+    p.add_argument("--workers", type=count, default=1, help="tickwire server processes (default 1)")
     p.add_argument(
         "--target",
         choices=("tickwire", "baseline", "both"),
@@ -61,17 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="what to measure (default both: tickwire, then the naive baseline, same load)",
     )
     p.add_argument(
-        "--load-processes", type=int, default=1, help="client load processes (default 1)"
+        "--load-processes", type=count, default=1, help="client load processes (default 1)"
     )
     p.add_argument(
         "--sample-every",
-        type=int,
+        type=count,
         default=1,
         help="parse and check every Nth connection fully (default 1: all)",
     )
     p.add_argument(
         "--rounds",
-        type=int,
+        type=count,
         default=1,
         help="measure each target this many times, alternating which goes first, and report "
         "the median of each figure (default 1; one run is noisy on a small machine)",
@@ -111,14 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
         "under 90%% of what was published to them); report the highest sustained step",
     )
     sat.add_argument(
-        "--step-factor", type=float, default=1.5, help="rate multiplier per step (default 1.5)"
+        "--step-factor", type=positive, default=1.5, help="rate multiplier per step (default 1.5)"
     )
     sat.add_argument(
-        "--max-rate", type=float, default=1e7, help="stop stepping above this rate (default 1e7)"
+        "--max-rate", type=rate, default=1e7, help="stop stepping above this rate (default 1e7)"
     )
     sat.add_argument(
         "--max-p99-ms",
-        type=float,
+        type=positive,
         default=50.0,
         help="a step whose p99 exceeds this is not sustained (default 50 ms)",
     )

@@ -38,6 +38,7 @@ import orjson
 import websockets
 
 from tickwire.bench.harness import ServerProcess
+from tickwire.core.argtypes import count, rate, seconds_or_none
 from tickwire.core.channels import Channel
 from tickwire.core.config import PublisherConfig
 from tickwire.core.events import encode_body
@@ -267,14 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--node-timeout-ms",
-        type=int,
+        type=count,
         default=2000,
         help="cluster-node-timeout of the private cluster (default 2000; Redis's own is 15000)",
     )
-    p.add_argument("--rate", type=float, default=2000, help="events/s published (default 2000)")
-    p.add_argument("--symbols", type=int, default=12, help="symbols over the 3 masters")
-    p.add_argument("--warmup", type=float, default=2.0, help="seconds before the kill")
-    p.add_argument("--after", type=float, default=2.0, help="seconds of flow after recovery")
+    p.add_argument("--rate", type=rate, default=2000, help="events/s published (default 2000)")
+    p.add_argument("--symbols", type=count, default=12, help="symbols over the 3 masters")
+    p.add_argument("--warmup", type=seconds_or_none, default=2.0, help="seconds before the kill")
+    p.add_argument(
+        "--after", type=seconds_or_none, default=2.0, help="seconds of flow after recovery"
+    )
     p.add_argument(
         "--behind",
         action="store_true",

@@ -25,6 +25,7 @@ import orjson
 from tickwire.bench.fault_report import Outcome, json_report, print_table
 from tickwire.bench.fault_scenarios import SCENARIOS
 from tickwire.bench.fault_stage import Settings, say
+from tickwire.core.argtypes import count, positive, rate, seconds
 
 
 async def run_all(st: Settings, names: list[str], workdir: Path) -> list[Outcome]:
@@ -77,23 +78,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--scale",
-        type=float,
+        type=positive,
         default=1.0,
         help="multiplies client counts and fault durations (1: the issue's 300 storm clients, "
         "200 slow-consumer clients, a 15 s pause; default 1)",
     )
-    p.add_argument("--clients", type=int, help="clients per scenario (default 50 x scale)")
-    p.add_argument("--storm-clients", type=int, help="storm clients (default 300 x scale)")
-    p.add_argument("--slow-clients", type=int, help="slow-consumer clients (default 200 x scale)")
-    p.add_argument("--rate", type=float, default=2000.0, help="events/s published (default 2000)")
-    p.add_argument("--kill-rate", type=float, help="events/s for redis-kill-aof (default 5 x rate)")
-    p.add_argument("--symbols", type=int, default=10, help="symbols (2 channels each; default 10)")
+    p.add_argument("--clients", type=count, help="clients per scenario (default 50 x scale)")
+    p.add_argument("--storm-clients", type=count, help="storm clients (default 300 x scale)")
+    p.add_argument("--slow-clients", type=count, help="slow-consumer clients (default 200 x scale)")
+    p.add_argument("--rate", type=rate, default=2000.0, help="events/s published (default 2000)")
+    p.add_argument("--kill-rate", type=rate, help="events/s for redis-kill-aof (default 5 x rate)")
     p.add_argument(
-        "--channels-per-client", type=int, default=2, help="channels per client (default 2)"
+        "--symbols", type=count, default=10, help="symbols (2 channels each; default 10)"
     )
-    p.add_argument("--pause", type=float, help="redis-pause SIGSTOP seconds (default 15 x scale)")
-    p.add_argument("--hold", type=float, help="proxy fault seconds (default 8 x scale)")
-    p.add_argument("--steady", type=float, help="streaming before/after faults (default 2 s)")
+    p.add_argument(
+        "--channels-per-client", type=count, default=2, help="channels per client (default 2)"
+    )
+    p.add_argument("--pause", type=seconds, help="redis-pause SIGSTOP seconds (default 15 x scale)")
+    p.add_argument("--hold", type=seconds, help="proxy fault seconds (default 8 x scale)")
+    p.add_argument("--steady", type=seconds, help="streaming before/after faults (default 2 s)")
     p.add_argument("--seed", type=int, default=0, help="simulator seed (default 0)")
     p.add_argument(
         "--only",

@@ -29,6 +29,7 @@ import redis
 import uvloop
 
 from tickwire.bench.harness import TICKWIRE, cpu_seconds, start_group, stop_group
+from tickwire.core.argtypes import count, rate, seconds, seconds_or_none, tick_ms
 from tickwire.core.commands import Packed
 from tickwire.core.redis_process import RedisProcess
 from tickwire.core.redis_wire import RedisConnection
@@ -96,15 +97,20 @@ async def floor_loop(url: str, tick_s: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tickwire bench feed", description=__doc__.split("\n")[0])
-    p.add_argument("--rate", type=float, default=10_000, help="events/s (default 10000)")
-    p.add_argument("--symbols", type=int, default=100, help="symbols (default 100)")
+    p.add_argument("--rate", type=rate, default=10_000, help="events/s (default 10000)")
+    p.add_argument("--symbols", type=count, default=100, help="symbols (default 100)")
     p.add_argument(
-        "--duration", type=float, default=10.0, help="measured seconds, each (default 10)"
+        "--duration", type=seconds, default=10.0, help="measured seconds, each (default 10)"
     )
     p.add_argument(
-        "--warmup", type=float, default=2.0, help="seconds before the window opens (default 2)"
+        "--warmup",
+        type=seconds_or_none,
+        default=2.0,
+        help="seconds before the window opens (default 2)",
     )
-    p.add_argument("--tick-ms", type=float, default=1.0, help="the feed's release tick (default 1)")
+    p.add_argument(
+        "--tick-ms", type=tick_ms, default=1.0, help="the feed's release tick (default 1)"
+    )
     p.add_argument(
         "--tickwire",
         default=TICKWIRE,

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tickwire.core.argtypes import count
+
 FIELD_SETS = (["bid", "ask"], ["bid"], ["ask", "ask_size"], ["bid", "bid_size"])
 SCENARIOS = {
     "whole": (),
@@ -120,9 +122,9 @@ def export(rev: str, into: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=1000)
-    parser.add_argument("--dispatches", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--clients", type=count, default=1000)
+    parser.add_argument("--dispatches", type=count, default=200)
+    parser.add_argument("--rounds", type=count, default=5)
     parser.add_argument("--baseline", help="git revision whose whole scenario to compare")
     parser.add_argument("--json", help="write the results here too")
     parser.add_argument("--scenario", action="append", default=[])

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 import orjson
 import uvloop
 
+from tickwire.core.argtypes import count
 from tickwire.core.channels import Channel
 from tickwire.core.config import PublisherConfig
 from tickwire.core.redis_process import RedisProcess
@@ -192,17 +193,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tickwire bench publish", description=__doc__.split("\n")[0])
     p.add_argument(
         "--events",
-        type=int,
+        type=count,
         default=500_000,
         help="events for tickwire's publisher (default 500000)",
     )
     p.add_argument(
         "--baseline-events",
-        type=int,
+        type=count,
         default=100_000,
         help="events for the redis-py pipeline baseline",
     )
-    p.add_argument("--symbols", type=int, default=100, help="symbols (streams = 2 per symbol)")
+    p.add_argument("--symbols", type=count, default=100, help="symbols (streams = 2 per symbol)")
     p.add_argument("--redis", help="use this Redis (it is FLUSHDB'd!) instead of a private one")
     p.add_argument("--json", help="write the results to this file as JSON")
     args = p.parse_args(argv)

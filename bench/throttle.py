@@ -27,6 +27,7 @@ import orjson
 from tickwire.bench.e2e_report import Run
 from tickwire.bench.e2e_run import Scenario, conn_flush, run_target
 from tickwire.bench.stats import ratio
+from tickwire.core.argtypes import count, positive, rate, seconds, seconds_or_none
 from tickwire.core.redis_process import RedisProcess
 
 
@@ -35,20 +36,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tickwire bench throttle",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
-    p.add_argument("--max-hz", type=float, default=4.0, help="the throttled rate (default 4)")
-    p.add_argument("--clients", type=int, default=1000, help="WebSocket clients (default 1000)")
-    p.add_argument("--rate", type=float, default=500, help="events/s published (default 500)")
+    p.add_argument("--max-hz", type=positive, default=4.0, help="the throttled rate (default 4)")
+    p.add_argument("--clients", type=count, default=1000, help="WebSocket clients (default 1000)")
+    p.add_argument("--rate", type=rate, default=500, help="events/s published (default 500)")
     p.add_argument(
-        "--symbols", type=int, default=20, help="symbols, one quote channel each (default 20)"
+        "--symbols", type=count, default=20, help="symbols, one quote channel each (default 20)"
     )
-    p.add_argument("--duration", type=float, default=6, help="measured seconds (default 6)")
-    p.add_argument("--warmup", type=float, default=2, help="seconds before measuring (default 2)")
+    p.add_argument("--duration", type=seconds, default=6, help="measured seconds (default 6)")
     p.add_argument(
-        "--load-processes", type=int, default=2, help="client load processes (default 2)"
+        "--warmup", type=seconds_or_none, default=2, help="seconds before measuring (default 2)"
+    )
+    p.add_argument(
+        "--load-processes", type=count, default=2, help="client load processes (default 2)"
     )
     p.add_argument(
         "--sample-every",
-        type=int,
+        type=count,
         default=50,
         help="parse and check every Nth connection fully (default 50)",
     )

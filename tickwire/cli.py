@@ -9,12 +9,21 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Coroutine
+from typing import Any
 
 from tickwire import __version__
 from tickwire.core.acl import ROLES as ACL_ROLES
 from tickwire.core.acl import acl_rules
+from tickwire.core.argtypes import (
+    count,
+    milliseconds,
+    milliseconds_or_none,
+    port,
+    rate,
+    seconds,
+    tick_ms,
+)
 from tickwire.core.config import (
     DEFAULT_REDIS_URL,
     PublisherConfig,
@@ -25,7 +34,6 @@ from tickwire.core.errors import TickwireError
 from tickwire.core.urls import redact_url
 
 log = logging.getLogger("tickwire.cli")
-_N = TypeVar("_N", int, float)
 
 
 def _redis_arg(p: argparse.ArgumentParser) -> None:
@@ -47,7 +55,7 @@ def _symbols(value: str) -> int | list[str]:
     from tickwire.core.errors import ChannelError
 
     if value.isdigit():
-        return _count(value)
+        return count(value)
     names = [s.strip() for s in value.split(",") if s.strip()]
     if not names:
         raise argparse.ArgumentTypeError("no symbols: give a count or a comma-separated list")
@@ -55,24 +63,6 @@ def _symbols(value: str) -> int | list[str]:
         return [validate_symbol(n) for n in names]
     except ChannelError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _bounded(
-    kind: Callable[[str], _N], what: str, unit: str, ok: Callable[[_N], bool], rule: str
-) -> Callable[[str], _N]:
-    """An option's type: `kind` of the text (`what` it must be), for which `ok` holds (NaN
-    never does), or an error saying `rule`."""
-
-    def parse(value: str) -> _N:
-        try:
-            x = kind(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not {what}: {value!r}") from None
-        if not ok(x):
-            raise argparse.ArgumentTypeError(f"{value}{unit}: {rule}")
-        return x
-
-    return parse
 
 
 def _speed(value: str) -> float | None:
@@ -86,18 +76,6 @@ def _speed(value: str) -> float | None:
     if not 0 < factor < float("inf"):
         raise argparse.ArgumentTypeError(f"{value!r}: a positive factor (10, 0.5, …) or max")
     return factor
-
-
-_count = _bounded(int, "a whole number", "", lambda n: n >= 1, "at least 1")
-_port = _bounded(
-    int, "a port number", "", lambda n: 0 <= n <= 65535, "a port is 0 to 65535 (0: any free one)"
-)
-# Not zero, not infinite: the simulator's clock advances by 1 / rate.
-_rate = _bounded(
-    float, "a number of events/s", " events/s", lambda x: 0 < x < float("inf"), "a positive number"
-)
-# Shorter sleeps make uvloop spin (its timers have millisecond resolution).
-_tick_ms = _bounded(float, "a number of ms", " ms", lambda x: 1 <= x <= 1000, "use 1 to 1000")
 
 
 def _bar_intervals(value: str) -> tuple[str, ...]:
@@ -162,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _redis_arg(sim)
     sim.add_argument(
-        "--rate", type=_rate, default=1000.0, help="total events per second (default 1000)"
+        "--rate", type=rate, default=1000.0, help="total events per second (default 1000)"
     )
     sim.add_argument(
         "--max", action="store_true", help="ignore --rate pacing: publish as fast as possible"
@@ -176,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     sim.add_argument(
         "--tick-ms",
-        type=_tick_ms,
+        type=tick_ms,
         default=1.0,
         metavar="MS",
         help="release the events come due at most once per this many milliseconds, a tick after "
@@ -184,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
         "for less CPU (2 ms: about 0.7x at 10 000 events/s), and makes each event wait up to "
         "that much longer before it is published",
     )
-    sim.add_argument("--duration", type=float, help="stop after this many seconds")
-    sim.add_argument("--count", type=int, help="stop after this many events")
+    sim.add_argument("--duration", type=seconds, help="stop after this many seconds")
+    sim.add_argument("--count", type=count, help="stop after this many events")
     sim.add_argument(
         "--bars",
         type=_bar_intervals,
@@ -196,19 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument(
         "--trade-maxlen",
-        type=_count,
+        type=count,
         default=RetentionConfig().trades,
         help="trades kept per stream (MAXLEN ~)",
     )
     sim.add_argument(
         "--quote-maxlen",
-        type=_count,
+        type=count,
         default=RetentionConfig().quotes,
         help="quotes kept per stream (MAXLEN ~)",
     )
     sim.add_argument(
         "--bar-maxlen",
-        type=_count,
+        type=count,
         default=RetentionConfig().bars,
         help="bars kept per stream (MAXLEN ~)",
     )
@@ -259,23 +237,23 @@ def build_parser() -> argparse.ArgumentParser:
     _redis_arg(bars)
     bars.add_argument(
         "--close-delay-ms",
-        type=float,
+        type=milliseconds_or_none,
         default=100.0,
         help="a bar closes this long after its end, for trades still on their way (default 100)",
     )
     bars.add_argument(
-        "--poll-ms", type=float, default=50.0, help="most time between reads (default 50)"
+        "--poll-ms", type=milliseconds, default=50.0, help="most time between reads (default 50)"
     )
     bars.add_argument(
         "--lease-s",
-        type=float,
+        type=seconds,
         default=5.0,
         help="a channel's writer lease; another maker takes over this long after one dies "
         "(default 5)",
     )
     bars.add_argument(
         "--bar-maxlen",
-        type=_count,
+        type=count,
         default=RetentionConfig().bars,
         help="bars kept per channel (MAXLEN ~)",
     )
@@ -297,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _redis_arg(srv)
     srv.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
-    srv.add_argument("--port", type=_port, default=None, help="port (default 8765)")
+    srv.add_argument("--port", type=port, default=None, help="port (default 8765)")
     srv.add_argument(
         "--workers",
         type=int,
@@ -424,11 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Redis + simulator + server in one command (what `make demo` runs)",
         description="Start a private Redis (or use $REDIS_URL), the simulator feed and the server.",
     )
-    demo.add_argument("--port", type=_port, default=8765, help="port (default 8765)")
-    demo.add_argument(
-        "--rate", type=_rate, default=2000.0, help="simulated events/s (default 2000)"
-    )
-    demo.add_argument("--symbols", type=_count, default=20, help="simulated symbols (default 20)")
+    demo.add_argument("--port", type=port, default=8765, help="port (default 8765)")
+    demo.add_argument("--rate", type=rate, default=2000.0, help="simulated events/s (default 2000)")
+    demo.add_argument("--symbols", type=count, default=20, help="simulated symbols (default 20)")
 
     acl = sub.add_parser(
         "acl",

@@ -27,7 +27,14 @@ def test_the_feed_bench_reads_the_feed_and_its_floor_over_the_same_window(tmp_pa
 
 
 def test_a_feed_that_cannot_start_ends_the_bench_saying_why(tmp_path: Path) -> None:
+    failing = tmp_path / "tickwire"
+    failing.write_text("#!/bin/sh\necho 'no Redis here' >&2\nexit 2\n")
+    failing.chmod(0o755)
     with pytest.raises(SystemExit, match="exited with 2 during the warm-up"):
-        main(["--rate", "-5", "--duration", "1", "--warmup", "1"])
+        main(["--duration", "1", "--warmup", "1", "--tickwire", str(failing)])
+    # A rate no feed can run at is refused before any starts.
+    with pytest.raises(SystemExit) as refused:
+        main(["--rate", "-5"])
+    assert refused.value.code == 2
     with pytest.raises(SystemExit, match=r"cannot run .*missing: No such file"):
         main(["--duration", "1", "--warmup", "1", "--tickwire", str(tmp_path / "missing")])
