@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--url",
+        type=ws_url,
         default=os.environ.get("TICKWIRE_URL", DEFAULT_URL),
         help=f"server WebSocket URL (default: $TICKWIRE_URL or {DEFAULT_URL})",
     )
@@ -368,6 +370,17 @@ async def watch(
     except TimeoutError:
         _say(err, f"{url} did not answer in time")
     return 1
+
+
+def ws_url(value: str) -> str:
+    """`--url`: a WebSocket URL, refused here rather than by a connect that says 'is the server
+    running?'."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: a WebSocket URL, ws://host:port/ws or wss://…"
+        )
+    return value
 
 
 def tls_options(args: argparse.Namespace) -> dict[str, Any]:

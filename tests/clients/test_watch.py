@@ -178,6 +178,16 @@ def test_unreachable_server_is_one_line_and_exit_1(capsys: pytest.CaptureFixture
     )
 
 
+def test_a_url_that_is_not_a_websocket_url_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for url in ("http://127.0.0.1:8765/ws", "127.0.0.1:8765", "ws://"):
+        with pytest.raises(SystemExit) as exited:
+            main(["trades:BTC-USD", "--url", url])
+        assert exited.value.code == 2
+        assert f"argument --url: {url!r}: a WebSocket URL" in capsys.readouterr().err
+
+
 def test_ctrl_c_at_the_prompt_exits_0(monkeypatch: pytest.MonkeyPatch) -> None:
     def interrupted(coro: Coroutine[Any, Any, int]) -> int:
         coro.close()
