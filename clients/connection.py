@@ -711,13 +711,14 @@ class Feed:
 def _describe(exc: BaseException, *, tls: bool = False) -> str:
     """Why an attempt failed, for logs and `Disconnected`; `tls`: over `wss://`."""
     if isinstance(exc, InvalidMessage) and isinstance(exc.__cause__, EOFError):
-        # A server restarting does this, so it is retried; but a TLS server refusing a client
-        # certificate tells nothing more either (its asyncio TLS closes without the alert).
+        # A server restarting does this, so it is retried; but a TLS server whose handshake
+        # refuses a client certificate tells nothing more either (its asyncio TLS closes
+        # without the alert; tickwire's refuses revoked ones after it, with a 401).
         if tls:
             return (
                 "the server ended the connection after the TLS handshake without answering "
                 "(if this client presents a certificate, the server may have refused it: "
-                "from another CA, or revoked)"
+                "from another CA, or expired)"
             )
         return "the server ended the connection without answering"
     if isinstance(exc, ConnectionClosed):

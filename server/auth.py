@@ -287,8 +287,11 @@ class Authenticator:
         before."""
         self.api_keys, self.jwt_keys, self.revocations = self._load()
         log.info(
-            "credentials reloaded: %d API keys",
+            "credentials reloaded: %d API keys%s",
             len(self.api_keys.grants) if self.api_keys else 0,
+            ""
+            if self.revocations is None
+            else f", {len(self.revocations.revoked)} client certificates revoked",
         )
 
     def authenticate(self, token: str, now: float) -> Grant:
