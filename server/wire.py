@@ -338,6 +338,12 @@ class Wire(asyncio.Protocol):
 
     def _request(self, request: Request) -> None:
         protocol, endpoint = self.protocol, self.endpoint
+        if protocol.eof_sent:
+            # Frames that came with the request broke the protocol: websockets failed the
+            # connection and ended the stream before the request could be answered (a write
+            # now would raise). The client broke RFC 6455 first; it gets nothing more.
+            self._close_transport()
+            return
         try:
             response = endpoint.route(self, request)
         except Exception:

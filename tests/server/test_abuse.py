@@ -175,9 +175,12 @@ class RawClient:
 
 
 @contextlib.asynccontextmanager
-async def raw_ws(port: int, *, rcvbuf: int | None = None) -> AsyncIterator[RawClient]:
+async def raw_ws(
+    port: int, *, rcvbuf: int | None = None, first: bytes = b""
+) -> AsyncIterator[RawClient]:
     """A raw connection that completed the opening handshake and read `welcome`; `rcvbuf`
-    shrinks its kernel receive buffer (a client whose reading the server feels at once)."""
+    shrinks its kernel receive buffer (a client whose reading the server feels at once);
+    `first`: frames written with the request, in the same write."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     if rcvbuf is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -190,7 +193,7 @@ async def raw_ws(port: int, *, rcvbuf: int | None = None) -> AsyncIterator[RawCl
         writer.write(
             b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
             b"Connection: Upgrade\r\nSec-WebSocket-Key: " + key + b"\r\n"
-            b"Sec-WebSocket-Version: 13\r\n\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n" + first
         )
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout(5))
         assert head.startswith(b"HTTP/1.1 101 "), head
@@ -469,6 +472,28 @@ async def test_protocol_violations_close_1002(srv: TickwireServer, bystander: By
     # A close code a client may send is echoed back: the normal closing handshake.
     for code in (1000, 1001, 1003, 1011, 1014, 3000, 4999):
         assert (await abuse_frames(srv.port, close_frame(code, b"bye")))[0] == code
+    await bystander.still_served()
+    await settled(srv, srv.port)
+
+
+async def test_a_protocol_violation_in_the_same_write_as_the_upgrade_gets_no_answer(
+    srv: TickwireServer, bystander: Bystander
+) -> None:
+    # websockets parses frames that come with the request before the request is answered; one
+    # that breaks the protocol fails the connection there, and the stream is ended: answering
+    # the request after that raised in the server's read callback (a write after EOF).
+    request = b"GET /ws HTTP/1.1\r\n" + UPGRADE + b"\r\n"
+    cases = {
+        "unmasked text frame": frame(TEXT, b'{"op":"ping"}', masked=False),
+        "RSV bits": frame(TEXT, b'{"op":"ping"}', rsv=RSV1 | RSV2),
+        "oversized frame header": frame(TEXT, length=MAX_FRAME + 1),
+        "continuation without a start": frame(CONT, b"{}"),
+    }
+    answers = {name: await http_exchange(srv.port, request + bad) for name, bad in cases.items()}
+    assert answers == dict.fromkeys(cases, b"")
+    # A valid frame in the same write is served once the upgrade is answered.
+    async with raw_ws(srv.port, first=frame(TEXT, b'{"op":"ping","id":7}')) as ws:
+        assert (await ws.message())["type"] == "pong"
     await bystander.still_served()
     await settled(srv, srv.port)
 
