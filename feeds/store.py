@@ -79,18 +79,26 @@ local rid2 = string.match(info, 'master_replid2:(%w+)')
 local function refusal(err)
   return string.sub(err, 1, 9) == 'WRONGTYPE'
 end
+-- The seq of a stream's last entry (nil if it has none).
+local function last_seq(stream)
+  local top = redis.pcall('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+  if not top.err and top[1] then return tonumber(string.match(top[1][1], '^%d+')) end
+end
 -- A batch's plan from its channel's meta, or why its keys refuse it (one holds another type:
 -- the batch is refused alone, and the call goes on), or nil if it must wait (TWBEHIND).
 local function plan_of(stream, meta, a)
   local m = redis.pcall('HMGET', meta, 'epoch', 'seq', 'start', mark, 'rid')
   if m.err then return refusal(m.err) and {refused = m.err} or {failed = m.err} end
   local epoch, seq, start = m[1], tonumber(m[2] or '0'), tonumber(m[3] or '1')
+  if not (seq and start and (not epoch or string.match(epoch, '^%w+$'))) then
+    -- Not what this script writes (edited by hand, or by another program): as if lost.
+    epoch, seq, start = nil, 0, 1
+  end
   local fresh = not epoch
   if fresh then
     -- No history: a first publish, or the meta was lost and the stream kept (deleted by
     -- hand). Seqs then go on after its last ID, which XADD requires.
-    local top = redis.pcall('XREVRANGE', stream, '+', '-', 'COUNT', 1)
-    if not top.err and top[1] then seq = tonumber(string.match(top[1][1], '^%d+')) end
+    seq = last_seq(stream) or seq
   end
   if epoch and m[5] and m[5] ~= rid and m[5] == rid2 then
     -- Last written by the primary this node replicated before its promotion: a failover, and
@@ -109,7 +117,7 @@ local function plan_of(stream, meta, a)
     start = seq + 1
   end
   local first, n = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 5])
-  local done = fresh and 0 or tonumber(m[4] or '0')
+  local done = fresh and 0 or (tonumber(m[4] or '0') or 0)
   if not fresh and done < tonumber(ARGV[a + 4]) then
     -- The batch before was refused (its stream holds another type) or failed: only the
     -- first waits. Asked only here, as TYPE per batch would cost every call.
@@ -168,6 +176,14 @@ local function append(p, push)
       r = redis.pcall('XADD', stream, 'MAXLEN', '~', maxlen, seq, 'd', stored)
     end
     if type(r) == 'table' and r.err then
+      if i == from and not p.moved and string.find(r.err, 'equal or smaller', 1, true) then
+        -- Someone appended past the seq the meta holds: nothing of the batch is written;
+        -- a new epoch goes on after the stream's last entry (the caller writes it again).
+        local top = last_seq(stream) or seq
+        p.moved = true
+        p[3], p[4], p[5], p[6], p[11] = candidate, top, top + 1, true, false
+        return 'moved'
+      end
       if i > from or not refusal(r.err) then return nil, r.err end
       return r.err
     end
@@ -188,6 +204,10 @@ for k, p in ipairs(plans) do
   if not refused then
     local before = #push
     refused, failed = append(p, push)
+    if refused == 'moved' then
+      for i = #push, before + 1, -1 do push[i] = nil end
+      refused, failed = append(p, push)
+    end
     if failed then return redis.error_reply(failed) end
     if refused then
       for i = #push, before + 1, -1 do push[i] = nil end

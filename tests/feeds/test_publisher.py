@@ -4,6 +4,7 @@ import asyncio
 import secrets
 from typing import Any
 
+import orjson
 import pytest
 
 from tests.conftest import eventually, timeout
@@ -600,6 +601,48 @@ async def test_a_channel_whose_keys_someone_overwrote_holds_back_no_other(
     mine = await stored_events(redis, CH)
     assert [e["tag"] for e in mine][-3:] == ["h", "h", "h"]
     assert len({e["epoch"] for e in mine[-3:]}) == 1
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        ["HSET", CH.meta_key, "seq", "abc"],
+        ["HSET", CH.meta_key, "start", "1.5e"],
+        ["HSET", CH.meta_key, "epoch", "not ours"],
+        ["HSET", CH.meta_key, f"w:{'{id}'}", "x"],
+        ["XADD", CH.stream_key, "100", "d", "someone else's entry"],
+    ],
+    ids=["meta seq", "meta start", "meta epoch", "publisher mark", "entry past the meta"],
+)
+async def test_a_channel_someone_wrote_into_goes_on_in_a_new_epoch_holding_back_no_other(
+    redis: RedisConnection, redis_server: RedisProcess, edit: list[str]
+) -> None:
+    # Not what the append script writes: a Lua error (a number compared with nil) or XADD's
+    # "ID equal or smaller" failed every call, and so held back every channel of the publisher.
+    other = Channel.parse("quotes:BTC-USD")
+    async with Publisher(PublisherConfig(redis_url=redis_server.url)) as pub:
+        await pub.publish({CH: bodies("a", 3), other: bodies("a", 3)})
+        await pub.flush()
+        before = pub.positions[CH].epoch
+        await redis.execute(*(part.replace("{id}", pub.id) for part in edit))
+        await pub.publish({CH: bodies("b", 2), other: bodies("b", 2)})
+        await asyncio.wait_for(pub.flush(), timeout(5))
+        assert pub.stats.refused == 0 and pub.stats.published == 10
+    entries = await redis.execute("XRANGE", CH.stream_key, "-", "+")
+    mine = [orjson.loads(f[1]) for _, f in entries if f[1].startswith(b"{")]
+    after = [e for e in mine if e["tag"] == "b"]
+    assert [e["tag"] for e in mine] == ["a", "a", "a", "b", "b"]
+    assert len({e["epoch"] for e in after}) == 1
+    if edit[1] == CH.meta_key and edit[2].startswith("w:"):
+        # Its own mark unreadable: as if it had applied nothing there; the epoch holds.
+        assert after[0]["epoch"] == before
+        assert [e["seq"] for e in after] == [4, 5]
+    else:
+        # A new epoch, after the stream's last entry.
+        assert after[0]["epoch"] != before
+        last = 100 if edit[0] == "XADD" else 3
+        assert [e["seq"] for e in after] == [last + 1, last + 2]
+    assert [e["seq"] for e in await stored_events(redis, other)] == [1, 2, 3, 4, 5]
 
 
 async def test_publishing_while_the_publisher_closes_crosses_no_replies(
