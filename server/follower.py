@@ -83,6 +83,10 @@ class StreamFollower:
         self._fresh: set[Channel] = set()
         #: Channels to catch up from their stream: pushes alone may not continue them.
         self._behind: set[Channel] = set()
+        #: Followed channels whose stream key holds another type (someone wrote there): an
+        #: XREAD naming one fails for every stream it names, so they are not read until the
+        #: sweep comes to them again (`set_aside`).
+        self._aside: set[Channel] = set()
         #: Channels `plan_sync` started following, placed once their metas come.
         self._added: set[Channel] = set()
         #: Channels stored behind what was read in the same epoch: (epoch, seq read).
@@ -135,6 +139,7 @@ class StreamFollower:
             del self.positions[c]
             self.epochs.pop(c, None)
             self._behind.discard(c)
+            self._aside.discard(c)
         added = [c for c in live if c not in self.positions]
         if self._recheck:
             check = list(live)
@@ -208,6 +213,11 @@ class StreamFollower:
         if not self._sweep:
             self._sweep = list(live)
         share, self._sweep = self._sweep[:n], self._sweep[n:]
+        if self._aside:
+            # Read again: the key may have been put right (`set_aside`).
+            back = self._aside.intersection(share)
+            self._aside -= back
+            self._behind |= back
         # Followed still, and not new (new ones are checked as added).
         return [c for c in share if c in self.positions]
 
@@ -215,7 +225,8 @@ class StreamFollower:
     def read_commands(self, slot_of: Callable[[Channel], int] | None = None) -> list[list[Arg]]:
         """The XREADs (no BLOCK) of the channels behind ([] when none is): one, or with
         `slot_of` (Redis Cluster, where a command's keys must share a slot) one per slot."""
-        channels = [c for c in self._behind if c in self.positions]
+        aside = self._aside
+        channels = [c for c in self._behind if c in self.positions and c not in aside]
         if not channels:
             self._behind = set()
             return []
@@ -235,6 +246,20 @@ class StreamFollower:
             cmd += [f"{self.positions[c]}-0" for c in group]
             commands.append(cmd)
         return commands
+
+    def read_channels(self, command: list[Arg]) -> list[Channel]:
+        """The followed channels an XREAD of `read_commands` names."""
+        keys = command[4:]
+        streams = keys[: len(keys) // 2]
+        found = (self._keys.get(str(k).encode()) for k in streams)
+        return [c for c in found if c is not None]
+
+    def set_aside(self, channels: Iterable[Channel]) -> list[Channel]:
+        """Leave `channels` out of reads (their stream keys hold another type) until the sweep
+        comes to them, every `meta_recheck_s`; those not already aside."""
+        new = [c for c in channels if c in self.positions and c not in self._aside]
+        self._aside.update(new)
+        return new
 
     def take_read(self, reply: list[Any] | None) -> list[Batch]:
         """The batches of the reads' replies (joined: each is a list of [key, entries]), in

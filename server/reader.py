@@ -34,7 +34,7 @@ from typing import Any
 
 from tickwire.core.acl import acl_hint
 from tickwire.core.channels import Channel
-from tickwire.core.commands import NodeDown, RedisReplyError
+from tickwire.core.commands import Arg, NodeDown, RedisReplyError
 from tickwire.core.config import ServerConfig
 from tickwire.core.errors import RedisTimeout, RedisUnavailable
 from tickwire.core.redis_cluster import CLUSTER_REFRESH_S, STRAGGLER_S, ClusterConnection
@@ -418,9 +418,13 @@ class StreamReader:
             return
         self.metrics.catchup_reads += 1
         joined: list[Any] = []
-        for reply in await conn.pipeline(commands, timeout=self.config.redis_reply_timeout_s):
+        replies = await conn.pipeline(commands, timeout=self.config.redis_reply_timeout_s)
+        for command, reply in zip(commands, replies, strict=True):
             if isinstance(reply, NodeDown):
                 # Its master is down: read again once it or its replica is up (`_mend`).
+                continue
+            if isinstance(reply, RedisReplyError) and str(reply).startswith("WRONGTYPE"):
+                await self._set_aside_foreign(conn, command)
                 continue
             if isinstance(reply, RedisReplyError):
                 # E.g. LOADING while Redis replays its AOF, MOVED after a failover: back off,
@@ -430,6 +434,32 @@ class StreamReader:
         batches = self.follower.take_read(joined)
         if batches:
             self._fanout(batches, self.clock_ns())
+
+    async def _set_aside_foreign(self, conn: RedisLink, command: list[Arg]) -> None:
+        """An XREAD failed with WRONGTYPE: some stream key it names holds another type
+        (someone wrote there). Leave those channels out of reads, not the others, and go on:
+        taken for a Redis failure, it had the reader reconnect in a loop, every channel
+        stalled."""
+        channels = self.follower.read_channels(command)
+        types = await conn.pipeline(
+            [["TYPE", c.stream_key] for c in channels],
+            timeout=self.config.redis_reply_timeout_s,
+        )
+        foreign = {
+            c: t
+            for c, t in zip(channels, types, strict=True)
+            if isinstance(t, (str, bytes)) and _text(t) not in ("stream", "none")
+        }
+        new = self.follower.set_aside(foreign)
+        if new:
+            log.warning(
+                "%d channels not read: their stream keys hold another type (someone wrote "
+                "there), e.g. %s holds a %s; read again every %.0f s",
+                len(new),
+                new[0].stream_key,
+                _text(foreign[new[0]]),
+                self.config.meta_recheck_s,
+            )
 
     def _fanout(self, batches: list[Batch], read_ns: int) -> None:
         if not batches:
@@ -454,3 +484,7 @@ class StreamReader:
                 self.metrics.publish_to_read.observe(max(0.0, (read_ns - pt) / 1e9), weight)
         if latest:
             self.metrics.read_lag_seconds = max(0.0, (now - latest) / 1e9)
+
+
+def _text(reply: str | bytes) -> str:
+    return reply.decode(errors="replace") if isinstance(reply, bytes) else reply

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from tickwire.core.channels import Channel
@@ -9,6 +10,8 @@ from tickwire.core.commands import Arg, NodeDown, RedisReplyError
 from tickwire.core.errors import RedisUnavailable
 from tickwire.core.stream import StreamPosition, epoch_of, seq_of
 from tickwire.server.batch import Batch
+
+log = logging.getLogger("tickwire.server.stored")
 
 #: A channel's meta: its epoch, last seq, and the epoch's first seq.
 Meta = tuple[str, int, int]
@@ -45,16 +48,23 @@ def meta_commands(channels: list[Channel]) -> list[list[Arg]]:
 
 def parse_metas(channels: list[Channel], replies: list[Any]) -> dict[Channel, Meta | None]:
     """The metas of `channels` by their replies; a channel whose cluster master is down
-    (`NodeDown`) is left out, to be compared once it is back."""
+    (`NodeDown`) is left out, to be compared once it is back, and so is one whose meta is not
+    what the append script writes (edited by hand, or a key of another type: its next append
+    writes it anew, or refuses its events)."""
     out: dict[Channel, Meta | None] = {}
     for c, reply in zip(channels, replies, strict=True):
         if isinstance(reply, NodeDown):
             continue
-        if isinstance(reply, RedisReplyError):
+        if isinstance(reply, RedisReplyError) and not str(reply).startswith("WRONGTYPE"):
             # E.g. LOADING while Redis replays its AOF: back off and read again.
             raise RedisUnavailable(f"meta read refused: {reply}")
-        epoch, seq, start = reply
-        out[c] = None if epoch is None else (epoch.decode(), int(seq or 0), int(start or 1))
+        try:
+            if isinstance(reply, RedisReplyError):
+                raise ValueError(reply)
+            epoch, seq, start = reply
+            out[c] = None if epoch is None else (epoch.decode(), int(seq or 0), int(start or 1))
+        except ValueError:  # UnicodeDecodeError is one
+            log.warning("ignoring the meta of %s, not one tickwire writes: %r", c, reply)
     return out
 
 

@@ -179,6 +179,30 @@ def test_the_sweep_compares_every_followed_channel_once_per_period_a_share_per_p
     assert all(sweep(slow, live) == [] for _ in range(100))
 
 
+def test_a_channel_set_aside_is_not_read_until_the_sweep_comes_to_it() -> None:
+    # Its stream key holds another type: an XREAD naming it fails for every stream it names.
+    f = follower_at({T: 0, Q: 0})
+    f.apply_metas({T: ("e1", 3, 1), Q: ("e1", 2, 1)})
+    (read,) = f.read_commands()
+    assert set(f.read_channels(read)) == {T, Q}
+    assert f.set_aside([T]) == [T] and f.set_aside([T]) == []
+    (read,) = f.read_commands()
+    assert f.read_channels(read) == [Q]
+    f.take_read([])
+    f.apply_metas({T: ("e1", 4, 1)})  # stored past what was read: still not read
+    assert f.read_commands() == []
+    # The sweep comes to it (here: at once, a whole round per poll): read again.
+    f.config = ServerConfig(registry_poll_s=1.0, meta_recheck_s=1.0)
+    f.poll()
+    f.plan_sync({T, Q})
+    (read,) = f.read_commands()
+    assert f.read_channels(read) == [T]
+    # Not followed any more: forgotten, aside or not.
+    f.set_aside([T])
+    f.plan_sync({Q})
+    assert f.set_aside([T]) == []
+
+
 def test_a_channel_stored_behind_what_was_read_in_its_epoch_is_fenced_then_read_anew() -> None:
     r = follower_at({T: 10, Q: 4})
     r.reconnected()  # a failover: compare everything
