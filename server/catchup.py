@@ -29,7 +29,7 @@ from tickwire.core.channels import Channel, ChannelPattern
 from tickwire.core.commands import NodeDown
 from tickwire.core.errors import RedisUnavailable
 from tickwire.core.waits import wait_set
-from tickwire.server.history import History
+from tickwire.server.history import ForeignKey, History
 from tickwire.server.hub import Subscriber
 from tickwire.server.session import FromNow, Target
 from tickwire.server.stored import Meta
@@ -53,7 +53,7 @@ async def _retrying(op: Callable[[], Awaitable[T]]) -> T:
     while True:
         try:
             return await op()
-        except NodeDown:
+        except (NodeDown, ForeignKey):
             raise  # the caller sets the channel aside and goes on with the others
         except RedisUnavailable:
             await asyncio.sleep(delay)
@@ -206,7 +206,9 @@ class CatchUp:
                 channel, after = next(iter(self._replays.items()))
                 try:
                     done, after = await self._replay_page(channel, after)
-                except NodeDown:
+                except (NodeDown, ForeignKey):
+                    # Its master is down, or its stream key holds another type: the others'
+                    # replays go on, and it is tried again in a while.
                     if self._replays.pop(channel, None) is not None:
                         self._set_aside({}, {channel: after})
                     continue

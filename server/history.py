@@ -161,11 +161,18 @@ class History:
         return out
 
 
+class ForeignKey(RedisUnavailable):
+    """A key read holds another type than tickwire writes there (someone else wrote it): its
+    channel waits aside, as one whose cluster master is down, and the others go on."""
+
+
 def _checked(reply: Any, command: str) -> Any:
     """The reply, or RedisUnavailable for an error reply (LOADING while Redis replays its
     AOF, CLUSTERDOWN during a failover): the caller backs off and reads again."""
     if isinstance(reply, NodeDown):
         raise reply  # a RedisUnavailable already, and callers may tell it apart
+    if isinstance(reply, RedisReplyError) and str(reply).startswith("WRONGTYPE"):
+        raise ForeignKey(f"{command} refused: {reply}")
     if isinstance(reply, RedisReplyError):
         raise RedisUnavailable(f"{command} refused: {reply}")
     return reply

@@ -272,7 +272,16 @@ class StreamReader:
             replies = await conn.pipeline(
                 meta_commands(check), timeout=self.config.redis_reply_timeout_s
             )
-            metas = parse_metas(check, replies)
+            foreign: list[Channel] = []
+            metas = parse_metas(check, replies, foreign)
+            if foreign:
+                # Once per channel and `meta_recheck_s` (the sweep), not per read.
+                log.warning(
+                    "%d channels' metas are not ones tickwire writes (edited, or a key of "
+                    "another type), e.g. %s: not compared until their next append writes them",
+                    len(foreign),
+                    foreign[0].meta_key,
+                )
             self.follower.apply_metas(metas)
         rolled_back = self.follower.take_rolled_back()
         if rolled_back:
@@ -454,7 +463,7 @@ class StreamReader:
         if new:
             log.warning(
                 "%d channels not read: their stream keys hold another type (someone wrote "
-                "there), e.g. %s holds a %s; read again every %.0f s",
+                "there), e.g. %s holds a %s; read again every %g s",
                 len(new),
                 new[0].stream_key,
                 _text(foreign[new[0]]),

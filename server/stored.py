@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from tickwire.core.channels import Channel
@@ -10,8 +9,6 @@ from tickwire.core.commands import Arg, NodeDown, RedisReplyError
 from tickwire.core.errors import RedisUnavailable
 from tickwire.core.stream import StreamPosition, epoch_of, seq_of
 from tickwire.server.batch import Batch
-
-log = logging.getLogger("tickwire.server.stored")
 
 #: A channel's meta: its epoch, last seq, and the epoch's first seq.
 Meta = tuple[str, int, int]
@@ -46,11 +43,13 @@ def meta_commands(channels: list[Channel]) -> list[list[Arg]]:
     return [["HMGET", c.meta_key, "epoch", "seq", "start"] for c in channels]
 
 
-def parse_metas(channels: list[Channel], replies: list[Any]) -> dict[Channel, Meta | None]:
+def parse_metas(
+    channels: list[Channel], replies: list[Any], foreign: list[Channel] | None = None
+) -> dict[Channel, Meta | None]:
     """The metas of `channels` by their replies; a channel whose cluster master is down
     (`NodeDown`) is left out, to be compared once it is back, and so is one whose meta is not
     what the append script writes (edited by hand, or a key of another type: its next append
-    writes it anew, or refuses its events)."""
+    writes it anew, or refuses its events), added to `foreign` if given."""
     out: dict[Channel, Meta | None] = {}
     for c, reply in zip(channels, replies, strict=True):
         if isinstance(reply, NodeDown):
@@ -64,7 +63,8 @@ def parse_metas(channels: list[Channel], replies: list[Any]) -> dict[Channel, Me
             epoch, seq, start = reply
             out[c] = None if epoch is None else (epoch.decode(), int(seq or 0), int(start or 1))
         except ValueError:  # UnicodeDecodeError is one
-            log.warning("ignoring the meta of %s, not one tickwire writes: %r", c, reply)
+            if foreign is not None:
+                foreign.append(c)
     return out
 
 

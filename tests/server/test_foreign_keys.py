@@ -57,7 +57,7 @@ async def test_a_key_of_another_type_holds_back_no_other_channel(
         await eventually(
             lambda: (
                 warned("holds a string", STRING_STREAM.stream_key)
-                and warned("not one tickwire writes", STRING_META.name)
+                and warned("not ones tickwire writes", STRING_META.meta_key)
             ),
             "the server to find both keys",
         )
@@ -75,3 +75,33 @@ async def test_a_key_of_another_type_holds_back_no_other_channel(
         await rec.wait_until(
             lambda: rec.last_seq(STRING_STREAM.name) == 1 and rec.last_seq(STRING_META.name) == 1
         )
+
+
+async def test_a_stream_key_of_another_type_holds_back_no_catch_up_of_the_same_client(
+    redis_server: RedisProcess, redis: RedisConnection
+) -> None:
+    async with (
+        TickwireServer(server_config(redis_server)) as srv,
+        Publisher(PublisherConfig(redis_url=redis_server.url)) as pub,
+    ):
+        await pub.publish({GOOD: [quote("AAA", 1)], STRING_STREAM: [quote("CCC", 1)]})
+        await pub.flush()
+        await redis.execute("DEL", STRING_STREAM.stream_key)
+        await redis.execute("SET", STRING_STREAM.stream_key, "someone else's")
+        async with recorder(srv.url) as rec:
+            # Its snapshot read (XRANGE) was refused and retried for ever, and the client's
+            # catch-up, one channel at a time, served nothing after it: no ack of its next
+            # subscribe, no snapshot of the other channel.
+            first = await rec.request("subscribe", channels=[STRING_STREAM.name], snapshot=True)
+            assert first["type"] == "subscribed"
+            then = await rec.request("subscribe", channels=[GOOD.name], snapshot=True)
+            assert then["type"] == "subscribed"
+            await rec.wait_until(lambda: rec.last_seq(GOOD.name) == 1)
+            await pub.publish({GOOD: [quote("AAA", 2)]})
+            await rec.wait_until(lambda: rec.last_seq(GOOD.name) == 2)
+            assert not rec.events(STRING_STREAM.name)
+            # Put right, it is served too: its next append starts a new epoch (its meta
+            # says seq 1, its stream is gone), announced by a reset.
+            await redis.execute("DEL", STRING_STREAM.stream_key)
+            await pub.publish({STRING_STREAM: [quote("CCC", 2)]})
+            await rec.wait_until(lambda: bool(rec.events(STRING_STREAM.name)))
