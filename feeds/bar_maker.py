@@ -102,6 +102,9 @@ class BarMakerStats:
     late_trades: int = 0
     #: Trades trimmed from their stream before this maker read them (in no bar).
     missed_trades: int = 0
+    #: Entries of trades streams that are not trade events tickwire wrote (someone else wrote
+    #: there): skipped.
+    foreign_entries: int = 0
     started: int = 0
     stopped: int = 0
     errors: int = 0
@@ -133,6 +136,9 @@ class BarMaker:
         #: Channels whose lease another maker held when last tried: not tried again before this.
         self._busy_until: dict[Channel, int] = {}
         self._late_of_stopped = 0
+        #: Trades channels whose stream or meta key holds another type, warned about once
+        #: until they read right again.
+        self._foreign: set[Channel] = set()
 
     # -- the loop ----------------------------------------------------------------------------
     async def run(self) -> None:
@@ -176,14 +182,16 @@ class BarMaker:
             self._conn.close()
             self._conn = None
 
-    async def _call(self, commands: list[list[Arg]]) -> list[Any]:
+    async def _call(self, commands: list[list[Arg]], *, foreign: bool = False) -> list[Any]:
+        """The replies; RedisUnavailable for an error reply, but with `foreign` a WRONGTYPE
+        one (a key someone else wrote) is left in its place for the caller."""
         if not commands:
             return []
         if self._conn is None or self._conn.closed:
             self._conn = await self._redis.open()
         replies = await self._conn.pipeline(commands, timeout=self.config.lease_s)
         for reply in replies:
-            if isinstance(reply, RedisReplyError):
+            if isinstance(reply, RedisReplyError) and not (foreign and _wrong_type(reply)):
                 raise RedisUnavailable(f"Redis refused a bar maker command: {reply}")
         return replies
 
@@ -366,21 +374,33 @@ class BarMaker:
             commands: list[list[Arg]] = []
             for trades, jobs in reading:
                 cursor = min(j.cursor for j in jobs)
-                commands.append(["HMGET", trades.meta_key, "epoch", "seq"])
+                commands.append(["HMGET", trades.meta_key, "epoch", "seq", "start"])
                 commands.append(["XRANGE", trades.stream_key, f"({cursor}-0", "+", "COUNT", page])
-            replies = await self._call(commands)
+            replies = await self._call(commands, foreign=True)
             more = []
             for (trades, jobs), meta, entries in zip(
                 reading, replies[::2], replies[1::2], strict=True
             ):
+                if _wrong_type(meta) or _wrong_type(entries):
+                    # Its bars wait; the other symbols' go on.
+                    if trades not in self._foreign:
+                        self._foreign.add(trades)
+                        log.warning(
+                            "%s: its stream or meta key holds another type (someone wrote "
+                            "there); its bars wait until it is put right",
+                            trades,
+                        )
+                    continue
+                self._foreign.discard(trades)
                 epoch = meta[0].decode() if meta[0] is not None else ""
                 again = False
                 for j in jobs:
                     if epoch != j.epoch and j.epoch:
-                        # The stream was lost and recreated: read its new epoch from the start
-                        # (trades of closed intervals in it are late).
+                        # The stream was lost and recreated, or went on in a new epoch: read
+                        # the new epoch from its start (trades of closed intervals in it are
+                        # late), not what came before it, read already.
                         log.warning("%s: trades epoch %s → %s", j.channel, j.epoch, epoch)
-                        j.cursor = 0
+                        j.cursor = _epoch_start(meta) - 1
                         again = True
                     j.epoch = epoch
                 if again:
@@ -388,9 +408,16 @@ class BarMaker:
                     continue
                 if not entries:
                     continue
-                columns = _Trades.of(entries)
-                self.stats.trades += len(entries)
-                first, cursor = int(columns.seq[0]), min(j.cursor for j in jobs)
+                columns, foreign = _Trades.of(entries)
+                if foreign:
+                    self.stats.foreign_entries += foreign
+                    log.warning(
+                        "%s: skipped %d entries that are not trades tickwire wrote",
+                        trades,
+                        foreign,
+                    )
+                self.stats.trades += len(entries) - foreign
+                first, cursor = seq_of(entries[0][0]), min(j.cursor for j in jobs)
                 if cursor and first > cursor + 1:
                     # Trimmed (MAXLEN) before this maker read them: the bars miss them.
                     self.stats.missed_trades += first - cursor - 1
@@ -398,10 +425,10 @@ class BarMaker:
                         "%s: trades %d..%d were trimmed unread", trades, cursor + 1, first - 1
                     )
                 for j in jobs:
-                    taken = columns.after(j.cursor)
+                    taken = None if columns is None else columns.after(j.cursor)
                     if taken is not None:
                         read.append((j, taken))
-                        j.cursor = int(columns.seq[-1])
+                    j.cursor = max(j.cursor, seq_of(entries[-1][0]))
                 if len(entries) == page:
                     more.append((trades, jobs))
             reading = more
@@ -439,12 +466,16 @@ class _Trades:
     size: npt.NDArray[np.float64]
 
     @classmethod
-    def of(cls, entries: list[Any]) -> _Trades:
-        docs = [orjson.loads(fields[1]) for _, fields in entries]
-        return cls(
-            np.array([seq_of(e[0]) for e in entries], dtype=np.int64),
-            *_columns(docs),
-        )
+    def of(cls, entries: list[Any]) -> tuple[_Trades | None, int]:
+        """The trades of stream entries (None if there are none), and how many entries were
+        skipped: not trade events tickwire wrote (someone else wrote into the stream)."""
+        try:
+            docs = [orjson.loads(fields[1]) for _, fields in entries]
+            columns = _columns(docs)
+        except (ValueError, KeyError, TypeError, IndexError):  # JSONDecodeError: a ValueError
+            good = [e for e in entries if _is_trade(e)]
+            return (cls.of(good)[0] if good else None), len(entries) - len(good)
+        return cls(np.array([seq_of(e[0]) for e in entries], dtype=np.int64), *columns), 0
 
     def after(self, seq: int) -> _Trades | None:
         """The trades after `seq` (None if none)."""
@@ -458,6 +489,26 @@ class _Trades:
         return _Trades(
             self.seq[mask], self.ts[mask], self.pt[mask], self.price[mask], self.size[mask]
         )
+
+
+def _is_trade(entry: Any) -> bool:
+    try:
+        _columns([orjson.loads(entry[1][1])])
+    except (ValueError, KeyError, TypeError, IndexError):
+        return False
+    return True
+
+
+def _epoch_start(meta: list[Any]) -> int:
+    """The first seq of a trades channel's epoch, from its meta's (epoch, seq, start)."""
+    try:
+        return max(1, int(meta[2] or 1))
+    except ValueError:
+        return 1
+
+
+def _wrong_type(reply: Any) -> bool:
+    return isinstance(reply, RedisReplyError) and str(reply).startswith("WRONGTYPE")
 
 
 def _columns(

@@ -284,3 +284,46 @@ async def test_trades_trimmed_before_they_were_read_are_counted(
     (bar,) = await bm.step()
     assert bm.stats.missed_trades == 2
     assert (bar.trades, bar.volume) == (4, 4.0)
+
+
+async def test_trades_someone_else_wrote_hold_back_no_bars(
+    redis: RedisConnection,
+    redis_server: RedisProcess,
+    publisher: Publisher,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # An entry of a trades stream that is not a trade event (JSON or not) stopped the maker
+    # with a traceback; a trades key of another type had every step fail (WRONGTYPE), and so
+    # every bar channel wait.
+    clock = Clock(T0)
+    bm = maker(redis_server.url, publisher, clock)
+    await demand(redis, "bars.250ms:*", T0 + 60 * S)
+    for symbol in ("AAA", "BBB", "CCC"):
+        await publish_trades(publisher, symbol, [(T0 + 100 * MS, 10.0, 1.0)])
+    await bm.step()
+    assert len(bm.jobs) == 3
+    aaa, ccc = Channel("trades", "AAA"), Channel("trades", "CCC")
+    await redis.execute("XADD", aaa.stream_key, "1000", "d", "not json")
+    await redis.execute("XADD", aaa.stream_key, "1001", "d", '{"type":"trade"}')
+    await redis.execute("DEL", ccc.stream_key)
+    await redis.execute("SET", ccc.stream_key, "someone else's")
+    clock.now = T0 + 150 * MS
+    assert await bm.step() == []  # reads them: the two entries are skipped, CCC waits
+    assert bm.stats.foreign_entries == 2 and bm.stats.errors == 0
+    for symbol in ("AAA", "BBB"):
+        await publish_trades(publisher, symbol, [(T0 + 200 * MS, 11.0, 2.0)])
+    clock.now = T0 + 1100 * MS
+    bars = {b.channel.symbol: b for b in await bm.step()}
+    assert bm.stats.errors == 0
+    assert sorted(bars) == ["AAA", "BBB", "CCC"]
+    assert all(
+        (bars[s].trades, bars[s].close, bars[s].volume) == (2, 11.0, 3.0) for s in ("AAA", "BBB")
+    )
+    assert (bars["CCC"].trades, bars["CCC"].close) == (1, 10.0)  # the trade read before
+    assert any("CCC" in r.getMessage() and "another type" in r.getMessage() for r in caplog.records)
+    # Put right, its bars come too (trades that stream lost are lost).
+    await redis.execute("DEL", ccc.stream_key)
+    await publish_trades(publisher, "CCC", [(T0 + 1200 * MS, 12.0, 1.0)])
+    clock.now = T0 + 2100 * MS
+    (bar,) = await bm.step()
+    assert (bar.channel.symbol, bar.close) == ("CCC", 12.0)
