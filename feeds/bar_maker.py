@@ -287,11 +287,14 @@ class BarMaker:
         )
         ms = int(self.config.lease_s * 1000)
         held = await self._call(
-            [["EVAL", LEASE_LUA, 1, bar_writer_key(c), self.id, ms] for c in due]
+            [["EVAL", LEASE_LUA, 1, bar_writer_key(c), self.id, ms] for c in due], foreign=True
         )
-        for channel, ok in zip(due, held, strict=True):
+        for channel, reply in zip(due, held, strict=True):
             job = self.jobs.get(channel)
-            if not ok:
+            foreign = _wrong_type(reply)
+            if foreign:
+                self._foreign_key(channel, bar_writer_key(channel))
+            if foreign or not reply:
                 if job is not None:
                     log.warning("lost the writer lease of %s to another maker", channel)
                     self._late_of_stopped += self.jobs.pop(channel).bars.late_trades
@@ -299,13 +302,38 @@ class BarMaker:
                 continue
             if job is not None:
                 job.renewed = now
-            else:
+                continue
+            try:
                 self.jobs[channel] = await self._start(channel, now)
-                self.stats.started += 1
-                log.info("started %s", channel)
+            except _Foreign as exc:
+                # Tried again later, like a channel another maker holds; the lease lapses.
+                self._foreign_key(channel, str(exc))
+                busy[channel] = now + int(every)
+                continue
+            self._foreign.discard(channel)
+            self.stats.started += 1
+            log.info("started %s", channel)
+
+    def _foreign_key(self, channel: Channel, what: str) -> None:
+        """Warn once (until it reads right again) that `channel` waits for a key someone else
+        wrote."""
+        if channel not in self._foreign:
+            self._foreign.add(channel)
+            log.warning(
+                "%s waits: %s holds what tickwire did not write (someone wrote there)",
+                channel,
+                what,
+            )
 
     async def _start(self, channel: Channel, now: int) -> _Job:
-        """A job for `channel`: the open interval's trades read back from the stream's end."""
+        """A job for `channel`: the open interval's trades read back from the stream's end;
+        _Foreign if a key or entry it reads is not one tickwire wrote."""
+        try:
+            return await self._start_reading(channel, now)
+        except (ValueError, KeyError, TypeError, IndexError) as exc:  # JSONDecodeError too
+            raise _Foreign(f"{channel.stream_key} or trades:{channel.symbol}") from exc
+
+    async def _start_reading(self, channel: Channel, now: int) -> _Job:
         trades = Channel("trades", channel.symbol)
         cfg = self.config
         delay = int(cfg.close_delay_s * 1e9)
@@ -313,8 +341,12 @@ class BarMaker:
             [
                 ["XREVRANGE", channel.stream_key, "+", "-", "COUNT", 1],
                 ["HMGET", trades.meta_key, "epoch", "seq"],
-            ]
+            ],
+            foreign=True,
         )
+        for reply, key in ((last_bar, channel.stream_key), (meta, trades.meta_key)):
+            if _wrong_type(reply):
+                raise _Foreign(key)
         done = orjson.loads(last_bar[0][1][1])["end"] if last_bar else -(1 << 62)
         epoch = meta[0].decode() if meta[0] is not None else ""
         cursor = int(meta[1] or 0)
@@ -325,13 +357,20 @@ class BarMaker:
         upper = "+"
         read = 0
         while read < cfg.max_start_trades:
-            (page,) = await self._call(
-                [["XREVRANGE", trades.stream_key, upper, "-", "COUNT", cfg.page]]
+            (raw,) = await self._call(
+                [["XREVRANGE", trades.stream_key, upper, "-", "COUNT", cfg.page]], foreign=True
             )
-            if not page:
+            if _wrong_type(raw):
+                raise _Foreign(trades.stream_key)
+            if not raw:
                 break
+            read += len(raw)
+            upper = f"({raw[-1][0].decode()}"
+            # Entries someone else wrote into the stream are skipped, as `_read_trades` does.
+            page = raw if _Trades.of(raw)[1] == 0 else [e for e in raw if _is_trade(e)]
+            if not page:
+                continue
             pages.append(page)
-            read += len(page)
             if bars is None:
                 # The latest trade sets the venue clock; the interval it is in (less the close
                 # delay) is the first this maker closes, unless a bar already covers it.
@@ -344,9 +383,8 @@ class BarMaker:
                 )
                 bars.observe(ts, ts, pt)
             oldest = orjson.loads(page[-1][1][1])["ts"]
-            if oldest < bars.closed_until - delay or len(page) < cfg.page:
+            if oldest < bars.closed_until - delay or len(raw) < cfg.page:
                 break
-            upper = f"({page[-1][0].decode()}"
         if bars is None:  # no trades yet: the wall clock
             bars = IntervalBars(
                 channel.symbol, interval, closed_until=max(done, now - delay), close_delay_ns=delay
@@ -497,6 +535,10 @@ def _is_trade(entry: Any) -> bool:
     except (ValueError, KeyError, TypeError, IndexError):
         return False
     return True
+
+
+class _Foreign(Exception):
+    """A key or entry a bar channel needs is not one tickwire wrote: the channel waits."""
 
 
 def _epoch_start(meta: list[Any]) -> int:

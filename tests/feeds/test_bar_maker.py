@@ -327,3 +327,32 @@ async def test_trades_someone_else_wrote_hold_back_no_bars(
     clock.now = T0 + 2100 * MS
     (bar,) = await bm.step()
     assert (bar.channel.symbol, bar.close) == ("CCC", 12.0)
+
+
+async def test_a_bar_channel_whose_keys_someone_else_wrote_waits_alone(
+    redis: RedisConnection,
+    redis_server: RedisProcess,
+    publisher: Publisher,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Each of these failed the step (WRONGTYPE taken for Redis down: every channel waited) or
+    # raised out of it (an entry that is not an event: the maker stopped).
+    clock = Clock(T0)
+    bm = maker(redis_server.url, publisher, clock)
+    for symbol in ("AAA", "BBB", "CCC", "DDD"):
+        await publish_trades(publisher, symbol, [(T0 + 100 * MS, 10.0, 1.0)])
+    bars_of = {s: Channel("bars.250ms", s) for s in ("AAA", "BBB", "CCC", "DDD")}
+    await redis.execute("HSET", bar_writer_key(bars_of["BBB"]), "a", "hash")
+    await redis.execute("XADD", bars_of["CCC"].stream_key, "*", "d", "not json")
+    await redis.execute("XADD", Channel("trades", "DDD").stream_key, "99", "d", '{"x":1}')
+    await demand(redis, "bars.250ms:*", T0 + 60 * S)
+    await bm.step()
+    # DDD's foreign trade is skipped, as any trade read later would be; BBB and CCC wait.
+    assert set(bm.jobs) == {bars_of["AAA"], bars_of["DDD"]} and bm.stats.errors == 0
+    for symbol in ("BBB", "CCC"):
+        assert any(f"bars.250ms:{symbol} waits" in r.getMessage() for r in caplog.records)
+    # Put right, each starts at the next try (the next lease round).
+    await redis.execute("DEL", bar_writer_key(bars_of["BBB"]), bars_of["CCC"].stream_key)
+    clock.now = T0 + 2 * S
+    await bm.step()
+    assert set(bm.jobs) == set(bars_of.values()) and bm.stats.errors == 0
