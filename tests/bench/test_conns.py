@@ -45,8 +45,11 @@ def test_a_small_connection_scale_run_resumes_every_client_and_loses_nothing(tls
     assert doc["passed"] and "PASSED" in proc.stdout
     # Every client was restarted on (the storm), came back and resumed.
     assert f["connections_held"] == f["resumed"] == f["reconnected"] == f["connected"] == 50
-    # Both workers took connections (SO_REUSEPORT).
-    assert len(f["connections_per_worker"]) == 2 and sum(f["connections_per_worker"]) == 50
+    # Both workers took connections (SO_REUSEPORT). Counted from /proc as established TCP
+    # connections, which may include an attempt a client gave up on and made again, until the
+    # server sees it go (seen once: 52 with 50 clients held).
+    per_worker = f["connections_per_worker"]
+    assert len(per_worker) == 2 and min(per_worker) > 0 and sum(per_worker) >= 50
     assert f["lost"] == f["duplicates"] == f["gaps"] == 0
     assert f["event_latency"]["samples"] > 0 and f["handshakes_per_s"] > 0
     assert f["rss_subscribed_KiB_per_conn"] > 0
