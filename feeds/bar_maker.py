@@ -36,7 +36,7 @@ from tickwire.core.channels import (
     bar_writer_key,
     is_on_demand,
 )
-from tickwire.core.commands import Arg, RedisReplyError
+from tickwire.core.commands import Arg, RedisReplyError, wrong_type
 from tickwire.core.errors import ChannelError, RedisUnavailable
 from tickwire.core.redis_target import RedisLink, RedisTopology
 from tickwire.core.stream import seq_of
@@ -136,8 +136,8 @@ class BarMaker:
         #: Channels whose lease another maker held when last tried: not tried again before this.
         self._busy_until: dict[Channel, int] = {}
         self._late_of_stopped = 0
-        #: Trades channels whose stream or meta key holds another type, warned about once
-        #: until they read right again.
+        #: Channels (trades, or bars to start) waiting for a key someone else wrote, warned about
+        #: once until they read right again (`_foreign_key`).
         self._foreign: set[Channel] = set()
 
     # -- the loop ----------------------------------------------------------------------------
@@ -191,7 +191,7 @@ class BarMaker:
             self._conn = await self._redis.open()
         replies = await self._conn.pipeline(commands, timeout=self.config.lease_s)
         for reply in replies:
-            if isinstance(reply, RedisReplyError) and not (foreign and _wrong_type(reply)):
+            if isinstance(reply, RedisReplyError) and not (foreign and wrong_type(reply)):
                 raise RedisUnavailable(f"Redis refused a bar maker command: {reply}")
         return replies
 
@@ -291,9 +291,9 @@ class BarMaker:
         )
         for channel, reply in zip(due, held, strict=True):
             job = self.jobs.get(channel)
-            foreign = _wrong_type(reply)
+            foreign = wrong_type(reply)
             if foreign:
-                self._foreign_key(channel, bar_writer_key(channel))
+                self._foreign_key(channel, f"{bar_writer_key(channel)} holds another type")
             if foreign or not reply:
                 if job is not None:
                     log.warning("lost the writer lease of %s to another maker", channel)
@@ -319,19 +319,18 @@ class BarMaker:
         wrote."""
         if channel not in self._foreign:
             self._foreign.add(channel)
-            log.warning(
-                "%s waits: %s holds what tickwire did not write (someone wrote there)",
-                channel,
-                what,
-            )
+            log.warning("%s waits: %s (someone else wrote there)", channel, what)
 
     async def _start(self, channel: Channel, now: int) -> _Job:
         """A job for `channel`: the open interval's trades read back from the stream's end;
         _Foreign if a key or entry it reads is not one tickwire wrote."""
         try:
             return await self._start_reading(channel, now)
-        except (ValueError, KeyError, TypeError, IndexError) as exc:  # JSONDecodeError too
-            raise _Foreign(f"{channel.stream_key} or trades:{channel.symbol}") from exc
+        except _NOT_OURS as exc:
+            raise _Foreign(
+                f"{channel.stream_key} or trades:{channel.symbol} holds an entry tickwire did not "
+                "write"
+            ) from exc
 
     async def _start_reading(self, channel: Channel, now: int) -> _Job:
         trades = Channel("trades", channel.symbol)
@@ -345,8 +344,8 @@ class BarMaker:
             foreign=True,
         )
         for reply, key in ((last_bar, channel.stream_key), (meta, trades.meta_key)):
-            if _wrong_type(reply):
-                raise _Foreign(key)
+            if wrong_type(reply):
+                raise _Foreign(f"{key} holds another type")
         done = orjson.loads(last_bar[0][1][1])["end"] if last_bar else -(1 << 62)
         epoch = meta[0].decode() if meta[0] is not None else ""
         cursor = int(meta[1] or 0)
@@ -360,8 +359,8 @@ class BarMaker:
             (raw,) = await self._call(
                 [["XREVRANGE", trades.stream_key, upper, "-", "COUNT", cfg.page]], foreign=True
             )
-            if _wrong_type(raw):
-                raise _Foreign(trades.stream_key)
+            if wrong_type(raw):
+                raise _Foreign(f"{trades.stream_key} holds another type")
             if not raw:
                 break
             read += len(raw)
@@ -419,15 +418,9 @@ class BarMaker:
             for (trades, jobs), meta, entries in zip(
                 reading, replies[::2], replies[1::2], strict=True
             ):
-                if _wrong_type(meta) or _wrong_type(entries):
+                if wrong_type(meta) or wrong_type(entries):
                     # Its bars wait; the other symbols' go on.
-                    if trades not in self._foreign:
-                        self._foreign.add(trades)
-                        log.warning(
-                            "%s: its stream or meta key holds another type (someone wrote "
-                            "there); its bars wait until it is put right",
-                            trades,
-                        )
+                    self._foreign_key(trades, "its stream or meta key holds another type")
                     continue
                 self._foreign.discard(trades)
                 epoch = meta[0].decode() if meta[0] is not None else ""
@@ -510,7 +503,7 @@ class _Trades:
         try:
             docs = [orjson.loads(fields[1]) for _, fields in entries]
             columns = _columns(docs)
-        except (ValueError, KeyError, TypeError, IndexError):  # JSONDecodeError: a ValueError
+        except _NOT_OURS:
             good = [e for e in entries if _is_trade(e)]
             return (cls.of(good)[0] if good else None), len(entries) - len(good)
         return cls(np.array([seq_of(e[0]) for e in entries], dtype=np.int64), *columns), 0
@@ -529,10 +522,15 @@ class _Trades:
         )
 
 
+#: What reading an entry that is not an event tickwire wrote raises (JSONDecodeError is a
+#: ValueError).
+_NOT_OURS = (ValueError, KeyError, TypeError, IndexError)
+
+
 def _is_trade(entry: Any) -> bool:
     try:
         _columns([orjson.loads(entry[1][1])])
-    except (ValueError, KeyError, TypeError, IndexError):
+    except _NOT_OURS:
         return False
     return True
 
@@ -547,10 +545,6 @@ def _epoch_start(meta: list[Any]) -> int:
         return max(1, int(meta[2] or 1))
     except ValueError:
         return 1
-
-
-def _wrong_type(reply: Any) -> bool:
-    return isinstance(reply, RedisReplyError) and str(reply).startswith("WRONGTYPE")
 
 
 def _columns(

@@ -16,7 +16,7 @@ from collections import deque
 from typing import Any, NamedTuple
 
 from tickwire.core.channels import REGISTRY_KEY, Channel
-from tickwire.core.commands import Arg, NodeDown, RedisReplyError
+from tickwire.core.commands import Arg, NodeDown, RedisReplyError, wrong_type
 from tickwire.core.errors import ChannelError, RedisUnavailable
 from tickwire.core.redis_target import RedisLink, RedisTopology
 from tickwire.server.batch import Batch
@@ -171,7 +171,7 @@ def _checked(reply: Any, command: str) -> Any:
     AOF, CLUSTERDOWN during a failover): the caller backs off and reads again."""
     if isinstance(reply, NodeDown):
         raise reply  # a RedisUnavailable already, and callers may tell it apart
-    if isinstance(reply, RedisReplyError) and str(reply).startswith("WRONGTYPE"):
+    if wrong_type(reply):
         raise ForeignKey(f"{command} refused: {reply}")
     if isinstance(reply, RedisReplyError):
         raise RedisUnavailable(f"{command} refused: {reply}")

@@ -34,7 +34,7 @@ from typing import Any
 
 from tickwire.core.acl import acl_hint
 from tickwire.core.channels import Channel
-from tickwire.core.commands import Arg, NodeDown, RedisReplyError
+from tickwire.core.commands import Arg, NodeDown, RedisReplyError, wrong_type
 from tickwire.core.config import ServerConfig
 from tickwire.core.errors import RedisTimeout, RedisUnavailable
 from tickwire.core.redis_cluster import CLUSTER_REFRESH_S, STRAGGLER_S, ClusterConnection
@@ -432,7 +432,7 @@ class StreamReader:
             if isinstance(reply, NodeDown):
                 # Its master is down: read again once it or its replica is up (`_mend`).
                 continue
-            if isinstance(reply, RedisReplyError) and str(reply).startswith("WRONGTYPE"):
+            if wrong_type(reply):
                 await self._set_aside_foreign(conn, command)
                 continue
             if isinstance(reply, RedisReplyError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tickwire.core.channels import Channel
-from tickwire.core.commands import Arg, NodeDown, RedisReplyError
+from tickwire.core.commands import Arg, NodeDown, RedisReplyError, wrong_type
 from tickwire.core.errors import RedisUnavailable
 from tickwire.core.stream import StreamPosition, epoch_of, seq_of
 from tickwire.server.batch import Batch
@@ -54,18 +54,24 @@ def parse_metas(
     for c, reply in zip(channels, replies, strict=True):
         if isinstance(reply, NodeDown):
             continue
-        if isinstance(reply, RedisReplyError) and not str(reply).startswith("WRONGTYPE"):
+        if isinstance(reply, RedisReplyError) and not wrong_type(reply):
             # E.g. LOADING while Redis replays its AOF: back off and read again.
             raise RedisUnavailable(f"meta read refused: {reply}")
         try:
-            if isinstance(reply, RedisReplyError):
-                raise ValueError(reply)
-            epoch, seq, start = reply
-            out[c] = None if epoch is None else (epoch.decode(), int(seq or 0), int(start or 1))
-        except ValueError:  # UnicodeDecodeError is one
+            out[c] = _meta(reply)
+        except ValueError:
             if foreign is not None:
                 foreign.append(c)
     return out
+
+
+def _meta(reply: Any) -> Meta | None:
+    """A meta from its HMGET reply; ValueError (UnicodeDecodeError is one) if it is not one the
+    append script writes, a key of another type included."""
+    if wrong_type(reply):
+        raise ValueError(reply)
+    epoch, seq, start = reply
+    return None if epoch is None else (epoch.decode(), int(seq or 0), int(start or 1))
 
 
 def to_batches(channel: Channel, entries: list[Any]) -> list[Batch]:

@@ -40,6 +40,12 @@ class RedisReplyError(Exception):
     """Redis answered a command with an error reply (the connection stays usable)."""
 
 
+def wrong_type(reply: object) -> bool:
+    """Whether `reply` is Redis's WRONGTYPE error: the key holds another type than the command
+    works on (someone else wrote it)."""
+    return isinstance(reply, RedisReplyError) and str(reply).startswith("WRONGTYPE")
+
+
 class NodeDown(RedisReplyError, RedisUnavailable):
     """In place of a reply a cluster's master could not give: it is down (unreachable, its
     connection lost, or no reply within the timeout). Whether the command was applied is not
